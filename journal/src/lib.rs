@@ -1,0 +1,1 @@
+//! twinblock-journal: the NVRAM journal (persistence modes, record format, regions, scan).

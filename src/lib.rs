@@ -1,0 +1,1 @@
+//! twinblock: the node. Config, exports, volumes, admin API.
