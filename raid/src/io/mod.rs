@@ -1,13 +1,20 @@
 //! Member I/O: how the RAID engine (and the node's plain-file exports) reach bytes on a disk.
 //!
 //! `Member` is the one interface; implementations:
-//! - `file`: a disk image or block device, through io_uring with `O_DIRECT` where the request is
-//!   aligned, and a thread-pool (`pread`/`pwrite`) fallback when the kernel refuses io_uring;
+//! - `file`: a disk image or block device, through io_uring (`uring`) with `O_DIRECT` where the
+//!   request is aligned, and a thread-pool (`pool`, `pread`/`pwrite`) fallback when the kernel
+//!   refuses io_uring;
 //! - `mem`: an in-memory member with fault injection, for tests and models.
 //!
-//! Buffers are `bytes::Bytes`. A buffer made by `AlignedBuf` (see `buf`) and frozen into `Bytes`
-//! keeps its alignment, so aligned writes reach the kernel without a copy; anything else is copied
-//! into an aligned bounce buffer when `O_DIRECT` is in use.
+//! Buffers are `bytes::Bytes`. A buffer made by `buf::AlignedBuf` and frozen into `Bytes` keeps its
+//! alignment, so aligned writes reach the kernel without a copy; anything else is copied into an
+//! aligned bounce buffer when `O_DIRECT` is in use.
+
+pub mod buf;
+pub mod file;
+pub mod mem;
+pub mod pool;
+pub mod uring;
 
 use async_trait::async_trait;
 use bytes::Bytes;
