@@ -1,1 +1,8 @@
-//! twinblock: the node. Config, exports, volumes, admin API.
+//! twinblock: the node. Config, volumes, the admin API, and the daemon's assembly of them.
+
+pub mod admin;
+pub mod config;
+pub mod device;
+pub mod logging;
+pub mod node;
+pub mod signals;

@@ -1,3 +1,12 @@
 //! twinblock-raid: RAID arrays over shared disk images. Knows nothing of NBD or HA.
+//!
+//! Pure modules (no I/O, tested exhaustively): `layout` (address math per level), `parity`
+//! (P/Q and recovery), `superblock` (on-disk format), `bitmap` (write-intent bitmap), `assemble`
+//! (which member fills which slot). I/O: `io` (members), `array` (the running array).
 
+pub mod assemble;
+pub mod bitmap;
 pub mod io;
+pub mod layout;
+pub mod parity;
+pub mod superblock;

@@ -1,1 +1,63 @@
-fn main() {}
+//! twinblockd: the twinblock node daemon.
+
+use anyhow::Result;
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use twinblock::config::Config;
+use twinblock::node::Node;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "twinblockd",
+    version,
+    about = "twinblock node daemon: serves RAID/journaled volumes over NBD"
+)]
+struct Args {
+    /// Configuration file (TOML; see docs/CONFIG.md).
+    #[arg(short, long)]
+    config: PathBuf,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    twinblock::logging::init();
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("twinblockd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}: configuration is valid", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("twinblockd")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("twinblockd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twinblockd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<()> {
+    let node = Node::open(config).await?;
+    node.run(twinblock::signals::shutdown_signal(), |_| {})
+        .await
+}

@@ -1,1 +1,210 @@
-fn main() {}
+//! twinctl: the twinblock admin tool. Talks to a running `twinblockd` over its admin socket,
+//! reads NVRAM files offline, and runs the quickstart demo.
+
+mod demo;
+mod render;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use twinblock::admin::{client, Request};
+
+/// Where `twinctl` looks for the daemon when neither --socket nor --config is given: the
+/// demo's node 0, so `twinctl status` works next to a running `twinctl demo`.
+pub const DEFAULT_DEMO_DIR: &str = "/tmp/twinblock-demo";
+
+#[derive(Parser, Debug)]
+#[command(name = "twinctl", version, about = "twinblock admin tool")]
+struct Cli {
+    /// The daemon's admin socket.
+    #[arg(long, global = true, env = "TWINBLOCK_ADMIN_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Find the admin socket from this node config file.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Print JSON instead of tables (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a node on local image files with no setup, print how to reach it, serve until Ctrl-C.
+    Demo(demo::DemoArgs),
+    /// Node identity, uptime and what it serves.
+    Status,
+    /// Volumes: list, show.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+    /// Array members: fail, remove, add, replace.
+    Disk {
+        #[command(subcommand)]
+        cmd: DiskCmd,
+    },
+    /// Rebuild progress.
+    Rebuild {
+        #[command(subcommand)]
+        cmd: RebuildCmd,
+    },
+    /// Parity / mirror consistency checks.
+    Scrub {
+        #[command(subcommand)]
+        cmd: ScrubCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// All volumes with size, backing and traffic counters.
+    List,
+    /// One volume in detail.
+    Show { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiskCmd {
+    /// Mark a member faulty (the array continues degraded).
+    Fail { array: String, disk: String },
+    /// Remove a faulty or spare member.
+    Remove { array: String, disk: String },
+    /// Add an image as a spare or rebuild target.
+    Add { array: String, path: String },
+    /// Rebuild onto NEW, then retire OLD.
+    Replace {
+        array: String,
+        old: String,
+        new: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RebuildCmd {
+    /// Rebuild progress of every array (a live bar on a terminal, plain lines otherwise).
+    Status {
+        /// Keep watching until no rebuild is running.
+        #[arg(long, short)]
+        watch: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ScrubCmd {
+    /// Start a scrub: check counts mismatches, --repair rewrites parity.
+    Start {
+        array: String,
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Scrub progress and mismatch counts.
+    Status,
+}
+
+fn main() -> ExitCode {
+    twinblock::logging::init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("twinctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twinctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn socket_path(cli: &Cli) -> Result<PathBuf> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    if let Some(c) = &cli.config {
+        let cfg = twinblock::config::Config::load(c)?;
+        return Ok(cfg.admin_socket());
+    }
+    Ok(PathBuf::from(DEFAULT_DEMO_DIR).join("node0/admin.sock"))
+}
+
+async fn call(cli: &Cli, req: Request) -> Result<serde_json::Value> {
+    let path = socket_path(cli)?;
+    client::call(&path, &req)
+        .await
+        .with_context(|| format!("{} request", op_name(&req)))
+}
+
+fn op_name(req: &Request) -> String {
+    serde_json::to_value(req)
+        .ok()
+        .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "admin".into())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let out = render::Output { json: cli.json };
+    match &cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Status => out.status(&call(&cli, Request::Status).await?),
+        Command::Volume { cmd } => match cmd {
+            VolumeCmd::List => out.volume_list(&call(&cli, Request::VolumeList).await?),
+            VolumeCmd::Show { name } => {
+                out.volume_show(&call(&cli, Request::VolumeShow { name: name.clone() }).await?)
+            }
+        },
+        Command::Disk { cmd } => {
+            let req = match cmd {
+                DiskCmd::Fail { array, disk } => Request::DiskFail {
+                    array: array.clone(),
+                    disk: disk.clone(),
+                },
+                DiskCmd::Remove { array, disk } => Request::DiskRemove {
+                    array: array.clone(),
+                    disk: disk.clone(),
+                },
+                DiskCmd::Add { array, path } => Request::DiskAdd {
+                    array: array.clone(),
+                    path: path.clone(),
+                },
+                DiskCmd::Replace { array, old, new } => Request::DiskReplace {
+                    array: array.clone(),
+                    old: old.clone(),
+                    new: new.clone(),
+                },
+            };
+            out.done(&call(&cli, req).await?)
+        }
+        Command::Rebuild {
+            cmd: RebuildCmd::Status { watch },
+        } => {
+            if *watch {
+                render::watch_rebuild(&out, || call(&cli, Request::RebuildStatus)).await
+            } else {
+                out.rebuild(&call(&cli, Request::RebuildStatus).await?)
+            }
+        }
+        Command::Scrub { cmd } => match cmd {
+            ScrubCmd::Start { array, repair } => out.done(
+                &call(
+                    &cli,
+                    Request::ScrubStart {
+                        array: array.clone(),
+                        repair: *repair,
+                    },
+                )
+                .await?,
+            ),
+            ScrubCmd::Status => out.scrub(&call(&cli, Request::ScrubStatus).await?),
+        },
+    }
+}

@@ -1,0 +1,175 @@
+//! What a journaled volume writes through to: the [`Backing`] trait (the node implements it for a
+//! RAID array), and [`MemBacking`], an in-memory backing with a volatile write cache used by tests.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::BackingError;
+
+/// The store under a journal (a RAID array). Offsets and lengths are bytes; the journal never
+/// calls outside `0..size()`.
+#[async_trait]
+pub trait Backing: Send + Sync + 'static {
+    /// Bytes of the store.
+    fn size(&self) -> u64;
+    /// Bytes of one full data stripe (RAID 5/6 write without read-modify-write); 1 if none.
+    fn stripe_bytes(&self) -> u64;
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError>;
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError>;
+    /// Makes `len` bytes at `offset` read as zero.
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError>;
+    /// Discards `len` bytes at `offset`; their contents afterwards are unspecified.
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError>;
+    /// Makes every completed write durable.
+    async fn flush(&self) -> Result<(), BackingError>;
+    /// The seq of the newest journal record whose effect the store holds (0 for a new store).
+    async fn applied_seq(&self) -> Result<u64, BackingError>;
+    /// Durably records `seq` as applied (the RAID array stores it in its member superblocks).
+    /// Called only after [`Backing::flush`] made the writes it covers durable.
+    async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError>;
+}
+
+/// Counters of a [`MemBacking`], for tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemStats {
+    pub writes: u64,
+    /// Writes that started and ended on stripe boundaries.
+    pub full_stripe_writes: u64,
+    pub flushes: u64,
+    pub zero_or_discard: u64,
+}
+
+#[derive(Debug)]
+struct MemState {
+    /// What reads see (includes writes not yet flushed).
+    current: Vec<u8>,
+    /// What survives a crash.
+    durable: Vec<u8>,
+    applied_seq: u64,
+    stats: MemStats,
+    fail_writes: bool,
+}
+
+/// An in-memory [`Backing`] with a volatile cache: writes are lost by [`MemBacking::crash`]
+/// unless flushed. Clones share the same store.
+#[derive(Debug, Clone)]
+pub struct MemBacking {
+    state: Arc<Mutex<MemState>>,
+    stripe_bytes: u64,
+}
+
+impl MemBacking {
+    pub fn new(size: u64, stripe_bytes: u64) -> MemBacking {
+        MemBacking {
+            state: Arc::new(Mutex::new(MemState {
+                current: vec![0; size as usize],
+                durable: vec![0; size as usize],
+                applied_seq: 0,
+                stats: MemStats::default(),
+                fail_writes: false,
+            })),
+            stripe_bytes: stripe_bytes.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemState> {
+        // A poisoned lock means a test thread panicked; the data is still usable for reporting.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loses every write not flushed.
+    pub fn crash(&self) {
+        let mut s = self.lock();
+        s.current = s.durable.clone();
+    }
+
+    pub fn stats(&self) -> MemStats {
+        self.lock().stats
+    }
+
+    /// Makes subsequent writes fail (fault injection).
+    pub fn set_fail_writes(&self, fail: bool) {
+        self.lock().fail_writes = fail;
+    }
+
+    /// A copy of what reads currently see.
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().current.clone()
+    }
+
+    fn check(&self, s: &MemState, offset: u64, len: u64) -> Result<(), BackingError> {
+        if s.fail_writes {
+            return Err(BackingError("injected write failure".into()));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= s.current.len() as u64 => Ok(()),
+            _ => Err(BackingError(format!(
+                "range {offset}+{len} outside memory backing of {} bytes",
+                s.current.len()
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl Backing for MemBacking {
+    fn size(&self) -> u64 {
+        self.lock().current.len() as u64
+    }
+
+    fn stripe_bytes(&self) -> u64 {
+        self.stripe_bytes
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
+        let s = self.lock();
+        match offset.checked_add(len) {
+            Some(end) if end <= s.current.len() as u64 => Ok(Bytes::copy_from_slice(
+                &s.current[offset as usize..end as usize],
+            )),
+            _ => Err(BackingError(format!("read {offset}+{len} out of range"))),
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
+        let mut s = self.lock();
+        self.check(&s, offset, data.len() as u64)?;
+        let at = offset as usize;
+        s.current[at..at + data.len()].copy_from_slice(&data);
+        s.stats.writes += 1;
+        if offset % self.stripe_bytes == 0 && (data.len() as u64) % self.stripe_bytes == 0 {
+            s.stats.full_stripe_writes += 1;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        let mut s = self.lock();
+        self.check(&s, offset, len)?;
+        s.current[offset as usize..(offset + len) as usize].fill(0);
+        s.stats.zero_or_discard += 1;
+        Ok(())
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.write_zeroes(offset, len).await
+    }
+
+    async fn flush(&self) -> Result<(), BackingError> {
+        let mut s = self.lock();
+        s.durable = s.current.clone();
+        s.stats.flushes += 1;
+        Ok(())
+    }
+
+    async fn applied_seq(&self) -> Result<u64, BackingError> {
+        Ok(self.lock().applied_seq)
+    }
+
+    async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
+        self.lock().applied_seq = seq;
+        Ok(())
+    }
+}

@@ -1,0 +1,799 @@
+//! The transmission phase: one reader loop that parses and validates requests, one task per
+//! accepted request that calls the device, and one writer task that batches replies.
+//!
+//! Memory per connection is bounded by a semaphore counted in bytes: every request takes
+//! `REQUEST_OVERHEAD_BYTES` plus its payload (write data, or read data to come) before its
+//! payload is read or its task spawned, and gives it back once the reply is in the socket
+//! buffer. A request the validator refuses is answered without allocating its length; a refused
+//! `WRITE` has its payload skipped through a fixed buffer so the stream stays in sync.
+//!
+//! Validation (`check_request`) is pure so each refusal is unit-tested.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{debug, warn};
+
+use crate::device::{DeviceError, Extent, ZeroFlags};
+use crate::error::ConnectionError;
+use crate::export::ExportEntry;
+use crate::handshake::{BlockLimits, Negotiated};
+use crate::proto::*;
+use crate::reply::{self, Reply, ReplyBody, StatusDescriptor};
+
+/// Budget charged for every request besides its payload (header, task, reply header).
+pub const REQUEST_OVERHEAD_BYTES: u32 = 512;
+
+/// A validated command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Read,
+    Write,
+    Disconnect,
+    Flush,
+    Trim,
+    Cache,
+    WriteZeroes,
+    BlockStatus,
+}
+
+/// What the validator needs to know about the session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub size_bytes: u64,
+    pub flags: u16,
+    pub structured: bool,
+    pub meta_context: Option<u32>,
+    pub block: BlockLimits,
+}
+
+/// Why a request is refused: the NBD error and a message for the log / error chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    pub errno: u32,
+    pub reason: &'static str,
+}
+
+fn reject(errno: u32, reason: &'static str) -> Result<Command, Rejection> {
+    Err(Rejection { errno, reason })
+}
+
+/// Decides whether a request may run, following the spec's error choices: unknown commands and
+/// flags `EINVAL`, writes to a read-only export `EPERM`, writes past the end `ENOSPC`, other
+/// out-of-range or unaligned requests `EINVAL`, over-long payloads `EINVAL` (`EOVERFLOW` for a
+/// structured read).
+pub fn check_request(h: &RequestHeader, s: &SessionLimits) -> Result<Command, Rejection> {
+    let cmd = match h.command {
+        NBD_CMD_READ => Command::Read,
+        NBD_CMD_WRITE => Command::Write,
+        NBD_CMD_DISC => return Ok(Command::Disconnect),
+        NBD_CMD_FLUSH => Command::Flush,
+        NBD_CMD_TRIM => Command::Trim,
+        NBD_CMD_CACHE => Command::Cache,
+        NBD_CMD_WRITE_ZEROES => Command::WriteZeroes,
+        NBD_CMD_BLOCK_STATUS => Command::BlockStatus,
+        _ => return reject(NBD_EINVAL, "unknown command"),
+    };
+    let has = |bit: u16| s.flags & bit != 0;
+
+    let mut allowed = 0u16;
+    if has(NBD_FLAG_SEND_FUA) {
+        allowed |= NBD_CMD_FLAG_FUA;
+    }
+    match cmd {
+        Command::Read if s.structured && has(NBD_FLAG_SEND_DF) => allowed |= NBD_CMD_FLAG_DF,
+        Command::WriteZeroes => {
+            allowed |= NBD_CMD_FLAG_NO_HOLE;
+            if has(NBD_FLAG_SEND_FAST_ZERO) {
+                allowed |= NBD_CMD_FLAG_FAST_ZERO;
+            }
+        }
+        Command::BlockStatus => allowed |= NBD_CMD_FLAG_REQ_ONE,
+        _ => {}
+    }
+    if h.flags & !allowed != 0 {
+        return reject(NBD_EINVAL, "command flag not valid for this command");
+    }
+
+    let writes = matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes);
+    if writes && has(NBD_FLAG_READ_ONLY) {
+        return reject(NBD_EPERM, "export is read-only");
+    }
+    match cmd {
+        Command::Flush if !has(NBD_FLAG_SEND_FLUSH) => {
+            return reject(NBD_EINVAL, "flush not supported")
+        }
+        Command::Flush => return Ok(cmd),
+        Command::Trim if !has(NBD_FLAG_SEND_TRIM) => {
+            return reject(NBD_EINVAL, "trim not supported")
+        }
+        Command::WriteZeroes if !has(NBD_FLAG_SEND_WRITE_ZEROES) => {
+            return reject(NBD_EINVAL, "write zeroes not supported")
+        }
+        Command::BlockStatus if s.meta_context.is_none() => {
+            return reject(NBD_EINVAL, "no metadata context was negotiated")
+        }
+        _ => {}
+    }
+
+    if h.len == 0 {
+        return reject(NBD_EINVAL, "zero-length request");
+    }
+    if matches!(cmd, Command::Read | Command::Write) && h.len > s.block.max_bytes {
+        let errno = if cmd == Command::Read && s.structured {
+            NBD_EOVERFLOW
+        } else {
+            NBD_EINVAL
+        };
+        return reject(errno, "request longer than the maximum payload");
+    }
+    let end = h.offset.checked_add(u64::from(h.len));
+    if end.is_none_or(|end| end > s.size_bytes) {
+        return match cmd {
+            Command::Write | Command::WriteZeroes => {
+                reject(NBD_ENOSPC, "write past the end of the export")
+            }
+            _ => reject(NBD_EINVAL, "request past the end of the export"),
+        };
+    }
+    let min = u64::from(s.block.min_bytes);
+    if min > 1 && cmd != Command::BlockStatus {
+        let reaches_end = end == Some(s.size_bytes);
+        if h.offset % min != 0 || (u64::from(h.len) % min != 0 && !reaches_end) {
+            return reject(NBD_EINVAL, "request not aligned to the minimum block size");
+        }
+    }
+    Ok(cmd)
+}
+
+/// Maps a device failure to the NBD error the client sees.
+pub fn device_errno(e: &DeviceError) -> u32 {
+    match e {
+        DeviceError::Io(io) => match io.raw_os_error() {
+            Some(libc_errno::EPERM) | Some(libc_errno::EROFS) => NBD_EPERM,
+            Some(libc_errno::ENOSPC) | Some(libc_errno::EDQUOT) | Some(libc_errno::EFBIG) => {
+                NBD_ENOSPC
+            }
+            Some(libc_errno::ENOMEM) => NBD_ENOMEM,
+            Some(libc_errno::EINVAL) => NBD_EINVAL,
+            Some(libc_errno::ESHUTDOWN) => NBD_ESHUTDOWN,
+            _ => NBD_EIO,
+        },
+        DeviceError::NoSpace => NBD_ENOSPC,
+        DeviceError::ReadOnly => NBD_EPERM,
+        DeviceError::NotSupported(_) => NBD_EINVAL,
+        DeviceError::NotFast => NBD_ENOTSUP,
+        DeviceError::ShuttingDown => NBD_ESHUTDOWN,
+        DeviceError::Other(_) => NBD_EIO,
+    }
+}
+
+/// Linux errno values for mapping `std::io::Error`s (same numbers as the NBD ones where both exist).
+mod libc_errno {
+    pub const EPERM: i32 = 1;
+    pub const ENOMEM: i32 = 12;
+    pub const EINVAL: i32 = 22;
+    pub const EFBIG: i32 = 27;
+    pub const ENOSPC: i32 = 28;
+    pub const EROFS: i32 = 30;
+    pub const ESHUTDOWN: i32 = 108;
+    pub const EDQUOT: i32 = 122;
+}
+
+/// Clips device extents to the request and turns them into wire descriptors: never past
+/// `len`, no zero lengths, at most one with `REQ_ONE`, never more than the spec's cap, and at
+/// least one (a single "allocated, unknown content" extent when the device gave nothing usable).
+pub fn clip_extents(extents: &[Extent], len: u32, req_one: bool) -> Vec<StatusDescriptor> {
+    let max = if req_one {
+        1
+    } else {
+        MAX_BLOCK_STATUS_DESCRIPTORS
+    };
+    let mut out = Vec::with_capacity(extents.len().min(max));
+    let mut covered: u32 = 0;
+    for e in extents {
+        if out.len() == max || covered == len {
+            break;
+        }
+        let length = e.length.min(len - covered);
+        if length == 0 {
+            continue;
+        }
+        let mut flags = 0;
+        if e.hole {
+            flags |= NBD_STATE_HOLE;
+        }
+        if e.zero {
+            flags |= NBD_STATE_ZERO;
+        }
+        covered += length;
+        out.push(StatusDescriptor { length, flags });
+    }
+    if out.is_empty() {
+        out.push(StatusDescriptor {
+            length: len,
+            flags: 0,
+        });
+    }
+    out
+}
+
+/// State shared by the reader and the per-request tasks of one connection.
+struct Conn {
+    entry: Arc<ExportEntry>,
+    session: SessionLimits,
+    inflight: Arc<Semaphore>,
+    replies: mpsc::UnboundedSender<Reply>,
+}
+
+/// How the reader loop ended without a protocol error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReaderEnd {
+    Disconnect,
+    ClientClosed,
+    WriterGone,
+}
+
+/// Runs the transmission phase until the client disconnects, a protocol error, or `stop`
+/// resolves (export removed, server shutting down). In-flight requests are always answered
+/// before the socket is closed.
+pub async fn run<R, W>(
+    reader: &mut BufReader<R>,
+    writer: BufWriter<W>,
+    negotiated: Negotiated,
+    max_inflight_bytes: u32,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<ReaderEnd, ConnectionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let session = SessionLimits {
+        size_bytes: negotiated.entry.export.device.size(),
+        flags: negotiated.flags,
+        structured: negotiated.structured,
+        meta_context: negotiated.meta_context,
+        block: negotiated.limits,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer_task = tokio::spawn(writer_loop(writer, rx, negotiated.structured));
+    let conn = Arc::new(Conn {
+        entry: negotiated.entry,
+        session,
+        inflight: Arc::new(Semaphore::new(max_inflight_bytes as usize)),
+        replies: tx,
+    });
+    let max_inflight = max_inflight_bytes;
+    let result = tokio::select! {
+        r = reader_loop(reader, conn, max_inflight) => r,
+        () = stop => {
+            debug!("connection stopped by the server");
+            Ok(ReaderEnd::Disconnect)
+        }
+    };
+    // The reader's sender is gone; the writer ends once every request task has replied.
+    match writer_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!("writing replies failed: {e}"),
+        Err(e) => warn!("reply writer task failed: {e}"),
+    }
+    result
+}
+
+async fn reader_loop<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    conn: Arc<Conn>,
+    max_inflight: u32,
+) -> Result<ReaderEnd, ConnectionError> {
+    loop {
+        if conn.replies.is_closed() {
+            return Ok(ReaderEnd::WriterGone);
+        }
+        let mut raw = [0u8; REQUEST_HEADER_BYTES];
+        match reader.read_exact(&mut raw).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(ReaderEnd::ClientClosed);
+            }
+            Err(e) => return Err(ConnectionError::io("request header")(e)),
+        }
+        let h = RequestHeader::decode(&raw).map_err(ConnectionError::BadRequest)?;
+        let cmd = match check_request(&h, &conn.session) {
+            Ok(Command::Disconnect) => return Ok(ReaderEnd::Disconnect),
+            Ok(cmd) => cmd,
+            Err(rej) => {
+                warn!(
+                    export = %conn.entry.export.name,
+                    command = h.command,
+                    flags = h.flags,
+                    offset = h.offset,
+                    len = h.len,
+                    errno = rej.errno,
+                    "request refused: {}",
+                    rej.reason
+                );
+                conn.entry.stats.error();
+                if h.command == NBD_CMD_WRITE {
+                    skip_payload(reader, &h).await?;
+                }
+                let permit = conn
+                    .inflight
+                    .clone()
+                    .acquire_many_owned(REQUEST_OVERHEAD_BYTES)
+                    .await
+                    .ok();
+                let _ = conn.replies.send(Reply {
+                    cookie: h.cookie,
+                    command: h.command,
+                    body: ReplyBody::Error {
+                        errno: rej.errno,
+                        offset: None,
+                        message: Cow::Borrowed(rej.reason),
+                    },
+                    _permit: permit,
+                });
+                continue;
+            }
+        };
+        let payload = match cmd {
+            Command::Read | Command::Write => h.len,
+            _ => 0,
+        };
+        // Validation bounds `payload` by the maximum request size, which the server config keeps
+        // below the in-flight budget, so the acquire can always be satisfied.
+        let cost = REQUEST_OVERHEAD_BYTES
+            .saturating_add(payload)
+            .min(max_inflight);
+        let permit = conn.inflight.clone().acquire_many_owned(cost).await.ok();
+        let data = if cmd == Command::Write {
+            Some(read_payload(reader, &h).await?)
+        } else {
+            None
+        };
+        let conn = Arc::clone(&conn);
+        tokio::spawn(async move {
+            let body = execute(&conn, &h, cmd, data).await;
+            let _ = conn.replies.send(Reply {
+                cookie: h.cookie,
+                command: h.command,
+                body,
+                _permit: permit,
+            });
+        });
+    }
+}
+
+/// Reads a write payload into a buffer sized exactly once, without zero-filling it first.
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    h: &RequestHeader,
+) -> Result<Bytes, ConnectionError> {
+    let len = h.len as usize;
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let mut limited = (&mut *reader).take((len - buf.len()) as u64);
+        let n = limited
+            .read_buf(&mut buf)
+            .await
+            .map_err(ConnectionError::io("write payload"))?;
+        if n == 0 {
+            return Err(ConnectionError::DisconnectedMidRequest {
+                what: "write payload",
+                cookie: h.cookie,
+            });
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Discards the payload of a refused write without buffering it.
+async fn skip_payload<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    h: &RequestHeader,
+) -> Result<(), ConnectionError> {
+    let skipped = tokio::io::copy(
+        &mut (&mut *reader).take(u64::from(h.len)),
+        &mut tokio::io::sink(),
+    )
+    .await
+    .map_err(ConnectionError::io("refused write payload"))?;
+    if skipped != u64::from(h.len) {
+        return Err(ConnectionError::DisconnectedMidRequest {
+            what: "refused write payload",
+            cookie: h.cookie,
+        });
+    }
+    Ok(())
+}
+
+async fn execute(conn: &Conn, h: &RequestHeader, cmd: Command, data: Option<Bytes>) -> ReplyBody {
+    let device = &conn.entry.export.device;
+    let stats = &conn.entry.stats;
+    let fua = h.flags & NBD_CMD_FLAG_FUA != 0;
+    let result = match cmd {
+        Command::Read => match device.read(h.offset, h.len).await {
+            Ok(data) if data.len() == h.len as usize => {
+                stats.read(h.len);
+                return ReplyBody::Data {
+                    offset: h.offset,
+                    data,
+                };
+            }
+            Ok(data) => Err(DeviceError::Other(format!(
+                "device returned {} bytes for a {}-byte read",
+                data.len(),
+                h.len
+            ))),
+            Err(e) => Err(e),
+        },
+        Command::Write => {
+            let data = data.unwrap_or_default();
+            let r = device.write(h.offset, data, fua).await;
+            if r.is_ok() {
+                stats.write(h.len);
+            }
+            r
+        }
+        Command::Flush => {
+            stats.flush();
+            device.flush().await
+        }
+        Command::Trim => {
+            stats.trim();
+            device.trim(h.offset, h.len, fua).await
+        }
+        Command::WriteZeroes => {
+            stats.zero();
+            let flags = ZeroFlags {
+                may_trim: h.flags & NBD_CMD_FLAG_NO_HOLE == 0,
+                fast: h.flags & NBD_CMD_FLAG_FAST_ZERO != 0,
+                fua,
+            };
+            device.write_zeroes(h.offset, h.len, flags).await
+        }
+        Command::Cache => device.cache(h.offset, h.len).await,
+        Command::BlockStatus => {
+            stats.block_status();
+            match device.block_status(h.offset, h.len).await {
+                Ok(extents) => {
+                    let req_one = h.flags & NBD_CMD_FLAG_REQ_ONE != 0;
+                    return ReplyBody::BlockStatus {
+                        // Validation refused block status without a context.
+                        context_id: conn
+                            .session
+                            .meta_context
+                            .unwrap_or(BASE_ALLOCATION_CONTEXT_ID),
+                        descriptors: clip_extents(&extents, h.len, req_one),
+                    };
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Disconnect => Ok(()),
+    };
+    match result {
+        Ok(()) => ReplyBody::Done,
+        Err(e) => {
+            let errno = device_errno(&e);
+            // A refused fast zero is the expected answer, not a failure worth a warning.
+            if errno == NBD_ENOTSUP {
+                debug!(export = %conn.entry.export.name, offset = h.offset, len = h.len, "fast zero refused");
+            } else {
+                warn!(
+                    export = %conn.entry.export.name,
+                    command = h.command,
+                    offset = h.offset,
+                    len = h.len,
+                    errno,
+                    "device error: {e}"
+                );
+            }
+            stats.error();
+            ReplyBody::Error {
+                errno,
+                offset: (cmd == Command::Read).then_some(h.offset),
+                message: Cow::Owned(e.to_string()),
+            }
+        }
+    }
+}
+
+/// Writes replies as they arrive, flushing only when no further reply is queued so that bursts
+/// of small replies share one syscall.
+async fn writer_loop<W: AsyncWrite + Unpin>(
+    mut writer: BufWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    structured: bool,
+) -> std::io::Result<()> {
+    let mut head = BytesMut::with_capacity(256);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(r) = next {
+            head.clear();
+            let payload = reply::encode(&r, structured, &mut head);
+            writer.write_all(&head).await?;
+            if let Some(p) = payload {
+                writer.write_all(&p).await?;
+            }
+            drop(r);
+            next = rx.try_recv().ok();
+        }
+        writer.flush().await?;
+    }
+    writer.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn session() -> SessionLimits {
+        SessionLimits {
+            size_bytes: MIB,
+            flags: crate::handshake::transmission_flags(&crate::DeviceCaps::default(), true),
+            structured: true,
+            meta_context: Some(1),
+            block: BlockLimits {
+                min_bytes: 1,
+                preferred_bytes: 4096,
+                max_bytes: 32 << 20,
+            },
+        }
+    }
+
+    fn req(command: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {
+        RequestHeader {
+            flags,
+            command,
+            cookie: 1,
+            offset,
+            len,
+        }
+    }
+
+    fn errno(h: RequestHeader, s: &SessionLimits) -> u32 {
+        check_request(&h, s).unwrap_err().errno
+    }
+
+    #[test]
+    fn valid_requests_map_to_commands() {
+        let s = session();
+        assert_eq!(
+            check_request(&req(NBD_CMD_READ, 0, 0, 4096), &s),
+            Ok(Command::Read)
+        );
+        assert_eq!(
+            check_request(&req(NBD_CMD_WRITE, NBD_CMD_FLAG_FUA, 4096, 512), &s),
+            Ok(Command::Write)
+        );
+        assert_eq!(
+            check_request(&req(NBD_CMD_FLUSH, 0, 0, 0), &s),
+            Ok(Command::Flush)
+        );
+        assert_eq!(
+            check_request(&req(NBD_CMD_DISC, 0, 0, 0), &s),
+            Ok(Command::Disconnect)
+        );
+        assert_eq!(
+            check_request(
+                &req(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_NO_HOLE, 0, MIB as u32),
+                &s
+            ),
+            Ok(Command::WriteZeroes)
+        );
+        assert_eq!(
+            check_request(&req(NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_REQ_ONE, 0, 1), &s),
+            Ok(Command::BlockStatus)
+        );
+        assert_eq!(
+            check_request(&req(NBD_CMD_CACHE, 0, 0, 1), &s),
+            Ok(Command::Cache)
+        );
+    }
+
+    #[test]
+    fn unknown_command_is_einval() {
+        assert_eq!(errno(req(9, 0, 0, 1), &session()), NBD_EINVAL);
+        assert_eq!(errno(req(0xffff, 0, 0, 1), &session()), NBD_EINVAL);
+    }
+
+    #[test]
+    fn unknown_or_misplaced_flag_is_einval() {
+        let s = session();
+        assert_eq!(errno(req(NBD_CMD_READ, 1 << 9, 0, 1), &s), NBD_EINVAL);
+        assert_eq!(
+            errno(req(NBD_CMD_WRITE, NBD_CMD_FLAG_NO_HOLE, 0, 1), &s),
+            NBD_EINVAL
+        );
+        assert_eq!(
+            errno(req(NBD_CMD_READ, NBD_CMD_FLAG_REQ_ONE, 0, 1), &s),
+            NBD_EINVAL
+        );
+        assert_eq!(
+            errno(req(NBD_CMD_WRITE, NBD_CMD_FLAG_DF, 0, 1), &s),
+            NBD_EINVAL
+        );
+    }
+
+    #[test]
+    fn df_needs_structured_replies() {
+        let mut s = session();
+        assert!(check_request(&req(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 1), &s).is_ok());
+        s.structured = false;
+        s.flags &= !NBD_FLAG_SEND_DF;
+        assert_eq!(
+            errno(req(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 1), &s),
+            NBD_EINVAL
+        );
+    }
+
+    #[test]
+    fn fast_zero_needs_advertisement() {
+        let s = session();
+        assert_eq!(
+            errno(req(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_FAST_ZERO, 0, 1), &s),
+            NBD_EINVAL
+        );
+        let mut s2 = s;
+        s2.flags |= NBD_FLAG_SEND_FAST_ZERO;
+        assert!(check_request(
+            &req(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_FAST_ZERO, 0, 1),
+            &s2
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn fua_refused_when_not_advertised() {
+        let mut s = session();
+        s.flags &= !NBD_FLAG_SEND_FUA;
+        assert_eq!(
+            errno(req(NBD_CMD_WRITE, NBD_CMD_FLAG_FUA, 0, 1), &s),
+            NBD_EINVAL
+        );
+    }
+
+    #[test]
+    fn writes_past_end_are_enospc_and_reads_einval() {
+        let s = session();
+        assert_eq!(errno(req(NBD_CMD_WRITE, 0, MIB - 1, 2), &s), NBD_ENOSPC);
+        assert_eq!(errno(req(NBD_CMD_WRITE_ZEROES, 0, MIB, 1), &s), NBD_ENOSPC);
+        assert_eq!(errno(req(NBD_CMD_READ, 0, MIB, 1), &s), NBD_EINVAL);
+        assert_eq!(errno(req(NBD_CMD_TRIM, 0, MIB - 1, 2), &s), NBD_EINVAL);
+        assert_eq!(errno(req(NBD_CMD_BLOCK_STATUS, 0, MIB, 1), &s), NBD_EINVAL);
+        assert_eq!(errno(req(NBD_CMD_CACHE, 0, MIB, 1), &s), NBD_EINVAL);
+    }
+
+    #[test]
+    fn offset_overflow_is_refused_not_wrapped() {
+        let s = session();
+        assert_eq!(errno(req(NBD_CMD_READ, 0, u64::MAX, 4096), &s), NBD_EINVAL);
+        assert_eq!(
+            errno(req(NBD_CMD_WRITE, 0, u64::MAX - 1, 4), &s),
+            NBD_ENOSPC
+        );
+    }
+
+    #[test]
+    fn over_max_payload_is_refused() {
+        let mut s = session();
+        s.size_bytes = u64::MAX;
+        assert_eq!(
+            errno(req(NBD_CMD_WRITE, 0, 0, (32 << 20) + 1), &s),
+            NBD_EINVAL
+        );
+        assert_eq!(errno(req(NBD_CMD_READ, 0, 0, u32::MAX), &s), NBD_EOVERFLOW);
+        s.structured = false;
+        s.flags &= !NBD_FLAG_SEND_DF;
+        assert_eq!(errno(req(NBD_CMD_READ, 0, 0, u32::MAX), &s), NBD_EINVAL);
+        // Commands without payload may exceed the payload limit.
+        assert!(check_request(&req(NBD_CMD_TRIM, 0, 0, u32::MAX), &s).is_ok());
+    }
+
+    #[test]
+    fn zero_length_is_einval() {
+        assert_eq!(errno(req(NBD_CMD_READ, 0, 0, 0), &session()), NBD_EINVAL);
+        assert_eq!(errno(req(NBD_CMD_WRITE, 0, 0, 0), &session()), NBD_EINVAL);
+    }
+
+    #[test]
+    fn unaligned_requests_are_einval_when_min_block_is_set() {
+        let mut s = session();
+        s.block.min_bytes = 512;
+        assert_eq!(errno(req(NBD_CMD_READ, 0, 100, 512), &s), NBD_EINVAL);
+        assert_eq!(errno(req(NBD_CMD_WRITE, 0, 512, 100), &s), NBD_EINVAL);
+        assert!(check_request(&req(NBD_CMD_WRITE, 0, 512, 1024), &s).is_ok());
+        // Block status lengths are only a hint.
+        assert!(check_request(&req(NBD_CMD_BLOCK_STATUS, 0, 0, 100), &s).is_ok());
+    }
+
+    #[test]
+    fn read_only_export_refuses_writes_with_eperm() {
+        let mut s = session();
+        s.flags = crate::handshake::transmission_flags(
+            &crate::DeviceCaps {
+                read_only: true,
+                ..Default::default()
+            },
+            true,
+        );
+        assert_eq!(errno(req(NBD_CMD_WRITE, 0, 0, 1), &s), NBD_EPERM);
+        assert_eq!(errno(req(NBD_CMD_TRIM, 0, 0, 1), &s), NBD_EPERM);
+        assert_eq!(errno(req(NBD_CMD_WRITE_ZEROES, 0, 0, 1), &s), NBD_EPERM);
+        assert!(check_request(&req(NBD_CMD_READ, 0, 0, 1), &s).is_ok());
+    }
+
+    #[test]
+    fn block_status_without_context_is_einval() {
+        let mut s = session();
+        s.meta_context = None;
+        assert_eq!(errno(req(NBD_CMD_BLOCK_STATUS, 0, 0, 1), &s), NBD_EINVAL);
+    }
+
+    #[test]
+    fn unadvertised_commands_are_einval() {
+        let mut s = session();
+        s.flags = NBD_FLAG_HAS_FLAGS;
+        assert_eq!(errno(req(NBD_CMD_FLUSH, 0, 0, 0), &s), NBD_EINVAL);
+        assert_eq!(errno(req(NBD_CMD_TRIM, 0, 0, 1), &s), NBD_EINVAL);
+        assert_eq!(errno(req(NBD_CMD_WRITE_ZEROES, 0, 0, 1), &s), NBD_EINVAL);
+    }
+
+    #[test]
+    fn extents_are_clipped_to_request() {
+        let e = |length, hole| Extent {
+            length,
+            hole,
+            zero: hole,
+        };
+        let d = clip_extents(&[e(100, true), e(1000, false)], 500, false);
+        assert_eq!(
+            d,
+            vec![
+                StatusDescriptor {
+                    length: 100,
+                    flags: NBD_STATE_HOLE | NBD_STATE_ZERO
+                },
+                StatusDescriptor {
+                    length: 400,
+                    flags: 0
+                },
+            ]
+        );
+        assert_eq!(
+            clip_extents(&[e(100, true), e(1000, false)], 500, true).len(),
+            1
+        );
+        assert_eq!(
+            clip_extents(&[e(0, true)], 7, false),
+            vec![StatusDescriptor {
+                length: 7,
+                flags: 0
+            }]
+        );
+        assert_eq!(clip_extents(&[], 7, true).len(), 1);
+    }
+
+    #[test]
+    fn device_errors_map_to_nbd_errors() {
+        assert_eq!(device_errno(&DeviceError::NoSpace), NBD_ENOSPC);
+        assert_eq!(device_errno(&DeviceError::NotFast), NBD_ENOTSUP);
+        assert_eq!(device_errno(&DeviceError::ReadOnly), NBD_EPERM);
+        assert_eq!(device_errno(&DeviceError::ShuttingDown), NBD_ESHUTDOWN);
+        assert_eq!(
+            device_errno(&DeviceError::Io(std::io::Error::from_raw_os_error(
+                libc_errno::EDQUOT
+            ))),
+            NBD_ENOSPC
+        );
+        assert_eq!(
+            device_errno(&DeviceError::Io(std::io::Error::other("x"))),
+            NBD_EIO
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! Member I/O benchmark: io_uring against the thread pool, buffered and `O_DIRECT`, for 4 KiB
+//! random reads and writes at queue depth 32 on a 256 MiB image.
+//!
+//! Run: `cargo bench -p twinblock-raid --bench member_io`. Environment: `MEMBER_IO_DIR` (where the
+//! image goes; default the cargo target tmp dir, which must support `O_DIRECT` for the direct rows)
+//! and `MEMBER_IO_SECS` (seconds per row, default 2).
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use twinblock_raid::io::buf::AlignedBuf;
+use twinblock_raid::io::file::{EngineChoice, FileMember, FileOptions};
+use twinblock_raid::io::Member;
+
+const IMAGE_BYTES: u64 = 256 << 20;
+const BLOCK_BYTES: usize = 4096;
+const QUEUE_DEPTH: usize = 32;
+const DEFAULT_SECS_PER_ROW: u64 = 2;
+
+#[derive(Clone, Copy)]
+enum Pattern {
+    RandRead,
+    RandWrite,
+}
+
+async fn run_row(member: Arc<FileMember>, pattern: Pattern, duration: Duration) -> (f64, f64) {
+    let ops = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let blocks = IMAGE_BYTES / BLOCK_BYTES as u64;
+    let mut workers = Vec::new();
+    let start = Instant::now();
+    for worker in 0..QUEUE_DEPTH {
+        let member = Arc::clone(&member);
+        let ops = Arc::clone(&ops);
+        workers.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(worker as u64);
+            let mut payload = AlignedBuf::zeroed(BLOCK_BYTES);
+            rng.fill(&mut payload[..]);
+            let payload: Bytes = payload.into_bytes();
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let offset = rng.gen_range(0..blocks) * BLOCK_BYTES as u64;
+                let t = Instant::now();
+                let result = match pattern {
+                    Pattern::RandRead => member.read_at(offset, BLOCK_BYTES).await.map(|_| ()),
+                    Pattern::RandWrite => member.write_at(offset, payload.clone()).await,
+                };
+                if let Err(e) = result {
+                    eprintln!("I/O error: {e}");
+                    return latencies;
+                }
+                latencies.push(t.elapsed());
+                ops.fetch_add(1, Ordering::Relaxed);
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        if let Ok(l) = w.await {
+            all.extend(l);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    all.sort();
+    let p50_us = all
+        .get(all.len() / 2)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e6);
+    (ops.load(Ordering::Relaxed) as f64 / secs, p50_us)
+}
+
+fn main() {
+    let dir =
+        std::env::var("MEMBER_IO_DIR").unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").to_string());
+    let secs = std::env::var("MEMBER_IO_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_SECS_PER_ROW);
+    let dir = match tempfile::tempdir_in(&dir) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cannot create a temporary directory in {dir}: {e}");
+            std::process::exit(1);
+        }
+    };
+    let path = dir.path().join("member_io.img");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start tokio: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(async {
+        // Fill the image so reads hit allocated blocks.
+        let opts = FileOptions {
+            create_size: Some(IMAGE_BYTES),
+            engine: EngineChoice::Pool,
+            ..FileOptions::default()
+        };
+        let member = match FileMember::open(&path, &opts) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        };
+        let chunk = Bytes::from(vec![0xa5u8; 1 << 20]);
+        for i in 0..(IMAGE_BYTES >> 20) {
+            if let Err(e) = member.write_at(i << 20, chunk.clone()).await {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+        if let Err(e) = member.sync().await {
+            eprintln!("{e}");
+        }
+        drop(member);
+
+        println!(
+            "member_io: 4 KiB random I/O, depth {QUEUE_DEPTH}, {} MiB image in {}, {secs} s per row",
+            IMAGE_BYTES >> 20,
+            dir.path().display()
+        );
+        println!("{:<8} {:<9} {:<10} {:>10} {:>9} {:>12}", "engine", "mode", "pattern", "IOPS", "p50 us", "ops/enter");
+        for direct in [false, true] {
+            for engine in [EngineChoice::Uring, EngineChoice::Pool] {
+                let opts = FileOptions {
+                    direct,
+                    engine,
+                    ..FileOptions::default()
+                };
+                let member = match FileMember::open(&path, &opts) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!("skipping {engine:?} direct={direct}: {e}");
+                        continue;
+                    }
+                };
+                if direct && !member.direct() {
+                    eprintln!("O_DIRECT refused by the filesystem of {}", dir.path().display());
+                }
+                for (pattern, pname) in [(Pattern::RandRead, "randread"), (Pattern::RandWrite, "randwrite")] {
+                    let before = member.uring_stats();
+                    let (iops, p50) = run_row(Arc::clone(&member), pattern, Duration::from_secs(secs)).await;
+                    let batch = match (before, member.uring_stats()) {
+                        (Some(b), Some(a)) if a.enter_calls > b.enter_calls => format!(
+                            "{:.2}",
+                            (a.ops_submitted - b.ops_submitted) as f64 / (a.enter_calls - b.enter_calls) as f64
+                        ),
+                        _ => "-".to_string(),
+                    };
+                    println!(
+                        "{:<8} {:<9} {:<10} {:>10.0} {:>9.1} {:>12}",
+                        member.engine(),
+                        if member.direct() { "direct" } else { "buffered" },
+                        pname,
+                        iops,
+                        p50,
+                        batch
+                    );
+                }
+            }
+        }
+    });
+}

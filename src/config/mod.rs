@@ -1,0 +1,571 @@
+//! The node's configuration file (TOML; the format is described in `docs/CONFIG.md`).
+//!
+//! Loading is two steps: serde parses the text (unknown keys refused), then `validate` checks what
+//! the types cannot (unique names, references between tables, sane ranges). Every error names the
+//! file, the key and what is wrong, so an operator can fix it without reading code.
+
+mod size;
+
+pub use size::{format_bytes, parse_size, ByteSize};
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A configuration mistake: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub nbd: NbdConfig,
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+    #[serde(default, rename = "array")]
+    pub arrays: Vec<ArrayConfig>,
+    #[serde(default)]
+    pub nvram: Option<NvramConfig>,
+    /// Where the file was read from; relative paths resolve against `node.data_dir`.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: u8,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+}
+
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("admin.sock")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    #[serde(default)]
+    pub unix: Option<PathBuf>,
+    #[serde(default)]
+    pub default_export: Option<String>,
+    #[serde(default = "default_max_request")]
+    pub max_request: ByteSize,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            listen: default_listen(),
+            unix: None,
+            default_export: None,
+            max_request: default_max_request(),
+        }
+    }
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["127.0.0.1:10809".to_string()]
+}
+
+fn default_max_request() -> ByteSize {
+    ByteSize(32 << 20)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// A plain image file or block device.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Create the image at this size when it does not exist.
+    #[serde(default)]
+    pub size: Option<ByteSize>,
+    /// Serve from this array instead of a file.
+    #[serde(default)]
+    pub array: Option<String>,
+    #[serde(default)]
+    pub journal: bool,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default = "default_true")]
+    pub direct_io: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArrayConfig {
+    pub name: String,
+    pub level: u8,
+    #[serde(default = "default_chunk")]
+    pub chunk: ByteSize,
+    pub disks: Vec<PathBuf>,
+    #[serde(default)]
+    pub spares: Vec<PathBuf>,
+    /// Create missing disk images at this size.
+    #[serde(default)]
+    pub disk_size: Option<ByteSize>,
+    /// Rebuild rate limit in bytes per second; 0 = unlimited.
+    #[serde(default)]
+    pub rebuild_rate: Option<ByteSize>,
+    #[serde(default = "default_true")]
+    pub direct_io: bool,
+}
+
+fn default_chunk() -> ByteSize {
+    ByteSize(64 << 10)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PersistenceMode {
+    None,
+    Msync,
+    Pmem,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvramConfig {
+    pub path: PathBuf,
+    #[serde(default = "default_nvram_size")]
+    pub size: ByteSize,
+    #[serde(default = "default_persistence")]
+    pub persistence: PersistenceMode,
+    #[serde(default = "default_cp_interval")]
+    pub cp_interval_ms: u64,
+}
+
+fn default_nvram_size() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_persistence() -> PersistenceMode {
+    PersistenceMode::None
+}
+fn default_cp_interval() -> u64 {
+    1000
+}
+
+/// Smallest image the node will create or serve; anything below is almost surely a typo.
+const MIN_VOLUME_BYTES: u64 = 4096;
+/// Chunk sizes outside this range are refused (md allows 4 KiB to several MiB).
+const CHUNK_BYTES_MIN: u64 = 4 << 10;
+const CHUNK_BYTES_MAX: u64 = 16 << 20;
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parse and validate config text; `path` is used for messages and relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.source = path.to_path_buf();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.id > 1 {
+            return Err(self.invalid(
+                "node.id",
+                format!(
+                    "must be 0 or 1 (a pair has two nodes), got {}",
+                    self.node.id
+                ),
+            ));
+        }
+        if self.nbd.listen.is_empty() && self.nbd.unix.is_none() {
+            return Err(self.invalid(
+                "nbd.listen",
+                "no address to serve on: give at least one TCP address or nbd.unix",
+            ));
+        }
+        for (i, addr) in self.nbd.listen.iter().enumerate() {
+            if addr.parse::<SocketAddr>().is_err() {
+                return Err(self.invalid(
+                    format!("nbd.listen[{i}]"),
+                    format!("`{addr}` is not an IP address with a port (e.g. 127.0.0.1:10809)"),
+                ));
+            }
+        }
+        let max_req = self.nbd.max_request.bytes();
+        if !(4096..=(256 << 20)).contains(&max_req) {
+            return Err(self.invalid(
+                "nbd.max_request",
+                format!("{max_req} bytes is outside 4 KiB ..= 256 MiB"),
+            ));
+        }
+
+        let mut array_names = HashSet::new();
+        let mut all_disks = HashSet::new();
+        for (i, a) in self.arrays.iter().enumerate() {
+            let key = |k: &str| format!("array[{i}].{k}");
+            check_name(&a.name).map_err(|m| self.invalid(key("name"), m))?;
+            if !array_names.insert(a.name.as_str()) {
+                return Err(self.invalid(key("name"), format!("array `{}` defined twice", a.name)));
+            }
+            let min_disks = match a.level {
+                0 => 1,
+                1 => 2,
+                5 => 3,
+                6 => 4,
+                10 => 4,
+                other => {
+                    return Err(self.invalid(
+                        key("level"),
+                        format!("RAID level {other} is not supported (use 0, 1, 5, 6 or 10)"),
+                    ))
+                }
+            };
+            if a.disks.len() < min_disks {
+                return Err(self.invalid(
+                    key("disks"),
+                    format!(
+                        "RAID {} needs at least {min_disks} disks, {} given",
+                        a.level,
+                        a.disks.len()
+                    ),
+                ));
+            }
+            if a.level == 10 && a.disks.len() % 2 != 0 {
+                return Err(self.invalid(
+                    key("disks"),
+                    format!(
+                        "RAID 10 needs an even number of disks, {} given",
+                        a.disks.len()
+                    ),
+                ));
+            }
+            let chunk = a.chunk.bytes();
+            if !chunk.is_power_of_two() || !(CHUNK_BYTES_MIN..=CHUNK_BYTES_MAX).contains(&chunk) {
+                return Err(self.invalid(
+                    key("chunk"),
+                    format!("{chunk} bytes: must be a power of two from 4 KiB to 16 MiB"),
+                ));
+            }
+            for (j, d) in a.disks.iter().chain(a.spares.iter()).enumerate() {
+                let resolved = self.resolve(d);
+                if !all_disks.insert(resolved.clone()) {
+                    return Err(self.invalid(
+                        if j < a.disks.len() {
+                            format!("array[{i}].disks[{j}]")
+                        } else {
+                            format!("array[{i}].spares[{}]", j - a.disks.len())
+                        },
+                        format!("disk {} is listed more than once", resolved.display()),
+                    ));
+                }
+            }
+        }
+
+        let mut volume_names = HashSet::new();
+        let mut used_arrays = HashSet::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            let key = |k: &str| format!("volume[{i}].{k}");
+            check_name(&v.name).map_err(|m| self.invalid(key("name"), m))?;
+            if !volume_names.insert(v.name.as_str()) {
+                return Err(self.invalid(key("name"), format!("volume `{}` defined twice", v.name)));
+            }
+            match (&v.file, &v.array) {
+                (Some(_), Some(_)) => {
+                    return Err(self.invalid(
+                        key("array"),
+                        "a volume is backed by either `file` or `array`, not both",
+                    ))
+                }
+                (None, None) => {
+                    return Err(self.invalid(
+                        key("file"),
+                        format!(
+                            "volume `{}` needs a backing: `file = ...` or `array = ...`",
+                            v.name
+                        ),
+                    ))
+                }
+                (Some(_), None) => {
+                    if v.journal {
+                        return Err(self.invalid(
+                            key("journal"),
+                            "the journal sits on arrays; use `array = ...` for a journaled volume",
+                        ));
+                    }
+                }
+                (None, Some(a)) => {
+                    if !array_names.contains(a.as_str()) {
+                        return Err(self.invalid(
+                            key("array"),
+                            format!("no array named `{a}` (defined: {})", list(&array_names)),
+                        ));
+                    }
+                    if !used_arrays.insert(a.as_str()) {
+                        return Err(self.invalid(
+                            key("array"),
+                            format!("array `{a}` already backs another volume"),
+                        ));
+                    }
+                    if v.size.is_some() {
+                        return Err(self.invalid(
+                            key("size"),
+                            "an array volume's size comes from the array; remove `size`",
+                        ));
+                    }
+                }
+            }
+            if let Some(size) = v.size {
+                if size.bytes() < MIN_VOLUME_BYTES {
+                    return Err(self.invalid(
+                        key("size"),
+                        format!("{} bytes is below the minimum of 4096", size.bytes()),
+                    ));
+                }
+            }
+            if v.journal && self.nvram.is_none() {
+                return Err(self.invalid(key("journal"), "journal = true needs an [nvram] section"));
+            }
+        }
+        if let Some(def) = &self.nbd.default_export {
+            if !volume_names.contains(def.as_str()) {
+                return Err(self.invalid(
+                    "nbd.default_export",
+                    format!("no volume named `{def}` (defined: {})", list(&volume_names)),
+                ));
+            }
+        }
+        if let Some(nv) = &self.nvram {
+            if nv.size.bytes() < (1 << 20) {
+                return Err(self.invalid("nvram.size", "must be at least 1 MiB"));
+            }
+            if nv.cp_interval_ms == 0 {
+                return Err(self.invalid("nvram.cp_interval_ms", "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The directory relative paths resolve against.
+    pub fn data_dir(&self) -> PathBuf {
+        let base = self
+            .source
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        match &self.node.data_dir {
+            Some(d) if d.is_absolute() => d.clone(),
+            Some(d) => base.join(d),
+            None => base,
+        }
+    }
+
+    /// Resolve a path from the config against the data directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.data_dir().join(p)
+        }
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.resolve(&self.node.admin_socket)
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("names are 1 to 64 characters".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(format!(
+            "`{name}`: use letters, digits, `-`, `_` and `.` only"
+        ));
+    }
+    Ok(())
+}
+
+fn list(names: &HashSet<&str>) -> String {
+    if names.is_empty() {
+        return "none".into();
+    }
+    let mut v: Vec<&str> = names.iter().copied().collect();
+    v.sort_unstable();
+    v.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/twinblock/node.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+[node]
+id = 0
+[[volume]]
+name = "vol0"
+file = "vol0.img"
+size = "1GiB"
+"#;
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.nbd.listen, vec!["127.0.0.1:10809"]);
+        assert_eq!(c.volumes[0].size, Some(ByteSize(1 << 30)));
+        assert!(c.volumes[0].direct_io);
+        assert_eq!(c.admin_socket(), PathBuf::from("/etc/twinblock/admin.sock"));
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let e = parse(&format!("{MINIMAL}\nsizee = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/etc/twinblock/node.toml"), "{e}");
+        assert!(e.contains("sizee"), "{e}");
+    }
+
+    #[test]
+    fn bad_size_names_key_and_reason() {
+        let e = parse(&MINIMAL.replace("1GiB", "1 furlong"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown unit"), "{e}");
+    }
+
+    #[test]
+    fn node_id_out_of_range_is_refused() {
+        let e = parse(&MINIMAL.replace("id = 0", "id = 2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("node.id"), "{e}");
+    }
+
+    #[test]
+    fn volume_needs_exactly_one_backing() {
+        let e = parse("[node]\nid=0\n[[volume]]\nname=\"v\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("volume[0].file"), "{e}");
+    }
+
+    #[test]
+    fn volume_referencing_missing_array_is_refused() {
+        let e = parse("[node]\nid=0\n[[volume]]\nname=\"v\"\narray=\"md9\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("volume[0].array") && e.contains("md9"), "{e}");
+    }
+
+    #[test]
+    fn disk_listed_twice_is_refused() {
+        let text = r#"
+[node]
+id = 1
+[[array]]
+name = "md0"
+level = 5
+disks = ["a.img", "b.img", "a.img"]
+"#;
+        let e = parse(text).unwrap_err().to_string();
+        assert!(
+            e.contains("array[0].disks[2]") && e.contains("more than once"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn raid_level_and_disk_count_checked() {
+        let base = "[node]\nid=0\n[[array]]\nname=\"m\"\nlevel=LEVEL\ndisks=[\"a\",\"b\",\"c\"]\n";
+        assert!(parse(&base.replace("LEVEL", "4"))
+            .unwrap_err()
+            .to_string()
+            .contains("not supported"));
+        assert!(parse(&base.replace("LEVEL", "6"))
+            .unwrap_err()
+            .to_string()
+            .contains("at least 4"));
+        assert!(parse(&base.replace("LEVEL", "5")).is_ok());
+    }
+
+    #[test]
+    fn bad_listen_address_is_refused() {
+        let e = parse(&format!("[nbd]\nlisten=[\"localhost\"]\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.listen[0]"), "{e}");
+    }
+
+    #[test]
+    fn journal_without_nvram_is_refused() {
+        let text = r#"
+[node]
+id = 0
+[[array]]
+name = "md0"
+level = 1
+disks = ["a.img", "b.img"]
+[[volume]]
+name = "v"
+array = "md0"
+journal = true
+"#;
+        let e = parse(text).unwrap_err().to_string();
+        assert!(
+            e.contains("volume[0].journal") && e.contains("[nvram]"),
+            "{e}"
+        );
+    }
+}

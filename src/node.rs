@@ -1,0 +1,287 @@
+//! The node: turns a validated `Config` into open volumes, an NBD server and an admin socket,
+//! and runs them until shutdown.
+//!
+//! Opening (`Node::open`) does everything that can fail because of the config or the disks, so a
+//! mistake is reported before anything is served; `Node::run` only binds and serves.
+
+use crate::admin::{self, AdminHandler, Request};
+use crate::config::{format_bytes, Config, VolumeConfig};
+use crate::device::MemberDevice;
+use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
+use serde::Serialize;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+use twinblock_nbd::{BlockDevice, Export, Server, ServerConfig};
+use twinblock_raid::io::file::{FileMember, FileOptions};
+use twinblock_raid::io::Member;
+
+/// What the admin API reports about one volume.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub description: String,
+    /// `file`, `array` or `journaled-array`.
+    pub kind: &'static str,
+    pub size: u64,
+    pub read_only: bool,
+    /// The image path, or the array name.
+    pub backing: String,
+    /// Member I/O engine (`io_uring` or `thread-pool`) and whether O_DIRECT is active.
+    pub io_engine: String,
+    pub direct_io: bool,
+}
+
+pub struct Node {
+    config: Config,
+    server: Server,
+    volumes: Vec<VolumeInfo>,
+    started: Instant,
+}
+
+impl Node {
+    /// Open every volume the config names; fail with a clear message on the first problem.
+    pub async fn open(config: Config) -> Result<Arc<Node>> {
+        let server = Server::new(ServerConfig {
+            max_request_bytes: u32::try_from(config.nbd.max_request.bytes())
+                .context("nbd.max_request does not fit in 32 bits")?,
+            ..ServerConfig::default()
+        });
+        let mut volumes = Vec::new();
+        for v in &config.volumes {
+            let (device, info) = open_volume(&config, v)
+                .await
+                .with_context(|| format!("volume `{}`", v.name))?;
+            server
+                .add_export(Export {
+                    name: v.name.clone(),
+                    description: info.description.clone(),
+                    device,
+                })
+                .with_context(|| format!("volume `{}`", v.name))?;
+            tracing::info!(
+                volume = %v.name,
+                size = %format_bytes(info.size),
+                backing = %info.backing,
+                engine = %info.io_engine,
+                direct = info.direct_io,
+                "volume ready"
+            );
+            volumes.push(info);
+        }
+        if let Some(def) = &config.nbd.default_export {
+            server.set_default_export(Some(def.clone()))?;
+        } else if volumes.len() == 1 {
+            // One volume: let clients that send an empty export name reach it.
+            server.set_default_export(Some(volumes[0].name.clone()))?;
+        }
+        Ok(Arc::new(Node {
+            config,
+            server,
+            volumes,
+            started: Instant::now(),
+        }))
+    }
+
+    pub fn volumes(&self) -> &[VolumeInfo] {
+        &self.volumes
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Bind the NBD listeners and the admin socket, then serve until `shutdown` resolves.
+    /// Returns the bound NBD addresses through `on_ready` before serving (for the demo and tests).
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        on_ready: impl FnOnce(&[std::net::SocketAddr]) + Send,
+    ) -> Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut bound = Vec::new();
+        for addr in &self.config.nbd.listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {addr}"))?;
+            let local = listener.local_addr()?;
+            bound.push(local);
+            tracing::info!("serving NBD on {local}");
+            let server = self.server.clone();
+            let mut rx = stop_rx.clone();
+            tasks.spawn(async move {
+                server
+                    .serve_tcp(listener, async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await
+            });
+        }
+        if let Some(unix) = &self.config.nbd.unix {
+            let path = self.config.resolve(unix);
+            let listener = admin::server::bind(&path)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {}", path.display()))?;
+            tracing::info!("serving NBD on unix socket {}", path.display());
+            let server = self.server.clone();
+            let mut rx = stop_rx.clone();
+            tasks.spawn(async move {
+                server
+                    .serve_unix(listener, async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await
+            });
+        }
+        let admin_path = self.config.admin_socket();
+        let admin_listener = admin::server::bind(&admin_path)
+            .await
+            .with_context(|| format!("cannot open admin socket {}", admin_path.display()))?;
+        tracing::info!("admin socket {}", admin_path.display());
+        let handler: Arc<dyn AdminHandler> = self.clone();
+        let admin_task = tokio::spawn(admin::server::serve(admin_listener, handler));
+
+        on_ready(&bound);
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        admin_task.abort();
+        let _ = std::fs::remove_file(&admin_path);
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("listener ended with error: {e}"),
+                Err(e) => tracing::warn!("listener task failed: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "node_id": self.config.node.id,
+            "name": self.config.node.name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "admin_protocol": admin::proto::ADMIN_PROTOCOL_VERSION,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "nbd_listen": self.config.nbd.listen,
+            "volumes": self.volumes.iter().map(|v| &v.name).collect::<Vec<_>>(),
+        })
+    }
+
+    fn volume_json(&self, v: &VolumeInfo) -> serde_json::Value {
+        let mut j = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
+        if let Some(stats) = self.server.export_stats(&v.name) {
+            j["stats"] = serde_json::json!({
+                "connections_active": stats.connections_active,
+                "connections_total": stats.connections_total,
+                "read_ops": stats.read_ops,
+                "read_bytes": stats.read_bytes,
+                "write_ops": stats.write_ops,
+                "write_bytes": stats.write_bytes,
+                "flush_ops": stats.flush_ops,
+                "trim_ops": stats.trim_ops,
+                "zero_ops": stats.zero_ops,
+                "errors": stats.errors,
+            });
+        }
+        j
+    }
+}
+
+#[async_trait]
+impl AdminHandler for Node {
+    async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
+        match req {
+            Request::Status => Ok(self.status()),
+            Request::VolumeList => Ok(serde_json::Value::Array(
+                self.volumes.iter().map(|v| self.volume_json(v)).collect(),
+            )),
+            Request::VolumeShow { name } => self
+                .volumes
+                .iter()
+                .find(|v| v.name == name)
+                .map(|v| self.volume_json(v))
+                .ok_or_else(|| format!("no volume named `{name}`")),
+            Request::DiskFail { array, .. }
+            | Request::DiskRemove { array, .. }
+            | Request::DiskAdd { array, .. }
+            | Request::DiskReplace { array, .. }
+            | Request::ScrubStart { array, .. } => Err(format!("no array named `{array}`")),
+            Request::RebuildStatus | Request::ScrubStatus => Ok(serde_json::json!([])),
+        }
+    }
+}
+
+async fn open_volume(
+    config: &Config,
+    v: &VolumeConfig,
+) -> Result<(Arc<dyn BlockDevice>, VolumeInfo)> {
+    let Some(file) = &v.file else {
+        bail!("array-backed volumes are not available in this build");
+    };
+    let path = config.resolve(file);
+    let member = open_image(&path, v).await?;
+    let map = std::fs::File::open(&path)
+        .ok()
+        .filter(|f| f.metadata().map(|m| m.is_file()).unwrap_or(false));
+    let info = VolumeInfo {
+        name: v.name.clone(),
+        description: v
+            .description
+            .clone()
+            .unwrap_or_else(|| format!("twinblock image {}", path.display())),
+        kind: "file",
+        size: member.size(),
+        read_only: v.read_only,
+        backing: path.display().to_string(),
+        io_engine: member.engine().to_string(),
+        direct_io: member.direct(),
+    };
+    let device = MemberDevice::new(member, v.read_only, map);
+    Ok((Arc::new(device), info))
+}
+
+async fn open_image(path: &Path, v: &VolumeConfig) -> Result<Arc<FileMember>> {
+    let exists = path.exists();
+    if !exists && v.size.is_none() {
+        bail!(
+            "image {} does not exist; create it, or set `size` in the volume's config to have \
+             twinblockd create it",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    }
+    let member = FileMember::open(
+        path,
+        &FileOptions {
+            direct: v.direct_io,
+            read_only: v.read_only,
+            create_size: if exists {
+                None
+            } else {
+                v.size.map(|s| s.bytes())
+            },
+            engine: Default::default(),
+        },
+    )
+    .with_context(|| format!("cannot open image {}", path.display()))?;
+    if let Some(want) = v.size {
+        if exists && member.size() != want.bytes() {
+            bail!(
+                "image {} is {} but the config says size = {}; fix `size` (or remove it to \
+                 use the image as it is)",
+                path.display(),
+                format_bytes(member.size()),
+                format_bytes(want.bytes()),
+            );
+        }
+    }
+    Ok(member)
+}

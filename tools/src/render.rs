@@ -1,0 +1,351 @@
+//! Rendering admin answers for people (aligned tables) or scripts (`--json`).
+//! Table building is pure (`table`); only the `Output` methods print.
+
+use anyhow::Result;
+use serde_json::Value;
+use std::future::Future;
+use std::io::IsTerminal;
+use twinblock::config::format_bytes;
+
+pub struct Output {
+    pub json: bool,
+}
+
+/// Left-aligned columns separated by two spaces; the header is printed as given.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{:<w$}  ", c, w = widths[i]));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    out.push('\n');
+    for r in rows {
+        out.push_str(&line(r.clone()));
+        out.push('\n');
+    }
+    out
+}
+
+fn s(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(x)) => x.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn bytes(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .map(format_bytes)
+        .unwrap_or_else(|| "-".into())
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+/// One rebuild/scrub line: `md0  rebuilding d3.img  42.0%  180 MiB/s  ETA 12s`.
+pub fn progress_line(r: &Value) -> String {
+    let pct = r.get("percent").and_then(Value::as_f64).unwrap_or(0.0);
+    let rate = r
+        .get("rate_bytes_per_s")
+        .and_then(Value::as_u64)
+        .map(|b| format!("{}/s", format_bytes(b)))
+        .unwrap_or_else(|| "-".into());
+    let eta = r
+        .get("eta_s")
+        .and_then(Value::as_u64)
+        .map(|e| format!("ETA {e}s"))
+        .unwrap_or_default();
+    format!(
+        "{}  {} {}  {:.1}%  {}  {}",
+        s(r, "array"),
+        s(r, "state"),
+        s(r, "target"),
+        pct,
+        rate,
+        eta
+    )
+    .trim_end()
+    .to_string()
+}
+
+impl Output {
+    fn print_json(&self, v: &Value) {
+        println!("{}", pretty(v));
+    }
+
+    pub fn status(&self, v: &Value) -> Result<()> {
+        if self.json {
+            self.print_json(v);
+            return Ok(());
+        }
+        let mut rows = Vec::new();
+        for key in [
+            "node_id",
+            "name",
+            "version",
+            "uptime_s",
+            "nbd_listen",
+            "volumes",
+        ] {
+            rows.push(vec![key.to_string(), s(v, key)]);
+        }
+        if let Some(obj) = v.as_object() {
+            for (k, val) in obj {
+                if ![
+                    "node_id",
+                    "name",
+                    "version",
+                    "uptime_s",
+                    "nbd_listen",
+                    "volumes",
+                ]
+                .contains(&k.as_str())
+                {
+                    rows.push(vec![k.clone(), s(&serde_json::json!({ "x": val }), "x")]);
+                }
+            }
+        }
+        print!("{}", table(&["FIELD", "VALUE"], &rows));
+        Ok(())
+    }
+
+    pub fn volume_list(&self, v: &Value) -> Result<()> {
+        if self.json {
+            self.print_json(v);
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = v
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|vol| {
+                let st = vol.get("stats").cloned().unwrap_or(Value::Null);
+                vec![
+                    s(vol, "name"),
+                    s(vol, "kind"),
+                    bytes(vol, "size"),
+                    s(vol, "state"),
+                    s(vol, "backing"),
+                    s(&st, "connections_active"),
+                    bytes(&st, "read_bytes"),
+                    bytes(&st, "write_bytes"),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(
+                &["NAME", "KIND", "SIZE", "STATE", "BACKING", "CONNS", "READ", "WRITTEN"],
+                &rows
+            )
+        );
+        Ok(())
+    }
+
+    pub fn volume_show(&self, v: &Value) -> Result<()> {
+        if self.json {
+            self.print_json(v);
+            return Ok(());
+        }
+        let mut rows = Vec::new();
+        flatten("", v, &mut rows);
+        print!("{}", table(&["FIELD", "VALUE"], &rows));
+        Ok(())
+    }
+
+    pub fn done(&self, v: &Value) -> Result<()> {
+        if self.json {
+            self.print_json(v);
+        } else if let Some(m) = v.get("message").and_then(Value::as_str) {
+            println!("{m}");
+        } else {
+            println!("{}", pretty(v));
+        }
+        Ok(())
+    }
+
+    pub fn rebuild(&self, v: &Value) -> Result<()> {
+        if self.json {
+            self.print_json(v);
+            return Ok(());
+        }
+        let list = v.as_array().map(|a| a.as_slice()).unwrap_or_default();
+        if list.is_empty() {
+            println!("no rebuild running");
+        }
+        for r in list {
+            println!("{}", progress_line(r));
+        }
+        Ok(())
+    }
+
+    pub fn scrub(&self, v: &Value) -> Result<()> {
+        if self.json {
+            self.print_json(v);
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = v
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|r| {
+                vec![
+                    s(r, "array"),
+                    s(r, "state"),
+                    s(r, "mode"),
+                    r.get("percent")
+                        .and_then(Value::as_f64)
+                        .map(|p| format!("{p:.1}%"))
+                        .unwrap_or_else(|| "-".into()),
+                    s(r, "mismatches"),
+                    s(r, "repaired"),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(
+                &["ARRAY", "STATE", "MODE", "DONE", "MISMATCHES", "REPAIRED"],
+                &rows
+            )
+        );
+        Ok(())
+    }
+}
+
+/// `a.b.c = value` rows from nested JSON, for `volume show`.
+fn flatten(prefix: &str, v: &Value, rows: &mut Vec<Vec<String>>) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, val, rows);
+            }
+        }
+        Value::Array(a) if a.iter().any(|x| x.is_object()) => {
+            for (i, val) in a.iter().enumerate() {
+                flatten(&format!("{prefix}[{i}]"), val, rows);
+            }
+        }
+        Value::String(x) => rows.push(vec![prefix.to_string(), x.clone()]),
+        other => rows.push(vec![prefix.to_string(), other.to_string()]),
+    }
+}
+
+/// Poll rebuild status once a second until nothing is rebuilding: a live bar per array on a
+/// terminal, a plain line per poll otherwise (logs, pipes).
+pub async fn watch_rebuild<F, Fut>(out: &Output, mut poll: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Value>>,
+{
+    let tty = std::io::stdout().is_terminal() && !out.json;
+    let multi = indicatif::MultiProgress::new();
+    let mut bars: std::collections::BTreeMap<String, indicatif::ProgressBar> = Default::default();
+    loop {
+        let v = poll().await?;
+        let list = v.as_array().cloned().unwrap_or_default();
+        let running: Vec<&Value> = list
+            .iter()
+            .filter(|r| r.get("state").and_then(Value::as_str) == Some("rebuilding"))
+            .collect();
+        if tty {
+            for r in &running {
+                let name = s(r, "array");
+                let bar = bars.entry(name.clone()).or_insert_with(|| {
+                    let b = multi.add(indicatif::ProgressBar::new(1000));
+                    if let Ok(style) = indicatif::ProgressStyle::with_template(
+                        "{prefix:8} [{bar:40}] {percent:>3}% {msg}",
+                    ) {
+                        b.set_style(style.progress_chars("=> "));
+                    }
+                    b.set_prefix(name);
+                    b
+                });
+                let pct = r.get("percent").and_then(Value::as_f64).unwrap_or(0.0);
+                bar.set_position((pct * 10.0) as u64);
+                bar.set_message(progress_line(r));
+            }
+        } else if out.json {
+            println!("{}", v);
+        } else {
+            for r in &running {
+                println!("{}", progress_line(r));
+            }
+        }
+        if running.is_empty() {
+            for b in bars.values() {
+                b.finish_with_message("done");
+            }
+            if !out.json {
+                println!("no rebuild running");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["NAME", "SIZE"],
+            &[
+                vec!["vol0".into(), "1 GiB".into()],
+                vec!["longname".into(), "2".into()],
+            ],
+        );
+        assert_eq!(t, "NAME      SIZE\nvol0      1 GiB\nlongname  2\n");
+    }
+
+    #[test]
+    fn progress_line_reads_rebuild_fields() {
+        let v = serde_json::json!({"array":"md0","state":"rebuilding","target":"d3.img",
+            "percent":42.0,"rate_bytes_per_s":188743680u64,"eta_s":12});
+        assert_eq!(
+            progress_line(&v),
+            "md0  rebuilding d3.img  42.0%  180 MiB/s  ETA 12s"
+        );
+    }
+
+    #[test]
+    fn flatten_names_nested_fields() {
+        let mut rows = Vec::new();
+        flatten("", &serde_json::json!({"a":{"b":1},"c":"x"}), &mut rows);
+        assert_eq!(
+            rows,
+            vec![
+                vec!["a.b".to_string(), "1".into()],
+                vec!["c".into(), "x".into()]
+            ]
+        );
+    }
+}
