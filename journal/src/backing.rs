@@ -31,6 +31,38 @@ pub trait Backing: Send + Sync + 'static {
     async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError>;
 }
 
+/// A shared store is a store (the node keeps the array in an `Arc`).
+#[async_trait]
+impl<T: Backing> Backing for Arc<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn stripe_bytes(&self) -> u64 {
+        (**self).stripe_bytes()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
+        (**self).read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
+        (**self).write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        (**self).write_zeroes(offset, len).await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        (**self).discard(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BackingError> {
+        (**self).flush().await
+    }
+    async fn applied_seq(&self) -> Result<u64, BackingError> {
+        (**self).applied_seq().await
+    }
+    async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
+        (**self).set_applied_seq(seq).await
+    }
+}
+
 /// Counters of a [`MemBacking`], for tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemStats {
@@ -58,6 +90,9 @@ struct MemState {
 pub struct MemBacking {
     state: Arc<Mutex<MemState>>,
     stripe_bytes: u64,
+    /// Yield to the scheduler before each operation, like real I/O would, so that tests see
+    /// writes interleave with consistency points.
+    yield_on_io: bool,
 }
 
 impl MemBacking {
@@ -71,6 +106,21 @@ impl MemBacking {
                 fail_writes: false,
             })),
             stripe_bytes: stripe_bytes.max(1),
+            yield_on_io: false,
+        }
+    }
+
+    /// Like [`MemBacking::new`], but every operation first yields to the scheduler.
+    pub fn with_yields(size: u64, stripe_bytes: u64) -> MemBacking {
+        MemBacking {
+            yield_on_io: true,
+            ..MemBacking::new(size, stripe_bytes)
+        }
+    }
+
+    async fn maybe_yield(&self) {
+        if self.yield_on_io {
+            tokio::task::yield_now().await;
         }
     }
 
@@ -124,6 +174,7 @@ impl Backing for MemBacking {
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
+        self.maybe_yield().await;
         let s = self.lock();
         match offset.checked_add(len) {
             Some(end) if end <= s.current.len() as u64 => Ok(Bytes::copy_from_slice(
@@ -134,18 +185,22 @@ impl Backing for MemBacking {
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
+        self.maybe_yield().await;
         let mut s = self.lock();
         self.check(&s, offset, data.len() as u64)?;
         let at = offset as usize;
         s.current[at..at + data.len()].copy_from_slice(&data);
         s.stats.writes += 1;
-        if offset % self.stripe_bytes == 0 && (data.len() as u64) % self.stripe_bytes == 0 {
+        if offset.is_multiple_of(self.stripe_bytes)
+            && (data.len() as u64).is_multiple_of(self.stripe_bytes)
+        {
             s.stats.full_stripe_writes += 1;
         }
         Ok(())
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.maybe_yield().await;
         let mut s = self.lock();
         self.check(&s, offset, len)?;
         s.current[offset as usize..(offset + len) as usize].fill(0);
@@ -158,6 +213,7 @@ impl Backing for MemBacking {
     }
 
     async fn flush(&self) -> Result<(), BackingError> {
+        self.maybe_yield().await;
         let mut s = self.lock();
         s.durable = s.current.clone();
         s.stats.flushes += 1;

@@ -52,13 +52,17 @@ pub enum JournalError {
         #[source]
         source: FormatError,
     },
-    #[error("NVRAM file {path} belongs to node {found}, this node is {expected}; refusing to use it")]
+    #[error(
+        "NVRAM file {path} belongs to node {found}, this node is {expected}; refusing to use it"
+    )]
     WrongNode {
         path: PathBuf,
         found: u32,
         expected: u32,
     },
-    #[error("NVRAM file {path} belongs to pair {found}, this pair is {expected}; refusing to use it")]
+    #[error(
+        "NVRAM file {path} belongs to pair {found}, this pair is {expected}; refusing to use it"
+    )]
     WrongPair {
         path: PathBuf,
         found: String,
@@ -104,6 +108,8 @@ pub enum JournalError {
     },
     #[error("mirror to partner failed for seq {seq}: {message}")]
     Mirror { seq: u64, message: String },
+    #[error("record from partner for log offset {log_offset} refused: {detail}")]
+    PartnerRecord { log_offset: u64, detail: String },
     #[error("journal is shut down")]
     ShutDown,
 }

@@ -179,7 +179,7 @@ impl FileHeader {
         );
         let log_bytes = self.own_region_bytes.saturating_sub(CONTROL_AREA_BYTES);
         let sane = self.own_region_bytes > CONTROL_AREA_BYTES
-            && log_bytes % RECORD_ALIGN_BYTES == 0
+            && log_bytes.is_multiple_of(RECORD_ALIGN_BYTES)
             && self.own_region_offset == expected.own_region_offset
             && self.partner_region_offset == expected.partner_region_offset
             && self.partner_region_bytes == expected.partner_region_bytes
@@ -311,7 +311,10 @@ impl RecordKind {
 
     /// Records that change the volume's contents and are redone by recovery.
     pub fn is_data(self) -> bool {
-        matches!(self, RecordKind::Write | RecordKind::Zero | RecordKind::Trim)
+        matches!(
+            self,
+            RecordKind::Write | RecordKind::Zero | RecordKind::Trim
+        )
     }
 }
 
@@ -569,7 +572,10 @@ mod tests {
         for byte in 0..HEADER_SLOT_BYTES {
             let mut c = h;
             c[byte] ^= 0x10;
-            assert!(FileHeader::decode(&c).is_err(), "flip at byte {byte} went unnoticed");
+            assert!(
+                FileHeader::decode(&c).is_err(),
+                "flip at byte {byte} went unnoticed"
+            );
         }
     }
 

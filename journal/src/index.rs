@@ -199,10 +199,26 @@ mod tests {
         assert_eq!(
             p,
             vec![
-                Piece { offset: 0, len: 40, data: Some(ExtentData::Nvram { log_offset: 1000 }) },
-                Piece { offset: 40, len: 20, data: Some(ExtentData::Nvram { log_offset: 5000 }) },
-                Piece { offset: 60, len: 40, data: Some(ExtentData::Nvram { log_offset: 1060 }) },
-                Piece { offset: 100, len: 20, data: None },
+                Piece {
+                    offset: 0,
+                    len: 40,
+                    data: Some(ExtentData::Nvram { log_offset: 1000 })
+                },
+                Piece {
+                    offset: 40,
+                    len: 20,
+                    data: Some(ExtentData::Nvram { log_offset: 5000 })
+                },
+                Piece {
+                    offset: 60,
+                    len: 40,
+                    data: Some(ExtentData::Nvram { log_offset: 1060 })
+                },
+                Piece {
+                    offset: 100,
+                    len: 20,
+                    data: None
+                },
             ]
         );
         assert_eq!(ix.dirty_bytes(), 100);
@@ -213,7 +229,14 @@ mod tests {
         let mut ix = DirtyIndex::new();
         ix.insert(0, data(0, 4096, 5));
         // CP snapshots at seq 5; a write with seq 6 lands on half of it meanwhile.
-        ix.insert(2048, Extent { len: 2048, seq: 6, data: ExtentData::Zero });
+        ix.insert(
+            2048,
+            Extent {
+                len: 2048,
+                seq: 6,
+                data: ExtentData::Zero,
+            },
+        );
         ix.retire_through(5);
         assert_eq!(ix.lookup(0, 4096)[0].data, None);
         assert_eq!(ix.lookup(2048, 2048)[0].data, Some(ExtentData::Zero));

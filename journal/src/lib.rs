@@ -1,1 +1,37 @@
-//! twinblock-journal: the NVRAM journal (persistence modes, record format, regions, scan).
+//! twinblock-journal: the NVRAM journal of a twinblock node.
+//!
+//! A write to a journaled volume is acknowledged once it is a record in NVRAM (a memory-mapped
+//! file, persisted by cache-line write-back, `msync` or nothing on tmpfs); consistency points
+//! later apply the records to the backing RAID array in large, stripe-aligned batches; at start,
+//! recovery redoes the records the array does not hold yet.
+//!
+//! Modules, pure logic first:
+//! - [`format`]: byte layouts of header, control slots and records (encode/decode, CRC32C);
+//! - [`scan`]: walking a region's log, stopping at (and reporting) the first torn/corrupt record;
+//! - [`log`]: circular-log space accounting; [`index`]: the dirty index;
+//! - [`pmem`]: the mapping and persistence modes (the only `unsafe` code);
+//! - [`nvram`]: opening, identity checks, generation bump, own and partner regions;
+//! - [`backing`]: the [`Backing`] trait the array implements, and an in-memory backing;
+//! - [`volume`]: [`JournaledVolume`]: write/read/flush/trim, CPs, back-pressure, recovery;
+//! - [`dump`]: an offline, human- and JSON-readable dump of an NVRAM file.
+
+pub mod backing;
+pub mod dump;
+pub mod error;
+pub mod format;
+pub mod index;
+pub mod log;
+pub mod nvram;
+pub mod pmem;
+pub mod scan;
+pub mod volume;
+
+pub use backing::{Backing, MemBacking};
+pub use error::{BackingError, FormatError, JournalError};
+pub use nvram::{Nvram, NvramConfig, PartnerRegion, Region};
+pub use pmem::{PersistMethod, PersistenceMode};
+pub use scan::{Scan, ScanReport, StopReason};
+pub use volume::{
+    JournaledVolume, MirrorHook, MirrorOutcome, NoMirror, RecoveryReport, VolumeConfig,
+    VolumeStatus,
+};

@@ -209,29 +209,31 @@ impl PartnerRegion {
         tail_offset: u64,
         tail_seq: u64,
     ) -> Result<(), JournalError> {
-        if tail_offset >= self.region.log_bytes() || tail_offset % RECORD_ALIGN_BYTES != 0 {
-            return Err(JournalError::Config(format!(
-                "partner log reset to offset {tail_offset} outside its log of {} bytes",
-                self.region.log_bytes()
-            )));
+        if tail_offset >= self.region.log_bytes() || !tail_offset.is_multiple_of(RECORD_ALIGN_BYTES)
+        {
+            return Err(JournalError::PartnerRecord {
+                log_offset: tail_offset,
+                detail: format!(
+                    "log reset to an offset outside the log of {} bytes or unaligned",
+                    self.region.log_bytes()
+                ),
+            });
         }
-        self.region
-            .write_control(generation, tail_offset, tail_seq)
+        self.region.write_control(generation, tail_offset, tail_seq)
     }
 
     /// Stores one encoded record received from the partner at `log_offset` (the offset it has in
     /// the partner's own log) and persists it. A CP record also moves the partner region's tail.
     /// The record is checked (decode, CRC, bounds) before anything is written.
     pub fn receive(&mut self, log_offset: u64, record: &[u8]) -> Result<(), JournalError> {
-        let bad = |detail: String| {
-            JournalError::Config(format!(
-                "record received from partner for log offset {log_offset} refused: {detail}"
-            ))
-        };
+        let bad = |detail: String| JournalError::PartnerRecord { log_offset, detail };
         let header = crate::format::RecordHeader::decode(record).map_err(|e| bad(e.to_string()))?;
         let payload_end = RECORD_HEADER_BYTES + header.payload_bytes as usize;
         if record.len() < payload_end {
-            return Err(bad(format!("{} bytes, header says {payload_end}", record.len())));
+            return Err(bad(format!(
+                "{} bytes, header says {payload_end}",
+                record.len()
+            )));
         }
         crate::format::RecordHeader::verify_crc(record, &record[RECORD_HEADER_BYTES..payload_end])
             .map_err(|e| bad(e.to_string()))?;
@@ -240,7 +242,7 @@ impl PartnerRegion {
         } else {
             record.len()
         };
-        if log_offset % RECORD_ALIGN_BYTES != 0
+        if !log_offset.is_multiple_of(RECORD_ALIGN_BYTES)
             || log_offset + header.total_bytes() > self.region.log_bytes()
             || (stored as u64) > header.total_bytes()
         {
@@ -283,7 +285,7 @@ impl Nvram {
     pub fn open(cfg: &NvramConfig) -> Result<Nvram, JournalError> {
         let path = cfg.path.clone();
         if cfg.log_bytes_per_region < 4 * RECORD_ALIGN_BYTES
-            || cfg.log_bytes_per_region % RECORD_ALIGN_BYTES != 0
+            || !cfg.log_bytes_per_region.is_multiple_of(RECORD_ALIGN_BYTES)
         {
             return Err(JournalError::Config(format!(
                 "log_bytes_per_region {} must be a multiple of {RECORD_ALIGN_BYTES} and at least {}",
@@ -292,7 +294,12 @@ impl Nvram {
             )));
         }
         let fresh = FileHeader::new(cfg.node_id, cfg.pair_id, cfg.log_bytes_per_region);
-        let mapping = Mapping::open(&path, cfg.persistence, cfg.create_if_missing, fresh.file_bytes)?;
+        let mapping = Mapping::open(
+            &path,
+            cfg.persistence,
+            cfg.create_if_missing,
+            fresh.file_bytes,
+        )?;
         let method = mapping.method();
         let file_bytes = mapping.len();
         let foreign = |source| JournalError::Foreign {
@@ -455,12 +462,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path());
         drop(Nvram::open(&c).unwrap());
-        let other_node = NvramConfig { node_id: 2, ..c.clone() };
-        assert!(matches!(Nvram::open(&other_node), Err(JournalError::WrongNode { found: 1, .. })));
-        let other_pair = NvramConfig { pair_id: [1; 16], ..c.clone() };
-        assert!(matches!(Nvram::open(&other_pair), Err(JournalError::WrongPair { .. })));
-        let other_size = NvramConfig { log_bytes_per_region: 128 * 1024, ..c.clone() };
-        assert!(matches!(Nvram::open(&other_size), Err(JournalError::WrongSize { .. })));
+        let other_node = NvramConfig {
+            node_id: 2,
+            ..c.clone()
+        };
+        assert!(matches!(
+            Nvram::open(&other_node),
+            Err(JournalError::WrongNode { found: 1, .. })
+        ));
+        let other_pair = NvramConfig {
+            pair_id: [1; 16],
+            ..c.clone()
+        };
+        assert!(matches!(
+            Nvram::open(&other_pair),
+            Err(JournalError::WrongPair { .. })
+        ));
+        let other_size = NvramConfig {
+            log_bytes_per_region: 128 * 1024,
+            ..c.clone()
+        };
+        assert!(matches!(
+            Nvram::open(&other_size),
+            Err(JournalError::WrongSize { .. })
+        ));
     }
 
     #[test]
@@ -476,7 +501,13 @@ mod tests {
         std::fs::write(&c.path, &bytes[..bytes.len() / 2]).unwrap();
         let e = Nvram::open(&c).unwrap_err();
         assert!(
-            matches!(e, JournalError::Foreign { source: FormatError::Truncated { .. }, .. }),
+            matches!(
+                e,
+                JournalError::Foreign {
+                    source: FormatError::Truncated { .. },
+                    ..
+                }
+            ),
             "{e}"
         );
         std::fs::write(&c.path, &bytes[..100]).unwrap();
@@ -488,16 +519,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path());
         drop(Nvram::open(&c).unwrap());
-        let g = Nvram::open(&c).unwrap().generation();
+        let g = {
+            let mut n = Nvram::open(&c).unwrap();
+            let g = n.generation();
+            // Records of generation g exist in the own region.
+            n.take_own().unwrap().write_control(g, 0, 1).unwrap();
+            g
+        };
         // The newest copy is in the slot written last; damage it.
         let mut bytes = std::fs::read(&c.path).unwrap();
         let (slot, h) = read_header(&bytes).unwrap();
         assert_eq!(h.generation, g);
         bytes[slot * HEADER_SLOT_B_OFFSET as usize + 45] ^= 0xff;
         std::fs::write(&c.path, &bytes).unwrap();
-        // Opens from the older slot; the generation still moves forward.
+        // Opens from the older slot (g - 1), yet never reuses g.
         let n = Nvram::open(&c).unwrap();
-        assert!(n.generation() > g - 1);
+        assert_eq!(n.previous_generation(), g - 1);
+        assert_eq!(n.generation(), g + 1);
     }
 
     #[test]
@@ -519,12 +557,24 @@ mod tests {
         let rec = encode_record(&w, b"hello");
         p.receive(0, &rec).unwrap();
         let mut corrupt = rec.clone();
-        corrupt[70] ^= 1;
+        corrupt[66] ^= 1;
         assert!(p.receive(128, &corrupt).is_err());
         let s = p.scan();
         assert_eq!(s.records.len(), 1);
-        let cp = CpPayload { applied_seq: 100, tail_offset: 128, tail_seq: 101 }.encode();
-        let h = RecordHeader { kind: RecordKind::Cp, seq: 101, offset: 0, length: 0, payload_bytes: cp.len() as u32, ..w };
+        let cp = CpPayload {
+            applied_seq: 100,
+            tail_offset: 128,
+            tail_seq: 101,
+        }
+        .encode();
+        let h = RecordHeader {
+            kind: RecordKind::Cp,
+            seq: 101,
+            offset: 0,
+            length: 0,
+            payload_bytes: cp.len() as u32,
+            ..w
+        };
         p.receive(128, &encode_record(&h, &cp)).unwrap();
         let s = p.scan();
         assert_eq!(s.report.start.tail_offset, 128);

@@ -321,15 +321,16 @@ impl MapSpan {
         assert!(at + len <= self.len, "persist range outside span");
         match self.map.method {
             PersistMethod::Nothing => Ok(()),
-            PersistMethod::Msync => self
-                .map
-                .map
-                .flush_range(self.start + at, len)
-                .map_err(|source| JournalError::Io {
-                    path: self.map.path.clone(),
-                    op: "msync",
-                    source,
-                }),
+            PersistMethod::Msync => {
+                self.map
+                    .map
+                    .flush_range(self.start + at, len)
+                    .map_err(|source| JournalError::Io {
+                        path: self.map.path.clone(),
+                        op: "msync",
+                        source,
+                    })
+            }
             #[cfg(target_arch = "x86_64")]
             method => {
                 // SAFETY: the range was checked against the span just above, and the span is

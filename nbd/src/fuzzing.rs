@@ -16,6 +16,8 @@ use crate::transmission::{check_request, SessionLimits};
 
 /// Size of the device behind the fuzzed session: small, so valid-looking reads stay cheap.
 const FUZZ_DEVICE_BYTES: usize = 256 << 10;
+/// Most server output `fuzz_session` keeps for inspection.
+const FUZZ_OUTPUT_KEEP_BYTES: usize = 1 << 20;
 /// A session that does not finish in this time is a hang.
 const FUZZ_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -51,12 +53,13 @@ pub fn fuzz_parsers(data: &[u8]) {
 
 /// Plays `data` as everything a client sends on one connection (after the server greeting),
 /// against a server with one in-memory export named `fuzz` that is also the default.
-pub fn fuzz_session(data: &[u8]) {
+/// Returns what the server sent back (a bounded prefix), so tests can check a session got deep.
+pub fn fuzz_session(data: &[u8]) -> Vec<u8> {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     else {
-        return;
+        return Vec::new();
     };
     rt.block_on(async {
         let server = Server::new(ServerConfig {
@@ -80,7 +83,7 @@ pub fn fuzz_session(data: &[u8]) {
             })
             .is_err()
         {
-            return;
+            return Vec::new();
         }
         let _ = server.set_default_export(Some("fuzz".into()));
         let (client, server_side) = tokio::io::duplex(64 << 10);
@@ -92,22 +95,30 @@ pub fn fuzz_session(data: &[u8]) {
             let _ = wr.shutdown().await;
         };
         let drain = async move {
-            let mut sink = vec![0u8; 64 << 10];
-            while let Ok(n) = rd.read(&mut sink).await {
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = rd.read(&mut buf).await {
                 if n == 0 {
                     break;
                 }
+                // Keep only a bounded prefix; the rest is read and dropped.
+                let keep = n.min(FUZZ_OUTPUT_KEEP_BYTES.saturating_sub(out.len()));
+                out.extend_from_slice(&buf[..keep]);
             }
+            out
         };
         let all = async {
-            let (_, _, _) = tokio::join!(serve, feed, drain);
+            let (_, _, out) = tokio::join!(serve, feed, drain);
+            out
         };
-        let _ = tokio::time::timeout(FUZZ_SESSION_TIMEOUT, all).await;
-    });
+        tokio::time::timeout(FUZZ_SESSION_TIMEOUT, all)
+            .await
+            .unwrap_or_default()
+    })
 }
 
 /// Both of the above.
 pub fn fuzz_one(data: &[u8]) {
     fuzz_parsers(data);
-    fuzz_session(data);
+    let _ = fuzz_session(data);
 }

@@ -25,7 +25,33 @@ enum Pattern {
     RandWrite,
 }
 
-async fn run_row(member: Arc<FileMember>, pattern: Pattern, duration: Duration) -> (f64, f64) {
+/// CPU time (user + system) used so far by this process, all threads (io-wq workers included),
+/// from `/proc/self/stat`, in seconds. Under a loaded machine IOPS mostly measure how much CPU
+/// share an engine's threads win; CPU per operation measures the engine itself.
+fn process_cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / CLOCK_TICKS_PER_SEC
+}
+
+/// `sysconf(_SC_CLK_TCK)` on every Linux platform we run on.
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
+/// IOPS, p50 latency in microseconds, CPU microseconds per operation.
+async fn run_row(member: Arc<FileMember>, pattern: Pattern, duration: Duration) -> (f64, f64, f64) {
+    let cpu_before = process_cpu_secs();
     let ops = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + duration;
     let blocks = IMAGE_BYTES / BLOCK_BYTES as u64;
@@ -68,7 +94,9 @@ async fn run_row(member: Arc<FileMember>, pattern: Pattern, duration: Duration) 
     let p50_us = all
         .get(all.len() / 2)
         .map_or(0.0, |d| d.as_secs_f64() * 1e6);
-    (ops.load(Ordering::Relaxed) as f64 / secs, p50_us)
+    let total_ops = ops.load(Ordering::Relaxed) as f64;
+    let cpu_us_per_op = (process_cpu_secs() - cpu_before) * 1e6 / total_ops.max(1.0);
+    (total_ops / secs, p50_us, cpu_us_per_op)
 }
 
 fn main() {
@@ -94,8 +122,10 @@ fn main() {
         }
     };
     runtime.block_on(async {
-        // Fill the image so reads hit allocated blocks.
+        // Fill the image through O_DIRECT so reads hit allocated blocks and the page cache starts
+        // empty: a cached page in the range makes a NOWAIT direct write fall back to io-wq.
         let opts = FileOptions {
+            direct: true,
             create_size: Some(IMAGE_BYTES),
             engine: EngineChoice::Pool,
             ..FileOptions::default()
@@ -107,7 +137,9 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        let chunk = Bytes::from(vec![0xa5u8; 1 << 20]);
+        let mut chunk = AlignedBuf::zeroed(1 << 20);
+        chunk.fill(0xa5);
+        let chunk = chunk.into_bytes();
         for i in 0..(IMAGE_BYTES >> 20) {
             if let Err(e) = member.write_at(i << 20, chunk.clone()).await {
                 eprintln!("{e}");
@@ -125,7 +157,8 @@ fn main() {
             dir.path().display()
         );
         println!("{:<8} {:<9} {:<10} {:>10} {:>9} {:>12}", "engine", "mode", "pattern", "IOPS", "p50 us", "ops/enter");
-        for direct in [false, true] {
+        // Direct rows first, while the page cache holds none of the image.
+        for direct in [true, false] {
             for engine in [EngineChoice::Uring, EngineChoice::Pool] {
                 let opts = FileOptions {
                     direct,
@@ -139,12 +172,21 @@ fn main() {
                         continue;
                     }
                 };
+                if !direct {
+                    // Same starting point for both engines: the whole image in the page cache.
+                    for i in 0..(IMAGE_BYTES >> 20) {
+                        if let Err(e) = member.read_at(i << 20, 1 << 20).await {
+                            eprintln!("{e}");
+                            std::process::exit(1);
+                        }
+                    }
+                }
                 if direct && !member.direct() {
                     eprintln!("O_DIRECT refused by the filesystem of {}", dir.path().display());
                 }
                 for (pattern, pname) in [(Pattern::RandRead, "randread"), (Pattern::RandWrite, "randwrite")] {
                     let before = member.uring_stats();
-                    let (iops, p50) = run_row(Arc::clone(&member), pattern, Duration::from_secs(secs)).await;
+                    let (iops, p50, cpu_per_op) = run_row(Arc::clone(&member), pattern, Duration::from_secs(secs)).await;
                     let batch = match (before, member.uring_stats()) {
                         (Some(b), Some(a)) if a.enter_calls > b.enter_calls => format!(
                             "{:.2}",
@@ -153,12 +195,13 @@ fn main() {
                         _ => "-".to_string(),
                     };
                     println!(
-                        "{:<8} {:<9} {:<10} {:>10.0} {:>9.1} {:>12}",
+                        "{:<8} {:<9} {:<10} {:>10.0} {:>9.1} {:>10.1} {:>10}",
                         member.engine(),
                         if member.direct() { "direct" } else { "buffered" },
                         pname,
                         iops,
                         p50,
+                        cpu_per_op,
                         batch
                     );
                 }

@@ -4,9 +4,14 @@
 //! (P/Q and recovery), `superblock` (on-disk format), `bitmap` (write-intent bitmap), `assemble`
 //! (which member fills which slot). I/O: `io` (members), `array` (the running array).
 
+pub mod array;
 pub mod assemble;
 pub mod bitmap;
 pub mod io;
 pub mod layout;
 pub mod parity;
 pub mod superblock;
+
+pub use array::{Array, ArrayError, ArrayStatus, CreateOptions, MemberStatus, RebuildStatus, ScrubMode, ScrubReport};
+pub use layout::Level;
+pub use superblock::MemberState;

@@ -94,7 +94,7 @@ async fn random_writes_match_model(engine: EngineChoice, direct: bool) {
                 let mut data = vec![0u8; len];
                 rng.fill(&mut data[..]);
                 let bytes = if i % 4 == 0 {
-                    Bytes::from(AlignedBuf::copy_from(&data).into_bytes())
+                    AlignedBuf::copy_from(&data).into_bytes()
                 } else {
                     bytes_at_misalignment(&data, 1 + i % 511)
                 };

@@ -310,8 +310,9 @@ impl FileMember {
     /// The `O_DIRECT` descriptor if the range `offset..offset+len` may use it.
     fn direct_for(&self, offset: u64, len: usize) -> Option<&Arc<File>> {
         let direct = self.direct.as_ref()?;
-        let align = self.direct_align_bytes as u64;
-        (offset % align == 0 && len as u64 % align == 0).then_some(direct)
+        // `direct_align_bytes` is a power of two (checked when the descriptor was opened).
+        let mask = self.direct_align_bytes as u64 - 1;
+        (offset & mask == 0 && len as u64 & mask == 0).then_some(direct)
     }
 
     fn count(&self, direct: bool) {

@@ -1,0 +1,999 @@
+//! The journaled volume: writes are acknowledged once they are records in NVRAM; a flusher applies
+//! them to the [`Backing`] store in consistency points (CPs); recovery redoes what the store lacks.
+//!
+//! # State-machine logging
+//!
+//! Each write is a small transaction with the states *received → journaled → mirrored →
+//! acknowledged → applied*. Following the state-machine-logging design, the log holds the
+//! *state* reached at each transition (volume, offset, data), never code, and is written at the
+//! level of requests, not of RAID stripes. The transitions are recorded compactly:
+//!
+//! | transition | what is logged |
+//! | --- | --- |
+//! | received | nothing: a request not yet journaled was never acknowledged, so there is nothing to redo; the client resends it after a crash |
+//! | journaled | the WRITE / ZERO / TRIM record itself (seq S), persisted before anything else happens |
+//! | mirrored | a bit in a batched TRANSITION record: seq ranges the partner holds |
+//! | acknowledged | a batched TRANSITION record: seq ranges whose client got the reply |
+//! | applied | a CP record: every record with seq ≤ `applied_seq` is durable in the store; the store also keeps `applied_seq` in its superblocks |
+//!
+//! TRANSITION records are emitted at CPs, on `flush`, and when the pending set grows to
+//! [`TRANSITION_MAX_ENTRIES`] ranges, so they cost a fraction of a record per write. Recovery needs
+//! only two facts: a data record is *retired* when its seq ≤ `applied_seq` (the store's value or
+//! any CP record's, whichever is larger) and is skipped; every other intact data record is redone
+//! in seq order, acknowledged or not (an unacknowledged write that is redone is a write that
+//! happened before the crash, which NBD allows). The mirrored/acknowledged ranges are kept for the
+//! takeover path and for `dump`, which shows which in-flight transactions reached which state.
+//!
+//! # Concurrency
+//!
+//! One `std::sync::Mutex` guards the log cursor, the region and the dirty index; it is never held
+//! across an `.await`. Appends copy and persist under it, so records become persistent strictly in
+//! seq order and a crash can tear only the newest one (what the scan relies on). Reads copy dirty
+//! bytes out of NVRAM under the lock and read the gaps from the store after releasing it.
+//!
+//! A CP (one at a time, `cp_lock`) snapshots the index and the head, writes the snapshot to the
+//! store in stripe-aligned batches, flushes, stores `applied_seq`, persists the new tail in the
+//! region's control slot, frees the space, retires index entries with seq ≤ the CP's seq (entries
+//! overwritten during the CP have newer seqs and stay), and appends the CP record. Writers that
+//! find the log full wait on `space_freed` (back-pressure) after waking the flusher.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Notify;
+
+use crate::backing::Backing;
+use crate::error::{BackingError, JournalError};
+use crate::format::{
+    align_up, encode_transitions, CpPayload, RecordHeader, RecordKind, TransitionEntry,
+    TransitionState, RECORD_HEADER_BYTES, TRANSITION_ENTRY_BYTES, TRANSITION_MAX_ENTRIES,
+};
+use crate::index::{DirtyIndex, Extent, ExtentData};
+use crate::log::LogCursor;
+use crate::nvram::{Nvram, Region};
+use crate::pmem::{PersistMethod, PersistenceMode};
+use crate::scan::ScanReport;
+
+/// Log bytes writers leave free so that CP, TRANSITION and PAD records always fit.
+const CONTROL_RESERVE_BYTES: u64 =
+    4 * (RECORD_HEADER_BYTES as u64 + 8 + (TRANSITION_MAX_ENTRIES * TRANSITION_ENTRY_BYTES) as u64);
+
+/// Tuning of a journaled volume.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct VolumeConfig {
+    /// A CP runs at least this often while there are unapplied writes.
+    pub cp_interval_ms: u64,
+    /// A CP starts when the log is this full (percent of the region's log).
+    pub cp_fill_percent: u8,
+    /// Larger writes are split into records of at most this payload.
+    pub max_record_payload_bytes: u64,
+    /// A CP writes the store in batches of about this many bytes (rounded to stripes).
+    pub cp_batch_bytes: u64,
+    /// Start even when the log is damaged in the middle (records after the damage are lost).
+    pub discard_corrupt_log: bool,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        VolumeConfig {
+            cp_interval_ms: 1000,
+            cp_fill_percent: 50,
+            max_record_payload_bytes: 1024 * 1024,
+            cp_batch_bytes: 4 * 1024 * 1024,
+            discard_corrupt_log: false,
+        }
+    }
+}
+
+/// Whether the partner holds a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorOutcome {
+    Mirrored,
+    /// Partner down or link out: the write proceeds on local NVRAM alone.
+    NotMirrored,
+}
+
+/// Where the mirror ships records to the partner before a write returns.
+#[async_trait]
+pub trait MirrorHook: Send + Sync + 'static {
+    /// When false the journal does not copy records for shipping.
+    fn enabled(&self) -> bool;
+    /// Ships one encoded record that sits at `log_offset` of the own log; returns once the
+    /// partner has persisted it (or gave up).
+    async fn ship(&self, log_offset: u64, seq: u64, record: Bytes) -> MirrorOutcome;
+    /// The own log restarted (after recovery) at `tail_offset` with `tail_seq` in `generation`.
+    fn log_reset(&self, generation: u64, tail_offset: u64, tail_seq: u64);
+}
+
+/// No partner: nothing is shipped.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoMirror;
+
+#[async_trait]
+impl MirrorHook for NoMirror {
+    fn enabled(&self) -> bool {
+        false
+    }
+    async fn ship(&self, _log_offset: u64, _seq: u64, _record: Bytes) -> MirrorOutcome {
+        MirrorOutcome::NotMirrored
+    }
+    fn log_reset(&self, _generation: u64, _tail_offset: u64, _tail_seq: u64) {}
+}
+
+/// What recovery found and did at open.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RecoveryReport {
+    pub generation: u64,
+    pub scan: ScanReport,
+    pub backing_applied_seq: u64,
+    /// `applied_seq` used to skip retired records (store or CP record, the larger).
+    pub effective_applied_seq: u64,
+    pub replayed_records: u64,
+    pub replayed_bytes: u64,
+    pub skipped_retired_records: u64,
+    /// The scan ended on damage (torn or corrupt record), which was discarded.
+    pub damaged_tail_discarded: bool,
+    pub next_seq: u64,
+}
+
+/// A snapshot of the volume's journal state, for status output.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VolumeStatus {
+    pub volume_id: u64,
+    pub persistence: PersistenceMode,
+    pub persist_method: PersistMethod,
+    pub generation: u64,
+    pub log_bytes: u64,
+    pub log_used_bytes: u64,
+    pub next_seq: u64,
+    pub applied_seq: u64,
+    pub dirty_extents: u64,
+    pub dirty_bytes: u64,
+    pub cps_done: u64,
+    pub writer_waits: u64,
+    pub last_cp_error: Option<String>,
+}
+
+/// Sorted, merged inclusive seq ranges.
+#[derive(Debug, Default)]
+struct SeqRanges(Vec<(u64, u64)>);
+
+impl SeqRanges {
+    fn add(&mut self, seq: u64) {
+        let v = &mut self.0;
+        let i = v.partition_point(|&(a, _)| a <= seq);
+        if i > 0 && v[i - 1].1 >= seq {
+            return;
+        }
+        let joins_left = i > 0 && v[i - 1].1 + 1 == seq;
+        let joins_right = i < v.len() && v[i].0 == seq + 1;
+        match (joins_left, joins_right) {
+            (true, true) => {
+                v[i - 1].1 = v[i].1;
+                v.remove(i);
+            }
+            (true, false) => v[i - 1].1 = seq,
+            (false, true) => v[i].0 = seq,
+            (false, false) => v.insert(i, (seq, seq)),
+        }
+    }
+}
+
+/// A record that was appended and may need shipping.
+struct Shipped {
+    log_offset: u64,
+    seq: u64,
+    bytes: Bytes,
+}
+
+struct State {
+    region: Region,
+    cursor: LogCursor,
+    generation: u64,
+    index: DirtyIndex,
+    applied_seq: u64,
+    last_data_seq: u64,
+    acked: SeqRanges,
+    mirrored: SeqRanges,
+    cps_done: u64,
+    writer_waits: u64,
+    /// A writer found the log full since the last CP.
+    space_wanted: bool,
+    last_cp_error: Option<String>,
+}
+
+impl State {
+    /// Appends one record (and a PAD first when it must wrap); `None` when it does not fit
+    /// leaving `reserve` bytes. Returns the record's seq and log offset, plus the copies to ship.
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &mut self,
+        kind: RecordKind,
+        volume_id: u64,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        reserve: u64,
+        copy: bool,
+        ship: &mut Vec<Shipped>,
+    ) -> Result<Option<(u64, u64)>, JournalError> {
+        let total = RECORD_HEADER_BYTES as u64 + align_up(payload.len() as u64);
+        let Some(p) = self.cursor.place(total, reserve) else {
+            return Ok(None);
+        };
+        let mut seq = self.cursor.next_seq;
+        if let Some(pad_bytes) = p.pad_bytes {
+            let pad = RecordHeader {
+                kind: RecordKind::Pad,
+                generation: self.generation,
+                seq,
+                volume_id: 0,
+                offset: 0,
+                length: pad_bytes,
+                payload_bytes: 0,
+            }
+            .encode(&[]);
+            let at = self.cursor.head;
+            self.region.write_log(at, &pad);
+            self.region.persist_log(at, pad.len() as u64)?;
+            if copy {
+                ship.push(Shipped {
+                    log_offset: at,
+                    seq,
+                    bytes: Bytes::copy_from_slice(&pad),
+                });
+            }
+            seq += 1;
+        }
+        let header = RecordHeader {
+            kind,
+            generation: self.generation,
+            seq,
+            volume_id,
+            offset,
+            length,
+            payload_bytes: payload.len() as u32,
+        }
+        .encode(payload);
+        self.region.write_log(p.at, &header);
+        self.region
+            .write_log(p.at + RECORD_HEADER_BYTES as u64, payload);
+        let written = (RECORD_HEADER_BYTES + payload.len()) as u64;
+        self.region.persist_log(p.at, written)?;
+        let committed = self.cursor.commit(p, total);
+        debug_assert_eq!(committed, seq);
+        if copy {
+            ship.push(Shipped {
+                log_offset: p.at,
+                seq,
+                bytes: Bytes::copy_from_slice(self.region.log_slice(p.at, written)),
+            });
+        }
+        Ok(Some((seq, p.at)))
+    }
+
+    /// Appends TRANSITION records for the pending mirrored/acknowledged ranges (may use the
+    /// reserve). Keeps what does not fit for later.
+    fn emit_transitions(
+        &mut self,
+        volume_id: u64,
+        copy: bool,
+        ship: &mut Vec<Shipped>,
+    ) -> Result<(), JournalError> {
+        let mut entries: Vec<TransitionEntry> = Vec::new();
+        let take = |from: &mut SeqRanges, state, entries: &mut Vec<TransitionEntry>| {
+            let room = TRANSITION_MAX_ENTRIES - entries.len();
+            let n = from.0.len().min(room);
+            entries.extend(from.0.drain(..n).map(|(a, b)| TransitionEntry {
+                state,
+                first_seq: a,
+                last_seq: b,
+            }));
+        };
+        take(&mut self.mirrored, TransitionState::Mirrored, &mut entries);
+        take(&mut self.acked, TransitionState::Acknowledged, &mut entries);
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let payload = encode_transitions(&entries);
+        let appended = self.append(
+            RecordKind::Transition,
+            volume_id,
+            0,
+            0,
+            &payload,
+            0,
+            copy,
+            ship,
+        )?;
+        if appended.is_none() {
+            // Log completely full: put the ranges back in front (they were drained from the
+            // front, nothing was added since); they go out after the next CP.
+            let back = |state| {
+                entries
+                    .iter()
+                    .filter(move |e| e.state == state)
+                    .map(|e| (e.first_seq, e.last_seq))
+            };
+            let mirrored: Vec<_> = back(TransitionState::Mirrored).collect();
+            let acked: Vec<_> = back(TransitionState::Acknowledged).collect();
+            self.mirrored.0.splice(0..0, mirrored);
+            self.acked.0.splice(0..0, acked);
+        }
+        Ok(())
+    }
+}
+
+struct Shared<B: Backing> {
+    backing: B,
+    volume_id: u64,
+    size: u64,
+    config: VolumeConfig,
+    persistence: PersistenceMode,
+    state: Mutex<State>,
+    space_freed: Notify,
+    cp_wanted: Arc<Notify>,
+    cp_lock: tokio::sync::Mutex<()>,
+    mirror: Arc<dyn MirrorHook>,
+    closed: AtomicBool,
+}
+
+fn backing_err(op: &'static str, offset: u64) -> impl Fn(BackingError) -> JournalError {
+    move |e| JournalError::Backing {
+        op,
+        offset,
+        message: e.0,
+    }
+}
+
+impl<B: Backing> Shared<B> {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent at every unlock; a panic elsewhere must not wedge the
+        // volume, so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), JournalError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(JournalError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Appends a data record, waiting for log space when full; updates the dirty index.
+    async fn append_data(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        ship: &mut Vec<Shipped>,
+    ) -> Result<u64, JournalError> {
+        let copy = self.mirror.enabled();
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(JournalError::ShutDown);
+            }
+            let notified = self.space_freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                let appended = st.append(
+                    kind,
+                    self.volume_id,
+                    offset,
+                    length,
+                    payload,
+                    CONTROL_RESERVE_BYTES,
+                    copy,
+                    ship,
+                )?;
+                if let Some((seq, log_offset)) = appended {
+                    let data = match kind {
+                        RecordKind::Write => ExtentData::Nvram {
+                            log_offset: log_offset + RECORD_HEADER_BYTES as u64,
+                        },
+                        RecordKind::Zero => ExtentData::Zero,
+                        _ => ExtentData::Trim,
+                    };
+                    st.index.insert(
+                        offset,
+                        Extent {
+                            len: length,
+                            seq,
+                            data,
+                        },
+                    );
+                    st.last_data_seq = seq;
+                    let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
+                    if fill_percent >= u64::from(self.config.cp_fill_percent) {
+                        self.cp_wanted.notify_one();
+                    }
+                    return Ok(seq);
+                }
+                st.writer_waits += 1;
+                st.space_wanted = true;
+            }
+            self.cp_wanted.notify_one();
+            notified.await;
+        }
+    }
+
+    /// Ships records to the partner and records the acknowledged transitions of `data_seqs`.
+    async fn finish(&self, ship: Vec<Shipped>, data_seqs: &[u64]) -> Result<(), JournalError> {
+        let mut mirrored = Vec::new();
+        for s in ship {
+            if self.mirror.ship(s.log_offset, s.seq, s.bytes).await == MirrorOutcome::Mirrored {
+                mirrored.push(s.seq);
+            }
+        }
+        if data_seqs.is_empty() {
+            return Ok(());
+        }
+        let more = {
+            let mut st = self.lock();
+            for &s in &mirrored {
+                st.mirrored.add(s);
+            }
+            for &s in data_seqs {
+                st.acked.add(s);
+            }
+            let mut more = Vec::new();
+            if st.acked.0.len() + st.mirrored.0.len() >= TRANSITION_MAX_ENTRIES {
+                st.emit_transitions(self.volume_id, self.mirror.enabled(), &mut more)?;
+            }
+            more
+        };
+        for s in more {
+            self.mirror.ship(s.log_offset, s.seq, s.bytes).await;
+        }
+        Ok(())
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), JournalError> {
+        self.check_range(offset, data.len() as u64)?;
+        let mut ship = Vec::new();
+        let mut seqs = Vec::new();
+        let chunk = self.config.max_record_payload_bytes as usize;
+        let mut at = 0;
+        while at < data.len() {
+            let n = chunk.min(data.len() - at);
+            let seq = self
+                .append_data(
+                    RecordKind::Write,
+                    offset + at as u64,
+                    n as u64,
+                    &data[at..at + n],
+                    &mut ship,
+                )
+                .await?;
+            seqs.push(seq);
+            at += n;
+        }
+        self.finish(ship, &seqs).await
+    }
+
+    async fn write_range(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), JournalError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut ship = Vec::new();
+        let seq = self.append_data(kind, offset, len, &[], &mut ship).await?;
+        self.finish(ship, &[seq]).await
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, JournalError> {
+        self.check_range(offset, len)?;
+        let mut out = BytesMut::zeroed(len as usize);
+        let mut gaps = Vec::new();
+        let all_clean = {
+            let st = self.lock();
+            let pieces = st.index.lookup(offset, len);
+            let all_clean = matches!(pieces.as_slice(), [only] if only.data.is_none());
+            if !all_clean {
+                for p in pieces {
+                    let at = (p.offset - offset) as usize;
+                    match p.data {
+                        Some(ExtentData::Nvram { log_offset }) => out[at..at + p.len as usize]
+                            .copy_from_slice(st.region.log_slice(log_offset, p.len)),
+                        Some(ExtentData::Zero | ExtentData::Trim) => {}
+                        None => gaps.push(p),
+                    }
+                }
+            }
+            all_clean
+        };
+        if all_clean {
+            return self
+                .backing
+                .read(offset, len)
+                .await
+                .map_err(backing_err("read", offset));
+        }
+        for g in gaps {
+            let data = self
+                .backing
+                .read(g.offset, g.len)
+                .await
+                .map_err(backing_err("read", g.offset))?;
+            if data.len() as u64 != g.len {
+                return Err(JournalError::Backing {
+                    op: "read",
+                    offset: g.offset,
+                    message: format!("returned {} bytes, asked {}", data.len(), g.len),
+                });
+            }
+            let at = (g.offset - offset) as usize;
+            out[at..at + data.len()].copy_from_slice(&data);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn flush(&self) -> Result<(), JournalError> {
+        // Every acknowledged write is already persistent in NVRAM; record the acknowledged set.
+        let copy = self.mirror.enabled();
+        let mut ship = Vec::new();
+        self.lock()
+            .emit_transitions(self.volume_id, copy, &mut ship)?;
+        for s in ship {
+            self.mirror.ship(s.log_offset, s.seq, s.bytes).await;
+        }
+        Ok(())
+    }
+
+    /// Writes the snapshot to the store: adjacent extents of one kind are coalesced, and data runs
+    /// are cut only at stripe boundaries into batches of about `cp_batch_bytes`.
+    async fn apply_snapshot(&self, snapshot: &[(u64, Extent)]) -> Result<(), JournalError> {
+        let stripe = self.backing.stripe_bytes().max(1);
+        let batch = (self.config.cp_batch_bytes / stripe).max(1) * stripe;
+        let mut i = 0;
+        while i < snapshot.len() {
+            let (start, first) = snapshot[i];
+            let class = std::mem::discriminant(&first.data);
+            let mut end = start + first.len;
+            let mut j = i + 1;
+            while j < snapshot.len()
+                && snapshot[j].0 == end
+                && std::mem::discriminant(&snapshot[j].1.data) == class
+            {
+                end += snapshot[j].1.len;
+                j += 1;
+            }
+            match first.data {
+                ExtentData::Zero => self
+                    .backing
+                    .write_zeroes(start, end - start)
+                    .await
+                    .map_err(backing_err("write_zeroes", start))?,
+                ExtentData::Trim => self
+                    .backing
+                    .discard(start, end - start)
+                    .await
+                    .map_err(backing_err("discard", start))?,
+                ExtentData::Nvram { .. } => {
+                    let mut k = i;
+                    let mut at = start;
+                    while at < end {
+                        // `batch` is a multiple of `stripe`, so this cut is a stripe boundary
+                        // past `at`.
+                        let cut = ((at + batch) / stripe * stripe).min(end);
+                        let mut buf = BytesMut::with_capacity((cut - at) as usize);
+                        {
+                            let st = self.lock();
+                            while buf.len() < (cut - at) as usize {
+                                let (e_off, e) = snapshot[k];
+                                let ExtentData::Nvram { log_offset } = e.data else {
+                                    unreachable!("run holds only NVRAM extents");
+                                };
+                                let from = at + buf.len() as u64;
+                                let skip = from - e_off;
+                                let n = (e.len - skip).min(cut - from);
+                                buf.extend_from_slice(st.region.log_slice(log_offset + skip, n));
+                                if from + n == e_off + e.len {
+                                    k += 1;
+                                }
+                            }
+                        }
+                        self.backing
+                            .write(at, buf.freeze())
+                            .await
+                            .map_err(backing_err("write", at))?;
+                        at = cut;
+                    }
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Runs one consistency point; `Ok(false)` when there was nothing to do.
+    async fn run_cp(&self) -> Result<bool, JournalError> {
+        let _one_at_a_time = self.cp_lock.lock().await;
+        let (cp_seq, head, used, snapshot) = {
+            let st = self.lock();
+            let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
+            let pending_data = st.last_data_seq > st.applied_seq;
+            let wanted = st.space_wanted || fill_percent >= u64::from(self.config.cp_fill_percent);
+            if st.cursor.used == 0 || (!pending_data && !wanted) {
+                return Ok(false);
+            }
+            (
+                st.cursor.next_seq - 1,
+                st.cursor.head,
+                st.cursor.used,
+                st.index.snapshot(),
+            )
+        };
+        self.apply_snapshot(&snapshot).await?;
+        self.backing
+            .flush()
+            .await
+            .map_err(backing_err("flush", 0))?;
+        self.backing
+            .set_applied_seq(cp_seq)
+            .await
+            .map_err(backing_err("set_applied_seq", 0))?;
+        let copy = self.mirror.enabled();
+        let mut ship = Vec::new();
+        {
+            let mut st = self.lock();
+            let generation = st.generation;
+            st.region.write_control(generation, head, cp_seq + 1)?;
+            st.cursor.release(head, used);
+            st.space_wanted = false;
+            st.index.retire_through(cp_seq);
+            st.applied_seq = cp_seq;
+            st.cps_done += 1;
+            st.last_cp_error = None;
+            st.emit_transitions(self.volume_id, copy, &mut ship)?;
+            let cp = CpPayload {
+                applied_seq: cp_seq,
+                tail_offset: head,
+                tail_seq: cp_seq + 1,
+            }
+            .encode();
+            st.append(
+                RecordKind::Cp,
+                self.volume_id,
+                0,
+                0,
+                &cp,
+                0,
+                copy,
+                &mut ship,
+            )?;
+        }
+        self.space_freed.notify_waiters();
+        for s in ship {
+            self.mirror.ship(s.log_offset, s.seq, s.bytes).await;
+        }
+        Ok(true)
+    }
+}
+
+/// A volume whose writes go through the NVRAM journal into a [`Backing`] store.
+pub struct JournaledVolume<B: Backing> {
+    shared: Arc<Shared<B>>,
+    flusher: tokio::task::JoinHandle<()>,
+    recovery: RecoveryReport,
+}
+
+impl<B: Backing> std::fmt::Debug for JournaledVolume<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JournaledVolume")
+            .field("volume_id", &self.shared.volume_id)
+            .field("size", &self.shared.size)
+            .finish()
+    }
+}
+
+impl<B: Backing> Drop for JournaledVolume<B> {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.flusher.abort();
+    }
+}
+
+impl<B: Backing> JournaledVolume<B> {
+    /// Recovers and opens the volume without a partner mirror.
+    pub async fn open(
+        nvram: Nvram,
+        backing: B,
+        volume_id: u64,
+        config: VolumeConfig,
+    ) -> Result<JournaledVolume<B>, JournalError> {
+        Self::open_with_mirror(nvram, backing, volume_id, config, Arc::new(NoMirror)).await
+    }
+
+    /// Recovers (redoes intact records newer than the store's `applied_seq`, in order, then
+    /// marks them applied and starts an empty log) and starts serving with a flusher task.
+    pub async fn open_with_mirror(
+        mut nvram: Nvram,
+        backing: B,
+        volume_id: u64,
+        config: VolumeConfig,
+        mirror: Arc<dyn MirrorHook>,
+    ) -> Result<JournaledVolume<B>, JournalError> {
+        let mut region = nvram
+            .take_own()
+            .ok_or_else(|| JournalError::Config("the own region is already in use".into()))?;
+        let log_bytes = region.log_bytes();
+        let max_total = RECORD_HEADER_BYTES as u64 + align_up(config.max_record_payload_bytes);
+        if config.max_record_payload_bytes == 0
+            || config.max_record_payload_bytes > u64::from(u32::MAX)
+            || 2 * max_total + 2 * CONTROL_RESERVE_BYTES > log_bytes
+        {
+            return Err(JournalError::Config(format!(
+                "max_record_payload_bytes {} does not fit a log of {log_bytes} bytes \
+                 (needs log >= 2 x record + {} bytes)",
+                config.max_record_payload_bytes,
+                2 * CONTROL_RESERVE_BYTES
+            )));
+        }
+        if config.cp_fill_percent == 0 || config.cp_fill_percent > 100 {
+            return Err(JournalError::Config(format!(
+                "cp_fill_percent {} must be 1..=100",
+                config.cp_fill_percent
+            )));
+        }
+        let generation = nvram.generation();
+        let recovery = recover(&mut region, &backing, volume_id, generation, &config).await?;
+        mirror.log_reset(generation, 0, recovery.next_seq);
+        if recovery.damaged_tail_discarded {
+            tracing::warn!(
+                path = %nvram.path().display(),
+                stop = ?recovery.scan.stop,
+                offset = recovery.scan.stop_offset,
+                "NVRAM log ended on a damaged record; it was discarded, not applied"
+            );
+        }
+        let size = backing.size();
+        let shared = Arc::new(Shared {
+            backing,
+            volume_id,
+            size,
+            persistence: nvram.persistence(),
+            state: Mutex::new(State {
+                cursor: LogCursor::empty(log_bytes, 0, recovery.next_seq),
+                region,
+                generation,
+                index: DirtyIndex::new(),
+                applied_seq: recovery.next_seq - 1,
+                last_data_seq: 0,
+                acked: SeqRanges::default(),
+                mirrored: SeqRanges::default(),
+                cps_done: 0,
+                writer_waits: 0,
+                space_wanted: false,
+                last_cp_error: None,
+            }),
+            space_freed: Notify::new(),
+            cp_wanted: Arc::new(Notify::new()),
+            cp_lock: tokio::sync::Mutex::new(()),
+            mirror,
+            closed: AtomicBool::new(false),
+            config,
+        });
+        let flusher = tokio::spawn(flusher_loop(
+            Arc::downgrade(&shared),
+            Arc::clone(&shared.cp_wanted),
+            Duration::from_millis(shared.config.cp_interval_ms.max(1)),
+        ));
+        Ok(JournaledVolume {
+            shared,
+            flusher,
+            recovery,
+        })
+    }
+
+    /// What recovery found at open.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    pub fn size(&self) -> u64 {
+        self.shared.size
+    }
+
+    pub fn backing(&self) -> &B {
+        &self.shared.backing
+    }
+
+    /// Journals `data` at `offset`; returns once it is persistent in NVRAM (and shipped to the
+    /// partner when a mirror is configured). FUA needs nothing more.
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), JournalError> {
+        self.shared.write(offset, data).await
+    }
+
+    /// Journals a WRITE_ZEROES (a record without payload).
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), JournalError> {
+        self.shared.write_range(RecordKind::Zero, offset, len).await
+    }
+
+    /// Journals a TRIM (a record without payload); trimmed bytes read as zero until applied.
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), JournalError> {
+        self.shared.write_range(RecordKind::Trim, offset, len).await
+    }
+
+    /// Reads, overlaying the dirty index on the store.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, JournalError> {
+        self.shared.read(offset, len).await
+    }
+
+    /// FLUSH: completes at once (earlier writes are already in NVRAM); logs the batched
+    /// acknowledged transitions.
+    pub async fn flush(&self) -> Result<(), JournalError> {
+        self.shared.flush().await
+    }
+
+    /// Runs a consistency point now; `Ok(false)` when there was nothing to apply.
+    pub async fn checkpoint(&self) -> Result<bool, JournalError> {
+        self.shared.run_cp().await
+    }
+
+    pub fn status(&self) -> VolumeStatus {
+        let st = self.shared.lock();
+        VolumeStatus {
+            volume_id: self.shared.volume_id,
+            persistence: self.shared.persistence,
+            persist_method: st.region.persist_method(),
+            generation: st.generation,
+            log_bytes: st.cursor.log_bytes,
+            log_used_bytes: st.cursor.used,
+            next_seq: st.cursor.next_seq,
+            applied_seq: st.applied_seq,
+            dirty_extents: st.index.len() as u64,
+            dirty_bytes: st.index.dirty_bytes(),
+            cps_done: st.cps_done,
+            writer_waits: st.writer_waits,
+            last_cp_error: st.last_cp_error.clone(),
+        }
+    }
+
+    /// Applies everything (a final CP) and stops the flusher.
+    pub async fn close(self) -> Result<(), JournalError> {
+        let result = self.shared.run_cp().await;
+        self.flusher.abort();
+        result.map(|_| ())
+    }
+}
+
+/// Runs CPs on the timer and on demand. Holds the volume only weakly, so that dropping the
+/// volume closes the NVRAM file at once (a crash, as far as the journal is concerned).
+async fn flusher_loop<B: Backing>(
+    shared: std::sync::Weak<Shared<B>>,
+    wanted: Arc<Notify>,
+    interval: Duration,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = wanted.notified() => {}
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if let Err(e) = shared.run_cp().await {
+            tracing::warn!(volume = shared.volume_id, error = %e, "consistency point failed; will retry");
+            shared.lock().last_cp_error = Some(e.to_string());
+            drop(shared);
+            tokio::time::sleep(interval).await;
+        }
+    }
+}
+
+/// Recovery at open: scan, check, redo, mark applied, restart the log.
+async fn recover<B: Backing>(
+    region: &mut Region,
+    backing: &B,
+    volume_id: u64,
+    generation: u64,
+    config: &VolumeConfig,
+) -> Result<RecoveryReport, JournalError> {
+    let scan = region.scan();
+    let report = scan.report.clone();
+    if report.corrupt_mid_region() && !config.discard_corrupt_log {
+        let (later_offset, later_seq) = report.later_valid_record.unwrap_or_default();
+        return Err(JournalError::CorruptMidRegion {
+            region: region.name(),
+            offset: report.stop_offset,
+            expected_seq: report.last_seq + 1,
+            later_offset,
+            later_seq,
+        });
+    }
+    let backing_applied = backing
+        .applied_seq()
+        .await
+        .map_err(backing_err("applied_seq", 0))?;
+    let applied = backing_applied.max(report.cp_applied_seq.unwrap_or(0));
+    let replay = scan.replay_list(applied);
+    // Check everything before applying anything: never apply part of a log that is foreign.
+    let size = backing.size();
+    for r in &replay {
+        let h = &r.header;
+        if h.volume_id != volume_id {
+            return Err(JournalError::ForeignVolume {
+                region: region.name(),
+                seq: h.seq,
+                found: h.volume_id,
+                expected: volume_id,
+            });
+        }
+        let end = h.offset.checked_add(h.length);
+        let payload_ok = h.kind != RecordKind::Write || u64::from(h.payload_bytes) == h.length;
+        let inside = matches!(end, Some(e) if e <= size);
+        if !payload_ok || !inside {
+            return Err(JournalError::RecordOutOfRange {
+                seq: h.seq,
+                offset: h.offset,
+                end: end.unwrap_or(u64::MAX),
+                size,
+            });
+        }
+    }
+    let skipped = scan
+        .records
+        .iter()
+        .filter(|r| r.header.kind.is_data() && r.header.seq <= applied)
+        .count() as u64;
+    let mut replayed_bytes = 0;
+    for r in &replay {
+        let h = &r.header;
+        match h.kind {
+            RecordKind::Write => {
+                let data = Bytes::copy_from_slice(region.log_slice(r.payload_offset(), h.length));
+                backing
+                    .write(h.offset, data)
+                    .await
+                    .map_err(backing_err("replay write", h.offset))?;
+                replayed_bytes += h.length;
+            }
+            RecordKind::Zero => backing
+                .write_zeroes(h.offset, h.length)
+                .await
+                .map_err(backing_err("replay write_zeroes", h.offset))?,
+            _ => backing
+                .discard(h.offset, h.length)
+                .await
+                .map_err(backing_err("replay discard", h.offset))?,
+        }
+    }
+    let last_seq = report.last_seq.max(applied);
+    if !replay.is_empty() || last_seq > backing_applied {
+        backing.flush().await.map_err(backing_err("flush", 0))?;
+        backing
+            .set_applied_seq(last_seq)
+            .await
+            .map_err(backing_err("set_applied_seq", 0))?;
+    }
+    let next_seq = last_seq + 1;
+    region.write_control(generation, 0, next_seq)?;
+    Ok(RecoveryReport {
+        generation,
+        damaged_tail_discarded: !report.stop.is_clean_end(),
+        scan: report,
+        backing_applied_seq: backing_applied,
+        effective_applied_seq: applied,
+        replayed_records: replay.len() as u64,
+        replayed_bytes,
+        skipped_retired_records: skipped,
+        next_seq,
+    })
+}

@@ -1,0 +1,471 @@
+//! Behaviour of the journaled volume over an in-memory backing: overlay reads, CPs, stripe
+//! gathering, back-pressure, writes during a CP, recovery and its refusals.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use twinblock_journal::{
+    Backing, BackingError, JournalError, JournaledVolume, MemBacking, Nvram, NvramConfig,
+    VolumeConfig,
+};
+
+const VOLUME_BYTES: u64 = 1024 * 1024;
+const STRIPE_BYTES: u64 = 64 * 1024;
+
+fn nvram_cfg(dir: &Path, log_bytes: u64) -> NvramConfig {
+    NvramConfig {
+        path: dir.join("nvram.img"),
+        log_bytes_per_region: log_bytes,
+        ..NvramConfig::new(0, [3; 16])
+    }
+}
+
+fn quiet_cfg() -> VolumeConfig {
+    VolumeConfig {
+        cp_interval_ms: 3_600_000,
+        cp_fill_percent: 100,
+        max_record_payload_bytes: 64 * 1024,
+        ..VolumeConfig::default()
+    }
+}
+
+async fn open<B: Backing>(
+    dir: &Path,
+    log_bytes: u64,
+    backing: B,
+    cfg: VolumeConfig,
+) -> Result<JournaledVolume<B>, JournalError> {
+    let nv = Nvram::open(&nvram_cfg(dir, log_bytes))?;
+    JournaledVolume::open(nv, backing, 1, cfg).await
+}
+
+fn pattern(seed: u8, len: usize) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| seed.wrapping_add((i % 251) as u8))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+#[tokio::test]
+async fn reads_overlay_dirty_writes_on_backing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        .await
+        .unwrap();
+    vol.write(1000, pattern(1, 5000)).await.unwrap();
+    vol.write(3000, pattern(2, 100)).await.unwrap();
+    vol.write_zeroes(4000, 50).await.unwrap();
+    let got = vol.read(0, 8192).await.unwrap();
+    let mut want = vec![0u8; 8192];
+    want[1000..6000].copy_from_slice(&pattern(1, 5000));
+    want[3000..3100].copy_from_slice(&pattern(2, 100));
+    want[4000..4050].fill(0);
+    assert_eq!(&got[..], &want[..]);
+    assert!(
+        mem.contents()[..8192].iter().all(|&b| b == 0),
+        "nothing applied before a CP"
+    );
+    assert!(vol.checkpoint().await.unwrap());
+    assert_eq!(&mem.contents()[..8192], &want[..]);
+    assert_eq!(vol.read(0, 8192).await.unwrap(), Bytes::from(want));
+    let st = vol.status();
+    assert_eq!(st.dirty_extents, 0);
+    assert_eq!(mem.applied_seq().await.unwrap(), st.applied_seq);
+}
+
+#[tokio::test]
+async fn out_of_range_requests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = open(
+        dir.path(),
+        1 << 20,
+        MemBacking::new(VOLUME_BYTES, 1),
+        quiet_cfg(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        vol.write(VOLUME_BYTES - 10, pattern(0, 11)).await,
+        Err(JournalError::OutOfRange { .. })
+    ));
+    assert!(vol.read(u64::MAX - 1, 4).await.is_err());
+}
+
+#[tokio::test]
+async fn cp_gathers_full_stripes_from_scattered_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        .await
+        .unwrap();
+    // Two stripes written as 32 blocks of 4 KiB in a scrambled order.
+    let mut blocks: Vec<u64> = (0..32).collect();
+    blocks.sort_by_key(|b| (b * 7919) % 32);
+    for b in blocks {
+        vol.write(b * 4096, pattern(b as u8, 4096)).await.unwrap();
+    }
+    vol.checkpoint().await.unwrap();
+    let stats = mem.stats();
+    assert_eq!(stats.writes, 1, "one coalesced write for two stripes");
+    assert_eq!(stats.full_stripe_writes, 1);
+    for b in 0..32u64 {
+        let at = (b * 4096) as usize;
+        assert_eq!(&mem.contents()[at..at + 4096], &pattern(b as u8, 4096)[..]);
+    }
+}
+
+/// A backing whose writes wait for permits, to hold a CP in the middle.
+#[derive(Clone)]
+struct GatedBacking {
+    inner: MemBacking,
+    gate: Arc<Semaphore>,
+}
+
+#[async_trait]
+impl Backing for GatedBacking {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn stripe_bytes(&self) -> u64 {
+        self.inner.stripe_bytes()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
+        let permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|e| BackingError(e.to_string()))?;
+        permit.forget();
+        self.inner.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.inner.write_zeroes(offset, len).await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.inner.discard(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BackingError> {
+        self.inner.flush().await
+    }
+    async fn applied_seq(&self) -> Result<u64, BackingError> {
+        self.inner.applied_seq().await
+    }
+    async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
+        self.inner.set_applied_seq(seq).await
+    }
+}
+
+#[tokio::test]
+async fn writer_waits_for_cp_when_log_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, 4096);
+    let gate = Arc::new(Semaphore::new(0));
+    let backing = GatedBacking {
+        inner: mem.clone(),
+        gate: Arc::clone(&gate),
+    };
+    let cfg = VolumeConfig {
+        max_record_payload_bytes: 4096,
+        ..quiet_cfg()
+    };
+    let log_bytes = 64 * 1024;
+    let vol = Arc::new(open(dir.path(), log_bytes, backing, cfg).await.unwrap());
+    // Fill the log until a write blocks.
+    let mut written = 0u64;
+    loop {
+        let v = Arc::clone(&vol);
+        let at = written * 4096;
+        let w = tokio::spawn(async move { v.write(at, pattern((at / 4096) as u8, 4096)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if !w.is_finished() {
+            assert!(vol.status().writer_waits > 0);
+            assert!(
+                written >= 10,
+                "log of 64 KiB should take 10+ records, took {written}"
+            );
+            // The CP is stuck on the gate: the writer must still be waiting.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!w.is_finished(), "writer must wait while the log is full");
+            gate.add_permits(1000);
+            tokio::time::timeout(Duration::from_secs(5), w)
+                .await
+                .expect("writer released after CP")
+                .unwrap()
+                .unwrap();
+            break;
+        }
+        w.await.unwrap().unwrap();
+        written += 1;
+        assert!(written < 100, "log never filled");
+    }
+    for b in 0..=written {
+        let at = b * 4096;
+        assert_eq!(vol.read(at, 4096).await.unwrap(), pattern(b as u8, 4096));
+    }
+    assert!(vol.status().cps_done >= 1);
+}
+
+#[tokio::test]
+async fn writes_during_cp_are_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, 4096);
+    let gate = Arc::new(Semaphore::new(0));
+    let backing = GatedBacking {
+        inner: mem.clone(),
+        gate: Arc::clone(&gate),
+    };
+    let vol = Arc::new(
+        open(dir.path(), 1 << 20, backing, quiet_cfg())
+            .await
+            .unwrap(),
+    );
+    vol.write(0, pattern(1, 8192)).await.unwrap();
+    let v = Arc::clone(&vol);
+    let cp = tokio::spawn(async move { v.checkpoint().await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!cp.is_finished());
+    // Overwrite half of what the CP is applying.
+    vol.write(4096, pattern(2, 4096)).await.unwrap();
+    gate.add_permits(100);
+    assert!(cp.await.unwrap().unwrap());
+    let mut want = pattern(1, 8192).to_vec();
+    want[4096..].copy_from_slice(&pattern(2, 4096));
+    assert_eq!(vol.read(0, 8192).await.unwrap(), Bytes::from(want.clone()));
+    assert_eq!(vol.status().dirty_extents, 1, "the newer write stays dirty");
+    vol.checkpoint().await.unwrap();
+    assert_eq!(&mem.contents()[..8192], &want[..]);
+}
+
+#[tokio::test]
+async fn reopen_replays_unapplied_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    {
+        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+            .await
+            .unwrap();
+        vol.write(0, pattern(1, 4096)).await.unwrap();
+        vol.checkpoint().await.unwrap();
+        vol.write(4096, pattern(2, 200_000)).await.unwrap();
+        vol.trim(0, 100).await.unwrap();
+        vol.flush().await.unwrap();
+        // Crash: no CP.
+    }
+    mem.crash();
+    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        .await
+        .unwrap();
+    let r = vol.recovery();
+    assert_eq!(
+        r.replayed_records, 5,
+        "4 write records of <=64 KiB and a trim: {r:?}"
+    );
+    assert!(!r.damaged_tail_discarded, "{r:?}");
+    assert_eq!(vol.read(4096, 200_000).await.unwrap(), pattern(2, 200_000));
+    assert_eq!(
+        &vol.read(100, 3996).await.unwrap()[..],
+        &pattern(1, 4096)[100..]
+    );
+    // Recovery applied and marked everything; reopening again replays nothing.
+    drop(vol);
+    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        .await
+        .unwrap();
+    assert_eq!(vol.recovery().replayed_records, 0);
+    assert_eq!(vol.read(4096, 200_000).await.unwrap(), pattern(2, 200_000));
+}
+
+#[tokio::test]
+async fn retired_records_are_never_redone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    let last_seq = {
+        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+            .await
+            .unwrap();
+        vol.write(0, pattern(1, 4096)).await.unwrap();
+        vol.status().next_seq - 1
+    };
+    // The array already holds that transaction and something newer was written over it (e.g.
+    // by the partner during a takeover): the record must be skipped.
+    mem.write(0, pattern(9, 4096)).await.unwrap();
+    mem.flush().await.unwrap();
+    mem.set_applied_seq(last_seq).await.unwrap();
+    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        .await
+        .unwrap();
+    assert_eq!(vol.recovery().replayed_records, 0);
+    assert_eq!(vol.recovery().skipped_retired_records, 1);
+    assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(9, 4096));
+}
+
+/// Offset in the file of the own region's log (header area + control area).
+const OWN_LOG_FILE_OFFSET: usize = 4096 + 4096;
+
+#[tokio::test]
+async fn corrupt_record_mid_log_refuses_start_unless_discard_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    {
+        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+            .await
+            .unwrap();
+        for i in 0..3u64 {
+            vol.write(i * 4096, pattern(i as u8 + 1, 4096))
+                .await
+                .unwrap();
+        }
+    }
+    let path = dir.path().join("nvram.img");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Second record's payload (records are 64 + 4096 bytes).
+    bytes[OWN_LOG_FILE_OFFSET + 4160 + 64 + 10] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let e = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, JournalError::CorruptMidRegion { .. }), "{e}");
+    assert!(
+        mem.contents()[..3 * 4096].iter().all(|&b| b == 0),
+        "nothing applied"
+    );
+    let cfg = VolumeConfig {
+        discard_corrupt_log: true,
+        ..quiet_cfg()
+    };
+    let vol = open(dir.path(), 1 << 20, mem.clone(), cfg).await.unwrap();
+    let r = vol.recovery();
+    assert!(r.damaged_tail_discarded);
+    assert_eq!(r.replayed_records, 1);
+    assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(1, 4096));
+    assert!(vol.read(4096, 8192).await.unwrap().iter().all(|&b| b == 0));
+}
+
+#[tokio::test]
+async fn torn_last_record_is_discarded_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    {
+        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+            .await
+            .unwrap();
+        vol.write(0, pattern(1, 4096)).await.unwrap();
+        vol.write(4096, pattern(2, 4096)).await.unwrap();
+    }
+    let path = dir.path().join("nvram.img");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Tear the second record: its last 1000 payload bytes never made it.
+    let second = OWN_LOG_FILE_OFFSET + 4160;
+    bytes[second + 64 + 3096..second + 64 + 4096].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        .await
+        .unwrap();
+    let r = vol.recovery();
+    assert!(r.damaged_tail_discarded);
+    assert_eq!(r.replayed_records, 1);
+    assert_eq!(r.scan.stop_offset, 4160);
+    assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(1, 4096));
+    assert!(vol.read(4096, 4096).await.unwrap().iter().all(|&b| b == 0));
+}
+
+#[tokio::test]
+async fn records_of_another_volume_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    {
+        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+            .await
+            .unwrap();
+        vol.write(0, pattern(1, 4096)).await.unwrap();
+    }
+    let nv = Nvram::open(&nvram_cfg(dir.path(), 1 << 20)).unwrap();
+    let e = JournaledVolume::open(nv, mem.clone(), 2, quiet_cfg())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            JournalError::ForeignVolume {
+                found: 1,
+                expected: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn timer_and_fill_trigger_cps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    let cfg = VolumeConfig {
+        cp_interval_ms: 10,
+        ..quiet_cfg()
+    };
+    let vol = open(dir.path(), 1 << 20, mem.clone(), cfg).await.unwrap();
+    vol.write(0, pattern(5, 4096)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(vol.status().cps_done >= 1, "timer CP");
+    assert_eq!(&mem.contents()[..4096], &pattern(5, 4096)[..]);
+    drop(vol);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = VolumeConfig {
+        cp_fill_percent: 10,
+        ..quiet_cfg()
+    };
+    let vol = open(dir.path(), 1 << 20, mem.clone(), cfg).await.unwrap();
+    for i in 0..30u64 {
+        vol.write(i * 4096, pattern(6, 4096)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(vol.status().cps_done >= 1, "fill-threshold CP");
+}
+
+#[tokio::test]
+async fn dump_shows_records_cps_and_scan_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    {
+        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+            .await
+            .unwrap();
+        vol.write(0, pattern(1, 4096)).await.unwrap();
+        vol.checkpoint().await.unwrap();
+        vol.write(8192, pattern(2, 512)).await.unwrap();
+        vol.write_zeroes(65536, 1 << 16).await.unwrap();
+        vol.flush().await.unwrap();
+    }
+    let d = twinblock_journal::dump::dump_file(&dir.path().join("nvram.img")).unwrap();
+    let own = &d.regions[0];
+    let kinds: Vec<String> = own
+        .records
+        .iter()
+        .map(|r| format!("{:?}", r.kind))
+        .collect();
+    // After the CP the log holds: TRANSITION (ack of seq 1), CP, WRITE, ZERO, TRANSITION.
+    assert_eq!(
+        kinds,
+        ["Transition", "Cp", "Write", "Zero", "Transition"],
+        "{d}"
+    );
+    assert_eq!(own.cps.len(), 1);
+    assert_eq!(own.cps[0].applied_seq, 1);
+    assert!(own.scan.stop.is_clean_end());
+    let text = d.to_string();
+    assert!(text.contains("CP: applied through seq 1"), "{text}");
+    assert!(text.contains("Acknowledged"), "{text}");
+    assert!(d.to_json().contains("\"records_valid\": 5"));
+    assert_eq!(d.header.unwrap().node_id, 0);
+}
