@@ -1,6 +1,7 @@
 //! twinblock: the node. Config, volumes, the admin API, and the daemon's assembly of them.
 
 pub mod admin;
+pub mod arrays;
 pub mod config;
 pub mod device;
 pub mod logging;

@@ -5,17 +5,20 @@
 //! mistake is reported before anything is served; `Node::run` only binds and serves.
 
 use crate::admin::{self, AdminHandler, Request};
-use crate::config::{format_bytes, Config, VolumeConfig};
-use crate::device::MemberDevice;
+use crate::arrays::ArrayEntry;
+use crate::config::{format_bytes, Config, PersistenceMode, VolumeConfig};
+use crate::device::{ArrayBacking, ArrayDevice, JournaledDevice, MemberDevice};
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use serde::Serialize;
 use std::future::Future;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 use twinblock_nbd::{BlockDevice, Export, Server, ServerConfig};
 use twinblock_raid::io::file::{FileMember, FileOptions};
+use twinblock_journal::{JournaledVolume, Nvram, NvramConfig};
 use twinblock_raid::io::Member;
 
 /// What the admin API reports about one volume.
@@ -38,6 +41,9 @@ pub struct Node {
     config: Config,
     server: Server,
     volumes: Vec<VolumeInfo>,
+    arrays: BTreeMap<String, ArrayEntry>,
+    /// Journaled volumes by name, for status and the clean-shutdown checkpoint.
+    journaled: BTreeMap<String, Arc<JournaledDevice>>,
     started: Instant,
 }
 
@@ -49,11 +55,23 @@ impl Node {
                 .context("nbd.max_request does not fit in 32 bits")?,
             ..ServerConfig::default()
         });
-        let mut volumes = Vec::new();
-        for v in &config.volumes {
-            let (device, info) = open_volume(&config, v)
+        let mut arrays = BTreeMap::new();
+        for a in &config.arrays {
+            let entry = ArrayEntry::open(&config, a)
                 .await
-                .with_context(|| format!("volume `{}`", v.name))?;
+                .with_context(|| format!("array `{}`", a.name))?;
+            arrays.insert(a.name.clone(), entry);
+        }
+        let mut volumes = Vec::new();
+        let mut journaled = BTreeMap::new();
+        for v in &config.volumes {
+            let (device, info) = match &v.array {
+                None => open_volume(&config, v).await,
+                Some(a) => {
+                    open_array_volume(&config, v, &arrays[a.as_str()], &mut journaled).await
+                }
+            }
+            .with_context(|| format!("volume `{}`", v.name))?;
             server
                 .add_export(Export {
                     name: v.name.clone(),
@@ -81,6 +99,8 @@ impl Node {
             config,
             server,
             volumes,
+            arrays,
+            journaled,
             started: Instant::now(),
         }))
     }
@@ -157,7 +177,23 @@ impl Node {
                 Err(e) => tracing::warn!("listener task failed: {e}"),
             }
         }
+        self.close().await;
         Ok(())
+    }
+
+    /// Clean shutdown: apply every journal to its array, then mark the arrays clean. A failure
+    /// here loses nothing (the journal is replayed at the next start); it is only reported.
+    pub async fn close(&self) {
+        for (name, dev) in &self.journaled {
+            if let Err(e) = dev.volume().checkpoint().await {
+                tracing::warn!(volume = %name, "final consistency point failed (the journal will be replayed at next start): {e}");
+            }
+        }
+        for (name, a) in &self.arrays {
+            if let Err(e) = a.array.close().await {
+                tracing::warn!(array = %name, "array close failed: {e}");
+            }
+        }
     }
 
     fn status(&self) -> serde_json::Value {
@@ -169,11 +205,35 @@ impl Node {
             "uptime_s": self.started.elapsed().as_secs(),
             "nbd_listen": self.config.nbd.listen,
             "volumes": self.volumes.iter().map(|v| &v.name).collect::<Vec<_>>(),
+            "arrays": self.arrays.keys().collect::<Vec<_>>(),
+            "nvram": self.config.nvram.as_ref().map(|n| serde_json::json!({
+                "path": self.config.resolve(&n.path),
+                "persistence": n.persistence,
+            })),
         })
     }
 
     fn volume_json(&self, v: &VolumeInfo) -> serde_json::Value {
         let mut j = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
+        if let Some(a) = self.config.volumes.iter().find(|c| c.name == v.name).and_then(|c| c.array.as_ref()) {
+            if let Some(entry) = self.arrays.get(a) {
+                let st = entry.status();
+                j["state"] = serde_json::json!(if st.failed {
+                    "failed"
+                } else if st.degraded {
+                    "degraded"
+                } else {
+                    "optimal"
+                });
+                j["array"] = serde_json::to_value(&st).unwrap_or_default();
+            }
+        } else {
+            j["state"] = serde_json::json!("optimal");
+        }
+        if let Some(dev) = self.journaled.get(&v.name) {
+            j["journal"] = serde_json::to_value(dev.volume().status()).unwrap_or_default();
+            j["journal_recovery"] = serde_json::json!(format!("{:?}", dev.volume().recovery()));
+        }
         if let Some(stats) = self.server.export_stats(&v.name) {
             j["stats"] = serde_json::json!({
                 "connections_active": stats.connections_active,
@@ -192,6 +252,17 @@ impl Node {
     }
 }
 
+impl Node {
+    fn array(&self, name: &str) -> Result<&ArrayEntry, String> {
+        self.arrays.get(name).ok_or_else(|| {
+            format!(
+                "no array named `{name}` (arrays: {})",
+                self.arrays.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
 #[async_trait]
 impl AdminHandler for Node {
     async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
@@ -206,14 +277,102 @@ impl AdminHandler for Node {
                 .find(|v| v.name == name)
                 .map(|v| self.volume_json(v))
                 .ok_or_else(|| format!("no volume named `{name}`")),
-            Request::DiskFail { array, .. }
-            | Request::DiskRemove { array, .. }
-            | Request::DiskAdd { array, .. }
-            | Request::DiskReplace { array, .. }
-            | Request::ScrubStart { array, .. } => Err(format!("no array named `{array}`")),
-            Request::RebuildStatus | Request::ScrubStatus => Ok(serde_json::json!([])),
+            Request::DiskFail { array, disk } => self.array(&array)?.fail(&disk).await,
+            Request::DiskRemove { array, disk } => self.array(&array)?.remove(&disk).await,
+            Request::DiskAdd { array, path } => self.array(&array)?.add(&path).await,
+            Request::DiskReplace { array, old, new } => {
+                self.array(&array)?.replace(&old, &new).await
+            }
+            Request::RebuildStatus => Ok(serde_json::Value::Array(
+                self.arrays.values().map(|a| a.rebuild_json()).collect(),
+            )),
+            Request::ScrubStart { array, repair } => self.array(&array)?.start_scrub(repair),
+            Request::ScrubStatus => {
+                let mut out = Vec::new();
+                for a in self.arrays.values() {
+                    out.push(a.scrub_json().await);
+                }
+                Ok(serde_json::Value::Array(out))
+            }
         }
     }
+}
+
+/// A volume on an array, through the journal when the config says so.
+async fn open_array_volume(
+    config: &Config,
+    v: &VolumeConfig,
+    entry: &ArrayEntry,
+    journaled: &mut BTreeMap<String, Arc<JournaledDevice>>,
+) -> Result<(Arc<dyn BlockDevice>, VolumeInfo)> {
+    let array = entry.array.clone();
+    let st = array.status();
+    let mut info = VolumeInfo {
+        name: v.name.clone(),
+        description: v.description.clone().unwrap_or_else(|| {
+            format!("twinblock RAID {} volume on {}", st.level.code(), entry.name)
+        }),
+        kind: "array",
+        size: array.size(),
+        read_only: v.read_only,
+        backing: entry.name.clone(),
+        io_engine: entry.io_engine.to_string(),
+        direct_io: entry.direct_io,
+    };
+    if !v.journal {
+        return Ok((Arc::new(ArrayDevice::new(array, v.read_only)), info));
+    }
+    let Some(nv) = &config.nvram else {
+        bail!("journal = true needs an [nvram] section");
+    };
+    let path = config.resolve(&nv.path);
+    // Two regions (own, partner) share the file; leave room for the header and control slots.
+    const NVRAM_OVERHEAD_BYTES: u64 = 1 << 20;
+    let per_region = (nv.size.bytes().saturating_sub(NVRAM_OVERHEAD_BYTES) / 2) & !4095;
+    let nvram = Nvram::open(&NvramConfig {
+        path: path.clone(),
+        persistence: match nv.persistence {
+            PersistenceMode::None => twinblock_journal::PersistenceMode::None,
+            PersistenceMode::Msync => twinblock_journal::PersistenceMode::Msync,
+            PersistenceMode::Pmem => twinblock_journal::PersistenceMode::Pmem,
+        },
+        node_id: u32::from(config.node.id),
+        pair_id: *config.pair_id().as_bytes(),
+        log_bytes_per_region: per_region,
+        create_if_missing: true,
+    })
+    .with_context(|| format!("NVRAM file {}", path.display()))?;
+    let volume = JournaledVolume::open(
+        nvram,
+        ArrayBacking { array },
+        journal_volume_id(&v.name),
+        twinblock_journal::VolumeConfig {
+            cp_interval_ms: nv.cp_interval_ms,
+            ..Default::default()
+        },
+    )
+    .await
+    .with_context(|| format!("journal recovery from {}", path.display()))?;
+    let r = volume.recovery();
+    tracing::info!(
+        volume = %v.name,
+        replayed = r.replayed_records,
+        skipped_retired = r.skipped_retired_records,
+        damaged_tail_discarded = r.damaged_tail_discarded,
+        "journal recovered"
+    );
+    let dev = Arc::new(JournaledDevice::new(volume, v.read_only));
+    journaled.insert(v.name.clone(), dev.clone());
+    info.kind = "journaled-array";
+    Ok((dev, info))
+}
+
+/// A stable 64-bit id for a volume's journal records, from its name.
+fn journal_volume_id(name: &str) -> u64 {
+    // FNV-1a: stable across builds and platforms, unlike the std hasher.
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 async fn open_volume(

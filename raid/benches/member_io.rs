@@ -7,11 +7,13 @@
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use twinblock_raid::io::buf::AlignedBuf;
 use twinblock_raid::io::file::{EngineChoice, FileMember, FileOptions};
+use twinblock_raid::io::uring::UringStats;
 use twinblock_raid::io::Member;
 
 const IMAGE_BYTES: u64 = 256 << 20;
@@ -99,6 +101,112 @@ async fn run_row(member: Arc<FileMember>, pattern: Pattern, duration: Duration) 
     (total_ops / secs, p50_us, cpu_us_per_op)
 }
 
+type BenchResult<T> = Result<T, String>;
+
+/// Fill the image through O_DIRECT so reads hit allocated blocks and the page cache starts
+/// empty: a cached page in the range makes a NOWAIT direct write fall back to io-wq.
+async fn fill_image(path: &Path) -> BenchResult<()> {
+    let opts = FileOptions {
+        direct: true,
+        create_size: Some(IMAGE_BYTES),
+        engine: EngineChoice::Pool,
+        ..FileOptions::default()
+    };
+    let member = FileMember::open(path, &opts).map_err(|e| e.to_string())?;
+    let mut chunk = AlignedBuf::zeroed(1 << 20);
+    chunk.fill(0xa5);
+    let chunk = chunk.into_bytes();
+    for i in 0..(IMAGE_BYTES >> 20) {
+        member
+            .write_at(i << 20, chunk.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    member.sync().await.map_err(|e| e.to_string())
+}
+
+/// Read the whole image once so it sits in the page cache.
+async fn warm_cache(member: &FileMember) -> BenchResult<()> {
+    for i in 0..(IMAGE_BYTES >> 20) {
+        member
+            .read_at(i << 20, 1 << 20)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn batch_ratio(before: Option<UringStats>, after: Option<UringStats>) -> String {
+    match (before, after) {
+        (Some(b), Some(a)) if a.enter_calls > b.enter_calls => {
+            let ops = (a.ops_submitted - b.ops_submitted) as f64;
+            format!("{:.2}", ops / (a.enter_calls - b.enter_calls) as f64)
+        }
+        _ => "-".to_string(),
+    }
+}
+
+async fn bench(path: &Path, secs: u64) -> BenchResult<()> {
+    fill_image(path).await?;
+    println!(
+        "member_io: 4 KiB random I/O, depth {QUEUE_DEPTH}, {} MiB image at {}, {secs} s per row",
+        IMAGE_BYTES >> 20,
+        path.display()
+    );
+    println!(
+        "{:<8} {:<9} {:<10} {:>10} {:>9} {:>10} {:>10}",
+        "engine", "mode", "pattern", "IOPS", "p50 us", "CPU us/op", "ops/enter"
+    );
+    // Direct rows first, while the page cache holds none of the image.
+    for direct in [true, false] {
+        for engine in [EngineChoice::Uring, EngineChoice::Pool] {
+            let opts = FileOptions {
+                direct,
+                engine,
+                ..FileOptions::default()
+            };
+            let member = match FileMember::open(path, &opts) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("skipping {engine:?} direct={direct}: {e}");
+                    continue;
+                }
+            };
+            if direct && !member.direct() {
+                eprintln!("O_DIRECT refused for {}", path.display());
+            }
+            if !direct {
+                // Same starting point for both engines.
+                warm_cache(&member).await?;
+            }
+            let patterns = [
+                (Pattern::RandRead, "randread"),
+                (Pattern::RandWrite, "randwrite"),
+            ];
+            for (pattern, name) in patterns {
+                let before = member.uring_stats();
+                let row = Arc::clone(&member);
+                let (iops, p50, cpu) = run_row(row, pattern, Duration::from_secs(secs)).await;
+                println!(
+                    "{:<8} {:<9} {:<10} {:>10.0} {:>9.1} {:>10.1} {:>10}",
+                    member.engine(),
+                    if member.direct() {
+                        "direct"
+                    } else {
+                        "buffered"
+                    },
+                    name,
+                    iops,
+                    p50,
+                    cpu,
+                    batch_ratio(before, member.uring_stats())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let dir =
         std::env::var("MEMBER_IO_DIR").unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").to_string());
@@ -106,106 +214,15 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_SECS_PER_ROW);
-    let dir = match tempfile::tempdir_in(&dir) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("cannot create a temporary directory in {dir}: {e}");
-            std::process::exit(1);
-        }
-    };
-    let path = dir.path().join("member_io.img");
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start tokio: {e}");
-            std::process::exit(1);
-        }
-    };
-    runtime.block_on(async {
-        // Fill the image through O_DIRECT so reads hit allocated blocks and the page cache starts
-        // empty: a cached page in the range makes a NOWAIT direct write fall back to io-wq.
-        let opts = FileOptions {
-            direct: true,
-            create_size: Some(IMAGE_BYTES),
-            engine: EngineChoice::Pool,
-            ..FileOptions::default()
-        };
-        let member = match FileMember::open(&path, &opts) {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("{e}");
-                std::process::exit(1);
-            }
-        };
-        let mut chunk = AlignedBuf::zeroed(1 << 20);
-        chunk.fill(0xa5);
-        let chunk = chunk.into_bytes();
-        for i in 0..(IMAGE_BYTES >> 20) {
-            if let Err(e) = member.write_at(i << 20, chunk.clone()).await {
-                eprintln!("{e}");
-                std::process::exit(1);
-            }
-        }
-        if let Err(e) = member.sync().await {
-            eprintln!("{e}");
-        }
-        drop(member);
-
-        println!(
-            "member_io: 4 KiB random I/O, depth {QUEUE_DEPTH}, {} MiB image in {}, {secs} s per row",
-            IMAGE_BYTES >> 20,
-            dir.path().display()
-        );
-        println!("{:<8} {:<9} {:<10} {:>10} {:>9} {:>12}", "engine", "mode", "pattern", "IOPS", "p50 us", "ops/enter");
-        // Direct rows first, while the page cache holds none of the image.
-        for direct in [true, false] {
-            for engine in [EngineChoice::Uring, EngineChoice::Pool] {
-                let opts = FileOptions {
-                    direct,
-                    engine,
-                    ..FileOptions::default()
-                };
-                let member = match FileMember::open(&path, &opts) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        eprintln!("skipping {engine:?} direct={direct}: {e}");
-                        continue;
-                    }
-                };
-                if !direct {
-                    // Same starting point for both engines: the whole image in the page cache.
-                    for i in 0..(IMAGE_BYTES >> 20) {
-                        if let Err(e) = member.read_at(i << 20, 1 << 20).await {
-                            eprintln!("{e}");
-                            std::process::exit(1);
-                        }
-                    }
-                }
-                if direct && !member.direct() {
-                    eprintln!("O_DIRECT refused by the filesystem of {}", dir.path().display());
-                }
-                for (pattern, pname) in [(Pattern::RandRead, "randread"), (Pattern::RandWrite, "randwrite")] {
-                    let before = member.uring_stats();
-                    let (iops, p50, cpu_per_op) = run_row(Arc::clone(&member), pattern, Duration::from_secs(secs)).await;
-                    let batch = match (before, member.uring_stats()) {
-                        (Some(b), Some(a)) if a.enter_calls > b.enter_calls => format!(
-                            "{:.2}",
-                            (a.ops_submitted - b.ops_submitted) as f64 / (a.enter_calls - b.enter_calls) as f64
-                        ),
-                        _ => "-".to_string(),
-                    };
-                    println!(
-                        "{:<8} {:<9} {:<10} {:>10.0} {:>9.1} {:>10.1} {:>10}",
-                        member.engine(),
-                        if member.direct() { "direct" } else { "buffered" },
-                        pname,
-                        iops,
-                        p50,
-                        cpu_per_op,
-                        batch
-                    );
-                }
-            }
-        }
-    });
+    let result = tempfile::tempdir_in(&dir)
+        .map_err(|e| format!("cannot create a temporary directory in {dir}: {e}"))
+        .and_then(|tmp| {
+            let runtime =
+                tokio::runtime::Runtime::new().map_err(|e| format!("cannot start tokio: {e}"))?;
+            runtime.block_on(bench(&tmp.path().join("member_io.img"), secs))
+        });
+    if let Err(e) = result {
+        eprintln!("member_io: {e}");
+        std::process::exit(1);
+    }
 }

@@ -51,10 +51,22 @@ fn main() {
             gen_pq_with(GfKernel::RsCrate, black_box(&refs), &mut p, Some(&mut q));
             black_box(&q);
         });
-        println!("{DATA_CHUNKS} data chunks x {} KiB, one core:", chunk_bytes >> 10);
+        println!(
+            "{DATA_CHUNKS} data chunks x {} KiB, one core:",
+            chunk_bytes >> 10
+        );
         println!("  memcpy             {memcpy:7.2} GB/s");
-        println!("  P (xor)            {p_only:7.2} GB/s  {:.2}x memcpy", p_only / memcpy);
-        println!("  P+Q lanes kernel   {pq_lanes:7.2} GB/s  {:.2}x memcpy", pq_lanes / memcpy);
-        println!("  P+Q rs-erasure     {pq_rs:7.2} GB/s  {:.2}x memcpy", pq_rs / memcpy);
+        println!(
+            "  P (xor)            {p_only:7.2} GB/s  {:.2}x memcpy",
+            p_only / memcpy
+        );
+        println!(
+            "  P+Q lanes kernel   {pq_lanes:7.2} GB/s  {:.2}x memcpy",
+            pq_lanes / memcpy
+        );
+        println!(
+            "  P+Q rs-erasure     {pq_rs:7.2} GB/s  {:.2}x memcpy",
+            pq_rs / memcpy
+        );
     }
 }

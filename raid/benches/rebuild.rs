@@ -37,7 +37,10 @@ async fn sequential_read(sources: &[Arc<dyn Member>]) -> f64 {
     let jobs = sources.iter().map(|m| async move {
         let mut off = DATA_OFFSET_BYTES;
         while off < DATA_OFFSET_BYTES + DATA_BYTES_PER_MEMBER {
-            let b = m.read_at(off, REBUILD_BATCH_BYTES as usize).await.expect("read");
+            let b = m
+                .read_at(off, REBUILD_BATCH_BYTES as usize)
+                .await
+                .expect("read");
             std::hint::black_box(b);
             off += REBUILD_BATCH_BYTES;
         }
@@ -47,12 +50,16 @@ async fn sequential_read(sources: &[Arc<dyn Member>]) -> f64 {
 }
 
 async fn bench(level: Level, dir: &std::path::Path) {
-    let paths: Vec<_> = (0..=MEMBERS).map(|i| dir.join(format!("bench{i}.img"))).collect();
+    let paths: Vec<_> = (0..=MEMBERS)
+        .map(|i| dir.join(format!("bench{i}.img")))
+        .collect();
     for p in &paths {
         let _ = std::fs::remove_file(p);
     }
     let members: Vec<Arc<dyn Member>> = paths[..MEMBERS].iter().map(|p| open(p)).collect();
-    let a = Array::create("bench", level, CHUNK_BYTES, members.clone(), vec![]).await.expect("create");
+    let a = Array::create("bench", level, CHUNK_BYTES, members.clone(), vec![])
+        .await
+        .expect("create");
     let stripe = a.stripe_bytes() as usize;
     let piece = (4 << 20) / stripe * stripe;
     let buf = Bytes::from((0..piece).map(|i| (i * 13) as u8).collect::<Vec<u8>>());
@@ -86,7 +93,11 @@ async fn bench(level: Level, dir: &std::path::Path) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let dir = match std::env::var_os("TWINBLOCK_BENCH_DIR") {
         Some(d) => std::path::PathBuf::from(d),
         None => std::env::temp_dir(),

@@ -21,8 +21,8 @@ use crate::io::Member;
 use crate::layout::{ChunkRole, Extent, Geometry, LayoutError, Level};
 use crate::parity::{self, RowBufs};
 use crate::superblock::{
-    BitmapGeometry, MemberEntry, MemberState, RebuildCheckpoint, Role, Superblock,
-    SuperblockError, DATA_OFFSET_BYTES, NAME_BYTES, SUPERBLOCK_BYTES,
+    BitmapGeometry, MemberEntry, MemberState, RebuildCheckpoint, Role, Superblock, SuperblockError,
+    DATA_OFFSET_BYTES, NAME_BYTES, SUPERBLOCK_BYTES,
 };
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{join_all, try_join_all};
@@ -49,25 +49,56 @@ pub enum ArrayError {
     #[error("array {array}: {source}")]
     Layout { array: String, source: LayoutError },
     #[error(transparent)]
-    Assemble(#[from] AssembleError),
+    Assemble(Box<AssembleError>),
     #[error("array {array}: member {member}: {op} failed: {source}")]
-    MemberIo { array: String, member: String, op: &'static str, source: io::Error },
+    MemberIo {
+        array: String,
+        member: String,
+        op: &'static str,
+        source: io::Error,
+    },
     #[error("array {array}: member {member}: {source}")]
-    MemberSuperblock { array: String, member: String, source: SuperblockError },
+    MemberSuperblock {
+        array: String,
+        member: String,
+        source: SuperblockError,
+    },
     #[error("array {array} has failed ({detail}); I/O is refused so no wrong data is returned")]
     Failed { array: String, detail: String },
-    #[error("array {array}: request at offset {offset} length {len} passes the end ({size} bytes)")]
-    OutOfRange { array: String, offset: u64, len: u64, size: u64 },
+    #[error(
+        "array {array}: request at offset {offset} length {len} passes the end ({size} bytes)"
+    )]
+    OutOfRange {
+        array: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
     #[error("array {array}: {what}")]
     Invalid { array: String, what: String },
-    #[error("array {array}: member {member} has {size_bytes} bytes, at least {need_bytes} are needed")]
-    MemberTooSmall { array: String, member: String, size_bytes: u64, need_bytes: u64 },
+    #[error(
+        "array {array}: member {member} has {size_bytes} bytes, at least {need_bytes} are needed"
+    )]
+    MemberTooSmall {
+        array: String,
+        member: String,
+        size_bytes: u64,
+        need_bytes: u64,
+    },
+}
+
+impl From<AssembleError> for ArrayError {
+    fn from(e: AssembleError) -> ArrayError {
+        ArrayError::Assemble(Box::new(e))
+    }
 }
 
 impl From<ArrayError> for io::Error {
     fn from(e: ArrayError) -> io::Error {
         let kind = match &e {
-            ArrayError::OutOfRange { .. } | ArrayError::Invalid { .. } => io::ErrorKind::InvalidInput,
+            ArrayError::OutOfRange { .. } | ArrayError::Invalid { .. } => {
+                io::ErrorKind::InvalidInput
+            }
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
@@ -233,7 +264,10 @@ pub struct Array {
 
 impl std::fmt::Debug for Array {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Array").field("name", &self.inner.name).field("geo", &self.inner.geo).finish()
+        f.debug_struct("Array")
+            .field("name", &self.inner.name)
+            .field("geo", &self.inner.geo)
+            .finish()
     }
 }
 
@@ -249,7 +283,15 @@ impl Array {
         members: Vec<Arc<dyn Member>>,
         spares: Vec<Arc<dyn Member>>,
     ) -> Result<Array> {
-        Self::create_with(name, level, chunk_bytes, members, spares, CreateOptions::default()).await
+        Self::create_with(
+            name,
+            level,
+            chunk_bytes,
+            members,
+            spares,
+            CreateOptions::default(),
+        )
+        .await
     }
 
     /// [`Array::create`] with options.
@@ -261,7 +303,10 @@ impl Array {
         spares: Vec<Arc<dyn Member>>,
         opts: CreateOptions,
     ) -> Result<Array> {
-        let invalid = |what: String| ArrayError::Invalid { array: name.to_string(), what };
+        let invalid = |what: String| ArrayError::Invalid {
+            array: name.to_string(),
+            what,
+        };
         if name.is_empty() || name.len() > NAME_BYTES {
             return Err(invalid(format!("name must be 1..={NAME_BYTES} bytes")));
         }
@@ -286,9 +331,21 @@ impl Array {
                 });
             }
         }
-        let geo = Geometry::new(level, members.len(), chunk_bytes, usable.saturating_sub(DATA_OFFSET_BYTES))
-            .map_err(|source| ArrayError::Layout { array: name.to_string(), source })?;
-        let bgeo = bitmap::geometry(geo.member_data_bytes(), chunk_bytes, opts.bitmap_region_bytes);
+        let geo = Geometry::new(
+            level,
+            members.len(),
+            chunk_bytes,
+            usable.saturating_sub(DATA_OFFSET_BYTES),
+        )
+        .map_err(|source| ArrayError::Layout {
+            array: name.to_string(),
+            source,
+        })?;
+        let bgeo = bitmap::geometry(
+            geo.member_data_bytes(),
+            chunk_bytes,
+            opts.bitmap_region_bytes,
+        );
         let slots = members
             .into_iter()
             .map(|m| Slot {
@@ -299,7 +356,13 @@ impl Array {
                 resync: None,
             })
             .collect();
-        let spares = spares.into_iter().map(|m| Spare { member: m, dev_uuid: Uuid::new_v4() }).collect();
+        let spares = spares
+            .into_iter()
+            .map(|m| Spare {
+                member: m,
+                dev_uuid: Uuid::new_v4(),
+            })
+            .collect();
         let meta = Meta {
             slots,
             spares,
@@ -309,14 +372,27 @@ impl Array {
             rebuild: None,
             failed: None,
         };
-        let inner = Arc::new(Inner::new(name.to_string(), Uuid::new_v4(), geo, DATA_OFFSET_BYTES, bgeo, meta, Bitmap::new(bgeo)));
+        let inner = Arc::new(Inner::new(
+            name.to_string(),
+            Uuid::new_v4(),
+            geo,
+            DATA_OFFSET_BYTES,
+            bgeo,
+            meta,
+            Bitmap::new(bgeo),
+        ));
         // Empty bitmap on every member, blank data areas, then the superblocks.
         let bm_len = inner.with_bitmap(|b| b.stored_len());
         let zeros = Bytes::from(vec![0u8; bm_len as usize]);
         let targets = inner.all_devices();
         if !opts.assume_clean {
             let area = geo.member_data_bytes();
-            let results = join_all(targets.iter().map(|(m, _)| m.discard(DATA_OFFSET_BYTES, area))).await;
+            let results = join_all(
+                targets
+                    .iter()
+                    .map(|(m, _)| m.discard(DATA_OFFSET_BYTES, area)),
+            )
+            .await;
             for ((m, _), r) in targets.iter().zip(results) {
                 r.map_err(|source| ArrayError::MemberIo {
                     array: name.to_string(),
@@ -327,12 +403,14 @@ impl Array {
             }
         }
         for (m, _) in &targets {
-            m.write_at(bgeo.offset, zeros.clone()).await.map_err(|source| ArrayError::MemberIo {
-                array: name.to_string(),
-                member: m.name().to_string(),
-                op: "bitmap write",
-                source,
-            })?;
+            m.write_at(bgeo.offset, zeros.clone())
+                .await
+                .map_err(|source| ArrayError::MemberIo {
+                    array: name.to_string(),
+                    member: m.name().to_string(),
+                    op: "bitmap write",
+                    source,
+                })?;
         }
         inner.write_superblocks_strict().await?;
         Ok(Array { inner })
@@ -359,8 +437,16 @@ impl Array {
         }
         let plan = assemble::plan(&candidates)?;
         let sb = &plan.superblock;
-        let geo = Geometry::new(sb.level, sb.member_count as usize, sb.chunk_bytes, sb.member_data_bytes)
-            .map_err(|source| ArrayError::Layout { array: sb.name.clone(), source })?;
+        let geo = Geometry::new(
+            sb.level,
+            sb.member_count as usize,
+            sb.chunk_bytes,
+            sb.member_data_bytes,
+        )
+        .map_err(|source| ArrayError::Layout {
+            array: sb.name.clone(),
+            source,
+        })?;
         let mut events = sb.events;
         let mut changed = false;
         let mut slots = Vec::with_capacity(plan.slots.len());
@@ -382,7 +468,13 @@ impl Array {
                         }
                         s => (s, sp.left_events),
                     };
-                    Slot { member: None, dev_uuid: sp.dev_uuid, state, left_events: left, resync: None }
+                    Slot {
+                        member: None,
+                        dev_uuid: sp.dev_uuid,
+                        state,
+                        left_events: left,
+                        resync: None,
+                    }
                 }
                 SlotStart::BitmapResync => Slot {
                     member,
@@ -423,16 +515,29 @@ impl Array {
             .iter()
             .filter_map(|&i| {
                 let dev = candidates[i].superblock.as_ref().ok()?.dev_uuid;
-                Some(Spare { member: members[i].clone(), dev_uuid: dev })
+                Some(Spare {
+                    member: members[i].clone(),
+                    dev_uuid: dev,
+                })
             })
             .collect();
         // The bitmap from a member that is active and current.
         let bgeo = sb.bitmap;
         let mut bm = Bitmap::new(bgeo);
-        if let Some(src) = slots.iter().find(|s| s.state == MemberState::Active).and_then(|s| s.member.clone()) {
-            let stored = src.read_at(bgeo.offset, bm.stored_len() as usize).await.map_err(|source| {
-                ArrayError::MemberIo { array: sb.name.clone(), member: src.name().to_string(), op: "bitmap read", source }
-            })?;
+        if let Some(src) = slots
+            .iter()
+            .find(|s| s.state == MemberState::Active)
+            .and_then(|s| s.member.clone())
+        {
+            let stored = src
+                .read_at(bgeo.offset, bm.stored_len() as usize)
+                .await
+                .map_err(|source| ArrayError::MemberIo {
+                    array: sb.name.clone(),
+                    member: src.name().to_string(),
+                    op: "bitmap read",
+                    source,
+                })?;
             bm = Bitmap::from_bytes(bgeo, &stored);
         }
         let meta = Meta {
@@ -444,7 +549,15 @@ impl Array {
             rebuild: sb.rebuild,
             failed: None,
         };
-        let inner = Arc::new(Inner::new(sb.name.clone(), sb.array_uuid, geo, sb.data_offset, bgeo, meta, bm));
+        let inner = Arc::new(Inner::new(
+            sb.name.clone(),
+            sb.array_uuid,
+            geo,
+            sb.data_offset,
+            bgeo,
+            meta,
+            bm,
+        ));
         inner.write_superblocks().await;
         inner.check_failed()?;
         if plan.unclean && geo.level != Level::Raid0 {
@@ -456,7 +569,9 @@ impl Array {
                     let (r0, r1) = inner.region_rows(*r);
                     inner.scrub_rows(r0, r1, ScrubMode::Repair).await?;
                 }
-                inner.unclean_resync_regions.fetch_add(regions.len() as u64, Ordering::SeqCst);
+                inner
+                    .unclean_resync_regions
+                    .fetch_add(regions.len() as u64, Ordering::SeqCst);
                 tracing::info!(array = %sb.name, regions = regions.len(), "resynced dirty regions after unclean shutdown");
             }
         }
@@ -503,7 +618,9 @@ impl Array {
     /// Writes several (offset, data) pieces concurrently: for a flusher that gathered full
     /// stripes (each aligned to [`Array::stripe_bytes`]) so RAID 5/6 skips read-modify-write.
     pub async fn write_stripes(&self, writes: Vec<(u64, Bytes)>) -> Result<()> {
-        try_join_all(writes.into_iter().map(|(o, d)| self.inner.write(o, d))).await.map(|_| ())
+        try_join_all(writes.into_iter().map(|(o, d)| self.inner.write(o, d)))
+            .await
+            .map(|_| ())
     }
 
     /// Makes all completed writes durable on every member, then clears idle bitmap bits.
@@ -543,7 +660,9 @@ impl Array {
     /// Marks the member in `slot` faulty (like an I/O error would); a hot spare takes over.
     pub async fn fail_member(&self, slot: usize) -> Result<()> {
         self.inner.check_slot(slot)?;
-        self.inner.member_failed(slot, "operator fail", None, true).await;
+        self.inner
+            .member_failed(slot, "operator fail", None, true)
+            .await;
         Ok(())
     }
 
@@ -554,7 +673,9 @@ impl Array {
             let mut m = lock(&self.inner.meta);
             let s = &mut m.slots[slot];
             if s.state == MemberState::Active {
-                return Err(self.inner.invalid(format!("slot {slot} is active; fail it before removing it")));
+                return Err(self
+                    .inner
+                    .invalid(format!("slot {slot} is active; fail it before removing it")));
             }
             if s.state == MemberState::Rebuilding {
                 s.left_events = 0;
@@ -605,7 +726,9 @@ impl Array {
 
     /// Limits rebuild and resync to `bytes_per_sec` (0: unlimited).
     pub fn set_rebuild_rate(&self, bytes_per_sec: u64) {
-        self.inner.rate_limit_bytes_per_sec.store(bytes_per_sec, Ordering::SeqCst);
+        self.inner
+            .rate_limit_bytes_per_sec
+            .store(bytes_per_sec, Ordering::SeqCst);
     }
 
     /// Waits until no rebuild or resync runs (for tests and tools).
@@ -667,7 +790,9 @@ impl Inner {
             data_offset,
             meta: Mutex::new(meta),
             sb_lock: tokio::sync::Mutex::new(()),
-            row_locks: (0..ROW_LOCK_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            row_locks: (0..ROW_LOCK_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             bitmap: Mutex::new(bitmap),
             bitmap_io: tokio::sync::Mutex::new(()),
             progress: Mutex::new(None),
@@ -684,12 +809,18 @@ impl Inner {
     }
 
     fn invalid(&self, what: String) -> ArrayError {
-        ArrayError::Invalid { array: self.name.clone(), what }
+        ArrayError::Invalid {
+            array: self.name.clone(),
+            what,
+        }
     }
 
     fn check_slot(&self, slot: usize) -> Result<()> {
         if slot >= self.geo.members {
-            return Err(self.invalid(format!("no slot {slot} (the array has {})", self.geo.members)));
+            return Err(self.invalid(format!(
+                "no slot {slot} (the array has {})",
+                self.geo.members
+            )));
         }
         Ok(())
     }
@@ -702,24 +833,37 @@ impl Inner {
         let m = lock(&self.meta);
         View {
             members: m.slots.iter().map(|s| s.member.clone()).collect(),
-            readable: m.slots.iter().map(|s| s.member.is_some() && s.state == MemberState::Active).collect(),
+            readable: m
+                .slots
+                .iter()
+                .map(|s| s.member.is_some() && s.state == MemberState::Active)
+                .collect(),
             writable: m
                 .slots
                 .iter()
-                .map(|s| s.member.is_some() && matches!(s.state, MemberState::Active | MemberState::Rebuilding))
+                .map(|s| {
+                    s.member.is_some()
+                        && matches!(s.state, MemberState::Active | MemberState::Rebuilding)
+                })
                 .collect(),
         }
     }
 
     fn check_failed(&self) -> Result<()> {
         match &lock(&self.meta).failed {
-            Some(detail) => Err(ArrayError::Failed { array: self.name.clone(), detail: detail.clone() }),
+            Some(detail) => Err(ArrayError::Failed {
+                array: self.name.clone(),
+                detail: detail.clone(),
+            }),
             None => Ok(()),
         }
     }
 
     fn is_degraded(&self) -> bool {
-        lock(&self.meta).slots.iter().any(|s| s.state != MemberState::Active || s.member.is_none())
+        lock(&self.meta)
+            .slots
+            .iter()
+            .any(|s| s.state != MemberState::Active || s.member.is_none())
     }
 
     fn all_devices(&self) -> Vec<(Arc<dyn Member>, Role)> {
@@ -772,7 +916,9 @@ impl Inner {
                     state: match (s.state, s.resync) {
                         // A bitmap resync is recorded as the absence it repairs, so a restart
                         // resyncs from the bitmap again.
-                        (MemberState::Rebuilding, Some((ResyncKind::Bitmap, _))) => MemberState::Faulty,
+                        (MemberState::Rebuilding, Some((ResyncKind::Bitmap, _))) => {
+                            MemberState::Faulty
+                        }
                         (st, _) => st,
                     },
                     left_events: s.left_events,
@@ -790,7 +936,9 @@ impl Inner {
                 let m = lock(&self.meta);
                 let mut t = Vec::new();
                 for (i, s) in m.slots.iter().enumerate() {
-                    if let (Some(d), MemberState::Active | MemberState::Rebuilding) = (&s.member, s.state) {
+                    if let (Some(d), MemberState::Active | MemberState::Rebuilding) =
+                        (&s.member, s.state)
+                    {
                         let sb = self.superblock_for(&m, Role::Slot(i as u32), s.dev_uuid);
                         t.push((Some(i), d.clone(), Bytes::from(sb.encode())));
                     }
@@ -817,7 +965,9 @@ impl Inner {
                             self.mark_faulty_locked(&mut m, *i, true);
                         }
                         None => {
-                            lock(&self.meta).spares.retain(|s| !Arc::ptr_eq(&s.member, d));
+                            lock(&self.meta)
+                                .spares
+                                .retain(|s| !Arc::ptr_eq(&s.member, d));
                         }
                     }
                 }
@@ -836,11 +986,20 @@ impl Inner {
             let mut t = Vec::new();
             for (i, s) in m.slots.iter().enumerate() {
                 if let Some(d) = &s.member {
-                    t.push((d.clone(), Bytes::from(self.superblock_for(&m, Role::Slot(i as u32), s.dev_uuid).encode())));
+                    t.push((
+                        d.clone(),
+                        Bytes::from(
+                            self.superblock_for(&m, Role::Slot(i as u32), s.dev_uuid)
+                                .encode(),
+                        ),
+                    ));
                 }
             }
             for sp in &m.spares {
-                t.push((sp.member.clone(), Bytes::from(self.superblock_for(&m, Role::Spare, sp.dev_uuid).encode())));
+                t.push((
+                    sp.member.clone(),
+                    Bytes::from(self.superblock_for(&m, Role::Spare, sp.dev_uuid).encode()),
+                ));
             }
             t
         };
@@ -875,7 +1034,11 @@ impl Inner {
         }
         m.events += 1;
         tracing::warn!(array = %self.name, slot, "member marked faulty");
-        let down: Vec<bool> = m.slots.iter().map(|s| s.state != MemberState::Active || s.member.is_none()).collect();
+        let down: Vec<bool> = m
+            .slots
+            .iter()
+            .map(|s| s.state != MemberState::Active || s.member.is_none())
+            .collect();
         if !self.geo.survives(&down) && m.failed.is_none() {
             let detail = format!(
                 "{} of {} members unusable for {}",
@@ -895,14 +1058,23 @@ impl Inner {
             s.state = MemberState::Rebuilding;
             s.left_events = 0;
             s.resync = Some((ResyncKind::Full, 0));
-            m.rebuild = Some(RebuildCheckpoint { slot: slot as u32, rows_done: 0 });
+            m.rebuild = Some(RebuildCheckpoint {
+                slot: slot as u32,
+                rows_done: 0,
+            });
             return true;
         }
         false
     }
 
     /// Handles an I/O error (or operator request) on `slot`.
-    async fn member_failed(self: &Arc<Self>, slot: usize, op: &str, err: Option<&io::Error>, use_spare: bool) {
+    async fn member_failed(
+        self: &Arc<Self>,
+        slot: usize,
+        op: &str,
+        err: Option<&io::Error>,
+        use_spare: bool,
+    ) {
         let changed = {
             let mut m = lock(&self.meta);
             let before = m.slots[slot].state;
@@ -919,11 +1091,20 @@ impl Inner {
 
     // ---------- reads ----------
 
-    async fn read_member(self: &Arc<Self>, slot: usize, d: &Arc<dyn Member>, off: u64, len: u64) -> Option<Bytes> {
+    async fn read_member(
+        self: &Arc<Self>,
+        slot: usize,
+        d: &Arc<dyn Member>,
+        off: u64,
+        len: u64,
+    ) -> Option<Bytes> {
         match d.read_at(off, len as usize).await {
             Ok(b) if b.len() as u64 == len => Some(b),
             Ok(b) => {
-                let e = io::Error::new(io::ErrorKind::UnexpectedEof, format!("short read: {} of {len} bytes", b.len()));
+                let e = io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("short read: {} of {len} bytes", b.len()),
+                );
                 self.member_failed(slot, "read", Some(&e), true).await;
                 None
             }
@@ -936,8 +1117,13 @@ impl Inner {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.geo.size_bytes();
-        if offset.checked_add(len).map_or(true, |end| end > size) {
-            return Err(ArrayError::OutOfRange { array: self.name.clone(), offset, len, size });
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(ArrayError::OutOfRange {
+                array: self.name.clone(),
+                offset,
+                len,
+                size,
+            });
         }
         Ok(())
     }
@@ -968,8 +1154,18 @@ impl Inner {
                 .find(|p| view.readable[p.member]);
             match pick {
                 Some(p) => {
-                    let Some(d) = view.members[p.member].clone() else { continue };
-                    if let Some(b) = self.read_member(p.member, &d, self.member_off(p.row, e.offset_in_chunk), e.len).await {
+                    let Some(d) = view.members[p.member].clone() else {
+                        continue;
+                    };
+                    if let Some(b) = self
+                        .read_member(
+                            p.member,
+                            &d,
+                            self.member_off(p.row, e.offset_in_chunk),
+                            e.len,
+                        )
+                        .await
+                    {
                         return Ok(b);
                     }
                 }
@@ -977,7 +1173,10 @@ impl Inner {
                     let row = places[0].row;
                     let i = (e.chunk % self.geo.data_per_row() as u64) as usize;
                     let _g = self.lock_rows([row]).await;
-                    if let Some(b) = self.reconstruct(row, i, e.offset_in_chunk, e.offset_in_chunk + e.len).await? {
+                    if let Some(b) = self
+                        .reconstruct(row, i, e.offset_in_chunk, e.offset_in_chunk + e.len)
+                        .await?
+                    {
                         return Ok(b);
                     }
                 }
@@ -985,12 +1184,21 @@ impl Inner {
             }
         }
         self.check_failed()?;
-        Err(ArrayError::Failed { array: self.name.clone(), detail: format!("no readable copy of chunk {}", e.chunk) })
+        Err(ArrayError::Failed {
+            array: self.name.clone(),
+            detail: format!("no readable copy of chunk {}", e.chunk),
+        })
     }
 
     /// Reads `[lo, hi)` of every readable member of `row` (skipping `skip`) and recovers the row.
     /// `None` means a member failed meanwhile: retry. Caller holds the row lock.
-    async fn gather_row(self: &Arc<Self>, row: u64, lo: u64, hi: u64, want: &[bool]) -> Result<Option<RowBufs>> {
+    async fn gather_row(
+        self: &Arc<Self>,
+        row: u64,
+        lo: u64,
+        hi: u64,
+        want: &[bool],
+    ) -> Result<Option<RowBufs>> {
         let view = self.view();
         let n = self.geo.members;
         let reads = join_all((0..n).map(|m| {
@@ -998,7 +1206,10 @@ impl Inner {
             let go = view.readable[m] && want[m];
             async move {
                 match (go, d) {
-                    (true, Some(d)) => Some(self.read_member(m, &d, self.member_off(row, lo), hi - lo).await),
+                    (true, Some(d)) => Some(
+                        self.read_member(m, &d, self.member_off(row, lo), hi - lo)
+                            .await,
+                    ),
                     _ => None,
                 }
             }
@@ -1028,18 +1239,36 @@ impl Inner {
             Ok(()) => Ok(Some(rb)),
             Err(e) => {
                 self.check_failed()?;
-                Err(ArrayError::Failed { array: self.name.clone(), detail: format!("row {row}: {e}") })
+                Err(ArrayError::Failed {
+                    array: self.name.clone(),
+                    detail: format!("row {row}: {e}"),
+                })
             }
         }
     }
 
-    async fn reconstruct(self: &Arc<Self>, row: u64, i: usize, lo: u64, hi: u64) -> Result<Option<Bytes>> {
+    async fn reconstruct(
+        self: &Arc<Self>,
+        row: u64,
+        i: usize,
+        lo: u64,
+        hi: u64,
+    ) -> Result<Option<Bytes>> {
         let want = vec![true; self.geo.members];
-        Ok(self.gather_row(row, lo, hi, &want).await?.and_then(|mut rb| rb.data[i].take().map(Bytes::from)))
+        Ok(self
+            .gather_row(row, lo, hi, &want)
+            .await?
+            .and_then(|mut rb| rb.data[i].take().map(Bytes::from)))
     }
 
-    async fn lock_rows(&self, rows: impl IntoIterator<Item = u64>) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
-        let mut shards: Vec<usize> = rows.into_iter().map(|r| (r % ROW_LOCK_SHARDS) as usize).collect();
+    async fn lock_rows(
+        &self,
+        rows: impl IntoIterator<Item = u64>,
+    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut shards: Vec<usize> = rows
+            .into_iter()
+            .map(|r| (r % ROW_LOCK_SHARDS) as usize)
+            .collect();
         shards.sort_unstable();
         shards.dedup();
         let mut guards = Vec::with_capacity(shards.len());
@@ -1074,11 +1303,18 @@ impl Inner {
                     _ => groups.push(vec![e]),
                 }
             }
-            try_join_all(groups.into_iter().map(|g| self.write_parity_row(g, &data))).await.map(|_| ())
-        } else {
-            try_join_all(exts.into_iter().map(|e| self.write_copies(e, data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize))))
+            try_join_all(groups.into_iter().map(|g| self.write_parity_row(g, &data)))
                 .await
                 .map(|_| ())
+        } else {
+            try_join_all(exts.into_iter().map(|e| {
+                self.write_copies(
+                    e,
+                    data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize),
+                )
+            }))
+            .await
+            .map(|_| ())
         };
         if tracked {
             self.with_bitmap(|b| {
@@ -1123,21 +1359,33 @@ impl Inner {
     async fn persist_bitmap(self: &Arc<Self>, blocks: &[u64]) {
         let base = lock(&self.bitmap).geometry().offset;
         let writes: Vec<(u64, Bytes)> = self.with_bitmap(|b| {
-            blocks.iter().map(|&blk| (base + blk * BITMAP_BLOCK_BYTES, Bytes::from(b.block_bytes(blk)))).collect()
+            blocks
+                .iter()
+                .map(|&blk| {
+                    (
+                        base + blk * BITMAP_BLOCK_BYTES,
+                        Bytes::from(b.block_bytes(blk)),
+                    )
+                })
+                .collect()
         });
         let view = self.view();
-        let results = join_all((0..self.geo.members).filter(|m| view.writable[*m]).filter_map(|m| {
-            let d = view.members[m].clone()?;
-            let writes = writes.clone();
-            Some(async move {
-                for (off, b) in writes {
-                    if let Err(e) = d.write_at(off, b).await {
-                        return (m, Err(e));
-                    }
-                }
-                (m, Ok(()))
-            })
-        }))
+        let results = join_all(
+            (0..self.geo.members)
+                .filter(|m| view.writable[*m])
+                .filter_map(|m| {
+                    let d = view.members[m].clone()?;
+                    let writes = writes.clone();
+                    Some(async move {
+                        for (off, b) in writes {
+                            if let Err(e) = d.write_at(off, b).await {
+                                return (m, Err(e));
+                            }
+                        }
+                        (m, Ok(()))
+                    })
+                }),
+        )
         .await;
         for (m, r) in results {
             if let Err(e) = r {
@@ -1151,12 +1399,17 @@ impl Inner {
         let _g = self.lock_rows(rows).await;
         let view = self.view();
         let places = self.geo.places(e.chunk);
-        let results = join_all(places.iter().filter(|p| view.writable[p.member]).filter_map(|p| {
-            let d = view.members[p.member].clone()?;
-            let b = bytes.clone();
-            let off = self.member_off(p.row, e.offset_in_chunk);
-            Some(async move { (p.member, d.write_at(off, b).await) })
-        }))
+        let results = join_all(
+            places
+                .iter()
+                .filter(|p| view.writable[p.member])
+                .filter_map(|p| {
+                    let d = view.members[p.member].clone()?;
+                    let b = bytes.clone();
+                    let off = self.member_off(p.row, e.offset_in_chunk);
+                    Some(async move { (p.member, d.write_at(off, b).await) })
+                }),
+        )
         .await;
         for (m, r) in results {
             if let Err(err) = r {
@@ -1182,15 +1435,26 @@ impl Inner {
         let row = exts[0].chunk / d as u64;
         let _g = self.lock_rows([row]).await;
         let lo = exts.iter().map(|e| e.offset_in_chunk).min().unwrap_or(0);
-        let hi = exts.iter().map(|e| e.offset_in_chunk + e.len).max().unwrap_or(0);
+        let hi = exts
+            .iter()
+            .map(|e| e.offset_in_chunk + e.len)
+            .max()
+            .unwrap_or(0);
         let span = (hi - lo) as usize;
         let raid6 = geo.level == Level::Raid6;
         let mut newdata: Vec<Option<(Extent, Bytes)>> = vec![None; d];
         for e in &exts {
             let i = (e.chunk % d as u64) as usize;
-            newdata[i] = Some((*e, data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize)));
+            newdata[i] = Some((
+                *e,
+                data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize),
+            ));
         }
-        let full = lo == 0 && hi == c && newdata.iter().all(|x| x.as_ref().is_some_and(|(e, _)| e.len == c));
+        let full = lo == 0
+            && hi == c
+            && newdata
+                .iter()
+                .all(|x| x.as_ref().is_some_and(|(e, _)| e.len == c));
         for _attempt in 0..=geo.members {
             self.check_failed()?;
             let view = self.view();
@@ -1198,12 +1462,18 @@ impl Inner {
             let qm = geo.q_member(row);
             let parity_readable = view.readable[pm] && (!raid6 || view.readable[qm]);
             let touched: Vec<usize> = (0..d).filter(|i| newdata[*i].is_some()).collect();
-            let fully: usize = newdata.iter().flatten().filter(|(e, _)| e.offset_in_chunk == lo && e.len as usize == span).count();
+            let fully: usize = newdata
+                .iter()
+                .flatten()
+                .filter(|(e, _)| e.offset_in_chunk == lo && e.len as usize == span)
+                .count();
             let rmw_reads = touched.len() + geo.level.parity_chunks();
             let rcw_reads = d - fully;
             let rmw = !full
                 && parity_readable
-                && touched.iter().all(|i| view.readable[geo.data_member(row, *i)])
+                && touched
+                    .iter()
+                    .all(|i| view.readable[geo.data_member(row, *i)])
                 && rmw_reads < rcw_reads;
             let (p, q) = if full {
                 let refs: Vec<&[u8]> = newdata.iter().flatten().map(|(_, b)| b.as_ref()).collect();
@@ -1224,7 +1494,11 @@ impl Inner {
                     let dv = view.members[m].clone();
                     async move {
                         match dv {
-                            Some(dv) => (m, self.read_member(m, &dv, self.member_off(row, lo), hi - lo).await),
+                            Some(dv) => (
+                                m,
+                                self.read_member(m, &dv, self.member_off(row, lo), hi - lo)
+                                    .await,
+                            ),
                             None => (m, None),
                         }
                     }
@@ -1242,7 +1516,11 @@ impl Inner {
                     continue;
                 }
                 let mut p = old[pm].take().unwrap_or_default();
-                let mut q = if raid6 { old[qm].take().unwrap_or_default() } else { Vec::new() };
+                let mut q = if raid6 {
+                    old[qm].take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
                 for &i in &touched {
                     let mut delta = old[geo.data_member(row, i)].take().unwrap_or_default();
                     let before = delta.clone();
@@ -1268,7 +1546,11 @@ impl Inner {
                     }
                 }
                 for (i, nd) in newdata.iter().enumerate() {
-                    if nd.as_ref().is_some_and(|(e, _)| e.offset_in_chunk == lo && e.len as usize == span) && all_data_readable {
+                    if nd
+                        .as_ref()
+                        .is_some_and(|(e, _)| e.offset_in_chunk == lo && e.len as usize == span)
+                        && all_data_readable
+                    {
                         want[geo.data_member(row, i)] = false;
                     }
                 }
@@ -1282,13 +1564,21 @@ impl Inner {
                             let go = want[m];
                             async move {
                                 match (go, dv) {
-                                    (true, Some(dv)) => Some(self.read_member(m, &dv, self.member_off(row, lo), hi - lo).await),
+                                    (true, Some(dv)) => Some(
+                                        self.read_member(m, &dv, self.member_off(row, lo), hi - lo)
+                                            .await,
+                                    ),
                                     _ => None,
                                 }
                             }
                         }))
                         .await;
-                        let mut rb = RowBufs { data: vec![None; d], p: None, q: None, has_q: raid6 };
+                        let mut rb = RowBufs {
+                            data: vec![None; d],
+                            p: None,
+                            q: None,
+                            has_q: raid6,
+                        };
                         let mut ok = true;
                         for (i, r) in reads.into_iter().enumerate() {
                             match r {
@@ -1308,7 +1598,12 @@ impl Inner {
                         }
                     }
                 } else {
-                    RowBufs { data: vec![Some(vec![0u8; span]); d], p: None, q: None, has_q: raid6 }
+                    RowBufs {
+                        data: vec![Some(vec![0u8; span]); d],
+                        p: None,
+                        q: None,
+                        has_q: raid6,
+                    }
                 };
                 for (i, nd) in newdata.iter().enumerate() {
                     if let (Some((e, b)), Some(buf)) = (nd, rb.data[i].as_mut()) {
@@ -1316,9 +1611,16 @@ impl Inner {
                         buf[at..at + b.len()].copy_from_slice(b);
                     }
                 }
-                let refs: Vec<&[u8]> = rb.data.iter().map(|x| x.as_deref().unwrap_or(&[])).collect();
+                let refs: Vec<&[u8]> = rb
+                    .data
+                    .iter()
+                    .map(|x| x.as_deref().unwrap_or(&[]))
+                    .collect();
                 if refs.iter().any(|r| r.len() != span) {
-                    return Err(ArrayError::Failed { array: self.name.clone(), detail: format!("row {row} could not be reconstructed") });
+                    return Err(ArrayError::Failed {
+                        array: self.name.clone(),
+                        detail: format!("row {row} could not be reconstructed"),
+                    });
                 }
                 let mut p = vec![0u8; span];
                 let mut q = vec![0u8; span];
@@ -1360,7 +1662,10 @@ impl Inner {
             return self.check_failed();
         }
         self.check_failed()?;
-        Err(ArrayError::Failed { array: self.name.clone(), detail: format!("row {row}: members kept failing") })
+        Err(ArrayError::Failed {
+            array: self.name.clone(),
+            detail: format!("row {row}: members kept failing"),
+        })
     }
 
     // ---------- flush / discard ----------
@@ -1369,10 +1674,14 @@ impl Inner {
         self.check_failed()?;
         let epoch = self.with_bitmap(|b| b.start_flush());
         let view = self.view();
-        let results = join_all((0..self.geo.members).filter(|m| view.writable[*m]).filter_map(|m| {
-            let d = view.members[m].clone()?;
-            Some(async move { (m, d.sync().await) })
-        }))
+        let results = join_all(
+            (0..self.geo.members)
+                .filter(|m| view.writable[*m])
+                .filter_map(|m| {
+                    let d = view.members[m].clone()?;
+                    Some(async move { (m, d.sync().await) })
+                }),
+        )
         .await;
         for (m, r) in results {
             if let Err(e) = r {
@@ -1405,18 +1714,24 @@ impl Inner {
         } else {
             (offset.div_ceil(row_bytes), end / row_bytes)
         };
-        let (head_end, tail_start) = if r1 > r0 { (r0 * row_bytes, r1 * row_bytes) } else { (end, end) };
+        let (head_end, tail_start) = if r1 > r0 {
+            (r0 * row_bytes, r1 * row_bytes)
+        } else {
+            (end, end)
+        };
         self.zero_fill(offset, head_end).await?;
         if r1 > r0 {
             let c = geo.chunk_bytes;
             self.bitmap_begin(r0 * c, r1 * c).await?;
             let _g = self.lock_rows(r0..r1.min(r0 + ROW_LOCK_SHARDS)).await;
             let view = self.view();
-            let results = join_all((0..geo.members).filter(|m| view.writable[*m]).filter_map(|m| {
-                let d = view.members[m].clone()?;
-                let off = self.member_off(r0, 0);
-                Some(async move { (m, d.discard(off, (r1 - r0) * c).await) })
-            }))
+            let results = join_all((0..geo.members).filter(|m| view.writable[*m]).filter_map(
+                |m| {
+                    let d = view.members[m].clone()?;
+                    let off = self.member_off(r0, 0);
+                    Some(async move { (m, d.discard(off, (r1 - r0) * c).await) })
+                },
+            ))
             .await;
             self.with_bitmap(|b| {
                 let rs = b.regions(r0 * c, r1 * c);
@@ -1449,7 +1764,9 @@ impl Inner {
         if m.failed.is_some() {
             return None;
         }
-        m.slots.iter().position(|s| s.resync.is_some() && s.member.is_some())
+        m.slots
+            .iter()
+            .position(|s| s.resync.is_some() && s.member.is_some())
     }
 
     fn kick_rebuild(self: &Arc<Self>) {
@@ -1481,7 +1798,11 @@ impl Inner {
             ResyncKind::Full => (vec![(from_row, self.geo.rows)], 0),
             ResyncKind::Bitmap => {
                 let regions = self.with_bitmap(|b| b.dirty_regions());
-                let ranges: Vec<(u64, u64)> = regions.iter().map(|r| self.region_rows(*r)).filter(|(a, b)| a < b).collect();
+                let ranges: Vec<(u64, u64)> = regions
+                    .iter()
+                    .map(|r| self.region_rows(*r))
+                    .filter(|(a, b)| a < b)
+                    .collect();
                 (ranges, regions.len() as u64)
             }
         }
@@ -1492,8 +1813,14 @@ impl Inner {
         let (kind, from_row, dev, name) = {
             let m = lock(&self.meta);
             let s = &m.slots[slot];
-            let Some((kind, from)) = s.resync else { return true };
-            let name = s.member.as_ref().map(|d| d.name().to_string()).unwrap_or_default();
+            let Some((kind, from)) = s.resync else {
+                return true;
+            };
+            let name = s
+                .member
+                .as_ref()
+                .map(|d| d.name().to_string())
+                .unwrap_or_default();
             (kind, from, s.dev_uuid, name)
         };
         let (ranges, regions) = self.resync_ranges(kind, from_row);
@@ -1514,7 +1841,11 @@ impl Inner {
                 running,
                 done_bytes: done,
                 total_bytes: total,
-                percent: if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 },
+                percent: if total == 0 {
+                    100.0
+                } else {
+                    done as f64 * 100.0 / total as f64
+                },
                 rate_bytes_per_sec: rate,
                 eta_secs: (rate > 0.0).then(|| (total - done) as f64 / rate),
                 error,
@@ -1541,7 +1872,9 @@ impl Inner {
                 for _attempt in 0..=self.geo.members {
                     let still_target = {
                         let m = lock(&self.meta);
-                        m.slots[slot].dev_uuid == dev && m.slots[slot].resync.is_some() && m.failed.is_none()
+                        m.slots[slot].dev_uuid == dev
+                            && m.slots[slot].resync.is_some()
+                            && m.failed.is_none()
                     };
                     if !still_target {
                         set_progress(done_rows, false, Some("target or array failed".into()));
@@ -1574,7 +1907,9 @@ impl Inner {
                         tokio::time::sleep(due - el).await;
                     }
                 }
-                if kind == ResyncKind::Full && last_cp.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS) {
+                if kind == ResyncKind::Full
+                    && last_cp.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
+                {
                     self.record_checkpoint(slot, kind, r0).await;
                     last_cp = Instant::now();
                 }
@@ -1593,7 +1928,8 @@ impl Inner {
             m.events += 1;
         }
         if kind == ResyncKind::Bitmap {
-            self.bitmap_resync_regions.fetch_add(regions, Ordering::SeqCst);
+            self.bitmap_resync_regions
+                .fetch_add(regions, Ordering::SeqCst);
         }
         set_progress(done_rows, false, None);
         tracing::info!(array = %self.name, slot, ?kind, "resync complete");
@@ -1607,7 +1943,10 @@ impl Inner {
         }
         {
             let mut m = lock(&self.meta);
-            m.rebuild = Some(RebuildCheckpoint { slot: slot as u32, rows_done: row });
+            m.rebuild = Some(RebuildCheckpoint {
+                slot: slot as u32,
+                rows_done: row,
+            });
             if let Some(r) = m.slots[slot].resync.as_mut() {
                 r.1 = row;
             }
@@ -1623,16 +1962,26 @@ impl Inner {
         let lock_hi = (r1 + 1).min(geo.rows);
         let _g = self.lock_rows(lock_lo..lock_hi).await;
         let view = self.view();
-        let Some(target) = view.members[slot].clone() else { return Ok(false) };
+        let Some(target) = view.members[slot].clone() else {
+            return Ok(false);
+        };
         let len = ((r1 - r0) * c) as usize;
         let out: Vec<u8> = match geo.level {
             Level::Raid0 => return Err(self.invalid("raid0 cannot rebuild a member".into())),
             Level::Raid1 => {
                 let Some(src) = (0..geo.members).find(|m| *m != slot && view.readable[*m]) else {
-                    return Err(ArrayError::Failed { array: self.name.clone(), detail: "no source copy".into() });
+                    return Err(ArrayError::Failed {
+                        array: self.name.clone(),
+                        detail: "no source copy".into(),
+                    });
                 };
-                let Some(d) = view.members[src].clone() else { return Ok(false) };
-                match self.read_member(src, &d, self.member_off(r0, 0), len as u64).await {
+                let Some(d) = view.members[src].clone() else {
+                    return Ok(false);
+                };
+                match self
+                    .read_member(src, &d, self.member_off(r0, 0), len as u64)
+                    .await
+                {
                     Some(b) => b.to_vec(),
                     None => return Ok(false),
                 }
@@ -1641,10 +1990,21 @@ impl Inner {
                 let mut out = vec![0u8; len];
                 let mut jobs = Vec::new();
                 for r in r0..r1 {
-                    let Some(k) = geo.raid10_chunk_at(slot, r) else { continue };
-                    let Some(p) = geo.places(k).into_iter().find(|p| p.member != slot || p.row != r) else { continue };
+                    let Some(k) = geo.raid10_chunk_at(slot, r) else {
+                        continue;
+                    };
+                    let Some(p) = geo
+                        .places(k)
+                        .into_iter()
+                        .find(|p| p.member != slot || p.row != r)
+                    else {
+                        continue;
+                    };
                     if !view.readable[p.member] {
-                        return Err(ArrayError::Failed { array: self.name.clone(), detail: format!("chunk {k} has no readable copy") });
+                        return Err(ArrayError::Failed {
+                            array: self.name.clone(),
+                            detail: format!("chunk {k} has no readable copy"),
+                        });
                     }
                     jobs.push((r, p));
                 }
@@ -1652,7 +2012,11 @@ impl Inner {
                     let d = view.members[p.member].clone();
                     async move {
                         match d {
-                            Some(d) => (*r, self.read_member(p.member, &d, self.member_off(p.row, 0), c).await),
+                            Some(d) => (
+                                *r,
+                                self.read_member(p.member, &d, self.member_off(p.row, 0), c)
+                                    .await,
+                            ),
                             None => (*r, None),
                         }
                     }
@@ -1671,7 +2035,10 @@ impl Inner {
                     let go = m != slot && view.readable[m];
                     async move {
                         match (go, d) {
-                            (true, Some(d)) => Some(self.read_member(m, &d, self.member_off(r0, 0), len as u64).await),
+                            (true, Some(d)) => Some(
+                                self.read_member(m, &d, self.member_off(r0, 0), len as u64)
+                                    .await,
+                            ),
                             _ => None,
                         }
                     }
@@ -1721,8 +2088,12 @@ impl Inner {
                 out
             }
         };
-        if let Err(e) = target.write_at(self.member_off(r0, 0), Bytes::from(out)).await {
-            self.member_failed(slot, "rebuild write", Some(&e), true).await;
+        if let Err(e) = target
+            .write_at(self.member_off(r0, 0), Bytes::from(out))
+            .await
+        {
+            self.member_failed(slot, "rebuild write", Some(&e), true)
+                .await;
             return Ok(true);
         }
         Ok(true)
@@ -1730,7 +2101,11 @@ impl Inner {
 
     // ---------- add ----------
 
-    async fn add_member(self: &Arc<Self>, member: Arc<dyn Member>, want_slot: Option<usize>) -> Result<MemberStatus> {
+    async fn add_member(
+        self: &Arc<Self>,
+        member: Arc<dyn Member>,
+        want_slot: Option<usize>,
+    ) -> Result<MemberStatus> {
         let need = self.data_offset + self.geo.member_data_bytes();
         if member.size() < need {
             return Err(ArrayError::MemberTooSmall {
@@ -1740,7 +2115,11 @@ impl Inner {
                 need_bytes: need,
             });
         }
-        if self.all_devices().iter().any(|(d, _)| d.name() == member.name() || Arc::ptr_eq(d, &member)) {
+        if self
+            .all_devices()
+            .iter()
+            .any(|(d, _)| d.name() == member.name() || Arc::ptr_eq(d, &member))
+        {
             return Err(self.invalid(format!("member {} is already in the array", member.name())));
         }
         let existing = match member.read_at(0, SUPERBLOCK_BYTES).await {
@@ -1757,18 +2136,21 @@ impl Inner {
         let status = {
             let mut m = lock(&self.meta);
             // A returning member: same array, its old slot empty and still assigned to it.
-            let returning = existing.as_ref().filter(|sb| sb.array_uuid == self.uuid).and_then(|sb| match sb.role {
-                Role::Slot(i) => {
-                    let s = &m.slots[i as usize];
-                    (s.member.is_none()
-                        && s.dev_uuid == sb.dev_uuid
-                        && s.left_events > 0
-                        && sb.events >= s.left_events
-                        && want_slot.map_or(true, |w| w == i as usize))
-                    .then_some(i as usize)
-                }
-                Role::Spare => None,
-            });
+            let returning = existing
+                .as_ref()
+                .filter(|sb| sb.array_uuid == self.uuid)
+                .and_then(|sb| match sb.role {
+                    Role::Slot(i) => {
+                        let s = &m.slots[i as usize];
+                        (s.member.is_none()
+                            && s.dev_uuid == sb.dev_uuid
+                            && s.left_events > 0
+                            && sb.events >= s.left_events
+                            && want_slot.is_none_or(|w| w == i as usize))
+                        .then_some(i as usize)
+                    }
+                    Role::Spare => None,
+                });
             if let Some(i) = returning {
                 let s = &mut m.slots[i];
                 s.member = Some(member.clone());
@@ -1776,7 +2158,11 @@ impl Inner {
                 s.resync = Some((ResyncKind::Bitmap, 0));
                 m.events += 1;
                 tracing::info!(array = %self.name, slot = i, member = %member.name(), "member returns: bitmap resync");
-                MemberStatus { slot: Some(i), name: Some(member.name().to_string()), state: MemberState::Rebuilding }
+                MemberStatus {
+                    slot: Some(i),
+                    name: Some(member.name().to_string()),
+                    state: MemberState::Rebuilding,
+                }
             } else {
                 let empty = match want_slot {
                     Some(w) => (m.slots[w].member.is_none()).then_some(w),
@@ -1791,14 +2177,28 @@ impl Inner {
                         s.state = MemberState::Rebuilding;
                         s.left_events = 0;
                         s.resync = Some((ResyncKind::Full, 0));
-                        m.rebuild = Some(RebuildCheckpoint { slot: i as u32, rows_done: 0 });
+                        m.rebuild = Some(RebuildCheckpoint {
+                            slot: i as u32,
+                            rows_done: 0,
+                        });
                         m.events += 1;
-                        MemberStatus { slot: Some(i), name: Some(member.name().to_string()), state: MemberState::Rebuilding }
+                        MemberStatus {
+                            slot: Some(i),
+                            name: Some(member.name().to_string()),
+                            state: MemberState::Rebuilding,
+                        }
                     }
                     _ => {
-                        m.spares.push(Spare { member: member.clone(), dev_uuid: dev });
+                        m.spares.push(Spare {
+                            member: member.clone(),
+                            dev_uuid: dev,
+                        });
                         m.events += 1;
-                        MemberStatus { slot: None, name: Some(member.name().to_string()), state: MemberState::Spare }
+                        MemberStatus {
+                            slot: None,
+                            name: Some(member.name().to_string()),
+                            state: MemberState::Spare,
+                        }
                     }
                 }
             }
@@ -1808,7 +2208,12 @@ impl Inner {
             let _g = self.bitmap_io.lock().await;
             let (len, bytes) = self.with_bitmap(|b| {
                 let n = b.stored_len() / BITMAP_BLOCK_BYTES;
-                (n, (0..n).flat_map(|blk| b.block_bytes(blk)).collect::<Vec<u8>>())
+                (
+                    n,
+                    (0..n)
+                        .flat_map(|blk| b.block_bytes(blk))
+                        .collect::<Vec<u8>>(),
+                )
             });
             let off = lock(&self.bitmap).geometry().offset;
             if len > 0 {
@@ -1828,17 +2233,27 @@ impl Inner {
     async fn scrub(self: &Arc<Self>, mode: ScrubMode) -> Result<ScrubReport> {
         self.check_failed()?;
         if self.geo.level == Level::Raid0 {
-            return Ok(ScrubReport { rows_checked: self.geo.rows, mismatches: 0, repaired: 0 });
+            return Ok(ScrubReport {
+                rows_checked: self.geo.rows,
+                mismatches: 0,
+                repaired: 0,
+            });
         }
         if self.is_degraded() {
-            return Err(self.invalid("scrub needs every member active; wait for the rebuild".into()));
+            return Err(
+                self.invalid("scrub needs every member active; wait for the rebuild".into())
+            );
         }
         if self.scrub_running.swap(true, Ordering::SeqCst) {
             return Err(self.invalid("a scrub is already running".into()));
         }
         self.mismatches.store(0, Ordering::SeqCst);
         let batch = (REBUILD_BATCH_BYTES / self.geo.chunk_bytes).clamp(1, ROW_LOCK_SHARDS);
-        let mut report = ScrubReport { rows_checked: 0, mismatches: 0, repaired: 0 };
+        let mut report = ScrubReport {
+            rows_checked: 0,
+            mismatches: 0,
+            repaired: 0,
+        };
         let mut r0 = 0;
         let mut result = Ok(());
         while r0 < self.geo.rows {
@@ -1865,7 +2280,9 @@ impl Inner {
     async fn scrub_rows(self: &Arc<Self>, r0: u64, r1: u64, mode: ScrubMode) -> Result<(u64, u64)> {
         let geo = self.geo;
         let c = geo.chunk_bytes as usize;
-        let _g = self.lock_rows(r0.saturating_sub(1)..(r1 + 1).min(geo.rows)).await;
+        let _g = self
+            .lock_rows(r0.saturating_sub(1)..(r1 + 1).min(geo.rows))
+            .await;
         let view = self.view();
         if view.readable.iter().any(|r| !r) {
             return Err(self.invalid("scrub needs every member active".into()));
@@ -1875,7 +2292,10 @@ impl Inner {
             let d = view.members[m].clone();
             async move {
                 match d {
-                    Some(d) => self.read_member(m, &d, self.member_off(r0, 0), len as u64).await,
+                    Some(d) => {
+                        self.read_member(m, &d, self.member_off(r0, 0), len as u64)
+                            .await
+                    }
                     None => None,
                 }
             }
@@ -1906,7 +2326,9 @@ impl Inner {
                 }
                 Level::Raid10 => {
                     for m in 0..geo.members {
-                        let Some(k) = geo.raid10_chunk_at(m, r) else { continue };
+                        let Some(k) = geo.raid10_chunk_at(m, r) else {
+                            continue;
+                        };
                         let places = geo.places(k);
                         if places[0].member != m || places[0].row != r {
                             continue;
@@ -1915,7 +2337,8 @@ impl Inner {
                         if p.row < r0 || p.row >= r1 {
                             continue; // checked with the batch holding both copies
                         }
-                        let other = &bufs[p.member][(p.row - r0) as usize * c..(p.row - r0) as usize * c + c];
+                        let other = &bufs[p.member]
+                            [(p.row - r0) as usize * c..(p.row - r0) as usize * c + c];
                         if other != chunk(m) {
                             bad = true;
                             fixes.push((p.member, p.row, Bytes::copy_from_slice(chunk(m))));
@@ -1923,7 +2346,9 @@ impl Inner {
                     }
                 }
                 Level::Raid5 | Level::Raid6 => {
-                    let data: Vec<&[u8]> = (0..geo.data_per_row()).map(|i| chunk(geo.data_member(r, i))).collect();
+                    let data: Vec<&[u8]> = (0..geo.data_per_row())
+                        .map(|i| chunk(geo.data_member(r, i)))
+                        .collect();
                     let mut p = vec![0u8; c];
                     let mut q = vec![0u8; c];
                     let raid6 = geo.level == Level::Raid6;
@@ -1957,7 +2382,8 @@ impl Inner {
             .await;
             for (m, r) in results {
                 if let Err(e) = r {
-                    self.member_failed(m, "scrub repair write", Some(&e), true).await;
+                    self.member_failed(m, "scrub repair write", Some(&e), true)
+                        .await;
                 }
             }
             return Ok((mismatches, repaired_rows.len() as u64));
@@ -1976,7 +2402,11 @@ impl Inner {
             .map(|(i, s)| MemberStatus {
                 slot: Some(i),
                 name: s.member.as_ref().map(|d| d.name().to_string()),
-                state: if s.member.is_none() && s.state == MemberState::Active { MemberState::Missing } else { s.state },
+                state: if s.member.is_none() && s.state == MemberState::Active {
+                    MemberState::Missing
+                } else {
+                    s.state
+                },
             })
             .collect();
         members.extend(m.spares.iter().map(|s| MemberStatus {
@@ -1984,7 +2414,10 @@ impl Inner {
             name: Some(s.member.name().to_string()),
             state: MemberState::Spare,
         }));
-        let degraded = m.slots.iter().any(|s| s.state != MemberState::Active || s.member.is_none());
+        let degraded = m
+            .slots
+            .iter()
+            .any(|s| s.state != MemberState::Active || s.member.is_none());
         let (dirty, region) = {
             let b = lock(&self.bitmap);
             (b.dirty_regions().len() as u64, b.geometry().region_bytes)

@@ -74,14 +74,11 @@ pub enum AssembleError {
     NoMembers,
     #[error("member {name}: {reason}")]
     BadSuperblock { name: String, reason: String },
-    #[error("members belong to different arrays: {first} is in {first_uuid} ({first_name:?}), {other} is in {other_uuid} ({other_name:?})")]
+    #[error("members belong to different arrays: {first} and {other}")]
     Mixed {
+        /// "NAME (array UUID \"ARRAY\")" of the first member.
         first: String,
-        first_uuid: Uuid,
-        first_name: String,
         other: String,
-        other_uuid: Uuid,
-        other_name: String,
     },
     #[error("member {name} is listed twice (also as {other})")]
     Duplicate { name: String, other: String },
@@ -124,12 +121,8 @@ pub fn plan(candidates: &[Candidate]) -> Result<Plan, AssembleError> {
         for (j, d) in candidates.iter().enumerate().take(i) {
             if sbs[i].array_uuid != sbs[j].array_uuid {
                 return Err(AssembleError::Mixed {
-                    first: d.name.clone(),
-                    first_uuid: sbs[j].array_uuid,
-                    first_name: sbs[j].name.clone(),
-                    other: c.name.clone(),
-                    other_uuid: sbs[i].array_uuid,
-                    other_name: sbs[i].name.clone(),
+                    first: format!("{} (array {} {:?})", d.name, sbs[j].array_uuid, sbs[j].name),
+                    other: format!("{} (array {} {:?})", c.name, sbs[i].array_uuid, sbs[i].name),
                 });
             }
             if c.name == d.name || sbs[i].dev_uuid == sbs[j].dev_uuid {

@@ -60,7 +60,7 @@ impl Bitmap {
         let n = stored.len().min(len);
         bytes[..n].copy_from_slice(&stored[..n]);
         // Bits past the end are meaningless; keep them clear.
-        if geo.bits % 8 != 0 {
+        if !geo.bits.is_multiple_of(8) {
             bytes[len - 1] &= (1u8 << (geo.bits % 8)) - 1;
         }
         let mut active = HashMap::new();

@@ -12,6 +12,9 @@ pub mod layout;
 pub mod parity;
 pub mod superblock;
 
-pub use array::{Array, ArrayError, ArrayStatus, CreateOptions, MemberStatus, RebuildStatus, ScrubMode, ScrubReport};
+pub use array::{
+    Array, ArrayError, ArrayStatus, CreateOptions, MemberStatus, RebuildStatus, ScrubMode,
+    ScrubReport,
+};
 pub use layout::Level;
 pub use superblock::MemberState;

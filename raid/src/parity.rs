@@ -367,7 +367,7 @@ mod tests {
                 q: raid6.then(|| q.clone()),
                 has_q: raid6,
             };
-            let mut drop = |idx: usize, row: &mut RowBufs| {
+            let drop = |idx: usize, row: &mut RowBufs| {
                 if idx < d { row.data[idx] = None } else if idx == d { row.p = None } else { row.q = None }
             };
             drop(a % total, &mut row);

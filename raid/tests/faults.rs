@@ -14,7 +14,14 @@ use twinblock_raid::{Array, ArrayError, MemberState, ScrubMode};
 const CHUNK_BYTES: u64 = 64 << 10;
 
 fn mems(prefix: &str, n: usize, data_bytes: u64) -> Vec<Arc<MemMember>> {
-    (0..n).map(|i| Arc::new(MemMember::new(format!("{prefix}{i}"), DATA_OFFSET_BYTES + data_bytes))).collect()
+    (0..n)
+        .map(|i| {
+            Arc::new(MemMember::new(
+                format!("{prefix}{i}"),
+                DATA_OFFSET_BYTES + data_bytes,
+            ))
+        })
+        .collect()
 }
 
 fn dynv(v: &[Arc<MemMember>]) -> Vec<Arc<dyn Member>> {
@@ -22,7 +29,9 @@ fn dynv(v: &[Arc<MemMember>]) -> Vec<Arc<dyn Member>> {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add((i % 251) as u8).wrapping_mul(3)).collect()
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 251) as u8).wrapping_mul(3))
+        .collect()
 }
 
 fn assert_members_match_encode(array: &Array, members: &[Arc<MemMember>], logical: &[u8]) {
@@ -30,15 +39,21 @@ fn assert_members_match_encode(array: &Array, members: &[Arc<MemMember>], logica
     let want = encode_members(&geo, logical);
     for (i, m) in members.iter().enumerate() {
         let snap = m.snapshot();
-        let area = &snap[DATA_OFFSET_BYTES as usize..(DATA_OFFSET_BYTES + geo.member_data_bytes()) as usize];
-        assert!(area == want[i].as_slice(), "member {i} differs from a fresh encode");
+        let area = &snap
+            [DATA_OFFSET_BYTES as usize..(DATA_OFFSET_BYTES + geo.member_data_bytes()) as usize];
+        assert!(
+            area == want[i].as_slice(),
+            "member {i} differs from a fresh encode"
+        );
     }
 }
 
 #[tokio::test]
 async fn member_unreadable_mid_workload_is_failed_and_reads_reconstruct() {
     let ms = mems("d", 4, 2 << 20);
-    let a = Array::create("r5", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![]).await.unwrap();
+    let a = Array::create("r5", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
     let mut model = vec![0u8; a.size() as usize];
     for (i, at) in [0u64, 100_000, 1 << 20, 3 << 20].iter().enumerate() {
         let data = pattern(300_000, i as u8);
@@ -62,7 +77,9 @@ async fn member_unreadable_mid_workload_is_failed_and_reads_reconstruct() {
 #[tokio::test]
 async fn too_many_failures_give_errors_never_wrong_data() {
     let ms = mems("d", 4, 1 << 20);
-    let a = Array::create("r5", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![]).await.unwrap();
+    let a = Array::create("r5", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
     a.write(0, Bytes::from(pattern(1 << 20, 1))).await.unwrap();
     ms[0].vanish();
     ms[2].vanish();
@@ -76,7 +93,9 @@ async fn too_many_failures_give_errors_never_wrong_data() {
 async fn hot_spare_takes_over_a_failed_member() {
     let ms = mems("d", 2, 1 << 20);
     let spare = mems("s", 1, 1 << 20);
-    let a = Array::create("r1", Level::Raid1, CHUNK_BYTES, dynv(&ms), dynv(&spare)).await.unwrap();
+    let a = Array::create("r1", Level::Raid1, CHUNK_BYTES, dynv(&ms), dynv(&spare))
+        .await
+        .unwrap();
     let data = pattern(1 << 20, 5);
     a.write(0, Bytes::from(data.clone())).await.unwrap();
     ms[0].fail_writes(true);
@@ -93,14 +112,23 @@ async fn hot_spare_takes_over_a_failed_member() {
 async fn removed_and_readded_member_resyncs_only_dirty_regions() {
     let region_bytes = 128 << 10;
     let ms = mems("d", 4, 2 << 20);
-    let opts = CreateOptions { bitmap_region_bytes: Some(region_bytes), ..Default::default() };
-    let a = Array::create_with("r5", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![], opts).await.unwrap();
+    let opts = CreateOptions {
+        bitmap_region_bytes: Some(region_bytes),
+        ..Default::default()
+    };
+    let a = Array::create_with("r5", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![], opts)
+        .await
+        .unwrap();
     let mut model = vec![0u8; a.size() as usize];
     let all = pattern(model.len(), 9);
     a.write(0, Bytes::from(all.clone())).await.unwrap();
     model.copy_from_slice(&all);
     a.flush().await.unwrap();
-    assert_eq!(a.status().bitmap_dirty_regions, 0, "flush clears idle regions");
+    assert_eq!(
+        a.status().bitmap_dirty_regions,
+        0,
+        "flush clears idle regions"
+    );
 
     ms[2].vanish();
     // Three writes, each inside one row; rows 0, 5 and 12 lie in member regions 0, 2 and 6.
@@ -113,7 +141,11 @@ async fn removed_and_readded_member_resyncs_only_dirty_regions() {
     }
     a.flush().await.unwrap();
     assert_eq!(a.status().members[2].state, MemberState::Faulty);
-    assert_eq!(a.status().bitmap_dirty_regions, 3, "bits stay while degraded");
+    assert_eq!(
+        a.status().bitmap_dirty_regions,
+        3,
+        "bits stay while degraded"
+    );
     a.remove_member(2).await.unwrap();
     ms[2].reappear();
     ms[2].reset_stats();
@@ -124,7 +156,10 @@ async fn removed_and_readded_member_resyncs_only_dirty_regions() {
     assert!(!st.degraded, "{:?}", st.members);
     assert_eq!(st.bitmap_resync_regions, 3);
     let written = ms[2].stats().written_bytes;
-    assert!(written <= 3 * region_bytes + 64 * 4096, "resync wrote {written} bytes, more than 3 regions");
+    assert!(
+        written <= 3 * region_bytes + 64 * 4096,
+        "resync wrote {written} bytes, more than 3 regions"
+    );
     assert!(a.read(0, model.len()).await.unwrap()[..] == model[..]);
     assert_members_match_encode(&a, &ms, &model);
 }
@@ -132,7 +167,9 @@ async fn removed_and_readded_member_resyncs_only_dirty_regions() {
 #[tokio::test]
 async fn rebuild_resumes_from_checkpoint_after_restart() {
     let ms = mems("d", 3, 4 << 20);
-    let a = Array::create("r5", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![]).await.unwrap();
+    let a = Array::create("r5", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
     let data = pattern(a.size() as usize, 3);
     a.write(0, Bytes::from(data.clone())).await.unwrap();
     a.set_rebuild_rate(2 << 20);
@@ -141,13 +178,20 @@ async fn rebuild_resumes_from_checkpoint_after_restart() {
     tokio::time::sleep(Duration::from_millis(1300)).await;
     a.abandon().await;
     let done = a.status().rebuild.unwrap().done_bytes;
-    assert!(done > 0 && done < 4 << 20, "rebuild should be part way: {done}");
+    assert!(
+        done > 0 && done < 4 << 20,
+        "rebuild should be part way: {done}"
+    );
     let members = vec![ms[0].clone(), fresh.clone(), ms[2].clone()];
     let b = Array::assemble(dynv(&members)).await.unwrap();
     b.wait_rebuild().await;
     let st = b.status();
     let rb = st.rebuild.unwrap();
-    assert!(rb.total_bytes < 4 << 20, "resumed rebuild covers only what was left: {}", rb.total_bytes);
+    assert!(
+        rb.total_bytes < 4 << 20,
+        "resumed rebuild covers only what was left: {}",
+        rb.total_bytes
+    );
     assert!(!st.degraded);
     assert!(b.read(0, data.len()).await.unwrap()[..] == data[..]);
     assert_members_match_encode(&b, &members, &data);
@@ -157,21 +201,35 @@ async fn rebuild_resumes_from_checkpoint_after_restart() {
 async fn scrub_finds_corrupted_parity_and_repair_fixes_it() {
     for level in [Level::Raid5, Level::Raid6, Level::Raid1] {
         let ms = mems("d", 4, 1 << 20);
-        let a = Array::create("s", level, CHUNK_BYTES, dynv(&ms), vec![]).await.unwrap();
+        let a = Array::create("s", level, CHUNK_BYTES, dynv(&ms), vec![])
+            .await
+            .unwrap();
         let data = pattern(a.size() as usize, 4);
         a.write(0, Bytes::from(data.clone())).await.unwrap();
         assert_eq!(a.scrub(ScrubMode::Check).await.unwrap().mismatches, 0);
         let geo = a.geometry();
         let row = 3u64;
-        let victim = if level == Level::Raid1 { 2 } else { geo.p_member(row) };
+        let victim = if level == Level::Raid1 {
+            2
+        } else {
+            geo.p_member(row)
+        };
         ms[victim].poke(DATA_OFFSET_BYTES + row * CHUNK_BYTES + 10, &[0xde, 0xad]);
         let r = a.scrub(ScrubMode::Check).await.unwrap();
         assert_eq!(r.mismatches, 1, "{level}");
         assert_eq!(a.status().mismatch_count, 1);
-        assert_eq!(a.scrub(ScrubMode::Check).await.unwrap().mismatches, 1, "check mode changes nothing");
+        assert_eq!(
+            a.scrub(ScrubMode::Check).await.unwrap().mismatches,
+            1,
+            "check mode changes nothing"
+        );
         let r = a.scrub(ScrubMode::Repair).await.unwrap();
         assert_eq!(r.repaired, 1);
-        assert_eq!(a.scrub(ScrubMode::Check).await.unwrap().mismatches, 0, "{level}");
+        assert_eq!(
+            a.scrub(ScrubMode::Check).await.unwrap().mismatches,
+            0,
+            "{level}"
+        );
         assert_members_match_encode(&a, &ms, &data);
     }
 }
@@ -179,14 +237,19 @@ async fn scrub_finds_corrupted_parity_and_repair_fixes_it() {
 #[tokio::test]
 async fn unclean_shutdown_resyncs_dirty_regions_at_assembly() {
     let ms = mems("d", 3, 2 << 20);
-    let opts = CreateOptions { bitmap_region_bytes: Some(256 << 10), ..Default::default() };
-    let a = Array::create_with("u", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![], opts).await.unwrap();
+    let opts = CreateOptions {
+        bitmap_region_bytes: Some(256 << 10),
+        ..Default::default()
+    };
+    let a = Array::create_with("u", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![], opts)
+        .await
+        .unwrap();
     let data = pattern(a.size() as usize, 8);
     a.write(0, Bytes::from(data.clone())).await.unwrap();
     a.flush().await.unwrap();
     a.write(0, Bytes::from(vec![7u8; 4096])).await.unwrap();
     a.abandon().await; // crash: superblocks stay dirty, region 0 stays set
-    // A torn stripe: parity of row 0 does not match its data.
+                       // A torn stripe: parity of row 0 does not match its data.
     let p = a.geometry().p_member(0);
     ms[p].poke(DATA_OFFSET_BYTES + 100, &[1, 2, 3]);
     let b = Array::assemble(dynv(&ms)).await.unwrap();
@@ -194,13 +257,19 @@ async fn unclean_shutdown_resyncs_dirty_regions_at_assembly() {
     assert_eq!(b.scrub(ScrubMode::Check).await.unwrap().mismatches, 0);
     b.close().await.unwrap();
     let c = Array::assemble(dynv(&ms)).await.unwrap();
-    assert_eq!(c.status().unclean_resync_regions, 0, "a clean shutdown needs no resync");
+    assert_eq!(
+        c.status().unclean_resync_regions,
+        0,
+        "a clean shutdown needs no resync"
+    );
 }
 
 #[tokio::test]
 async fn applied_seq_survives_reassembly() {
     let ms = mems("d", 2, 1 << 20);
-    let a = Array::create("j", Level::Raid1, CHUNK_BYTES, dynv(&ms), vec![]).await.unwrap();
+    let a = Array::create("j", Level::Raid1, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
     a.flush().await.unwrap();
     a.set_applied_seq(12345).await.unwrap();
     a.close().await.unwrap();
@@ -211,7 +280,9 @@ async fn applied_seq_survives_reassembly() {
 #[tokio::test]
 async fn degraded_start_and_refusal_when_too_many_are_missing() {
     let ms = mems("d", 4, 1 << 20);
-    let a = Array::create("deg", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![]).await.unwrap();
+    let a = Array::create("deg", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
     let data = pattern(a.size() as usize, 2);
     a.write(0, Bytes::from(data.clone())).await.unwrap();
     a.close().await.unwrap();
@@ -221,7 +292,10 @@ async fn degraded_start_and_refusal_when_too_many_are_missing() {
     b.close().await.unwrap();
     let err = Array::assemble(dynv(&ms[2..])).await.unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("deg") && text.contains("cannot start"), "{text}");
+    assert!(
+        text.contains("deg") && text.contains("cannot start"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -231,49 +305,85 @@ async fn bad_input_gives_clear_errors() {
     let tiny = Arc::new(MemMember::new("tiny", 1 << 20));
     let mut v = dynv(&ms[..2]);
     v.push(tiny.clone());
-    let err = Array::create("x", Level::Raid5, CHUNK_BYTES, v, vec![]).await.unwrap_err();
-    assert!(err.to_string().contains("tiny"), "{err}");
-    // listed twice at create
-    let err = Array::create("x", Level::Raid1, CHUNK_BYTES, vec![ms[0].clone(), ms[0].clone()], vec![])
+    let err = Array::create("x", Level::Raid5, CHUNK_BYTES, v, vec![])
         .await
         .unwrap_err();
+    assert!(err.to_string().contains("tiny"), "{err}");
+    // listed twice at create
+    let err = Array::create(
+        "x",
+        Level::Raid1,
+        CHUNK_BYTES,
+        vec![ms[0].clone(), ms[0].clone()],
+        vec![],
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("twice"), "{err}");
 
-    let a = Array::create("x", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![]).await.unwrap();
+    let a = Array::create("x", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
     a.close().await.unwrap();
     // member listed twice at assembly
-    let err = Array::assemble(vec![ms[0].clone(), ms[1].clone(), ms[0].clone()]).await.unwrap_err();
+    let err = Array::assemble(vec![ms[0].clone(), ms[1].clone(), ms[0].clone()])
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("listed twice"), "{err}");
     // foreign (blank) member
     let blank = Arc::new(MemMember::new("blank", DATA_OFFSET_BYTES + (1 << 20)));
-    let err = Array::assemble(vec![ms[0].clone(), ms[1].clone(), blank]).await.unwrap_err();
-    assert!(err.to_string().contains("blank") && err.to_string().contains("foreign"), "{err}");
+    let err = Array::assemble(vec![ms[0].clone(), ms[1].clone(), blank])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("blank") && err.to_string().contains("foreign"),
+        "{err}"
+    );
     // corrupt superblock
     let copy = Arc::new(MemMember::from_vec("corrupt", ms[2].snapshot()));
     copy.poke(40, &[0xff]);
-    let err = Array::assemble(vec![ms[0].clone(), ms[1].clone(), copy]).await.unwrap_err();
-    assert!(err.to_string().contains("corrupt") && err.to_string().contains("checksum"), "{err}");
+    let err = Array::assemble(vec![ms[0].clone(), ms[1].clone(), copy])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("corrupt") && err.to_string().contains("checksum"),
+        "{err}"
+    );
     // wrong size: a truncated image
     let mut short = ms[2].snapshot();
     short.truncate(DATA_OFFSET_BYTES as usize + 4096);
     let short = Arc::new(MemMember::from_vec("short", short));
-    let err = Array::assemble(vec![ms[0].clone(), ms[1].clone(), short]).await.unwrap_err();
-    assert!(err.to_string().contains("short") && err.to_string().contains("bytes"), "{err}");
+    let err = Array::assemble(vec![ms[0].clone(), ms[1].clone(), short])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("short") && err.to_string().contains("bytes"),
+        "{err}"
+    );
     // mixed arrays
     let other = mems("o", 3, 1 << 20);
-    let b = Array::create("y", Level::Raid5, CHUNK_BYTES, dynv(&other), vec![]).await.unwrap();
+    let b = Array::create("y", Level::Raid5, CHUNK_BYTES, dynv(&other), vec![])
+        .await
+        .unwrap();
     b.close().await.unwrap();
-    let err = Array::assemble(vec![ms[0].clone(), ms[1].clone(), other[2].clone()]).await.unwrap_err();
+    let err = Array::assemble(vec![ms[0].clone(), ms[1].clone(), other[2].clone()])
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("different arrays"), "{err}");
     // out-of-range I/O
     let a = Array::assemble(dynv(&ms)).await.unwrap();
-    assert!(matches!(a.read(a.size() - 10, 20).await, Err(ArrayError::OutOfRange { .. })));
+    assert!(matches!(
+        a.read(a.size() - 10, 20).await,
+        Err(ArrayError::OutOfRange { .. })
+    ));
 }
 
 #[tokio::test]
 async fn concurrent_partial_writes_to_one_stripe_keep_parity_correct() {
     let ms = mems("d", 5, 1 << 20);
-    let a = Array::create("c", Level::Raid6, CHUNK_BYTES, dynv(&ms), vec![]).await.unwrap();
+    let a = Array::create("c", Level::Raid6, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for i in 0..32u64 {
         let a = a.clone();
@@ -291,7 +401,9 @@ async fn concurrent_partial_writes_to_one_stripe_keep_parity_correct() {
 #[tokio::test]
 async fn discard_zeroes_the_range_and_keeps_parity() {
     let ms = mems("d", 4, 1 << 20);
-    let a = Array::create("t", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![]).await.unwrap();
+    let a = Array::create("t", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
     let mut model = pattern(a.size() as usize, 6);
     a.write(0, Bytes::from(model.clone())).await.unwrap();
     a.discard(10_000, 700_000).await.unwrap();
@@ -303,9 +415,21 @@ async fn discard_zeroes_the_range_and_keeps_parity() {
 #[tokio::test]
 async fn create_over_used_images_reads_zeroes_with_consistent_parity() {
     let ms: Vec<Arc<MemMember>> = (0..4)
-        .map(|i| Arc::new(MemMember::from_vec(format!("old{i}"), pattern((DATA_OFFSET_BYTES + (1 << 20)) as usize, i))))
+        .map(|i| {
+            Arc::new(MemMember::from_vec(
+                format!("old{i}"),
+                pattern((DATA_OFFSET_BYTES + (1 << 20)) as usize, i),
+            ))
+        })
         .collect();
-    let a = Array::create("re", Level::Raid6, CHUNK_BYTES, dynv(&ms), vec![]).await.unwrap();
+    let a = Array::create("re", Level::Raid6, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
     assert_eq!(a.scrub(ScrubMode::Check).await.unwrap().mismatches, 0);
-    assert!(a.read(0, a.size() as usize).await.unwrap().iter().all(|b| *b == 0));
+    assert!(a
+        .read(0, a.size() as usize)
+        .await
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0));
 }

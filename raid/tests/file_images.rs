@@ -17,7 +17,11 @@ const CHUNK_BYTES: u64 = 64 << 10;
 const IMAGE_BYTES: u64 = DATA_OFFSET_BYTES + (2 << 20);
 
 fn open(path: &Path) -> Arc<dyn Member> {
-    let opts = FileOptions { direct: true, create_size: Some(IMAGE_BYTES), ..Default::default() };
+    let opts = FileOptions {
+        direct: true,
+        create_size: Some(IMAGE_BYTES),
+        ..Default::default()
+    };
     FileMember::open(path, &opts).unwrap()
 }
 
@@ -28,19 +32,28 @@ fn images(dir: &Path, n: usize) -> (Vec<PathBuf>, Vec<Arc<dyn Member>>) {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add((i % 253) as u8)).collect()
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 253) as u8))
+        .collect()
 }
 
 #[tokio::test]
 async fn image_made_unreadable_mid_workload_is_failed_and_data_survives() {
     let dir = tempfile::tempdir().unwrap();
     let (paths, members) = images(dir.path(), 4);
-    let a = Array::create("f5", Level::Raid5, CHUNK_BYTES, members, vec![]).await.unwrap();
+    let a = Array::create("f5", Level::Raid5, CHUNK_BYTES, members, vec![])
+        .await
+        .unwrap();
     let data = pattern(a.size() as usize, 1);
     a.write(0, Bytes::from(data.clone())).await.unwrap();
     a.flush().await.unwrap();
     // The image loses its content under the array: reads of it come back short.
-    std::fs::OpenOptions::new().write(true).open(&paths[2]).unwrap().set_len(4096).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[2])
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
     assert!(a.read(0, data.len()).await.unwrap()[..] == data[..]);
     let st = a.status();
     assert_eq!(st.members[2].state, MemberState::Faulty);
@@ -51,8 +64,13 @@ async fn image_made_unreadable_mid_workload_is_failed_and_data_survives() {
 async fn image_removed_and_readded_resyncs_only_dirty_regions() {
     let dir = tempfile::tempdir().unwrap();
     let (paths, members) = images(dir.path(), 3);
-    let opts = CreateOptions { bitmap_region_bytes: Some(256 << 10), ..Default::default() };
-    let a = Array::create_with("f1", Level::Raid1, CHUNK_BYTES, members, vec![], opts).await.unwrap();
+    let opts = CreateOptions {
+        bitmap_region_bytes: Some(256 << 10),
+        ..Default::default()
+    };
+    let a = Array::create_with("f1", Level::Raid1, CHUNK_BYTES, members, vec![], opts)
+        .await
+        .unwrap();
     let mut model = pattern(a.size() as usize, 2);
     a.write(0, Bytes::from(model.clone())).await.unwrap();
     a.flush().await.unwrap();
@@ -69,7 +87,10 @@ async fn image_removed_and_readded_resyncs_only_dirty_regions() {
     a.wait_rebuild().await;
     let st = a.status();
     assert!(!st.degraded);
-    assert_eq!(st.bitmap_resync_regions, 2, "regions 0 and 2 were written while the image was out");
+    assert_eq!(
+        st.bitmap_resync_regions, 2,
+        "regions 0 and 2 were written while the image was out"
+    );
     a.close().await.unwrap();
     // The re-added image alone holds the data.
     let only = Array::assemble(vec![open(&paths[1])]).await.unwrap();
@@ -80,13 +101,21 @@ async fn image_removed_and_readded_resyncs_only_dirty_regions() {
 async fn scrub_on_images_finds_corrupted_parity_and_repair_fixes_it() {
     let dir = tempfile::tempdir().unwrap();
     let (paths, members) = images(dir.path(), 4);
-    let a = Array::create("f6", Level::Raid6, CHUNK_BYTES, members, vec![]).await.unwrap();
-    a.write(0, Bytes::from(pattern(a.size() as usize, 5))).await.unwrap();
+    let a = Array::create("f6", Level::Raid6, CHUNK_BYTES, members, vec![])
+        .await
+        .unwrap();
+    a.write(0, Bytes::from(pattern(a.size() as usize, 5)))
+        .await
+        .unwrap();
     a.flush().await.unwrap();
     let row = 7;
     let q = a.geometry().q_member(row);
-    let f = std::fs::OpenOptions::new().write(true).open(&paths[q]).unwrap();
-    f.write_all_at(&[0x55; 512], DATA_OFFSET_BYTES + row * CHUNK_BYTES + 4096).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[q])
+        .unwrap();
+    f.write_all_at(&[0x55; 512], DATA_OFFSET_BYTES + row * CHUNK_BYTES + 4096)
+        .unwrap();
     f.sync_all().unwrap();
     assert_eq!(a.scrub(ScrubMode::Check).await.unwrap().mismatches, 1);
     assert_eq!(a.scrub(ScrubMode::Repair).await.unwrap().repaired, 1);

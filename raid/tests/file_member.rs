@@ -340,3 +340,64 @@ async fn direct_on_tmpfs_works_or_falls_back_to_buffered() {
     assert_eq!(member.read_at(4096, 8192).await.expect("read"), data);
     eprintln!("O_DIRECT on tmpfs: {}", member.direct());
 }
+
+/// The first block device this process may open read-only, with its size from sysfs.
+fn readable_block_device() -> Option<(std::path::PathBuf, u64)> {
+    let entries = std::fs::read_dir("/sys/block").ok()?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let sectors = std::fs::read_to_string(entry.path().join("size"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let dev = Path::new("/dev").join(&name);
+        if sectors > 0 && std::fs::File::open(&dev).is_ok() {
+            // sysfs counts 512-byte sectors whatever the logical block size.
+            return Some((dev, sectors * 512));
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn block_device_size_and_block_size_come_from_the_device() {
+    let Some((dev, size)) = readable_block_device() else {
+        eprintln!("skipping: no readable block device");
+        return;
+    };
+    let opts = FileOptions {
+        read_only: true,
+        direct: true,
+        engine: EngineChoice::Pool,
+        ..FileOptions::default()
+    };
+    let member = FileMember::open(&dev, &opts).expect("open block device read-only");
+    assert!(member.is_block_device());
+    assert_eq!(member.size(), size, "{}", dev.display());
+    let align = member.direct_align_bytes();
+    assert!(
+        align.is_power_of_two() && (512..=4096).contains(&align),
+        "{align}"
+    );
+    let first = member.read_at(0, 4096).await.expect("read first block");
+    assert_eq!(first.len(), 4096);
+}
+
+/// `EngineChoice::Auto` follows `TWINBLOCK_IO` when set (run the suite with `TWINBLOCK_IO=pool`
+/// and `=uring` to check both), else the probe.
+#[test]
+fn auto_engine_follows_twinblock_io_or_the_probe() {
+    let dir = scratch();
+    let opts = FileOptions {
+        create_size: Some(1 << 20),
+        ..FileOptions::default()
+    };
+    let member = FileMember::open(dir.path().join("img"), &opts).expect("open");
+    let expected = match std::env::var("TWINBLOCK_IO").as_deref() {
+        Ok("pool") => "pool",
+        Ok("uring") => "uring",
+        _ if uring::probe().is_ok() => "uring",
+        _ => "pool",
+    };
+    assert_eq!(member.engine(), expected);
+}

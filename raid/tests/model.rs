@@ -18,14 +18,28 @@ const MEMBER_BYTES: u64 = DATA_OFFSET_BYTES + ROWS * CHUNK_BYTES;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { at: u64, len: u64, seed: u8 },
-    Read { at: u64, len: u64 },
+    Write {
+        at: u64,
+        len: u64,
+        seed: u8,
+    },
+    Read {
+        at: u64,
+        len: u64,
+    },
     /// Make a member fail: by injected I/O error (`vanish`) or by the operator.
-    Fail { slot: usize, vanish: bool },
+    Fail {
+        slot: usize,
+        vanish: bool,
+    },
     /// Replace a failed member by a blank one and rebuild.
-    Replace { slot: usize },
+    Replace {
+        slot: usize,
+    },
     /// Let a failed member come back (bitmap resync).
-    Return { slot: usize },
+    Return {
+        slot: usize,
+    },
     Flush,
     Reassemble,
 }
@@ -57,16 +71,28 @@ fn dynv(v: &[Arc<MemMember>]) -> Vec<Arc<dyn Member>> {
 
 impl Harness {
     async fn new(level: Level, n: usize) -> Harness {
-        let members: Vec<Arc<MemMember>> =
-            (0..n).map(|i| Arc::new(MemMember::new(format!("m{i}"), MEMBER_BYTES))).collect();
-        let array = Array::create("model", level, CHUNK_BYTES, dynv(&members), vec![]).await.unwrap();
+        let members: Vec<Arc<MemMember>> = (0..n)
+            .map(|i| Arc::new(MemMember::new(format!("m{i}"), MEMBER_BYTES)))
+            .collect();
+        let array = Array::create("model", level, CHUNK_BYTES, dynv(&members), vec![])
+            .await
+            .unwrap();
         let model = vec![0u8; array.size() as usize];
-        Harness { members, array, model, down: vec![false; n], fresh_names: 0 }
+        Harness {
+            members,
+            array,
+            model,
+            down: vec![false; n],
+            fresh_names: 0,
+        }
     }
 
     async fn check_read(&self, at: u64, len: u64) {
         let got = self.array.read(at, len as usize).await.unwrap();
-        assert!(got[..] == self.model[at as usize..(at + len) as usize], "read at {at} len {len} differs from the model");
+        assert!(
+            got[..] == self.model[at as usize..(at + len) as usize],
+            "read at {at} len {len} differs from the model"
+        );
     }
 
     async fn apply(&mut self, op: Op) {
@@ -77,8 +103,13 @@ impl Harness {
             Op::Write { at, len, seed } => {
                 let at = at % size;
                 let len = len.min(size - at);
-                let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add((i * 7 + i / 251) as u8)).collect();
-                self.array.write(at, Bytes::from(data.clone())).await.unwrap();
+                let data: Vec<u8> = (0..len)
+                    .map(|i| seed.wrapping_add((i * 7 + i / 251) as u8))
+                    .collect();
+                self.array
+                    .write(at, Bytes::from(data.clone()))
+                    .await
+                    .unwrap();
                 self.model[at as usize..(at + len) as usize].copy_from_slice(&data);
             }
             Op::Read { at, len } => {
@@ -105,8 +136,15 @@ impl Harness {
                     return;
                 }
                 self.fresh_names += 1;
-                let fresh = Arc::new(MemMember::new(format!("fresh{}", self.fresh_names), MEMBER_BYTES));
-                let st = self.array.replace_member(slot, fresh.clone()).await.unwrap();
+                let fresh = Arc::new(MemMember::new(
+                    format!("fresh{}", self.fresh_names),
+                    MEMBER_BYTES,
+                ));
+                let st = self
+                    .array
+                    .replace_member(slot, fresh.clone())
+                    .await
+                    .unwrap();
                 assert_eq!(st.slot, Some(slot));
                 self.array.wait_rebuild().await;
                 self.members[slot] = fresh;
@@ -162,22 +200,36 @@ impl Harness {
         self.array.wait_rebuild().await;
         let st = self.array.status();
         assert!(!st.degraded, "array still degraded: {:?}", st.members);
-        assert!(st.members.iter().all(|m| m.state == MemberState::Active || m.slot.is_none()));
+        assert!(st
+            .members
+            .iter()
+            .all(|m| m.state == MemberState::Active || m.slot.is_none()));
         self.check_read(0, self.model.len() as u64).await;
         let geo = self.array.geometry();
         let want = encode_members(&geo, &self.model);
         for (i, m) in self.members.iter().enumerate() {
             let snap = m.snapshot();
-            let area = &snap[DATA_OFFSET_BYTES as usize..(DATA_OFFSET_BYTES + geo.member_data_bytes()) as usize];
-            assert!(area == want[i].as_slice(), "member {i} differs from a fresh encode");
+            let area = &snap[DATA_OFFSET_BYTES as usize
+                ..(DATA_OFFSET_BYTES + geo.member_data_bytes()) as usize];
+            assert!(
+                area == want[i].as_slice(),
+                "member {i} differs from a fresh encode"
+            );
         }
-        let report = self.array.scrub(twinblock_raid::ScrubMode::Check).await.unwrap();
+        let report = self
+            .array
+            .scrub(twinblock_raid::ScrubMode::Check)
+            .await
+            .unwrap();
         assert_eq!(report.mismatches, 0);
     }
 }
 
 fn run(level: Level, n: usize, ops: Vec<Op>) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let mut h = Harness::new(level, n).await;
         for op in ops {
@@ -189,8 +241,15 @@ fn run(level: Level, n: usize, ops: Vec<Op>) {
 
 fn cases() -> ProptestConfig {
     // PROPTEST_CASES raises the count for a longer hunt; the default keeps the suite fast.
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
-    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }
 
 proptest! {

@@ -58,6 +58,10 @@ pub struct NodeConfig {
     pub data_dir: Option<PathBuf>,
     #[serde(default = "default_admin_socket")]
     pub admin_socket: PathBuf,
+    /// Identity of the HA pair (a UUID), stamped into the NVRAM file so a file from another
+    /// pair is refused. Both nodes of a pair use the same value.
+    #[serde(default)]
+    pub pair_id: Option<String>,
 }
 
 fn default_admin_socket() -> PathBuf {
@@ -222,6 +226,14 @@ impl Config {
                 ),
             ));
         }
+        if let Some(p) = &self.node.pair_id {
+            if uuid::Uuid::parse_str(p).is_err() {
+                return Err(self.invalid(
+                    "node.pair_id",
+                    format!("`{p}` is not a UUID (e.g. 6f1c0d3e-8a4b-4c2d-9e7f-1a2b3c4d5e6f)"),
+                ));
+            }
+        }
         if self.nbd.listen.is_empty() && self.nbd.unix.is_none() {
             return Err(self.invalid(
                 "nbd.listen",
@@ -371,6 +383,22 @@ impl Config {
                 return Err(self.invalid(key("journal"), "journal = true needs an [nvram] section"));
             }
         }
+        let journaled: Vec<&str> = self
+            .volumes
+            .iter()
+            .filter(|v| v.journal)
+            .map(|v| v.name.as_str())
+            .collect();
+        if journaled.len() > 1 {
+            return Err(self.invalid(
+                "volume.journal",
+                format!(
+                    "volumes {} all ask for the journal; this version journals one volume per \
+                     node (one NVRAM file)",
+                    journaled.join(", ")
+                ),
+            ));
+        }
         if let Some(def) = &self.nbd.default_export {
             if !volume_names.contains(def.as_str()) {
                 return Err(self.invalid(
@@ -411,6 +439,15 @@ impl Config {
         } else {
             self.data_dir().join(p)
         }
+    }
+
+    /// The pair identity (nil UUID when the config names none: an unpaired node).
+    pub fn pair_id(&self) -> uuid::Uuid {
+        self.node
+            .pair_id
+            .as_deref()
+            .and_then(|p| uuid::Uuid::parse_str(p).ok())
+            .unwrap_or(uuid::Uuid::nil())
     }
 
     pub fn admin_socket(&self) -> PathBuf {

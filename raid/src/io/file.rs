@@ -174,21 +174,6 @@ impl FileMember {
             });
         }
 
-        let kind = match opts.engine {
-            EngineChoice::Auto => process_engine_kind(),
-            EngineChoice::Uring => EngineKind::Uring,
-            EngineChoice::Pool => EngineKind::Pool,
-        };
-        let engine = match kind {
-            EngineKind::Pool => Engine::Pool,
-            EngineKind::Uring => {
-                let engine = uring::probe()
-                    .and_then(|()| uring::process_engine().map_err(|e| e.to_string()))
-                    .map_err(|reason| FileError::UringUnavailable { path: pb(), reason })?;
-                Engine::Uring(engine)
-            }
-        };
-
         let mut base = OpenOptions::new();
         base.read(true).write(!opts.read_only);
         let mut buffered_opts = base.clone();
@@ -234,6 +219,22 @@ impl FileMember {
             open_direct(path, &base, size, direct_align_bytes)?
         } else {
             None
+        };
+
+        // Chosen after the files opened, so a bad path does not start a ring.
+        let kind = match opts.engine {
+            EngineChoice::Auto => process_engine_kind(),
+            EngineChoice::Uring => EngineKind::Uring,
+            EngineChoice::Pool => EngineKind::Pool,
+        };
+        let engine = match kind {
+            EngineKind::Pool => Engine::Pool,
+            EngineKind::Uring => {
+                let engine = uring::probe()
+                    .and_then(|()| uring::process_engine().map_err(|e| e.to_string()))
+                    .map_err(|reason| FileError::UringUnavailable { path: pb(), reason })?;
+                Engine::Uring(engine)
+            }
         };
 
         let member = FileMember {

@@ -16,6 +16,9 @@ pub mod mem;
 pub mod pool;
 pub mod uring;
 
+pub use buf::AlignedBuf;
+pub use file::{EngineChoice, FileError, FileMember, FileOptions};
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::io;
