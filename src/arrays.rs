@@ -219,13 +219,20 @@ impl ArrayEntry {
 
     pub async fn fail(&self, disk: &str) -> Result<Value, String> {
         let slot = self.slot_of(disk)?;
-        self.array.fail_member(slot).await.map_err(|e| e.to_string())?;
+        self.array
+            .fail_member(slot)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(json!({ "message": format!("array {}: slot {slot} ({disk}) marked faulty", self.name) }))
     }
 
     pub async fn remove(&self, disk: &str) -> Result<Value, String> {
         match self.slot_of(disk) {
-            Ok(slot) => self.array.remove_member(slot).await.map_err(|e| e.to_string())?,
+            Ok(slot) => self
+                .array
+                .remove_member(slot)
+                .await
+                .map_err(|e| e.to_string())?,
             Err(_) => {
                 let path = self.resolve(disk);
                 self.array
@@ -234,7 +241,9 @@ impl ArrayEntry {
                     .map_err(|e| e.to_string())?
             }
         }
-        Ok(json!({ "message": format!("array {}: {disk} removed; {}", self.name, self.keep_note()) }))
+        Ok(
+            json!({ "message": format!("array {}: {disk} removed; {}", self.name, self.keep_note()) }),
+        )
     }
 
     pub async fn add(&self, path: &str) -> Result<Value, String> {

@@ -11,14 +11,14 @@ use crate::device::{ArrayBacking, ArrayDevice, JournaledDevice, MemberDevice};
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use serde::Serialize;
-use std::future::Future;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
+use twinblock_journal::{JournaledVolume, Nvram, NvramConfig};
 use twinblock_nbd::{BlockDevice, Export, Server, ServerConfig};
 use twinblock_raid::io::file::{FileMember, FileOptions};
-use twinblock_journal::{JournaledVolume, Nvram, NvramConfig};
 use twinblock_raid::io::Member;
 
 /// What the admin API reports about one volume.
@@ -67,9 +67,7 @@ impl Node {
         for v in &config.volumes {
             let (device, info) = match &v.array {
                 None => open_volume(&config, v).await,
-                Some(a) => {
-                    open_array_volume(&config, v, &arrays[a.as_str()], &mut journaled).await
-                }
+                Some(a) => open_array_volume(&config, v, &arrays[a.as_str()], &mut journaled).await,
             }
             .with_context(|| format!("volume `{}`", v.name))?;
             server
@@ -215,7 +213,13 @@ impl Node {
 
     fn volume_json(&self, v: &VolumeInfo) -> serde_json::Value {
         let mut j = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
-        if let Some(a) = self.config.volumes.iter().find(|c| c.name == v.name).and_then(|c| c.array.as_ref()) {
+        if let Some(a) = self
+            .config
+            .volumes
+            .iter()
+            .find(|c| c.name == v.name)
+            .and_then(|c| c.array.as_ref())
+        {
             if let Some(entry) = self.arrays.get(a) {
                 let st = entry.status();
                 j["state"] = serde_json::json!(if st.failed {
@@ -232,7 +236,8 @@ impl Node {
         }
         if let Some(dev) = self.journaled.get(&v.name) {
             j["journal"] = serde_json::to_value(dev.volume().status()).unwrap_or_default();
-            j["journal_recovery"] = serde_json::json!(format!("{:?}", dev.volume().recovery()));
+            j["journal_recovery"] =
+                serde_json::to_value(dev.volume().recovery()).unwrap_or_default();
         }
         if let Some(stats) = self.server.export_stats(&v.name) {
             j["stats"] = serde_json::json!({
@@ -310,7 +315,11 @@ async fn open_array_volume(
     let mut info = VolumeInfo {
         name: v.name.clone(),
         description: v.description.clone().unwrap_or_else(|| {
-            format!("twinblock RAID {} volume on {}", st.level.code(), entry.name)
+            format!(
+                "twinblock RAID {} volume on {}",
+                st.level.code(),
+                entry.name
+            )
         }),
         kind: "array",
         size: array.size(),

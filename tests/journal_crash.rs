@@ -127,7 +127,8 @@ fn block_image(block: u64, version: u64) -> Vec<u8> {
     }
     b[0..8].copy_from_slice(&(block * BLOCK_BYTES).to_le_bytes());
     b[8..16].copy_from_slice(&version.to_le_bytes());
-    let mut x = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
+    let mut x =
+        block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
     for chunk in b[16..].chunks_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
@@ -163,7 +164,9 @@ fn free_addr() -> SocketAddr {
 
 fn iterations() -> u32 {
     if let Ok(n) = std::env::var("TWINBLOCK_CRASH_ITERATIONS") {
-        return n.parse().expect("TWINBLOCK_CRASH_ITERATIONS must be a number");
+        return n
+            .parse()
+            .expect("TWINBLOCK_CRASH_ITERATIONS must be a number");
     }
     if std::env::var("TWINBLOCK_SOAK").is_ok_and(|v| v == "1") {
         500
@@ -244,7 +247,11 @@ fn verify(addr: SocketAddr, blocks: &[Mutex<BlockState>], iteration: u32) {
 fn acknowledged_writes_survive_kill_9_of_the_daemon() {
     let dir = tempfile::Builder::new()
         .prefix("twinblock-crash-")
-        .tempdir_in(std::env::var_os("CARGO_TARGET_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir))
+        .tempdir_in(
+            std::env::var_os("CARGO_TARGET_TMPDIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir),
+        )
         .expect("tempdir");
     let addr = free_addr();
     let config_path = dir.path().join("node0.toml");
@@ -257,8 +264,11 @@ fn acknowledged_writes_survive_kill_9_of_the_daemon() {
         .unwrap_or_else(|| rand::thread_rng().gen());
     println!("crash test seed {seed} (replay with TWINBLOCK_CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let blocks: Arc<Vec<Mutex<BlockState>>> =
-        Arc::new((0..BLOCKS).map(|_| Mutex::new(BlockState::default())).collect());
+    let blocks: Arc<Vec<Mutex<BlockState>>> = Arc::new(
+        (0..BLOCKS)
+            .map(|_| Mutex::new(BlockState::default()))
+            .collect(),
+    );
 
     let n = iterations();
     let mut total_acked = 0u64;
@@ -280,5 +290,8 @@ fn acknowledged_writes_survive_kill_9_of_the_daemon() {
     verify(addr, &blocks, n);
     drop(daemon);
     println!("{n} kill -9 iterations, {total_acked} acknowledged writes, none lost");
-    assert!(total_acked > u64::from(n), "the workload barely ran: {total_acked} writes acknowledged");
+    assert!(
+        total_acked > u64::from(n),
+        "the workload barely ran: {total_acked} writes acknowledged"
+    );
 }

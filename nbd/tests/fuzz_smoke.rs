@@ -16,7 +16,13 @@ fn seed_session() -> Vec<u8> {
     let mut v = Vec::new();
     v.extend_from_slice(&(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).to_be_bytes());
     let mut opt = |option: u32, data: &[u8]| {
-        v.extend_from_slice(&OptionHeader { option, len: data.len() as u32 }.encode());
+        v.extend_from_slice(
+            &OptionHeader {
+                option,
+                len: data.len() as u32,
+            }
+            .encode(),
+        );
         v.extend_from_slice(data);
     };
     opt(NBD_OPT_LIST, &[]);
@@ -46,13 +52,29 @@ fn seed_session() -> Vec<u8> {
     .enumerate()
     {
         v.extend_from_slice(
-            &RequestHeader { flags, command: cmd, cookie: cookie as u64, offset: off, len }.encode(),
+            &RequestHeader {
+                flags,
+                command: cmd,
+                cookie: cookie as u64,
+                offset: off,
+                len,
+            }
+            .encode(),
         );
         if cmd == NBD_CMD_WRITE {
             v.extend(std::iter::repeat_n(0xa5u8, len as usize));
         }
     }
-    v.extend_from_slice(&RequestHeader { flags: 0, command: NBD_CMD_DISC, cookie: 99, offset: 0, len: 0 }.encode());
+    v.extend_from_slice(
+        &RequestHeader {
+            flags: 0,
+            command: NBD_CMD_DISC,
+            cookie: 99,
+            offset: 0,
+            len: 0,
+        }
+        .encode(),
+    );
     v
 }
 

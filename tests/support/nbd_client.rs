@@ -62,7 +62,14 @@ impl Client {
         })
     }
 
-    fn request(&mut self, cmd: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> io::Result<u64> {
+    fn request(
+        &mut self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<u64> {
         let handle = self.next_handle;
         self.next_handle += 1;
         let mut req = Vec::with_capacity(28 + payload.len());

@@ -56,6 +56,21 @@ enum Command {
         #[command(subcommand)]
         cmd: ScrubCmd,
     },
+    /// The NVRAM journal.
+    Journal {
+        #[command(subcommand)]
+        cmd: JournalCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JournalCmd {
+    /// Print an NVRAM file's header, records, CPs and scan result (works offline; a file in use
+    /// gives a best-effort snapshot).
+    Dump {
+        /// The NVRAM file (e.g. /dev/shm/twinblock-demo-node0.nvram).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -192,6 +207,17 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 out.rebuild(&call(&cli, Request::RebuildStatus).await?)
             }
+        }
+        Command::Journal {
+            cmd: JournalCmd::Dump { file },
+        } => {
+            let dump = twinblock_journal::dump::dump_file(file)?;
+            if cli.json {
+                println!("{}", dump.to_json());
+            } else {
+                print!("{dump}");
+            }
+            Ok(())
         }
         Command::Scrub { cmd } => match cmd {
             ScrubCmd::Start { array, repair } => out.done(

@@ -62,6 +62,29 @@ fn pretty(v: &Value) -> String {
 
 /// One rebuild/scrub line: `md0  rebuilding d3.img  42.0%  180 MiB/s  ETA 12s`.
 pub fn progress_line(r: &Value) -> String {
+    match r.get("state").and_then(Value::as_str) {
+        Some("idle") => {
+            let degraded = r.get("degraded").and_then(Value::as_bool).unwrap_or(false);
+            return format!(
+                "{}  idle{}",
+                s(r, "array"),
+                if degraded {
+                    " (degraded: add a spare to rebuild)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Some("failed") => {
+            return format!(
+                "{}  rebuild of {} failed: {}",
+                s(r, "array"),
+                s(r, "target"),
+                s(r, "error")
+            );
+        }
+        _ => {}
+    }
     let pct = r.get("percent").and_then(Value::as_f64).unwrap_or(0.0);
     let rate = r
         .get("rate_bytes_per_s")
@@ -219,6 +242,7 @@ impl Output {
                         .unwrap_or_else(|| "-".into()),
                     s(r, "mismatches"),
                     s(r, "repaired"),
+                    s(r, "error"),
                 ]
             })
             .collect();

@@ -18,6 +18,13 @@ use std::ptr::NonNull;
 /// Alignment of every `AlignedBuf`, in bytes: one page, enough for any logical block size.
 pub const ALIGN_BYTES: usize = 4096;
 
+/// A type with the buffer alignment, used only for its aligned dangling pointer.
+#[repr(align(4096))]
+struct Page;
+
+// `Page` must carry exactly the promised alignment.
+const _: () = assert!(std::mem::align_of::<Page>() == ALIGN_BYTES);
+
 /// An owned, zero-initialised byte buffer whose start is aligned to `ALIGN_BYTES`.
 pub struct AlignedBuf {
     /// Invariant: when `len > 0`, `ptr` came from `alloc::alloc_zeroed(Self::layout(len))`, is
@@ -46,11 +53,9 @@ impl AlignedBuf {
     /// A zero-filled buffer of `len` bytes. Aborts (like `Vec`) if memory is exhausted.
     pub fn zeroed(len: usize) -> AlignedBuf {
         if len == 0 {
-            // `ALIGN_BYTES` is non-zero, so this address is non-null and aligned; it is never
-            // dereferenced because the slice built from it is empty.
-            let dangling = std::ptr::null_mut::<u8>().wrapping_add(ALIGN_BYTES);
+            // Non-null and `ALIGN_BYTES`-aligned; never dereferenced since the slice is empty.
             return AlignedBuf {
-                ptr: NonNull::new(dangling).unwrap_or(NonNull::dangling()),
+                ptr: NonNull::<Page>::dangling().cast(),
                 len: 0,
             };
         }
