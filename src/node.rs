@@ -415,6 +415,12 @@ async fn open_volume(
 
 async fn open_image(path: &Path, v: &VolumeConfig) -> Result<Arc<FileMember>> {
     let exists = path.exists();
+    if !exists && v.read_only {
+        bail!(
+            "image {} does not exist, and a read-only volume is never created",
+            path.display()
+        );
+    }
     if !exists && v.size.is_none() {
         bail!(
             "image {} does not exist; create it, or set `size` in the volume's config to have \

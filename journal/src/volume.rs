@@ -37,6 +37,7 @@
 //! overwritten during the CP have newer seqs and stay), and appends the CP record. Writers that
 //! find the log full wait on `space_freed` (back-pressure) after waking the flusher.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -190,6 +191,59 @@ struct Shipped {
     bytes: Bytes,
 }
 
+/// Records appended for the mirror and not yet shipped. Dropping the list (also when the
+/// writer's future is cancelled) takes its seqs out of `State::shipping`, so a CP never waits for
+/// a shipment that will not happen.
+struct ShipList<'a, B: Backing> {
+    shared: &'a Shared<B>,
+    items: Vec<Shipped>,
+    seqs: Vec<u64>,
+}
+
+impl<'a, B: Backing> ShipList<'a, B> {
+    fn new(shared: &'a Shared<B>) -> Self {
+        ShipList {
+            shared,
+            items: Vec::new(),
+            seqs: Vec::new(),
+        }
+    }
+
+    /// Ships every pending record; returns the seqs the partner now holds.
+    async fn send(&mut self) -> Vec<u64> {
+        let mut mirrored = Vec::new();
+        for s in std::mem::take(&mut self.items) {
+            self.seqs.push(s.seq);
+            let outcome = self.shared.mirror.ship(s.log_offset, s.seq, s.bytes).await;
+            if outcome == MirrorOutcome::Mirrored {
+                mirrored.push(s.seq);
+            }
+        }
+        self.release();
+        mirrored
+    }
+
+    fn release(&mut self) {
+        self.seqs.extend(self.items.drain(..).map(|s| s.seq));
+        if self.seqs.is_empty() {
+            return;
+        }
+        {
+            let mut st = self.shared.lock();
+            for s in self.seqs.drain(..) {
+                st.shipping.remove(&s);
+            }
+        }
+        self.shared.shipped.notify_waiters();
+    }
+}
+
+impl<B: Backing> Drop for ShipList<'_, B> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 struct State {
     region: Region,
     cursor: LogCursor,
@@ -203,6 +257,10 @@ struct State {
     writer_waits: u64,
     /// A writer found the log full since the last CP.
     space_wanted: bool,
+    /// Seqs of records copied for the mirror and not yet shipped; a CP does not free log space
+    /// holding one of them (the partner would get an old record after a newer one at the same
+    /// offset).
+    shipping: BTreeSet<u64>,
     last_cp_error: Option<String>,
 }
 
@@ -241,6 +299,7 @@ impl State {
             self.region.write_log(at, &pad);
             self.region.persist_log(at, pad.len() as u64)?;
             if copy {
+                self.shipping.insert(seq);
                 ship.push(Shipped {
                     log_offset: at,
                     seq,
@@ -267,6 +326,7 @@ impl State {
         let committed = self.cursor.commit(p, total);
         debug_assert_eq!(committed, seq);
         if copy {
+            self.shipping.insert(seq);
             ship.push(Shipped {
                 log_offset: p.at,
                 seq,
@@ -336,6 +396,8 @@ struct Shared<B: Backing> {
     persistence: PersistenceMode,
     state: Mutex<State>,
     space_freed: Notify,
+    /// Signalled when records leave `State::shipping`.
+    shipped: Notify,
     cp_wanted: Arc<Notify>,
     cp_lock: tokio::sync::Mutex<()>,
     mirror: Arc<dyn MirrorHook>,
@@ -428,58 +490,61 @@ impl<B: Backing> Shared<B> {
         }
     }
 
-    /// Ships records to the partner and records the acknowledged transitions of `data_seqs`.
-    async fn finish(&self, ship: Vec<Shipped>, data_seqs: &[u64]) -> Result<(), JournalError> {
-        let mut mirrored = Vec::new();
-        for s in ship {
-            if self.mirror.ship(s.log_offset, s.seq, s.bytes).await == MirrorOutcome::Mirrored {
-                mirrored.push(s.seq);
-            }
-        }
-        if data_seqs.is_empty() {
-            return Ok(());
-        }
-        let more = {
+    /// Records the mirrored and acknowledged transitions of a finished request.
+    async fn finish(&self, mirrored: &[u64], data_seqs: &[u64]) -> Result<(), JournalError> {
+        let mut more = ShipList::new(self);
+        {
             let mut st = self.lock();
-            for &s in &mirrored {
+            for &s in mirrored {
                 st.mirrored.add(s);
             }
             for &s in data_seqs {
                 st.acked.add(s);
             }
-            let mut more = Vec::new();
             if st.acked.0.len() + st.mirrored.0.len() >= TRANSITION_MAX_ENTRIES {
-                st.emit_transitions(self.volume_id, self.mirror.enabled(), &mut more)?;
+                st.emit_transitions(self.volume_id, self.mirror.enabled(), &mut more.items)?;
             }
-            more
-        };
-        for s in more {
-            self.mirror.ship(s.log_offset, s.seq, s.bytes).await;
         }
+        more.send().await;
         Ok(())
+    }
+
+    /// Journals one data record (waiting for space), then ships it; returns (seq, mirrored seqs).
+    async fn journal_and_ship(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> Result<(u64, Vec<u64>), JournalError> {
+        let mut ship = ShipList::new(self);
+        let seq = self
+            .append_data(kind, offset, length, payload, &mut ship.items)
+            .await?;
+        Ok((seq, ship.send().await))
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), JournalError> {
         self.check_range(offset, data.len() as u64)?;
-        let mut ship = Vec::new();
+        let mut mirrored = Vec::new();
         let mut seqs = Vec::new();
         let chunk = self.config.max_record_payload_bytes as usize;
         let mut at = 0;
         while at < data.len() {
             let n = chunk.min(data.len() - at);
-            let seq = self
-                .append_data(
+            let (seq, m) = self
+                .journal_and_ship(
                     RecordKind::Write,
                     offset + at as u64,
                     n as u64,
                     &data[at..at + n],
-                    &mut ship,
                 )
                 .await?;
             seqs.push(seq);
+            mirrored.extend(m);
             at += n;
         }
-        self.finish(ship, &seqs).await
+        self.finish(&mirrored, &seqs).await
     }
 
     async fn write_range(
@@ -492,9 +557,8 @@ impl<B: Backing> Shared<B> {
         if len == 0 {
             return Ok(());
         }
-        let mut ship = Vec::new();
-        let seq = self.append_data(kind, offset, len, &[], &mut ship).await?;
-        self.finish(ship, &[seq]).await
+        let (seq, mirrored) = self.journal_and_ship(kind, offset, len, &[]).await?;
+        self.finish(&mirrored, &[seq]).await
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, JournalError> {
@@ -547,12 +611,10 @@ impl<B: Backing> Shared<B> {
     async fn flush(&self) -> Result<(), JournalError> {
         // Every acknowledged write is already persistent in NVRAM; record the acknowledged set.
         let copy = self.mirror.enabled();
-        let mut ship = Vec::new();
+        let mut ship = ShipList::new(self);
         self.lock()
-            .emit_transitions(self.volume_id, copy, &mut ship)?;
-        for s in ship {
-            self.mirror.ship(s.log_offset, s.seq, s.bytes).await;
-        }
+            .emit_transitions(self.volume_id, copy, &mut ship.items)?;
+        ship.send().await;
         Ok(())
     }
 
@@ -649,8 +711,19 @@ impl<B: Backing> Shared<B> {
             .set_applied_seq(cp_seq)
             .await
             .map_err(backing_err("set_applied_seq", 0))?;
+        // Records up to cp_seq must have reached the partner before their space is reused.
+        loop {
+            let notified = self.shipped.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let oldest = self.lock().shipping.first().copied();
+            if oldest.is_none_or(|s| s > cp_seq) {
+                break;
+            }
+            notified.await;
+        }
         let copy = self.mirror.enabled();
-        let mut ship = Vec::new();
+        let mut ship = ShipList::new(self);
         {
             let mut st = self.lock();
             let generation = st.generation;
@@ -661,7 +734,7 @@ impl<B: Backing> Shared<B> {
             st.applied_seq = cp_seq;
             st.cps_done += 1;
             st.last_cp_error = None;
-            st.emit_transitions(self.volume_id, copy, &mut ship)?;
+            st.emit_transitions(self.volume_id, copy, &mut ship.items)?;
             let cp = CpPayload {
                 applied_seq: cp_seq,
                 tail_offset: head,
@@ -676,13 +749,11 @@ impl<B: Backing> Shared<B> {
                 &cp,
                 0,
                 copy,
-                &mut ship,
+                &mut ship.items,
             )?;
         }
         self.space_freed.notify_waiters();
-        for s in ship {
-            self.mirror.ship(s.log_offset, s.seq, s.bytes).await;
-        }
+        ship.send().await;
         Ok(true)
     }
 }
@@ -781,9 +852,11 @@ impl<B: Backing> JournaledVolume<B> {
                 cps_done: 0,
                 writer_waits: 0,
                 space_wanted: false,
+                shipping: BTreeSet::new(),
                 last_cp_error: None,
             }),
             space_freed: Notify::new(),
+            shipped: Notify::new(),
             cp_wanted: Arc::new(Notify::new()),
             cp_lock: tokio::sync::Mutex::new(()),
             mirror,

@@ -142,7 +142,8 @@ pub fn check_request(h: &RequestHeader, s: &SessionLimits) -> Result<Command, Re
     let min = u64::from(s.block.min_bytes);
     if min > 1 && cmd != Command::BlockStatus {
         let reaches_end = end == Some(s.size_bytes);
-        if h.offset % min != 0 || (u64::from(h.len) % min != 0 && !reaches_end) {
+        if !h.offset.is_multiple_of(min) || (!u64::from(h.len).is_multiple_of(min) && !reaches_end)
+        {
             return reject(NBD_EINVAL, "request not aligned to the minimum block size");
         }
     }

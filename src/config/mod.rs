@@ -287,7 +287,7 @@ impl Config {
                     ),
                 ));
             }
-            if a.level == 10 && a.disks.len() % 2 != 0 {
+            if a.level == 10 && !a.disks.len().is_multiple_of(2) {
                 return Err(self.invalid(
                     key("disks"),
                     format!(

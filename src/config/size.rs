@@ -31,7 +31,7 @@ pub fn format_bytes(n: u64) -> String {
     ];
     for (name, unit) in UNITS {
         if n >= unit {
-            if n % unit == 0 {
+            if n.is_multiple_of(unit) {
                 return format!("{} {name}", n / unit);
             }
             return format!("{:.1} {name}", n as f64 / unit as f64);

@@ -167,9 +167,12 @@ mod tests {
 
     #[test]
     fn demo_config_is_valid() {
-        let c =
-            Config::parse(&demo_config(10809, 1 << 30), Path::new("/tmp/d/node0.toml")).unwrap();
-        assert_eq!(c.volumes.len(), 1);
-        assert_eq!(c.admin_socket(), PathBuf::from("/tmp/d/admin.sock"));
+        let c = Config::parse(
+            &demo_config(10809, 1 << 30, Path::new("/dev/shm/x.nvram")),
+            Path::new("/tmp/d/node0.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.volumes.len(), 2);
+        assert_eq!(c.arrays[0].disks.len(), 4);
     }
 }
