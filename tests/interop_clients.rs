@@ -71,6 +71,7 @@ fn nbdinfo_list_shows_every_export_with_its_description() {
                 description: "second scratch volume".into(),
                 size_bytes: 8 * 1024 * 1024,
                 direct_io: false,
+                read_only: false,
             },
         ],
         extra_toml: String::new(),
@@ -181,10 +182,16 @@ fn read_only_volume_is_reported_and_refuses_writes() {
     if !require_tools(&["nbdinfo", "qemu-io"]) || ServerKind::from_env() != ServerKind::Twinblockd {
         return;
     }
-    let mut spec = DaemonSpec::default();
-    spec.extra_toml =
-        "[[volume]]\nname = \"ro\"\nfile = \"ro.img\"\nsize = \"4MiB\"\nread_only = true\n".into();
-    let mut daemon = Daemon::start(spec);
+    let read_only = VolumeSpec {
+        name: "ro".into(),
+        size_bytes: 4 * 1024 * 1024,
+        read_only: true,
+        ..VolumeSpec::default()
+    };
+    let mut daemon = Daemon::start(DaemonSpec {
+        volumes: vec![VolumeSpec::default(), read_only],
+        extra_toml: String::new(),
+    });
     let info = nbdinfo_json(&[&daemon.uri("ro")]);
     assert_eq!(
         exports(&info)[0]["is_read_only"],
@@ -460,6 +467,7 @@ fn fio_nbd_engine_random_writes_verify_crc32c() {
     let uri = daemon.default_uri();
     let out = run_ok(
         Command::new("fio")
+            .current_dir(daemon.dir())
             .args([
                 "--ioengine=nbd",
                 &format!("--uri={uri}"),
@@ -469,6 +477,7 @@ fn fio_nbd_engine_random_writes_verify_crc32c() {
             .args([
                 "--verify=crc32c",
                 "--verify_fatal=1",
+                "--verify_state_save=0",
                 "--do_verify=1",
                 "--size=16M",
             ])

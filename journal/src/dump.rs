@@ -308,6 +308,29 @@ mod tests {
         assert!(d.to_json().contains("header_error"));
     }
 
+    proptest::proptest! {
+        /// A valid header over arbitrary region bytes: the dump never panics.
+        #[test]
+        fn dump_of_garbage_regions_is_safe(seed in proptest::prelude::any::<u64>()) {
+            let h = FileHeader::new(0, [1; 16], 4096);
+            let mut x = seed | 1;
+            let mut bytes: Vec<u8> = (0..h.file_bytes)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            bytes[..4096].fill(0);
+            bytes[..128].copy_from_slice(&h.encode());
+            let d = dump_bytes(&bytes);
+            proptest::prop_assert_eq!(d.regions.len(), 2);
+            let _ = d.to_string();
+            let _ = d.to_json();
+        }
+    }
+
     #[test]
     fn dump_of_short_file_reports_truncation() {
         let h = FileHeader::new(0, [1; 16], 64 * 1024);

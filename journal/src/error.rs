@@ -110,6 +110,10 @@ pub enum JournalError {
     Mirror { seq: u64, message: String },
     #[error("record from partner for log offset {log_offset} refused: {detail}")]
     PartnerRecord { log_offset: u64, detail: String },
+    #[error(
+        "NVRAM log is full and consistency points fail ({message}); the write was not journaled"
+    )]
+    CpFailed { message: String },
     #[error("journal is shut down")]
     ShutDown,
 }

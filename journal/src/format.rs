@@ -365,7 +365,7 @@ impl RecordHeader {
         b
     }
 
-    /// Decodes a header without checking the CRC (which needs the payload: [`verify_crc`]).
+    /// Decodes a header without checking the CRC (which needs the payload: [`RecordHeader::verify_crc`]).
     pub fn decode(b: &[u8]) -> Result<RecordHeader, FormatError> {
         if b.len() < RECORD_HEADER_BYTES {
             return Err(FormatError::Truncated {

@@ -6,7 +6,7 @@
 //! recovery redoes the records the array does not hold yet.
 //!
 //! Modules, pure logic first:
-//! - [`format`]: byte layouts of header, control slots and records (encode/decode, CRC32C);
+//! - [`format`](mod@format): byte layouts of header, control slots and records (encode/decode, CRC32C);
 //! - [`scan`]: walking a region's log, stopping at (and reporting) the first torn/corrupt record;
 //! - [`log`]: circular-log space accounting; [`index`]: the dirty index;
 //! - [`pmem`]: the mapping and persistence modes (the only `unsafe` code);
@@ -32,6 +32,6 @@ pub use nvram::{Nvram, NvramConfig, PartnerRegion, Region};
 pub use pmem::{PersistMethod, PersistenceMode};
 pub use scan::{Scan, ScanReport, StopReason};
 pub use volume::{
-    JournaledVolume, MirrorHook, MirrorOutcome, NoMirror, RecoveryReport, VolumeConfig,
-    VolumeStatus,
+    replay_region, JournaledVolume, MirrorHook, MirrorOutcome, NoMirror, RecoveryReport,
+    VolumeConfig, VolumeStatus,
 };

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{FormatError, JournalError};
 use crate::format::{
-    ControlSlot, FileHeader, CONTROL_AREA_BYTES, CONTROL_SLOT_BYTES, CONTROL_SLOT_B_OFFSET,
-    HEADER_AREA_BYTES, HEADER_SLOT_BYTES, HEADER_SLOT_B_OFFSET, RECORD_ALIGN_BYTES,
-    RECORD_HEADER_BYTES,
+    ControlSlot, CpPayload, FileHeader, RecordHeader, RecordKind, CONTROL_AREA_BYTES,
+    CONTROL_SLOT_BYTES, CONTROL_SLOT_B_OFFSET, HEADER_AREA_BYTES, HEADER_SLOT_BYTES,
+    HEADER_SLOT_B_OFFSET, RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES,
 };
 use crate::pmem::{MapSpan, Mapping, PersistMethod, PersistenceMode};
 use crate::scan::{scan_log, Scan, ScanStart};
@@ -180,6 +180,11 @@ impl Region {
         self.span.write(CONTROL_AREA_BYTES + log_offset, data);
     }
 
+    /// Zeroes `len` log bytes at `log_offset` (not persisted yet).
+    pub fn zero_log(&mut self, log_offset: u64, len: u64) {
+        self.span.zero(CONTROL_AREA_BYTES + log_offset, len);
+    }
+
     /// Persists `len` log bytes at `log_offset`.
     pub fn persist_log(&self, log_offset: u64, len: u64) -> Result<(), JournalError> {
         self.span.persist(CONTROL_AREA_BYTES + log_offset, len)
@@ -227,7 +232,7 @@ impl PartnerRegion {
     /// The record is checked (decode, CRC, bounds) before anything is written.
     pub fn receive(&mut self, log_offset: u64, record: &[u8]) -> Result<(), JournalError> {
         let bad = |detail: String| JournalError::PartnerRecord { log_offset, detail };
-        let header = crate::format::RecordHeader::decode(record).map_err(|e| bad(e.to_string()))?;
+        let header = RecordHeader::decode(record).map_err(|e| bad(e.to_string()))?;
         let payload_end = RECORD_HEADER_BYTES + header.payload_bytes as usize;
         if record.len() < payload_end {
             return Err(bad(format!(
@@ -235,26 +240,57 @@ impl PartnerRegion {
                 record.len()
             )));
         }
-        crate::format::RecordHeader::verify_crc(record, &record[RECORD_HEADER_BYTES..payload_end])
+        RecordHeader::verify_crc(record, &record[RECORD_HEADER_BYTES..payload_end])
             .map_err(|e| bad(e.to_string()))?;
-        let stored = if header.kind == crate::format::RecordKind::Pad {
-            RECORD_HEADER_BYTES
+        // A record arrives as its padded bytes, possibly followed by the zeroed next header
+        // slot (see `volume`); a PAD arrives as its header alone.
+        let total = header.total_bytes();
+        let body = if header.kind == RecordKind::Pad {
+            RECORD_HEADER_BYTES as u64
         } else {
-            record.len()
+            (record.len() as u64).min(total)
         };
+        let trailing_zero = header.kind != RecordKind::Pad && record.len() as u64 > total;
         if !log_offset.is_multiple_of(RECORD_ALIGN_BYTES)
-            || log_offset + header.total_bytes() > self.region.log_bytes()
-            || (stored as u64) > header.total_bytes()
+            || log_offset + total > self.region.log_bytes()
+            || record.len() as u64 > total + RECORD_HEADER_BYTES as u64
+            || (trailing_zero
+                && log_offset + total + RECORD_HEADER_BYTES as u64 > self.region.log_bytes())
         {
             return Err(bad("does not fit the partner region".into()));
         }
-        self.region.write_log(log_offset, &record[..stored]);
-        self.region.persist_log(log_offset, stored as u64)?;
-        if header.kind == crate::format::RecordKind::Cp {
-            let cp = crate::format::CpPayload::decode(&record[RECORD_HEADER_BYTES..payload_end])
+        let order = (header.generation, header.seq);
+        if let Some(c) = self.region.control() {
+            if order < (c.generation, c.tail_seq) {
+                // Already retired by a CP the partner told us about: its space may be reused.
+                return Ok(());
+            }
+        }
+        self.region.write_log(log_offset, &record[..body as usize]);
+        let mut persist = body;
+        if trailing_zero {
+            // Records can arrive out of order: do not blank a newer record already received.
+            let next = log_offset + total;
+            let slot = self.region.log_slice(next, RECORD_HEADER_BYTES as u64);
+            let newer_there =
+                RecordHeader::decode(slot).is_ok_and(|h| (h.generation, h.seq) > order);
+            if !newer_there {
+                self.region.zero_log(next, RECORD_HEADER_BYTES as u64);
+                persist = total + RECORD_HEADER_BYTES as u64;
+            }
+        }
+        self.region.persist_log(log_offset, persist)?;
+        if header.kind == RecordKind::Cp {
+            let cp = CpPayload::decode(&record[RECORD_HEADER_BYTES..payload_end])
                 .map_err(|e| bad(e.to_string()))?;
-            self.region
-                .write_control(header.generation, cp.tail_offset, cp.tail_seq)?;
+            let newer_tail = self
+                .region
+                .control()
+                .is_none_or(|c| (header.generation, cp.tail_seq) > (c.generation, c.tail_seq));
+            if newer_tail {
+                self.region
+                    .write_control(header.generation, cp.tail_offset, cp.tail_seq)?;
+            }
         }
         Ok(())
     }

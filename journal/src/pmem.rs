@@ -190,7 +190,17 @@ impl Mapping {
             return Err(io("flock")(err));
         }
         let len = file.metadata().map_err(io("stat"))?.len();
-        if len == 0 && create {
+        if len == 0 {
+            if !create {
+                return Err(JournalError::Foreign {
+                    path: path.to_path_buf(),
+                    source: crate::error::FormatError::Truncated {
+                        what: "NVRAM file",
+                        need: min_bytes,
+                        have: 0,
+                    },
+                });
+            }
             file.set_len(min_bytes).map_err(io("set_len"))?;
         }
         let map = MmapRaw::map_raw(&file).map_err(io("mmap"))?;

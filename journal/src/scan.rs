@@ -441,6 +441,27 @@ mod tests {
         assert!(s.report.stop.is_clean_end(), "{:?}", s.report.stop);
     }
 
+    proptest::proptest! {
+        /// Arbitrary bytes never make the scan panic, loop, or return a record that fails a check.
+        #[test]
+        fn scan_of_garbage_is_safe(noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+                                   tail in 0u64..5000, seq in 0u64..5, generation in 0u64..3,
+                                   keep in 0usize..3) {
+            // Mix: a few valid records, then noise over part of them.
+            let start = ScanStart { tail_offset: 0, tail_seq: seq, generation };
+            let (mut log, _) = build_log(8192, start, &[100, 300, 50][..keep]);
+            let at = (tail as usize) % 4096;
+            let n = noise.len().min(8192 - at);
+            log[at..at + n].copy_from_slice(&noise[..n]);
+            let s = scan_log(&log, ScanStart { tail_offset: tail, ..start });
+            for r in &s.records {
+                let h = check_record(&log, r.log_offset);
+                proptest::prop_assert!(h.is_ok());
+            }
+            proptest::prop_assert!(s.records.len() <= 8192 / 64);
+        }
+    }
+
     #[test]
     fn tail_outside_log_is_reported() {
         let log = vec![0u8; 4096];

@@ -35,7 +35,17 @@
 //! store in stripe-aligned batches, flushes, stores `applied_seq`, persists the new tail in the
 //! region's control slot, frees the space, retires index entries with seq ≤ the CP's seq (entries
 //! overwritten during the CP have newer seqs and stay), and appends the CP record. Writers that
-//! find the log full wait on `space_freed` (back-pressure) after waking the flusher.
+//! find the log full wait on `space_freed` (back-pressure) after waking the flusher; if CPs fail
+//! while the log is full they get [`JournalError::CpFailed`] instead of waiting forever.
+//!
+//! # Mirror hook
+//!
+//! With a [`MirrorHook`] enabled, each appended record is copied under the lock and shipped (with
+//! its log offset) before the request returns; the mirrored seqs go into the next TRANSITION
+//! record. A CP does not free log space until every record it covers has been shipped, so the
+//! partner never receives a record for space the owner has already reused. See
+//! [`crate::nvram::PartnerRegion::receive`] for the receiving side and [`replay_region`] for
+//! takeover replay.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +71,78 @@ use crate::scan::ScanReport;
 /// Log bytes writers leave free so that CP, TRANSITION and PAD records always fit.
 const CONTROL_RESERVE_BYTES: u64 =
     4 * (RECORD_HEADER_BYTES as u64 + 8 + (TRANSITION_MAX_ENTRIES * TRANSITION_ENTRY_BYTES) as u64);
+
+/// Most store writes a CP keeps in flight at once.
+const CP_MAX_PARALLEL_WRITES: usize = 32;
+/// Most CP batches (of `cp_batch_bytes`) copied out of NVRAM and in flight at once.
+const CP_MAX_INFLIGHT_BATCHES: u64 = 8;
+
+/// One store operation of a CP.
+enum CpOp {
+    Write(u64, Bytes),
+    Zero(u64, u64),
+    Trim(u64, u64),
+}
+
+impl CpOp {
+    fn range(&self) -> (u64, u64) {
+        match self {
+            CpOp::Write(at, data) => (*at, data.len() as u64),
+            CpOp::Zero(at, len) | CpOp::Trim(at, len) => (*at, *len),
+        }
+    }
+
+    fn data_bytes(&self) -> u64 {
+        match self {
+            CpOp::Write(_, data) => data.len() as u64,
+            _ => 0,
+        }
+    }
+}
+
+/// CP operations that share stripes, run one after the other by one task.
+#[derive(Default)]
+struct CpGroup {
+    ops: Vec<CpOp>,
+    bytes: u64,
+    last_stripe: Option<u64>,
+}
+
+/// The store writes of one CP in flight; dropping it (CP cancelled) aborts them.
+struct CpJobs {
+    set: tokio::task::JoinSet<Result<u64, JournalError>>,
+    inflight_bytes: u64,
+}
+
+impl CpJobs {
+    /// Waits for one write to finish; its error (or panic) fails the CP.
+    async fn join_one(&mut self) -> Result<(), JournalError> {
+        match self.set.join_next().await {
+            Some(Ok(Ok(bytes))) => {
+                self.inflight_bytes -= bytes;
+                Ok(())
+            }
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(join)) => Err(JournalError::Backing {
+                op: "write",
+                offset: 0,
+                message: format!("CP write task failed: {join}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until one more job of `bytes` fits the limits.
+    async fn make_room(&mut self, bytes: u64, max_inflight_bytes: u64) -> Result<(), JournalError> {
+        while !self.set.is_empty()
+            && (self.set.len() >= CP_MAX_PARALLEL_WRITES
+                || self.inflight_bytes + bytes > max_inflight_bytes)
+        {
+            self.join_one().await?;
+        }
+        Ok(())
+    }
+}
 
 /// Tuning of a journaled volume.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -322,7 +404,19 @@ impl State {
         self.region
             .write_log(p.at + RECORD_HEADER_BYTES as u64, payload);
         let written = (RECORD_HEADER_BYTES + payload.len()) as u64;
-        self.region.persist_log(p.at, written)?;
+        // Zero the padding and, when it is free space inside the log, the next header slot: the
+        // scan then ends on a blank header instead of on the middle of an older lap's record,
+        // which would look like damage. (Offset 0 always holds a record start of some lap.)
+        let end = p.at + total;
+        let next_header_free = end + RECORD_HEADER_BYTES as u64 <= self.cursor.log_bytes
+            && self.cursor.free() - p.consumed >= RECORD_HEADER_BYTES as u64;
+        let stored = if next_header_free {
+            total + RECORD_HEADER_BYTES as u64
+        } else {
+            total
+        };
+        self.region.zero_log(p.at + written, stored - written);
+        self.region.persist_log(p.at, stored)?;
         let committed = self.cursor.commit(p, total);
         debug_assert_eq!(committed, seq);
         if copy {
@@ -330,7 +424,7 @@ impl State {
             ship.push(Shipped {
                 log_offset: p.at,
                 seq,
-                bytes: Bytes::copy_from_slice(self.region.log_slice(p.at, written)),
+                bytes: Bytes::copy_from_slice(self.region.log_slice(p.at, stored)),
             });
         }
         Ok(Some((seq, p.at)))
@@ -482,6 +576,10 @@ impl<B: Backing> Shared<B> {
                     }
                     return Ok(seq);
                 }
+                if let Some(e) = &st.last_cp_error {
+                    // The log is full and CPs fail: report instead of waiting indefinitely.
+                    return Err(JournalError::CpFailed { message: e.clone() });
+                }
                 st.writer_waits += 1;
                 st.space_wanted = true;
             }
@@ -619,10 +717,22 @@ impl<B: Backing> Shared<B> {
     }
 
     /// Writes the snapshot to the store: adjacent extents of one kind are coalesced, and data runs
-    /// are cut only at stripe boundaries into batches of about `cp_batch_bytes`.
-    async fn apply_snapshot(&self, snapshot: &[(u64, Extent)]) -> Result<(), JournalError> {
+    /// are cut only at stripe boundaries into batches of about `cp_batch_bytes`. Groups of writes
+    /// run in parallel (up to [`CP_MAX_PARALLEL_WRITES`] groups and [`CP_MAX_INFLIGHT_BATCHES`] ×
+    /// `cp_batch_bytes`); writes touching the same stripe are kept in one group and run in order,
+    /// so the store never sees two concurrent writes to one stripe from a CP.
+    async fn apply_snapshot(
+        self: &Arc<Self>,
+        snapshot: &[(u64, Extent)],
+    ) -> Result<(), JournalError> {
         let stripe = self.backing.stripe_bytes().max(1);
         let batch = (self.config.cp_batch_bytes / stripe).max(1) * stripe;
+        let max_inflight_bytes = batch * CP_MAX_INFLIGHT_BATCHES;
+        let mut jobs = CpJobs {
+            set: tokio::task::JoinSet::new(),
+            inflight_bytes: 0,
+        };
+        let mut group = CpGroup::default();
         let mut i = 0;
         while i < snapshot.len() {
             let (start, first) = snapshot[i];
@@ -637,16 +747,15 @@ impl<B: Backing> Shared<B> {
                 j += 1;
             }
             match first.data {
-                ExtentData::Zero => self
-                    .backing
-                    .write_zeroes(start, end - start)
-                    .await
-                    .map_err(backing_err("write_zeroes", start))?,
-                ExtentData::Trim => self
-                    .backing
-                    .discard(start, end - start)
-                    .await
-                    .map_err(backing_err("discard", start))?,
+                ExtentData::Zero | ExtentData::Trim => {
+                    let op = if matches!(first.data, ExtentData::Zero) {
+                        CpOp::Zero(start, end - start)
+                    } else {
+                        CpOp::Trim(start, end - start)
+                    };
+                    self.add_cp_op(&mut jobs, &mut group, op, stripe, max_inflight_bytes)
+                        .await?;
+                }
                 ExtentData::Nvram { .. } => {
                     let mut k = i;
                     let mut at = start;
@@ -671,21 +780,85 @@ impl<B: Backing> Shared<B> {
                                 }
                             }
                         }
-                        self.backing
-                            .write(at, buf.freeze())
-                            .await
-                            .map_err(backing_err("write", at))?;
+                        let op = CpOp::Write(at, buf.freeze());
+                        self.add_cp_op(&mut jobs, &mut group, op, stripe, max_inflight_bytes)
+                            .await?;
                         at = cut;
                     }
                 }
             }
             i = j;
         }
+        self.spawn_cp_group(&mut jobs, &mut group, max_inflight_bytes)
+            .await?;
+        while !jobs.set.is_empty() {
+            jobs.join_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Adds `op` to the current group when it shares a stripe with it, else starts a new group
+    /// (spawning the previous one).
+    async fn add_cp_op(
+        self: &Arc<Self>,
+        jobs: &mut CpJobs,
+        group: &mut CpGroup,
+        op: CpOp,
+        stripe: u64,
+        max_inflight_bytes: u64,
+    ) -> Result<(), JournalError> {
+        let (offset, len) = op.range();
+        let first_stripe = offset / stripe;
+        let last_stripe = (offset + len.max(1) - 1) / stripe;
+        if group.last_stripe != Some(first_stripe) {
+            self.spawn_cp_group(jobs, group, max_inflight_bytes).await?;
+        }
+        group.bytes += op.data_bytes();
+        group.ops.push(op);
+        group.last_stripe = Some(last_stripe);
+        Ok(())
+    }
+
+    async fn spawn_cp_group(
+        self: &Arc<Self>,
+        jobs: &mut CpJobs,
+        group: &mut CpGroup,
+        max_inflight_bytes: u64,
+    ) -> Result<(), JournalError> {
+        let g = std::mem::take(group);
+        if g.ops.is_empty() {
+            return Ok(());
+        }
+        jobs.make_room(g.bytes, max_inflight_bytes).await?;
+        jobs.inflight_bytes += g.bytes;
+        let shared = Arc::clone(self);
+        jobs.set.spawn(async move {
+            for op in g.ops {
+                match op {
+                    CpOp::Write(at, data) => shared
+                        .backing
+                        .write(at, data)
+                        .await
+                        .map_err(backing_err("write", at))?,
+                    CpOp::Zero(at, len) => shared
+                        .backing
+                        .write_zeroes(at, len)
+                        .await
+                        .map_err(backing_err("write_zeroes", at))?,
+                    CpOp::Trim(at, len) => shared
+                        .backing
+                        .discard(at, len)
+                        .await
+                        .map_err(backing_err("discard", at))?,
+                }
+            }
+            Ok(g.bytes)
+        });
         Ok(())
     }
 
     /// Runs one consistency point; `Ok(false)` when there was nothing to do.
-    async fn run_cp(&self) -> Result<bool, JournalError> {
+    async fn run_cp(self: &Arc<Self>) -> Result<bool, JournalError> {
         let _one_at_a_time = self.cp_lock.lock().await;
         let (cp_seq, head, used, snapshot) = {
             let st = self.lock();
@@ -965,13 +1138,15 @@ async fn flusher_loop<B: Backing>(
         if let Err(e) = shared.run_cp().await {
             tracing::warn!(volume = shared.volume_id, error = %e, "consistency point failed; will retry");
             shared.lock().last_cp_error = Some(e.to_string());
+            // Writers waiting for space re-check and get the error.
+            shared.space_freed.notify_waiters();
             drop(shared);
             tokio::time::sleep(interval).await;
         }
     }
 }
 
-/// Recovery at open: scan, check, redo, mark applied, restart the log.
+/// Recovery at open: redo what the store lacks, then restart the log in `generation`.
 async fn recover<B: Backing>(
     region: &mut Region,
     backing: &B,
@@ -979,9 +1154,27 @@ async fn recover<B: Backing>(
     generation: u64,
     config: &VolumeConfig,
 ) -> Result<RecoveryReport, JournalError> {
+    let mut report = replay_region(region, backing, volume_id, config.discard_corrupt_log).await?;
+    region.write_control(generation, 0, report.next_seq)?;
+    report.generation = generation;
+    Ok(report)
+}
+
+/// Redoes a region's intact data records newer than the store's `applied_seq` (or any CP's), in
+/// seq order, then flushes the store and records the new `applied_seq`. Does not change the
+/// region. Used at open for the own region and, on takeover, for the partner region.
+///
+/// Refuses (before applying anything) a region damaged in the middle unless
+/// `discard_corrupt_log`, records of another volume, and records outside the store.
+pub async fn replay_region<B: Backing>(
+    region: &Region,
+    backing: &B,
+    volume_id: u64,
+    discard_corrupt_log: bool,
+) -> Result<RecoveryReport, JournalError> {
     let scan = region.scan();
     let report = scan.report.clone();
-    if report.corrupt_mid_region() && !config.discard_corrupt_log {
+    if report.corrupt_mid_region() && !discard_corrupt_log {
         let (later_offset, later_seq) = report.later_valid_record.unwrap_or_default();
         return Err(JournalError::CorruptMidRegion {
             region: region.name(),
@@ -1057,9 +1250,8 @@ async fn recover<B: Backing>(
             .map_err(backing_err("set_applied_seq", 0))?;
     }
     let next_seq = last_seq + 1;
-    region.write_control(generation, 0, next_seq)?;
     Ok(RecoveryReport {
-        generation,
+        generation: report.start.generation,
         damaged_tail_discarded: !report.stop.is_clean_end(),
         scan: report,
         backing_applied_seq: backing_applied,

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use twinblock_journal::format::RecordKind;
 use twinblock_journal::{
-    JournaledVolume, MemBacking, MirrorHook, MirrorOutcome, Nvram, NvramConfig, PartnerRegion,
-    VolumeConfig,
+    replay_region, JournaledVolume, MemBacking, MirrorHook, MirrorOutcome, Nvram, NvramConfig,
+    PartnerRegion, VolumeConfig,
 };
 
 struct LocalMirror {
@@ -108,6 +108,7 @@ async fn partner_region_mirrors_live_records() {
         .map(|r| (r.header.seq, r.log_offset, r.header.offset))
         .collect();
     assert!(!own_live.is_empty());
+    assert!(own.regions[0].scan.stop.is_clean_end(), "{own}");
     assert_eq!(partner_live, own_live);
     assert!(
         partner_scan.report.stop.is_clean_end(),
@@ -117,4 +118,28 @@ async fn partner_region_mirrors_live_records() {
     // The TRANSITION records carry the mirrored state.
     let text = own.to_string();
     assert!(text.contains("Mirrored"), "{text}");
+
+    // Takeover: the owner dies (its array loses what was not flushed), the partner imports the
+    // array and replays its mirrored copy: the array then reads as the owner's volume did.
+    vol.checkpoint().await.unwrap();
+    // Let a fill-triggered CP the flusher may still have pending run first.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    vol.checkpoint().await.unwrap();
+    for b in [3u64, 4, 150] {
+        vol.write(b * 4096, Bytes::from(vec![0xee; 4096]))
+            .await
+            .unwrap();
+    }
+    let view = vol.read(0, 200 * 4096).await.unwrap();
+    drop(vol);
+    mem.crash();
+    let mirror = Arc::try_unwrap(mirror)
+        .ok()
+        .expect("the volume was dropped, nothing else holds the mirror");
+    let partner = mirror.partner.into_inner().unwrap();
+    let report = replay_region(partner.region(), &mem, 3, false)
+        .await
+        .unwrap();
+    assert_eq!(report.replayed_records, 3, "{report:?}");
+    assert_eq!(&mem.contents()[..200 * 4096], &view[..]);
 }

@@ -7,6 +7,7 @@
 //! - [`reply`]: simple and structured reply encoding;
 //! - [`export`]: the export registry and per-export counters;
 //! - [`server`]: accept loops and the per-connection task;
+//! - [`buffer`]: the per-connection pool of write-payload buffers;
 //! - [`device`]: the `BlockDevice` trait; [`mem`]: an in-memory device for tests and examples.
 //!
 //! ```no_run
@@ -26,6 +27,7 @@
 //! # }
 //! ```
 
+pub mod buffer;
 pub mod device;
 pub mod error;
 pub mod export;

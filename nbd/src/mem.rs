@@ -4,11 +4,12 @@
 //! so block status has something real to report, and counts flushes so tests can check them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::buffer::BufferPool;
 use crate::device::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, Extent, ZeroFlags};
 
 /// Granularity of the allocation map.
@@ -25,6 +26,8 @@ pub struct MemDevice {
     size: u64,
     caps: DeviceCaps,
     flushes: AtomicU64,
+    /// Read buffers are recycled once the server has sent them.
+    read_buffers: Arc<BufferPool>,
 }
 
 impl MemDevice {
@@ -43,6 +46,7 @@ impl MemDevice {
             size: size as u64,
             caps,
             flushes: AtomicU64::new(0),
+            read_buffers: Arc::new(BufferPool::default()),
         }
     }
 
@@ -100,7 +104,9 @@ impl BlockDevice for MemDevice {
 
     async fn read(&self, offset: u64, len: u32) -> DeviceResult<Bytes> {
         let r = self.range(offset, u64::from(len))?;
-        Ok(Bytes::copy_from_slice(&self.read_state().data[r]))
+        let mut buf = self.read_buffers.take(r.len());
+        buf.extend_from_slice(&self.read_state().data[r]);
+        Ok(self.read_buffers.freeze(buf))
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> DeviceResult<()> {

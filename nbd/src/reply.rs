@@ -39,7 +39,7 @@ pub enum ReplyBody {
     },
 }
 
-/// A reply on its way to the writer. Holding `_permit` keeps the request's bytes counted
+/// A reply on its way to the writer. Holding `permit` keeps the request's bytes counted
 /// against the connection's in-flight budget until the reply has been written.
 #[derive(Debug)]
 pub struct Reply {
@@ -47,7 +47,7 @@ pub struct Reply {
     /// The command this answers: `READ` errors must be structured when structured replies are on.
     pub command: u16,
     pub body: ReplyBody,
-    pub _permit: Option<OwnedSemaphorePermit>,
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Encodes everything but the read payload into `head`, and returns the payload (if any) so the
@@ -144,7 +144,7 @@ mod tests {
             cookie: 0x1122_3344_5566_7788,
             command,
             body,
-            _permit: None,
+            permit: None,
         }
     }
 

@@ -30,9 +30,10 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_OPTION_BYTES: u32 = 64 << 10;
 /// Default number of options a client may send before it is considered abusive.
 pub const DEFAULT_MAX_OPTIONS: u32 = 1024;
-/// Socket buffer sizes for the reader and the reply writer.
-const READ_BUFFER_BYTES: usize = 256 << 10;
-const WRITE_BUFFER_BYTES: usize = 256 << 10;
+/// Read-ahead for request headers (payloads past it are read straight into their buffers).
+const READ_BUFFER_BYTES: usize = 64 << 10;
+/// Buffer for handshake replies (the transmission writer batches on its own).
+const WRITE_BUFFER_BYTES: usize = 16 << 10;
 /// Pause after a failed `accept` (for example out of file descriptors).
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
@@ -297,9 +298,11 @@ impl Server {
                 () = removed => {}
             }
         };
+        // Every option reply was flushed, so the handshake's write buffer is empty; the
+        // transmission writer batches on its own.
         transmission::run(
             &mut reader,
-            writer,
+            writer.into_inner(),
             negotiated,
             cfg.max_inflight_bytes_per_connection,
             any_stop,

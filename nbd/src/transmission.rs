@@ -12,11 +12,14 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, warn};
 
+use crate::buffer::BufferPool;
 use crate::device::{DeviceError, Extent, ZeroFlags};
 use crate::error::ConnectionError;
 use crate::export::ExportEntry;
@@ -243,7 +246,7 @@ pub enum ReaderEnd {
 /// before the socket is closed.
 pub async fn run<R, W>(
     reader: &mut BufReader<R>,
-    writer: BufWriter<W>,
+    writer: W,
     negotiated: Negotiated,
     max_inflight_bytes: u32,
     stop: impl std::future::Future<Output = ()>,
@@ -289,6 +292,7 @@ async fn reader_loop<R: AsyncRead + Unpin>(
     conn: Arc<Conn>,
     max_inflight: u32,
 ) -> Result<ReaderEnd, ConnectionError> {
+    let pool = Arc::new(BufferPool::default());
     loop {
         if conn.replies.is_closed() {
             return Ok(ReaderEnd::WriterGone);
@@ -334,7 +338,7 @@ async fn reader_loop<R: AsyncRead + Unpin>(
                         offset: None,
                         message: Cow::Borrowed(rej.reason),
                     },
-                    _permit: permit,
+                    permit,
                 });
                 continue;
             }
@@ -350,7 +354,7 @@ async fn reader_loop<R: AsyncRead + Unpin>(
             .min(max_inflight);
         let permit = conn.inflight.clone().acquire_many_owned(cost).await.ok();
         let data = if cmd == Command::Write {
-            Some(read_payload(reader, &h).await?)
+            Some(read_payload(reader, &h, &pool).await?)
         } else {
             None
         };
@@ -361,22 +365,31 @@ async fn reader_loop<R: AsyncRead + Unpin>(
                 cookie: h.cookie,
                 command: h.command,
                 body,
-                _permit: permit,
+                permit,
             });
         });
     }
 }
 
-/// Reads a write payload into a buffer sized exactly once, without zero-filling it first.
+/// Reads a write payload into a pooled buffer. Bytes the reader already buffered (read ahead with
+/// the header) are copied; the rest goes from the socket straight into the payload buffer.
 async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     h: &RequestHeader,
+    pool: &Arc<BufferPool>,
 ) -> Result<Bytes, ConnectionError> {
     let len = h.len as usize;
-    let mut buf = BytesMut::with_capacity(len);
+    let mut buf = pool.take(len);
+    let buffered = reader.buffer();
+    let from_buffer = buffered.len().min(len);
+    buf.extend_from_slice(&buffered[..from_buffer]);
+    std::pin::Pin::new(&mut *reader).consume(from_buffer);
+    // Either the payload is complete or the read-ahead buffer is now empty, so reading from the
+    // inner reader cannot skip buffered bytes.
+    let inner = reader.get_mut();
     while buf.len() < len {
-        let mut limited = (&mut *reader).take((len - buf.len()) as u64);
-        let n = limited
+        let n = (&mut *inner)
+            .take((len - buf.len()) as u64)
             .read_buf(&mut buf)
             .await
             .map_err(ConnectionError::io("write payload"))?;
@@ -387,7 +400,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
             });
         }
     }
-    Ok(buf.freeze())
+    Ok(pool.freeze(buf))
 }
 
 /// Discards the payload of a refused write without buffering it.
@@ -502,27 +515,99 @@ async fn execute(conn: &Conn, h: &RequestHeader, cmd: Command, data: Option<Byte
     }
 }
 
-/// Writes replies as they arrive, flushing only when no further reply is queued so that bursts
-/// of small replies share one syscall.
+/// Read payloads up to this size are copied next to their reply header; larger ones are
+/// queued as their own buffer and written with one vectored write, never copied.
+const INLINE_PAYLOAD_BYTES: usize = 16 << 10;
+/// Bytes queued before the writer writes even though more replies are waiting.
+const WRITE_BATCH_BYTES: usize = 256 << 10;
+
+/// Reply bytes waiting for the socket: staged headers and small payloads, plus large payloads
+/// as shared `Bytes`, in order.
+#[derive(Default)]
+struct OutQueue {
+    chunks: VecDeque<Bytes>,
+    queued_bytes: usize,
+}
+
+impl Buf for OutQueue {
+    fn remaining(&self) -> usize {
+        self.queued_bytes
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |c| &c[..])
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, c) in dst.iter_mut().zip(self.chunks.iter()) {
+            *slot = std::io::IoSlice::new(c);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        // `cnt` never exceeds `remaining()` (the `Buf` contract); the loop stops at the end anyway.
+        self.queued_bytes -= cnt.min(self.queued_bytes);
+        while cnt > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                return;
+            };
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+}
+
+/// Writes replies as they arrive, batching: replies that are already queued are gathered
+/// (headers and small payloads into one staging buffer, large payloads by reference) and sent
+/// with vectored writes once the queue is empty or the batch is large. Budget permits are held
+/// until their reply's bytes are in the socket.
 async fn writer_loop<W: AsyncWrite + Unpin>(
-    mut writer: BufWriter<W>,
+    mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     structured: bool,
 ) -> std::io::Result<()> {
-    let mut head = BytesMut::with_capacity(256);
+    let mut staging = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    let mut out = OutQueue::default();
+    let mut permits = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(r) = next {
-            head.clear();
-            let payload = reply::encode(&r, structured, &mut head);
-            writer.write_all(&head).await?;
+        while let Some(mut r) = next {
+            let payload = reply::encode(&r, structured, &mut staging);
             if let Some(p) = payload {
-                writer.write_all(&p).await?;
+                if p.len() <= INLINE_PAYLOAD_BYTES {
+                    staging.extend_from_slice(&p);
+                } else {
+                    let head = staging.split().freeze();
+                    out.queued_bytes += head.len() + p.len();
+                    out.chunks.push_back(head);
+                    out.chunks.push_back(p);
+                }
             }
-            drop(r);
+            if let Some(p) = r.permit.take() {
+                permits.push(p);
+            }
+            if out.queued_bytes + staging.len() >= WRITE_BATCH_BYTES {
+                break;
+            }
             next = rx.try_recv().ok();
         }
+        if !staging.is_empty() {
+            let tail = staging.split().freeze();
+            out.queued_bytes += tail.len();
+            out.chunks.push_back(tail);
+        }
+        writer.write_all_buf(&mut out).await?;
         writer.flush().await?;
+        permits.clear();
+        // Reclaim the staging allocation once every frozen piece of it has been dropped.
+        staging.reserve(WRITE_BATCH_BYTES);
     }
     writer.shutdown().await
 }
@@ -778,6 +863,23 @@ mod tests {
             }]
         );
         assert_eq!(clip_extents(&[], 7, true).len(), 1);
+    }
+
+    #[test]
+    fn out_queue_advances_across_chunks() {
+        let mut q = OutQueue::default();
+        for c in [&b"abc"[..], b"defgh", b"ij"] {
+            q.queued_bytes += c.len();
+            q.chunks.push_back(Bytes::copy_from_slice(c));
+        }
+        let mut slices = [std::io::IoSlice::new(&[]); 4];
+        assert_eq!(q.chunks_vectored(&mut slices), 3);
+        q.advance(4);
+        assert_eq!((q.remaining(), q.chunk()), (6, &b"efgh"[..]));
+        q.advance(4);
+        assert_eq!(q.chunk(), b"ij");
+        q.advance(2);
+        assert_eq!((q.remaining(), q.chunk()), (0, &b""[..]));
     }
 
     #[test]

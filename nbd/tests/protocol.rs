@@ -792,6 +792,49 @@ async fn structured_read_is_one_offset_data_chunk_and_errors_carry_messages() {
 }
 
 #[tokio::test]
+async fn large_reads_interleave_with_small_ones_in_both_reply_modes() {
+    for structured in [false, true] {
+        let (server, _) = mem_server();
+        let mut c = Client::start(&server).await;
+        if structured {
+            c.structured().await;
+        }
+        c.go("disk").await;
+        let big: Vec<u8> = (0..(256u32 << 10)).map(|i| (i * 7 % 253) as u8).collect();
+        c.request(NBD_CMD_WRITE, 0, 1, 0, big.len() as u32, &big)
+            .await;
+        c.any_reply().await;
+        // A large read (sent by reference) between small ones (copied inline).
+        for (cookie, len) in [(2u64, 512u32), (3, 256 << 10), (4, 4096)] {
+            c.request(NBD_CMD_READ, 0, cookie, 0, len, &[]).await;
+        }
+        let mut got = std::collections::HashMap::new();
+        for _ in 0..3 {
+            if structured {
+                let r = c.any_reply().await;
+                got.insert(r.cookie, r.payload[8..].to_vec());
+            } else {
+                // Replies may come in any order; peek at the cookie to know the length.
+                let mut h = [0u8; 16];
+                c.rd.read_exact(&mut h).await.unwrap();
+                let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+                let len = [(2u64, 512usize), (3, 256 << 10), (4, 4096)]
+                    .iter()
+                    .find(|(k, _)| *k == cookie)
+                    .unwrap()
+                    .1;
+                let mut data = vec![0u8; len];
+                c.rd.read_exact(&mut data).await.unwrap();
+                got.insert(cookie, data);
+            }
+        }
+        assert_eq!(got[&2], big[..512]);
+        assert_eq!(got[&3], big);
+        assert_eq!(got[&4], big[..4096]);
+    }
+}
+
+#[tokio::test]
 async fn block_status_reports_holes_and_data() {
     let (server, _) = mem_server();
     let mut c = Client::start(&server).await;
@@ -1100,4 +1143,56 @@ async fn serve_tcp_accepts_clients_and_stops_on_shutdown() {
         0,
         "connection closed at shutdown"
     );
+}
+
+#[tokio::test]
+async fn serve_unix_accepts_clients_and_server_shutdown_closes_them() {
+    let (server, _) = mem_server();
+    let path = std::env::temp_dir().join(format!("twinblock-nbd-test-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let s = server.clone();
+    let serve = tokio::spawn(async move {
+        s.serve_unix(listener, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let mut sock = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let mut greet = [0u8; 18];
+    sock.read_exact(&mut greet).await.unwrap();
+    sock.write_u32(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)
+        .await
+        .unwrap();
+    sock.write_all(
+        &OptionHeader {
+            option: NBD_OPT_EXPORT_NAME,
+            len: 4,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    sock.write_all(b"disk").await.unwrap();
+    let mut info = [0u8; 10];
+    sock.read_exact(&mut info).await.unwrap();
+    assert_eq!(
+        u64::from_be_bytes(info[0..8].try_into().unwrap()),
+        DEV_BYTES as u64
+    );
+    server.shutdown();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(TIMEOUT, sock.read(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0, "server shutdown closes transmission connections");
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(TIMEOUT, serve)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
 }

@@ -4,7 +4,8 @@
 //! image files in a temporary directory (`TWINBLOCK_BENCH_DIR` to choose where), fills it, then
 //! times (a) reading every source image's data area sequentially, all sources in parallel, in
 //! `REBUILD_BATCH_BYTES` pieces through the same `FileMember`s, and (b) rebuilding a replaced
-//! member, which reads the same bytes. Prints both rates and their ratio.
+//! member, which reads the same bytes; and (c) writing a fresh image sequentially, as the rebuild
+//! writes its target. Prints the rates and the ratios (rebuild / plain sequential).
 
 use bytes::Bytes;
 use std::sync::Arc;
@@ -19,6 +20,12 @@ use twinblock_raid::Array;
 const DATA_BYTES_PER_MEMBER: u64 = 128 << 20;
 const MEMBERS: usize = 4;
 const CHUNK_BYTES: u64 = 256 << 10;
+const ROUNDS: usize = 3;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
 
 fn open(path: &std::path::Path) -> Arc<dyn Member> {
     let opts = FileOptions {
@@ -49,8 +56,24 @@ async fn sequential_read(sources: &[Arc<dyn Member>]) -> f64 {
     (sources.len() as u64 * DATA_BYTES_PER_MEMBER) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Rate of writing a fresh image's data area sequentially, as the rebuild writes its target.
+async fn sequential_write(path: &std::path::Path) -> f64 {
+    let target = open(path);
+    let buf = Bytes::from(vec![0x5au8; REBUILD_BATCH_BYTES as usize]);
+    let start = Instant::now();
+    let mut off = DATA_OFFSET_BYTES;
+    while off < DATA_OFFSET_BYTES + DATA_BYTES_PER_MEMBER {
+        target.write_at(off, buf.clone()).await.expect("write");
+        off += REBUILD_BATCH_BYTES;
+    }
+    target.sync().await.expect("sync");
+    let rate = DATA_BYTES_PER_MEMBER as f64 / start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(path);
+    rate
+}
+
 async fn bench(level: Level, dir: &std::path::Path) {
-    let paths: Vec<_> = (0..=MEMBERS)
+    let paths: Vec<_> = (0..MEMBERS + 2)
         .map(|i| dir.join(format!("bench{i}.img")))
         .collect();
     for p in &paths {
@@ -70,22 +93,37 @@ async fn bench(level: Level, dir: &std::path::Path) {
     }
     a.flush().await.expect("flush");
     let sources: Vec<Arc<dyn Member>> = members[1..].to_vec();
-    let seq = sequential_read(&sources).await;
-    let fresh = open(&paths[MEMBERS]);
-    let start = Instant::now();
-    a.replace_member(0, fresh).await.expect("replace");
-    a.wait_rebuild().await;
-    let secs = start.elapsed().as_secs_f64();
-    let st = a.status();
-    assert!(!st.degraded, "rebuild did not finish: {:?}", st.rebuild);
-    let rebuild = (sources.len() as u64 * DATA_BYTES_PER_MEMBER) as f64 / secs;
+    let write_rate = sequential_write(&paths[MEMBERS]).await;
+    // Rounds alternate a plain read of the sources with a rebuild onto a fresh image, so both
+    // see the same machine conditions; medians are reported.
+    let mut seqs = Vec::new();
+    let mut rebuilds = Vec::new();
+    for round in 0..ROUNDS {
+        seqs.push(sequential_read(&sources).await);
+        let target = &paths[MEMBERS + round % 2];
+        let _ = std::fs::remove_file(target);
+        let fresh = open(target);
+        let start = Instant::now();
+        a.replace_member(0, fresh).await.expect("replace");
+        a.wait_rebuild().await;
+        let secs = start.elapsed().as_secs_f64();
+        let st = a.status();
+        assert!(!st.degraded, "rebuild did not finish: {:?}", st.rebuild);
+        rebuilds.push((sources.len() as u64 * DATA_BYTES_PER_MEMBER) as f64 / secs);
+    }
+    let seq = median(&mut seqs);
+    let rebuild = median(&mut rebuilds);
+    let written = rebuild / sources.len() as f64;
     println!(
-        "{level} {MEMBERS} x {} MiB: sequential read of sources {:.0} MB/s, rebuild reads {:.0} MB/s ({:.0} MB/s written), ratio {:.2}",
+        "{level} {MEMBERS} x {} MiB, median of {ROUNDS}: sources read sequentially {:.0} MB/s, \
+         during rebuild {:.0} MB/s: ratio {:.2}; target written sequentially {:.0} MB/s, by rebuild \
+         {:.0} MB/s",
         DATA_BYTES_PER_MEMBER >> 20,
         seq / 1e6,
         rebuild / 1e6,
-        DATA_BYTES_PER_MEMBER as f64 / secs / 1e6,
-        rebuild / seq
+        rebuild / seq,
+        write_rate / 1e6,
+        written / 1e6,
     );
     for p in &paths {
         let _ = std::fs::remove_file(p);
@@ -103,7 +141,13 @@ fn main() {
         None => std::env::temp_dir(),
     };
     rt.block_on(async {
-        bench(Level::Raid5, &dir).await;
-        bench(Level::Raid6, &dir).await;
+        // TWINBLOCK_BENCH_LEVELS=6,5 changes the order (or the set) of levels measured.
+        let levels = std::env::var("TWINBLOCK_BENCH_LEVELS").unwrap_or_else(|_| "5,6".into());
+        for l in levels.split(',') {
+            match Level::parse(l) {
+                Some(level @ (Level::Raid5 | Level::Raid6)) => bench(level, &dir).await,
+                _ => eprintln!("skipping level {l:?}: the rebuild bench covers raid5 and raid6"),
+            }
+        }
     });
 }

@@ -26,6 +26,7 @@ use crate::superblock::{
 };
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{join_all, try_join_all};
+use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -38,6 +39,8 @@ use uuid::Uuid;
 pub const ROW_LOCK_SHARDS: u64 = 1024;
 /// Member bytes per rebuild / scrub batch (one contiguous read per source member).
 pub const REBUILD_BATCH_BYTES: u64 = 4 << 20;
+/// Rebuild batches in flight at once.
+pub const REBUILD_PARALLEL_BATCHES: usize = 2;
 /// How often a running rebuild records its checkpoint in the superblocks.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
 /// Largest buffer used when a discard must be written as zeroes.
@@ -220,6 +223,26 @@ struct Meta {
     clean: bool,
     rebuild: Option<RebuildCheckpoint>,
     failed: Option<String>,
+}
+
+/// How one rebuild batch ended.
+enum BatchOutcome {
+    Done,
+    /// The target left its slot or the array failed: stop this resync quietly.
+    TargetGone,
+    Error(String),
+}
+
+/// Index of the first batch not covered by `done_rows` rows of completed batches.
+fn done_batches(batches: &[(u64, u64)], done_rows: u64) -> usize {
+    let mut rows = 0;
+    for (i, (a, b)) in batches.iter().enumerate() {
+        if rows >= done_rows {
+            return i;
+        }
+        rows += b - a;
+    }
+    batches.len()
 }
 
 /// Members as seen by one I/O.
@@ -1853,66 +1876,66 @@ impl Inner {
         };
         set_progress(0, true, None);
         tracing::info!(array = %self.name, slot, member = %name, ?kind, rows = total_rows, "resync starts");
-        let mut batch_rows = (REBUILD_BATCH_BYTES / c).clamp(1, ROW_LOCK_SHARDS);
+        let mut batch_rows = (REBUILD_BATCH_BYTES / c).clamp(1, ROW_LOCK_SHARDS / 2);
         let rate = self.rate_limit_bytes_per_sec.load(Ordering::SeqCst);
         if rate > 0 {
             // Keep each step to about a tenth of a second of the allowed rate.
             batch_rows = batch_rows.min((rate / 10 / c).max(1));
         }
+        let mut batches = Vec::new();
         for (a, b) in ranges {
             let mut r0 = a;
             while r0 < b {
-                if self.stop.load(Ordering::SeqCst) {
-                    self.record_checkpoint(slot, kind, r0).await;
-                    set_progress(done_rows, false, Some("stopped".into()));
-                    return false;
-                }
                 let r1 = (r0 + batch_rows).min(b);
-                let mut ok = false;
-                for _attempt in 0..=self.geo.members {
-                    let still_target = {
-                        let m = lock(&self.meta);
-                        m.slots[slot].dev_uuid == dev
-                            && m.slots[slot].resync.is_some()
-                            && m.failed.is_none()
-                    };
-                    if !still_target {
-                        set_progress(done_rows, false, Some("target or array failed".into()));
-                        return true;
-                    }
-                    match self.rebuild_rows(slot, r0, r1).await {
-                        Ok(true) => {
-                            ok = true;
-                            break;
-                        }
-                        Ok(false) => continue,
-                        Err(e) => {
-                            set_progress(done_rows, false, Some(e.to_string()));
-                            return false;
-                        }
-                    }
+                batches.push((r0, r1));
+                r0 = r1;
+            }
+        }
+        // Batches run REBUILD_PARALLEL_BATCHES at a time (reads of the next overlap the parity
+        // work and the write of the current one); results arrive in order, so every batch before
+        // the one being consumed is complete when a checkpoint is recorded.
+        let mut results = stream::iter(batches.clone())
+            .map(|(r0, r1)| async move { (r0, r1, self.rebuild_batch(slot, dev, r0, r1).await) })
+            .buffered(REBUILD_PARALLEL_BATCHES);
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                drop(results);
+                let next = batches.get(done_batches(&batches, done_rows)).map(|b| b.0);
+                if let Some(r0) = next {
+                    self.record_checkpoint(slot, kind, r0).await;
                 }
-                if !ok {
-                    set_progress(done_rows, false, Some("sources kept failing".into()));
+                set_progress(done_rows, false, Some("stopped".into()));
+                return false;
+            }
+            let Some((r0, r1, outcome)) = results.next().await else {
+                break;
+            };
+            match outcome {
+                BatchOutcome::Done => {}
+                BatchOutcome::TargetGone => {
+                    set_progress(done_rows, false, Some("target or array failed".into()));
+                    return true;
+                }
+                BatchOutcome::Error(e) => {
+                    set_progress(done_rows, false, Some(e));
                     return false;
                 }
-                done_rows += r1 - r0;
-                r0 = r1;
-                set_progress(done_rows, true, None);
-                let rate = self.rate_limit_bytes_per_sec.load(Ordering::SeqCst);
-                if rate > 0 {
-                    let due = Duration::from_secs_f64((done_rows * c) as f64 / rate as f64);
-                    let el = started.elapsed();
-                    if due > el {
-                        tokio::time::sleep(due - el).await;
-                    }
+            }
+            done_rows += r1 - r0;
+            set_progress(done_rows, true, None);
+            let rate = self.rate_limit_bytes_per_sec.load(Ordering::SeqCst);
+            if rate > 0 {
+                let due = Duration::from_secs_f64((done_rows * c) as f64 / rate as f64);
+                let el = started.elapsed();
+                if due > el {
+                    tokio::time::sleep(due - el).await;
                 }
-                if kind == ResyncKind::Full
-                    && last_cp.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
-                {
-                    self.record_checkpoint(slot, kind, r0).await;
-                    last_cp = Instant::now();
-                }
+            }
+            if kind == ResyncKind::Full
+                && last_cp.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
+            {
+                self.record_checkpoint(slot, kind, r1).await;
+                last_cp = Instant::now();
             }
         }
         {
@@ -1937,6 +1960,33 @@ impl Inner {
         true
     }
 
+    /// Rebuilds one batch with bounded retries while `slot` still holds device `dev`.
+    async fn rebuild_batch(
+        self: &Arc<Self>,
+        slot: usize,
+        dev: Uuid,
+        r0: u64,
+        r1: u64,
+    ) -> BatchOutcome {
+        for _attempt in 0..=self.geo.members {
+            let still_target = {
+                let m = lock(&self.meta);
+                m.slots[slot].dev_uuid == dev
+                    && m.slots[slot].resync.is_some()
+                    && m.failed.is_none()
+            };
+            if !still_target {
+                return BatchOutcome::TargetGone;
+            }
+            match self.rebuild_rows(slot, r0, r1).await {
+                Ok(true) => return BatchOutcome::Done,
+                Ok(false) => continue,
+                Err(e) => return BatchOutcome::Error(e.to_string()),
+            }
+        }
+        BatchOutcome::Error(format!("rows {r0}..{r1}: source members kept failing"))
+    }
+
     async fn record_checkpoint(self: &Arc<Self>, slot: usize, kind: ResyncKind, row: u64) {
         if kind != ResyncKind::Full {
             return;
@@ -1958,8 +2008,14 @@ impl Inner {
     async fn rebuild_rows(self: &Arc<Self>, slot: usize, r0: u64, r1: u64) -> Result<bool> {
         let geo = self.geo;
         let c = geo.chunk_bytes;
-        let lock_lo = r0.saturating_sub(1);
-        let lock_hi = (r1 + 1).min(geo.rows);
+        // RAID 10 copies may sit in a neighbouring row (odd member count): lock one row more on
+        // each side there. Other levels lock exactly their rows, so batches in flight together
+        // do not wait for each other.
+        let (lock_lo, lock_hi) = if geo.level == Level::Raid10 {
+            (r0.saturating_sub(1), (r1 + 1).min(geo.rows))
+        } else {
+            (r0, r1)
+        };
         let _g = self.lock_rows(lock_lo..lock_hi).await;
         let view = self.view();
         let Some(target) = view.members[slot].clone() else {
@@ -2056,6 +2112,9 @@ impl Inner {
                 let cu = c as usize;
                 for r in r0..r1 {
                     let at = ((r - r0) * c) as usize;
+                    if self.rebuild_chunk_fast(r, slot, &srcs, at, &mut out[at..at + cu]) {
+                        continue;
+                    }
                     let mut rb = RowBufs {
                         data: vec![None; geo.data_per_row()],
                         p: None,
@@ -2097,6 +2156,46 @@ impl Inner {
             return Ok(true);
         }
         Ok(true)
+    }
+
+    /// The common single-failure cases without copies: a data chunk or P is the XOR of every
+    /// other chunk but Q; Q is recomputed from the data. Returns false when the general
+    /// recovery is needed (two chunks of the row missing).
+    fn rebuild_chunk_fast(
+        &self,
+        row: u64,
+        slot: usize,
+        srcs: &[Option<Bytes>],
+        at: usize,
+        out: &mut [u8],
+    ) -> bool {
+        let geo = self.geo;
+        let len = out.len();
+        let chunk = |m: usize| srcs[m].as_ref().map(|b| &b[at..at + len]);
+        let raid6 = geo.level == Level::Raid6;
+        match geo.role(row, slot) {
+            ChunkRole::Q => {
+                let data: Option<Vec<&[u8]>> = (0..geo.data_per_row())
+                    .map(|i| chunk(geo.data_member(row, i)))
+                    .collect();
+                let Some(data) = data else { return false };
+                let mut p = vec![0u8; len];
+                parity::gen_pq(&data, &mut p, Some(out));
+                true
+            }
+            _ => {
+                let others: Option<Vec<&[u8]>> = (0..geo.members)
+                    .filter(|m| *m != slot && !(raid6 && *m == geo.q_member(row)))
+                    .map(chunk)
+                    .collect();
+                let Some(others) = others else { return false };
+                out.copy_from_slice(others[0]);
+                for o in &others[1..] {
+                    parity::xor_into(out, o);
+                }
+                true
+            }
+        }
     }
 
     // ---------- add ----------
@@ -2287,7 +2386,14 @@ impl Inner {
         if view.readable.iter().any(|r| !r) {
             return Err(self.invalid("scrub needs every member active".into()));
         }
-        let len = (r1 - r0) as usize * c;
+        // RAID 10 with an odd member count: a chunk's second copy may sit in the next row, so
+        // read one row more than is checked.
+        let read_end = if geo.level == Level::Raid10 {
+            (r1 + 1).min(geo.rows)
+        } else {
+            r1
+        };
+        let len = (read_end - r0) as usize * c;
         let reads = join_all((0..geo.members).map(|m| {
             let d = view.members[m].clone();
             async move {
@@ -2334,8 +2440,8 @@ impl Inner {
                             continue;
                         }
                         let p = places[1];
-                        if p.row < r0 || p.row >= r1 {
-                            continue; // checked with the batch holding both copies
+                        if p.row >= read_end {
+                            continue; // beyond the array's last row: no second copy
                         }
                         let other = &bufs[p.member]
                             [(p.row - r0) as usize * c..(p.row - r0) as usize * c + c];

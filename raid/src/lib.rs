@@ -10,6 +10,7 @@ pub mod bitmap;
 pub mod io;
 pub mod layout;
 pub mod parity;
+mod simd;
 pub mod superblock;
 
 pub use array::{

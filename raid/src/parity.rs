@@ -4,11 +4,11 @@
 //! the polynomial x^8+x^4+x^3+x^2+1 (0x11d), as in Linux md and ISA-L, so the bytes on disk do not
 //! depend on which kernel computed them.
 //!
-//! Two Q kernels exist ([`GfKernel`]): a hand-written one that evaluates Q by Horner's rule on
-//! 64-byte blocks of eight `u64` lanes (multiplying by 2 is a shift, a mask and a multiply per lane,
-//! which the compiler turns into SIMD), and one built on the `reed-solomon-erasure` crate's
-//! table-driven `mul_slice_xor`. `benches/parity.rs` compares them; the faster one (the hand-written
-//! kernel, see the README figures) is [`DEFAULT_KERNEL`].
+//! Two Q kernels exist ([`GfKernel`]): a hand-written one that evaluates Q by Horner's rule over
+//! 4 KiB strips (multiplying by 2 is a compare, an add, an and and a xor per byte, which the
+//! compiler turns into SIMD; `simd` runs an AVX2 build of it when the CPU has AVX2), and one built
+//! on the `reed-solomon-erasure` crate's table-driven `mul_slice_xor`. `benches/parity.rs` compares
+//! them; the faster one (the hand-written kernel, see raid/README.md) is [`DEFAULT_KERNEL`].
 //!
 //! [`recover`] fills in up to two missing chunks of a row: any one chunk, P+data, Q+data or two data.
 
@@ -17,7 +17,7 @@ use thiserror::Error;
 /// Which GF(2^8) implementation computes Q.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GfKernel {
-    /// Hand-written Horner's-rule kernel over u64 lanes.
+    /// Hand-written Horner's-rule kernel over byte strips (SSE2, or AVX2 when present).
     Lanes,
     /// `reed_solomon_erasure::galois_8::mul_slice_xor` per data chunk.
     RsCrate,
@@ -27,7 +27,6 @@ pub enum GfKernel {
 pub const DEFAULT_KERNEL: GfKernel = GfKernel::Lanes;
 
 const BLOCK_BYTES: usize = 64;
-const LANES: usize = BLOCK_BYTES / 8;
 
 /// Multiplication tables: EXP[i] = g^i (doubled to avoid a modulo), LOG[x] = log_g(x).
 const fn build_tables() -> ([u8; 512], [u8; 256]) {
@@ -98,67 +97,42 @@ pub fn mul_xor_into(c: u8, src: &[u8], dst: &mut [u8]) {
     }
 }
 
-#[inline(always)]
-fn mul2_lane(x: u64) -> u64 {
-    let hi = x & 0x8080_8080_8080_8080;
-    ((x << 1) & 0xfefe_fefe_fefe_fefe) ^ ((hi >> 7) * 0x1d)
-}
+/// Bytes of each data chunk processed per pass; P and Q strips of this size stay in L1.
+pub(crate) const STRIP_BYTES: usize = 4096;
 
+/// P and Q of one strip `[at, at + p.len())` by Horner's rule: Q = (((D_last)·2 ^ D_last-1)·2 ...) ^ D_0.
+/// Written as plain byte loops so the compiler emits SIMD (compare/add/and/xor per 16 or 32 bytes).
 #[inline(always)]
-fn load(block: &[u8]) -> [u64; LANES] {
-    let mut out = [0u64; LANES];
-    for (o, b) in out.iter_mut().zip(block.chunks_exact(8)) {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(b);
-        *o = u64::from_le_bytes(w);
-    }
-    out
-}
-
-#[inline(always)]
-fn store(block: &mut [u8], v: &[u64; LANES]) {
-    for (b, x) in block.chunks_exact_mut(8).zip(v) {
-        b.copy_from_slice(&x.to_le_bytes());
+fn pq_strip(data: &[&[u8]], at: usize, p: &mut [u8], q: &mut [u8]) {
+    let len = p.len();
+    let last = data.len() - 1;
+    p.copy_from_slice(&data[last][at..at + len]);
+    q.copy_from_slice(&data[last][at..at + len]);
+    for d in data[..last].iter().rev() {
+        let d = &d[at..at + len];
+        for ((pb, qb), db) in p.iter_mut().zip(q.iter_mut()).zip(d) {
+            let high = ((*qb as i8) >> 7) as u8;
+            *qb = (*qb << 1) ^ (high & 0x1d) ^ *db;
+            *pb ^= *db;
+        }
     }
 }
 
-/// Byte-at-a-time P/Q for tails shorter than one block.
-fn gen_pq_bytes(data: &[&[u8]], from: usize, p: &mut [u8], mut q: Option<&mut [u8]>) {
-    for pos in from..p.len() {
-        let mut pv = 0u8;
-        let mut qv = 0u8;
-        for d in data.iter().rev() {
-            pv ^= d[pos];
-            qv = gf_mul(qv, 2) ^ d[pos];
-        }
-        p[pos] = pv;
-        if let Some(q) = q.as_deref_mut() {
-            q[pos] = qv;
-        }
+/// The portable strip kernel over whole buffers; `simd` calls it again compiled for AVX2.
+#[inline(always)]
+pub(crate) fn gen_pq_strips(data: &[&[u8]], p: &mut [u8], q: &mut [u8]) {
+    let len = p.len();
+    let mut at = 0;
+    while at < len {
+        let n = STRIP_BYTES.min(len - at);
+        pq_strip(data, at, &mut p[at..at + n], &mut q[at..at + n]);
+        at += n;
     }
 }
 
 fn gen_pq_lanes(data: &[&[u8]], p: &mut [u8], q: Option<&mut [u8]>) {
-    let len = p.len();
-    let whole = len - len % BLOCK_BYTES;
     match q {
-        Some(q) => {
-            for at in (0..whole).step_by(BLOCK_BYTES) {
-                let last = data.len() - 1;
-                let mut pv = load(&data[last][at..at + BLOCK_BYTES]);
-                let mut qv = pv;
-                for d in data[..last].iter().rev() {
-                    let dv = load(&d[at..at + BLOCK_BYTES]);
-                    for l in 0..LANES {
-                        pv[l] ^= dv[l];
-                        qv[l] = mul2_lane(qv[l]) ^ dv[l];
-                    }
-                }
-                store(&mut p[at..at + BLOCK_BYTES], &pv);
-                store(&mut q[at..at + BLOCK_BYTES], &qv);
-            }
-            gen_pq_bytes(data, whole, p, Some(q));
-        }
+        Some(q) => crate::simd::gen_pq(data, p, q),
         None => {
             p.copy_from_slice(data[0]);
             for d in &data[1..] {

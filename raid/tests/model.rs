@@ -16,6 +16,14 @@ const CHUNK_BYTES: u64 = 4096;
 const ROWS: u64 = 8;
 const MEMBER_BYTES: u64 = DATA_OFFSET_BYTES + ROWS * CHUNK_BYTES;
 
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Vanish,
+    Reads,
+    Writes,
+    Operator,
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Write {
@@ -27,10 +35,10 @@ enum Op {
         at: u64,
         len: u64,
     },
-    /// Make a member fail: by injected I/O error (`vanish`) or by the operator.
+    /// Make a member fail: by injected I/O errors or by the operator.
     Fail {
         slot: usize,
-        vanish: bool,
+        how: Fault,
     },
     /// Replace a failed member by a blank one and rebuild.
     Replace {
@@ -48,7 +56,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (any::<u64>(), 1u64..3 * 4 * CHUNK_BYTES, any::<u8>()).prop_map(|(at, len, seed)| Op::Write { at, len, seed }),
         3 => (any::<u64>(), 1u64..3 * 4 * CHUNK_BYTES).prop_map(|(at, len)| Op::Read { at, len }),
-        1 => (0usize..8, any::<bool>()).prop_map(|(slot, vanish)| Op::Fail { slot, vanish }),
+        1 => (0usize..8, prop_oneof![Just(Fault::Vanish), Just(Fault::Reads), Just(Fault::Writes), Just(Fault::Operator)])
+            .prop_map(|(slot, how)| Op::Fail { slot, how }),
         1 => (0usize..8).prop_map(|slot| Op::Replace { slot }),
         1 => (0usize..8).prop_map(|slot| Op::Return { slot }),
         1 => Just(Op::Flush),
@@ -116,7 +125,7 @@ impl Harness {
                 let at = at % size;
                 self.check_read(at, len.min(size - at)).await;
             }
-            Op::Fail { slot, vanish } => {
+            Op::Fail { slot, how } => {
                 let slot = slot % n;
                 let mut down = self.down.clone();
                 down[slot] = true;
@@ -124,10 +133,11 @@ impl Harness {
                     return;
                 }
                 self.down[slot] = true;
-                if vanish {
-                    self.members[slot].vanish();
-                } else {
-                    self.array.fail_member(slot).await.unwrap();
+                match how {
+                    Fault::Vanish => self.members[slot].vanish(),
+                    Fault::Reads => self.members[slot].fail_reads(true),
+                    Fault::Writes => self.members[slot].fail_writes(true),
+                    Fault::Operator => self.array.fail_member(slot).await.unwrap(),
                 }
             }
             Op::Replace { slot } => {
@@ -158,6 +168,8 @@ impl Harness {
                 self.array.fail_member(slot).await.unwrap();
                 self.array.remove_member(slot).await.unwrap();
                 self.members[slot].reappear();
+                self.members[slot].fail_reads(false);
+                self.members[slot].fail_writes(false);
                 let back = self.members[slot].clone();
                 let st = self.array.add_member(back.clone()).await.unwrap();
                 self.array.wait_rebuild().await;

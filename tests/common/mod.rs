@@ -229,6 +229,9 @@ pub struct VolumeSpec {
     pub description: String,
     pub size_bytes: u64,
     pub direct_io: bool,
+    /// Exported read-only; the harness creates the (sparse) image first, since the daemon never
+    /// creates a read-only image.
+    pub read_only: bool,
 }
 
 impl Default for VolumeSpec {
@@ -238,6 +241,7 @@ impl Default for VolumeSpec {
             description: DEFAULT_DESCRIPTION.to_string(),
             size_bytes: DEFAULT_VOLUME_BYTES,
             direct_io: true,
+            read_only: false,
         }
     }
 }
@@ -291,6 +295,7 @@ pub fn render_config(spec: &DaemonSpec, data_dir: &Path, listen: SocketAddr) -> 
         let _ = writeln!(toml, "description = {}", toml_str(&volume.description));
         let _ = writeln!(toml, "file = {}", toml_str(&format!("{}.img", volume.name)));
         let _ = writeln!(toml, "size = {}", volume.size_bytes);
+        let _ = writeln!(toml, "read_only = {}", volume.read_only);
         let _ = writeln!(toml, "direct_io = {}\n", volume.direct_io);
     }
     toml.push_str(&spec.extra_toml);
@@ -341,6 +346,12 @@ impl Daemon {
         let log_path = dir.path().join("twinblockd.log");
         let config = render_config(&spec, dir.path(), addr);
         std::fs::write(&config_path, config).expect("write the generated twinblockd config");
+        for volume in spec.volumes.iter().filter(|v| v.read_only) {
+            let image = dir.path().join(format!("{}.img", volume.name));
+            let file = std::fs::File::create(&image).expect("create a read-only volume's image");
+            file.set_len(volume.size_bytes)
+                .expect("size a read-only volume's image");
+        }
         let mut daemon = Daemon {
             child: None,
             kind,

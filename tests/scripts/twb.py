@@ -38,6 +38,13 @@ def check(cond, what):
     print("OK:", what, flush=True)
 
 
+def errno_is(err, name):
+    """nbd.Error carries the errno as its symbolic name ("ENOTSUP"); ENOTSUP and EOPNOTSUPP are
+    the same number on Linux and either name may appear."""
+    aliases = {"ENOTSUP": ("ENOTSUP", "EOPNOTSUPP"), "EOPNOTSUPP": ("ENOTSUP", "EOPNOTSUPP")}
+    return err.errno in aliases.get(name, (name,))
+
+
 def expect_nbd_error(what, fn, *args, **kwargs):
     """Runs fn and requires it to fail with nbd.Error; returns the error."""
     try:

@@ -143,7 +143,7 @@ fn print_banner(
          --iodepth=32 --size=256m --runtime=10 --time_based\n  \
          nbd-client 127.0.0.1 {port} /dev/nbd0 -N r5     # with a kernel that has nbd\n  \
          twinctl volume list        twinctl volume show r5\n  \
-         twinctl disk fail md0 disk2.img && twinctl disk add md0 disk4.img && twinctl rebuild status --watch\n  \
+         twinctl disk replace md0 disk2.img disk4.img && twinctl rebuild status --watch\n  \
          twinctl journal dump {DEMO_NVRAM}"
     );
 }

@@ -1,0 +1,118 @@
+//! Long-running checks, off by default: set `TWINBLOCK_SOAK=1` (and optionally
+//! `TWINBLOCK_SOAK_SECS`, default 300) to run them. Without the flag each test prints that it was
+//! not requested and returns.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{require_tool, run_ok, Daemon, DaemonSpec, VolumeSpec, CLIENT_TIMEOUT};
+
+/// Default soak length in seconds.
+const DEFAULT_SOAK_SECS: u64 = 300;
+
+fn soak_secs() -> Option<u64> {
+    if std::env::var("TWINBLOCK_SOAK")
+        .map(|v| v == "1")
+        .unwrap_or(false)
+    {
+        let secs = std::env::var("TWINBLOCK_SOAK_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        Some(secs.unwrap_or(DEFAULT_SOAK_SECS))
+    } else {
+        eprintln!("not requested: set TWINBLOCK_SOAK=1 to run the soak tests");
+        None
+    }
+}
+
+#[test]
+fn soak_fio_verify_mixed_workload_on_several_connections() {
+    let Some(secs) = soak_secs() else { return };
+    if !require_tool("fio") {
+        return;
+    }
+    let mut daemon = Daemon::start(DaemonSpec {
+        volumes: vec![VolumeSpec {
+            size_bytes: 512 * 1024 * 1024,
+            ..VolumeSpec::default()
+        }],
+        extra_toml: String::new(),
+    });
+    let uri = daemon.default_uri();
+    let runtime = format!("--runtime={secs}");
+    let out = run_ok(
+        Command::new("fio")
+            .current_dir(daemon.dir())
+            .args([
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--time_based",
+                &runtime,
+            ])
+            .args([
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+                "--verify_backlog=1024",
+            ])
+            .args([
+                "--name=rand",
+                "--rw=randrw",
+                "--bsrange=512-256k",
+                "--iodepth=32",
+                "--size=128M",
+            ])
+            .args([
+                "--name=seq",
+                "--rw=write",
+                "--bs=1m",
+                "--iodepth=8",
+                "--size=128M",
+                "--offset=256M",
+            ]),
+        Duration::from_secs(secs + 120),
+    );
+    assert!(
+        !out.stdout.contains("verify:"),
+        "fio reported a verify problem\n{}",
+        out.describe()
+    );
+    daemon.assert_serving();
+}
+
+#[test]
+fn soak_repeated_sigkill_keeps_flushed_writes() {
+    let Some(secs) = soak_secs() else { return };
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut daemon = Daemon::start_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut round: u64 = 0;
+    while std::time::Instant::now() < deadline {
+        let byte = (round % 250 + 1) as u8;
+        let offset = (round * 12_289) % (60 << 20);
+        let uri = daemon.default_uri();
+        let write = format!("write -P {byte:#x} {offset} 12289");
+        run_ok(
+            Command::new("qemu-io").args(["-f", "raw", &uri, "-c", &write, "-c", "flush"]),
+            CLIENT_TIMEOUT,
+        );
+        daemon.kill_hard();
+        daemon.restart();
+        let read = format!("read -P {byte:#x} {offset} 12289");
+        let out = run_ok(
+            Command::new("qemu-io").args(["-f", "raw", &daemon.default_uri(), "-c", &read]),
+            CLIENT_TIMEOUT,
+        );
+        assert!(
+            !out.stdout.contains("failed"),
+            "round {round}: {}",
+            out.describe()
+        );
+        round += 1;
+    }
+    eprintln!("{round} kill/restart rounds");
+}
