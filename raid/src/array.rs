@@ -17,6 +17,7 @@
 
 use crate::assemble::{self, AssembleError, Candidate, SlotStart};
 use crate::bitmap::{self, Bitmap, BITMAP_BLOCK_BYTES};
+use crate::io::buf::AlignedBuf;
 use crate::io::Member;
 use crate::layout::{ChunkRole, Extent, Geometry, LayoutError, Level};
 use crate::parity::{self, RowBufs};
@@ -2022,7 +2023,8 @@ impl Inner {
             return Ok(false);
         };
         let len = ((r1 - r0) * c) as usize;
-        let out: Vec<u8> = match geo.level {
+        // Output buffers are page-aligned so O_DIRECT members write them without a bounce copy.
+        let out: Bytes = match geo.level {
             Level::Raid0 => return Err(self.invalid("raid0 cannot rebuild a member".into())),
             Level::Raid1 => {
                 let Some(src) = (0..geo.members).find(|m| *m != slot && view.readable[*m]) else {
@@ -2038,12 +2040,12 @@ impl Inner {
                     .read_member(src, &d, self.member_off(r0, 0), len as u64)
                     .await
                 {
-                    Some(b) => b.to_vec(),
+                    Some(b) => b,
                     None => return Ok(false),
                 }
             }
             Level::Raid10 => {
-                let mut out = vec![0u8; len];
+                let mut out = AlignedBuf::zeroed(len);
                 let mut jobs = Vec::new();
                 for r in r0..r1 {
                     let Some(k) = geo.raid10_chunk_at(slot, r) else {
@@ -2083,7 +2085,7 @@ impl Inner {
                     let at = ((r - r0) * c) as usize;
                     out[at..at + c as usize].copy_from_slice(&b);
                 }
-                out
+                out.into_bytes()
             }
             Level::Raid5 | Level::Raid6 => {
                 let reads = join_all((0..geo.members).map(|m| {
@@ -2108,7 +2110,7 @@ impl Inner {
                         None => srcs.push(None),
                     }
                 }
-                let mut out = vec![0u8; len];
+                let mut out = AlignedBuf::zeroed(len);
                 let cu = c as usize;
                 for r in r0..r1 {
                     let at = ((r - r0) * c) as usize;
@@ -2144,11 +2146,11 @@ impl Inner {
                         out[at..at + cu].copy_from_slice(&chunk);
                     }
                 }
-                out
+                out.into_bytes()
             }
         };
         if let Err(e) = target
-            .write_at(self.member_off(r0, 0), Bytes::from(out))
+            .write_at(self.member_off(r0, 0), out)
             .await
         {
             self.member_failed(slot, "rebuild write", Some(&e), true)
