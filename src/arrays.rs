@@ -248,7 +248,18 @@ impl ArrayEntry {
 
     pub async fn add(&self, path: &str) -> Result<Value, String> {
         let m = self.open_new(path)?;
-        let st = self.array.add_member(m).await.map_err(|e| e.to_string())?;
+        // Like md: a disk added to an array with a faulty member takes that member's role and is
+        // rebuilt at once; otherwise it waits as a hot spare.
+        let faulty = self.array.status().members.iter().find_map(|s| {
+            (s.state == twinblock_raid::MemberState::Faulty)
+                .then_some(s.slot)
+                .flatten()
+        });
+        let st = match faulty {
+            Some(slot) => self.array.replace_member(slot, m).await,
+            None => self.array.add_member(m).await,
+        }
+        .map_err(|e| e.to_string())?;
         Ok(json!({
             "message": format!(
                 "array {}: {path} added as {:?}{}; {}",

@@ -522,3 +522,71 @@ fn fio_nbd_engine_random_writes_verify_crc32c() {
     }
     daemon.assert_serving();
 }
+
+/// Reads the fixed-newstyle greeting: "NBDMAGIC", "IHAVEOPT", 16-bit handshake flags.
+fn read_greeting(stream: &mut std::net::TcpStream) -> [u8; 18] {
+    use std::io::Read;
+    let mut greeting = [0u8; 18];
+    if let Err(err) = stream.read_exact(&mut greeting) {
+        panic!("server greeting not received: {err}");
+    }
+    assert_eq!(
+        &greeting[..8],
+        b"NBDMAGIC",
+        "greeting magic {greeting:02x?}"
+    );
+    assert_eq!(
+        &greeting[8..16],
+        b"IHAVEOPT",
+        "fixed-newstyle option magic {greeting:02x?}"
+    );
+    greeting
+}
+
+#[test]
+fn garbage_and_abrupt_disconnects_leave_the_server_serving() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    if !require_tool("nbdinfo") {
+        return;
+    }
+    let mut daemon = Daemon::start_default();
+    let connect = || match TcpStream::connect(daemon.addr()) {
+        Ok(stream) => {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            stream
+        }
+        Err(err) => panic!("connect to {}: {err}", daemon.addr()),
+    };
+    // 1. Connect and leave without a word.
+    drop(connect());
+    // 2. Greeting read, then garbage instead of the client flags and options.
+    let mut stream = connect();
+    read_greeting(&mut stream);
+    let _ = stream.write_all(&[0xff; 64]);
+    drop(stream);
+    // 3. Valid client flags, then an option header whose length lies (claims 1 GiB), then gone.
+    let mut stream = connect();
+    read_greeting(&mut stream);
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&3u32.to_be_bytes()); // NBD_FLAG_C_FIXED_NEWSTYLE | NO_ZEROES
+    bytes.extend_from_slice(b"IHAVEOPT");
+    bytes.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+    bytes.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    bytes.extend_from_slice(&[0u8; 10]);
+    let _ = stream.write_all(&bytes);
+    drop(stream);
+    // 4. Half a greeting reply (two of the four client-flag bytes), then gone.
+    let mut stream = connect();
+    read_greeting(&mut stream);
+    let _ = stream.write_all(&[0, 0]);
+    drop(stream);
+
+    daemon.assert_serving();
+    let info = nbdinfo_json(&[&daemon.default_uri()]);
+    assert_eq!(
+        exports(&info)[0]["export-size"].as_u64(),
+        Some(DEFAULT_VOLUME_BYTES),
+        "server still answers a real client after the bad ones\n{info:#}"
+    );
+}

@@ -2149,10 +2149,7 @@ impl Inner {
                 out.into_bytes()
             }
         };
-        if let Err(e) = target
-            .write_at(self.member_off(r0, 0), out)
-            .await
-        {
+        if let Err(e) = target.write_at(self.member_off(r0, 0), out).await {
             self.member_failed(slot, "rebuild write", Some(&e), true)
                 .await;
             return Ok(true);

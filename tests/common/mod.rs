@@ -68,9 +68,12 @@ pub fn require_tool(name: &str) -> bool {
 
 /// `require_tool` for several tools; reports every missing one.
 pub fn require_tools(names: &[&str]) -> bool {
-    names
-        .iter()
-        .fold(true, |all, name| require_tool(name) && all)
+    let mut all_present = true;
+    for name in names {
+        // Check every tool (no short-circuit) so one run names everything missing.
+        all_present &= require_tool(name);
+    }
+    all_present
 }
 
 /// Is the Python used by nbdsh able to import libnbd's bindings? (Debian's `/usr/bin/python3`

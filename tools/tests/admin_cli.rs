@@ -191,6 +191,15 @@ fn operator_fails_replaces_rebuilds_and_scrubs_without_losing_data() {
     assert_eq!(scrub[0]["state"], "done", "{scrub}");
     assert_eq!(scrub[0]["mismatches"], 0, "{scrub}");
 
+    // A disk added to an array with a faulty member is rebuilt into its place, as md does.
+    ctl_ok(&sock, &["disk", "fail", "md0", "d2.img"]);
+    let added = ctl_ok(&sock, &["disk", "add", "md0", "d5.img"]);
+    assert!(added.contains("Rebuilding"), "{added}");
+    ctl_ok(&sock, &["rebuild", "status", "--watch"]);
+    let show = ctl_json(&sock, &["volume", "show", "r5"]);
+    assert_eq!(show["state"], "optimal", "{show}");
+    check_data(addr, &data, "after rebuilding onto d5.img");
+
     // Mistakes get a clear refusal and change nothing.
     let out = ctl(&sock, &["disk", "fail", "md0", "nosuch.img"]);
     assert!(!out.status.success());
