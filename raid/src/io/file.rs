@@ -18,7 +18,7 @@
 
 use super::buf::{is_direct_aligned, AlignedBuf, ALIGN_BYTES};
 use super::uring::{self, UringEngine};
-use super::{pool, Member};
+use super::{inline, pool, Member};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::fmt;
@@ -391,6 +391,9 @@ impl FileMember {
             }
             None => {
                 self.count(false);
+                if inline::write_buffered(&self.buffered, offset, &data)? {
+                    return Ok(());
+                }
                 (Arc::clone(&self.buffered), data)
             }
         };
@@ -477,6 +480,11 @@ impl Member for FileMember {
             }
             None => {
                 self.count(false);
+                match inline::read_nowait(&self.buffered, offset, len) {
+                    Ok(Some(data)) => return Ok(data),
+                    Ok(None) => {}
+                    Err(e) => return Err(self.context(e, "read", offset, len as u64)),
+                }
                 Arc::clone(&self.buffered)
             }
         };

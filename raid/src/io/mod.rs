@@ -12,6 +12,7 @@
 
 pub mod buf;
 pub mod file;
+pub mod inline;
 pub mod mem;
 pub mod pool;
 pub mod uring;
