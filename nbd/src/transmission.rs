@@ -10,6 +10,7 @@
 //! Validation (`check_request`) is pure so each refusal is unit-tested.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::sync::Arc;
 
 use std::collections::VecDeque;
@@ -359,7 +360,7 @@ async fn reader_loop<R: AsyncRead + Unpin>(
             None
         };
         let conn = Arc::clone(&conn);
-        tokio::spawn(async move {
+        let mut request = Box::pin(async move {
             let body = execute(&conn, &h, cmd, data).await;
             let _ = conn.replies.send(Reply {
                 cookie: h.cookie,
@@ -368,6 +369,15 @@ async fn reader_loop<R: AsyncRead + Unpin>(
                 permit,
             });
         });
+        // Most requests on a page-cache or journaled device finish without waiting: poll once
+        // here and save a task spawn and a wake-up. A request that does wait moves to a task of
+        // its own, so slow requests still overlap each other and the reading of the next ones.
+        let done =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(request.as_mut().poll(cx).is_ready()))
+                .await;
+        if !done {
+            tokio::spawn(request);
+        }
     }
 }
 
