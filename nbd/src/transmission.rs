@@ -372,14 +372,22 @@ async fn reader_loop<R: AsyncRead + Unpin>(
         // Most requests on a page-cache or journaled device finish without waiting: poll once
         // here and save a task spawn and a wake-up. A request that does wait moves to a task of
         // its own, so slow requests still overlap each other and the reading of the next ones.
-        let done =
-            std::future::poll_fn(|cx| std::task::Poll::Ready(request.as_mut().poll(cx).is_ready()))
-                .await;
+        // Large reads always get a task: copying them here would serialise them on this
+        // connection's reader while the other cores idle. (A large write's payload was just
+        // read here and is hot in this core's cache, so it is best stored from here.)
+        let done = (cmd == Command::Write || payload <= INLINE_POLL_BYTES_MAX)
+            && std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(request.as_mut().poll(cx).is_ready())
+            })
+            .await;
         if !done {
             tokio::spawn(request);
         }
     }
 }
+
+/// Reads of at most this many bytes are first polled on the reader task (see the loop).
+const INLINE_POLL_BYTES_MAX: u32 = 128 * 1024;
 
 /// Reads a write payload into a pooled buffer. Bytes the reader already buffered (read ahead with
 /// the header) are copied; the rest goes from the socket straight into the payload buffer.
