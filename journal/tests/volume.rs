@@ -120,6 +120,47 @@ async fn cp_gathers_full_stripes_from_scattered_writes() {
     }
 }
 
+#[tokio::test]
+async fn cp_fills_a_stripe_holding_scattered_blocks_instead_of_writing_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    // Old contents the fill must read and keep.
+    let old = pattern(200, STRIPE_BYTES as usize);
+    mem.write(STRIPE_BYTES, old.clone()).await.unwrap();
+    let before = mem.stats();
+    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        .await
+        .unwrap();
+    // Three separate 4 KiB blocks in the second stripe, one alone in the fourth.
+    for b in [1u64, 3, 5] {
+        vol.write(STRIPE_BYTES + b * 8192, pattern(b as u8, 4096))
+            .await
+            .unwrap();
+    }
+    vol.write(3 * STRIPE_BYTES + 4096, pattern(99, 4096))
+        .await
+        .unwrap();
+    vol.checkpoint().await.unwrap();
+    let stats = mem.stats();
+    assert_eq!(
+        stats.writes - before.writes,
+        2,
+        "one filled stripe plus one lone block"
+    );
+    assert_eq!(stats.full_stripe_writes - before.full_stripe_writes, 1);
+    let mut want = old.to_vec();
+    for b in [1usize, 3, 5] {
+        want[b * 8192..b * 8192 + 4096].copy_from_slice(&pattern(b as u8, 4096));
+    }
+    let contents = mem.contents();
+    assert_eq!(
+        &contents[STRIPE_BYTES as usize..2 * STRIPE_BYTES as usize],
+        &want[..]
+    );
+    let lone = 3 * STRIPE_BYTES as usize + 4096;
+    assert_eq!(&contents[lone..lone + 4096], &pattern(99, 4096)[..]);
+}
+
 /// A backing whose writes wait for permits, to hold a CP in the middle.
 #[derive(Clone)]
 struct GatedBacking {
