@@ -16,11 +16,59 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 /// Buffered writes up to this size are copied into the page cache inline.
 pub const INLINE_WRITE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Buffered reads up to this size are tried inline.
 pub const INLINE_READ_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Read buffers at least this large are recycled: fresh ones of this size come from `mmap`, so
+/// every read would fault their pages in and every drop would unmap them.
+const RECYCLE_MIN_BYTES: usize = 64 * 1024;
+/// Bound on the bytes kept for reuse.
+const RECYCLE_POOL_BYTES_MAX: usize = 32 * 1024 * 1024;
+
+/// Large read buffers waiting for reuse.
+static RECYCLED: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// A read buffer handed out as `Bytes`; its allocation returns to `RECYCLED` when the last
+/// `Bytes` referring to it is dropped.
+struct Recycled(Vec<u8>);
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        let mut pool = RECYCLED.lock().unwrap_or_else(|p| p.into_inner());
+        let pooled: usize = pool.iter().map(Vec::capacity).sum();
+        if pooled + buf.capacity() <= RECYCLE_POOL_BYTES_MAX {
+            pool.push(buf);
+        }
+    }
+}
+
+/// An empty vector with room for `len` bytes, reusing a pooled allocation when one fits
+/// (not more than twice too large, so small reads never pin big buffers).
+fn buffer_for(len: usize) -> Vec<u8> {
+    if len >= RECYCLE_MIN_BYTES {
+        let mut pool = RECYCLED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = pool
+            .iter()
+            .position(|b| b.capacity() >= len && b.capacity() <= 2 * len)
+        {
+            let mut buf = pool.swap_remove(i);
+            buf.clear();
+            return buf;
+        }
+    }
+    Vec::with_capacity(len)
+}
 
 /// Set once the kernel or filesystem refuses `RWF_NOWAIT` reads, to stop trying.
 static NOWAIT_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
@@ -34,7 +82,7 @@ pub fn read_nowait(file: &File, offset: u64, len: usize) -> io::Result<Option<By
     let Ok(off) = libc::off_t::try_from(offset) else {
         return Ok(None);
     };
-    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let mut buf = buffer_for(len);
     let mut done = 0usize;
     while done < len {
         // `buf.len() == done`, so the spare capacity starts at byte `done` and holds
@@ -78,6 +126,9 @@ pub fn read_nowait(file: &File, offset: u64, len: usize) -> io::Result<Option<By
         // SAFETY: the kernel initialised bytes `..done` (the earlier ones in earlier rounds).
         unsafe { buf.set_len(done) };
     }
+    if len >= RECYCLE_MIN_BYTES {
+        return Ok(Some(Bytes::from_owner(Recycled(buf))));
+    }
     Ok(Some(Bytes::from(buf)))
 }
 
@@ -117,6 +168,28 @@ mod tests {
         // of what is cached still assembles the right bytes or defers.
         if let Some(b) = read_nowait(&f, 0, 65536).unwrap() {
             assert_eq!(&b[..], &data[..]);
+        }
+    }
+
+    #[test]
+    fn large_read_buffers_are_recycled_with_correct_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = File::open(&path).unwrap();
+        for round in 0..4u64 {
+            let off = round * 65536;
+            let Some(b) = read_nowait(&f, off, 256 * 1024).unwrap() else {
+                return; // RWF_NOWAIT unsupported here: nothing to recycle.
+            };
+            assert_eq!(&b[..], &data[off as usize..off as usize + 256 * 1024]);
+            drop(b);
+            let pool = RECYCLED.lock().unwrap();
+            assert!(
+                pool.iter().any(|v| v.capacity() >= 256 * 1024),
+                "buffer not returned"
+            );
         }
     }
 
