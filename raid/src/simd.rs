@@ -19,6 +19,8 @@ pub(crate) fn gen_pq(data: &[&[u8]], p: &mut [u8], q: &mut [u8]) {
     crate::parity::gen_pq_strips(data, p, q);
 }
 
+/// # Safety
+/// The CPU must support AVX2 (the caller checks `is_x86_feature_detected!("avx2")`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn gen_pq_avx2(data: &[&[u8]], p: &mut [u8], q: &mut [u8]) {
