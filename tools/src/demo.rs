@@ -10,6 +10,25 @@ use twinblock::node::Node;
 /// The demo's NVRAM file: tmpfs, like a real node's default.
 const DEMO_NVRAM: &str = "/dev/shm/twinblock-demo-node0.nvram";
 
+/// The NVRAM file of a demo in `dir`. Each working directory gets its own: the journal in one
+/// file belongs to one directory's array, and replaying it into another array would write that
+/// array's data into this one.
+pub fn demo_nvram(dir: &Path) -> PathBuf {
+    if dir == Path::new(crate::DEFAULT_DEMO_DIR) {
+        return PathBuf::from(DEMO_NVRAM);
+    }
+    let key = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    // FNV-1a of the path: stable, short, enough to keep demo directories apart.
+    let h = key
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    PathBuf::from(format!("/dev/shm/twinblock-demo-{h:016x}.nvram"))
+}
+
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Working directory for images, config, sockets (kept between runs).
@@ -81,7 +100,7 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&node_dir)
         .with_context(|| format!("cannot create demo directory {}", node_dir.display()))?;
     let config_path = node_dir.join("node0.toml");
-    let nvram = PathBuf::from(DEMO_NVRAM);
+    let nvram = demo_nvram(&args.dir);
     if args.fresh {
         let _ = std::fs::remove_file(&nvram);
     }
@@ -92,9 +111,10 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
     let volumes = node.volumes().to_vec();
     let check = !args.no_check;
     let config_shown = config_path.clone();
+    let nvram_shown = nvram.clone();
     let result = node
         .run(twinblock::signals::shutdown_signal(), move |addrs| {
-            print_banner(&config_shown, addrs, &volumes);
+            print_banner(&config_shown, addrs, &volumes, &nvram_shown);
             if check {
                 if let Some(a) = addrs.first() {
                     self_check(&format!("nbd://{a}/r5"));
@@ -118,6 +138,7 @@ fn print_banner(
     config: &Path,
     addrs: &[std::net::SocketAddr],
     volumes: &[twinblock::node::VolumeInfo],
+    nvram: &Path,
 ) {
     let addr = addrs
         .first()
@@ -144,7 +165,8 @@ fn print_banner(
          nbd-client 127.0.0.1 {port} /dev/nbd0 -N r5     # with a kernel that has nbd\n  \
          twinctl volume list        twinctl volume show r5\n  \
          twinctl disk replace md0 disk2.img disk4.img && twinctl rebuild status --watch\n  \
-         twinctl journal dump {DEMO_NVRAM}"
+         twinctl journal dump {}",
+        nvram.display()
     );
 }
 
@@ -164,6 +186,19 @@ fn self_check(uri: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_demo_directory_has_its_own_nvram_file() {
+        assert_eq!(
+            demo_nvram(Path::new(crate::DEFAULT_DEMO_DIR)),
+            PathBuf::from(DEMO_NVRAM)
+        );
+        let a = demo_nvram(Path::new("/tmp/demo-a"));
+        let b = demo_nvram(Path::new("/tmp/demo-b"));
+        assert_ne!(a, b);
+        assert_ne!(a, PathBuf::from(DEMO_NVRAM));
+        assert_eq!(a, demo_nvram(Path::new("/tmp/demo-a")));
+    }
 
     #[test]
     fn demo_config_is_valid() {

@@ -56,6 +56,11 @@ fn bytes(v: &Value, key: &str) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// The elements of a JSON array answer (none for anything else).
+fn items(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
 fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
 }
@@ -110,150 +115,115 @@ pub fn progress_line(r: &Value) -> String {
 }
 
 impl Output {
-    fn print_json(&self, v: &Value) {
-        println!("{}", pretty(v));
+    /// `--json` prints the answer as it came; otherwise `human` renders it.
+    fn show(&self, v: &Value, human: impl FnOnce(&Value)) -> Result<()> {
+        if self.json {
+            println!("{}", pretty(v));
+        } else {
+            human(v);
+        }
+        Ok(())
     }
 
     pub fn status(&self, v: &Value) -> Result<()> {
-        if self.json {
-            self.print_json(v);
-            return Ok(());
-        }
-        let mut rows = Vec::new();
-        for key in [
-            "node_id",
-            "name",
-            "version",
-            "uptime_s",
-            "nbd_listen",
-            "volumes",
-        ] {
-            rows.push(vec![key.to_string(), s(v, key)]);
-        }
-        if let Some(obj) = v.as_object() {
-            for (k, val) in obj {
-                if ![
-                    "node_id",
-                    "name",
-                    "version",
-                    "uptime_s",
-                    "nbd_listen",
-                    "volumes",
-                ]
-                .contains(&k.as_str())
-                {
-                    rows.push(vec![k.clone(), s(&serde_json::json!({ "x": val }), "x")]);
-                }
-            }
-        }
-        print!("{}", table(&["FIELD", "VALUE"], &rows));
-        Ok(())
+        self.show(v, |v| {
+            let rows: Vec<Vec<String>> = v
+                .as_object()
+                .map(|m| m.keys().map(|k| vec![k.clone(), s(v, k)]).collect())
+                .unwrap_or_default();
+            print!("{}", table(&["FIELD", "VALUE"], &rows));
+        })
     }
 
     pub fn volume_list(&self, v: &Value) -> Result<()> {
-        if self.json {
-            self.print_json(v);
-            return Ok(());
-        }
-        let rows: Vec<Vec<String>> = v
-            .as_array()
-            .map(|a| a.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .map(|vol| {
-                let st = vol.get("stats").cloned().unwrap_or(Value::Null);
-                vec![
-                    s(vol, "name"),
-                    s(vol, "kind"),
-                    bytes(vol, "size"),
-                    s(vol, "state"),
-                    s(vol, "backing"),
-                    s(&st, "connections_active"),
-                    bytes(&st, "read_bytes"),
-                    bytes(&st, "write_bytes"),
-                ]
-            })
-            .collect();
-        print!(
-            "{}",
-            table(
-                &["NAME", "KIND", "SIZE", "STATE", "BACKING", "CONNS", "READ", "WRITTEN"],
-                &rows
-            )
-        );
-        Ok(())
+        self.show(v, |v| {
+            let rows: Vec<Vec<String>> = items(v)
+                .iter()
+                .map(|vol| {
+                    let st = vol.get("stats").cloned().unwrap_or(Value::Null);
+                    vec![
+                        s(vol, "name"),
+                        s(vol, "kind"),
+                        bytes(vol, "size"),
+                        s(vol, "state"),
+                        s(vol, "backing"),
+                        s(&st, "connections_active"),
+                        bytes(&st, "read_bytes"),
+                        bytes(&st, "write_bytes"),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["NAME", "KIND", "SIZE", "STATE", "BACKING", "CONNS", "READ", "WRITTEN"],
+                    &rows
+                )
+            );
+        })
     }
 
     pub fn volume_show(&self, v: &Value) -> Result<()> {
-        if self.json {
-            self.print_json(v);
-            return Ok(());
-        }
-        let mut rows = Vec::new();
-        flatten("", v, &mut rows);
-        print!("{}", table(&["FIELD", "VALUE"], &rows));
-        Ok(())
+        self.show(v, |v| {
+            let mut rows = Vec::new();
+            flatten("", v, &mut rows);
+            print!("{}", table(&["FIELD", "VALUE"], &rows));
+        })
     }
 
     pub fn done(&self, v: &Value) -> Result<()> {
-        if self.json {
-            self.print_json(v);
-        } else if let Some(m) = v.get("message").and_then(Value::as_str) {
-            println!("{m}");
-        } else {
-            println!("{}", pretty(v));
-        }
-        Ok(())
+        self.show(v, |v| match v.get("message").and_then(Value::as_str) {
+            Some(m) => println!("{m}"),
+            None => println!("{}", pretty(v)),
+        })
     }
 
     pub fn rebuild(&self, v: &Value) -> Result<()> {
-        if self.json {
-            self.print_json(v);
-            return Ok(());
-        }
-        let list = v.as_array().map(|a| a.as_slice()).unwrap_or_default();
-        if list.is_empty() {
-            println!("no rebuild running");
-        }
-        for r in list {
-            println!("{}", progress_line(r));
-        }
-        Ok(())
+        self.show(v, |v| {
+            if items(v).is_empty() {
+                println!("no rebuild running");
+            }
+            for r in items(v) {
+                println!("{}", progress_line(r));
+            }
+        })
     }
 
     pub fn scrub(&self, v: &Value) -> Result<()> {
-        if self.json {
-            self.print_json(v);
-            return Ok(());
-        }
-        let rows: Vec<Vec<String>> = v
-            .as_array()
-            .map(|a| a.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .map(|r| {
-                vec![
-                    s(r, "array"),
-                    s(r, "state"),
-                    s(r, "mode"),
-                    r.get("percent")
-                        .and_then(Value::as_f64)
-                        .map(|p| format!("{p:.1}%"))
-                        .unwrap_or_else(|| "-".into()),
-                    s(r, "mismatches"),
-                    s(r, "repaired"),
-                    s(r, "error"),
-                ]
-            })
-            .collect();
-        print!(
-            "{}",
-            table(
-                &["ARRAY", "STATE", "MODE", "DONE", "MISMATCHES", "REPAIRED"],
-                &rows
-            )
-        );
-        Ok(())
+        self.show(v, |v| {
+            let rows: Vec<Vec<String>> = items(v)
+                .iter()
+                .map(|r| {
+                    vec![
+                        s(r, "array"),
+                        s(r, "state"),
+                        s(r, "mode"),
+                        r.get("percent")
+                            .and_then(Value::as_f64)
+                            .map(|p| format!("{p:.1}%"))
+                            .unwrap_or_else(|| "-".into()),
+                        s(r, "mismatches"),
+                        s(r, "repaired"),
+                        s(r, "error"),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "ARRAY",
+                        "STATE",
+                        "MODE",
+                        "DONE",
+                        "MISMATCHES",
+                        "REPAIRED",
+                        "ERROR"
+                    ],
+                    &rows
+                )
+            );
+        })
     }
 }
 
@@ -292,8 +262,7 @@ where
     let mut bars: std::collections::BTreeMap<String, indicatif::ProgressBar> = Default::default();
     loop {
         let v = poll().await?;
-        let list = v.as_array().cloned().unwrap_or_default();
-        let running: Vec<&Value> = list
+        let running: Vec<&Value> = items(&v)
             .iter()
             .filter(|r| r.get("state").and_then(Value::as_str) == Some("rebuilding"))
             .collect();
