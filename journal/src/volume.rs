@@ -100,39 +100,6 @@ impl CpOp {
     }
 }
 
-/// A group of scattered writes inside one stripe is worth turning into one full-stripe write
-/// (read the stripe, overlay the writes, write it whole) from this many writes on: each partial
-/// write would cost the array a read-modify-write of its own, while the fill costs one stripe
-/// read and one parity computation without reads.
-const STRIPE_FILL_MIN_WRITES: usize = 2;
-
-/// The stripe `[offset, offset + len)` to fill when `ops` are writes that all fall inside one
-/// stripe (of `stripe` bytes, in a store of `size` bytes) and are numerous enough to pay for the
-/// read; `None` to run them one by one. Pure, for testing.
-fn stripe_fill(ops: &[CpOp], stripe: u64, size: u64) -> Option<(u64, u64)> {
-    if stripe <= 1 || ops.len() < STRIPE_FILL_MIN_WRITES {
-        return None;
-    }
-    let mut first = u64::MAX;
-    let mut last = 0;
-    let mut written = 0;
-    for op in ops {
-        let CpOp::Write(at, data) = op else {
-            return None;
-        };
-        if data.is_empty() {
-            return None;
-        }
-        first = first.min(at / stripe);
-        last = last.max((at + data.len() as u64 - 1) / stripe);
-        written += data.len() as u64;
-    }
-    let start = first * stripe;
-    let len = stripe.min(size.saturating_sub(start));
-    // Already whole (one write per stripe is never a group of several), or ragged end of store.
-    (first == last && written < len && len == stripe).then_some((start, len))
-}
-
 /// CP operations that share stripes, run one after the other by one task.
 #[derive(Default)]
 struct CpGroup {
@@ -865,48 +832,42 @@ impl<B: Backing> Shared<B> {
         jobs.make_room(g.bytes, max_inflight_bytes).await?;
         jobs.inflight_bytes += g.bytes;
         let shared = Arc::clone(self);
-        let fill = stripe_fill(&g.ops, self.backing.stripe_bytes(), self.size);
         jobs.set.spawn(async move {
-            if let Some((start, len)) = fill {
-                // The CP is the only writer of the store, and every op touching this stripe is
-                // in this group: nothing changes the stripe between this read and the write.
-                let base = shared
-                    .backing
-                    .read(start, len)
-                    .await
-                    .map_err(backing_err("read", start))?;
-                let mut whole = BytesMut::from(&base[..]);
-                for op in &g.ops {
-                    if let CpOp::Write(at, data) = op {
-                        let from = (at - start) as usize;
-                        whole[from..from + data.len()].copy_from_slice(data);
-                    }
-                }
-                shared
-                    .backing
-                    .write(start, whole.freeze())
-                    .await
-                    .map_err(backing_err("write", start))?;
-                return Ok(g.bytes);
-            }
+            // The pieces of one stripe go to the store together, so a RAID 5/6 store can plan
+            // their parity updates as one (they never overlap: they come from the dirty index).
+            let mut writes = Vec::new();
+            let mut clears = Vec::new();
             for op in g.ops {
                 match op {
-                    CpOp::Write(at, data) => shared
-                        .backing
-                        .write(at, data)
-                        .await
-                        .map_err(backing_err("write", at))?,
-                    CpOp::Zero(at, len) => shared
-                        .backing
-                        .write_zeroes(at, len)
-                        .await
-                        .map_err(backing_err("write_zeroes", at))?,
-                    CpOp::Trim(at, len) => shared
-                        .backing
-                        .discard(at, len)
-                        .await
-                        .map_err(backing_err("discard", at))?,
+                    CpOp::Write(at, data) => writes.push((at, data)),
+                    CpOp::Zero(at, len) => clears.push((true, at, len)),
+                    CpOp::Trim(at, len) => clears.push((false, at, len)),
                 }
+            }
+            if writes.len() > 1 {
+                let at = writes[0].0;
+                shared
+                    .backing
+                    .write_scattered(writes)
+                    .await
+                    .map_err(backing_err("write", at))?;
+            } else if let Some((at, data)) = writes.pop() {
+                shared
+                    .backing
+                    .write(at, data)
+                    .await
+                    .map_err(backing_err("write", at))?;
+            }
+            for (zero, at, len) in clears {
+                if zero {
+                    shared.backing.write_zeroes(at, len).await
+                } else {
+                    shared.backing.discard(at, len).await
+                }
+                .map_err(backing_err(
+                    if zero { "write_zeroes" } else { "discard" },
+                    at,
+                ))?;
             }
             Ok(g.bytes)
         });
@@ -1317,45 +1278,4 @@ pub async fn replay_region<B: Backing>(
         skipped_retired_records: skipped,
         next_seq,
     })
-}
-
-#[cfg(test)]
-mod stripe_fill_tests {
-    use super::*;
-
-    fn w(at: u64, len: usize) -> CpOp {
-        CpOp::Write(at, Bytes::from(vec![1u8; len]))
-    }
-
-    #[test]
-    fn scattered_writes_in_one_stripe_are_filled() {
-        assert_eq!(
-            stripe_fill(&[w(4096, 4096), w(16384, 4096)], 65536, 1 << 20),
-            Some((0, 65536))
-        );
-        assert_eq!(
-            stripe_fill(&[w(65536 + 8192, 512), w(65536 + 100, 10)], 65536, 1 << 20),
-            Some((65536, 65536))
-        );
-    }
-
-    #[test]
-    fn single_whole_spanning_or_mixed_groups_are_not_filled() {
-        // One write: the array's own read-modify-write is cheaper than a stripe read.
-        assert_eq!(stripe_fill(&[w(4096, 4096)], 65536, 1 << 20), None);
-        // Spans two stripes.
-        assert_eq!(
-            stripe_fill(&[w(60000, 8192), w(70000, 10)], 65536, 1 << 20),
-            None
-        );
-        // Not a write.
-        assert_eq!(
-            stripe_fill(&[w(0, 10), CpOp::Zero(100, 10)], 65536, 1 << 20),
-            None
-        );
-        // No stripes (plain store).
-        assert_eq!(stripe_fill(&[w(0, 10), w(100, 10)], 1, 1 << 20), None);
-        // Ragged last stripe of the store.
-        assert_eq!(stripe_fill(&[w(0, 10), w(100, 10)], 65536, 30000), None);
-    }
 }

@@ -121,10 +121,10 @@ async fn cp_gathers_full_stripes_from_scattered_writes() {
 }
 
 #[tokio::test]
-async fn cp_fills_a_stripe_holding_scattered_blocks_instead_of_writing_each() {
+async fn cp_hands_the_blocks_of_one_stripe_to_the_store_together() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
-    // Old contents the fill must read and keep.
+    // Old contents the store must keep around the new blocks.
     let old = pattern(200, STRIPE_BYTES as usize);
     mem.write(STRIPE_BYTES, old.clone()).await.unwrap();
     let before = mem.stats();
@@ -143,11 +143,17 @@ async fn cp_fills_a_stripe_holding_scattered_blocks_instead_of_writing_each() {
     vol.checkpoint().await.unwrap();
     let stats = mem.stats();
     assert_eq!(
-        stats.writes - before.writes,
-        2,
-        "one filled stripe plus one lone block"
+        stats.scattered_calls - before.scattered_calls,
+        1,
+        "the three blocks of one stripe in one call"
     );
-    assert_eq!(stats.full_stripe_writes - before.full_stripe_writes, 1);
+    assert_eq!(stats.scattered_pieces - before.scattered_pieces, 3);
+    assert_eq!(
+        stats.writes - before.writes,
+        4,
+        "three pieces plus the lone block"
+    );
+    assert_eq!(stats.full_stripe_writes - before.full_stripe_writes, 0);
     let mut want = old.to_vec();
     for b in [1usize, 3, 5] {
         want[b * 8192..b * 8192 + 4096].copy_from_slice(&pattern(b as u8, 4096));

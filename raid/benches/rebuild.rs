@@ -3,19 +3,27 @@
 //! `cargo bench -p twinblock-raid --bench rebuild`. Builds a 4-member RAID-5 (and RAID-6) over
 //! image files in a temporary directory (`TWINBLOCK_BENCH_DIR` to choose where), fills it, then
 //! times (a) reading every source image's data area sequentially, all sources in parallel, in
-//! `REBUILD_BATCH_BYTES` pieces through the same `FileMember`s, and (b) rebuilding a replaced
-//! member, which reads the same bytes; and (c) writing a fresh image sequentially, as the rebuild
-//! writes its target. Prints the rates and the ratios (rebuild / plain sequential).
+//! `REBUILD_BATCH_BYTES` pieces through the same `FileMember`s with `REBUILD_READ_AHEAD` reads
+//! in flight per source (the rebuild's own read depth), and (b) rebuilding a replaced member,
+//! which reads the same bytes; and (c) writing a fresh image sequentially from page-aligned
+//! buffers, as the rebuild writes its target. Prints the rates and the ratios (rebuild / plain
+//! sequential).
 
 use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
 use std::sync::Arc;
 use std::time::Instant;
-use twinblock_raid::array::REBUILD_BATCH_BYTES;
+use twinblock_raid::array::{REBUILD_BATCH_BYTES, REBUILD_READ_AHEAD, REBUILD_WRITE_DEPTH};
+use twinblock_raid::io::buf::AlignedBuf;
 use twinblock_raid::io::file::{FileMember, FileOptions};
 use twinblock_raid::io::Member;
 use twinblock_raid::layout::Level;
 use twinblock_raid::superblock::DATA_OFFSET_BYTES;
 use twinblock_raid::Array;
+
+/// The allocator twinblockd runs with, so buffer allocation costs what it costs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DATA_BYTES_PER_MEMBER: u64 = 128 << 20;
 const MEMBERS: usize = 4;
@@ -42,15 +50,19 @@ fn open(path: &std::path::Path) -> Arc<dyn Member> {
 async fn sequential_read(sources: &[Arc<dyn Member>]) -> f64 {
     let start = Instant::now();
     let jobs = sources.iter().map(|m| async move {
-        let mut off = DATA_OFFSET_BYTES;
-        while off < DATA_OFFSET_BYTES + DATA_BYTES_PER_MEMBER {
-            let b = m
-                .read_at(off, REBUILD_BATCH_BYTES as usize)
-                .await
-                .expect("read");
-            std::hint::black_box(b);
-            off += REBUILD_BATCH_BYTES;
-        }
+        let offsets = (0..DATA_BYTES_PER_MEMBER / REBUILD_BATCH_BYTES)
+            .map(|k| DATA_OFFSET_BYTES + k * REBUILD_BATCH_BYTES);
+        stream::iter(offsets)
+            .map(|off| async move {
+                let b = m
+                    .read_at(off, REBUILD_BATCH_BYTES as usize)
+                    .await
+                    .expect("read");
+                std::hint::black_box(b);
+            })
+            .buffered(REBUILD_READ_AHEAD)
+            .collect::<Vec<()>>()
+            .await;
     });
     futures_util::future::join_all(jobs).await;
     (sources.len() as u64 * DATA_BYTES_PER_MEMBER) as f64 / start.elapsed().as_secs_f64()
@@ -59,13 +71,20 @@ async fn sequential_read(sources: &[Arc<dyn Member>]) -> f64 {
 /// Rate of writing a fresh image's data area sequentially, as the rebuild writes its target.
 async fn sequential_write(path: &std::path::Path) -> f64 {
     let target = open(path);
-    let buf = Bytes::from(vec![0x5au8; REBUILD_BATCH_BYTES as usize]);
+    let mut buf = AlignedBuf::zeroed(REBUILD_BATCH_BYTES as usize);
+    buf.fill(0x5a);
+    let buf = buf.into_bytes();
     let start = Instant::now();
-    let mut off = DATA_OFFSET_BYTES;
-    while off < DATA_OFFSET_BYTES + DATA_BYTES_PER_MEMBER {
-        target.write_at(off, buf.clone()).await.expect("write");
-        off += REBUILD_BATCH_BYTES;
-    }
+    let offsets = (0..DATA_BYTES_PER_MEMBER / REBUILD_BATCH_BYTES)
+        .map(|k| DATA_OFFSET_BYTES + k * REBUILD_BATCH_BYTES);
+    stream::iter(offsets)
+        .map(|off| {
+            let (target, buf) = (target.clone(), buf.clone());
+            async move { target.write_at(off, buf).await.expect("write") }
+        })
+        .buffered(REBUILD_WRITE_DEPTH)
+        .collect::<Vec<()>>()
+        .await;
     target.sync().await.expect("sync");
     let rate = DATA_BYTES_PER_MEMBER as f64 / start.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(path);
@@ -125,9 +144,70 @@ async fn bench(level: Level, dir: &std::path::Path) {
         write_rate / 1e6,
         written / 1e6,
     );
+    if let Some((read, write)) = fio_mixed_ceiling(&paths[1..MEMBERS], &paths[MEMBERS]) {
+        println!(
+            "{level} device ceiling for the same mix (fio: {} sequential readers and one writer, \
+             {} MiB blocks, depth {REBUILD_READ_AHEAD}): read {:.0} MB/s, write {:.0} MB/s; the \
+             rebuild reaches {:.2} of that read rate",
+            MEMBERS - 1,
+            REBUILD_BATCH_BYTES >> 20,
+            read / 1e6,
+            write / 1e6,
+            rebuild / read,
+        );
+    }
     for p in &paths {
         let _ = std::fs::remove_file(p);
     }
+}
+
+/// What the device gives when the sources are read and a target written at the same time, as a
+/// rebuild does: fio with the same block size and depth, O_DIRECT. `None` without fio. On one
+/// disk shared by every image (a VM's virtual disk) this, not the read-only rate, bounds the
+/// rebuild.
+fn fio_mixed_ceiling(
+    sources: &[std::path::PathBuf],
+    target: &std::path::Path,
+) -> Option<(f64, f64)> {
+    let _ = std::fs::remove_file(target);
+    std::fs::File::create(target)
+        .and_then(|f| f.set_len(DATA_OFFSET_BYTES + DATA_BYTES_PER_MEMBER))
+        .ok()?;
+    let mut args: Vec<String> = [
+        "--minimal",
+        "--group_reporting",
+        "--direct=1",
+        "--ioengine=io_uring",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.push(format!("--bs={}", REBUILD_BATCH_BYTES));
+    args.push(format!("--iodepth={REBUILD_READ_AHEAD}"));
+    args.push(format!("--offset={DATA_OFFSET_BYTES}"));
+    args.push(format!("--size={DATA_BYTES_PER_MEMBER}"));
+    for (i, src) in sources.iter().enumerate() {
+        args.push(format!("--name=read{i}"));
+        args.push("--rw=read".into());
+        args.push(format!("--filename={}", src.display()));
+    }
+    args.push("--name=write".into());
+    args.push("--rw=write".into());
+    args.push(format!("--filename={}", target.display()));
+    let out = std::process::Command::new("fio")
+        .args(&args)
+        .output()
+        .ok()?;
+    let _ = std::fs::remove_file(target);
+    if !out.status.success() {
+        eprintln!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    // Terse format: field 7 is the read bandwidth, field 48 the write bandwidth (KiB/s).
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = text.lines().next()?.split(';').collect();
+    let kib = |i: usize| fields.get(i)?.parse::<f64>().ok().map(|v| v * 1024.0);
+    Some((kib(6)?, kib(47)?))
 }
 
 fn main() {

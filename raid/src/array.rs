@@ -21,6 +21,7 @@ use crate::io::buf::AlignedBuf;
 use crate::io::Member;
 use crate::layout::{ChunkRole, Extent, Geometry, LayoutError, Level};
 use crate::parity::{self, RowBufs};
+use crate::rowplan::{self, Piece, COLUMN_BYTES};
 use crate::superblock::{
     BitmapGeometry, MemberEntry, MemberState, RebuildCheckpoint, Role, Superblock, SuperblockError,
     DATA_OFFSET_BYTES, NAME_BYTES, SUPERBLOCK_BYTES,
@@ -40,8 +41,10 @@ use uuid::Uuid;
 pub const ROW_LOCK_SHARDS: u64 = 1024;
 /// Member bytes per rebuild / scrub batch (one contiguous read per source member).
 pub const REBUILD_BATCH_BYTES: u64 = 4 << 20;
-/// Rebuild batches in flight at once.
-pub const REBUILD_PARALLEL_BATCHES: usize = 2;
+/// Rebuild batches being read (and recomputed) ahead of the one being written.
+pub const REBUILD_READ_AHEAD: usize = 2;
+/// Rebuild batches whose target write is in flight at once.
+pub const REBUILD_WRITE_DEPTH: usize = 2;
 /// How often a running rebuild records its checkpoint in the superblocks.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
 /// Largest buffer used when a discard must be written as zeroes.
@@ -234,6 +237,25 @@ enum BatchOutcome {
     Error(String),
 }
 
+/// A rebuild batch read and recomputed, waiting for its target write. Holds the row locks of
+/// its rows until then, so no foreground write to those rows can land between the sources'
+/// read and the target's write.
+struct RebuiltBatch {
+    _rows: Vec<tokio::sync::OwnedMutexGuard<()>>,
+    slot: usize,
+    target: Arc<dyn Member>,
+    offset: u64,
+    out: Bytes,
+}
+
+/// The first stage of a rebuild batch.
+enum BatchRead {
+    Ready(RebuiltBatch),
+    /// A source failed while being read: redo the batch with the new set of members.
+    Retry,
+    Outcome(BatchOutcome),
+}
+
 /// Index of the first batch not covered by `done_rows` rows of completed batches.
 fn done_batches(batches: &[(u64, u64)], done_rows: u64) -> usize {
     let mut rows = 0;
@@ -260,7 +282,7 @@ struct Inner {
     data_offset: u64,
     meta: Mutex<Meta>,
     sb_lock: tokio::sync::Mutex<()>,
-    row_locks: Vec<tokio::sync::Mutex<()>>,
+    row_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
     bitmap: Mutex<Bitmap>,
     bitmap_io: tokio::sync::Mutex<()>,
     progress: Mutex<Option<RebuildStatus>>,
@@ -639,12 +661,13 @@ impl Array {
         self.inner.write(offset, data).await
     }
 
-    /// Writes several (offset, data) pieces concurrently: for a flusher that gathered full
-    /// stripes (each aligned to [`Array::stripe_bytes`]) so RAID 5/6 skips read-modify-write.
-    pub async fn write_stripes(&self, writes: Vec<(u64, Bytes)>) -> Result<()> {
-        try_join_all(writes.into_iter().map(|(o, d)| self.inner.write(o, d)))
-            .await
-            .map(|_| ())
+    /// Writes several non-overlapping (offset, data) pieces, for a flusher that gathered many
+    /// writes at once. On RAID 5/6 the pieces that fall inside one row are planned together
+    /// (see [`crate::rowplan`]): per 4 KiB column the cheaper of read-modify-write and
+    /// reconstruct-write, touched blocks and their parity written once, adjacent blocks in one
+    /// I/O. Rows run concurrently. Overlapping pieces are refused.
+    pub async fn write_scattered(&self, writes: Vec<(u64, Bytes)>) -> Result<()> {
+        self.inner.write_scattered(writes).await
     }
 
     /// Makes all completed writes durable on every member, then clears idle bitmap bits.
@@ -815,7 +838,7 @@ impl Inner {
             meta: Mutex::new(meta),
             sb_lock: tokio::sync::Mutex::new(()),
             row_locks: (0..ROW_LOCK_SHARDS)
-                .map(|_| tokio::sync::Mutex::new(()))
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                 .collect(),
             bitmap: Mutex::new(bitmap),
             bitmap_io: tokio::sync::Mutex::new(()),
@@ -1285,19 +1308,37 @@ impl Inner {
             .and_then(|mut rb| rb.data[i].take().map(Bytes::from)))
     }
 
-    async fn lock_rows(
-        &self,
-        rows: impl IntoIterator<Item = u64>,
-    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+    /// The lock shards of `rows`, sorted and without repeats: every locker takes shards in
+    /// ascending order, so two lockers never wait for each other in a cycle.
+    fn row_shards(rows: impl IntoIterator<Item = u64>) -> Vec<usize> {
         let mut shards: Vec<usize> = rows
             .into_iter()
             .map(|r| (r % ROW_LOCK_SHARDS) as usize)
             .collect();
         shards.sort_unstable();
         shards.dedup();
-        let mut guards = Vec::with_capacity(shards.len());
-        for s in shards {
+        shards
+    }
+
+    async fn lock_rows(
+        &self,
+        rows: impl IntoIterator<Item = u64>,
+    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut guards = Vec::new();
+        for s in Self::row_shards(rows) {
             guards.push(self.row_locks[s].lock().await);
+        }
+        guards
+    }
+
+    /// [`Inner::lock_rows`] with guards that own their lock, to travel between pipeline stages.
+    async fn lock_rows_owned(
+        &self,
+        rows: impl IntoIterator<Item = u64>,
+    ) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
+        let mut guards = Vec::new();
+        for s in Self::row_shards(rows) {
+            guards.push(Arc::clone(&self.row_locks[s]).lock_owned().await);
         }
         guards
     }
@@ -1347,6 +1388,194 @@ impl Inner {
             });
         }
         res?;
+        self.check_failed()
+    }
+
+    async fn write_scattered(self: &Arc<Self>, writes: Vec<(u64, Bytes)>) -> Result<()> {
+        for (offset, data) in &writes {
+            self.check_range(*offset, data.len() as u64)?;
+        }
+        let mut sorted: Vec<(u64, u64)> = writes
+            .iter()
+            .map(|(o, d)| (*o, d.len() as u64))
+            .filter(|(_, len)| *len > 0)
+            .collect();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(self.invalid(format!(
+                "scattered writes overlap: {}+{} and {}+{}",
+                w[0].0, w[0].1, w[1].0, w[1].1
+            )));
+        }
+        self.check_failed()?;
+        if self.geo.level.parity_chunks() == 0 {
+            return try_join_all(writes.into_iter().map(|(o, d)| self.write(o, d)))
+                .await
+                .map(|_| ());
+        }
+        // Pieces by row; a write that crosses rows goes its own way.
+        let d = self.geo.data_per_row() as u64;
+        let mut rows: std::collections::BTreeMap<u64, Vec<(Piece, Bytes)>> = Default::default();
+        let mut spanning = Vec::new();
+        for (offset, data) in writes {
+            if data.is_empty() {
+                continue;
+            }
+            let exts = self.geo.extents(offset, data.len() as u64);
+            let row = exts[0].chunk / d;
+            if exts.iter().any(|e| e.chunk / d != row) {
+                spanning.push((offset, data));
+                continue;
+            }
+            let pieces = rows.entry(row).or_default();
+            for e in exts {
+                let piece = Piece {
+                    data: (e.chunk % d) as usize,
+                    start: e.offset_in_chunk,
+                    len: e.len,
+                };
+                let at = e.buf_offset as usize;
+                pieces.push((piece, data.slice(at..at + e.len as usize)));
+            }
+        }
+        let row_jobs = try_join_all(
+            rows.into_iter()
+                .map(|(row, pieces)| self.write_row_pieces(row, pieces)),
+        );
+        let spanning_jobs = try_join_all(spanning.into_iter().map(|(o, b)| self.write(o, b)));
+        futures_util::future::try_join(row_jobs, spanning_jobs).await?;
+        self.check_failed()
+    }
+
+    /// Writes pieces that all lie in parity row `row`, as one plan when every member of the row
+    /// is healthy, else piece by piece through the degraded-capable path.
+    async fn write_row_pieces(
+        self: &Arc<Self>,
+        row: u64,
+        pieces: Vec<(Piece, Bytes)>,
+    ) -> Result<()> {
+        let c = self.geo.chunk_bytes;
+        self.bitmap_begin(row * c, (row + 1) * c).await?;
+        let res = self.write_row_pieces_tracked(row, pieces).await;
+        self.with_bitmap(|b| {
+            let rs = b.regions(row * c, (row + 1) * c);
+            b.end_write(rs)
+        });
+        res
+    }
+
+    async fn write_row_pieces_tracked(
+        self: &Arc<Self>,
+        row: u64,
+        pieces: Vec<(Piece, Bytes)>,
+    ) -> Result<()> {
+        let geo = self.geo;
+        let d = geo.data_per_row();
+        let np = geo.level.parity_chunks();
+        let shape: Vec<Piece> = pieces.iter().map(|(p, _)| *p).collect();
+        let plan = rowplan::plan(d, np, geo.chunk_bytes, &shape)
+            .map_err(|e| self.invalid(format!("row {row}: {e}")))?;
+        let member_of = |role: usize| match role {
+            r if r < d => geo.data_member(row, r),
+            r if r == d => geo.p_member(row),
+            _ => geo.q_member(row),
+        };
+        {
+            let _g = self.lock_rows([row]).await;
+            self.check_failed()?;
+            let view = self.view();
+            let healthy =
+                (0..d + np).all(|r| view.readable[member_of(r)] && view.writable[member_of(r)]);
+            if healthy {
+                // Reads.
+                let reads = join_all(plan.reads.iter().enumerate().flat_map(|(role, runs)| {
+                    let m = member_of(role);
+                    let dv = view.members[m].clone();
+                    runs.iter().map(move |r| {
+                        let dv = dv.clone();
+                        async move {
+                            let dv = dv?;
+                            let off = self.member_off(row, r.first * COLUMN_BYTES);
+                            self.read_member(m, &dv, off, r.columns() * COLUMN_BYTES)
+                                .await
+                        }
+                    })
+                }))
+                .await;
+                if reads.iter().all(Option::is_some) {
+                    let mut it = reads.into_iter().flatten();
+                    let old: Vec<Vec<Bytes>> = plan
+                        .reads
+                        .iter()
+                        .map(|runs| it.by_ref().take(runs.len()).collect())
+                        .collect();
+                    let old_refs: Vec<Vec<&[u8]>> = old
+                        .iter()
+                        .map(|v| v.iter().map(|b| b.as_ref()).collect())
+                        .collect();
+                    let mut bufs: Vec<Vec<AlignedBuf>> = plan
+                        .writes
+                        .iter()
+                        .map(|runs| {
+                            runs.iter()
+                                .map(|r| AlignedBuf::zeroed((r.columns() * COLUMN_BYTES) as usize))
+                                .collect()
+                        })
+                        .collect();
+                    {
+                        let mut outs: Vec<Vec<&mut [u8]>> = bufs
+                            .iter_mut()
+                            .map(|v| v.iter_mut().map(|b| &mut b[..]).collect())
+                            .collect();
+                        let data: Vec<&[u8]> = pieces.iter().map(|(_, b)| b.as_ref()).collect();
+                        rowplan::compute(&plan, d, &shape, &data, &old_refs, &mut outs)
+                            .map_err(|e| self.invalid(format!("row {row}: {e}")))?;
+                    }
+                    let writes: Vec<(usize, u64, Bytes)> = plan
+                        .writes
+                        .iter()
+                        .zip(bufs)
+                        .enumerate()
+                        .flat_map(|(role, (runs, bufs))| {
+                            let m = member_of(role);
+                            runs.iter().zip(bufs).map(move |(r, b)| {
+                                (
+                                    m,
+                                    self.member_off(row, r.first * COLUMN_BYTES),
+                                    b.into_bytes(),
+                                )
+                            })
+                        })
+                        .collect();
+                    let results = join_all(writes.into_iter().map(|(m, off, b)| {
+                        let dv = view.members[m].clone();
+                        async move {
+                            match dv {
+                                Some(dv) => (m, dv.write_at(off, b).await),
+                                None => (m, Ok(())),
+                            }
+                        }
+                    }))
+                    .await;
+                    for (m, r) in results {
+                        if let Err(e) = r {
+                            self.member_failed(m, "write", Some(&e), true).await;
+                        }
+                    }
+                    return self.check_failed();
+                }
+                // A read failed (its member is now faulty): nothing was written yet.
+            }
+        }
+        for (p, data) in pieces {
+            let e = Extent {
+                chunk: row * d as u64 + p.data as u64,
+                offset_in_chunk: p.start,
+                len: p.len,
+                buf_offset: 0,
+            };
+            self.write_parity_row(vec![e], &data).await?;
+        }
         self.check_failed()
     }
 
@@ -1877,7 +2106,9 @@ impl Inner {
         };
         set_progress(0, true, None);
         tracing::info!(array = %self.name, slot, member = %name, ?kind, rows = total_rows, "resync starts");
-        let mut batch_rows = (REBUILD_BATCH_BYTES / c).clamp(1, ROW_LOCK_SHARDS / 2);
+        // Batches in flight never share a row-lock shard.
+        let in_flight = (REBUILD_READ_AHEAD + REBUILD_WRITE_DEPTH) as u64;
+        let mut batch_rows = (REBUILD_BATCH_BYTES / c).clamp(1, ROW_LOCK_SHARDS / in_flight);
         let rate = self.rate_limit_bytes_per_sec.load(Ordering::SeqCst);
         if rate > 0 {
             // Keep each step to about a tenth of a second of the allowed rate.
@@ -1892,12 +2123,23 @@ impl Inner {
                 r0 = r1;
             }
         }
-        // Batches run REBUILD_PARALLEL_BATCHES at a time (reads of the next overlap the parity
-        // work and the write of the current one); results arrive in order, so every batch before
-        // the one being consumed is complete when a checkpoint is recorded.
+        // A two-stage pipeline: up to REBUILD_READ_AHEAD batches are read and recomputed while
+        // up to REBUILD_WRITE_DEPTH earlier ones are written, so the sources and the target are
+        // busy at the same time (batches that each read, then write, fall into step and leave
+        // the disks idle in turn). Results arrive in order, so every batch before the one being
+        // consumed is complete when a checkpoint is recorded.
         let mut results = stream::iter(batches.clone())
-            .map(|(r0, r1)| async move { (r0, r1, self.rebuild_batch(slot, dev, r0, r1).await) })
-            .buffered(REBUILD_PARALLEL_BATCHES);
+            .map(|(r0, r1)| async move { (r0, r1, self.rebuild_read(slot, dev, r0, r1).await) })
+            .buffered(REBUILD_READ_AHEAD)
+            .map(|(r0, r1, read)| async move {
+                let outcome = match read {
+                    BatchRead::Ready(batch) => self.rebuild_write(batch).await,
+                    BatchRead::Retry => self.rebuild_batch(slot, dev, r0, r1).await,
+                    BatchRead::Outcome(outcome) => outcome,
+                };
+                (r0, r1, outcome)
+            })
+            .buffered(REBUILD_WRITE_DEPTH);
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 drop(results);
@@ -1961,6 +2203,33 @@ impl Inner {
         true
     }
 
+    /// Whether `slot` still holds device `dev` under resync in a working array.
+    fn still_rebuilding(&self, slot: usize, dev: Uuid) -> bool {
+        let m = lock(&self.meta);
+        m.slots[slot].dev_uuid == dev && m.slots[slot].resync.is_some() && m.failed.is_none()
+    }
+
+    /// First stage of a pipelined rebuild batch: lock, read and recompute.
+    async fn rebuild_read(self: &Arc<Self>, slot: usize, dev: Uuid, r0: u64, r1: u64) -> BatchRead {
+        if !self.still_rebuilding(slot, dev) {
+            return BatchRead::Outcome(BatchOutcome::TargetGone);
+        }
+        match self.rebuild_prepare(slot, r0, r1).await {
+            Ok(Some(batch)) => BatchRead::Ready(batch),
+            Ok(None) => BatchRead::Retry,
+            Err(e) => BatchRead::Outcome(BatchOutcome::Error(e.to_string())),
+        }
+    }
+
+    /// Second stage: write the target (a failed target write fails the target, not the batch).
+    async fn rebuild_write(self: &Arc<Self>, batch: RebuiltBatch) -> BatchOutcome {
+        if let Err(e) = batch.target.write_at(batch.offset, batch.out).await {
+            self.member_failed(batch.slot, "rebuild write", Some(&e), true)
+                .await;
+        }
+        BatchOutcome::Done
+    }
+
     /// Rebuilds one batch with bounded retries while `slot` still holds device `dev`.
     async fn rebuild_batch(
         self: &Arc<Self>,
@@ -1970,18 +2239,12 @@ impl Inner {
         r1: u64,
     ) -> BatchOutcome {
         for _attempt in 0..=self.geo.members {
-            let still_target = {
-                let m = lock(&self.meta);
-                m.slots[slot].dev_uuid == dev
-                    && m.slots[slot].resync.is_some()
-                    && m.failed.is_none()
-            };
-            if !still_target {
+            if !self.still_rebuilding(slot, dev) {
                 return BatchOutcome::TargetGone;
             }
-            match self.rebuild_rows(slot, r0, r1).await {
-                Ok(true) => return BatchOutcome::Done,
-                Ok(false) => continue,
+            match self.rebuild_prepare(slot, r0, r1).await {
+                Ok(Some(batch)) => return self.rebuild_write(batch).await,
+                Ok(None) => continue,
                 Err(e) => return BatchOutcome::Error(e.to_string()),
             }
         }
@@ -2005,8 +2268,14 @@ impl Inner {
         self.write_superblocks().await;
     }
 
-    /// Rebuilds rows `[r0, r1)` of `slot`. `Ok(false)`: a source failed, retry.
-    async fn rebuild_rows(self: &Arc<Self>, slot: usize, r0: u64, r1: u64) -> Result<bool> {
+    /// Reads the sources of rows `[r0, r1)` of `slot` and computes the target's contents, holding
+    /// the rows' locks. `Ok(None)`: a source failed (or the target left), retry.
+    async fn rebuild_prepare(
+        self: &Arc<Self>,
+        slot: usize,
+        r0: u64,
+        r1: u64,
+    ) -> Result<Option<RebuiltBatch>> {
         let geo = self.geo;
         let c = geo.chunk_bytes;
         // RAID 10 copies may sit in a neighbouring row (odd member count): lock one row more on
@@ -2017,10 +2286,10 @@ impl Inner {
         } else {
             (r0, r1)
         };
-        let _g = self.lock_rows(lock_lo..lock_hi).await;
+        let guards = self.lock_rows_owned(lock_lo..lock_hi).await;
         let view = self.view();
         let Some(target) = view.members[slot].clone() else {
-            return Ok(false);
+            return Ok(None);
         };
         let len = ((r1 - r0) * c) as usize;
         // Output buffers are page-aligned so O_DIRECT members write them without a bounce copy.
@@ -2034,14 +2303,14 @@ impl Inner {
                     });
                 };
                 let Some(d) = view.members[src].clone() else {
-                    return Ok(false);
+                    return Ok(None);
                 };
                 match self
                     .read_member(src, &d, self.member_off(r0, 0), len as u64)
                     .await
                 {
                     Some(b) => b,
-                    None => return Ok(false),
+                    None => return Ok(None),
                 }
             }
             Level::Raid10 => {
@@ -2081,7 +2350,7 @@ impl Inner {
                 }))
                 .await;
                 for (r, b) in reads {
-                    let Some(b) = b else { return Ok(false) };
+                    let Some(b) = b else { return Ok(None) };
                     let at = ((r - r0) * c) as usize;
                     out[at..at + c as usize].copy_from_slice(&b);
                 }
@@ -2105,7 +2374,7 @@ impl Inner {
                 let mut srcs: Vec<Option<Bytes>> = Vec::with_capacity(geo.members);
                 for r in reads {
                     match r {
-                        Some(None) => return Ok(false),
+                        Some(None) => return Ok(None),
                         Some(Some(b)) => srcs.push(Some(b)),
                         None => srcs.push(None),
                     }
@@ -2149,12 +2418,13 @@ impl Inner {
                 out.into_bytes()
             }
         };
-        if let Err(e) = target.write_at(self.member_off(r0, 0), out).await {
-            self.member_failed(slot, "rebuild write", Some(&e), true)
-                .await;
-            return Ok(true);
-        }
-        Ok(true)
+        Ok(Some(RebuiltBatch {
+            _rows: guards,
+            slot,
+            target,
+            offset: self.member_off(r0, 0),
+            out,
+        }))
     }
 
     /// The common single-failure cases without copies: a data chunk or P is the XOR of every
@@ -2188,10 +2458,7 @@ impl Inner {
                     .map(chunk)
                     .collect();
                 let Some(others) = others else { return false };
-                out.copy_from_slice(others[0]);
-                for o in &others[1..] {
-                    parity::xor_into(out, o);
-                }
+                parity::xor_of(out, &others);
                 true
             }
         }

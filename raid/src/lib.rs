@@ -10,6 +10,7 @@ pub mod bitmap;
 pub mod io;
 pub mod layout;
 pub mod parity;
+pub mod rowplan;
 mod simd;
 pub mod superblock;
 

@@ -85,6 +85,26 @@ pub fn xor_into(dst: &mut [u8], src: &[u8]) {
     }
 }
 
+/// `dst = srcs[0] ^ srcs[1] ^ ...`, strip by strip so each strip of `dst` stays in L1 while
+/// every source is folded in (one pass over memory instead of one per source).
+pub fn xor_of(dst: &mut [u8], srcs: &[&[u8]]) {
+    assert!(!srcs.is_empty(), "xor of no sources");
+    assert!(
+        srcs.iter().all(|s| s.len() == dst.len()),
+        "xor of unequal lengths"
+    );
+    let mut at = 0;
+    while at < dst.len() {
+        let n = STRIP_BYTES.min(dst.len() - at);
+        let strip = &mut dst[at..at + n];
+        strip.copy_from_slice(&srcs[0][at..at + n]);
+        for s in &srcs[1..] {
+            xor_into(strip, &s[at..at + n]);
+        }
+        at += n;
+    }
+}
+
 /// `dst ^= c * src` over GF(2^8) using a 256-entry product table.
 pub fn mul_xor_into(c: u8, src: &[u8], dst: &mut [u8]) {
     assert_eq!(dst.len(), src.len(), "multiply of unequal lengths");
@@ -133,12 +153,7 @@ pub(crate) fn gen_pq_strips(data: &[&[u8]], p: &mut [u8], q: &mut [u8]) {
 fn gen_pq_lanes(data: &[&[u8]], p: &mut [u8], q: Option<&mut [u8]>) {
     match q {
         Some(q) => crate::simd::gen_pq(data, p, q),
-        None => {
-            p.copy_from_slice(data[0]);
-            for d in &data[1..] {
-                xor_into(p, d);
-            }
-        }
+        None => xor_of(p, data),
     }
 }
 
@@ -305,6 +320,20 @@ mod tests {
         for a in 1..=255u8 {
             assert_eq!(gf_mul(a, gf_inv(a)), 1, "inverse of {a}");
             assert_eq!(gf_mul(a, 2), reed_solomon_erasure::galois_8::mul(a, 2));
+        }
+    }
+
+    #[test]
+    fn xor_of_equals_bytewise_xor() {
+        for (len, n) in [(1, 1), (4095, 2), (3 * 4096 + 100, 3), (8192, 5)] {
+            let data = random_data(len as u64 + n as u64, n, len);
+            let refs: Vec<&[u8]> = data.iter().map(|v| v.as_slice()).collect();
+            let mut got = vec![0xAA; len];
+            xor_of(&mut got, &refs);
+            let want: Vec<u8> = (0..len)
+                .map(|i| data.iter().fold(0, |acc, d| acc ^ d[i]))
+                .collect();
+            assert_eq!(got, want, "len {len}, {n} sources");
         }
     }
 

@@ -14,7 +14,6 @@ use twinblock_raid::{Array, MemberState};
 
 const CHUNK_BYTES: u64 = 4096;
 const ROWS: u64 = 8;
-const MEMBER_BYTES: u64 = DATA_OFFSET_BYTES + ROWS * CHUNK_BYTES;
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -34,6 +33,12 @@ enum Op {
     Read {
         at: u64,
         len: u64,
+    },
+    /// Several writes handed over at once (`write_scattered`), as a journal flush does; clustered
+    /// around `base` so that several land in one row.
+    Scatter {
+        base: u64,
+        writes: Vec<(u64, u64, u8)>,
     },
     /// Make a member fail: by injected I/O errors or by the operator.
     Fail {
@@ -56,6 +61,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (any::<u64>(), 1u64..3 * 4 * CHUNK_BYTES, any::<u8>()).prop_map(|(at, len, seed)| Op::Write { at, len, seed }),
         3 => (any::<u64>(), 1u64..3 * 4 * CHUNK_BYTES).prop_map(|(at, len)| Op::Read { at, len }),
+        3 => (any::<u64>(), proptest::collection::vec((0u64..8 * CHUNK_BYTES, 1u64..3 * 4096, any::<u8>()), 1..10))
+            .prop_map(|(base, writes)| Op::Scatter { base, writes }),
         1 => (0usize..8, prop_oneof![Just(Fault::Vanish), Just(Fault::Reads), Just(Fault::Writes), Just(Fault::Operator)])
             .prop_map(|(slot, how)| Op::Fail { slot, how }),
         1 => (0usize..8).prop_map(|slot| Op::Replace { slot }),
@@ -72,6 +79,7 @@ struct Harness {
     /// Slots whose device is failed (vanished or failed by the operator) and not yet repaired.
     down: Vec<bool>,
     fresh_names: usize,
+    member_bytes: u64,
 }
 
 fn dynv(v: &[Arc<MemMember>]) -> Vec<Arc<dyn Member>> {
@@ -79,11 +87,12 @@ fn dynv(v: &[Arc<MemMember>]) -> Vec<Arc<dyn Member>> {
 }
 
 impl Harness {
-    async fn new(level: Level, n: usize) -> Harness {
+    async fn new(level: Level, n: usize, chunk_bytes: u64) -> Harness {
+        let member_bytes = DATA_OFFSET_BYTES + ROWS * chunk_bytes;
         let members: Vec<Arc<MemMember>> = (0..n)
-            .map(|i| Arc::new(MemMember::new(format!("m{i}"), MEMBER_BYTES)))
+            .map(|i| Arc::new(MemMember::new(format!("m{i}"), member_bytes)))
             .collect();
-        let array = Array::create("model", level, CHUNK_BYTES, dynv(&members), vec![])
+        let array = Array::create("model", level, chunk_bytes, dynv(&members), vec![])
             .await
             .unwrap();
         let model = vec![0u8; array.size() as usize];
@@ -93,6 +102,7 @@ impl Harness {
             model,
             down: vec![false; n],
             fresh_names: 0,
+            member_bytes,
         }
     }
 
@@ -121,6 +131,25 @@ impl Harness {
                     .unwrap();
                 self.model[at as usize..(at + len) as usize].copy_from_slice(&data);
             }
+            Op::Scatter { base, writes } => {
+                let base = base % size;
+                let mut taken: Vec<(u64, u64)> = Vec::new();
+                let mut batch = Vec::new();
+                for (off, len, seed) in writes {
+                    let at = (base + off) % size;
+                    let len = len.min(size - at);
+                    if taken.iter().any(|&(a, l)| a < at + len && at < a + l) {
+                        continue;
+                    }
+                    taken.push((at, len));
+                    let data: Vec<u8> = (0..len)
+                        .map(|i| seed.wrapping_add((i * 13 + i / 241) as u8))
+                        .collect();
+                    self.model[at as usize..(at + len) as usize].copy_from_slice(&data);
+                    batch.push((at, Bytes::from(data)));
+                }
+                self.array.write_scattered(batch).await.unwrap();
+            }
             Op::Read { at, len } => {
                 let at = at % size;
                 self.check_read(at, len.min(size - at)).await;
@@ -148,7 +177,7 @@ impl Harness {
                 self.fresh_names += 1;
                 let fresh = Arc::new(MemMember::new(
                     format!("fresh{}", self.fresh_names),
-                    MEMBER_BYTES,
+                    self.member_bytes,
                 ));
                 let st = self
                     .array
@@ -180,7 +209,7 @@ impl Harness {
                         // device and filled the first empty slot instead.
                         self.members[s] = back;
                         self.down[s] = false;
-                        let ghost = Arc::new(MemMember::new("ghost", MEMBER_BYTES));
+                        let ghost = Arc::new(MemMember::new("ghost", self.member_bytes));
                         ghost.vanish();
                         self.members[slot] = ghost;
                     }
@@ -238,12 +267,16 @@ impl Harness {
 }
 
 fn run(level: Level, n: usize, ops: Vec<Op>) {
+    run_with_chunk(level, n, CHUNK_BYTES, ops)
+}
+
+fn run_with_chunk(level: Level, n: usize, chunk_bytes: u64, ops: Vec<Op>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut h = Harness::new(level, n).await;
+        let mut h = Harness::new(level, n, chunk_bytes).await;
         for op in ops {
             h.apply(op).await;
         }
@@ -290,5 +323,16 @@ proptest! {
     #[test]
     fn raid10_matches_model(n in 2usize..=5, ops in prop::collection::vec(op(), 1..30)) {
         run(Level::Raid10, n, ops);
+    }
+
+    /// Chunks of four 4 KiB columns, so scattered writes plan multi-column runs and mixed modes.
+    #[test]
+    fn raid5_and_raid6_wide_chunks_match_model(
+        raid6 in any::<bool>(),
+        n in 4usize..=6,
+        ops in prop::collection::vec(op(), 1..30),
+    ) {
+        let level = if raid6 { Level::Raid6 } else { Level::Raid5 };
+        run_with_chunk(level, n, 4 * CHUNK_BYTES, ops);
     }
 }

@@ -128,6 +128,13 @@ impl Backing for ArrayBacking {
         self.array.write(offset, data).await.map_err(backing_err)
     }
 
+    async fn write_scattered(&self, writes: Vec<(u64, Bytes)>) -> Result<(), BackingError> {
+        self.array
+            .write_scattered(writes)
+            .await
+            .map_err(backing_err)
+    }
+
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
         self.array
             .write_zeroes(offset, len)
