@@ -295,3 +295,90 @@ fn acknowledged_writes_survive_kill_9_of_the_daemon() {
         "the workload barely ran: {total_acked} writes acknowledged"
     );
 }
+
+/// A journaled volume pointed at an NVRAM file that holds another array's unapplied writes must
+/// not start (replaying them would write that array's data into this one), and the right array
+/// still gets them back.
+#[test]
+fn an_nvram_file_of_another_array_is_refused() {
+    if std::env::var("TWINBLOCK_CRASH_VOLUME").is_ok_and(|v| v == "plain") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("twinblock-foreign-nvram-")
+        .tempdir_in(
+            std::env::var_os("CARGO_TARGET_TMPDIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir),
+        )
+        .expect("tempdir");
+    let addr = free_addr();
+    let first = config(dir.path(), addr.port());
+    let first_path = dir.path().join("first.toml");
+    std::fs::write(&first_path, &first).expect("write config");
+    let log = dir.path().join("daemon.log");
+    let blocks: Arc<Vec<Mutex<BlockState>>> = Arc::new(
+        (0..BLOCKS)
+            .map(|_| Mutex::new(BlockState::default()))
+            .collect(),
+    );
+    let mut daemon = Daemon::start(&first_path, &log, addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = workload(addr, &blocks, &stop, 7);
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.kill9();
+    stop.store(true, Ordering::Relaxed);
+    let acked: u64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
+    assert!(acked > 0, "no write was acknowledged before the kill");
+
+    // Same NVRAM file, another (new) array.
+    let second = first.replace(
+        "\"d0.img\", \"d1.img\", \"d2.img\", \"d3.img\"",
+        "\"e0.img\", \"e1.img\", \"e2.img\", \"e3.img\"",
+    );
+    assert_ne!(first, second);
+    let second_path = dir.path().join("second.toml");
+    std::fs::write(&second_path, &second).expect("write config");
+    let second_log = dir.path().join("second.log");
+    let out = Command::new(env!("CARGO_BIN_EXE_twinblockd"))
+        .arg("--config")
+        .arg(&second_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&second_log).expect("log"))
+        .spawn()
+        .expect("spawn")
+        .wait_timeout_or_kill(READY_TIMEOUT);
+    let text = std::fs::read_to_string(&second_log).unwrap_or_default();
+    assert!(
+        out.is_some_and(|s| !s.success()),
+        "twinblockd started on another array's journal; log:\n{text}"
+    );
+    assert!(
+        text.contains("refusing to replay another array's journal"),
+        "unclear refusal; log:\n{text}"
+    );
+    // The original array gets every acknowledged write back.
+    let daemon = Daemon::start(&first_path, &log, addr);
+    verify(addr, &blocks, 1);
+    drop(daemon);
+}
+
+trait WaitTimeout {
+    /// Waits up to `timeout` for the child to exit; kills it and returns `None` if it does not.
+    fn wait_timeout_or_kill(self, timeout: Duration) -> Option<std::process::ExitStatus>;
+}
+
+impl WaitTimeout for Child {
+    fn wait_timeout_or_kill(mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.kill();
+        let _ = self.wait();
+        None
+    }
+}

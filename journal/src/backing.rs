@@ -16,6 +16,11 @@ pub trait Backing: Send + Sync + 'static {
     fn size(&self) -> u64;
     /// Bytes of one full data stripe (RAID 5/6 write without read-modify-write); 1 if none.
     fn stripe_bytes(&self) -> u64;
+    /// A stable identity of the store (a RAID array's UUID). The journal binds its log to it and
+    /// refuses to replay a log bound to another store. `None`: no identity, no check.
+    fn store_id(&self) -> Option<[u8; 16]> {
+        None
+    }
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError>;
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError>;
     /// Writes several non-overlapping pieces, in any order. A RAID 5/6 store plans the pieces
@@ -48,6 +53,9 @@ impl<T: Backing> Backing for Arc<T> {
     }
     fn stripe_bytes(&self) -> u64 {
         (**self).stripe_bytes()
+    }
+    fn store_id(&self) -> Option<[u8; 16]> {
+        (**self).store_id()
     }
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
         (**self).read(offset, len).await
@@ -108,6 +116,8 @@ pub struct MemBacking {
     /// Yield to the scheduler before each operation, like real I/O would, so that tests see
     /// writes interleave with consistency points.
     yield_on_io: bool,
+    /// What [`Backing::store_id`] reports.
+    id: Option<[u8; 16]>,
 }
 
 impl MemBacking {
@@ -122,7 +132,14 @@ impl MemBacking {
             })),
             stripe_bytes: stripe_bytes.max(1),
             yield_on_io: false,
+            id: None,
         }
+    }
+
+    /// This backing (and clones made afterwards) report `id` as their store identity.
+    pub fn with_store_id(mut self, id: [u8; 16]) -> MemBacking {
+        self.id = Some(id);
+        self
     }
 
     /// Like [`MemBacking::new`], but every operation first yields to the scheduler.
@@ -186,6 +203,10 @@ impl Backing for MemBacking {
 
     fn stripe_bytes(&self) -> u64 {
         self.stripe_bytes
+    }
+
+    fn store_id(&self) -> Option<[u8; 16]> {
+        self.id
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {

@@ -257,8 +257,16 @@ impl fmt::Display for Dump {
             match &r.control {
                 Some(c) => writeln!(
                     f,
-                    "  control: generation {} tail seq {} at log offset {} (update {})",
-                    c.generation, c.tail_seq, c.tail_offset, c.counter
+                    "  control: generation {} tail seq {} at log offset {} (update {}), store {}",
+                    c.generation,
+                    c.tail_seq,
+                    c.tail_offset,
+                    c.counter,
+                    if c.store_id == [0; 16] {
+                        "unbound".to_string()
+                    } else {
+                        crate::volume::format_store_id(&c.store_id)
+                    }
                 )?,
                 None => writeln!(f, "  control: never written")?,
             }

@@ -91,6 +91,12 @@ pub enum JournalError {
         found: u64,
         expected: u64,
     },
+    #[error("{region} region: the log belongs to store {bound}, not to this volume's store {store}; refusing to replay another array's journal (point the config at that array's NVRAM file, or move this file away to start with an empty journal)")]
+    ForeignStore {
+        region: &'static str,
+        bound: String,
+        store: String,
+    },
     #[error("record seq {seq} covers bytes {offset}..{end} past the end of volume ({size} bytes)")]
     RecordOutOfRange {
         seq: u64,

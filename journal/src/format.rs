@@ -211,6 +211,9 @@ pub struct ControlSlot {
     pub tail_offset: u64,
     /// Seq of the record at `tail_offset`.
     pub tail_seq: u64,
+    /// Identity of the store (the RAID array's UUID) the log's records are applied to; all zero
+    /// while unbound. A log bound to one store is never replayed into another.
+    pub store_id: [u8; 16],
 }
 
 impl ControlSlot {
@@ -222,6 +225,7 @@ impl ControlSlot {
         put(&mut b, 16, &self.generation.to_le_bytes());
         put(&mut b, 24, &self.tail_offset.to_le_bytes());
         put(&mut b, 32, &self.tail_seq.to_le_bytes());
+        put(&mut b, 40, &self.store_id);
         let crc = crc32c::crc32c(&b[..60]);
         put(&mut b, 60, &crc.to_le_bytes());
         b
@@ -264,6 +268,11 @@ impl ControlSlot {
             generation: get_u64(b, 16),
             tail_offset: get_u64(b, 24),
             tail_seq: get_u64(b, 32),
+            store_id: {
+                let mut id = [0u8; 16];
+                id.copy_from_slice(&b[40..56]);
+                id
+            },
         })
     }
 
@@ -596,6 +605,7 @@ mod tests {
             generation: 2,
             tail_offset: 128,
             tail_seq: 9,
+            store_id: [7; 16],
         };
         let b = ControlSlot { counter: 5, ..a };
         assert_eq!(ControlSlot::pick(&a.encode(), &b.encode()), Some((1, b)));

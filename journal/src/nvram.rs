@@ -160,12 +160,37 @@ impl Region {
         tail_offset: u64,
         tail_seq: u64,
     ) -> Result<(), JournalError> {
-        let slot = ControlSlot {
+        let store_id = self.store_id();
+        self.put_control(ControlSlot {
             counter: self.control.map_or(1, |c| c.counter + 1),
             generation,
             tail_offset,
             tail_seq,
+            store_id,
+        })
+    }
+
+    /// The store this region's log is bound to (all zero: unbound).
+    pub fn store_id(&self) -> [u8; 16] {
+        self.control.map_or([0; 16], |c| c.store_id)
+    }
+
+    /// Binds the log to store `id` (persisted in a new control slot, tail unchanged).
+    pub fn bind_store(&mut self, id: [u8; 16]) -> Result<(), JournalError> {
+        let (generation, tail_offset, tail_seq) = match self.control {
+            Some(c) => (c.generation, c.tail_offset, c.tail_seq),
+            None => (0, 0, 1),
         };
+        self.put_control(ControlSlot {
+            counter: self.control.map_or(1, |c| c.counter + 1),
+            generation,
+            tail_offset,
+            tail_seq,
+            store_id: id,
+        })
+    }
+
+    fn put_control(&mut self, slot: ControlSlot) -> Result<(), JournalError> {
         let idx = 1 - self.control_index;
         let at = idx as u64 * CONTROL_SLOT_B_OFFSET;
         self.span.write(at, &slot.encode());

@@ -1163,6 +1163,19 @@ async fn flusher_loop<B: Backing>(
     }
 }
 
+/// A store id in the usual UUID text form.
+pub fn format_store_id(id: &[u8; 16]) -> String {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 /// Recovery at open: redo what the store lacks, then restart the log in `generation`.
 async fn recover<B: Backing>(
     region: &mut Region,
@@ -1172,6 +1185,11 @@ async fn recover<B: Backing>(
     config: &VolumeConfig,
 ) -> Result<RecoveryReport, JournalError> {
     let mut report = replay_region(region, backing, volume_id, config.discard_corrupt_log).await?;
+    if let Some(id) = backing.store_id() {
+        if region.store_id() != id {
+            region.bind_store(id)?;
+        }
+    }
     region.write_control(generation, 0, report.next_seq)?;
     report.generation = generation;
     Ok(report)
@@ -1189,6 +1207,16 @@ pub async fn replay_region<B: Backing>(
     volume_id: u64,
     discard_corrupt_log: bool,
 ) -> Result<RecoveryReport, JournalError> {
+    if let Some(id) = backing.store_id() {
+        let bound = region.store_id();
+        if bound != [0; 16] && bound != id {
+            return Err(JournalError::ForeignStore {
+                region: region.name(),
+                bound: format_store_id(&bound),
+                store: format_store_id(&id),
+            });
+        }
+    }
     let scan = region.scan();
     let report = scan.report.clone();
     if report.corrupt_mid_region() && !discard_corrupt_log {

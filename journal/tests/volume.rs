@@ -452,6 +452,41 @@ async fn records_of_another_volume_are_refused() {
 }
 
 #[tokio::test]
+async fn a_log_bound_to_one_store_is_never_replayed_into_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let array_a = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xA; 16]);
+    let array_b = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xB; 16]);
+    {
+        let vol = open(dir.path(), 1 << 20, array_a.clone(), quiet_cfg())
+            .await
+            .unwrap();
+        vol.write(8192, pattern(5, 4096)).await.unwrap();
+        // Crash: the write is only in NVRAM.
+    }
+    array_a.crash();
+    let e = open(dir.path(), 1 << 20, array_b.clone(), quiet_cfg())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, JournalError::ForeignStore { .. }), "{e}");
+    assert!(
+        e.to_string().contains("0a0a0a0a-0a0a-0a0a-0a0a-0a0a0a0a0a0a"),
+        "{e}"
+    );
+    assert_eq!(array_b.stats().writes, 0, "nothing applied to the other array");
+    // The right array still gets its write back.
+    let vol = open(dir.path(), 1 << 20, array_a.clone(), quiet_cfg())
+        .await
+        .unwrap();
+    assert_eq!(vol.recovery().replayed_records, 1);
+    assert_eq!(vol.read(8192, 4096).await.unwrap(), pattern(5, 4096));
+    let dump = twinblock_journal::dump::dump_file(&dir.path().join("nvram.img")).unwrap();
+    assert!(
+        dump.to_string().contains("store 0a0a0a0a-0a0a-0a0a-0a0a-0a0a0a0a0a0a"),
+        "{dump}"
+    );
+}
+
+#[tokio::test]
 async fn timer_and_fill_trigger_cps() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);

@@ -119,6 +119,10 @@ impl Backing for ArrayBacking {
         self.array.stripe_bytes().max(1)
     }
 
+    fn store_id(&self) -> Option<[u8; 16]> {
+        Some(*self.array.uuid().as_bytes())
+    }
+
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
         let len = usize::try_from(len).map_err(|_| BackingError(format!("read of {len} bytes")))?;
         self.array.read(offset, len).await.map_err(backing_err)
