@@ -35,6 +35,9 @@ pub struct VolumeInfo {
     /// Member I/O engine (`io_uring` or `thread-pool`) and whether O_DIRECT is active.
     pub io_engine: String,
     pub direct_io: bool,
+    /// The NVRAM file of a journaled volume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<String>,
 }
 
 pub struct Node {
@@ -327,14 +330,14 @@ async fn open_array_volume(
         backing: entry.name.clone(),
         io_engine: entry.io_engine.to_string(),
         direct_io: entry.direct_io,
+        nvram: None,
     };
     if !v.journal {
         return Ok((Arc::new(ArrayDevice::new(array, v.read_only)), info));
     }
-    let Some(nv) = &config.nvram else {
+    let (Some(nv), Some(path)) = (&config.nvram, config.volume_nvram_path(v)) else {
         bail!("journal = true needs an [nvram] section");
     };
-    let path = config.resolve(&nv.path);
     // Two regions (own, partner) share the file; leave room for the header and control slots.
     const NVRAM_OVERHEAD_BYTES: u64 = 1 << 20;
     let per_region = (nv.size.bytes().saturating_sub(NVRAM_OVERHEAD_BYTES) / 2) & !4095;
@@ -373,6 +376,7 @@ async fn open_array_volume(
     let dev = Arc::new(JournaledDevice::new(volume, v.read_only));
     journaled.insert(v.name.clone(), dev.clone());
     info.kind = "journaled-array";
+    info.nvram = Some(path.display().to_string());
     Ok((dev, info))
 }
 
@@ -408,6 +412,7 @@ async fn open_volume(
         backing: path.display().to_string(),
         io_engine: member.engine().to_string(),
         direct_io: member.direct(),
+        nvram: None,
     };
     let device = MemberDevice::new(member, v.read_only, map);
     Ok((Arc::new(device), info))

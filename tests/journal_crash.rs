@@ -178,6 +178,7 @@ fn iterations() -> u32 {
 /// Run writers until the daemon dies under them; return nothing (state is in `blocks`).
 fn workload(
     addr: SocketAddr,
+    export: &'static str,
     blocks: &Arc<Vec<Mutex<BlockState>>>,
     stop: &Arc<AtomicBool>,
     seed: u64,
@@ -188,7 +189,7 @@ fn workload(
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (t + 1));
-                let Ok(mut c) = Client::connect(addr, EXPORT) else {
+                let Ok(mut c) = Client::connect(addr, export) else {
                     return 0;
                 };
                 let mut acked_writes = 0;
@@ -222,8 +223,8 @@ fn workload(
 }
 
 /// Read every block back and check it against the model; fold in-flight writes that landed.
-fn verify(addr: SocketAddr, blocks: &[Mutex<BlockState>], iteration: u32) {
-    let mut c = Client::connect(addr, EXPORT).expect("connect after restart");
+fn verify(addr: SocketAddr, export: &str, blocks: &[Mutex<BlockState>], iteration: u32) {
+    let mut c = Client::connect(addr, export).expect("connect after restart");
     for block in 0..BLOCKS {
         let data = c
             .read(block * BLOCK_BYTES, BLOCK_BYTES as u32)
@@ -275,10 +276,10 @@ fn acknowledged_writes_survive_kill_9_of_the_daemon() {
     for i in 0..n {
         let mut daemon = Daemon::start(&config_path, &log, addr);
         if i > 0 {
-            verify(addr, &blocks, i);
+            verify(addr, EXPORT, &blocks, i);
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let writers = workload(addr, &blocks, &stop, rng.gen());
+        let writers = workload(addr, EXPORT, &blocks, &stop, rng.gen());
         std::thread::sleep(Duration::from_millis(rng.gen_range(20..300)));
         daemon.kill9();
         stop.store(true, Ordering::Relaxed);
@@ -287,7 +288,7 @@ fn acknowledged_writes_survive_kill_9_of_the_daemon() {
         }
     }
     let daemon = Daemon::start(&config_path, &log, addr);
-    verify(addr, &blocks, n);
+    verify(addr, EXPORT, &blocks, n);
     drop(daemon);
     println!("{n} kill -9 iterations, {total_acked} acknowledged writes, none lost");
     assert!(
@@ -324,7 +325,7 @@ fn an_nvram_file_of_another_array_is_refused() {
     );
     let mut daemon = Daemon::start(&first_path, &log, addr);
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = workload(addr, &blocks, &stop, 7);
+    let writers = workload(addr, EXPORT, &blocks, &stop, 7);
     std::thread::sleep(Duration::from_millis(300));
     daemon.kill9();
     stop.store(true, Ordering::Relaxed);
@@ -359,7 +360,7 @@ fn an_nvram_file_of_another_array_is_refused() {
     );
     // The original array gets every acknowledged write back.
     let daemon = Daemon::start(&first_path, &log, addr);
-    verify(addr, &blocks, 1);
+    verify(addr, EXPORT, &blocks, 1);
     drop(daemon);
 }
 
@@ -381,4 +382,77 @@ impl WaitTimeout for Child {
         let _ = self.wait();
         None
     }
+}
+
+/// Two journaled volumes on two arrays, each with its own NVRAM file: writes to both survive
+/// kill -9 (neither journal is replayed into the other's array).
+#[test]
+fn two_journaled_volumes_each_with_its_own_nvram_survive_kill_9() {
+    if std::env::var("TWINBLOCK_CRASH_VOLUME").is_ok_and(|v| v == "plain") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("twinblock-two-journals-")
+        .tempdir_in(
+            std::env::var_os("CARGO_TARGET_TMPDIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir),
+        )
+        .expect("tempdir");
+    let addr = free_addr();
+    let text = format!(
+        r#"{base}
+[[array]]
+name = "md1"
+level = 1
+disks = ["m0.img", "m1.img"]
+disk_size = "40MiB"
+
+[[volume]]
+name = "second"
+array = "md1"
+journal = true
+nvram = "second.nvram"
+"#,
+        base = config(dir.path(), addr.port())
+    );
+    let config_path = dir.path().join("node0.toml");
+    std::fs::write(&config_path, text).expect("write config");
+    let log = dir.path().join("daemon.log");
+    let first: Arc<Vec<Mutex<BlockState>>> = Arc::new(
+        (0..BLOCKS)
+            .map(|_| Mutex::new(BlockState::default()))
+            .collect(),
+    );
+    let second: Arc<Vec<Mutex<BlockState>>> = Arc::new(
+        (0..BLOCKS)
+            .map(|_| Mutex::new(BlockState::default()))
+            .collect(),
+    );
+    for i in 0..3u32 {
+        let mut daemon = Daemon::start(&config_path, &log, addr);
+        if i > 0 {
+            verify(addr, EXPORT, &first, i);
+            verify(addr, "second", &second, i);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut writers = workload(addr, EXPORT, &first, &stop, u64::from(i) * 2 + 1);
+        writers.extend(workload(
+            addr,
+            "second",
+            &second,
+            &stop,
+            u64::from(i) * 2 + 2,
+        ));
+        std::thread::sleep(Duration::from_millis(250));
+        daemon.kill9();
+        stop.store(true, Ordering::Relaxed);
+        let acked: u64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
+        assert!(acked > 0, "iteration {i}: nothing acknowledged");
+    }
+    let daemon = Daemon::start(&config_path, &log, addr);
+    verify(addr, EXPORT, &first, 3);
+    verify(addr, "second", &second, 3);
+    drop(daemon);
+    assert!(dir.path().join("second.nvram").exists());
 }

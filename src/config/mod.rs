@@ -117,6 +117,10 @@ pub struct VolumeConfig {
     pub array: Option<String>,
     #[serde(default)]
     pub journal: bool,
+    /// This journaled volume's own NVRAM file (default: `[nvram].path`). Every journaled volume
+    /// needs a file of its own; the `[nvram]` size, persistence and CP interval apply to each.
+    #[serde(default)]
+    pub nvram: Option<PathBuf>,
     #[serde(default)]
     pub read_only: bool,
     #[serde(default = "default_true")]
@@ -382,22 +386,31 @@ impl Config {
             if v.journal && self.nvram.is_none() {
                 return Err(self.invalid(key("journal"), "journal = true needs an [nvram] section"));
             }
+            if v.nvram.is_some() && !v.journal {
+                return Err(self.invalid(
+                    key("nvram"),
+                    "an NVRAM file is only used by a journaled volume (journal = true)",
+                ));
+            }
         }
-        let journaled: Vec<&str> = self
-            .volumes
-            .iter()
-            .filter(|v| v.journal)
-            .map(|v| v.name.as_str())
-            .collect();
-        if journaled.len() > 1 {
-            return Err(self.invalid(
-                "volume.journal",
-                format!(
-                    "volumes {} all ask for the journal; this version journals one volume per \
-                     node (one NVRAM file)",
-                    journaled.join(", ")
-                ),
-            ));
+        // One NVRAM file per journaled volume: two journals in one file would overwrite each
+        // other's log.
+        let mut nvram_owner: std::collections::HashMap<PathBuf, &str> = Default::default();
+        for (i, v) in self.volumes.iter().enumerate() {
+            let Some(path) = self.volume_nvram_path(v) else {
+                continue;
+            };
+            if let Some(other) = nvram_owner.insert(path.clone(), &v.name) {
+                return Err(self.invalid(
+                    format!("volume[{i}].nvram"),
+                    format!(
+                        "volumes {other:?} and {:?} would share the NVRAM file {}; give each \
+                         journaled volume its own file with `nvram = \"...\"`",
+                        v.name,
+                        path.display()
+                    ),
+                ));
+            }
         }
         if let Some(def) = &self.nbd.default_export {
             if !volume_names.contains(def.as_str()) {
@@ -433,6 +446,15 @@ impl Config {
     }
 
     /// Resolve a path from the config against the data directory.
+    /// The NVRAM file of volume `v` (resolved), `None` unless it is journaled.
+    pub fn volume_nvram_path(&self, v: &VolumeConfig) -> Option<PathBuf> {
+        if !v.journal {
+            return None;
+        }
+        let nv = self.nvram.as_ref()?;
+        Some(self.resolve(v.nvram.as_ref().unwrap_or(&nv.path)))
+    }
+
     pub fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_path_buf()
@@ -602,6 +624,64 @@ journal = true
         let e = parse(text).unwrap_err().to_string();
         assert!(
             e.contains("volume[0].journal") && e.contains("[nvram]"),
+            "{e}"
+        );
+    }
+
+    const TWO_ARRAYS: &str = r#"
+[node]
+id = 0
+data_dir = "/var/lib/tb"
+[nvram]
+path = "/dev/shm/node0.nvram"
+[[array]]
+name = "md0"
+level = 1
+disks = ["a.img", "b.img"]
+[[array]]
+name = "md1"
+level = 1
+disks = ["c.img", "d.img"]
+"#;
+
+    #[test]
+    fn each_journaled_volume_gets_its_own_nvram_file() {
+        let text = format!(
+            "{TWO_ARRAYS}[[volume]]\nname = \"v0\"\narray = \"md0\"\njournal = true\n\
+             [[volume]]\nname = \"v1\"\narray = \"md1\"\njournal = true\nnvram = \"v1.nvram\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(
+            c.volume_nvram_path(&c.volumes[0]),
+            Some(PathBuf::from("/dev/shm/node0.nvram"))
+        );
+        assert_eq!(
+            c.volume_nvram_path(&c.volumes[1]),
+            Some(PathBuf::from("/var/lib/tb/v1.nvram"))
+        );
+    }
+
+    #[test]
+    fn two_journaled_volumes_on_one_nvram_file_are_refused() {
+        let text = format!(
+            "{TWO_ARRAYS}[[volume]]\nname = \"v0\"\narray = \"md0\"\njournal = true\n\
+             [[volume]]\nname = \"v1\"\narray = \"md1\"\njournal = true\n"
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("volume[1].nvram") && e.contains("would share the NVRAM file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nvram_on_an_unjournaled_volume_is_refused() {
+        let text = format!(
+            "{TWO_ARRAYS}[[volume]]\nname = \"v0\"\narray = \"md0\"\nnvram = \"x.nvram\"\n"
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("volume[0].nvram") && e.contains("journal = true"),
             "{e}"
         );
     }
