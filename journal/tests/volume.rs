@@ -469,10 +469,15 @@ async fn a_log_bound_to_one_store_is_never_replayed_into_another() {
         .unwrap_err();
     assert!(matches!(e, JournalError::ForeignStore { .. }), "{e}");
     assert!(
-        e.to_string().contains("0a0a0a0a-0a0a-0a0a-0a0a-0a0a0a0a0a0a"),
+        e.to_string()
+            .contains("0a0a0a0a-0a0a-0a0a-0a0a-0a0a0a0a0a0a"),
         "{e}"
     );
-    assert_eq!(array_b.stats().writes, 0, "nothing applied to the other array");
+    assert_eq!(
+        array_b.stats().writes,
+        0,
+        "nothing applied to the other array"
+    );
     // The right array still gets its write back.
     let vol = open(dir.path(), 1 << 20, array_a.clone(), quiet_cfg())
         .await
@@ -481,7 +486,8 @@ async fn a_log_bound_to_one_store_is_never_replayed_into_another() {
     assert_eq!(vol.read(8192, 4096).await.unwrap(), pattern(5, 4096));
     let dump = twinblock_journal::dump::dump_file(&dir.path().join("nvram.img")).unwrap();
     assert!(
-        dump.to_string().contains("store 0a0a0a0a-0a0a-0a0a-0a0a-0a0a0a0a0a0a"),
+        dump.to_string()
+            .contains("store 0a0a0a0a-0a0a-0a0a-0a0a-0a0a0a0a0a0a"),
         "{dump}"
     );
 }
