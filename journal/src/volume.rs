@@ -1207,16 +1207,6 @@ pub async fn replay_region<B: Backing>(
     volume_id: u64,
     discard_corrupt_log: bool,
 ) -> Result<RecoveryReport, JournalError> {
-    if let Some(id) = backing.store_id() {
-        let bound = region.store_id();
-        if bound != [0; 16] && bound != id {
-            return Err(JournalError::ForeignStore {
-                region: region.name(),
-                bound: format_store_id(&bound),
-                store: format_store_id(&id),
-            });
-        }
-    }
     let scan = region.scan();
     let report = scan.report.clone();
     if report.corrupt_mid_region() && !discard_corrupt_log {
@@ -1228,6 +1218,33 @@ pub async fn replay_region<B: Backing>(
             later_offset,
             later_seq,
         });
+    }
+    let bound = region.store_id();
+    if let Some(id) = backing
+        .store_id()
+        .filter(|id| bound != [0; 16] && bound != *id)
+    {
+        // Records a CP of this log retired were applied to the bound store and are done with;
+        // any other data record still belongs to that store. Only a log holding none of those
+        // may move to another store (for example, the array was recreated after a clean stop).
+        let retired = report.cp_applied_seq.unwrap_or(0);
+        let unapplied = scan
+            .records
+            .iter()
+            .any(|r| r.header.kind.is_data() && r.header.seq > retired);
+        if unapplied {
+            return Err(JournalError::ForeignStore {
+                region: region.name(),
+                bound: format_store_id(&bound),
+                store: format_store_id(&id),
+            });
+        }
+        tracing::info!(
+            region = region.name(),
+            from = %format_store_id(&bound),
+            to = %format_store_id(&id),
+            "NVRAM log holds nothing unapplied; it moves to this store"
+        );
     }
     let backing_applied = backing
         .applied_seq()

@@ -493,6 +493,32 @@ async fn a_log_bound_to_one_store_is_never_replayed_into_another() {
 }
 
 #[tokio::test]
+async fn an_emptied_log_may_move_to_a_new_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_array = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xA; 16]);
+    let new_array = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xB; 16]);
+    {
+        let vol = open(dir.path(), 1 << 20, old_array.clone(), quiet_cfg())
+            .await
+            .unwrap();
+        vol.write(0, pattern(1, 4096)).await.unwrap();
+        vol.close().await.unwrap(); // final CP: nothing left unapplied
+    }
+    let vol = open(dir.path(), 1 << 20, new_array.clone(), quiet_cfg())
+        .await
+        .unwrap();
+    assert_eq!(vol.recovery().replayed_records, 0);
+    assert_eq!(new_array.stats().writes, 0);
+    vol.write(4096, pattern(2, 4096)).await.unwrap();
+    drop(vol);
+    // Now bound to the new store: the old one is refused while a write is unapplied.
+    let e = open(dir.path(), 1 << 20, old_array.clone(), quiet_cfg())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, JournalError::ForeignStore { .. }), "{e}");
+}
+
+#[tokio::test]
 async fn timer_and_fill_trigger_cps() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
