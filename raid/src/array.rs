@@ -237,22 +237,34 @@ enum BatchOutcome {
     Error(String),
 }
 
-/// A rebuild batch read and recomputed, waiting for its target write. Holds the row locks of
-/// its rows until then, so no foreground write to those rows can land between the sources'
-/// read and the target's write.
+/// Row locks of one rebuild batch, held from before its sources are read until its target
+/// write completes, so no foreground write to those rows can land in between.
+type BatchLocks = Vec<tokio::sync::OwnedMutexGuard<()>>;
+
+/// A rebuild batch read and recomputed, waiting for its target write.
 struct RebuiltBatch {
-    _rows: Vec<tokio::sync::OwnedMutexGuard<()>>,
+    _rows: BatchLocks,
     slot: usize,
+    dev: Uuid,
     target: Arc<dyn Member>,
     offset: u64,
     out: Bytes,
 }
 
+/// What reading and recomputing a rebuild batch gave.
+enum Prepared {
+    Ready(RebuiltBatch),
+    /// A source failed (and is now faulty): retry with the remaining members, same locks.
+    Retry(BatchLocks),
+    TargetGone,
+}
+
 /// The first stage of a rebuild batch.
 enum BatchRead {
     Ready(RebuiltBatch),
-    /// A source failed while being read: redo the batch with the new set of members.
-    Retry,
+    /// A source failed while being read: redo the batch (still holding its locks) with the new
+    /// set of members.
+    Retry(BatchLocks),
     Outcome(BatchOutcome),
 }
 
@@ -1122,8 +1134,61 @@ impl Inner {
         err: Option<&io::Error>,
         use_spare: bool,
     ) {
+        self.slot_failed(slot, None, op, err, use_spare).await
+    }
+
+    /// An I/O error of device `dev` in `slot`. Ignored when the slot holds another device by
+    /// now (a spare or a replacement took over while the I/O was in flight): the error says
+    /// nothing about the new device.
+    async fn device_failed(
+        self: &Arc<Self>,
+        slot: usize,
+        dev: &Arc<dyn Member>,
+        op: &str,
+        err: &io::Error,
+    ) {
+        self.slot_failed(slot, Some(dev), op, Some(err), true).await
+    }
+
+    /// Issues member writes `(slot, offset, bytes)` of `view` concurrently; a device whose write
+    /// fails is marked faulty.
+    async fn write_members(self: &Arc<Self>, view: &View, writes: Vec<(usize, u64, Bytes)>) {
+        let results = join_all(writes.into_iter().filter_map(|(m, off, b)| {
+            let dv = view.members[m].clone()?;
+            Some(async move {
+                let r = dv.write_at(off, b).await;
+                (m, dv, r)
+            })
+        }))
+        .await;
+        for (m, dv, r) in results {
+            if let Err(e) = r {
+                self.device_failed(m, &dv, "write", &e).await;
+            }
+        }
+    }
+
+    async fn slot_failed(
+        self: &Arc<Self>,
+        slot: usize,
+        dev: Option<&Arc<dyn Member>>,
+        op: &str,
+        err: Option<&io::Error>,
+        use_spare: bool,
+    ) {
         let changed = {
             let mut m = lock(&self.meta);
+            if let Some(dev) = dev {
+                let current = m.slots[slot]
+                    .member
+                    .as_ref()
+                    .is_some_and(|d| Arc::ptr_eq(d, dev));
+                if !current {
+                    tracing::warn!(array = %self.name, slot, member = %dev.name(), op,
+                        "I/O error of a device no longer in its slot; ignored");
+                    return;
+                }
+            }
             let before = m.slots[slot].state;
             if let (Some(e), Some(d)) = (err, &m.slots[slot].member) {
                 tracing::error!(array = %self.name, member = %d.name(), op, error = %e, "member I/O failed");
@@ -1152,11 +1217,11 @@ impl Inner {
                     io::ErrorKind::UnexpectedEof,
                     format!("short read: {} of {len} bytes", b.len()),
                 );
-                self.member_failed(slot, "read", Some(&e), true).await;
+                self.device_failed(slot, d, "read", &e).await;
                 None
             }
             Err(e) => {
-                self.member_failed(slot, "read", Some(&e), true).await;
+                self.device_failed(slot, d, "read", &e).await;
                 None
             }
         }
@@ -1438,12 +1503,15 @@ impl Inner {
                 pieces.push((piece, data.slice(at..at + e.len as usize)));
             }
         }
-        let row_jobs = try_join_all(
+        // Every job runs to its end even when one fails: dropping the others mid-way would
+        // release their row locks while their member writes are still in flight.
+        let row_jobs = join_all(
             rows.into_iter()
                 .map(|(row, pieces)| self.write_row_pieces(row, pieces)),
         );
-        let spanning_jobs = try_join_all(spanning.into_iter().map(|(o, b)| self.write(o, b)));
-        futures_util::future::try_join(row_jobs, spanning_jobs).await?;
+        let spanning_jobs = join_all(spanning.into_iter().map(|(o, b)| self.write(o, b)));
+        let (a, b) = futures_util::future::join(row_jobs, spanning_jobs).await;
+        a.into_iter().chain(b).collect::<Result<Vec<()>>>()?;
         self.check_failed()
     }
 
@@ -1547,21 +1615,14 @@ impl Inner {
                             })
                         })
                         .collect();
-                    let results = join_all(writes.into_iter().map(|(m, off, b)| {
-                        let dv = view.members[m].clone();
-                        async move {
-                            match dv {
-                                Some(dv) => (m, dv.write_at(off, b).await),
-                                None => (m, Ok(())),
-                            }
-                        }
-                    }))
-                    .await;
-                    for (m, r) in results {
-                        if let Err(e) = r {
-                            self.member_failed(m, "write", Some(&e), true).await;
-                        }
-                    }
+                    // Members may have failed (or a spare arrived) during the reads: write to
+                    // what is writable now; the blocks computed are right for any of them.
+                    let now = self.view();
+                    let writes = writes
+                        .into_iter()
+                        .filter(|(m, _, _)| now.writable[*m])
+                        .collect();
+                    self.write_members(&now, writes).await;
                     return self.check_failed();
                 }
                 // A read failed (its member is now faulty): nothing was written yet.
@@ -1652,23 +1713,18 @@ impl Inner {
         let _g = self.lock_rows(rows).await;
         let view = self.view();
         let places = self.geo.places(e.chunk);
-        let results = join_all(
-            places
-                .iter()
-                .filter(|p| view.writable[p.member])
-                .filter_map(|p| {
-                    let d = view.members[p.member].clone()?;
-                    let b = bytes.clone();
-                    let off = self.member_off(p.row, e.offset_in_chunk);
-                    Some(async move { (p.member, d.write_at(off, b).await) })
-                }),
-        )
-        .await;
-        for (m, r) in results {
-            if let Err(err) = r {
-                self.member_failed(m, "write", Some(&err), true).await;
-            }
-        }
+        let writes = places
+            .iter()
+            .filter(|p| view.writable[p.member])
+            .map(|p| {
+                (
+                    p.member,
+                    self.member_off(p.row, e.offset_in_chunk),
+                    bytes.clone(),
+                )
+            })
+            .collect();
+        self.write_members(&view, writes).await;
         self.check_failed()?;
         let view = self.view();
         if !places.iter().any(|p| view.readable[p.member]) {
@@ -1897,21 +1953,7 @@ impl Inner {
             if raid6 && view.writable[qm] {
                 writes.push((qm, self.member_off(row, lo), Bytes::from(q)));
             }
-            let results = join_all(writes.into_iter().map(|(m, off, b)| {
-                let dv = view.members[m].clone();
-                async move {
-                    match dv {
-                        Some(dv) => (m, dv.write_at(off, b).await),
-                        None => (m, Ok(())),
-                    }
-                }
-            }))
-            .await;
-            for (m, r) in results {
-                if let Err(e) = r {
-                    self.member_failed(m, "write", Some(&e), true).await;
-                }
-            }
+            self.write_members(&view, writes).await;
             return self.check_failed();
         }
         self.check_failed()?;
@@ -2128,24 +2170,39 @@ impl Inner {
         // busy at the same time (batches that each read, then write, fall into step and leave
         // the disks idle in turn). Results arrive in order, so every batch before the one being
         // consumed is complete when a checkpoint is recorded.
-        let mut results = stream::iter(batches.clone())
-            .map(|(r0, r1)| async move { (r0, r1, self.rebuild_read(slot, dev, r0, r1).await) })
+        //
+        // Batches take their row locks one batch after the other (`then`), each batch all of its
+        // locks before the next one starts: a batch waiting in the pipeline for an earlier one
+        // to finish then never holds a lock that earlier batch (or a foreground request that the
+        // earlier batch waits for) still needs. RAID 10 batches share rows at their edges.
+        let results = stream::iter(batches.clone())
+            .then(|(r0, r1)| {
+                let me = Arc::clone(self);
+                async move {
+                    let locks = me.lock_rows_owned(me.rebuild_lock_rows(r0, r1)).await;
+                    (r0, r1, locks)
+                }
+            })
+            .map(|(r0, r1, locks)| async move {
+                (r0, r1, self.rebuild_read(slot, dev, r0, r1, locks).await)
+            })
             .buffered(REBUILD_READ_AHEAD)
             .map(|(r0, r1, read)| async move {
                 let outcome = match read {
                     BatchRead::Ready(batch) => self.rebuild_write(batch).await,
-                    BatchRead::Retry => self.rebuild_batch(slot, dev, r0, r1).await,
+                    BatchRead::Retry(locks) => self.rebuild_batch(slot, dev, r0, r1, locks).await,
                     BatchRead::Outcome(outcome) => outcome,
                 };
                 (r0, r1, outcome)
             })
             .buffered(REBUILD_WRITE_DEPTH);
+        let mut results = Box::pin(results);
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 drop(results);
                 let next = batches.get(done_batches(&batches, done_rows)).map(|b| b.0);
                 if let Some(r0) = next {
-                    self.record_checkpoint(slot, kind, r0).await;
+                    self.record_checkpoint(slot, dev, kind, r0).await;
                 }
                 set_progress(done_rows, false, Some("stopped".into()));
                 return false;
@@ -2177,7 +2234,7 @@ impl Inner {
             if kind == ResyncKind::Full
                 && last_cp.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
             {
-                self.record_checkpoint(slot, kind, r1).await;
+                self.record_checkpoint(slot, dev, kind, r1).await;
                 last_cp = Instant::now();
             }
         }
@@ -2209,54 +2266,91 @@ impl Inner {
         m.slots[slot].dev_uuid == dev && m.slots[slot].resync.is_some() && m.failed.is_none()
     }
 
-    /// First stage of a pipelined rebuild batch: lock, read and recompute.
-    async fn rebuild_read(self: &Arc<Self>, slot: usize, dev: Uuid, r0: u64, r1: u64) -> BatchRead {
+    /// The rows a rebuild batch `[r0, r1)` locks: RAID 10 copies may sit in a neighbouring row
+    /// (odd member count), so one more on each side there; other levels exactly their rows.
+    fn rebuild_lock_rows(&self, r0: u64, r1: u64) -> std::ops::Range<u64> {
+        if self.geo.level == Level::Raid10 {
+            r0.saturating_sub(1)..(r1 + 1).min(self.geo.rows)
+        } else {
+            r0..r1
+        }
+    }
+
+    /// First stage of a pipelined rebuild batch: read and recompute, under `locks`.
+    async fn rebuild_read(
+        self: &Arc<Self>,
+        slot: usize,
+        dev: Uuid,
+        r0: u64,
+        r1: u64,
+        locks: BatchLocks,
+    ) -> BatchRead {
         if !self.still_rebuilding(slot, dev) {
             return BatchRead::Outcome(BatchOutcome::TargetGone);
         }
-        match self.rebuild_prepare(slot, r0, r1).await {
-            Ok(Some(batch)) => BatchRead::Ready(batch),
-            Ok(None) => BatchRead::Retry,
+        match self.rebuild_prepare(slot, dev, r0, r1, locks).await {
+            Ok(Prepared::Ready(batch)) => BatchRead::Ready(batch),
+            Ok(Prepared::Retry(locks)) => BatchRead::Retry(locks),
+            Ok(Prepared::TargetGone) => BatchRead::Outcome(BatchOutcome::TargetGone),
             Err(e) => BatchRead::Outcome(BatchOutcome::Error(e.to_string())),
         }
     }
 
-    /// Second stage: write the target (a failed target write fails the target, not the batch).
+    /// Second stage: write the target. A failed write fails the target (when it is still the
+    /// slot's device), not the batch; a target that left its slot is not written at all.
     async fn rebuild_write(self: &Arc<Self>, batch: RebuiltBatch) -> BatchOutcome {
+        if !self.still_rebuilding(batch.slot, batch.dev) {
+            return BatchOutcome::TargetGone;
+        }
         if let Err(e) = batch.target.write_at(batch.offset, batch.out).await {
-            self.member_failed(batch.slot, "rebuild write", Some(&e), true)
+            self.device_failed(batch.slot, &batch.target, "rebuild write", &e)
                 .await;
+            return BatchOutcome::TargetGone;
         }
         BatchOutcome::Done
     }
 
-    /// Rebuilds one batch with bounded retries while `slot` still holds device `dev`.
+    /// Rebuilds one batch, holding `locks`, with bounded retries while `slot` still holds
+    /// device `dev`.
     async fn rebuild_batch(
         self: &Arc<Self>,
         slot: usize,
         dev: Uuid,
         r0: u64,
         r1: u64,
+        mut locks: BatchLocks,
     ) -> BatchOutcome {
         for _attempt in 0..=self.geo.members {
             if !self.still_rebuilding(slot, dev) {
                 return BatchOutcome::TargetGone;
             }
-            match self.rebuild_prepare(slot, r0, r1).await {
-                Ok(Some(batch)) => return self.rebuild_write(batch).await,
-                Ok(None) => continue,
+            match self.rebuild_prepare(slot, dev, r0, r1, locks).await {
+                Ok(Prepared::Ready(batch)) => return self.rebuild_write(batch).await,
+                Ok(Prepared::Retry(back)) => locks = back,
+                Ok(Prepared::TargetGone) => return BatchOutcome::TargetGone,
                 Err(e) => return BatchOutcome::Error(e.to_string()),
             }
         }
         BatchOutcome::Error(format!("rows {r0}..{r1}: source members kept failing"))
     }
 
-    async fn record_checkpoint(self: &Arc<Self>, slot: usize, kind: ResyncKind, row: u64) {
+    /// Records that rows before `row` of device `dev` in `slot` are rebuilt. Nothing when the
+    /// slot holds another device by now: a replacement must not inherit this progress.
+    async fn record_checkpoint(
+        self: &Arc<Self>,
+        slot: usize,
+        dev: Uuid,
+        kind: ResyncKind,
+        row: u64,
+    ) {
         if kind != ResyncKind::Full {
             return;
         }
         {
             let mut m = lock(&self.meta);
+            if m.slots[slot].dev_uuid != dev || m.slots[slot].resync.is_none() {
+                return;
+            }
             m.rebuild = Some(RebuildCheckpoint {
                 slot: slot as u32,
                 rows_done: row,
@@ -2268,28 +2362,22 @@ impl Inner {
         self.write_superblocks().await;
     }
 
-    /// Reads the sources of rows `[r0, r1)` of `slot` and computes the target's contents, holding
-    /// the rows' locks. `Ok(None)`: a source failed (or the target left), retry.
+    /// Reads the sources of rows `[r0, r1)` of `slot` and computes the target's contents; the
+    /// caller holds the rows' locks (`locks`, from [`Inner::rebuild_lock_rows`]).
     async fn rebuild_prepare(
         self: &Arc<Self>,
         slot: usize,
+        dev: Uuid,
         r0: u64,
         r1: u64,
-    ) -> Result<Option<RebuiltBatch>> {
+        locks: BatchLocks,
+    ) -> Result<Prepared> {
         let geo = self.geo;
         let c = geo.chunk_bytes;
-        // RAID 10 copies may sit in a neighbouring row (odd member count): lock one row more on
-        // each side there. Other levels lock exactly their rows, so batches in flight together
-        // do not wait for each other.
-        let (lock_lo, lock_hi) = if geo.level == Level::Raid10 {
-            (r0.saturating_sub(1), (r1 + 1).min(geo.rows))
-        } else {
-            (r0, r1)
-        };
-        let guards = self.lock_rows_owned(lock_lo..lock_hi).await;
         let view = self.view();
-        let Some(target) = view.members[slot].clone() else {
-            return Ok(None);
+        let target = match &view.members[slot] {
+            Some(t) if self.still_rebuilding(slot, dev) => Arc::clone(t),
+            _ => return Ok(Prepared::TargetGone),
         };
         let len = ((r1 - r0) * c) as usize;
         // Output buffers are page-aligned so O_DIRECT members write them without a bounce copy.
@@ -2303,14 +2391,14 @@ impl Inner {
                     });
                 };
                 let Some(d) = view.members[src].clone() else {
-                    return Ok(None);
+                    return Ok(Prepared::Retry(locks));
                 };
                 match self
                     .read_member(src, &d, self.member_off(r0, 0), len as u64)
                     .await
                 {
                     Some(b) => b,
-                    None => return Ok(None),
+                    None => return Ok(Prepared::Retry(locks)),
                 }
             }
             Level::Raid10 => {
@@ -2350,7 +2438,9 @@ impl Inner {
                 }))
                 .await;
                 for (r, b) in reads {
-                    let Some(b) = b else { return Ok(None) };
+                    let Some(b) = b else {
+                        return Ok(Prepared::Retry(locks));
+                    };
                     let at = ((r - r0) * c) as usize;
                     out[at..at + c as usize].copy_from_slice(&b);
                 }
@@ -2374,7 +2464,7 @@ impl Inner {
                 let mut srcs: Vec<Option<Bytes>> = Vec::with_capacity(geo.members);
                 for r in reads {
                     match r {
-                        Some(None) => return Ok(None),
+                        Some(None) => return Ok(Prepared::Retry(locks)),
                         Some(Some(b)) => srcs.push(Some(b)),
                         None => srcs.push(None),
                     }
@@ -2418,9 +2508,10 @@ impl Inner {
                 out.into_bytes()
             }
         };
-        Ok(Some(RebuiltBatch {
-            _rows: guards,
+        Ok(Prepared::Ready(RebuiltBatch {
+            _rows: locks,
             slot,
+            dev,
             target,
             offset: self.member_off(r0, 0),
             out,
