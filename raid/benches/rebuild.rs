@@ -8,6 +8,9 @@
 //! which reads the same bytes; and (c) writing a fresh image sequentially from page-aligned
 //! buffers, as the rebuild writes its target. Prints the rates and the ratios (rebuild / plain
 //! sequential).
+//!
+//! `TWINBLOCK_BENCH_TARGET_DIR` puts the replacement images (the rebuild's targets) on another
+//! filesystem, to see the rebuild when the target does not share a device with the sources.
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
@@ -91,9 +94,12 @@ async fn sequential_write(path: &std::path::Path) -> f64 {
     rate
 }
 
-async fn bench(level: Level, dir: &std::path::Path) {
+async fn bench(level: Level, dir: &std::path::Path, target_dir: &std::path::Path) {
     let paths: Vec<_> = (0..MEMBERS + 2)
-        .map(|i| dir.join(format!("bench{i}.img")))
+        .map(|i| {
+            let d = if i < MEMBERS { dir } else { target_dir };
+            d.join(format!("bench{i}.img"))
+        })
         .collect();
     for p in &paths {
         let _ = std::fs::remove_file(p);
@@ -220,12 +226,24 @@ fn main() {
         Some(d) => std::path::PathBuf::from(d),
         None => std::env::temp_dir(),
     };
+    let target_dir = std::env::var_os("TWINBLOCK_BENCH_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| dir.clone());
+    if target_dir != dir {
+        println!(
+            "sources in {}, rebuild targets in {}",
+            dir.display(),
+            target_dir.display()
+        );
+    }
     rt.block_on(async {
         // TWINBLOCK_BENCH_LEVELS=6,5 changes the order (or the set) of levels measured.
         let levels = std::env::var("TWINBLOCK_BENCH_LEVELS").unwrap_or_else(|_| "5,6".into());
         for l in levels.split(',') {
             match Level::parse(l) {
-                Some(level @ (Level::Raid5 | Level::Raid6)) => bench(level, &dir).await,
+                Some(level @ (Level::Raid5 | Level::Raid6)) => {
+                    bench(level, &dir, &target_dir).await
+                }
                 _ => eprintln!("skipping level {l:?}: the rebuild bench covers raid5 and raid6"),
             }
         }
