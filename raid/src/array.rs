@@ -2175,10 +2175,26 @@ impl Inner {
         // locks before the next one starts: a batch waiting in the pipeline for an earlier one
         // to finish then never holds a lock that earlier batch (or a foreground request that the
         // earlier batch waits for) still needs. RAID 10 batches share rows at their edges.
-        let results = stream::iter(batches.clone())
-            .then(|(r0, r1)| {
+        //
+        // The rate limit delays a batch before it takes its locks, so a throttled rebuild does
+        // not keep rows locked (and foreground writes to them waiting) while it sleeps.
+        let mut rows_before = Vec::with_capacity(batches.len());
+        let mut sum = 0u64;
+        for &(r0, r1) in &batches {
+            rows_before.push(sum);
+            sum += r1 - r0;
+        }
+        let results = stream::iter(batches.clone().into_iter().zip(rows_before))
+            .then(|((r0, r1), rows_before)| {
                 let me = Arc::clone(self);
                 async move {
+                    let rate = me.rate_limit_bytes_per_sec.load(Ordering::SeqCst);
+                    if rate > 0 {
+                        let due = Duration::from_secs_f64((rows_before * c) as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
                     let locks = me.lock_rows_owned(me.rebuild_lock_rows(r0, r1)).await;
                     (r0, r1, locks)
                 }
@@ -2223,14 +2239,6 @@ impl Inner {
             }
             done_rows += r1 - r0;
             set_progress(done_rows, true, None);
-            let rate = self.rate_limit_bytes_per_sec.load(Ordering::SeqCst);
-            if rate > 0 {
-                let due = Duration::from_secs_f64((done_rows * c) as f64 / rate as f64);
-                let el = started.elapsed();
-                if due > el {
-                    tokio::time::sleep(due - el).await;
-                }
-            }
             if kind == ResyncKind::Full
                 && last_cp.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
             {
