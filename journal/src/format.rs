@@ -213,7 +213,17 @@ pub struct ControlSlot {
     pub tail_seq: u64,
     /// Identity of the store (the RAID array's UUID) the log's records are applied to; all zero
     /// while unbound. A log bound to one store is never replayed into another.
+    #[serde(serialize_with = "serialize_store_id")]
     pub store_id: [u8; 16],
+}
+
+/// A store id as UUID text in JSON (`null` when unbound).
+fn serialize_store_id<S: serde::Serializer>(id: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+    if *id == [0; 16] {
+        s.serialize_none()
+    } else {
+        s.serialize_str(&crate::volume::format_store_id(id))
+    }
 }
 
 impl ControlSlot {

@@ -490,6 +490,12 @@ async fn a_log_bound_to_one_store_is_never_replayed_into_another() {
             .contains("store 0a0a0a0a-0a0a-0a0a-0a0a-0a0a0a0a0a0a"),
         "{dump}"
     );
+    assert!(
+        dump.to_json()
+            .contains("\"store_id\": \"0a0a0a0a-0a0a-0a0a-0a0a-0a0a0a0a0a0a\""),
+        "{}",
+        dump.to_json()
+    );
 }
 
 #[tokio::test]

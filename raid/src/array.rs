@@ -1657,6 +1657,9 @@ impl Inner {
         (lo, hi)
     }
 
+    /// Registers a write to member offsets `[start, end)` in the bitmap (persisting newly set
+    /// bits first). On error the registration is undone, so callers that bail out with `?` do
+    /// not leave the regions counted as busy.
     async fn bitmap_begin(self: &Arc<Self>, start: u64, end: u64) -> Result<()> {
         let _g = self.bitmap_io.lock().await;
         let blocks = self.with_bitmap(|b| {
@@ -1666,7 +1669,14 @@ impl Inner {
         if !blocks.is_empty() {
             self.persist_bitmap(&blocks).await;
         }
-        self.check_failed()
+        let res = self.check_failed();
+        if res.is_err() {
+            self.with_bitmap(|b| {
+                let rs = b.regions(start, end);
+                b.end_write(rs)
+            });
+        }
+        res
     }
 
     /// Writes bitmap blocks to every writable member. Caller holds `bitmap_io`.
