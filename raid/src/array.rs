@@ -1796,10 +1796,11 @@ impl Inner {
                 && rmw_reads < rcw_reads;
             let (p, q) = if full {
                 let refs: Vec<&[u8]> = newdata.iter().flatten().map(|(_, b)| b.as_ref()).collect();
-                let mut p = vec![0u8; span];
-                let mut q = vec![0u8; span];
+                // Page-aligned, so O_DIRECT members write the parity without a bounce copy.
+                let mut p = AlignedBuf::zeroed(span);
+                let mut q = AlignedBuf::zeroed(if raid6 { span } else { 0 });
                 parity::gen_pq(&refs, &mut p, raid6.then_some(&mut q[..]));
-                (p, q)
+                (p.into_bytes(), q.into_bytes())
             } else if rmw {
                 let mut want = vec![false; geo.members];
                 want[pm] = true;
@@ -1853,7 +1854,7 @@ impl Inner {
                         parity::mul_xor_into(parity::gf_pow2(i), &delta, &mut q);
                     }
                 }
-                (p, q)
+                (Bytes::from(p), Bytes::from(q))
             } else {
                 // Reconstruct-write: every data chunk over [lo, hi), recovered where needed.
                 let mut want = vec![true; geo.members];
@@ -1944,7 +1945,7 @@ impl Inner {
                 let mut p = vec![0u8; span];
                 let mut q = vec![0u8; span];
                 parity::gen_pq(&refs, &mut p, raid6.then_some(&mut q[..]));
-                (p, q)
+                (Bytes::from(p), Bytes::from(q))
             };
             // Issue the writes.
             let view = self.view();
@@ -1958,10 +1959,10 @@ impl Inner {
                 }
             }
             if view.writable[pm] {
-                writes.push((pm, self.member_off(row, lo), Bytes::from(p)));
+                writes.push((pm, self.member_off(row, lo), p));
             }
             if raid6 && view.writable[qm] {
-                writes.push((qm, self.member_off(row, lo), Bytes::from(q)));
+                writes.push((qm, self.member_off(row, lo), q));
             }
             self.write_members(&view, writes).await;
             return self.check_failed();

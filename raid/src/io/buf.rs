@@ -69,11 +69,15 @@ impl AlignedBuf {
         AlignedBuf { ptr, len }
     }
 
-    /// An aligned copy of `data`.
+    /// An aligned copy of `data` (not zeroed first: every byte is copied).
     pub fn copy_from(data: &[u8]) -> AlignedBuf {
-        let mut buf = AlignedBuf::zeroed(data.len());
-        buf.copy_from_slice(data);
-        buf
+        let mut rb = ReadBuf::new(data.len());
+        // SAFETY: `rb` is valid for `data.len()` bytes and a fresh allocation, so it cannot
+        // overlap `data`; after the copy every byte is initialised, as `assume_filled` requires.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), rb.ptr_at(0), data.len());
+            rb.assume_filled()
+        }
     }
 
     pub fn len(&self) -> usize {
