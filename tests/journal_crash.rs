@@ -28,10 +28,37 @@ const WRITER_THREADS: u64 = 4;
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const EXPORT: &str = "crashvol";
 
+/// `TWINBLOCK_CRASH_VOLUME=plain`: the crash schedule runs on a plain image (tests about
+/// journals and arrays have nothing to check then).
+fn plain_volume_run() -> bool {
+    std::env::var("TWINBLOCK_CRASH_VOLUME").is_ok_and(|v| v == "plain")
+}
+
+/// What the checker knows of every block: nothing written yet.
+fn new_model() -> Arc<Vec<Mutex<BlockState>>> {
+    Arc::new(
+        (0..BLOCKS)
+            .map(|_| Mutex::new(BlockState::default()))
+            .collect(),
+    )
+}
+
+/// A fresh directory under cargo's per-target temporary directory.
+fn test_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(
+            std::env::var_os("CARGO_TARGET_TMPDIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir),
+        )
+        .expect("tempdir")
+}
+
 fn config(dir: &Path, port: u16) -> String {
     // `TWINBLOCK_CRASH_VOLUME=plain` runs the same schedule on a plain image volume: a failure
     // there is a broken test, not a broken journal.
-    if std::env::var("TWINBLOCK_CRASH_VOLUME").is_ok_and(|v| v == "plain") {
+    if plain_volume_run() {
         return format!(
             "[node]\nid = 0\ndata_dir = \"{}\"\n[nbd]\nlisten = [\"127.0.0.1:{port}\"]\n\
              [[volume]]\nname = \"{EXPORT}\"\nfile = \"plain.img\"\nsize = \"64MiB\"\n",
@@ -246,14 +273,7 @@ fn verify(addr: SocketAddr, export: &str, blocks: &[Mutex<BlockState>], iteratio
 
 #[test]
 fn acknowledged_writes_survive_kill_9_of_the_daemon() {
-    let dir = tempfile::Builder::new()
-        .prefix("twinblock-crash-")
-        .tempdir_in(
-            std::env::var_os("CARGO_TARGET_TMPDIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(std::env::temp_dir),
-        )
-        .expect("tempdir");
+    let dir = test_dir("twinblock-crash-");
     let addr = free_addr();
     let config_path = dir.path().join("node0.toml");
     std::fs::write(&config_path, config(dir.path(), addr.port())).expect("write config");
@@ -265,11 +285,7 @@ fn acknowledged_writes_survive_kill_9_of_the_daemon() {
         .unwrap_or_else(|| rand::thread_rng().gen());
     println!("crash test seed {seed} (replay with TWINBLOCK_CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let blocks: Arc<Vec<Mutex<BlockState>>> = Arc::new(
-        (0..BLOCKS)
-            .map(|_| Mutex::new(BlockState::default()))
-            .collect(),
-    );
+    let blocks = new_model();
 
     let n = iterations();
     let mut total_acked = 0u64;
@@ -302,27 +318,16 @@ fn acknowledged_writes_survive_kill_9_of_the_daemon() {
 /// still gets them back.
 #[test]
 fn an_nvram_file_of_another_array_is_refused() {
-    if std::env::var("TWINBLOCK_CRASH_VOLUME").is_ok_and(|v| v == "plain") {
+    if plain_volume_run() {
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("twinblock-foreign-nvram-")
-        .tempdir_in(
-            std::env::var_os("CARGO_TARGET_TMPDIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(std::env::temp_dir),
-        )
-        .expect("tempdir");
+    let dir = test_dir("twinblock-foreign-nvram-");
     let addr = free_addr();
     let first = config(dir.path(), addr.port());
     let first_path = dir.path().join("first.toml");
     std::fs::write(&first_path, &first).expect("write config");
     let log = dir.path().join("daemon.log");
-    let blocks: Arc<Vec<Mutex<BlockState>>> = Arc::new(
-        (0..BLOCKS)
-            .map(|_| Mutex::new(BlockState::default()))
-            .collect(),
-    );
+    let blocks = new_model();
     let mut daemon = Daemon::start(&first_path, &log, addr);
     let stop = Arc::new(AtomicBool::new(false));
     let writers = workload(addr, EXPORT, &blocks, &stop, 7);
@@ -388,17 +393,10 @@ impl WaitTimeout for Child {
 /// kill -9 (neither journal is replayed into the other's array).
 #[test]
 fn two_journaled_volumes_each_with_its_own_nvram_survive_kill_9() {
-    if std::env::var("TWINBLOCK_CRASH_VOLUME").is_ok_and(|v| v == "plain") {
+    if plain_volume_run() {
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("twinblock-two-journals-")
-        .tempdir_in(
-            std::env::var_os("CARGO_TARGET_TMPDIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(std::env::temp_dir),
-        )
-        .expect("tempdir");
+    let dir = test_dir("twinblock-two-journals-");
     let addr = free_addr();
     let text = format!(
         r#"{base}
@@ -419,16 +417,8 @@ nvram = "second.nvram"
     let config_path = dir.path().join("node0.toml");
     std::fs::write(&config_path, text).expect("write config");
     let log = dir.path().join("daemon.log");
-    let first: Arc<Vec<Mutex<BlockState>>> = Arc::new(
-        (0..BLOCKS)
-            .map(|_| Mutex::new(BlockState::default()))
-            .collect(),
-    );
-    let second: Arc<Vec<Mutex<BlockState>>> = Arc::new(
-        (0..BLOCKS)
-            .map(|_| Mutex::new(BlockState::default()))
-            .collect(),
-    );
+    let first = new_model();
+    let second = new_model();
     for i in 0..3u32 {
         let mut daemon = Daemon::start(&config_path, &log, addr);
         if i > 0 {

@@ -259,15 +259,6 @@ enum Prepared {
     TargetGone,
 }
 
-/// The first stage of a rebuild batch.
-enum BatchRead {
-    Ready(RebuiltBatch),
-    /// A source failed while being read: redo the batch (still holding its locks) with the new
-    /// set of members.
-    Retry(BatchLocks),
-    Outcome(BatchOutcome),
-}
-
 /// Index of the first batch not covered by `done_rows` rows of completed batches.
 fn done_batches(batches: &[(u64, u64)], done_rows: u64) -> usize {
     let mut rows = 0;
@@ -2211,16 +2202,11 @@ impl Inner {
                 }
             })
             .map(|(r0, r1, locks)| async move {
-                (r0, r1, self.rebuild_read(slot, dev, r0, r1, locks).await)
+                (r0, r1, self.rebuild_prepare(slot, dev, r0, r1, locks).await)
             })
             .buffered(REBUILD_READ_AHEAD)
             .map(|(r0, r1, read)| async move {
-                let outcome = match read {
-                    BatchRead::Ready(batch) => self.rebuild_write(batch).await,
-                    BatchRead::Retry(locks) => self.rebuild_batch(slot, dev, r0, r1, locks).await,
-                    BatchRead::Outcome(outcome) => outcome,
-                };
-                (r0, r1, outcome)
+                (r0, r1, self.rebuild_finish(slot, dev, r0, r1, read).await)
             })
             .buffered(REBUILD_WRITE_DEPTH);
         let mut results = Box::pin(results);
@@ -2295,27 +2281,7 @@ impl Inner {
         }
     }
 
-    /// First stage of a pipelined rebuild batch: read and recompute, under `locks`.
-    async fn rebuild_read(
-        self: &Arc<Self>,
-        slot: usize,
-        dev: Uuid,
-        r0: u64,
-        r1: u64,
-        locks: BatchLocks,
-    ) -> BatchRead {
-        if !self.still_rebuilding(slot, dev) {
-            return BatchRead::Outcome(BatchOutcome::TargetGone);
-        }
-        match self.rebuild_prepare(slot, dev, r0, r1, locks).await {
-            Ok(Prepared::Ready(batch)) => BatchRead::Ready(batch),
-            Ok(Prepared::Retry(locks)) => BatchRead::Retry(locks),
-            Ok(Prepared::TargetGone) => BatchRead::Outcome(BatchOutcome::TargetGone),
-            Err(e) => BatchRead::Outcome(BatchOutcome::Error(e.to_string())),
-        }
-    }
-
-    /// Second stage: write the target. A failed write fails the target (when it is still the
+    /// Writes a prepared batch to its target. A failed write fails the target (when it is still the
     /// slot's device), not the batch; a target that left its slot is not written at all.
     async fn rebuild_write(self: &Arc<Self>, batch: RebuiltBatch) -> BatchOutcome {
         if !self.still_rebuilding(batch.slot, batch.dev) {
@@ -2329,25 +2295,25 @@ impl Inner {
         BatchOutcome::Done
     }
 
-    /// Rebuilds one batch, holding `locks`, with bounded retries while `slot` still holds
-    /// device `dev`.
-    async fn rebuild_batch(
+    /// Second stage of a rebuild batch, given what its first stage (`rebuild_prepare`) gave:
+    /// writes the target, or reads again (still holding the batch's locks) after a source
+    /// failed, a bounded number of times.
+    async fn rebuild_finish(
         self: &Arc<Self>,
         slot: usize,
         dev: Uuid,
         r0: u64,
         r1: u64,
-        mut locks: BatchLocks,
+        mut prepared: Result<Prepared>,
     ) -> BatchOutcome {
         for _attempt in 0..=self.geo.members {
-            if !self.still_rebuilding(slot, dev) {
-                return BatchOutcome::TargetGone;
-            }
-            match self.rebuild_prepare(slot, dev, r0, r1, locks).await {
+            match prepared {
                 Ok(Prepared::Ready(batch)) => return self.rebuild_write(batch).await,
-                Ok(Prepared::Retry(back)) => locks = back,
                 Ok(Prepared::TargetGone) => return BatchOutcome::TargetGone,
                 Err(e) => return BatchOutcome::Error(e.to_string()),
+                Ok(Prepared::Retry(locks)) => {
+                    prepared = self.rebuild_prepare(slot, dev, r0, r1, locks).await;
+                }
             }
         }
         BatchOutcome::Error(format!("rows {r0}..{r1}: source members kept failing"))

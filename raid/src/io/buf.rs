@@ -27,10 +27,9 @@ const _: () = assert!(std::mem::align_of::<Page>() == ALIGN_BYTES);
 
 /// An owned, initialised byte buffer whose start is aligned to `ALIGN_BYTES`.
 pub struct AlignedBuf {
-    /// Invariant: when `len > 0`, `ptr` came from `alloc::alloc_zeroed` or `alloc::alloc` with
-    /// `Self::layout(len)`, all `len` bytes are initialised, and the memory is owned by this value
-    /// alone and freed exactly once, in `Drop`. When `len == 0`, `ptr` is a dangling pointer with
-    /// `ALIGN_BYTES` alignment that is never read, written or freed.
+    /// Invariant: `ptr` came from `allocate(len, _)`, all `len` bytes are initialised, and the
+    /// memory is owned by this value alone and freed exactly once, in `Drop` (for `len == 0`,
+    /// `ptr` is an aligned dangling pointer that is never read, written or freed).
     ptr: NonNull<u8>,
     len: usize,
 }
@@ -41,32 +40,58 @@ unsafe impl Send for AlignedBuf {}
 // SAFETY: see `Send`; `&AlignedBuf` only gives `&[u8]`.
 unsafe impl Sync for AlignedBuf {}
 
-impl AlignedBuf {
-    fn layout(len: usize) -> Layout {
-        // `ALIGN_BYTES` is a power of two and non-zero; the only failure is a `len` so large that
-        // rounding it up overflows `isize`, which no allocation could satisfy anyway.
-        match Layout::from_size_align(len, ALIGN_BYTES) {
-            Ok(layout) => layout,
-            Err(_) => panic!("AlignedBuf of {len} bytes exceeds the address space"),
-        }
+/// The layout of every buffer of `len` bytes.
+fn layout(len: usize) -> Layout {
+    // `ALIGN_BYTES` is a power of two and non-zero; the only failure is a `len` so large that
+    // rounding it up overflows `isize`, which no allocation could satisfy anyway.
+    match Layout::from_size_align(len, ALIGN_BYTES) {
+        Ok(layout) => layout,
+        Err(_) => panic!("aligned buffer of {len} bytes exceeds the address space"),
     }
+}
 
+/// A fresh `ALIGN_BYTES`-aligned allocation of `len` bytes (zeroed or not), or an aligned
+/// dangling pointer for `len == 0`. Aborts (like `Vec`) if memory is exhausted. The caller owns
+/// it and frees it with [`free`] and the same `len`.
+fn allocate(len: usize, zeroed: bool) -> NonNull<u8> {
+    if len == 0 {
+        // Non-null and `ALIGN_BYTES`-aligned; never dereferenced or freed.
+        return NonNull::<Page>::dangling().cast();
+    }
+    let layout = layout(len);
+    // SAFETY: `layout` has a non-zero size (len > 0) as `alloc` and `alloc_zeroed` require.
+    let raw = unsafe {
+        if zeroed {
+            alloc::alloc_zeroed(layout)
+        } else {
+            alloc::alloc(layout)
+        }
+    };
+    match NonNull::new(raw) {
+        Some(ptr) => ptr,
+        None => alloc::handle_alloc_error(layout),
+    }
+}
+
+/// Frees what [`allocate`] returned for `len`.
+///
+/// # Safety
+/// `ptr` came from `allocate(len, _)` and is not used afterwards.
+unsafe fn free(ptr: NonNull<u8>, len: usize) {
+    if len > 0 {
+        // SAFETY: per the contract, `ptr` was allocated with exactly this layout and is freed
+        // once.
+        unsafe { alloc::dealloc(ptr.as_ptr(), layout(len)) }
+    }
+}
+
+impl AlignedBuf {
     /// A zero-filled buffer of `len` bytes. Aborts (like `Vec`) if memory is exhausted.
     pub fn zeroed(len: usize) -> AlignedBuf {
-        if len == 0 {
-            // Non-null and `ALIGN_BYTES`-aligned; never dereferenced since the slice is empty.
-            return AlignedBuf {
-                ptr: NonNull::<Page>::dangling().cast(),
-                len: 0,
-            };
+        AlignedBuf {
+            ptr: allocate(len, true),
+            len,
         }
-        let layout = Self::layout(len);
-        // SAFETY: `layout` has a non-zero size (len > 0) as `alloc_zeroed` requires.
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout)
-        };
-        AlignedBuf { ptr, len }
     }
 
     /// An aligned copy of `data` (not zeroed first: every byte is copied).
@@ -101,11 +126,9 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: by the struct invariant, `ptr` came from `alloc_zeroed` with exactly this
-            // layout and has not been freed; `Drop` runs once.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
-        }
+        // SAFETY: by the struct invariant, `ptr` came from `allocate(len, _)` and is owned by
+        // this value alone; `Drop` runs once.
+        unsafe { free(self.ptr, self.len) }
     }
 }
 
@@ -164,19 +187,10 @@ unsafe impl Send for ReadBuf {}
 impl ReadBuf {
     /// An uninitialised buffer of `len` bytes. Aborts (like `Vec`) if memory is exhausted.
     pub fn new(len: usize) -> ReadBuf {
-        if len == 0 {
-            return ReadBuf {
-                ptr: NonNull::<Page>::dangling().cast(),
-                len: 0,
-            };
+        ReadBuf {
+            ptr: allocate(len, false),
+            len,
         }
-        let layout = AlignedBuf::layout(len);
-        // SAFETY: `layout` has a non-zero size (len > 0) as `alloc` requires.
-        let raw = unsafe { alloc::alloc(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout)
-        };
-        ReadBuf { ptr, len }
     }
 
     pub fn len(&self) -> usize {
@@ -210,11 +224,9 @@ impl ReadBuf {
 
 impl Drop for ReadBuf {
     fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: `ptr` came from `alloc` with this layout and is owned by `self` alone
-            // (`assume_filled` does not run this drop).
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), AlignedBuf::layout(self.len)) }
-        }
+        // SAFETY: `ptr` came from `allocate(len, false)` and is owned by `self` alone
+        // (`assume_filled` does not run this drop).
+        unsafe { free(self.ptr, self.len) }
     }
 }
 
