@@ -36,31 +36,26 @@ pub const LOCK_WAIT_TIMEOUT_MS: u64 = 2_000;
 /// Permissions of files this module creates.
 const FILE_MODE: u32 = 0o644;
 
-/// A reservation file operation that failed; every variant names the file.
+/// A reservation file operation that failed; every variant names the file. The cause is part of
+/// the message (not a `source()`), so printing the error chain does not repeat it.
 #[derive(Debug, Error)]
 pub enum ReservationFileError {
-    #[error("{path}: {source}", path = path.display())]
+    #[error("{path}: {error}", path = path.display())]
     Refused {
         path: PathBuf,
-        #[source]
-        source: ReservationError,
+        error: ReservationError,
     },
     #[error(
-        "{path} is corrupt ({source}); nothing was changed: inspect or move it away, or rewrite \
-         it empty with `twinctl disk reservation clear --force`",
+        "{path} is corrupt ({error}); nothing was changed: inspect or move it away, or rewrite \
+         it empty with `twinctl disk reservation clear --force DISK`",
         path = path.display()
     )]
-    Corrupt {
-        path: PathBuf,
-        #[source]
-        source: FormatError,
-    },
-    #[error("{path}: cannot {action}: {source}", path = path.display())]
+    Corrupt { path: PathBuf, error: FormatError },
+    #[error("{path}: cannot {action}: {error}", path = path.display())]
     Io {
         path: PathBuf,
         action: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "{path}: another process has held the lock for more than {waited_ms} ms; \
@@ -76,7 +71,7 @@ impl ReservationFileError {
     /// The reservation rule that refused the operation, if that is what failed.
     pub fn refusal(&self) -> Option<&ReservationError> {
         match self {
-            ReservationFileError::Refused { source, .. } => Some(source),
+            ReservationFileError::Refused { error, .. } => Some(error),
             _ => None,
         }
     }
@@ -84,10 +79,10 @@ impl ReservationFileError {
 
 fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> ReservationFileError {
     let path = path.to_path_buf();
-    move |source| ReservationFileError::Io {
+    move |error| ReservationFileError::Io {
         path,
         action,
-        source,
+        error,
     }
 }
 
@@ -182,9 +177,9 @@ impl ReservationFile {
         let state = before
             .state
             .apply(op)
-            .map_err(|source| ReservationFileError::Refused {
+            .map_err(|error| ReservationFileError::Refused {
                 path: self.path.clone(),
-                source,
+                error,
             })?;
         if state == before.state {
             return Ok(Update {
@@ -286,9 +281,9 @@ pub(crate) fn read_all(file: &mut File, path: &Path) -> Result<Vec<u8>, Reservat
 
 /// Decode bytes read from `path`, naming it in the error.
 pub(crate) fn decode_at(path: &Path, bytes: &[u8]) -> Result<Snapshot, ReservationFileError> {
-    format::decode(bytes).map_err(|source| ReservationFileError::Corrupt {
+    format::decode(bytes).map_err(|error| ReservationFileError::Corrupt {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

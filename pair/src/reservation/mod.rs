@@ -153,7 +153,7 @@ pub enum ReservationError {
     TooManyKeys { max: usize },
     #[error(
         "refusing to clear: key {holder:#018x} holds the reservation and its node may be alive \
-         and writing; stop that node first, then clear with force"
+         and writing; stop that node before clearing"
     )]
     ClearWouldDropHolder { holder: Key },
 }

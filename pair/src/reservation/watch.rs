@@ -90,11 +90,11 @@ impl ReservationWatch {
         let now = match fs::metadata(&self.path) {
             Ok(m) => Identity::of(&m),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Identity::Missing,
-            Err(source) => {
+            Err(error) => {
                 return Err(ReservationFileError::Io {
                     path: self.path.clone(),
                     action: "stat",
-                    source,
+                    error,
                 })
             }
         };
@@ -110,10 +110,10 @@ impl ReservationWatch {
     fn load(&self) -> Result<Cached, ReservationFileError> {
         let io_err = |action: &'static str| {
             let path = self.path.clone();
-            move |source| ReservationFileError::Io {
+            move |error| ReservationFileError::Io {
                 path,
                 action,
-                source,
+                error,
             }
         };
         let mut file = match File::open(&self.path) {

@@ -164,7 +164,7 @@ fn truncated_file_is_refused() {
     assert!(matches!(
         file.read(),
         Err(ReservationFileError::Corrupt {
-            source: FormatError::Truncated { .. },
+            error: FormatError::Truncated { .. },
             ..
         })
     ));
