@@ -112,6 +112,7 @@ pub struct ForcedClear {
 #[derive(Debug, Clone)]
 pub struct ReservationFile {
     path: PathBuf,
+    lock_wait_timeout_ms: u64,
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -123,14 +124,22 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 impl ReservationFile {
     /// The reservation file of disk image `disk`: `disk` with `.resv` appended.
     pub fn for_disk(disk: &Path) -> Self {
-        ReservationFile {
-            path: with_suffix(disk, RESERVATION_SUFFIX),
-        }
+        Self::at(with_suffix(disk, RESERVATION_SUFFIX))
     }
 
     /// A reservation file at exactly `path`.
     pub fn at(path: impl Into<PathBuf>) -> Self {
-        ReservationFile { path: path.into() }
+        ReservationFile {
+            path: path.into(),
+            lock_wait_timeout_ms: LOCK_WAIT_TIMEOUT_MS,
+        }
+    }
+
+    /// The same file with another limit on the wait for the update lock (default
+    /// [`LOCK_WAIT_TIMEOUT_MS`]); a node on a takeover deadline may want less.
+    pub fn with_lock_wait_timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.lock_wait_timeout_ms = timeout_ms;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -227,10 +236,11 @@ impl ReservationFile {
             .mode(FILE_MODE)
             .open(&lock_path)
             .map_err(io_err(&lock_path, "open the lock file"))?;
-        lock_exclusive(file, LOCK_WAIT_TIMEOUT_MS).map_err(|f| match f {
+        let timeout_ms = self.lock_wait_timeout_ms;
+        lock_exclusive(file, timeout_ms).map_err(|f| match f {
             LockFailure::TimedOut => ReservationFileError::LockTimeout {
                 path: lock_path.clone(),
-                waited_ms: LOCK_WAIT_TIMEOUT_MS,
+                waited_ms: timeout_ms,
             },
             LockFailure::Io(e) => io_err(&lock_path, "lock")(e),
         })

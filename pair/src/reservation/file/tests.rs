@@ -382,3 +382,25 @@ fn watch_of_a_removed_file_holds_nothing() {
     fs::remove_file(file.path()).unwrap();
     assert!(!watch.holds(A).unwrap());
 }
+
+#[test]
+fn update_gives_up_with_a_named_error_while_another_process_holds_the_lock() {
+    let (_dir, file) = setup();
+    apply(&file, &[Op::Register { key: A }]);
+    let before = fs::read(file.path()).unwrap();
+    // Stands in for another updater stuck inside its critical section.
+    let held = File::create(file.lock_path()).unwrap();
+    let _guard = lock_exclusive(held, 0)
+        .ok()
+        .expect("take the lock in the test");
+    let impatient = file.clone().with_lock_wait_timeout_ms(30);
+    let err = impatient.update(&Op::Register { key: B }).unwrap_err();
+    assert!(
+        matches!(err, ReservationFileError::LockTimeout { waited_ms: 30, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("disk0.img.resv.lock"), "{err}");
+    assert_eq!(fs::read(file.path()).unwrap(), before);
+    // Reads need no lock.
+    assert_eq!(file.read().unwrap().state.keys(), &[A]);
+}
