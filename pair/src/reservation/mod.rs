@@ -17,8 +17,14 @@
 //! | `flock` | the one `unsafe` call (`flock(2)`) in a tiny module | syscall |
 //!
 //! Pure transitions take `&self` and return the new state or a typed error, so a refused
-//! operation cannot change anything, and the property tests below drive them with random
+//! operation cannot change anything, and the property tests (`tests.rs`) drive them with random
 //! operation sequences without touching a disk.
+//!
+//! How a node uses it (key from [`node_key`]): register its key on every shared disk at start;
+//! on takeover, after waiting out the partner's lease, `Preempt { victim: partner }` each of the
+//! partner's disks (or `Reserve` when the partner's key is not registered); before every member
+//! write, [`ReservationWatch::holds`] with its own key, treating an error as "not held"; on
+//! giveback, `Release`. A node that starts and finds a disk held by the partner's key waits.
 //!
 //! Where this differs from SCSI-3 (on purpose, for the pair's takeover):
 //! - `preempt` also *takes* the reservation when none is held (SCSI would only remove the victim's

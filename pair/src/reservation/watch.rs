@@ -61,7 +61,8 @@ struct Cached {
 /// Watches one reservation file and answers [`ReservationWatch::holds`] cheaply.
 ///
 /// Errors (an unreadable or corrupt file) are returned, never cached: the caller must treat an
-/// error as "not held" and stop writing.
+/// error as "not held" and stop writing. A watch is `&mut` per check: give each writer its own
+/// (they are cheap: a path, one open file and a decoded state), or share one behind a mutex.
 pub struct ReservationWatch {
     path: PathBuf,
     cached: Option<Cached>,
