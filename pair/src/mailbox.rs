@@ -209,7 +209,8 @@ pub fn decode_copy(block: &[u8], owner: NodeId, copy: u8) -> Result<StatusRecord
 }
 
 /// Decodes `owner`'s whole slot ([`SLOT_BYTES`], both copies) and returns the newest valid record.
-/// One bad copy is tolerated (a torn write); two are an error. A copy of another protocol version
+/// One bad copy is tolerated (a torn write); two are an error. Two empty copies are
+/// [`MailboxError::Empty`]: the partner never wrote its slot, the read itself worked. A copy of another protocol version
 /// makes the result that version-mismatch error when the other copy is not newer and valid, so the
 /// caller still learns its partner is alive.
 pub fn decode_slot(slot: &[u8], owner: NodeId) -> Result<StatusRecord, MailboxError> {
@@ -224,6 +225,7 @@ pub fn decode_slot(slot: &[u8], owner: NodeId) -> Result<StatusRecord, MailboxEr
     match (c0, c1) {
         (Ok(a), Ok(b)) => Ok(if b.stamp > a.stamp { b } else { a }),
         (Ok(a), Err(_)) | (Err(_), Ok(a)) => Ok(a),
+        (Err(MailboxError::Empty), Err(MailboxError::Empty)) => Err(MailboxError::Empty),
         (Err(e @ MailboxError::Status(StatusError::VersionMismatch(_))), Err(_))
         | (Err(_), Err(e @ MailboxError::Status(StatusError::VersionMismatch(_)))) => Err(e),
         (Err(a), Err(b)) => Err(MailboxError::SlotUnreadable {
@@ -301,10 +303,10 @@ mod tests {
             decode_slot(&area, NodeId::ONE),
             Err(MailboxError::SlotUnreadable { .. })
         ));
-        assert!(matches!(
+        assert_eq!(
             decode_slot(&vec![0u8; SLOT_BYTES], NodeId::ONE),
-            Err(MailboxError::SlotUnreadable { .. })
-        ));
+            Err(MailboxError::Empty)
+        );
     }
 
     #[test]
