@@ -87,8 +87,11 @@ pub const DEFAULT_AUTO_GIVEBACK_HOLDOFF_MS: u64 = 60_000;
 /// Default delay before retrying a failed reservation, release or bring-up.
 pub const DEFAULT_RETRY_MS: u64 = 1_000;
 /// Blockers an operator takeover overrides (and that therefore do not abort one under way).
+/// Never-heard is among them: an operator may take over a partner that was already dead when
+/// this node started (its mirror must still be in sync, and its lease is taken to be ours).
 const OPERATOR_OVERRIDES: u32 = (1 << TakeoverBlocked::GivebackPending as u32)
-    | (1 << TakeoverBlocked::PreviousAttemptFailed as u32);
+    | (1 << TakeoverBlocked::PreviousAttemptFailed as u32)
+    | (1 << TakeoverBlocked::PartnerNeverHeard as u32);
 /// How many recently sent records' creation times are remembered to anchor the lease.
 const SENT_MEMORY: usize = 16;
 

@@ -150,6 +150,8 @@ pub struct World {
     pub random_faults: bool,
     pub violations: Vec<String>,
     pub stats: Stats,
+    /// Landed member writes per writing node.
+    pub writes_by: [u64; 2],
     pub trace: Option<Vec<String>>,
     pub refused_commands: Vec<String>,
 }
@@ -157,6 +159,12 @@ pub struct World {
 impl World {
     /// Two healthy nodes started at time 0 with `cfg` (same for both but the node id).
     pub fn new(seed: u64, base: Config) -> World {
+        World::new_partial(seed, base, [true, true])
+    }
+
+    /// Like [`World::new`], starting only the nodes marked `true` (the others stay down until
+    /// [`World::restart`]).
+    pub fn new_partial(seed: u64, base: Config, start: [bool; 2]) -> World {
         let mut c0 = base.clone();
         c0.node_id = NodeId::ZERO;
         let mut c1 = base;
@@ -192,11 +200,15 @@ impl World {
             random_faults: false,
             violations: Vec::new(),
             stats: Stats::default(),
+            writes_by: [0; 2],
             trace: None,
             refused_commands: Vec::new(),
         };
-        w.start(0);
-        w.start(1);
+        for (i, &up) in start.iter().enumerate() {
+            if up {
+                w.start(i);
+            }
+        }
         w
     }
 
@@ -350,6 +362,12 @@ impl World {
         self.push(now, to, Payload::Event(Event::Status { path, record }));
     }
 
+    /// Delivers any event to node `to` at its next step.
+    pub fn inject_event(&mut self, to: usize, ev: Event) {
+        let now = self.now;
+        self.push(now, to, Payload::Event(ev));
+    }
+
     /// The records node `i` has sent (newest last, at most 64).
     pub fn sent_by(&self, i: usize) -> &[StatusRecord] {
         &self.history[i]
@@ -491,6 +509,7 @@ impl World {
             };
             if self.holder[disk] == Some(i) {
                 self.stats.writes += 1;
+                self.writes_by[i] += 1;
             } else {
                 self.stats.refused_writes += 1;
                 let h = self.holder[disk];
