@@ -355,6 +355,9 @@ enum Phase {
     },
     WaitingForGiveback {
         retry_at_ms: u64,
+        /// The partner's newest stamp when waiting began: only a newer record saying the
+        /// partner no longer holds our disks triggers an early retry (no retry storm).
+        seen: Option<Stamp>,
     },
     Running {
         chain: Chain,
@@ -658,6 +661,9 @@ impl Node {
         {
             v |= TakeoverBlocked::MailboxUnreadable.bit();
         }
+        if !self.lease_fresh(now_ms) {
+            v |= TakeoverBlocked::OwnLeaseExpired.bit();
+        }
         if self.hb.newest().is_none() && !self.holds_partner {
             v |= TakeoverBlocked::PartnerNeverHeard.bit();
         }
@@ -742,9 +748,7 @@ impl Node {
                     self.last_error =
                         Some("lost own disks while holding the partner's; operator needed".into());
                 }
-                self.phase = Phase::WaitingForGiveback {
-                    retry_at_ms: now_ms.saturating_add(self.cfg.retry_ms),
-                };
+                self.wait_for_giveback(now_ms);
             }
             DiskSet::Partner => {
                 self.holds_partner = false;
@@ -849,7 +853,7 @@ impl Node {
         match chain {
             Chain::BringUpOwn => {
                 if outcome == Outcome::HeldByPartner {
-                    self.phase = Phase::WaitingForGiveback { retry_at_ms: retry };
+                    self.wait_for_giveback(now_ms);
                 } else {
                     if self.serving_own {
                         out.push(Action::Fence(DiskSet::Own));
@@ -876,6 +880,13 @@ impl Node {
                 };
             }
         }
+    }
+
+    fn wait_for_giveback(&mut self, now_ms: u64) {
+        self.phase = Phase::WaitingForGiveback {
+            retry_at_ms: now_ms.saturating_add(self.cfg.retry_ms),
+            seen: self.hb.newest(),
+        };
     }
 
     fn run(&mut self, chain: Chain, out: &mut Vec<Action>) {
@@ -928,16 +939,15 @@ impl Node {
                     r.state == WireState::Takeover
                         || r.flags.contains(StatusFlags::HOLDS_PARTNER_DISKS)
                 }) {
-                    self.phase = Phase::WaitingForGiveback {
-                        retry_at_ms: now_ms.saturating_add(self.cfg.retry_ms),
-                    };
+                    self.wait_for_giveback(now_ms);
                 } else if partner.is_some() || self.hb.partner_silent(now_ms) {
                     self.run(Chain::BringUpOwn, out);
                 }
             }
-            Phase::WaitingForGiveback { retry_at_ms } => {
+            Phase::WaitingForGiveback { retry_at_ms, seen } => {
                 let given_back = self.hb.newest_record().is_some_and(|r| {
-                    r.state != WireState::Takeover
+                    seen.is_none_or(|s| r.stamp > s)
+                        && r.state != WireState::Takeover
                         && !r.flags.contains(StatusFlags::HOLDS_PARTNER_DISKS)
                 });
                 if (given_back || now_ms >= retry_at_ms) && self.lease_fresh(now_ms) {

@@ -204,11 +204,14 @@ pub enum TakeoverBlocked {
     GivebackPending,
     /// The previous takeover attempt failed; an operator takeover is needed to try again.
     PreviousAttemptFailed,
+    /// This node's own lease has run out (its mailbox writes fail): it could not write the
+    /// partner's disks anyway, and the partner cannot see its TAKEOVER announcement there.
+    OwnLeaseExpired,
 }
 
 impl TakeoverBlocked {
     /// Every reason, in bit order.
-    pub const ALL: [TakeoverBlocked; 11] = [
+    pub const ALL: [TakeoverBlocked; 12] = [
         TakeoverBlocked::DisabledByOperator,
         TakeoverBlocked::DisabledOnPartner,
         TakeoverBlocked::MirrorOutOfSync,
@@ -220,6 +223,7 @@ impl TakeoverBlocked {
         TakeoverBlocked::NotNormal,
         TakeoverBlocked::GivebackPending,
         TakeoverBlocked::PreviousAttemptFailed,
+        TakeoverBlocked::OwnLeaseExpired,
     ];
 
     /// The reason's bit in [`StatusRecord::blockers`].
@@ -244,6 +248,9 @@ impl TakeoverBlocked {
             TakeoverBlocked::GivebackPending => "giveback done, partner not yet NORMAL",
             TakeoverBlocked::PreviousAttemptFailed => {
                 "previous takeover failed; operator takeover needed"
+            }
+            TakeoverBlocked::OwnLeaseExpired => {
+                "this node's own mailbox writes fail (lease expired)"
             }
         }
     }

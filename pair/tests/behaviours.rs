@@ -265,8 +265,15 @@ fn restarted_node_waits_for_giveback_and_seizes_nothing() {
     w.crash(0);
     assert!(w.run_until(3_000, |w| serving(w, 1, DiskSet::Partner)));
     w.restart(0);
+    let attempts = w.stats.reserve_attempts;
     w.run_for(3_000);
     assert_eq!(w.state(0), Some(NodeState::WaitingForGiveback));
+    // One attempt at start, then one per retry interval: no retry storm.
+    let retries = w.stats.reserve_attempts - attempts;
+    assert!(
+        retries <= 1 + 3_000 / w.cfg[0].retry_ms,
+        "{retries} reserve attempts"
+    );
     assert_eq!(w.holder[0], Some(1));
     assert_eq!(w.holder[1], Some(1));
     assert!(!serving(&w, 0, DiskSet::Own));

@@ -107,6 +107,7 @@ struct Pending {
 pub struct Stats {
     pub announces: u64,
     pub preempts: u64,
+    pub reserve_attempts: u64,
     pub takeovers_completed: u64,
     pub givebacks_completed: u64,
     pub writes: u64,
@@ -652,6 +653,7 @@ impl World {
         let outcome = match op {
             _ if fail => Outcome::Failed("disks unreachable".into()),
             Op::Reserve(set) => {
+                self.stats.reserve_attempts += 1;
                 let d = disk(set);
                 match self.holder[d] {
                     None => {
