@@ -525,6 +525,7 @@ impl Node {
         }
         let mut out = Vec::new();
         match cmd {
+            Command::Takeover if matches!(self.phase, Phase::Announced { .. }) => {}
             Command::Takeover => {
                 let bits = self.blocker_bits(now_ms) & !OPERATOR_OVERRIDES;
                 if bits != 0 {
@@ -565,11 +566,7 @@ impl Node {
     /// lease is fresh. Check before every member write (and mailbox writes are exempt: they
     /// renew the lease).
     pub fn may_write(&self, set: DiskSet, now_ms: u64) -> bool {
-        let holds = match set {
-            DiskSet::Own => self.holds_own,
-            DiskSet::Partner => self.holds_partner,
-        };
-        holds && self.lease_fresh(now_ms)
+        self.phase != Phase::Stopped && self.holds(set) && self.lease_fresh(now_ms)
     }
 
     /// True if the lease is fresh at `now_ms`.
@@ -871,7 +868,9 @@ impl Node {
             }
             Chain::TakeOver | Chain::ResumePartner => self.run(Chain::Backout, out),
             Chain::GiveBack if op == Op::Checkpoint(DiskSet::Partner) => {
+                // Keep serving; no automatic retry (an operator giveback tries again).
                 self.phase = Phase::Takeover;
+                self.auto_giveback_suppressed = true;
             }
             Chain::Backout | Chain::GiveBack => {
                 self.phase = Phase::Running {
@@ -1055,5 +1054,197 @@ impl Node {
         self.last_sent_ms = Some(now_ms);
         self.last_sent_shape = Some(shape);
         out.push(Action::SendStatus(record));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    const PAIR: [u8; 16] = [9; 16];
+
+    /// Drives one node alone: every op succeeds at once, every mailbox write succeeds, and the
+    /// partner's records are fed by the test.
+    struct Alone {
+        node: Node,
+        now: u64,
+        log: Vec<(u64, Action)>,
+    }
+
+    impl Alone {
+        fn new() -> Alone {
+            let node = Node::new(
+                Config::new(PAIR, NodeId::ONE),
+                Boot {
+                    generation: 1,
+                    holds_partner_disks: false,
+                },
+                0,
+            );
+            let mut a = Alone {
+                node,
+                now: 0,
+                log: Vec::new(),
+            };
+            a.feed(Event::MirrorSync { in_sync: true });
+            a
+        }
+
+        fn feed(&mut self, ev: Event) {
+            let mut queue = VecDeque::from([ev]);
+            while let Some(ev) = queue.pop_front() {
+                for a in self.node.step(ev, self.now) {
+                    match &a {
+                        Action::SendStatus(r) => queue.push_back(Event::MailboxWritten {
+                            stamp: r.stamp,
+                            ok: true,
+                        }),
+                        Action::Start(op) => queue.push_back(Event::Completed {
+                            op: *op,
+                            outcome: Outcome::Done,
+                        }),
+                        Action::Fence(_) => {}
+                    }
+                    self.log.push((self.now, a));
+                }
+            }
+        }
+
+        fn partner(&mut self, sequence: u64) {
+            let record = StatusRecord {
+                pair_id: PAIR,
+                node_id: NodeId::ZERO,
+                state: WireState::Normal,
+                flags: StatusFlags::MIRROR_IN_SYNC,
+                stamp: Stamp {
+                    generation: 1,
+                    sequence,
+                },
+                partner_seen: Stamp::default(),
+                lease_ms: 400,
+                interval_ms: 100,
+                blockers: 0,
+            };
+            self.feed(Event::Status {
+                path: Path::Udp,
+                record,
+            });
+        }
+
+        /// Advances by `ms` in 10 ms ticks with a successful mailbox read every 100 ms.
+        fn run(&mut self, ms: u64) {
+            for _ in 0..ms / 10 {
+                self.now += 10;
+                if self.now % 100 == 0 {
+                    self.feed(Event::MailboxRead { ok: true });
+                }
+                self.feed(Event::Tick);
+            }
+        }
+
+        fn first(&self, f: impl Fn(&Action) -> bool) -> Option<(usize, u64)> {
+            self.log
+                .iter()
+                .enumerate()
+                .find(|(_, (_, a))| f(a))
+                .map(|(i, (t, _))| (i, *t))
+        }
+    }
+
+    #[test]
+    fn takeover_steps_come_in_order_after_the_waits() {
+        let mut a = Alone::new();
+        for s in 1..=5 {
+            a.partner(s);
+            a.run(100);
+        }
+        assert_eq!(a.node.state(), NodeState::Normal);
+        let last_heard = 400;
+        a.run(2_000);
+        assert_eq!(a.node.state(), NodeState::Takeover);
+        let announce = a
+            .first(|x| matches!(x, Action::SendStatus(r) if r.state == WireState::Takeover))
+            .unwrap();
+        let steps: Vec<(usize, u64)> = [
+            Op::Preempt(DiskSet::Partner),
+            Op::Assemble(DiskSet::Partner),
+            Op::Replay(DiskSet::Partner),
+            Op::Serve(DiskSet::Partner),
+        ]
+        .iter()
+        .map(|op| a.first(|x| *x == Action::Start(*op)).unwrap())
+        .collect();
+        assert!(announce.0 < steps[0].0);
+        assert!(steps.windows(2).all(|w| w[0].0 < w[1].0));
+        // Announced after k × interval of silence; preempted after the lease and the delay.
+        assert!(announce.1 >= last_heard + 500);
+        assert!(steps[0].1 >= last_heard + 400 + 50);
+        assert!(steps[0].1 >= announce.1 + 200);
+        assert!(a.node.may_write(DiskSet::Partner, a.now));
+    }
+
+    #[test]
+    fn operator_takeover_while_partner_heard_names_the_reason() {
+        let mut a = Alone::new();
+        for s in 1..=10 {
+            a.partner(s);
+            a.run(100);
+        }
+        match a.node.operator(Command::Takeover, a.now) {
+            Err(CommandRefused::TakeoverBlocked(r)) => {
+                assert_eq!(r, vec![TakeoverBlocked::PartnerHeard])
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stopped_node_may_not_write() {
+        let mut a = Alone::new();
+        a.partner(1);
+        a.run(200);
+        assert!(a.node.may_write(DiskSet::Own, a.now));
+        a.node.operator(Command::Stop, a.now).unwrap();
+        assert!(!a.node.may_write(DiskSet::Own, a.now));
+        assert_eq!(a.node.wire_state(), WireState::Stopped);
+    }
+
+    #[test]
+    fn lease_is_anchored_at_record_creation_not_write_completion() {
+        let mut n = Node::new(
+            Config::new(PAIR, NodeId::ONE),
+            Boot {
+                generation: 1,
+                holds_partner_disks: false,
+            },
+            0,
+        );
+        let acts = n.step(Event::Tick, 0);
+        let Some(Action::SendStatus(r)) = acts.first() else {
+            panic!("no status sent: {acts:?}");
+        };
+        // The write completes late; the lease still counts from the record's creation at 0. The
+        // same step sends the next record (the interval has passed).
+        let acts = n.step(
+            Event::MailboxWritten {
+                stamp: r.stamp,
+                ok: true,
+            },
+            300,
+        );
+        assert_eq!(n.lease_until_ms(), Some(DEFAULT_LEASE_MS));
+        // A failed write renews nothing.
+        let Some(Action::SendStatus(r2)) = acts.first() else {
+            panic!("no status sent: {acts:?}");
+        };
+        n.step(
+            Event::MailboxWritten {
+                stamp: r2.stamp,
+                ok: false,
+            },
+            360,
+        );
+        assert_eq!(n.lease_until_ms(), Some(DEFAULT_LEASE_MS));
     }
 }
