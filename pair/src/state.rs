@@ -1136,7 +1136,7 @@ mod tests {
         fn run(&mut self, ms: u64) {
             for _ in 0..ms / 10 {
                 self.now += 10;
-                if self.now % 100 == 0 {
+                if self.now.is_multiple_of(100) {
                     self.feed(Event::MailboxRead { ok: true });
                 }
                 self.feed(Event::Tick);
