@@ -18,7 +18,8 @@
 //!     before it reached the node, on any path) within the detection window, or within the
 //!     window after the node started;
 //! (c) no takeover is announced or preempts while the node's takeover is disabled or its mirror
-//!     is out of sync (as last told to it).
+//!     is out of sync as last told to it (a node paused while the mirror fell out of sync learns
+//!     it after the events queued before the change, as a real node's inbox would deliver them).
 
 #![allow(dead_code)]
 
@@ -144,7 +145,11 @@ pub struct World {
     gt_newest: [Option<Stamp>; 2],
     gt_last_new: [Option<u64>; 2],
     pub disabled: [bool; 2],
+    /// The mirror's real state per node.
     pub mirror: [bool; 2],
+    /// The mirror state last delivered to each node (a paused node learns a change on resume,
+    /// after the events queued before it).
+    told_mirror: [bool; 2],
     restart_at: [Option<u64>; 2],
     resume_at: [Option<u64>; 2],
     history: [Vec<StatusRecord>; 2],
@@ -195,6 +200,7 @@ impl World {
             gt_last_new: [None; 2],
             disabled: [false; 2],
             mirror: [true; 2],
+            told_mirror: [true; 2],
             restart_at: [None; 2],
             resume_at: [None; 2],
             history: [Vec::new(), Vec::new()],
@@ -522,6 +528,9 @@ impl World {
 
     fn feed(&mut self, i: usize, ev: Event) {
         let now = self.now;
+        if let Event::MirrorSync { in_sync } = ev {
+            self.told_mirror[i] = in_sync;
+        }
         if let Event::Status { record, path } = &ev {
             let from_partner = record.pair_id == PAIR && record.node_id.get() as usize == 1 - i;
             if from_partner && self.gt_newest[i].is_none_or(|n| record.stamp > n) {
@@ -578,7 +587,7 @@ impl World {
         if self.disabled[i] {
             self.violation(format!("node {i} {what} while takeover is disabled"));
         }
-        if !self.mirror[i] {
+        if !self.told_mirror[i] {
             self.violation(format!("node {i} {what} while its mirror is out of sync"));
         }
     }
@@ -708,7 +717,7 @@ impl World {
     /// At most one fault per step, drawn with one random number in the common case (the RNG is
     /// the simulator's main cost in debug builds). Rates are per 10 ms.
     fn random_fault(&mut self) {
-        const FAULTS: [(f64, u8); 11] = [
+        const FAULTS: [(f64, u8); 9] = [
             (0.016, 0), // re-draw one link
             (0.003, 1), // mailbox loss rate
             (0.004, 2), // a node's disk access flips
@@ -717,9 +726,7 @@ impl World {
             (0.004, 5), // a node's mirror sync flips
             (0.006, 6), // an operator command
             (0.004, 7), // an old partner record is replayed to a node
-            (0.0, 8),
-            (0.0, 9),
-            (0.0, 10),
+            (0.002, 8), // a forged record of another pair, claiming to hold the node's disks
         ];
         let total: f64 = FAULTS.iter().map(|f| f.0).sum::<f64>() * RATE;
         let x: f64 = self.rng.gen();
@@ -778,6 +785,17 @@ impl World {
                 let rec = self.history[1 - i][k];
                 let path = [Path::Udp, Path::Interconnect][r.gen_range(0..2)];
                 self.inject(i, path, rec);
+            }
+            8 if !self.history[1 - i].is_empty() => {
+                let mut rec = self.history[1 - i][self.history[1 - i].len() - 1];
+                rec.pair_id = [0xee; 16];
+                rec.stamp.sequence += 1_000;
+                rec.state = twinblock_pair::status::WireState::Takeover;
+                rec.flags.set(
+                    twinblock_pair::status::StatusFlags::HOLDS_PARTNER_DISKS,
+                    true,
+                );
+                self.inject(i, Path::Udp, rec);
             }
             _ => {}
         }
