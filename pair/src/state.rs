@@ -650,7 +650,7 @@ impl Node {
         }
         if now_ms.saturating_sub(self.started_ms) < window {
             v |= TakeoverBlocked::JustStarted.bit();
-        } else if !self.hb.partner_silent(now_ms) {
+        } else if !self.hb.silent_for(now_ms, self.partner_silence_window_ms()) {
             v |= TakeoverBlocked::PartnerHeard.bit();
         }
         if self
@@ -907,6 +907,19 @@ impl Node {
         };
     }
 
+    /// k × the longer of the two nodes' intervals: a partner configured with a longer interval
+    /// than ours is not declared silent between two of its records.
+    fn partner_silence_window_ms(&self) -> u64 {
+        let hb = self.cfg.heartbeat;
+        let partner_interval = self
+            .hb
+            .newest_record()
+            .map_or(0, |r| u64::from(r.interval_ms));
+        hb.interval_ms
+            .max(partner_interval)
+            .saturating_mul(u64::from(hb.silence_intervals))
+    }
+
     /// When the partner's lease has certainly run out, and the announcement has had time to arrive.
     fn preempt_not_before_ms(&self, announced_ms: u64) -> u64 {
         let partner_lease = self
@@ -981,7 +994,7 @@ impl Node {
                 if self.cfg.auto_giveback
                     && !self.auto_giveback_suppressed
                     && waiting
-                    && !self.hb.partner_silent(now_ms)
+                    && !self.hb.silent_for(now_ms, self.partner_silence_window_ms())
                 {
                     self.last_auto_giveback_ms = Some(now_ms);
                     self.run(Chain::GiveBack, out);

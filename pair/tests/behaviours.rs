@@ -535,3 +535,16 @@ fn node_restarted_while_partner_is_normal_takes_only_its_own_disks() {
     assert_eq!(w.stats.announces, 0);
     assert_clean(&w);
 }
+
+#[test]
+fn partner_with_a_longer_interval_is_not_declared_silent_between_its_records() {
+    let mut w = World::new_partial(1, World::default_config(), [false, false]);
+    // Node 0 sends every 600 ms, longer than node 1's own silence window (5 × 100 ms).
+    w.cfg[0].heartbeat.interval_ms = 600;
+    w.restart(0);
+    w.restart(1);
+    w.run_for(6_000);
+    assert_eq!(w.stats.announces, 0);
+    assert_eq!(w.state(1), Some(NodeState::Normal));
+    assert_clean(&w);
+}
