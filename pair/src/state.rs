@@ -282,7 +282,9 @@ impl Config {
 /// What the node was told at start, read from persistent state before the first step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Boot {
-    /// This start's generation: persisted and strictly greater than any earlier start's.
+    /// This start's generation: persisted (and made durable) before the first step, strictly
+    /// greater than any earlier start's. A node that reuses an old generation is ignored by its
+    /// partner as stale and may be taken over (the reservations then fence it).
     pub generation: u64,
     /// The partner's disks' reservations are held by this node (it was in TAKEOVER when it
     /// stopped): it resumes the takeover after bringing up its own disks.
