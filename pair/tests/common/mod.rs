@@ -134,6 +134,8 @@ pub struct World {
     /// Whether each node reaches the shared disks (mailbox, reservations, member writes).
     pub disk_up: [bool; 2],
     pub mailbox_loss: f64,
+    /// Longest time a mailbox write takes to land (writes of one node land in order).
+    pub mailbox_max_delay_ms: u64,
     pub op_failure: f64,
     slots: [[Option<StatusRecord>; 2]; 2],
     mailbox_busy_until: [u64; 2],
@@ -189,6 +191,7 @@ impl World {
             interconnect: [Link::GOOD; 2],
             disk_up: [true; 2],
             mailbox_loss: 0.0,
+            mailbox_max_delay_ms: 20,
             op_failure: 0.0,
             slots: [[None; 2]; 2],
             mailbox_busy_until: [0; 2],
@@ -634,7 +637,8 @@ impl World {
                 );
             }
         }
-        let land = (now + self.rng.gen_range(0..=20)).max(self.mailbox_busy_until[i] + 1);
+        let delay = self.rng.gen_range(0..=self.mailbox_max_delay_ms);
+        let land = (now + delay).max(self.mailbox_busy_until[i] + 1);
         self.mailbox_busy_until[i] = land;
         let loss = self.mailbox_loss;
         let ok = self.disk_up[i] && !(loss > 0.0 && self.rng.gen_bool(loss));
@@ -826,6 +830,7 @@ pub fn run_schedule(seed: u64, duration_ms: u64, trace: bool) -> World {
     let cfg = random_config(&mut rng);
     let mut w = World::new(seed, cfg);
     w.op_failure = 0.02;
+    w.mailbox_max_delay_ms = [5, 20, 80][(seed % 3) as usize];
     if trace {
         w.trace = Some(Vec::new());
     }
