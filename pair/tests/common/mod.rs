@@ -12,8 +12,10 @@
 //! Invariants, checked while the world runs (violations are collected, not panicked on, so a
 //! test can print the seed and the trace):
 //! (a) when a node preempts its partner's disks, the partner (running or paused) cannot write
-//!     them at that moment (its lease has run out or it no longer believes it holds them); every
-//!     landed write passed the holder check;
+//!     them at that moment (its lease has run out or it no longer believes it holds them); after
+//!     a preemption the new writer's first write comes at least `lease_margin_ms` after the old
+//!     writer's last (room for the old writer's I/O in flight); every landed write passed the
+//!     holder check of the I/O path;
 //! (b) no takeover is announced or preempts while the partner was heard (a record newer than any
 //!     before it reached the node, on any path) within the detection window, or within the
 //!     window after the node started;
@@ -142,6 +144,10 @@ pub struct World {
     next_mailbox_read: [u64; 2],
     /// Holder of each node's disk group (index = owner node).
     pub holder: [Option<usize>; 2],
+    /// Last landed write per disk: (writer, time).
+    last_write: [Option<(usize, u64)>; 2],
+    /// Last preemption per disk.
+    preempted_at: [Option<u64>; 2],
     queue: Vec<Pending>,
     seq: u64,
     gt_newest: [Option<Stamp>; 2],
@@ -197,6 +203,8 @@ impl World {
             mailbox_busy_until: [0; 2],
             next_mailbox_read: [0; 2],
             holder: [None; 2],
+            last_write: [None; 2],
+            preempted_at: [None; 2],
             queue: Vec::new(),
             seq: 0,
             gt_newest: [None; 2],
@@ -518,6 +526,8 @@ impl World {
                 DiskSet::Partner => 1 - i,
             };
             if self.holder[disk] == Some(i) {
+                self.check_writer_change(i, disk);
+                self.last_write[disk] = Some((i, now));
                 self.stats.writes += 1;
                 self.writes_by[i] += 1;
             } else {
@@ -526,6 +536,23 @@ impl World {
                 self.log(|| format!("node {i} write to disk {disk} refused: held by {h:?}"));
                 self.push(now, i, Payload::Event(Event::ReservationConflict { set }));
             }
+        }
+    }
+
+    /// After a preemption, the new writer's first write must come at least `lease_margin_ms`
+    /// after the old writer's last one: writes the old writer had in flight (up to that much
+    /// I/O latency) land before the new writer touches the disk.
+    fn check_writer_change(&mut self, i: usize, disk: usize) {
+        let Some((m, tm)) = self.last_write[disk] else {
+            return;
+        };
+        let preempted_since = self.preempted_at[disk].is_some_and(|p| p >= tm);
+        let margin = self.cfg[i].lease_margin_ms;
+        if m != i && preempted_since && self.now - tm < margin {
+            self.violation(format!(
+                "node {i} wrote disk {disk} {} ms after node {m}'s last write (margin {margin} ms)",
+                self.now - tm
+            ));
         }
     }
 
@@ -690,6 +717,7 @@ impl World {
                     }
                 }
                 self.holder[d] = Some(i);
+                self.preempted_at[d] = Some(now);
                 Outcome::Done
             }
             Op::Release(set) => {
@@ -816,7 +844,7 @@ pub fn random_config(rng: &mut StdRng) -> Config {
     };
     let window = c.heartbeat.silence_window_ms();
     c.lease_ms = rng.gen_range(2 * c.heartbeat.interval_ms..=2 * window);
-    c.lease_margin_ms = rng.gen_range(10..=80);
+    c.lease_margin_ms = rng.gen_range(10..=300);
     c.announce_wait_intervals = rng.gen_range(1..=3);
     c.auto_giveback = rng.gen_bool(0.5);
     c.auto_giveback_holdoff_ms = [0, 2_000, 60_000][rng.gen_range(0..3)];
