@@ -18,7 +18,8 @@
 //!   stop`; a refusal names its reasons.
 //! * [`Node::may_write`] before every member write: true only while this node holds the set's
 //!   reservation and its lease is fresh.
-//! * [`Node::view`] for `twinctl status`.
+//! * [`Node::view`] for `twinctl status` ([`Node::state`], [`Node::takeover_blockers`],
+//!   [`Node::holds`], [`Node::serving`] for single facts).
 //!
 //! Every [`Action::Start`] is answered by exactly one [`Event::Completed`] for the same [`Op`]
 //! (completions for an op the node no longer waits for are ignored). [`Action::Fence`] needs no
@@ -35,14 +36,15 @@
 //! | Rebooting: bringing up own | own | all done, not holding partner's disks | NORMAL | |
 //! | Rebooting: bringing up own | own | all done, holding partner's disks since before the restart | TAKEOVER: resuming | Assemble, Replay, Serve (partner) |
 //! | Rebooting: waiting for giveback | nothing | partner's newer record no longer holds our disks, or retry timer | bringing up own | Reserve (own) ... |
-//! | NORMAL | own | partner silent on every path for k × interval and no [`TakeoverBlocked`] reason | TAKEOVER: announced | status TAKEOVER on every path |
+//! | NORMAL | own | partner silent on every path for k × interval (the longer of the two nodes' intervals) and no [`TakeoverBlocked`] reason | TAKEOVER: announced | status TAKEOVER on every path |
 //! | TAKEOVER: announced | own | any blocker appears (partner heard, disabled, mirror out of sync, version) | NORMAL | status NORMAL |
-//! | TAKEOVER: announced | own | partner's lease and the announce delay waited out, and a mailbox read at or after that time succeeded showing nothing newer | TAKEOVER: taking over | Preempt, Assemble, Replay, Serve (partner) |
+//! | TAKEOVER: announced | own | partner's lease (+ margin) and the announce delay waited out, and a mailbox read at or after that time succeeded showing nothing newer | TAKEOVER: taking over | Preempt, Assemble, Replay, Serve (partner) |
 //! | TAKEOVER: taking over | own + partner | an op fails | NORMAL (attempt failed) | Preempt failed: nothing; later: StopServing, Release (partner) |
 //! | TAKEOVER: taking over | own + partner | all done | TAKEOVER | |
 //! | TAKEOVER | own + partner | operator giveback, or auto giveback and partner waits for giveback | GIVEBACK | Checkpoint, StopServing, Release (partner) |
 //! | GIVEBACK (TAKEOVER) | own + partner | all done | NORMAL, giveback pending | status NORMAL |
-//! | GIVEBACK | own + partner | Checkpoint fails | TAKEOVER | |
+//! | GIVEBACK | own + partner | Checkpoint fails | TAKEOVER (no more auto giveback; the operator retries) | |
+//! | GIVEBACK | own + partner | StopServing or Release fails | GIVEBACK | the same op again after `retry_ms` |
 //! | any | any | reservation conflict on a set, or partner's newer record holds our disks | own lost: waiting for giveback; partner lost: NORMAL | Fence (set) |
 //! | any | any | operator stop | STOPPED | Fence (every served set) |
 //!
