@@ -17,8 +17,6 @@
 
 use crate::assemble::{self, AssembleError, Candidate, SlotStart};
 use crate::bitmap::{self, Bitmap, BITMAP_BLOCK_BYTES};
-use crate::io::buf::AlignedBuf;
-use crate::io::Member;
 use crate::layout::{ChunkRole, Extent, Geometry, LayoutError, Level};
 use crate::parity::{self, RowBufs};
 use crate::rowplan::{self, Piece, COLUMN_BYTES};
@@ -35,6 +33,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use twinblock_io::buf::AlignedBuf;
+use twinblock_io::Member;
 use uuid::Uuid;
 
 /// Number of row-lock shards.
