@@ -6,7 +6,7 @@
 
 use crate::admin::{self, AdminHandler, Request};
 use crate::arrays::ArrayEntry;
-use crate::config::{format_bytes, Config, PersistenceMode, VolumeConfig};
+use crate::config::{format_bytes, Config, VolumeConfig};
 use crate::device::{ArrayBacking, ArrayDevice, JournaledDevice, MemberDevice};
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
@@ -343,11 +343,7 @@ async fn open_array_volume(
     let per_region = (nv.size.bytes().saturating_sub(NVRAM_OVERHEAD_BYTES) / 2) & !4095;
     let nvram = Nvram::open(&NvramConfig {
         path: path.clone(),
-        persistence: match nv.persistence {
-            PersistenceMode::None => twinblock_journal::PersistenceMode::None,
-            PersistenceMode::Msync => twinblock_journal::PersistenceMode::Msync,
-            PersistenceMode::Pmem => twinblock_journal::PersistenceMode::Pmem,
-        },
+        persistence: nv.persistence,
         node_id: u32::from(config.node.id),
         pair_id: *config.pair_id().as_bytes(),
         log_bytes_per_region: per_region,
