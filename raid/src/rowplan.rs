@@ -135,6 +135,17 @@ impl RowPlan {
     pub fn write_ios(&self) -> usize {
         self.writes.iter().map(Vec::len).sum()
     }
+
+    /// Bytes of the buffer [`compute_indirect`] fills for write run `k` of `role`: none for a
+    /// run a piece covers exactly ([`RowPlan::direct`]), the whole run otherwise.
+    pub fn indirect_write_bytes(&self, role: usize, k: usize) -> usize {
+        let direct = self.direct.get(role).is_some_and(|v| v[k].is_some());
+        if direct {
+            0
+        } else {
+            (self.writes[role][k].columns() * COLUMN_BYTES) as usize
+        }
+    }
 }
 
 /// Why pieces cannot be planned.
@@ -813,14 +824,9 @@ mod tests {
             .map(|(role, runs)| {
                 runs.iter()
                     .enumerate()
-                    .map(|(k, r)| {
-                        let direct = role < d && plan.direct[role][k].is_some();
-                        let len = if indirect && direct {
-                            0
-                        } else {
-                            r.columns() * C
-                        };
-                        vec![0xEEu8; len as usize]
+                    .map(|(k, r)| match indirect {
+                        true => vec![0xEEu8; plan.indirect_write_bytes(role, k)],
+                        false => vec![0xEEu8; (r.columns() * C) as usize],
                     })
                     .collect()
             })

@@ -235,17 +235,8 @@ impl Inner {
             .iter()
             .enumerate()
             .map(|(role, runs)| {
-                runs.iter()
-                    .enumerate()
-                    .map(|(k, r)| {
-                        let direct = role < d && plan.direct[role][k].is_some();
-                        let len = if direct {
-                            0
-                        } else {
-                            r.columns() * COLUMN_BYTES
-                        };
-                        AlignedBuf::zeroed(len as usize)
-                    })
+                (0..runs.len())
+                    .map(|k| AlignedBuf::zeroed(plan.indirect_write_bytes(role, k)))
                     .collect()
             })
             .collect();
