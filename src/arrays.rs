@@ -1,9 +1,10 @@
 //! Arrays of a node: opening the configured disks, creating an array on blank disks or
 //! assembling it from their superblocks, and the operator's member and scrub commands.
 
+use crate::admin::reply::{to_result, CommandReply, RebuildLine, RebuildProgress, ScrubLine};
 use crate::config::{format_bytes, ArrayConfig, Config};
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use twinblock_io::file::{FileMember, FileOptions};
@@ -223,7 +224,10 @@ impl ArrayEntry {
             .fail_member(slot)
             .await
             .map_err(|e| e.to_string())?;
-        Ok(json!({ "message": format!("array {}: slot {slot} ({disk}) marked faulty", self.name) }))
+        to_result(&CommandReply::message(format!(
+            "array {}: slot {slot} ({disk}) marked faulty",
+            self.name
+        )))
     }
 
     pub async fn remove(&self, disk: &str) -> Result<Value, String> {
@@ -241,9 +245,11 @@ impl ArrayEntry {
                     .map_err(|e| e.to_string())?
             }
         }
-        Ok(
-            json!({ "message": format!("array {}: {disk} removed; {}", self.name, self.keep_note()) }),
-        )
+        to_result(&CommandReply::message(format!(
+            "array {}: {disk} removed; {}",
+            self.name,
+            self.keep_note()
+        )))
     }
 
     pub async fn add(&self, path: &str) -> Result<Value, String> {
@@ -260,16 +266,16 @@ impl ArrayEntry {
             None => self.array.add_member(m).await,
         }
         .map_err(|e| e.to_string())?;
-        Ok(json!({
-            "message": format!(
+        to_result(&CommandReply {
+            message: format!(
                 "array {}: {path} added as {:?}{}; {}",
                 self.name,
                 st.state,
                 st.slot.map(|s| format!(" in slot {s}")).unwrap_or_default(),
                 self.keep_note()
             ),
-            "member": st,
-        }))
+            member: Some(st),
+        })
     }
 
     pub async fn replace(&self, old: &str, new: &str) -> Result<Value, String> {
@@ -280,34 +286,44 @@ impl ArrayEntry {
             .replace_member(slot, m)
             .await
             .map_err(|e| e.to_string())?;
-        Ok(json!({
-            "message": format!(
+        to_result(&CommandReply {
+            message: format!(
                 "array {}: rebuilding slot {slot} onto {new}, {old} retires when it completes; {}",
                 self.name,
                 self.keep_note()
             ),
-            "member": st,
-        }))
+            member: Some(st),
+        })
     }
 
     /// One line of `rebuild status`.
-    pub fn rebuild_json(&self) -> Value {
+    pub fn rebuild_line(&self) -> RebuildLine {
         let st = self.array.status();
-        match &st.rebuild {
-            Some(r) => json!({
-                "array": self.name,
-                "state": if r.running { "rebuilding" } else if r.error.is_some() { "failed" } else { "done" },
-                "target": r.member,
-                "slot": r.slot,
-                "kind": r.kind,
-                "percent": r.percent,
-                "done_bytes": r.done_bytes,
-                "total_bytes": r.total_bytes,
-                "rate_bytes_per_s": r.rate_bytes_per_sec as u64,
-                "eta_s": r.eta_secs.map(|e| e.ceil() as u64),
-                "error": r.error,
+        match st.rebuild {
+            Some(r) => RebuildLine::Progress(RebuildProgress {
+                array: self.name.clone(),
+                state: if r.running {
+                    "rebuilding"
+                } else if r.error.is_some() {
+                    "failed"
+                } else {
+                    "done"
+                },
+                target: r.member,
+                slot: r.slot,
+                kind: r.kind,
+                percent: r.percent,
+                done_bytes: r.done_bytes,
+                total_bytes: r.total_bytes,
+                rate_bytes_per_s: r.rate_bytes_per_sec as u64,
+                eta_s: r.eta_secs.map(|e| e.ceil() as u64),
+                error: r.error,
             }),
-            None => json!({ "array": self.name, "state": "idle", "degraded": st.degraded }),
+            None => RebuildLine::Idle {
+                array: self.name.clone(),
+                state: "idle",
+                degraded: st.degraded,
+            },
         }
     }
 
@@ -324,10 +340,13 @@ impl ArrayEntry {
         s.mode = Some(mode);
         s.last = None;
         s.task = Some(self.array.start_scrub(mode));
-        Ok(json!({ "message": format!("array {}: scrub ({mode:?}) started", self.name) }))
+        to_result(&CommandReply::message(format!(
+            "array {}: scrub ({mode:?}) started",
+            self.name
+        )))
     }
 
-    pub async fn scrub_json(&self) -> Value {
+    pub async fn scrub_line(&self) -> ScrubLine {
         let finished = {
             let mut s = self.scrub.lock().unwrap_or_else(|p| p.into_inner());
             if s.task.as_ref().is_some_and(|t| t.is_finished()) {
@@ -353,15 +372,14 @@ impl ArrayEntry {
             (Some(Err(e)), false) => ("failed", None, Some(e.clone())),
             (None, false) => ("idle", None, None),
         };
-        json!({
-            "array": self.name,
-            "state": state,
-            "mode": s.mode,
-            "mismatches": report.map(|r| r.mismatches).unwrap_or(st.mismatch_count),
-            "repaired": report.map(|r| r.repaired),
-            "rows_checked": report.map(|r| r.rows_checked),
-            "mismatch_count": st.mismatch_count,
-            "error": error,
-        })
+        ScrubLine {
+            array: self.name.clone(),
+            state,
+            mode: s.mode,
+            mismatches: report.map(|r| r.mismatches).unwrap_or(st.mismatch_count),
+            repaired: report.map(|r| r.repaired),
+            rows_checked: report.map(|r| r.rows_checked),
+            error,
+        }
     }
 }

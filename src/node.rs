@@ -4,9 +4,10 @@
 //! Opening (`Node::open`) does everything that can fail because of the config or the disks, so a
 //! mistake is reported before anything is served; `Node::run` only binds and serves.
 
+use crate::admin::reply::{to_result, ExportCounters, NodeStatus, NvramSummary, VolumeReply};
 use crate::admin::{self, AdminHandler, Request};
 use crate::arrays::ArrayEntry;
-use crate::config::{format_bytes, Config, PersistenceMode, VolumeConfig};
+use crate::config::{format_bytes, Config, VolumeConfig};
 use crate::device::{ArrayBacking, ArrayDevice, JournaledDevice, MemberDevice};
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
@@ -197,66 +198,46 @@ impl Node {
         }
     }
 
-    fn status(&self) -> serde_json::Value {
-        serde_json::json!({
-            "node_id": self.config.node.id,
-            "name": self.config.node.name,
-            "version": env!("CARGO_PKG_VERSION"),
-            "admin_protocol": admin::proto::ADMIN_PROTOCOL_VERSION,
-            "uptime_s": self.started.elapsed().as_secs(),
-            "nbd_listen": self.config.nbd.listen,
-            "volumes": self.volumes.iter().map(|v| &v.name).collect::<Vec<_>>(),
-            "arrays": self.arrays.keys().collect::<Vec<_>>(),
-            "nvram": self.config.nvram.as_ref().map(|n| serde_json::json!({
-                "path": self.config.resolve(&n.path),
-                "persistence": n.persistence,
-            })),
-        })
+    fn status(&self) -> NodeStatus {
+        NodeStatus {
+            node_id: self.config.node.id,
+            name: self.config.node.name.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            admin_protocol: admin::proto::ADMIN_PROTOCOL_VERSION,
+            uptime_s: self.started.elapsed().as_secs(),
+            nbd_listen: self.config.nbd.listen.clone(),
+            volumes: self.volumes.iter().map(|v| v.name.clone()).collect(),
+            arrays: self.arrays.keys().cloned().collect(),
+            nvram: self.config.nvram.as_ref().map(|n| NvramSummary {
+                path: self.config.resolve(&n.path),
+                persistence: n.persistence,
+            }),
+        }
     }
 
-    fn volume_json(&self, v: &VolumeInfo) -> serde_json::Value {
-        let mut j = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
-        if let Some(a) = self
+    fn volume_reply<'a>(&'a self, v: &'a VolumeInfo) -> VolumeReply<'a> {
+        let array = self
             .config
             .volumes
             .iter()
             .find(|c| c.name == v.name)
             .and_then(|c| c.array.as_ref())
-        {
-            if let Some(entry) = self.arrays.get(a) {
-                let st = entry.status();
-                j["state"] = serde_json::json!(if st.failed {
-                    "failed"
-                } else if st.degraded {
-                    "degraded"
-                } else {
-                    "optimal"
-                });
-                j["array"] = serde_json::to_value(&st).unwrap_or_default();
-            }
-        } else {
-            j["state"] = serde_json::json!("optimal");
+            .and_then(|a| self.arrays.get(a))
+            .map(|entry| entry.status());
+        let state = match &array {
+            Some(st) if st.failed => "failed",
+            Some(st) if st.degraded => "degraded",
+            _ => "optimal",
+        };
+        let journal = self.journaled.get(&v.name).map(|dev| dev.volume());
+        VolumeReply {
+            info: v,
+            state,
+            array,
+            journal: journal.map(|j| j.status()),
+            journal_recovery: journal.map(|j| j.recovery()),
+            stats: self.server.export_stats(&v.name).map(ExportCounters::from),
         }
-        if let Some(dev) = self.journaled.get(&v.name) {
-            j["journal"] = serde_json::to_value(dev.volume().status()).unwrap_or_default();
-            j["journal_recovery"] =
-                serde_json::to_value(dev.volume().recovery()).unwrap_or_default();
-        }
-        if let Some(stats) = self.server.export_stats(&v.name) {
-            j["stats"] = serde_json::json!({
-                "connections_active": stats.connections_active,
-                "connections_total": stats.connections_total,
-                "read_ops": stats.read_ops,
-                "read_bytes": stats.read_bytes,
-                "write_ops": stats.write_ops,
-                "write_bytes": stats.write_bytes,
-                "flush_ops": stats.flush_ops,
-                "trim_ops": stats.trim_ops,
-                "zero_ops": stats.zero_ops,
-                "errors": stats.errors,
-            });
-        }
-        j
     }
 }
 
@@ -275,32 +256,38 @@ impl Node {
 impl AdminHandler for Node {
     async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
         match req {
-            Request::Status => Ok(self.status()),
-            Request::VolumeList => Ok(serde_json::Value::Array(
-                self.volumes.iter().map(|v| self.volume_json(v)).collect(),
-            )),
-            Request::VolumeShow { name } => self
-                .volumes
-                .iter()
-                .find(|v| v.name == name)
-                .map(|v| self.volume_json(v))
-                .ok_or_else(|| format!("no volume named `{name}`")),
+            Request::Status => to_result(&self.status()),
+            Request::VolumeList => to_result(
+                &self
+                    .volumes
+                    .iter()
+                    .map(|v| self.volume_reply(v))
+                    .collect::<Vec<_>>(),
+            ),
+            Request::VolumeShow { name } => match self.volumes.iter().find(|v| v.name == name) {
+                Some(v) => to_result(&self.volume_reply(v)),
+                None => Err(format!("no volume named `{name}`")),
+            },
             Request::DiskFail { array, disk } => self.array(&array)?.fail(&disk).await,
             Request::DiskRemove { array, disk } => self.array(&array)?.remove(&disk).await,
             Request::DiskAdd { array, path } => self.array(&array)?.add(&path).await,
             Request::DiskReplace { array, old, new } => {
                 self.array(&array)?.replace(&old, &new).await
             }
-            Request::RebuildStatus => Ok(serde_json::Value::Array(
-                self.arrays.values().map(|a| a.rebuild_json()).collect(),
-            )),
+            Request::RebuildStatus => to_result(
+                &self
+                    .arrays
+                    .values()
+                    .map(|a| a.rebuild_line())
+                    .collect::<Vec<_>>(),
+            ),
             Request::ScrubStart { array, repair } => self.array(&array)?.start_scrub(repair),
             Request::ScrubStatus => {
                 let mut out = Vec::new();
                 for a in self.arrays.values() {
-                    out.push(a.scrub_json().await);
+                    out.push(a.scrub_line().await);
                 }
-                Ok(serde_json::Value::Array(out))
+                to_result(&out)
             }
         }
     }
@@ -343,11 +330,7 @@ async fn open_array_volume(
     let per_region = (nv.size.bytes().saturating_sub(NVRAM_OVERHEAD_BYTES) / 2) & !4095;
     let nvram = Nvram::open(&NvramConfig {
         path: path.clone(),
-        persistence: match nv.persistence {
-            PersistenceMode::None => twinblock_journal::PersistenceMode::None,
-            PersistenceMode::Msync => twinblock_journal::PersistenceMode::Msync,
-            PersistenceMode::Pmem => twinblock_journal::PersistenceMode::Pmem,
-        },
+        persistence: nv.persistence,
         node_id: u32::from(config.node.id),
         pair_id: *config.pair_id().as_bytes(),
         log_bytes_per_region: per_region,

@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
+use uuid::Uuid;
+
 use crate::error::{FormatError, JournalError};
 use crate::format::{
     ControlSlot, CpPayload, FileHeader, RecordHeader, RecordKind, CONTROL_AREA_BYTES,
@@ -48,19 +50,6 @@ impl NvramConfig {
             create_if_missing: true,
         }
     }
-}
-
-/// Formats 16 id bytes as a UUID string.
-pub fn format_pair_id(id: &[u8; 16]) -> String {
-    let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 /// Picks the valid header slot with the highest generation from the header area.
@@ -392,8 +381,8 @@ impl Nvram {
         if current.pair_id != cfg.pair_id {
             return Err(JournalError::WrongPair {
                 path,
-                found: format_pair_id(&current.pair_id),
-                expected: format_pair_id(&cfg.pair_id),
+                found: Uuid::from_bytes(current.pair_id).to_string(),
+                expected: Uuid::from_bytes(cfg.pair_id).to_string(),
             });
         }
         let log_bytes = current.own_region_bytes - CONTROL_AREA_BYTES;

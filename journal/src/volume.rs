@@ -57,6 +57,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
 use crate::backing::Backing;
+use uuid::Uuid;
+
 use crate::error::{BackingError, JournalError};
 use crate::format::{
     align_up, encode_transitions, CpPayload, RecordHeader, RecordKind, TransitionEntry,
@@ -1163,19 +1165,6 @@ async fn flusher_loop<B: Backing>(
     }
 }
 
-/// A store id in the usual UUID text form.
-pub fn format_store_id(id: &[u8; 16]) -> String {
-    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
-}
-
 /// Recovery at open: redo what the store lacks, then restart the log in `generation`.
 async fn recover<B: Backing>(
     region: &mut Region,
@@ -1235,14 +1224,14 @@ pub async fn replay_region<B: Backing>(
         if unapplied {
             return Err(JournalError::ForeignStore {
                 region: region.name(),
-                bound: format_store_id(&bound),
-                store: format_store_id(&id),
+                bound: Uuid::from_bytes(bound).to_string(),
+                store: Uuid::from_bytes(id).to_string(),
             });
         }
         tracing::info!(
             region = region.name(),
-            from = %format_store_id(&bound),
-            to = %format_store_id(&id),
+            from = %Uuid::from_bytes(bound),
+            to = %Uuid::from_bytes(id),
             "NVRAM log holds nothing unapplied; it moves to this store"
         );
     }

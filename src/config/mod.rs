@@ -155,13 +155,8 @@ fn default_chunk() -> ByteSize {
     ByteSize(64 << 10)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PersistenceMode {
-    None,
-    Msync,
-    Pmem,
-}
+/// `nvram.persistence`: the journal's own type, so the config names exactly what it runs.
+pub use twinblock_journal::PersistenceMode;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -220,7 +215,34 @@ impl Config {
         }
     }
 
+    /// Checks what parsing cannot: ranges, cross references, duplicates. Each part names the
+    /// key at fault.
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_node()?;
+        self.validate_nbd()?;
+        let array_names = self.validate_arrays()?;
+        let volume_names = self.validate_volumes(&array_names)?;
+        self.validate_nvram_files()?;
+        if let Some(def) = &self.nbd.default_export {
+            if !volume_names.contains(def.as_str()) {
+                return Err(self.invalid(
+                    "nbd.default_export",
+                    format!("no volume named `{def}` (defined: {})", list(&volume_names)),
+                ));
+            }
+        }
+        if let Some(nv) = &self.nvram {
+            if nv.size.bytes() < (1 << 20) {
+                return Err(self.invalid("nvram.size", "must be at least 1 MiB"));
+            }
+            if nv.cp_interval_ms == 0 {
+                return Err(self.invalid("nvram.cp_interval_ms", "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_node(&self) -> Result<(), ConfigError> {
         if self.node.id > 1 {
             return Err(self.invalid(
                 "node.id",
@@ -238,6 +260,10 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    fn validate_nbd(&self) -> Result<(), ConfigError> {
         if self.nbd.listen.is_empty() && self.nbd.unix.is_none() {
             return Err(self.invalid(
                 "nbd.listen",
@@ -259,7 +285,11 @@ impl Config {
                 format!("{max_req} bytes is outside 4 KiB ..= 256 MiB"),
             ));
         }
+        Ok(())
+    }
 
+    /// Array names, levels, disk counts, chunk sizes, and no disk used twice; returns the names.
+    fn validate_arrays(&self) -> Result<HashSet<&str>, ConfigError> {
         let mut array_names = HashSet::new();
         let mut all_disks = HashSet::new();
         for (i, a) in self.arrays.iter().enumerate() {
@@ -321,7 +351,11 @@ impl Config {
                 }
             }
         }
+        Ok(array_names)
+    }
 
+    /// Volume names, backings, sizes and journal settings; returns the names.
+    fn validate_volumes(&self, array_names: &HashSet<&str>) -> Result<HashSet<&str>, ConfigError> {
         let mut volume_names = HashSet::new();
         let mut used_arrays = HashSet::new();
         for (i, v) in self.volumes.iter().enumerate() {
@@ -358,7 +392,7 @@ impl Config {
                     if !array_names.contains(a.as_str()) {
                         return Err(self.invalid(
                             key("array"),
-                            format!("no array named `{a}` (defined: {})", list(&array_names)),
+                            format!("no array named `{a}` (defined: {})", list(array_names)),
                         ));
                     }
                     if !used_arrays.insert(a.as_str()) {
@@ -393,8 +427,12 @@ impl Config {
                 ));
             }
         }
-        // One NVRAM file per journaled volume: two journals in one file would overwrite each
-        // other's log.
+        Ok(volume_names)
+    }
+
+    /// One NVRAM file per journaled volume: two journals in one file would overwrite each
+    /// other's log.
+    fn validate_nvram_files(&self) -> Result<(), ConfigError> {
         let mut nvram_owner: std::collections::HashMap<PathBuf, &str> = Default::default();
         for (i, v) in self.volumes.iter().enumerate() {
             let Some(path) = self.volume_nvram_path(v) else {
@@ -410,22 +448,6 @@ impl Config {
                         path.display()
                     ),
                 ));
-            }
-        }
-        if let Some(def) = &self.nbd.default_export {
-            if !volume_names.contains(def.as_str()) {
-                return Err(self.invalid(
-                    "nbd.default_export",
-                    format!("no volume named `{def}` (defined: {})", list(&volume_names)),
-                ));
-            }
-        }
-        if let Some(nv) = &self.nvram {
-            if nv.size.bytes() < (1 << 20) {
-                return Err(self.invalid("nvram.size", "must be at least 1 MiB"));
-            }
-            if nv.cp_interval_ms == 0 {
-                return Err(self.invalid("nvram.cp_interval_ms", "must be greater than 0"));
             }
         }
         Ok(())

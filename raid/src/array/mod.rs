@@ -41,7 +41,7 @@ use crate::assemble::{self, AssembleError, Candidate, SlotStart};
 use crate::bitmap::{self, Bitmap, BITMAP_BLOCK_BYTES};
 use crate::layout::{ChunkRole, Extent, Geometry, LayoutError, Level};
 use crate::parity::{self, RowBufs};
-use crate::rowplan::{self, Piece, COLUMN_BYTES};
+use crate::rowplan::{self, Piece, RowPlan, COLUMN_BYTES};
 use crate::superblock::{
     BitmapGeometry, MemberEntry, MemberState, RebuildCheckpoint, Role, Superblock, SuperblockError,
     DATA_OFFSET_BYTES, NAME_BYTES, SUPERBLOCK_BYTES,

@@ -153,21 +153,7 @@ impl Array {
     /// Starts degraded when members are missing or stale, resyncs dirty bitmap regions after an
     /// unclean shutdown, and starts rebuilds of stale members in the background.
     pub async fn assemble(members: Vec<Arc<dyn Member>>) -> Result<Array> {
-        let reads = join_all(members.iter().map(|m| m.read_at(0, SUPERBLOCK_BYTES))).await;
-        let mut candidates = Vec::with_capacity(members.len());
-        for (m, r) in members.iter().zip(reads) {
-            let bytes = r.map_err(|source| ArrayError::MemberIo {
-                array: "(assembling)".into(),
-                member: m.name().to_string(),
-                op: "superblock read",
-                source,
-            })?;
-            candidates.push(Candidate {
-                name: m.name().to_string(),
-                size_bytes: m.size(),
-                superblock: Superblock::decode(&bytes),
-            });
-        }
+        let candidates = read_candidates(&members).await?;
         let plan = assemble::plan(&candidates)?;
         let sb = &plan.superblock;
         let geo = Geometry::new(
@@ -180,61 +166,9 @@ impl Array {
             array: sb.name.clone(),
             source,
         })?;
-        let mut events = sb.events;
-        let mut changed = false;
-        let mut slots = Vec::with_capacity(plan.slots.len());
-        for (i, sp) in plan.slots.iter().enumerate() {
-            let member = sp.member.map(|c| members[c].clone());
-            let slot = match sp.start {
-                SlotStart::Active => Slot {
-                    member,
-                    dev_uuid: sp.dev_uuid,
-                    state: MemberState::Active,
-                    left_events: 0,
-                    resync: None,
-                },
-                SlotStart::Absent => {
-                    let (state, left) = match sp.recorded {
-                        MemberState::Active | MemberState::Rebuilding => {
-                            changed = true;
-                            (MemberState::Missing, events)
-                        }
-                        s => (s, sp.left_events),
-                    };
-                    Slot {
-                        member: None,
-                        dev_uuid: sp.dev_uuid,
-                        state,
-                        left_events: left,
-                        resync: None,
-                    }
-                }
-                SlotStart::BitmapResync => Slot {
-                    member,
-                    dev_uuid: sp.dev_uuid,
-                    state: MemberState::Rebuilding,
-                    left_events: sp.left_events.max(1),
-                    resync: Some((ResyncKind::Bitmap, 0)),
-                },
-                SlotStart::FullRebuild { from_row } => {
-                    changed |= sp.recorded != MemberState::Rebuilding;
-                    Slot {
-                        member,
-                        dev_uuid: sp.dev_uuid,
-                        state: MemberState::Rebuilding,
-                        left_events: 0,
-                        resync: Some((ResyncKind::Full, from_row.min(geo.rows))),
-                    }
-                }
-            };
-            tracing::info!(array = %sb.name, slot = i, start = ?sp.start, "assembling slot");
-            slots.push(slot);
-        }
+        let (slots, changed) = plan_slots(&plan, &members, geo);
         for (i, why) in &plan.ignored {
             tracing::warn!(array = %sb.name, member = %members[*i].name(), "{why}; not used");
-        }
-        if changed {
-            events += 1;
         }
         let applied_seq = candidates
             .iter()
@@ -254,29 +188,11 @@ impl Array {
                 })
             })
             .collect();
-        // The bitmap from a member that is active and current.
-        let bgeo = sb.bitmap;
-        let mut bm = Bitmap::new(bgeo);
-        if let Some(src) = slots
-            .iter()
-            .find(|s| s.state == MemberState::Active)
-            .and_then(|s| s.member.clone())
-        {
-            let stored = src
-                .read_at(bgeo.offset, bm.stored_len() as usize)
-                .await
-                .map_err(|source| ArrayError::MemberIo {
-                    array: sb.name.clone(),
-                    member: src.name().to_string(),
-                    op: "bitmap read",
-                    source,
-                })?;
-            bm = Bitmap::from_bytes(bgeo, &stored);
-        }
+        let bm = read_bitmap(&sb.name, sb.bitmap, &slots).await?;
         let meta = Meta {
             slots,
             spares,
-            events,
+            events: sb.events + u64::from(changed),
             applied_seq,
             clean: false,
             rebuild: sb.rebuild,
@@ -287,28 +203,140 @@ impl Array {
             sb.array_uuid,
             geo,
             sb.data_offset,
-            bgeo,
+            sb.bitmap,
             meta,
             bm,
         ));
         inner.write_superblocks().await;
         inner.check_failed()?;
         if plan.unclean && geo.level != Level::Raid0 {
-            if inner.is_degraded() {
-                tracing::warn!(array = %sb.name, "unclean shutdown of a degraded array: parity of dirty regions cannot be checked; relying on the journal");
-            } else {
-                let regions = inner.with_bitmap(|b| b.dirty_regions());
-                for r in &regions {
-                    let (r0, r1) = inner.region_rows(*r);
-                    inner.scrub_rows(r0, r1, ScrubMode::Repair).await?;
-                }
-                inner
-                    .unclean_resync_regions
-                    .fetch_add(regions.len() as u64, Ordering::SeqCst);
-                tracing::info!(array = %sb.name, regions = regions.len(), "resynced dirty regions after unclean shutdown");
-            }
+            inner.resync_after_unclean_shutdown().await?;
         }
         inner.kick_rebuild();
         Ok(Array { inner })
+    }
+}
+
+/// Reads the superblock of every member (an unreadable member fails the assembly; a member
+/// without a valid superblock is a candidate whose decode error the plan reports).
+async fn read_candidates(members: &[Arc<dyn Member>]) -> Result<Vec<Candidate>> {
+    let reads = join_all(members.iter().map(|m| m.read_at(0, SUPERBLOCK_BYTES))).await;
+    let mut candidates = Vec::with_capacity(members.len());
+    for (m, r) in members.iter().zip(reads) {
+        let bytes = r.map_err(|source| ArrayError::MemberIo {
+            array: "(assembling)".into(),
+            member: m.name().to_string(),
+            op: "superblock read",
+            source,
+        })?;
+        candidates.push(Candidate {
+            name: m.name().to_string(),
+            size_bytes: m.size(),
+            superblock: Superblock::decode(&bytes),
+        });
+    }
+    Ok(candidates)
+}
+
+/// The slots as the assembly plan starts them, and whether any recorded state changed (a member
+/// recorded active or rebuilding that is absent now, or a rebuild that starts afresh), which
+/// bumps the event counter.
+fn plan_slots(
+    plan: &assemble::Plan,
+    members: &[Arc<dyn Member>],
+    geo: Geometry,
+) -> (Vec<Slot>, bool) {
+    let events = plan.superblock.events;
+    let mut changed = false;
+    let mut slots = Vec::with_capacity(plan.slots.len());
+    for (i, sp) in plan.slots.iter().enumerate() {
+        let member = sp.member.map(|c| members[c].clone());
+        let slot = match sp.start {
+            SlotStart::Active => Slot {
+                member,
+                dev_uuid: sp.dev_uuid,
+                state: MemberState::Active,
+                left_events: 0,
+                resync: None,
+            },
+            SlotStart::Absent => {
+                let (state, left) = match sp.recorded {
+                    MemberState::Active | MemberState::Rebuilding => {
+                        changed = true;
+                        (MemberState::Missing, events)
+                    }
+                    s => (s, sp.left_events),
+                };
+                Slot {
+                    member: None,
+                    dev_uuid: sp.dev_uuid,
+                    state,
+                    left_events: left,
+                    resync: None,
+                }
+            }
+            SlotStart::BitmapResync => Slot {
+                member,
+                dev_uuid: sp.dev_uuid,
+                state: MemberState::Rebuilding,
+                left_events: sp.left_events.max(1),
+                resync: Some((ResyncKind::Bitmap, 0)),
+            },
+            SlotStart::FullRebuild { from_row } => {
+                changed |= sp.recorded != MemberState::Rebuilding;
+                Slot {
+                    member,
+                    dev_uuid: sp.dev_uuid,
+                    state: MemberState::Rebuilding,
+                    left_events: 0,
+                    resync: Some((ResyncKind::Full, from_row.min(geo.rows))),
+                }
+            }
+        };
+        tracing::info!(array = %plan.superblock.name, slot = i, start = ?sp.start, "assembling slot");
+        slots.push(slot);
+    }
+    (slots, changed)
+}
+
+/// The write-intent bitmap as stored on a member that is active and current (empty when none).
+async fn read_bitmap(array: &str, bgeo: BitmapGeometry, slots: &[Slot]) -> Result<Bitmap> {
+    let Some(src) = slots
+        .iter()
+        .find(|s| s.state == MemberState::Active)
+        .and_then(|s| s.member.clone())
+    else {
+        return Ok(Bitmap::new(bgeo));
+    };
+    let len = Bitmap::new(bgeo).stored_len() as usize;
+    let stored = src
+        .read_at(bgeo.offset, len)
+        .await
+        .map_err(|source| ArrayError::MemberIo {
+            array: array.to_string(),
+            member: src.name().to_string(),
+            op: "bitmap read",
+            source,
+        })?;
+    Ok(Bitmap::from_bytes(bgeo, &stored))
+}
+
+impl Inner {
+    /// After an unclean shutdown, makes parity of every region the bitmap marks dirty agree with
+    /// its data again (a degraded array cannot check it and relies on the journal).
+    async fn resync_after_unclean_shutdown(self: &Arc<Self>) -> Result<()> {
+        if self.is_degraded() {
+            tracing::warn!(array = %self.name, "unclean shutdown of a degraded array: parity of dirty regions cannot be checked; relying on the journal");
+            return Ok(());
+        }
+        let regions = self.with_bitmap(|b| b.dirty_regions());
+        for r in &regions {
+            let (r0, r1) = self.region_rows(*r);
+            self.scrub_rows(r0, r1, ScrubMode::Repair).await?;
+        }
+        self.unclean_resync_regions
+            .fetch_add(regions.len() as u64, Ordering::SeqCst);
+        tracing::info!(array = %self.name, regions = regions.len(), "resynced dirty regions after unclean shutdown");
+        Ok(())
     }
 }

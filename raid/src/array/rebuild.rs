@@ -99,140 +99,20 @@ impl Inner {
         locks: BatchLocks,
     ) -> Result<Prepared> {
         let geo = self.geo;
-        let c = geo.chunk_bytes;
         let view = self.view();
         let target = match &view.members[slot] {
             Some(t) if self.still_rebuilding(slot, dev) => Arc::clone(t),
             _ => return Ok(Prepared::TargetGone),
         };
-        let len = ((r1 - r0) * c) as usize;
         // Output buffers are page-aligned so O_DIRECT members write them without a bounce copy.
-        let out: Bytes = match geo.level {
+        let out = match geo.level {
             Level::Raid0 => return Err(self.invalid("raid0 cannot rebuild a member".into())),
-            Level::Raid1 => {
-                let Some(src) = (0..geo.members).find(|m| *m != slot && view.readable[*m]) else {
-                    return Err(ArrayError::Failed {
-                        array: self.name.clone(),
-                        detail: "no source copy".into(),
-                    });
-                };
-                let Some(d) = view.members[src].clone() else {
-                    return Ok(Prepared::Retry(locks));
-                };
-                match self
-                    .read_member(src, &d, self.member_off(r0, 0), len as u64)
-                    .await
-                {
-                    Some(b) => b,
-                    None => return Ok(Prepared::Retry(locks)),
-                }
-            }
-            Level::Raid10 => {
-                let mut out = AlignedBuf::zeroed(len);
-                let mut jobs = Vec::new();
-                for r in r0..r1 {
-                    let Some(k) = geo.raid10_chunk_at(slot, r) else {
-                        continue;
-                    };
-                    let Some(p) = geo
-                        .places(k)
-                        .into_iter()
-                        .find(|p| p.member != slot || p.row != r)
-                    else {
-                        continue;
-                    };
-                    if !view.readable[p.member] {
-                        return Err(ArrayError::Failed {
-                            array: self.name.clone(),
-                            detail: format!("chunk {k} has no readable copy"),
-                        });
-                    }
-                    jobs.push((r, p));
-                }
-                let reads = join_all(jobs.iter().map(|(r, p)| {
-                    let d = view.members[p.member].clone();
-                    async move {
-                        match d {
-                            Some(d) => (
-                                *r,
-                                self.read_member(p.member, &d, self.member_off(p.row, 0), c)
-                                    .await,
-                            ),
-                            None => (*r, None),
-                        }
-                    }
-                }))
-                .await;
-                for (r, b) in reads {
-                    let Some(b) = b else {
-                        return Ok(Prepared::Retry(locks));
-                    };
-                    let at = ((r - r0) * c) as usize;
-                    out[at..at + c as usize].copy_from_slice(&b);
-                }
-                out.into_bytes()
-            }
-            Level::Raid5 | Level::Raid6 => {
-                let reads = join_all((0..geo.members).map(|m| {
-                    let d = view.members[m].clone();
-                    let go = m != slot && view.readable[m];
-                    async move {
-                        match (go, d) {
-                            (true, Some(d)) => Some(
-                                self.read_member(m, &d, self.member_off(r0, 0), len as u64)
-                                    .await,
-                            ),
-                            _ => None,
-                        }
-                    }
-                }))
-                .await;
-                let mut srcs: Vec<Option<Bytes>> = Vec::with_capacity(geo.members);
-                for r in reads {
-                    match r {
-                        Some(None) => return Ok(Prepared::Retry(locks)),
-                        Some(Some(b)) => srcs.push(Some(b)),
-                        None => srcs.push(None),
-                    }
-                }
-                let mut out = AlignedBuf::zeroed(len);
-                let cu = c as usize;
-                for r in r0..r1 {
-                    let at = ((r - r0) * c) as usize;
-                    if self.rebuild_chunk_fast(r, slot, &srcs, at, &mut out[at..at + cu]) {
-                        continue;
-                    }
-                    let mut rb = RowBufs {
-                        data: vec![None; geo.data_per_row()],
-                        p: None,
-                        q: None,
-                        has_q: geo.level == Level::Raid6,
-                    };
-                    for (m, s) in srcs.iter().enumerate() {
-                        if let Some(s) = s {
-                            let v = s[at..at + cu].to_vec();
-                            match geo.role(r, m) {
-                                ChunkRole::Data(i) => rb.data[i] = Some(v),
-                                ChunkRole::P => rb.p = Some(v),
-                                ChunkRole::Q => rb.q = Some(v),
-                            }
-                        }
-                    }
-                    parity::recover(&mut rb).map_err(|e| ArrayError::Failed {
-                        array: self.name.clone(),
-                        detail: format!("row {r}: {e}"),
-                    })?;
-                    let chunk = match geo.role(r, slot) {
-                        ChunkRole::Data(i) => rb.data[i].take(),
-                        ChunkRole::P => rb.p.take(),
-                        ChunkRole::Q => rb.q.take(),
-                    };
-                    if let Some(chunk) = chunk {
-                        out[at..at + cu].copy_from_slice(&chunk);
-                    }
-                }
-                out.into_bytes()
-            }
+            Level::Raid1 => self.rebuild_copy(&view, slot, r0, r1).await?,
+            Level::Raid10 => self.rebuild_raid10(&view, slot, r0, r1).await?,
+            Level::Raid5 | Level::Raid6 => self.rebuild_parity(&view, slot, r0, r1).await?,
+        };
+        let Some(out) = out else {
+            return Ok(Prepared::Retry(locks));
         };
         Ok(Prepared::Ready(RebuiltBatch {
             _rows: locks,
@@ -242,6 +122,160 @@ impl Inner {
             offset: self.member_off(r0, 0),
             out,
         }))
+    }
+
+    /// RAID 1: rows `[r0, r1)` of `slot` are a copy of any readable member. `None`: retry.
+    async fn rebuild_copy(
+        self: &Arc<Self>,
+        view: &View,
+        slot: usize,
+        r0: u64,
+        r1: u64,
+    ) -> Result<Option<Bytes>> {
+        let geo = self.geo;
+        let c = geo.chunk_bytes;
+        let len = ((r1 - r0) * c) as usize;
+        let Some(src) = (0..geo.members).find(|m| *m != slot && view.readable[*m]) else {
+            return Err(ArrayError::Failed {
+                array: self.name.clone(),
+                detail: "no source copy".into(),
+            });
+        };
+        let Some(d) = view.members[src].clone() else {
+            return Ok(None);
+        };
+        Ok(self
+            .read_member(src, &d, self.member_off(r0, 0), len as u64)
+            .await)
+    }
+
+    /// RAID 10: each chunk of `slot` in rows `[r0, r1)` from its other copy. `None`: retry.
+    async fn rebuild_raid10(
+        self: &Arc<Self>,
+        view: &View,
+        slot: usize,
+        r0: u64,
+        r1: u64,
+    ) -> Result<Option<Bytes>> {
+        let geo = self.geo;
+        let c = geo.chunk_bytes;
+        let len = ((r1 - r0) * c) as usize;
+        let mut out = AlignedBuf::zeroed(len);
+        let mut jobs = Vec::new();
+        for r in r0..r1 {
+            let Some(k) = geo.raid10_chunk_at(slot, r) else {
+                continue;
+            };
+            let Some(p) = geo
+                .places(k)
+                .into_iter()
+                .find(|p| p.member != slot || p.row != r)
+            else {
+                continue;
+            };
+            if !view.readable[p.member] {
+                return Err(ArrayError::Failed {
+                    array: self.name.clone(),
+                    detail: format!("chunk {k} has no readable copy"),
+                });
+            }
+            jobs.push((r, p));
+        }
+        let reads = join_all(jobs.iter().map(|(r, p)| {
+            let d = view.members[p.member].clone();
+            async move {
+                match d {
+                    Some(d) => (
+                        *r,
+                        self.read_member(p.member, &d, self.member_off(p.row, 0), c)
+                            .await,
+                    ),
+                    None => (*r, None),
+                }
+            }
+        }))
+        .await;
+        for (r, b) in reads {
+            let Some(b) = b else {
+                return Ok(None);
+            };
+            let at = ((r - r0) * c) as usize;
+            out[at..at + c as usize].copy_from_slice(&b);
+        }
+        Ok(Some(out.into_bytes()))
+    }
+
+    /// RAID 5/6: each chunk of `slot` in rows `[r0, r1)` recovered from the rest of its row.
+    /// `None`: retry.
+    async fn rebuild_parity(
+        self: &Arc<Self>,
+        view: &View,
+        slot: usize,
+        r0: u64,
+        r1: u64,
+    ) -> Result<Option<Bytes>> {
+        let geo = self.geo;
+        let c = geo.chunk_bytes;
+        let len = ((r1 - r0) * c) as usize;
+        let reads = join_all((0..geo.members).map(|m| {
+            let d = view.members[m].clone();
+            let go = m != slot && view.readable[m];
+            async move {
+                match (go, d) {
+                    (true, Some(d)) => Some(
+                        self.read_member(m, &d, self.member_off(r0, 0), len as u64)
+                            .await,
+                    ),
+                    _ => None,
+                }
+            }
+        }))
+        .await;
+        let mut srcs: Vec<Option<Bytes>> = Vec::with_capacity(geo.members);
+        for r in reads {
+            match r {
+                Some(None) => return Ok(None),
+                Some(Some(b)) => srcs.push(Some(b)),
+                None => srcs.push(None),
+            }
+        }
+        let mut out = AlignedBuf::zeroed(len);
+        let cu = c as usize;
+        for r in r0..r1 {
+            let at = ((r - r0) * c) as usize;
+            if self.rebuild_chunk_fast(r, slot, &srcs, at, &mut out[at..at + cu]) {
+                continue;
+            }
+            let mut rb = RowBufs {
+                data: vec![None; geo.data_per_row()],
+                p: None,
+                q: None,
+                has_q: geo.level == Level::Raid6,
+            };
+            for (m, s) in srcs.iter().enumerate() {
+                if let Some(s) = s {
+                    let v = s[at..at + cu].to_vec();
+                    match geo.role(r, m) {
+                        ChunkRole::Data(i) => rb.data[i] = Some(v),
+                        ChunkRole::P => rb.p = Some(v),
+                        ChunkRole::Q => rb.q = Some(v),
+                    }
+                }
+            }
+            parity::recover(&mut rb).map_err(|e| ArrayError::Failed {
+                array: self.name.clone(),
+                detail: format!("row {r}: {e}"),
+            })?;
+            let chunk = match geo.role(r, slot) {
+                ChunkRole::Data(i) => rb.data[i].take(),
+                ChunkRole::P => rb.p.take(),
+                ChunkRole::Q => rb.q.take(),
+            };
+            if let Some(chunk) = chunk {
+                out[at..at + cu].copy_from_slice(&chunk);
+            }
+        }
+        Ok(Some(out.into_bytes()))
     }
 
     /// The common single-failure cases without copies: a data chunk or P is the XOR of every

@@ -26,6 +26,28 @@ fn done_batches(batches: &[(u64, u64)], done_rows: u64) -> usize {
     batches.len()
 }
 
+/// Progress figures of a resync that has done `done` of `total` bytes in `elapsed`; the
+/// identifying fields are the caller's.
+fn progress(done: u64, total: u64, elapsed: Duration) -> RebuildStatus {
+    let rate = done as f64 / elapsed.as_secs_f64().max(1e-6);
+    RebuildStatus {
+        slot: 0,
+        member: String::new(),
+        kind: ResyncKind::Full,
+        running: false,
+        done_bytes: done,
+        total_bytes: total,
+        percent: if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        },
+        rate_bytes_per_sec: rate,
+        eta_secs: (rate > 0.0).then(|| total.saturating_sub(done) as f64 / rate),
+        error: None,
+    }
+}
+
 impl Inner {
     pub(super) fn next_resync_slot(&self) -> Option<usize> {
         let m = lock(&self.meta);
@@ -78,18 +100,8 @@ impl Inner {
 
     /// Rebuilds or resyncs `slot`; returns false when the task should stop.
     pub(super) async fn run_resync(self: &Arc<Self>, slot: usize) -> bool {
-        let (kind, from_row, dev, name) = {
-            let m = lock(&self.meta);
-            let s = &m.slots[slot];
-            let Some((kind, from)) = s.resync else {
-                return true;
-            };
-            let name = s
-                .member
-                .as_ref()
-                .map(|d| d.name().to_string())
-                .unwrap_or_default();
-            (kind, from, s.dev_uuid, name)
+        let Some((kind, from_row, dev, name)) = self.resync_target(slot) else {
+            return true;
         };
         let (ranges, regions) = self.resync_ranges(kind, from_row);
         let c = self.geo.chunk_bytes;
@@ -98,46 +110,18 @@ impl Inner {
         let mut done_rows = 0u64;
         let mut last_cp = Instant::now();
         let set_progress = |done_rows: u64, running: bool, error: Option<String>| {
-            let elapsed = started.elapsed().as_secs_f64().max(1e-6);
-            let done = done_rows * c;
-            let total = total_rows * c;
-            let rate = done as f64 / elapsed;
             *lock(&self.progress) = Some(RebuildStatus {
                 slot,
                 member: name.clone(),
                 kind,
                 running,
-                done_bytes: done,
-                total_bytes: total,
-                percent: if total == 0 {
-                    100.0
-                } else {
-                    done as f64 * 100.0 / total as f64
-                },
-                rate_bytes_per_sec: rate,
-                eta_secs: (rate > 0.0).then(|| (total - done) as f64 / rate),
                 error,
+                ..progress(done_rows * c, total_rows * c, started.elapsed())
             });
         };
         set_progress(0, true, None);
         tracing::info!(array = %self.name, slot, member = %name, ?kind, rows = total_rows, "resync starts");
-        // Batches in flight never share a row-lock shard.
-        let in_flight = (REBUILD_READ_AHEAD + REBUILD_WRITE_DEPTH) as u64;
-        let mut batch_rows = (REBUILD_BATCH_BYTES / c).clamp(1, ROW_LOCK_SHARDS / in_flight);
-        let rate = self.rate_limit_bytes_per_sec.load(Ordering::SeqCst);
-        if rate > 0 {
-            // Keep each step to about a tenth of a second of the allowed rate.
-            batch_rows = batch_rows.min((rate / 10 / c).max(1));
-        }
-        let mut batches = Vec::new();
-        for (a, b) in ranges {
-            let mut r0 = a;
-            while r0 < b {
-                let r1 = (r0 + batch_rows).min(b);
-                batches.push((r0, r1));
-                r0 = r1;
-            }
-        }
+        let batches = self.resync_batches(ranges);
         // A two-stage pipeline: up to REBUILD_READ_AHEAD batches are read and recomputed while
         // up to REBUILD_WRITE_DEPTH earlier ones are written, so the sources and the target are
         // busy at the same time (batches that each read, then write, fall into step and leave
@@ -214,17 +198,8 @@ impl Inner {
                 last_cp = Instant::now();
             }
         }
-        {
-            let mut m = lock(&self.meta);
-            let s = &mut m.slots[slot];
-            if s.dev_uuid != dev || s.resync.is_none() {
-                return true;
-            }
-            s.state = MemberState::Active;
-            s.resync = None;
-            s.left_events = 0;
-            m.rebuild = None;
-            m.events += 1;
+        if !self.resync_done(slot, dev) {
+            return true;
         }
         if kind == ResyncKind::Bitmap {
             self.bitmap_resync_regions
@@ -233,6 +208,58 @@ impl Inner {
         set_progress(done_rows, false, None);
         tracing::info!(array = %self.name, slot, ?kind, "resync complete");
         self.write_superblocks().await;
+        true
+    }
+
+    /// What `slot` resyncs: kind, first row, device and its name; `None` when nothing.
+    fn resync_target(&self, slot: usize) -> Option<(ResyncKind, u64, Uuid, String)> {
+        let m = lock(&self.meta);
+        let s = &m.slots[slot];
+        let (kind, from) = s.resync?;
+        let name = s
+            .member
+            .as_ref()
+            .map(|d| d.name().to_string())
+            .unwrap_or_default();
+        Some((kind, from, s.dev_uuid, name))
+    }
+
+    /// `ranges` cut into batches: at most [`REBUILD_BATCH_BYTES`] of member bytes, few enough
+    /// rows that batches in flight never share a row-lock shard, and under a rate limit about a
+    /// tenth of a second of the allowed rate.
+    fn resync_batches(&self, ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+        let c = self.geo.chunk_bytes;
+        let in_flight = (REBUILD_READ_AHEAD + REBUILD_WRITE_DEPTH) as u64;
+        let mut batch_rows = (REBUILD_BATCH_BYTES / c).clamp(1, ROW_LOCK_SHARDS / in_flight);
+        let rate = self.rate_limit_bytes_per_sec.load(Ordering::SeqCst);
+        if rate > 0 {
+            batch_rows = batch_rows.min((rate / 10 / c).max(1));
+        }
+        let mut batches = Vec::new();
+        for (a, b) in ranges {
+            let mut r0 = a;
+            while r0 < b {
+                let r1 = (r0 + batch_rows).min(b);
+                batches.push((r0, r1));
+                r0 = r1;
+            }
+        }
+        batches
+    }
+
+    /// Makes the resynced device `dev` of `slot` active; false when the slot holds another
+    /// device by now or no longer resyncs.
+    fn resync_done(&self, slot: usize, dev: Uuid) -> bool {
+        let mut m = lock(&self.meta);
+        let s = &mut m.slots[slot];
+        if s.dev_uuid != dev || s.resync.is_none() {
+            return false;
+        }
+        s.state = MemberState::Active;
+        s.resync = None;
+        s.left_events = 0;
+        m.rebuild = None;
+        m.events += 1;
         true
     }
 

@@ -13,7 +13,11 @@ pub struct RebuildStatus {
     pub done_bytes: u64,
     pub total_bytes: u64,
     pub percent: f64,
+    /// JSON `rate_bytes_per_s`, as every admin reply names a rate.
+    #[serde(rename = "rate_bytes_per_s")]
     pub rate_bytes_per_sec: f64,
+    /// JSON `eta_s`, as every admin reply names seconds.
+    #[serde(rename = "eta_s")]
     pub eta_secs: Option<f64>,
     pub error: Option<String>,
 }
@@ -43,6 +47,8 @@ pub struct ArrayStatus {
     pub events: u64,
     pub applied_seq: u64,
     pub rebuild: Option<RebuildStatus>,
+    /// JSON `mismatches`, the name the scrub replies use.
+    #[serde(rename = "mismatches")]
     pub mismatch_count: u64,
     pub scrub_running: bool,
     /// Regions resynchronised from the bitmap for returning members (cumulative).

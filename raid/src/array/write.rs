@@ -23,17 +23,19 @@ impl Inner {
             self.bitmap_begin(first_row * c, (last_row + 1) * c).await?;
         }
         let res = if self.geo.level.parity_chunks() > 0 {
-            let d = self.geo.data_per_row() as u64;
-            let mut groups: Vec<Vec<Extent>> = Vec::new();
-            for e in exts {
-                match groups.last_mut() {
-                    Some(g) if g[0].chunk / d == e.chunk / d => g.push(e),
-                    _ => groups.push(vec![e]),
+            let mut rows: Vec<(u64, Vec<(Piece, Bytes)>)> = Vec::new();
+            for (row, piece) in self.row_pieces(&exts, &data) {
+                match rows.last_mut() {
+                    Some((r, pieces)) if *r == row => pieces.push(piece),
+                    _ => rows.push((row, vec![piece])),
                 }
             }
-            try_join_all(groups.into_iter().map(|g| self.write_parity_row(g, &data)))
-                .await
-                .map(|_| ())
+            try_join_all(
+                rows.into_iter()
+                    .map(|(row, pieces)| self.write_row(row, pieces)),
+            )
+            .await
+            .map(|_| ())
         } else {
             try_join_all(exts.into_iter().map(|e| {
                 self.write_copies(
@@ -90,16 +92,9 @@ impl Inner {
                 spanning.push((offset, data));
                 continue;
             }
-            let pieces = rows.entry(row).or_default();
-            for e in exts {
-                let piece = Piece {
-                    data: (e.chunk % d) as usize,
-                    start: e.offset_in_chunk,
-                    len: e.len,
-                };
-                let at = e.buf_offset as usize;
-                pieces.push((piece, data.slice(at..at + e.len as usize)));
-            }
+            rows.entry(row)
+                .or_default()
+                .extend(self.row_pieces(&exts, &data).into_iter().map(|(_, p)| p));
         }
         // Every job runs to its end even when one fails: dropping the others mid-way would
         // release their row locks while their member writes are still in flight.
@@ -113,8 +108,8 @@ impl Inner {
         self.check_failed()
     }
 
-    /// Writes pieces that all lie in parity row `row`, as one plan when every member of the row
-    /// is healthy, else piece by piece through the degraded-capable path.
+    /// Writes pieces that all lie in parity row `row` (a flusher's scattered writes), registered
+    /// in the bitmap for the time of the write.
     pub(super) async fn write_row_pieces(
         self: &Arc<Self>,
         row: u64,
@@ -122,7 +117,7 @@ impl Inner {
     ) -> Result<()> {
         let c = self.geo.chunk_bytes;
         self.bitmap_begin(row * c, (row + 1) * c).await?;
-        let res = self.write_row_pieces_tracked(row, pieces).await;
+        let res = self.write_row(row, pieces).await;
         self.with_bitmap(|b| {
             let rs = b.regions(row * c, (row + 1) * c);
             b.end_write(rs)
@@ -130,112 +125,162 @@ impl Inner {
         res
     }
 
-    pub(super) async fn write_row_pieces_tracked(
+    /// Writes pieces that all lie in parity row `row`, under the row lock: the one parity-write
+    /// path of RAID 5/6, for a single write, a flusher's scattered pieces and a full stripe alike.
+    /// The plan ([`rowplan::plan_readable`]) is made against the members readable now; when a
+    /// read fails (its member is faulty by then) the row is planned again without it, a bounded
+    /// number of times. Nothing is written before every read has succeeded. The caller holds the
+    /// bitmap registration of the row.
+    pub(super) async fn write_row(
         self: &Arc<Self>,
         row: u64,
         pieces: Vec<(Piece, Bytes)>,
     ) -> Result<()> {
         let geo = self.geo;
-        let d = geo.data_per_row();
-        let np = geo.level.parity_chunks();
+        let (d, np) = (geo.data_per_row(), geo.level.parity_chunks());
         let shape: Vec<Piece> = pieces.iter().map(|(p, _)| *p).collect();
-        let plan = rowplan::plan(d, np, geo.chunk_bytes, &shape)
-            .map_err(|e| self.invalid(format!("row {row}: {e}")))?;
-        let member_of = |role: usize| match role {
-            r if r < d => geo.data_member(row, r),
-            r if r == d => geo.p_member(row),
-            _ => geo.q_member(row),
-        };
-        {
-            let _g = self.lock_rows([row]).await;
+        let _g = self.lock_rows([row]).await;
+        for _attempt in 0..=geo.members {
             self.check_failed()?;
             let view = self.view();
-            let healthy =
-                (0..d + np).all(|r| view.readable[member_of(r)] && view.writable[member_of(r)]);
-            if healthy {
-                // Reads.
-                let reads = join_all(plan.reads.iter().enumerate().flat_map(|(role, runs)| {
-                    let m = member_of(role);
-                    let dv = view.members[m].clone();
-                    runs.iter().map(move |r| {
-                        let dv = dv.clone();
-                        async move {
-                            let dv = dv?;
-                            let off = self.member_off(row, r.first * COLUMN_BYTES);
-                            self.read_member(m, &dv, off, r.columns() * COLUMN_BYTES)
-                                .await
-                        }
-                    })
-                }))
-                .await;
-                if reads.iter().all(Option::is_some) {
-                    let mut it = reads.into_iter().flatten();
-                    let old: Vec<Vec<Bytes>> = plan
-                        .reads
-                        .iter()
-                        .map(|runs| it.by_ref().take(runs.len()).collect())
-                        .collect();
-                    let old_refs: Vec<Vec<&[u8]>> = old
-                        .iter()
-                        .map(|v| v.iter().map(|b| b.as_ref()).collect())
-                        .collect();
-                    let mut bufs: Vec<Vec<AlignedBuf>> = plan
-                        .writes
-                        .iter()
-                        .map(|runs| {
-                            runs.iter()
-                                .map(|r| AlignedBuf::zeroed((r.columns() * COLUMN_BYTES) as usize))
-                                .collect()
-                        })
-                        .collect();
-                    {
-                        let mut outs: Vec<Vec<&mut [u8]>> = bufs
-                            .iter_mut()
-                            .map(|v| v.iter_mut().map(|b| &mut b[..]).collect())
-                            .collect();
-                        let data: Vec<&[u8]> = pieces.iter().map(|(_, b)| b.as_ref()).collect();
-                        rowplan::compute(&plan, d, &shape, &data, &old_refs, &mut outs)
-                            .map_err(|e| self.invalid(format!("row {row}: {e}")))?;
-                    }
-                    let writes: Vec<(usize, u64, Bytes)> = plan
-                        .writes
-                        .iter()
-                        .zip(bufs)
-                        .enumerate()
-                        .flat_map(|(role, (runs, bufs))| {
-                            let m = member_of(role);
-                            runs.iter().zip(bufs).map(move |(r, b)| {
-                                (
-                                    m,
-                                    self.member_off(row, r.first * COLUMN_BYTES),
-                                    b.into_bytes(),
-                                )
-                            })
-                        })
-                        .collect();
-                    // Members may have failed (or a spare arrived) during the reads: write to
-                    // what is writable now; the blocks computed are right for any of them.
-                    let now = self.view();
-                    let writes = writes
-                        .into_iter()
-                        .filter(|(m, _, _)| now.writable[*m])
-                        .collect();
-                    self.write_members(&now, writes).await;
-                    return self.check_failed();
+            let readable: Vec<bool> = (0..d + np)
+                .map(|r| view.readable[self.role_member(row, r)])
+                .collect();
+            let plan = rowplan::plan_readable(d, np, geo.chunk_bytes, &shape, &readable)
+                .map_err(|e| self.row_plan_error(row, e))?;
+            let Some(old) = self.read_plan(row, &plan, &view).await else {
+                continue;
+            };
+            let writes = self.row_writes(row, &plan, &pieces, &old)?;
+            // Members may have failed (or a spare arrived) during the reads: write to what is
+            // writable now; the blocks computed are right for any of them.
+            let now = self.view();
+            let writes = writes
+                .into_iter()
+                .filter(|(m, _, _)| now.writable[*m])
+                .collect();
+            self.write_members(&now, writes).await;
+            return self.check_failed();
+        }
+        self.check_failed()?;
+        Err(ArrayError::Failed {
+            array: self.name.clone(),
+            detail: format!("row {row}: members kept failing"),
+        })
+    }
+
+    /// The member holding chunk role `role` of `row` (`0..d` data, `d` P, `d + 1` Q).
+    fn role_member(&self, row: u64, role: usize) -> usize {
+        let d = self.geo.data_per_row();
+        match role {
+            r if r < d => self.geo.data_member(row, r),
+            r if r == d => self.geo.p_member(row),
+            _ => self.geo.q_member(row),
+        }
+    }
+
+    fn row_plan_error(&self, row: u64, e: rowplan::PlanError) -> ArrayError {
+        match e {
+            rowplan::PlanError::Unrecoverable { .. } => ArrayError::Failed {
+                array: self.name.clone(),
+                detail: format!("row {row} could not be reconstructed: {e}"),
+            },
+            e => self.invalid(format!("row {row}: {e}")),
+        }
+    }
+
+    /// Issues the reads of `plan` concurrently; per role, the buffers of its read runs. `None`
+    /// when one failed (that member is now faulty).
+    async fn read_plan(
+        self: &Arc<Self>,
+        row: u64,
+        plan: &RowPlan,
+        view: &View,
+    ) -> Option<Vec<Vec<Bytes>>> {
+        let reads = join_all(plan.reads.iter().enumerate().flat_map(|(role, runs)| {
+            let m = self.role_member(row, role);
+            let dv = view.members[m].clone();
+            runs.iter().map(move |r| {
+                let dv = dv.clone();
+                async move {
+                    let off = self.member_off(row, r.first * COLUMN_BYTES);
+                    self.read_member(m, &dv?, off, r.columns() * COLUMN_BYTES)
+                        .await
                 }
-                // A read failed (its member is now faulty): nothing was written yet.
+            })
+        }))
+        .await;
+        let mut it = reads.into_iter();
+        plan.reads
+            .iter()
+            .map(|runs| it.by_ref().take(runs.len()).collect())
+            .collect()
+    }
+
+    /// The member writes `(member, offset, bytes)` of `plan`: pieces that cover a write run
+    /// exactly go out as they are (a full stripe copies no data), the other data runs and the
+    /// parity runs are computed into page-aligned buffers (`O_DIRECT` members take them without
+    /// a bounce copy).
+    fn row_writes(
+        &self,
+        row: u64,
+        plan: &RowPlan,
+        pieces: &[(Piece, Bytes)],
+        old: &[Vec<Bytes>],
+    ) -> Result<Vec<(usize, u64, Bytes)>> {
+        let d = self.geo.data_per_row();
+        let shape: Vec<Piece> = pieces.iter().map(|(p, _)| *p).collect();
+        let mut bufs: Vec<Vec<AlignedBuf>> = plan
+            .writes
+            .iter()
+            .enumerate()
+            .map(|(role, runs)| {
+                (0..runs.len())
+                    .map(|k| AlignedBuf::zeroed(plan.indirect_write_bytes(role, k)))
+                    .collect()
+            })
+            .collect();
+        {
+            let old_refs: Vec<Vec<&[u8]>> = old
+                .iter()
+                .map(|v| v.iter().map(|b| b.as_ref()).collect())
+                .collect();
+            let mut outs: Vec<Vec<&mut [u8]>> = bufs
+                .iter_mut()
+                .map(|v| v.iter_mut().map(|b| &mut b[..]).collect())
+                .collect();
+            let data: Vec<&[u8]> = pieces.iter().map(|(_, b)| b.as_ref()).collect();
+            rowplan::compute_indirect(plan, d, &shape, &data, &old_refs, &mut outs)
+                .map_err(|e| self.row_plan_error(row, e))?;
+        }
+        let mut writes = Vec::with_capacity(plan.write_ios());
+        for (role, (runs, bufs)) in plan.writes.iter().zip(bufs).enumerate() {
+            let m = self.role_member(row, role);
+            for (k, (r, b)) in runs.iter().zip(bufs).enumerate() {
+                let bytes = match plan.direct.get(role).and_then(|v| v[k]) {
+                    Some(piece) => pieces[piece].1.clone(),
+                    None => b.into_bytes(),
+                };
+                writes.push((m, self.member_off(row, r.first * COLUMN_BYTES), bytes));
             }
         }
-        for (p, data) in pieces {
-            let e = Extent {
-                chunk: row * d as u64 + p.data as u64,
-                offset_in_chunk: p.start,
-                len: p.len,
-                buf_offset: 0,
-            };
-            self.write_parity_row(vec![e], &data).await?;
-        }
-        self.check_failed()
+        Ok(writes)
+    }
+
+    /// The extents `exts` of a write of `data` as row pieces `(row, (piece, bytes))`, in order.
+    fn row_pieces(&self, exts: &[Extent], data: &Bytes) -> Vec<(u64, (Piece, Bytes))> {
+        let d = self.geo.data_per_row() as u64;
+        exts.iter()
+            .map(|e| {
+                let piece = Piece {
+                    data: (e.chunk % d) as usize,
+                    start: e.offset_in_chunk,
+                    len: e.len,
+                };
+                let at = e.buf_offset as usize;
+                (e.chunk / d, (piece, data.slice(at..at + e.len as usize)))
+            })
+            .collect()
     }
 
     pub(super) fn rows_span(&self, exts: &[Extent]) -> (u64, u64) {
@@ -281,238 +326,6 @@ impl Inner {
             });
         }
         Ok(())
-    }
-
-    /// Writes extents that all fall in one parity row.
-    pub(super) async fn write_parity_row(
-        self: &Arc<Self>,
-        exts: Vec<Extent>,
-        data: &Bytes,
-    ) -> Result<()> {
-        let geo = self.geo;
-        let d = geo.data_per_row();
-        let c = geo.chunk_bytes;
-        let row = exts[0].chunk / d as u64;
-        let _g = self.lock_rows([row]).await;
-        let lo = exts.iter().map(|e| e.offset_in_chunk).min().unwrap_or(0);
-        let hi = exts
-            .iter()
-            .map(|e| e.offset_in_chunk + e.len)
-            .max()
-            .unwrap_or(0);
-        let span = (hi - lo) as usize;
-        let raid6 = geo.level == Level::Raid6;
-        let mut newdata: Vec<Option<(Extent, Bytes)>> = vec![None; d];
-        for e in &exts {
-            let i = (e.chunk % d as u64) as usize;
-            newdata[i] = Some((
-                *e,
-                data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize),
-            ));
-        }
-        let full = lo == 0
-            && hi == c
-            && newdata
-                .iter()
-                .all(|x| x.as_ref().is_some_and(|(e, _)| e.len == c));
-        for _attempt in 0..=geo.members {
-            self.check_failed()?;
-            let view = self.view();
-            let pm = geo.p_member(row);
-            let qm = geo.q_member(row);
-            let parity_readable = view.readable[pm] && (!raid6 || view.readable[qm]);
-            let touched: Vec<usize> = (0..d).filter(|i| newdata[*i].is_some()).collect();
-            let fully: usize = newdata
-                .iter()
-                .flatten()
-                .filter(|(e, _)| e.offset_in_chunk == lo && e.len as usize == span)
-                .count();
-            let rmw_reads = touched.len() + geo.level.parity_chunks();
-            let rcw_reads = d - fully;
-            let rmw = !full
-                && parity_readable
-                && touched
-                    .iter()
-                    .all(|i| view.readable[geo.data_member(row, *i)])
-                && rmw_reads < rcw_reads;
-            let (p, q) = if full {
-                let refs: Vec<&[u8]> = newdata.iter().flatten().map(|(_, b)| b.as_ref()).collect();
-                // Page-aligned, so O_DIRECT members write the parity without a bounce copy.
-                let mut p = AlignedBuf::zeroed(span);
-                let mut q = AlignedBuf::zeroed(if raid6 { span } else { 0 });
-                parity::gen_pq(&refs, &mut p, raid6.then_some(&mut q[..]));
-                (p.into_bytes(), q.into_bytes())
-            } else if rmw {
-                let mut want = vec![false; geo.members];
-                want[pm] = true;
-                if raid6 {
-                    want[qm] = true;
-                }
-                for i in &touched {
-                    want[geo.data_member(row, *i)] = true;
-                }
-                let reads = join_all((0..geo.members).filter(|m| want[*m]).map(|m| {
-                    let dv = view.members[m].clone();
-                    async move {
-                        match dv {
-                            Some(dv) => (
-                                m,
-                                self.read_member(m, &dv, self.member_off(row, lo), hi - lo)
-                                    .await,
-                            ),
-                            None => (m, None),
-                        }
-                    }
-                }))
-                .await;
-                let mut old: Vec<Option<Vec<u8>>> = vec![None; geo.members];
-                let mut ok = true;
-                for (m, r) in reads {
-                    match r {
-                        Some(b) => old[m] = Some(b.to_vec()),
-                        None => ok = false,
-                    }
-                }
-                if !ok {
-                    continue;
-                }
-                let mut p = old[pm].take().unwrap_or_default();
-                let mut q = if raid6 {
-                    old[qm].take().unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
-                for &i in &touched {
-                    let mut delta = old[geo.data_member(row, i)].take().unwrap_or_default();
-                    let before = delta.clone();
-                    if let Some((e, b)) = &newdata[i] {
-                        let at = (e.offset_in_chunk - lo) as usize;
-                        delta[at..at + b.len()].copy_from_slice(b);
-                    }
-                    parity::xor_into(&mut delta, &before);
-                    parity::xor_into(&mut p, &delta);
-                    if raid6 {
-                        parity::mul_xor_into(parity::gf_pow2(i), &delta, &mut q);
-                    }
-                }
-                (Bytes::from(p), Bytes::from(q))
-            } else {
-                // Reconstruct-write: every data chunk over [lo, hi), recovered where needed.
-                let mut want = vec![true; geo.members];
-                let all_data_readable = (0..d).all(|i| view.readable[geo.data_member(row, i)]);
-                if all_data_readable {
-                    want[pm] = false;
-                    if raid6 {
-                        want[qm] = false;
-                    }
-                }
-                for (i, nd) in newdata.iter().enumerate() {
-                    if nd
-                        .as_ref()
-                        .is_some_and(|(e, _)| e.offset_in_chunk == lo && e.len as usize == span)
-                        && all_data_readable
-                    {
-                        want[geo.data_member(row, i)] = false;
-                    }
-                }
-                let mut rb = if want.iter().any(|w| *w) || !all_data_readable {
-                    if all_data_readable {
-                        // read only what is wanted; fully-overwritten chunks get placeholders
-                        let view2 = self.view();
-                        let reads = join_all((0..d).map(|i| {
-                            let m = geo.data_member(row, i);
-                            let dv = view2.members[m].clone();
-                            let go = want[m];
-                            async move {
-                                match (go, dv) {
-                                    (true, Some(dv)) => Some(
-                                        self.read_member(m, &dv, self.member_off(row, lo), hi - lo)
-                                            .await,
-                                    ),
-                                    _ => None,
-                                }
-                            }
-                        }))
-                        .await;
-                        let mut rb = RowBufs {
-                            data: vec![None; d],
-                            p: None,
-                            q: None,
-                            has_q: raid6,
-                        };
-                        let mut ok = true;
-                        for (i, r) in reads.into_iter().enumerate() {
-                            match r {
-                                Some(Some(b)) => rb.data[i] = Some(b.to_vec()),
-                                Some(None) => ok = false,
-                                None => rb.data[i] = Some(vec![0u8; span]),
-                            }
-                        }
-                        if !ok {
-                            continue;
-                        }
-                        rb
-                    } else {
-                        match self.gather_row(row, lo, hi, &want).await? {
-                            Some(rb) => rb,
-                            None => continue,
-                        }
-                    }
-                } else {
-                    RowBufs {
-                        data: vec![Some(vec![0u8; span]); d],
-                        p: None,
-                        q: None,
-                        has_q: raid6,
-                    }
-                };
-                for (i, nd) in newdata.iter().enumerate() {
-                    if let (Some((e, b)), Some(buf)) = (nd, rb.data[i].as_mut()) {
-                        let at = (e.offset_in_chunk - lo) as usize;
-                        buf[at..at + b.len()].copy_from_slice(b);
-                    }
-                }
-                let refs: Vec<&[u8]> = rb
-                    .data
-                    .iter()
-                    .map(|x| x.as_deref().unwrap_or(&[]))
-                    .collect();
-                if refs.iter().any(|r| r.len() != span) {
-                    return Err(ArrayError::Failed {
-                        array: self.name.clone(),
-                        detail: format!("row {row} could not be reconstructed"),
-                    });
-                }
-                let mut p = vec![0u8; span];
-                let mut q = vec![0u8; span];
-                parity::gen_pq(&refs, &mut p, raid6.then_some(&mut q[..]));
-                (Bytes::from(p), Bytes::from(q))
-            };
-            // Issue the writes.
-            let view = self.view();
-            let mut writes: Vec<(usize, u64, Bytes)> = Vec::new();
-            for (i, nd) in newdata.iter().enumerate() {
-                if let Some((e, b)) = nd {
-                    let m = geo.data_member(row, i);
-                    if view.writable[m] {
-                        writes.push((m, self.member_off(row, e.offset_in_chunk), b.clone()));
-                    }
-                }
-            }
-            if view.writable[pm] {
-                writes.push((pm, self.member_off(row, lo), p));
-            }
-            if raid6 && view.writable[qm] {
-                writes.push((qm, self.member_off(row, lo), q));
-            }
-            self.write_members(&view, writes).await;
-            return self.check_failed();
-        }
-        self.check_failed()?;
-        Err(ArrayError::Failed {
-            array: self.name.clone(),
-            detail: format!("row {row}: members kept failing"),
-        })
     }
 
     /// Issues member writes `(slot, offset, bytes)` of `view` concurrently; a device whose write
