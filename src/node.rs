@@ -57,6 +57,9 @@ impl Node {
         let server = Server::new(ServerConfig {
             max_request_bytes: u32::try_from(config.nbd.max_request.bytes())
                 .context("nbd.max_request does not fit in 32 bits")?,
+            max_connections: config.nbd.max_connections,
+            shutdown_grace: std::time::Duration::from_millis(config.nbd.shutdown_grace_ms),
+            tls: config.nbd_tls()?,
             ..ServerConfig::default()
         });
         let mut arrays = BTreeMap::new();
@@ -74,12 +77,19 @@ impl Node {
                 Some(a) => open_array_volume(&config, v, &arrays[a.as_str()], &mut journaled).await,
             }
             .with_context(|| format!("volume `{}`", v.name))?;
+            let access = v
+                .nbd_access()
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("volume `{}`", v.name))?;
             server
-                .add_export(Export {
-                    name: v.name.clone(),
-                    description: info.description.clone(),
-                    device,
-                })
+                .add_export_with_access(
+                    Export {
+                        name: v.name.clone(),
+                        description: info.description.clone(),
+                        device,
+                    },
+                    access,
+                )
                 .with_context(|| format!("volume `{}`", v.name))?;
             tracing::info!(
                 volume = %v.name,

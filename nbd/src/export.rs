@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
+use crate::access::{Access, ClientInfo};
 use crate::device::BlockDevice;
 
 /// A named device offered to clients.
@@ -142,14 +143,17 @@ impl Drop for ConnectionGuard {
 /// One registered export with its counters and its removal signal.
 pub struct ExportEntry {
     pub export: Export,
+    /// Which clients may use it.
+    pub access: Access,
     pub stats: ExportStats,
     removed: watch::Sender<bool>,
 }
 
 impl ExportEntry {
-    fn new(export: Export) -> Self {
+    fn new(export: Export, access: Access) -> Self {
         ExportEntry {
             export,
+            access,
             stats: ExportStats::default(),
             removed: watch::Sender::new(false),
         }
@@ -212,6 +216,11 @@ impl ExportRegistry {
     }
 
     pub fn add(&self, export: Export) -> Result<(), ExportError> {
+        self.add_with_access(export, Access::default())
+    }
+
+    /// Adds an export that only the clients `access` admits may use.
+    pub fn add_with_access(&self, export: Export, access: Access) -> Result<(), ExportError> {
         if export.name.is_empty() {
             return Err(ExportError::InvalidName {
                 name: export.name,
@@ -228,9 +237,10 @@ impl ExportRegistry {
         if state.exports.contains_key(&export.name) {
             return Err(ExportError::Exists(export.name));
         }
-        state
-            .exports
-            .insert(export.name.clone(), Arc::new(ExportEntry::new(export)));
+        state.exports.insert(
+            export.name.clone(),
+            Arc::new(ExportEntry::new(export, access)),
+        );
         Ok(())
     }
 
@@ -285,11 +295,12 @@ impl ExportRegistry {
             .collect()
     }
 
-    /// Names and descriptions, for `NBD_OPT_LIST`.
-    pub(crate) fn names(&self) -> Vec<(String, String)> {
+    /// Names and descriptions of the exports `client` may use, for `NBD_OPT_LIST`.
+    pub(crate) fn names_for(&self, client: &ClientInfo) -> Vec<(String, String)> {
         self.read()
             .exports
             .values()
+            .filter(|e| e.access.check(client).is_ok())
             .map(|e| (e.export.name.clone(), e.export.description.clone()))
             .collect()
     }

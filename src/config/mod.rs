@@ -79,6 +79,23 @@ pub struct NbdConfig {
     pub default_export: Option<String>,
     #[serde(default = "default_max_request")]
     pub max_request: ByteSize,
+    /// Clients served at once (all listeners); more are refused during the handshake.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// How long shutdown waits for in-flight NBD requests before closing connections.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// `off`, `optional` or `required` (`NBD_OPT_STARTTLS`).
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// PEM certificate chain (server certificate first) and PEM private key.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign client certificates; needed for `allow_cert_names`.
+    #[serde(default)]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for NbdConfig {
@@ -88,9 +105,38 @@ impl Default for NbdConfig {
             unix: None,
             default_export: None,
             max_request: default_max_request(),
+            max_connections: default_max_connections(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+            tls: TlsMode::Off,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
+
+/// `nbd.tls`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    Off,
+    Optional,
+    Required,
+}
+
+fn default_max_connections() -> u32 {
+    twinblock_nbd::server::DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_shutdown_grace_ms() -> u64 {
+    twinblock_nbd::server::DEFAULT_SHUTDOWN_GRACE.as_millis() as u64
+}
+
+/// Most clients `nbd.max_connections` may allow (each holds file descriptors and memory).
+const MAX_CONNECTIONS_LIMIT: u32 = 65_536;
+/// Longest `nbd.shutdown_grace_ms` (a stop must finish well within a service manager's timeout).
+const SHUTDOWN_GRACE_MS_MAX: u64 = 300_000;
 
 fn default_listen() -> Vec<String> {
     vec!["127.0.0.1:10809".to_string()]
@@ -125,6 +171,29 @@ pub struct VolumeConfig {
     pub read_only: bool,
     #[serde(default = "default_true")]
     pub direct_io: bool,
+    /// NBD allow-list: when not empty, only TCP clients from these addresses or networks
+    /// (`10.0.0.0/8`, `192.168.1.7`, `fd00::/8`) may use the volume.
+    #[serde(default)]
+    pub allow_networks: Vec<String>,
+    /// NBD allow-list: when not empty, only TLS clients whose verified certificate's subject
+    /// common name is listed may use the volume (needs `nbd.tls_client_ca`).
+    #[serde(default)]
+    pub allow_cert_names: Vec<String>,
+}
+
+impl VolumeConfig {
+    /// The volume's NBD allow-list; a message naming the bad entry when one does not parse.
+    pub fn nbd_access(&self) -> Result<twinblock_nbd::Access, String> {
+        let networks = self
+            .allow_networks
+            .iter()
+            .map(|n| n.parse::<twinblock_nbd::IpNet>().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(twinblock_nbd::Access {
+            networks,
+            cert_names: self.allow_cert_names.clone(),
+        })
+    }
 }
 
 fn default_true() -> bool {
@@ -278,14 +347,7 @@ impl Config {
                 ));
             }
         }
-        let max_req = self.nbd.max_request.bytes();
-        if !(4096..=(256 << 20)).contains(&max_req) {
-            return Err(self.invalid(
-                "nbd.max_request",
-                format!("{max_req} bytes is outside 4 KiB ..= 256 MiB"),
-            ));
-        }
-        Ok(())
+        self.validate_nbd_limits()
     }
 
     /// Array names, levels, disk counts, chunk sizes, and no disk used twice; returns the names.
@@ -420,6 +482,15 @@ impl Config {
             if v.journal && self.nvram.is_none() {
                 return Err(self.invalid(key("journal"), "journal = true needs an [nvram] section"));
             }
+            v.nbd_access()
+                .map_err(|m| self.invalid(key("allow_networks"), m))?;
+            if !v.allow_cert_names.is_empty() && self.nbd.tls_client_ca.is_none() {
+                return Err(self.invalid(
+                    key("allow_cert_names"),
+                    "client certificate names can only be checked with nbd.tls_client_ca set \
+                     (the CA that signs client certificates)",
+                ));
+            }
             if v.nvram.is_some() && !v.journal {
                 return Err(self.invalid(
                     key("nvram"),
@@ -451,6 +522,91 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `[nbd]` limits and TLS; the TLS files are read and parsed (read-only).
+    /// Request size, connection and TLS limits of the NBD server.
+    fn validate_nbd_limits(&self) -> Result<(), ConfigError> {
+        use twinblock_nbd::server::MIN_REQUEST_BYTES_LIMIT;
+        use twinblock_nbd::MAX_REQUEST_BYTES_LIMIT;
+        let max_req = self.nbd.max_request.bytes();
+        let range = u64::from(MIN_REQUEST_BYTES_LIMIT)..=u64::from(MAX_REQUEST_BYTES_LIMIT);
+        if !range.contains(&max_req) {
+            return Err(self.invalid(
+                "nbd.max_request",
+                format!(
+                    "{} is outside the supported range {} ..= {}",
+                    format_bytes(max_req),
+                    format_bytes(*range.start()),
+                    format_bytes(*range.end())
+                ),
+            ));
+        }
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.nbd.max_connections) {
+            return Err(self.invalid(
+                "nbd.max_connections",
+                format!(
+                    "{} is outside 1 ..= {MAX_CONNECTIONS_LIMIT}",
+                    self.nbd.max_connections
+                ),
+            ));
+        }
+        if self.nbd.shutdown_grace_ms > SHUTDOWN_GRACE_MS_MAX {
+            return Err(self.invalid(
+                "nbd.shutdown_grace_ms",
+                format!(
+                    "{} ms is longer than the maximum of {SHUTDOWN_GRACE_MS_MAX} ms",
+                    self.nbd.shutdown_grace_ms
+                ),
+            ));
+        }
+        self.nbd_tls().map(|_| ())
+    }
+
+    /// The NBD server's TLS settings (certificate and key loaded), `None` with `nbd.tls = "off"`.
+    pub fn nbd_tls(&self) -> Result<Option<twinblock_nbd::TlsSettings>, ConfigError> {
+        use twinblock_nbd::TlsRequirement;
+        let requirement = match self.nbd.tls {
+            TlsMode::Off => {
+                for (key, set) in [
+                    ("nbd.tls_cert", self.nbd.tls_cert.is_some()),
+                    ("nbd.tls_key", self.nbd.tls_key.is_some()),
+                    ("nbd.tls_client_ca", self.nbd.tls_client_ca.is_some()),
+                ] {
+                    if set {
+                        return Err(self.invalid(
+                            key,
+                            "set, but nbd.tls is \"off\"; set nbd.tls = \"optional\" or \
+                             \"required\" to use it",
+                        ));
+                    }
+                }
+                return Ok(None);
+            }
+            TlsMode::Optional => TlsRequirement::Optional,
+            TlsMode::Required => TlsRequirement::Required,
+        };
+        let (Some(cert), Some(key)) = (&self.nbd.tls_cert, &self.nbd.tls_key) else {
+            return Err(self.invalid(
+                if self.nbd.tls_cert.is_none() {
+                    "nbd.tls_cert"
+                } else {
+                    "nbd.tls_key"
+                },
+                "TLS needs both tls_cert (PEM certificate chain) and tls_key (PEM private key)",
+            ));
+        };
+        let ca = self.nbd.tls_client_ca.as_ref().map(|p| self.resolve(p));
+        let config = twinblock_nbd::tls::server_config(
+            &self.resolve(cert),
+            &self.resolve(key),
+            ca.as_deref(),
+        )
+        .map_err(|e| self.invalid("nbd.tls_cert", e.to_string()))?;
+        Ok(Some(twinblock_nbd::TlsSettings {
+            requirement,
+            config,
+        }))
     }
 
     /// The directory relative paths resolve against.
@@ -619,6 +775,75 @@ disks = ["a.img", "b.img", "a.img"]
             .to_string()
             .contains("at least 4"));
         assert!(parse(&base.replace("LEVEL", "5")).is_ok());
+    }
+
+    #[test]
+    fn max_request_up_to_the_limit_is_accepted_and_above_it_refused() {
+        let c = parse(&format!("[nbd]\nmax_request = \"40MiB\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.nbd.max_request.bytes(), 40 << 20);
+        let e = parse(&format!("[nbd]\nmax_request = \"65MiB\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.max_request"), "{e}");
+        assert!(e.contains("64 MiB"), "the error names the maximum: {e}");
+    }
+
+    #[test]
+    fn connection_limit_and_grace_have_defaults_and_ranges() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.nbd.max_connections, 256);
+        assert_eq!(c.nbd.shutdown_grace_ms, 10_000);
+        let e = parse(&format!("[nbd]\nmax_connections = 0\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.max_connections"), "{e}");
+        let e = parse(&format!("[nbd]\nshutdown_grace_ms = 3600000\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.shutdown_grace_ms"), "{e}");
+    }
+
+    #[test]
+    fn tls_needs_certificate_and_key_files_that_exist() {
+        let e = parse(&format!("[nbd]\ntls = \"required\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.tls_cert"), "{e}");
+        let e = parse(&format!(
+            "[nbd]\ntls = \"optional\"\ntls_cert = \"/nonexistent/c.pem\"\n\
+             tls_key = \"/nonexistent/k.pem\"\n{MINIMAL}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/c.pem"), "{e}");
+        let e = parse(&format!("[nbd]\ntls = \"maybe\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("maybe"), "{e}");
+        let e = parse(&format!("[nbd]\ntls_cert = \"c.pem\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.tls_cert") && e.contains("off"), "{e}");
+    }
+
+    #[test]
+    fn allow_lists_are_checked() {
+        let c = parse(&format!(
+            "{MINIMAL}allow_networks = [\"10.0.0.0/8\", \"::1\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.volumes[0].nbd_access().unwrap().networks.len(), 2);
+        let e = parse(&format!("{MINIMAL}allow_networks = [\"10.0.0.0/40\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("volume[0].allow_networks") && e.contains("10.0.0.0/40"),
+            "{e}"
+        );
+        let e = parse(&format!("{MINIMAL}allow_cert_names = [\"backup\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.tls_client_ca"), "{e}");
     }
 
     #[test]

@@ -34,8 +34,9 @@ impl BlockDevice for JournaledDevice {
 
     fn caps(&self) -> DeviceCaps {
         DeviceCaps {
-            // Zeroes are a small journal record: as fast as it gets.
+            // Zeroes are a small journal record: as fast as it gets, and no zero buffer.
             fast_zero: true,
+            zero_scratch_bytes: 0,
             ..array_caps(&self.volume.backing().array, self.read_only)
         }
     }
