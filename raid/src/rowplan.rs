@@ -454,20 +454,24 @@ fn fill(
             k += 1;
             continue;
         }
-        // Extend over the following columns whose every input lies contiguous with this one's.
+        // The following columns of the same kind, adjacent to this one, share one parity pass
+        // when every input lies contiguous over all of them (always so for a full stripe);
+        // otherwise the span is halved until it does.
         let mut n = 1;
-        while let Some(next) = plan.columns.get(k + n) {
-            let joinable = next.index == c.index + n as u64
+        while plan.columns.get(k + n).is_some_and(|next| {
+            next.index == c.index + n as u64
                 && next.mode == c.mode
                 && (0..d).all(|i| next.touched(i) == c.touched(i))
-                && fresh_inputs(plan, d, c, data, data_w, reads, &recovered, k, n + 1).is_some();
-            if !joinable {
-                break;
-            }
+        }) {
             n += 1;
         }
-        let new = fresh_inputs(plan, d, c, data, data_w, reads, &recovered, k, n)
-            .ok_or_else(|| bad(format!("no data blocks for column {}", c.index)))?;
+        let new = loop {
+            match fresh_inputs(plan, d, c, data, data_w, reads, &recovered, k, n) {
+                Some(new) => break new,
+                None if n > 1 => n /= 2,
+                None => return Err(bad(format!("no data blocks for column {}", c.index))),
+            }
+        };
         let (p_w, q_w) = parity_w.split_at_mut(1);
         let p = span_mut(&plan.writes[d], &mut p_w[0], c.index, n as u64)
             .ok_or_else(|| bad(format!("no P write for column {}", c.index)))?;
