@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::access::{Access, ClientInfo};
 use crate::device::BlockDevice;
+use crate::metrics::ExportMetrics;
 
 /// A named device offered to clients.
 #[derive(Clone)]
@@ -45,6 +46,8 @@ pub struct ExportStats {
     zero_ops: AtomicU64,
     block_status_ops: AtomicU64,
     errors: AtomicU64,
+    /// Per-command counts, bytes, errors and latency, for `Server::metrics_text`.
+    pub(crate) commands: ExportMetrics,
 }
 
 /// A point-in-time copy of [`ExportStats`].
@@ -303,6 +306,11 @@ impl ExportRegistry {
             .filter(|e| e.access.check(client).is_ok())
             .map(|e| (e.export.name.clone(), e.export.description.clone()))
             .collect()
+    }
+
+    /// Every export's entry, in name order.
+    pub(crate) fn entries(&self) -> Vec<Arc<ExportEntry>> {
+        self.read().exports.values().cloned().collect()
     }
 
     pub fn stats(&self, name: &str) -> Option<ExportStatsSnapshot> {

@@ -395,55 +395,7 @@ fn handle_option(
             put_option_reply(out, option, NBD_REP_ACK, 0);
             Ok(Next::StartTls)
         }
-        NBD_OPT_INFO | NBD_OPT_GO => {
-            let req = match parse_info_request(data) {
-                Ok(r) => r,
-                Err(e) => return invalid(out, &e.to_string()),
-            };
-            let entry = match policy.lookup(&req.name) {
-                Lookup::Found(e) => e,
-                Lookup::Unknown => {
-                    debug!(export = %req.name, "client asked for an unknown export");
-                    put_option_reply_message(
-                        out,
-                        option,
-                        NBD_REP_ERR_UNKNOWN,
-                        &format!("no export named {:?}", req.name),
-                    );
-                    return Ok(Next::Continue);
-                }
-                Lookup::Denied => {
-                    put_option_reply_message(out, option, NBD_REP_ERR_POLICY, MSG_NOT_PERMITTED);
-                    return Ok(Next::Continue);
-                }
-            };
-            let n = negotiated(entry, state, policy.limits);
-            put_info_export(out, option, n.entry.export.device.size(), n.flags);
-            if req.requested(NBD_INFO_NAME) {
-                put_info_string(out, option, NBD_INFO_NAME, &n.entry.export.name);
-            }
-            if req.requested(NBD_INFO_DESCRIPTION) && !n.entry.export.description.is_empty() {
-                put_info_string(
-                    out,
-                    option,
-                    NBD_INFO_DESCRIPTION,
-                    &n.entry.export.description,
-                );
-            }
-            put_info_block_size(
-                out,
-                option,
-                n.limits.min_bytes,
-                n.limits.preferred_bytes,
-                n.limits.max_bytes,
-            );
-            put_option_reply(out, option, NBD_REP_ACK, 0);
-            if option == NBD_OPT_GO {
-                Ok(Next::Transmission(n))
-            } else {
-                Ok(Next::Continue)
-            }
-        }
+        NBD_OPT_INFO | NBD_OPT_GO => info_or_go(option, data, policy, state, out),
         NBD_OPT_STRUCTURED_REPLY => {
             if !data.is_empty() {
                 return invalid(out, "NBD_OPT_STRUCTURED_REPLY takes no data");
@@ -460,6 +412,71 @@ fn handle_option(
             put_option_reply_message(out, option, NBD_REP_ERR_UNSUP, "option not supported");
             Ok(Next::Continue)
         }
+    }
+}
+
+/// Answers option data that does not parse with `NBD_REP_ERR_INVALID`.
+fn invalid_data(out: &mut BytesMut, option: u32, msg: &str) -> Result<Next, ConnectionError> {
+    debug!(option, "invalid option data: {msg}");
+    put_option_reply_message(out, option, NBD_REP_ERR_INVALID, msg);
+    Ok(Next::Continue)
+}
+
+/// `NBD_OPT_INFO` and `NBD_OPT_GO`: the export's size, flags, name, description and block
+/// sizes; `GO` then enters transmission.
+fn info_or_go(
+    option: u32,
+    data: &[u8],
+    policy: &Policy<'_>,
+    state: &mut State,
+    out: &mut BytesMut,
+) -> Result<Next, ConnectionError> {
+    let req = match parse_info_request(data) {
+        Ok(r) => r,
+        Err(e) => return invalid_data(out, option, &e.to_string()),
+    };
+    let entry = match policy.lookup(&req.name) {
+        Lookup::Found(e) => e,
+        Lookup::Unknown => {
+            debug!(export = %req.name, "client asked for an unknown export");
+            put_option_reply_message(
+                out,
+                option,
+                NBD_REP_ERR_UNKNOWN,
+                &format!("no export named {:?}", req.name),
+            );
+            return Ok(Next::Continue);
+        }
+        Lookup::Denied => {
+            put_option_reply_message(out, option, NBD_REP_ERR_POLICY, MSG_NOT_PERMITTED);
+            return Ok(Next::Continue);
+        }
+    };
+    let n = negotiated(entry, state, policy.limits);
+    put_info_export(out, option, n.entry.export.device.size(), n.flags);
+    if req.requested(NBD_INFO_NAME) {
+        put_info_string(out, option, NBD_INFO_NAME, &n.entry.export.name);
+    }
+    if req.requested(NBD_INFO_DESCRIPTION) && !n.entry.export.description.is_empty() {
+        put_info_string(
+            out,
+            option,
+            NBD_INFO_DESCRIPTION,
+            &n.entry.export.description,
+        );
+    }
+    put_info_block_size(
+        out,
+        option,
+        n.limits.min_bytes,
+        n.limits.preferred_bytes,
+        n.limits.max_bytes,
+    );
+    put_option_reply(out, option, NBD_REP_ACK, 0);
+    if option == NBD_OPT_GO {
+        Ok(Next::Transmission(n))
+    } else {
+        Ok(Next::Continue)
     }
 }
 

@@ -12,7 +12,9 @@
 //! - [`access`]: client identity and per-export allow-lists; [`tls`]: TLS settings from PEM
 //!   files; [`cert`]: the certificate name an allow-list matches; [`transport`]: the streams a
 //!   connection runs on (TCP, Unix, TLS);
-//! - [`ratelimit`]: rate-limited refusal logs; [`zeroes`]: the shared zero buffer.
+//! - [`ratelimit`]: rate-limited refusal logs; [`zeroes`]: the shared zero buffer;
+//!   [`metrics`]: per-export request counters and latency histograms in the Prometheus text
+//!   format (`Server::metrics_text`).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -41,6 +43,7 @@ pub mod export;
 pub mod fuzzing;
 pub mod handshake;
 pub mod mem;
+pub mod metrics;
 pub mod proto;
 pub mod ratelimit;
 pub mod reply;

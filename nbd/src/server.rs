@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,6 +125,8 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     /// Connections counted against `max_connections`.
     connections: AtomicU32,
+    /// Clients refused because the server was at `max_connections`.
+    refused_over_limit: AtomicU64,
     logs: Arc<RefusalLogs>,
 }
 
@@ -151,6 +153,7 @@ impl Server {
                 registry: ExportRegistry::default(),
                 shutdown: watch::Sender::new(false),
                 connections: AtomicU32::new(0),
+                refused_over_limit: AtomicU64::new(0),
                 logs: Arc::new(RefusalLogs::default()),
             }),
         }
@@ -199,6 +202,31 @@ impl Server {
     /// Connections currently counted against the connection limit.
     pub fn active_connections(&self) -> u32 {
         self.inner.connections.load(Ordering::Acquire)
+    }
+
+    /// The server's metrics in the Prometheus text format: clients, per-export connections, and
+    /// per export and command the requests, bytes, errors and a latency histogram.
+    pub fn metrics_text(&self) -> String {
+        let entries = self.inner.registry.entries();
+        let snapshots: Vec<_> = entries.iter().map(|e| e.stats.snapshot()).collect();
+        let samples: Vec<_> = entries
+            .iter()
+            .zip(&snapshots)
+            .map(|(e, s)| crate::metrics::ExportSample {
+                name: &e.export.name,
+                connections_active: s.connections_active,
+                connections_total: s.connections_total,
+                metrics: &e.stats.commands,
+            })
+            .collect();
+        crate::metrics::render(
+            crate::metrics::ServerGauges {
+                clients: self.active_connections(),
+                max_clients: self.inner.config.max_connections,
+                refused_over_limit: self.inner.refused_over_limit.load(Ordering::Relaxed),
+            },
+            &samples,
+        )
     }
 
     /// Closes every connection (after answering in-flight requests, for at most the shutdown
@@ -350,6 +378,9 @@ impl Server {
     ) -> Result<(), ConnectionError> {
         let slot = self.admit();
         let refusal = if slot.is_none() {
+            self.inner
+                .refused_over_limit
+                .fetch_add(1, Ordering::Relaxed);
             if let Some(suppressed) = self.inner.logs.connections.check() {
                 warn!(
                     peer = %client.peer,

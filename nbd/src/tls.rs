@@ -68,6 +68,19 @@ pub enum TlsError {
     Rustls { what: &'static str, message: String },
 }
 
+impl TlsError {
+    /// Which input failed: `"TLS certificate"`, `"TLS private key"`, `"TLS client CA"`, or for
+    /// a refusal by rustls what it refused.
+    pub fn what(&self) -> &'static str {
+        match self {
+            TlsError::Read { what, .. }
+            | TlsError::Pem { what, .. }
+            | TlsError::Empty { what, .. }
+            | TlsError::Rustls { what, .. } => what,
+        }
+    }
+}
+
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         what,

@@ -419,6 +419,9 @@ async fn reader_loop<R: AsyncRead + Unpin>(
                     );
                 }
                 conn.entry.stats.error();
+                if let Some(c) = command_of(h.command) {
+                    conn.entry.stats.commands.refused(c);
+                }
                 if h.command == NBD_CMD_WRITE {
                     skip_payload(reader, &h).await?;
                 }
@@ -535,7 +538,40 @@ async fn skip_payload<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// The command a wire command number names, if it is one this server knows.
+pub fn command_of(wire: u16) -> Option<Command> {
+    Some(match wire {
+        NBD_CMD_READ => Command::Read,
+        NBD_CMD_WRITE => Command::Write,
+        NBD_CMD_DISC => Command::Disconnect,
+        NBD_CMD_FLUSH => Command::Flush,
+        NBD_CMD_TRIM => Command::Trim,
+        NBD_CMD_CACHE => Command::Cache,
+        NBD_CMD_WRITE_ZEROES => Command::WriteZeroes,
+        NBD_CMD_BLOCK_STATUS => Command::BlockStatus,
+        _ => return None,
+    })
+}
+
+/// Runs a validated request on the device and records its metrics.
 async fn execute(conn: &Conn, h: &RequestHeader, cmd: Command, data: Option<Bytes>) -> ReplyBody {
+    let started = std::time::Instant::now();
+    let body = run_on_device(conn, h, cmd, data).await;
+    let failed = matches!(body, ReplyBody::Error { .. });
+    let bytes = if cmd == Command::Flush { 0 } else { h.len };
+    conn.entry
+        .stats
+        .commands
+        .record(cmd, bytes, failed, started.elapsed());
+    body
+}
+
+async fn run_on_device(
+    conn: &Conn,
+    h: &RequestHeader,
+    cmd: Command,
+    data: Option<Bytes>,
+) -> ReplyBody {
     let device = &conn.entry.export.device;
     let stats = &conn.entry.stats;
     let fua = h.flags & NBD_CMD_FLAG_FUA != 0;

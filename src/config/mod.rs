@@ -602,7 +602,14 @@ impl Config {
             &self.resolve(key),
             ca.as_deref(),
         )
-        .map_err(|e| self.invalid("nbd.tls_cert", e.to_string()))?;
+        .map_err(|e| {
+            let key = match e.what() {
+                "TLS private key" => "nbd.tls_key",
+                "TLS client CA" | "client CA certificate" => "nbd.tls_client_ca",
+                _ => "nbd.tls_cert",
+            };
+            self.invalid(key, e.to_string())
+        })?;
         Ok(Some(twinblock_nbd::TlsSettings {
             requirement,
             config,
@@ -816,6 +823,21 @@ disks = ["a.img", "b.img", "a.img"]
         .unwrap_err()
         .to_string();
         assert!(e.contains("/nonexistent/c.pem"), "{e}");
+        let dir = std::env::temp_dir().join(format!("twinblock-cfg-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("empty.pem"), "no pem here\n").unwrap();
+        let e = parse(&format!(
+            "[nbd]\ntls = \"optional\"\ntls_cert = \"{0}/empty.pem\"\n\
+             tls_key = \"{0}/empty.pem\"\n{MINIMAL}",
+            dir.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("nbd.tls_cert") && e.contains("CERTIFICATE"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
         let e = parse(&format!("[nbd]\ntls = \"maybe\"\n{MINIMAL}"))
             .unwrap_err()
             .to_string();
