@@ -334,6 +334,7 @@ pub struct Nvram {
     previous_generation: u64,
     mode: PersistenceMode,
     method: PersistMethod,
+    survives_power_loss: bool,
     formatted: bool,
     own: Option<Region>,
     partner: Option<PartnerRegion>,
@@ -362,6 +363,7 @@ impl Nvram {
             fresh.file_bytes,
         )?;
         let method = mapping.method();
+        let survives_power_loss = mapping.survives_power_loss();
         let file_bytes = mapping.len();
         let foreign = |source| JournalError::Foreign {
             path: path.clone(),
@@ -440,6 +442,7 @@ impl Nvram {
             header,
             mode: cfg.persistence,
             method,
+            survives_power_loss,
             formatted,
             own: Some(own),
             partner: Some(PartnerRegion {
@@ -478,6 +481,12 @@ impl Nvram {
 
     pub fn persist_method(&self) -> PersistMethod {
         self.method
+    }
+
+    /// True when a persisted record survives the loss of the host's power: `msync` or `pmem`
+    /// mode on a medium that is not RAM. False for mode `none` and for any file on tmpfs/ramfs.
+    pub fn survives_power_loss(&self) -> bool {
+        self.survives_power_loss
     }
 
     /// Takes the own region (once; the journaled volume owns it).

@@ -212,8 +212,27 @@ fn allocate(file: &File, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// True when `file` is on a file system held in RAM (tmpfs, ramfs): lost with the host's power
+/// whatever is done to persist it.
+fn on_volatile_medium(file: &File) -> std::io::Result<bool> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fstatfs` writes only into `buf`, which is a valid, exclusively borrowed struct.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut buf) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let kind = buf.f_type as i64;
+    Ok(kind == TMPFS_MAGIC || kind == RAMFS_MAGIC)
+}
+
 /// The mapped file, shared by the spans cut from it.
 struct Inner {
+    /// The file lives on tmpfs/ramfs: nothing stored in it survives a loss of power.
+    volatile_medium: bool,
     map: RawMap,
     /// Held for the exclusive `flock` (released when the file closes).
     _file: File,
@@ -325,8 +344,10 @@ impl Mapping {
             }
             Err(e) => return Err(io("mmap")(e)),
         };
+        let volatile_medium = on_volatile_medium(&file).map_err(io("fstatfs"))?;
         Ok(Mapping {
             inner: Inner {
+                volatile_medium,
                 map,
                 _file: file,
                 path: path.to_path_buf(),
@@ -349,6 +370,12 @@ impl Mapping {
 
     pub fn method(&self) -> PersistMethod {
         self.inner.method
+    }
+
+    /// True when a record persisted by [`MapSpan::persist`] survives the loss of the host's
+    /// power: a persisting mode on a medium that is not RAM (tmpfs/ramfs).
+    pub fn survives_power_loss(&self) -> bool {
+        self.inner.method != PersistMethod::Nothing && !self.inner.volatile_medium
     }
 
     /// Read-only view of the whole file (to validate the header before splitting).

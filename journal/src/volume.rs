@@ -38,6 +38,21 @@
 //! find the log full wait on `space_freed` (back-pressure) after waking the flusher; if CPs fail
 //! while the log is full they get [`JournalError::CpFailed`] instead of waiting forever.
 //!
+//! # Durability: what an acknowledgement survives
+//!
+//! A write is acknowledged once its record is persisted in NVRAM (and shipped to the partner when
+//! a mirror is configured). FLUSH and FUA promise more, as the NBD specification says: the covered
+//! writes survive the loss of this host's power. The volume tracks the *durable seq*, the highest
+//! seq known to survive power loss, as the largest of
+//! - the newest appended seq, when the NVRAM medium survives power loss (`msync` on a persistent
+//!   file, `pmem` on DAX: [`Nvram::survives_power_loss`]);
+//! - [`MirrorHook::partner_durable_seq`]: what an in-sync partner holds;
+//! - `applied_seq`: what a CP wrote to the store and flushed.
+//!
+//! FLUSH waits until the durable seq reaches the newest data seq journaled when it was called;
+//! FUA waits for its own record's seq. When that needs a CP (tmpfs, no in-sync partner), the
+//! waiters queue on `cp_lock` and one CP covers all of them (group commit).
+//!
 //! # Mirror hook
 //!
 //! With a [`MirrorHook`] enabled, each appended record is copied under the lock and shipped (with
@@ -190,6 +205,14 @@ pub trait MirrorHook: Send + Sync + 'static {
     async fn ship(&self, log_offset: u64, seq: u64, record: Bytes) -> MirrorOutcome;
     /// The own log restarted (after recovery) at `tail_offset` with `tail_seq` in `generation`.
     fn log_reset(&self, generation: u64, tail_offset: u64, tail_seq: u64);
+    /// When the partner is in sync and its NVRAM survives the loss of this host's power: the
+    /// highest seq X such that it has persisted every record of this log with seq <= X. `None`
+    /// when it is not in sync. FLUSH and FUA covered by X need no CP (see [`durable seq`]).
+    ///
+    /// [`durable seq`]: JournaledVolume::durable_seq
+    fn partner_durable_seq(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// No partner: nothing is shipped.
@@ -236,6 +259,10 @@ pub struct VolumeStatus {
     pub applied_seq: u64,
     pub dirty_extents: u64,
     pub dirty_bytes: u64,
+    /// The highest seq known to survive the loss of this host's power.
+    pub durable_seq: u64,
+    /// An acknowledged write survives the loss of this host's power (else: a daemon crash only).
+    pub ack_survives_power_loss: bool,
     pub cps_done: u64,
     pub writer_waits: u64,
     pub last_cp_error: Option<String>,
@@ -488,6 +515,8 @@ struct Shared<B: Backing> {
     size: u64,
     config: VolumeConfig,
     persistence: PersistenceMode,
+    /// A record persisted in the own NVRAM survives the loss of this host's power.
+    local_durable: bool,
     state: Mutex<State>,
     space_freed: Notify,
     /// Signalled when records leave `State::shipping`.
@@ -622,7 +651,8 @@ impl<B: Backing> Shared<B> {
         Ok((seq, ship.send().await))
     }
 
-    async fn write(&self, offset: u64, data: Bytes) -> Result<(), JournalError> {
+    /// Journals `data`; returns the seq of its last record.
+    async fn write(&self, offset: u64, data: Bytes) -> Result<u64, JournalError> {
         self.check_range(offset, data.len() as u64)?;
         let mut mirrored = Vec::new();
         let mut seqs = Vec::new();
@@ -642,21 +672,24 @@ impl<B: Backing> Shared<B> {
             mirrored.extend(m);
             at += n;
         }
-        self.finish(&mirrored, &seqs).await
+        self.finish(&mirrored, &seqs).await?;
+        Ok(seqs.last().copied().unwrap_or(0))
     }
 
+    /// Journals a ZERO or TRIM; returns its seq (0 for an empty range).
     async fn write_range(
         &self,
         kind: RecordKind,
         offset: u64,
         len: u64,
-    ) -> Result<(), JournalError> {
+    ) -> Result<u64, JournalError> {
         self.check_range(offset, len)?;
         if len == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let (seq, mirrored) = self.journal_and_ship(kind, offset, len, &[]).await?;
-        self.finish(&mirrored, &[seq]).await
+        self.finish(&mirrored, &[seq]).await?;
+        Ok(seq)
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, JournalError> {
@@ -706,14 +739,51 @@ impl<B: Backing> Shared<B> {
         Ok(out.freeze())
     }
 
-    async fn flush(&self) -> Result<(), JournalError> {
-        // Every acknowledged write is already persistent in NVRAM; record the acknowledged set.
+    /// The highest seq known to survive the loss of this host's power (module doc).
+    fn durable_seq(&self, st: &State) -> u64 {
+        let local = if self.local_durable {
+            st.cursor.next_seq - 1
+        } else {
+            0
+        };
+        let partner = self.mirror.partner_durable_seq().unwrap_or(0);
+        local.max(partner).max(st.applied_seq)
+    }
+
+    /// Returns once every record with seq <= `target` survives the loss of this host's power,
+    /// running a CP when nothing else makes it so. Concurrent callers share CPs: they queue on
+    /// `cp_lock`, and one whose target the finished CP covered returns without another.
+    async fn wait_durable(self: &Arc<Self>, target: u64) -> Result<(), JournalError> {
+        loop {
+            if self.durable_seq(&self.lock()) >= target {
+                return Ok(());
+            }
+            let cp_guard = self.cp_lock.lock().await;
+            if self.durable_seq(&self.lock()) >= target {
+                return Ok(());
+            }
+            let ran = self.run_cp_locked(&cp_guard).await?;
+            if !ran && self.durable_seq(&self.lock()) < target {
+                // Cannot happen: seq `target` was journaled, so a CP has something to apply.
+                return Err(JournalError::CpFailed {
+                    message: format!("no CP to run, yet seq {target} is not durable"),
+                });
+            }
+        }
+    }
+
+    async fn flush(self: &Arc<Self>) -> Result<(), JournalError> {
+        // Record the acknowledged set, then wait until everything journaled so far survives
+        // power loss (at once when the NVRAM or the partner already guarantee it).
         let copy = self.mirror.enabled();
         let mut ship = ShipList::new(self);
-        self.lock()
-            .emit_transitions(self.volume_id, copy, &mut ship.items)?;
+        let target = {
+            let mut st = self.lock();
+            st.emit_transitions(self.volume_id, copy, &mut ship.items)?;
+            st.last_data_seq
+        };
         ship.send().await;
-        Ok(())
+        self.wait_durable(target).await
     }
 
     /// Writes the snapshot to the store: adjacent extents of one kind are coalesced, and data runs
@@ -876,7 +946,15 @@ impl<B: Backing> Shared<B> {
 
     /// Runs one consistency point; `Ok(false)` when there was nothing to do.
     async fn run_cp(self: &Arc<Self>) -> Result<bool, JournalError> {
-        let _one_at_a_time = self.cp_lock.lock().await;
+        let one_at_a_time = self.cp_lock.lock().await;
+        self.run_cp_locked(&one_at_a_time).await
+    }
+
+    /// [`Shared::run_cp`] for a caller holding `cp_lock` (the guard proves it).
+    async fn run_cp_locked(
+        self: &Arc<Self>,
+        _cp_lock_held: &tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<bool, JournalError> {
         let (cp_seq, head, used, snapshot) = {
             let st = self.lock();
             let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
@@ -1030,6 +1108,7 @@ impl<B: Backing> JournaledVolume<B> {
             volume_id,
             size,
             persistence: nvram.persistence(),
+            local_durable: nvram.survives_power_loss(),
             state: Mutex::new(State {
                 cursor: LogCursor::empty(log_bytes, 0, recovery.next_seq),
                 region,
@@ -1079,19 +1158,63 @@ impl<B: Backing> JournaledVolume<B> {
     }
 
     /// Journals `data` at `offset`; returns once it is persistent in NVRAM (and shipped to the
-    /// partner when a mirror is configured). FUA needs nothing more.
+    /// partner when a mirror is configured). What that survives: see
+    /// [`JournaledVolume::ack_survives_power_loss`].
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), JournalError> {
-        self.shared.write(offset, data).await
+        self.shared.write(offset, data).await.map(|_| ())
+    }
+
+    /// A write with FUA: returns once `data` survives the loss of this host's power (as a
+    /// write followed by a FLUSH covering only it).
+    pub async fn write_fua(&self, offset: u64, data: Bytes) -> Result<(), JournalError> {
+        let seq = self.shared.write(offset, data).await?;
+        self.shared.wait_durable(seq).await
     }
 
     /// Journals a WRITE_ZEROES (a record without payload).
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), JournalError> {
-        self.shared.write_range(RecordKind::Zero, offset, len).await
+        self.shared
+            .write_range(RecordKind::Zero, offset, len)
+            .await
+            .map(|_| ())
+    }
+
+    /// A WRITE_ZEROES with FUA (see [`JournaledVolume::write_fua`]).
+    pub async fn write_zeroes_fua(&self, offset: u64, len: u64) -> Result<(), JournalError> {
+        let seq = self
+            .shared
+            .write_range(RecordKind::Zero, offset, len)
+            .await?;
+        self.shared.wait_durable(seq).await
     }
 
     /// Journals a TRIM (a record without payload); trimmed bytes read as zero until applied.
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), JournalError> {
-        self.shared.write_range(RecordKind::Trim, offset, len).await
+        self.shared
+            .write_range(RecordKind::Trim, offset, len)
+            .await
+            .map(|_| ())
+    }
+
+    /// A TRIM with FUA (see [`JournaledVolume::write_fua`]).
+    pub async fn trim_fua(&self, offset: u64, len: u64) -> Result<(), JournalError> {
+        let seq = self
+            .shared
+            .write_range(RecordKind::Trim, offset, len)
+            .await?;
+        self.shared.wait_durable(seq).await
+    }
+
+    /// True when an acknowledged (plain) write survives the loss of this host's power: the
+    /// NVRAM is persisted on a medium that survives it. False: it survives a crash of the
+    /// daemon only, and FLUSH / FUA wait for a CP (unless an in-sync partner holds the records).
+    pub fn ack_survives_power_loss(&self) -> bool {
+        self.shared.local_durable
+    }
+
+    /// The highest seq known to survive the loss of this host's power (module doc).
+    pub fn durable_seq(&self) -> u64 {
+        self.shared.durable_seq(&self.shared.lock())
     }
 
     /// Reads, overlaying the dirty index on the store.
@@ -1099,7 +1222,9 @@ impl<B: Backing> JournaledVolume<B> {
         self.shared.read(offset, len).await
     }
 
-    /// FLUSH: completes at once (earlier writes are already in NVRAM); logs the batched
+    /// FLUSH: returns once every write journaled before it survives the loss of this host's
+    /// power: at once when the NVRAM medium or an in-sync partner guarantees that, else after a
+    /// CP (shared with concurrent flushes) has applied and flushed them. Also logs the batched
     /// acknowledged transitions.
     pub async fn flush(&self) -> Result<(), JournalError> {
         self.shared.flush().await
@@ -1123,6 +1248,8 @@ impl<B: Backing> JournaledVolume<B> {
             applied_seq: st.applied_seq,
             dirty_extents: st.index.len() as u64,
             dirty_bytes: st.index.dirty_bytes(),
+            durable_seq: self.shared.durable_seq(&st),
+            ack_survives_power_loss: self.shared.local_durable,
             cps_done: st.cps_done,
             writer_waits: st.writer_waits,
             last_cp_error: st.last_cp_error.clone(),
