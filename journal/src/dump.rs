@@ -265,7 +265,7 @@ impl fmt::Display for Dump {
                     if c.store_id == [0; 16] {
                         "unbound".to_string()
                     } else {
-                        crate::volume::format_store_id(&c.store_id)
+                        crate::recover::format_store_id(&c.store_id)
                     }
                 )?,
                 None => writeln!(f, "  control: never written")?,

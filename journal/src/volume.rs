@@ -1,5 +1,5 @@
 //! The journaled volume: writes are acknowledged once they are records in NVRAM; a flusher applies
-//! them to the [`Backing`] store in consistency points (CPs); recovery redoes what the store lacks.
+//! them to the [`Backing`] store in consistency points (CPs); at open the records the store lacks are indexed again and the first CP applies them.
 //!
 //! # State-machine logging
 //!
@@ -59,7 +59,7 @@
 //! its log offset) before the request returns; the mirrored seqs go into the next TRANSITION
 //! record. A CP does not free log space until every record it covers has been shipped, so the
 //! partner never receives a record for space the owner has already reused. See
-//! [`crate::nvram::PartnerRegion::receive`] for the receiving side and [`replay_region`] for
+//! [`crate::nvram::PartnerRegion::receive`] for the receiving side and [`crate::recover`] for
 //! takeover replay.
 
 use std::collections::BTreeSet;
@@ -72,7 +72,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
 use crate::backing::Backing;
-use crate::error::{BackingError, JournalError};
+use crate::error::JournalError;
 use crate::format::{
     align_up, encode_transitions, CpPayload, RecordHeader, RecordKind, TransitionEntry,
     TransitionState, RECORD_HEADER_BYTES, TRANSITION_ENTRY_BYTES, TRANSITION_MAX_ENTRIES,
@@ -81,7 +81,7 @@ use crate::index::{DirtyIndex, Extent, ExtentData};
 use crate::log::LogCursor;
 use crate::nvram::{Nvram, Region};
 use crate::pmem::{PersistMethod, PersistenceMode};
-use crate::scan::ScanReport;
+use crate::recover::{apply_plan, backing_err, plan_recovery, RecoveryReport};
 
 /// Log bytes writers leave free so that CP, TRANSITION and PAD records always fit.
 const CONTROL_RESERVE_BYTES: u64 =
@@ -228,22 +228,6 @@ impl MirrorHook for NoMirror {
         MirrorOutcome::NotMirrored
     }
     fn log_reset(&self, _generation: u64, _tail_offset: u64, _tail_seq: u64) {}
-}
-
-/// What recovery found and did at open.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct RecoveryReport {
-    pub generation: u64,
-    pub scan: ScanReport,
-    pub backing_applied_seq: u64,
-    /// `applied_seq` used to skip retired records (store or CP record, the larger).
-    pub effective_applied_seq: u64,
-    pub replayed_records: u64,
-    pub replayed_bytes: u64,
-    pub skipped_retired_records: u64,
-    /// The scan ended on damage (torn or corrupt record), which was discarded.
-    pub damaged_tail_discarded: bool,
-    pub next_seq: u64,
 }
 
 /// A snapshot of the volume's journal state, for status output.
@@ -525,14 +509,6 @@ struct Shared<B: Backing> {
     cp_lock: tokio::sync::Mutex<()>,
     mirror: Arc<dyn MirrorHook>,
     closed: AtomicBool,
-}
-
-fn backing_err(op: &'static str, offset: u64) -> impl Fn(BackingError) -> JournalError {
-    move |e| JournalError::Backing {
-        op,
-        offset,
-        message: e.0,
-    }
 }
 
 impl<B: Backing> Shared<B> {
@@ -1060,8 +1036,11 @@ impl<B: Backing> JournaledVolume<B> {
         Self::open_with_mirror(nvram, backing, volume_id, config, Arc::new(NoMirror)).await
     }
 
-    /// Recovers (redoes intact records newer than the store's `applied_seq`, in order, then
-    /// marks them applied and starts an empty log) and starts serving with a flusher task.
+    /// Recovers and starts serving with a flusher task. The unretired records of the log (intact,
+    /// newer than the store's `applied_seq`) normally stay where they are: the dirty index is
+    /// rebuilt from them, the volume serves at once, and the first CP (asked for right away)
+    /// applies them. A log that cannot continue in place (damage discarded by
+    /// `discard_corrupt_log`) is redone through the store first and restarted empty.
     pub async fn open_with_mirror(
         mut nvram: Nvram,
         backing: B,
@@ -1092,8 +1071,36 @@ impl<B: Backing> JournaledVolume<B> {
             )));
         }
         let generation = nvram.generation();
-        let recovery = recover(&mut region, &backing, volume_id, generation, &config).await?;
-        mirror.log_reset(generation, 0, recovery.next_seq);
+        let plan = plan_recovery(&region, &backing, volume_id, config.discard_corrupt_log).await?;
+        if let Some(id) = backing.store_id() {
+            if region.store_id() != id {
+                region.bind_store(id)?;
+            }
+        }
+        let in_place = plan.continues_in_place();
+        let (recovery, log_generation, cursor, index) = if in_place {
+            // Serve at once: the records stay live in the log, in the log's generation, and the
+            // first CP applies them (see `recover`).
+            let start = plan.scan.report.start;
+            mirror.log_reset(start.generation, start.tail_offset, start.tail_seq);
+            (
+                plan.report(0, true),
+                start.generation,
+                plan.cursor(log_bytes),
+                plan.dirty_index(),
+            )
+        } else {
+            let mut report = apply_plan(&region, &backing, &plan).await?;
+            region.write_control(generation, 0, report.next_seq)?;
+            report.generation = generation;
+            mirror.log_reset(generation, 0, report.next_seq);
+            (
+                report.clone(),
+                generation,
+                LogCursor::empty(log_bytes, 0, report.next_seq),
+                DirtyIndex::new(),
+            )
+        };
         if recovery.damaged_tail_discarded {
             tracing::warn!(
                 path = %nvram.path().display(),
@@ -1110,12 +1117,16 @@ impl<B: Backing> JournaledVolume<B> {
             persistence: nvram.persistence(),
             local_durable: nvram.survives_power_loss(),
             state: Mutex::new(State {
-                cursor: LogCursor::empty(log_bytes, 0, recovery.next_seq),
+                cursor,
                 region,
-                generation,
-                index: DirtyIndex::new(),
-                applied_seq: recovery.next_seq - 1,
-                last_data_seq: 0,
+                generation: log_generation,
+                index,
+                applied_seq: if in_place {
+                    plan.applied_seq
+                } else {
+                    recovery.next_seq - 1
+                },
+                last_data_seq: plan.last_data_seq(),
                 acked: SeqRanges::default(),
                 mirrored: SeqRanges::default(),
                 cps_done: 0,
@@ -1137,6 +1148,9 @@ impl<B: Backing> JournaledVolume<B> {
             Arc::clone(&shared.cp_wanted),
             Duration::from_millis(shared.config.cp_interval_ms.max(1)),
         ));
+        if in_place {
+            shared.cp_wanted.notify_one();
+        }
         Ok(JournaledVolume {
             shared,
             flusher,
@@ -1288,166 +1302,4 @@ async fn flusher_loop<B: Backing>(
             tokio::time::sleep(interval).await;
         }
     }
-}
-
-/// A store id in the usual UUID text form.
-pub fn format_store_id(id: &[u8; 16]) -> String {
-    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
-}
-
-/// Recovery at open: redo what the store lacks, then restart the log in `generation`.
-async fn recover<B: Backing>(
-    region: &mut Region,
-    backing: &B,
-    volume_id: u64,
-    generation: u64,
-    config: &VolumeConfig,
-) -> Result<RecoveryReport, JournalError> {
-    let mut report = replay_region(region, backing, volume_id, config.discard_corrupt_log).await?;
-    if let Some(id) = backing.store_id() {
-        if region.store_id() != id {
-            region.bind_store(id)?;
-        }
-    }
-    region.write_control(generation, 0, report.next_seq)?;
-    report.generation = generation;
-    Ok(report)
-}
-
-/// Redoes a region's intact data records newer than the store's `applied_seq` (or any CP's), in
-/// seq order, then flushes the store and records the new `applied_seq`. Does not change the
-/// region. Used at open for the own region and, on takeover, for the partner region.
-///
-/// Refuses (before applying anything) a region damaged in the middle unless
-/// `discard_corrupt_log`, records of another volume, and records outside the store.
-pub async fn replay_region<B: Backing>(
-    region: &Region,
-    backing: &B,
-    volume_id: u64,
-    discard_corrupt_log: bool,
-) -> Result<RecoveryReport, JournalError> {
-    let scan = region.scan();
-    let report = scan.report.clone();
-    if report.corrupt_mid_region() && !discard_corrupt_log {
-        let (later_offset, later_seq) = report.later_valid_record.unwrap_or_default();
-        return Err(JournalError::CorruptMidRegion {
-            region: region.name(),
-            offset: report.stop_offset,
-            expected_seq: report.last_seq + 1,
-            later_offset,
-            later_seq,
-        });
-    }
-    let bound = region.store_id();
-    if let Some(id) = backing
-        .store_id()
-        .filter(|id| bound != [0; 16] && bound != *id)
-    {
-        // Records a CP of this log retired were applied to the bound store and are done with;
-        // any other data record still belongs to that store. Only a log holding none of those
-        // may move to another store (for example, the array was recreated after a clean stop).
-        let retired = report.cp_applied_seq.unwrap_or(0);
-        let unapplied = scan
-            .records
-            .iter()
-            .any(|r| r.header.kind.is_data() && r.header.seq > retired);
-        if unapplied {
-            return Err(JournalError::ForeignStore {
-                region: region.name(),
-                bound: format_store_id(&bound),
-                store: format_store_id(&id),
-            });
-        }
-        tracing::info!(
-            region = region.name(),
-            from = %format_store_id(&bound),
-            to = %format_store_id(&id),
-            "NVRAM log holds nothing unapplied; it moves to this store"
-        );
-    }
-    let backing_applied = backing
-        .applied_seq()
-        .await
-        .map_err(backing_err("applied_seq", 0))?;
-    let applied = backing_applied.max(report.cp_applied_seq.unwrap_or(0));
-    let replay = scan.replay_list(applied);
-    // Check everything before applying anything: never apply part of a log that is foreign.
-    let size = backing.size();
-    for r in &replay {
-        let h = &r.header;
-        if h.volume_id != volume_id {
-            return Err(JournalError::ForeignVolume {
-                region: region.name(),
-                seq: h.seq,
-                found: h.volume_id,
-                expected: volume_id,
-            });
-        }
-        let end = h.offset.checked_add(h.length);
-        let payload_ok = h.kind != RecordKind::Write || u64::from(h.payload_bytes) == h.length;
-        let inside = matches!(end, Some(e) if e <= size);
-        if !payload_ok || !inside {
-            return Err(JournalError::RecordOutOfRange {
-                seq: h.seq,
-                offset: h.offset,
-                end: end.unwrap_or(u64::MAX),
-                size,
-            });
-        }
-    }
-    let skipped = scan
-        .records
-        .iter()
-        .filter(|r| r.header.kind.is_data() && r.header.seq <= applied)
-        .count() as u64;
-    let mut replayed_bytes = 0;
-    for r in &replay {
-        let h = &r.header;
-        match h.kind {
-            RecordKind::Write => {
-                let data = Bytes::copy_from_slice(region.log_slice(r.payload_offset(), h.length));
-                backing
-                    .write(h.offset, data)
-                    .await
-                    .map_err(backing_err("replay write", h.offset))?;
-                replayed_bytes += h.length;
-            }
-            RecordKind::Zero => backing
-                .write_zeroes(h.offset, h.length)
-                .await
-                .map_err(backing_err("replay write_zeroes", h.offset))?,
-            _ => backing
-                .discard(h.offset, h.length)
-                .await
-                .map_err(backing_err("replay discard", h.offset))?,
-        }
-    }
-    let last_seq = report.last_seq.max(applied);
-    if !replay.is_empty() || last_seq > backing_applied {
-        backing.flush().await.map_err(backing_err("flush", 0))?;
-        backing
-            .set_applied_seq(last_seq)
-            .await
-            .map_err(backing_err("set_applied_seq", 0))?;
-    }
-    let next_seq = last_seq + 1;
-    Ok(RecoveryReport {
-        generation: report.start.generation,
-        damaged_tail_discarded: !report.stop.is_clean_end(),
-        scan: report,
-        backing_applied_seq: backing_applied,
-        effective_applied_seq: applied,
-        replayed_records: replay.len() as u64,
-        replayed_bytes,
-        skipped_retired_records: skipped,
-        next_seq,
-    })
 }
