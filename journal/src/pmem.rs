@@ -313,8 +313,19 @@ impl Mapping {
             }
             len = min_bytes;
         }
-        // Also for an existing file: one made sparse by an older version gets its holes filled.
-        if let Err(source) = allocate(&file, len) {
+        // Also for an existing file made sparse by an older version: its holes get filled. A
+        // file already fully allocated is left alone (walking it costs milliseconds per GiB).
+        let allocated = {
+            use std::os::unix::fs::MetadataExt;
+            file.metadata()
+                .is_ok_and(|m| m.len() >= len && m.blocks().saturating_mul(512) >= len)
+        };
+        let allocation = if allocated {
+            Ok(())
+        } else {
+            allocate(&file, len)
+        };
+        if let Err(source) = allocation {
             if fresh {
                 // Leave no half-allocated file behind: the next start formats it afresh.
                 let _ = file.set_len(0);
