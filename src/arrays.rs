@@ -6,9 +6,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use twinblock_io::file::{FileMember, FileOptions};
+use twinblock_io::Member;
 use twinblock_raid::array::{Array, ArrayStatus, CreateOptions, ScrubMode, ScrubReport};
-use twinblock_raid::io::file::{FileMember, FileOptions};
-use twinblock_raid::io::Member;
 use twinblock_raid::Level;
 
 /// Bytes read from the start of a disk to tell a blank disk from one that holds a superblock.

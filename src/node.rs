@@ -16,10 +16,10 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
+use twinblock_io::file::{FileMember, FileOptions};
+use twinblock_io::Member;
 use twinblock_journal::{JournaledVolume, Nvram, NvramConfig};
 use twinblock_nbd::{BlockDevice, Export, Server, ServerConfig};
-use twinblock_raid::io::file::{FileMember, FileOptions};
-use twinblock_raid::io::Member;
 
 /// What the admin API reports about one volume.
 #[derive(Debug, Clone, Serialize)]

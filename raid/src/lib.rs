@@ -2,12 +2,12 @@
 //!
 //! Pure modules (no I/O, tested exhaustively): `layout` (address math per level), `parity`
 //! (P/Q and recovery), `superblock` (on-disk format), `bitmap` (write-intent bitmap), `assemble`
-//! (which member fills which slot). I/O: `io` (members), `array` (the running array).
+//! (which member fills which slot), `rowplan` (how a write to one RAID 5/6 row is done). I/O:
+//! `array` (the running array) over `twinblock_io::Member`s.
 
 pub mod array;
 pub mod assemble;
 pub mod bitmap;
-pub mod io;
 pub mod layout;
 pub mod parity;
 pub mod rowplan;

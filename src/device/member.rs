@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::fs::File;
 use std::sync::Arc;
+use twinblock_io::Member;
 use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, Extent, ZeroFlags};
-use twinblock_raid::io::Member;
 
 /// Zeroes are written in pieces of at most this size when the range may not be deallocated.
 const ZERO_WRITE_BYTES_MAX: u64 = 1 << 20;

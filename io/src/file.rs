@@ -16,9 +16,9 @@
 //! filesystem refuses `O_DIRECT` (EINVAL at open or on a probe read), the member runs buffered
 //! and says so in the log and in `direct()`.
 
-use super::buf::{is_direct_aligned, AlignedBuf, ALIGN_BYTES};
-use super::uring::{self, UringEngine};
-use super::{inline, pool, Member};
+use crate::buf::{is_direct_aligned, AlignedBuf, ALIGN_BYTES};
+use crate::uring::{self, UringEngine};
+use crate::{inline, pool, Member};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::fmt;
@@ -357,6 +357,10 @@ impl FileMember {
         }
     }
 
+    /// The one gate every mutating request (`write_at`, `discard`, and the zero-fill fallback of
+    /// a discard, which runs after it) passes before it is submitted to an engine. The HA pair's
+    /// fencing check (this node still holds the disk's reservation and its lease is fresh) goes
+    /// here, next to the read-only check, so no write reaches a disk the node no longer owns.
     fn check_writable(&self, op: &str, offset: u64, len: u64) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::new(

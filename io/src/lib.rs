@@ -1,14 +1,20 @@
-//! Member I/O: how the RAID engine (and the node's plain-file exports) reach bytes on a disk.
+//! twinblock-io: how twinblock reaches bytes on a disk. Used by the RAID engine for its members,
+//! by the node for plain-image exports, and (later) by the HA pair for its mailbox and
+//! reservation I/O on the shared disks; it knows nothing of RAID, NBD or HA.
 //!
 //! `Member` is the one interface; implementations:
 //! - `file`: a disk image or block device, through io_uring (`uring`) with `O_DIRECT` where the
 //!   request is aligned, and a thread-pool (`pool`, `pread`/`pwrite`) fallback when the kernel
-//!   refuses io_uring;
+//!   refuses io_uring; `inline` is the page-cache fast path that skips the thread handoff;
 //! - `mem`: an in-memory member with fault injection, for tests and models.
 //!
 //! Buffers are `bytes::Bytes`. A buffer made by `buf::AlignedBuf` and frozen into `Bytes` keeps its
 //! alignment, so aligned writes reach the kernel without a copy; anything else is copied into an
 //! aligned bounce buffer when `O_DIRECT` is in use.
+//!
+//! Every write or discard a `FileMember` issues passes one gate before it is submitted,
+//! `FileMember::check_writable` (see `file.rs`): that is where the pair's fencing check ("do I
+//! still hold this disk's reservation and is my lease fresh") belongs.
 
 pub mod buf;
 pub mod file;

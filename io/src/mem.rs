@@ -8,7 +8,7 @@
 //!
 //! I/O counters ([`MemMember::stats`]) let a test assert how much a resync touched.
 
-use super::Member;
+use crate::Member;
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::io;
