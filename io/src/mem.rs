@@ -322,7 +322,9 @@ mod tests {
         m.enable_write_cache();
         m.write_at(0, Bytes::from(vec![1u8; 4096])).await.unwrap();
         m.sync().await.unwrap();
-        m.write_at(4096, Bytes::from(vec![2u8; 4096])).await.unwrap();
+        m.write_at(4096, Bytes::from(vec![2u8; 4096]))
+            .await
+            .unwrap();
         m.discard(0, 512).await.unwrap();
         assert_eq!(m.unsynced_writes(), 2);
         m.power_cut(CutPolicy::LoseAll);
