@@ -70,3 +70,42 @@ async fn bitmap_bit_is_durable_before_the_data_it_covers() {
         );
     }
 }
+
+/// An array that stopped uncleanly while a member was missing, with writes in progress, cannot
+/// have the parity of those regions checked: its start is refused unless the operator says so.
+#[tokio::test]
+async fn unclean_degraded_start_is_refused_without_the_override() {
+    let members: Vec<Arc<MemMember>> = (0..3)
+        .map(|i| Arc::new(MemMember::new(format!("m{i}"), MEMBER_BYTES)))
+        .collect();
+    let array = fresh_array(&members).await;
+    array.fail_member(2).await.unwrap();
+    array
+        .write(0, Bytes::from(vec![5u8; CHUNK_BYTES as usize]))
+        .await
+        .unwrap();
+    array.abandon().await;
+    drop(array);
+    let two: Vec<Arc<MemMember>> = members[..2].to_vec();
+    let err =
+        match Array::assemble(two.iter().map(|m| m.clone() as Arc<dyn Member>).collect()).await {
+            Ok(_) => panic!("an unclean degraded array with dirty regions started"),
+            Err(e) => e,
+        };
+    let text = err.to_string();
+    assert!(
+        text.contains("start_dirty_degraded") && text.contains("write hole"),
+        "{text}"
+    );
+    let started = Array::assemble_with(
+        two.iter().map(|m| m.clone() as Arc<dyn Member>).collect(),
+        twinblock_raid::AssembleOptions {
+            start_dirty_degraded: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(started.status().degraded);
+    let data = started.read(0, CHUNK_BYTES as usize).await.unwrap();
+    assert!(data.iter().all(|&b| b == 5));
+}

@@ -151,8 +151,17 @@ impl Array {
 
     /// Assembles an array from the superblocks on `members` (any order; spares included).
     /// Starts degraded when members are missing or stale, resyncs dirty bitmap regions after an
-    /// unclean shutdown, and starts rebuilds of stale members in the background.
+    /// unclean shutdown, and starts rebuilds of stale members in the background. Refuses an
+    /// unclean, degraded parity array with dirty regions (see [`Array::assemble_with`]).
     pub async fn assemble(members: Vec<Arc<dyn Member>>) -> Result<Array> {
+        Self::assemble_with(members, AssembleOptions::default()).await
+    }
+
+    /// [`Array::assemble`] with options.
+    pub async fn assemble_with(
+        members: Vec<Arc<dyn Member>>,
+        opts: AssembleOptions,
+    ) -> Result<Array> {
         let reads = join_all(members.iter().map(|m| m.read_at(0, SUPERBLOCK_BYTES))).await;
         let mut candidates = Vec::with_capacity(members.len());
         for (m, r) in members.iter().zip(reads) {
@@ -291,11 +300,22 @@ impl Array {
             meta,
             bm,
         ));
+        let dirty_degraded = plan.unclean
+            && geo.level.parity_chunks() > 0
+            && inner.has_absent_slot()
+            && inner.with_bitmap(|b| !b.dirty_regions().is_empty());
+        if dirty_degraded && !opts.start_dirty_degraded {
+            // Before anything is written: the operator may still bring the member back.
+            return Err(ArrayError::DirtyDegraded {
+                array: sb.name.clone(),
+                regions: inner.with_bitmap(|b| b.dirty_regions().len()),
+            });
+        }
         inner.write_superblocks().await;
         inner.check_failed()?;
         if plan.unclean && geo.level != Level::Raid0 {
             if inner.is_degraded() {
-                tracing::warn!(array = %sb.name, "unclean shutdown of a degraded array: parity of dirty regions cannot be checked; relying on the journal");
+                tracing::warn!(array = %sb.name, dirty_degraded, "unclean shutdown of a degraded array: parity of dirty regions cannot be checked; started because start_dirty_degraded is set (or nothing was being written)");
             } else {
                 let regions = inner.with_bitmap(|b| b.dirty_regions());
                 for r in &regions {
