@@ -12,7 +12,7 @@
 //! (see [`crate::wcache`]): [`MemMember::power_cut`] drops, keeps or tears at sector granularity
 //! every write not followed by a `sync`.
 
-use crate::wcache::{CutPolicy, WriteCache};
+use crate::wcache::{CutPolicy, PowerSupply, WriteCache};
 use crate::Member;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -41,6 +41,8 @@ pub struct MemMember {
     bad_ranges: Mutex<Vec<Range<u64>>>,
     /// The volatile write cache model, when enabled.
     cache: Mutex<Option<WriteCache>>,
+    /// When set and off, writes, discards and syncs do nothing (see [`PowerSupply`]).
+    power: Mutex<Option<std::sync::Arc<PowerSupply>>>,
     reads: AtomicU64,
     writes: AtomicU64,
     read_bytes: AtomicU64,
@@ -65,6 +67,7 @@ impl MemMember {
             vanished: AtomicBool::new(false),
             bad_ranges: Mutex::new(Vec::new()),
             cache: Mutex::new(None),
+            power: Mutex::new(None),
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             read_bytes: AtomicU64::new(0),
@@ -124,6 +127,20 @@ impl MemMember {
             let mut data = self.lock_data();
             c.cut(&mut data, policy);
         }
+    }
+
+    /// Feeds the member from `power`: once it is off, writes, discards and syncs do nothing.
+    pub fn attach_power(&self, power: std::sync::Arc<PowerSupply>) {
+        *self.power.lock().unwrap_or_else(|e| e.into_inner()) = Some(power);
+    }
+
+    /// False when the member's power is off (the operation must change nothing).
+    fn powered(&self) -> bool {
+        self.power
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|p| p.draw())
     }
 
     /// Writes not yet made durable by a `sync` (0 without a write cache).
@@ -264,6 +281,9 @@ impl Member for MemMember {
 
     async fn write_at(&self, offset: u64, buf: Bytes) -> io::Result<()> {
         self.check("write", offset, buf.len() as u64, true)?;
+        if !self.powered() {
+            return Ok(());
+        }
         let mut data = self.lock_data();
         let range = self.bounds(offset, buf.len() as u64, data.len())?;
         self.change(&mut data, range, |d| d.copy_from_slice(&buf));
@@ -275,6 +295,9 @@ impl Member for MemMember {
 
     async fn sync(&self) -> io::Result<()> {
         self.check("sync", 0, 0, true)?;
+        if !self.powered() {
+            return Ok(());
+        }
         if let Some(c) = self.lock_cache().as_mut() {
             c.flushed();
         }
@@ -284,6 +307,9 @@ impl Member for MemMember {
 
     async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check("discard", offset, len, true)?;
+        if !self.powered() {
+            return Ok(());
+        }
         let mut data = self.lock_data();
         let range = self.bounds(offset, len, data.len())?;
         self.change(&mut data, range, |d| d.fill(0));

@@ -9,6 +9,7 @@
 //! according to a [`CutPolicy`]. Pure: the member applies the result to its bytes.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Granularity at which a disk may tear a write.
 pub const SECTOR_BYTES: u64 = 512;
@@ -22,6 +23,35 @@ pub enum CutPolicy {
     KeepAll,
     /// Each sector independently holds one of its versions, chosen by `seed`.
     Torn { seed: u64 },
+}
+
+/// The power feeding a set of members: it goes off after a given number of member operations
+/// (writes, discards, syncs), at any point inside an array operation. From then on those
+/// operations report success and change nothing, as a host still running for a moment after its
+/// disks lost power would see; a test stops its workload once [`PowerSupply::is_off`].
+#[derive(Debug)]
+pub struct PowerSupply {
+    remaining: AtomicU64,
+}
+
+impl PowerSupply {
+    /// Power for `operations` more member operations.
+    pub fn new(operations: u64) -> PowerSupply {
+        PowerSupply {
+            remaining: AtomicU64::new(operations),
+        }
+    }
+
+    /// Takes power for one operation; false once the power is off.
+    pub fn draw(&self) -> bool {
+        self.remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| r.checked_sub(1))
+            .is_ok()
+    }
+
+    pub fn is_off(&self) -> bool {
+        self.remaining.load(Ordering::SeqCst) == 0
+    }
 }
 
 /// One write (or discard) not yet flushed, as whole sectors.
