@@ -10,6 +10,7 @@
 //! - [`scan`]: walking a region's log, stopping at (and reporting) the first torn/corrupt record;
 //! - [`log`]: circular-log space accounting; [`index`]: the dirty index;
 //! - [`pmem`]: the mapping and persistence modes (the only `unsafe` code);
+//! - [`power`]: a power-loss model of the NVRAM medium for tests of `msync` mode;
 //! - [`nvram`]: opening, identity checks, generation bump, own and partner regions;
 //! - [`recover`]: checking a region's log and turning its unretired records into a dirty index
 //!   (serve at once) or redoing them through the store;
@@ -25,6 +26,7 @@ pub mod index;
 pub mod log;
 pub mod nvram;
 pub mod pmem;
+pub mod power;
 pub mod recover;
 pub mod scan;
 pub mod volume;

@@ -345,6 +345,21 @@ impl Nvram {
     /// Opens (or creates and formats) the NVRAM file, checks its identity and bumps its
     /// generation.
     pub fn open(cfg: &NvramConfig) -> Result<Nvram, JournalError> {
+        Self::open_inner(cfg, None)
+    }
+
+    /// [`Nvram::open`] with a power-loss model told of every persist (tests of `msync` mode).
+    pub fn open_with_power_model(
+        cfg: &NvramConfig,
+        model: std::sync::Arc<crate::power::NvramPowerModel>,
+    ) -> Result<Nvram, JournalError> {
+        Self::open_inner(cfg, Some(model))
+    }
+
+    fn open_inner(
+        cfg: &NvramConfig,
+        model: Option<std::sync::Arc<crate::power::NvramPowerModel>>,
+    ) -> Result<Nvram, JournalError> {
         let path = cfg.path.clone();
         if cfg.log_bytes_per_region < 4 * RECORD_ALIGN_BYTES
             || !cfg.log_bytes_per_region.is_multiple_of(RECORD_ALIGN_BYTES)
@@ -356,12 +371,15 @@ impl Nvram {
             )));
         }
         let fresh = FileHeader::new(cfg.node_id, cfg.pair_id, cfg.log_bytes_per_region);
-        let mapping = Mapping::open(
+        let mut mapping = Mapping::open(
             &path,
             cfg.persistence,
             cfg.create_if_missing,
             fresh.file_bytes,
         )?;
+        if let Some(m) = model {
+            mapping.set_power_model(m);
+        }
         let method = mapping.method();
         let survives_power_loss = mapping.survives_power_loss();
         let file_bytes = mapping.len();

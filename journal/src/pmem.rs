@@ -231,6 +231,8 @@ fn on_volatile_medium(file: &File) -> std::io::Result<bool> {
 
 /// The mapped file, shared by the spans cut from it.
 struct Inner {
+    /// Tests: the medium's power-loss model, told of every persist.
+    model: Option<Arc<crate::power::NvramPowerModel>>,
     /// The file lives on tmpfs/ramfs: nothing stored in it survives a loss of power.
     volatile_medium: bool,
     map: RawMap,
@@ -358,6 +360,7 @@ impl Mapping {
         let volatile_medium = on_volatile_medium(&file).map_err(io("fstatfs"))?;
         Ok(Mapping {
             inner: Inner {
+                model: None,
                 volatile_medium,
                 map,
                 _file: file,
@@ -381,6 +384,13 @@ impl Mapping {
 
     pub fn method(&self) -> PersistMethod {
         self.inner.method
+    }
+
+    /// Tells `model` of every later persist (tests of power loss); it starts from the file as it
+    /// is now.
+    pub fn set_power_model(&mut self, model: Arc<crate::power::NvramPowerModel>) {
+        model.start(self.bytes());
+        self.inner.model = Some(model);
     }
 
     /// True when a record persisted by [`MapSpan::persist`] survives the loss of the host's
@@ -486,6 +496,9 @@ impl MapSpan {
     pub fn persist(&self, at: u64, len: u64) -> Result<(), JournalError> {
         let (at, len) = (at as usize, len as usize);
         assert!(at + len <= self.len, "persist range outside span");
+        if let Some(model) = &self.map.model {
+            model.persisted(self.start + at, &self.bytes()[at..at + len]);
+        }
         match self.map.method {
             PersistMethod::Nothing => Ok(()),
             PersistMethod::Msync => {
