@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use twinblock_io::file::{FileMember, FileOptions};
 use twinblock_io::Member;
-use twinblock_raid::array::{Array, ArrayStatus, CreateOptions, ScrubMode, ScrubReport};
+use twinblock_raid::array::{
+    Array, ArrayStatus, AssembleOptions, CreateOptions, ScrubMode, ScrubReport,
+};
 use twinblock_raid::Level;
 
 /// Bytes read from the start of a disk to tell a blank disk from one that holds a superblock.
@@ -118,7 +120,13 @@ impl ArrayEntry {
             .await?
         } else {
             let all: Vec<Arc<dyn Member>> = disks.into_iter().chain(spares).collect();
-            let array = Array::assemble(all).await?;
+            let array = Array::assemble_with(
+                all,
+                AssembleOptions {
+                    start_dirty_degraded: a.start_dirty_degraded,
+                },
+            )
+            .await?;
             if array.name() != a.name {
                 bail!(
                     "the disks hold array `{}`, but the config calls it `{}`; check the disks list",

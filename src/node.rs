@@ -366,6 +366,19 @@ async fn open_array_volume(
         damaged_tail_discarded = r.damaged_tail_discarded,
         "journal recovered"
     );
+    if volume.ack_survives_power_loss() {
+        tracing::info!(
+            volume = %v.name,
+            nvram = %path.display(),
+            "acknowledged writes survive a daemon crash and a loss of host power (NVRAM on a persistent medium)"
+        );
+    } else {
+        tracing::warn!(
+            volume = %v.name,
+            nvram = %path.display(),
+            "acknowledged writes survive a daemon crash only, not a loss of host power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA wait for a consistency point"
+        );
+    }
     let dev = Arc::new(JournaledDevice::new(volume, v.read_only));
     journaled.insert(v.name.clone(), dev.clone());
     info.kind = "journaled-array";

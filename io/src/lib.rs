@@ -6,7 +6,8 @@
 //! - `file`: a disk image or block device, through io_uring (`uring`) with `O_DIRECT` where the
 //!   request is aligned, and a thread-pool (`pool`, `pread`/`pwrite`) fallback when the kernel
 //!   refuses io_uring; `inline` is the page-cache fast path that skips the thread handoff;
-//! - `mem`: an in-memory member with fault injection, for tests and models.
+//! - `mem`: an in-memory member with fault injection and an optional volatile write cache
+//!   (`wcache`: what a power cut leaves), for tests and models.
 //!
 //! Buffers are `bytes::Bytes`. A buffer made by `buf::AlignedBuf` and frozen into `Bytes` keeps its
 //! alignment, so aligned writes reach the kernel without a copy; anything else is copied into an
@@ -22,6 +23,7 @@ pub mod inline;
 pub mod mem;
 pub mod pool;
 pub mod uring;
+pub mod wcache;
 
 pub use buf::AlignedBuf;
 pub use file::{EngineChoice, FileError, FileMember, FileOptions};

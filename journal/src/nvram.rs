@@ -323,6 +323,7 @@ pub struct Nvram {
     previous_generation: u64,
     mode: PersistenceMode,
     method: PersistMethod,
+    survives_power_loss: bool,
     formatted: bool,
     own: Option<Region>,
     partner: Option<PartnerRegion>,
@@ -333,6 +334,21 @@ impl Nvram {
     /// Opens (or creates and formats) the NVRAM file, checks its identity and bumps its
     /// generation.
     pub fn open(cfg: &NvramConfig) -> Result<Nvram, JournalError> {
+        Self::open_inner(cfg, None)
+    }
+
+    /// [`Nvram::open`] with a power-loss model told of every persist (tests of `msync` mode).
+    pub fn open_with_power_model(
+        cfg: &NvramConfig,
+        model: std::sync::Arc<crate::power::NvramPowerModel>,
+    ) -> Result<Nvram, JournalError> {
+        Self::open_inner(cfg, Some(model))
+    }
+
+    fn open_inner(
+        cfg: &NvramConfig,
+        model: Option<std::sync::Arc<crate::power::NvramPowerModel>>,
+    ) -> Result<Nvram, JournalError> {
         let path = cfg.path.clone();
         if cfg.log_bytes_per_region < 4 * RECORD_ALIGN_BYTES
             || !cfg.log_bytes_per_region.is_multiple_of(RECORD_ALIGN_BYTES)
@@ -344,13 +360,17 @@ impl Nvram {
             )));
         }
         let fresh = FileHeader::new(cfg.node_id, cfg.pair_id, cfg.log_bytes_per_region);
-        let mapping = Mapping::open(
+        let mut mapping = Mapping::open(
             &path,
             cfg.persistence,
             cfg.create_if_missing,
             fresh.file_bytes,
         )?;
+        if let Some(m) = model {
+            mapping.set_power_model(m);
+        }
         let method = mapping.method();
+        let survives_power_loss = mapping.survives_power_loss();
         let file_bytes = mapping.len();
         let foreign = |source| JournalError::Foreign {
             path: path.clone(),
@@ -429,6 +449,7 @@ impl Nvram {
             header,
             mode: cfg.persistence,
             method,
+            survives_power_loss,
             formatted,
             own: Some(own),
             partner: Some(PartnerRegion {
@@ -467,6 +488,12 @@ impl Nvram {
 
     pub fn persist_method(&self) -> PersistMethod {
         self.method
+    }
+
+    /// True when a persisted record survives the loss of the host's power: `msync` or `pmem`
+    /// mode on a medium that is not RAM. False for mode `none` and for any file on tmpfs/ramfs.
+    pub fn survives_power_loss(&self) -> bool {
+        self.survives_power_loss
     }
 
     /// Takes the own region (once; the journaled volume owns it).

@@ -15,8 +15,8 @@ mod simd;
 pub mod superblock;
 
 pub use array::{
-    Array, ArrayError, ArrayStatus, CreateOptions, MemberStatus, RebuildStatus, ScrubMode,
-    ScrubReport,
+    Array, ArrayError, ArrayStatus, AssembleOptions, CreateOptions, MemberStatus, RebuildStatus,
+    ScrubMode, ScrubReport,
 };
 pub use layout::Level;
 pub use superblock::MemberState;

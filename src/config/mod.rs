@@ -218,6 +218,10 @@ pub struct ArrayConfig {
     pub rebuild_rate: Option<ByteSize>,
     #[serde(default = "default_true")]
     pub direct_io: bool,
+    /// Start the array even after an unclean stop while degraded with regions being written
+    /// (their parity cannot be checked; md's `start_dirty_degraded`). Off: such a start fails.
+    #[serde(default)]
+    pub start_dirty_degraded: bool,
 }
 
 fn default_chunk() -> ByteSize {

@@ -139,13 +139,30 @@ impl Inner {
     /// bits first). On error the registration is undone, so callers that bail out with `?` do
     /// not leave the regions counted as busy.
     pub(super) async fn bitmap_begin(self: &Arc<Self>, start: u64, end: u64) -> Result<()> {
-        let _g = self.bitmap_io.lock().await;
-        let blocks = self.with_bitmap(|b| {
+        // Set-before-write: the bits must be durable (written *and* synced, as md writes its
+        // bitmap with PREFLUSH|FUA) before the data write is issued, or a power cut can leave new
+        // data with old parity in a region no bit marks. Writers queue on `bitmap_io`; the first
+        // one writes and syncs every pending block, and those it covered return at once.
+        let need = self.with_bitmap(|b| {
             let rs = b.regions(start, end);
-            b.begin_write(rs)
+            b.begin_write_durable(rs)
         });
-        if !blocks.is_empty() {
-            self.persist_bitmap(&blocks).await;
+        if need > 0 {
+            let _g = self.bitmap_io.lock().await;
+            let (blocks, gen) = self.with_bitmap(|b| {
+                if b.is_durable(need) {
+                    (Vec::new(), 0)
+                } else {
+                    b.take_pending()
+                }
+            });
+            if !blocks.is_empty() {
+                self.persist_bitmap(&blocks).await;
+                self.sync_writable().await;
+            }
+            if gen > 0 {
+                self.with_bitmap(|b| b.mark_durable(gen));
+            }
         }
         let res = self.check_failed();
         if res.is_err() {
@@ -155,6 +172,25 @@ impl Inner {
             });
         }
         res
+    }
+
+    /// Syncs every writable member; a member whose sync fails is marked faulty.
+    pub(super) async fn sync_writable(self: &Arc<Self>) {
+        let view = self.view();
+        let results = join_all(
+            (0..self.geo.members)
+                .filter(|m| view.writable[*m])
+                .filter_map(|m| {
+                    let d = view.members[m].clone()?;
+                    Some(async move { (m, d.sync().await) })
+                }),
+        )
+        .await;
+        for (m, r) in results {
+            if let Err(e) = r {
+                self.member_failed(m, "bitmap sync", Some(&e), true).await;
+            }
+        }
     }
 
     /// Writes bitmap blocks to every writable member. Caller holds `bitmap_io`.

@@ -105,6 +105,8 @@ pub enum ArrayError {
     },
     #[error("array {array}: {what}")]
     Invalid { array: String, what: String },
+    #[error("array {array} stopped uncleanly while degraded, with {regions} bitmap region(s) being written: parity there may not match the data, and the missing member's chunks cannot be recomputed from it (the RAID write hole); refusing to start. Bring the missing member back, or set start_dirty_degraded = true for this array to start anyway (chunks of the missing member in those regions may then read wrong)")]
+    DirtyDegraded { array: String, regions: usize },
     #[error(
         "array {array}: member {member} has {size_bytes} bytes, at least {need_bytes} are needed"
     )]
@@ -135,6 +137,16 @@ impl From<ArrayError> for io::Error {
 }
 
 pub type Result<T> = std::result::Result<T, ArrayError>;
+
+/// Options for [`Array::assemble_with`].
+#[derive(Debug, Clone, Default)]
+pub struct AssembleOptions {
+    /// Start an array that stopped uncleanly while degraded with dirty bitmap regions (md's
+    /// `start_dirty_degraded`): their parity cannot be checked, so a chunk of a missing member
+    /// reconstructed there may be wrong. Off: such a start is refused with
+    /// [`ArrayError::DirtyDegraded`].
+    pub start_dirty_degraded: bool,
+}
 
 /// Options for [`Array::create`].
 #[derive(Debug, Clone, Default)]
@@ -435,6 +447,14 @@ impl Inner {
             }),
             None => Ok(()),
         }
+    }
+
+    /// A slot has no device to read at all (missing or faulty); a member being rebuilt counts as
+    /// present.
+    fn has_absent_slot(&self) -> bool {
+        lock(&self.meta).slots.iter().any(|s| {
+            s.member.is_none() || !matches!(s.state, MemberState::Active | MemberState::Rebuilding)
+        })
     }
 
     fn is_degraded(&self) -> bool {

@@ -151,8 +151,17 @@ impl Array {
 
     /// Assembles an array from the superblocks on `members` (any order; spares included).
     /// Starts degraded when members are missing or stale, resyncs dirty bitmap regions after an
-    /// unclean shutdown, and starts rebuilds of stale members in the background.
+    /// unclean shutdown, and starts rebuilds of stale members in the background. Refuses an
+    /// unclean, degraded parity array with dirty regions (see [`Array::assemble_with`]).
     pub async fn assemble(members: Vec<Arc<dyn Member>>) -> Result<Array> {
+        Self::assemble_with(members, AssembleOptions::default()).await
+    }
+
+    /// [`Array::assemble`] with options.
+    pub async fn assemble_with(
+        members: Vec<Arc<dyn Member>>,
+        opts: AssembleOptions,
+    ) -> Result<Array> {
         let candidates = read_candidates(&members).await?;
         let plan = assemble::plan(&candidates)?;
         let sb = &plan.superblock;
@@ -207,10 +216,21 @@ impl Array {
             meta,
             bm,
         ));
+        let dirty_degraded = plan.unclean
+            && geo.level.parity_chunks() > 0
+            && inner.has_absent_slot()
+            && inner.with_bitmap(|b| !b.dirty_regions().is_empty());
+        if dirty_degraded && !opts.start_dirty_degraded {
+            // Before anything is written: the operator may still bring the member back.
+            return Err(ArrayError::DirtyDegraded {
+                array: sb.name.clone(),
+                regions: inner.with_bitmap(|b| b.dirty_regions().len()),
+            });
+        }
         inner.write_superblocks().await;
         inner.check_failed()?;
         if plan.unclean && geo.level != Level::Raid0 {
-            inner.resync_after_unclean_shutdown().await?;
+            inner.resync_after_unclean_shutdown(dirty_degraded).await?;
         }
         inner.kick_rebuild();
         Ok(Array { inner })
@@ -324,9 +344,9 @@ async fn read_bitmap(array: &str, bgeo: BitmapGeometry, slots: &[Slot]) -> Resul
 impl Inner {
     /// After an unclean shutdown, makes parity of every region the bitmap marks dirty agree with
     /// its data again (a degraded array cannot check it and relies on the journal).
-    async fn resync_after_unclean_shutdown(self: &Arc<Self>) -> Result<()> {
+    async fn resync_after_unclean_shutdown(self: &Arc<Self>, dirty_degraded: bool) -> Result<()> {
         if self.is_degraded() {
-            tracing::warn!(array = %self.name, "unclean shutdown of a degraded array: parity of dirty regions cannot be checked; relying on the journal");
+            tracing::warn!(array = %self.name, dirty_degraded, "unclean shutdown of a degraded array: parity of dirty regions cannot be checked; started because start_dirty_degraded is set (or nothing was being written)");
             return Ok(());
         }
         let regions = self.with_bitmap(|b| b.dirty_regions());
