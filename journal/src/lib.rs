@@ -33,5 +33,5 @@ pub use pmem::{PersistMethod, PersistenceMode};
 pub use scan::{Scan, ScanReport, StopReason};
 pub use volume::{
     replay_region, JournaledVolume, MirrorHook, MirrorOutcome, NoMirror, RecoveryReport,
-    VolumeConfig, VolumeStatus,
+    UnretiredRecord, UnretiredRecords, VolumeConfig, VolumeStatus,
 };
