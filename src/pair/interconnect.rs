@@ -304,6 +304,9 @@ async fn send_loop<W: AsyncWrite + Unpin>(
         let wake = pair.wake.notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
+        if let Some(status) = pair.take_status() {
+            Message::Status(status).encode(&mut buf);
+        }
         for m in mirrors {
             let room = SEND_BATCH_MAX_BYTES.saturating_sub(buf.len());
             if room == 0 {

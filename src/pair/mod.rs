@@ -225,6 +225,8 @@ pub struct Pair {
     kill: Arc<watch::Sender<u64>>,
     seen_nonces: Mutex<SeenNonces>,
     log: RateLimitedLog,
+    /// The newest status record to send to the partner (see [`Pair::send_status`]).
+    status_out: Mutex<Option<Vec<u8>>>,
 }
 
 impl Pair {
@@ -285,6 +287,7 @@ impl Pair {
             kill: Arc::new(watch::channel(0).0),
             seen_nonces: Mutex::new(SeenNonces::default()),
             log: RateLimitedLog::default(),
+            status_out: Mutex::new(None),
         })))
     }
 
@@ -391,6 +394,33 @@ impl Pair {
             "mirrors": mirrors,
             "partner_copies": self.receiver.status_json(),
         })
+    }
+
+    /// Sends an opaque status record (the HA controller's) to the partner on the interconnect
+    /// with the next send; a newer one replaces one not yet sent. Refused when too large.
+    pub fn send_status(&self, record: Vec<u8>) -> Result<()> {
+        let max = twinblock_pair::wire::MAX_STATUS_BYTES;
+        if record.is_empty() || record.len() > max {
+            anyhow::bail!(
+                "status record of {} bytes (must be 1..={max})",
+                record.len()
+            );
+        }
+        *self.status_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn take_status(&self) -> Option<Vec<u8>> {
+        self.status_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The last status record the partner sent on the interconnect, and when it arrived.
+    pub fn partner_status(&self) -> Option<(Instant, Vec<u8>)> {
+        self.receiver.last_status()
     }
 
     /// The partner copies' records (seq, log offset, CRC) per partner volume.
