@@ -211,12 +211,25 @@ impl VolumeMirror {
 
     /// First resync step, before the snapshot: queue from now on, so every record appended
     /// after the snapshot reaches the sender.
+    ///
+    /// The partner's copy is rebuilt from here on, so the mirror is out of sync until the resync
+    /// is acknowledged, and ACKs count afresh (an ACK of the previous stream says nothing about
+    /// the rebuilt copy).
     pub fn start_queueing(&self) {
         let mut inner = self.lock();
         inner.queueing = true;
         inner.pending.clear();
         inner.pending_bytes = 0;
         inner.resyncs += 1;
+        inner.acked = 0;
+        inner.shipped_bytes.clear();
+        if inner.in_sync {
+            inner.in_sync = false;
+            inner.out_of_sync_reason =
+                Some("interconnect reconnected: resynchronising the partner's copy".into());
+            inner.out_of_sync_since = Some(SystemTime::now());
+        }
+        self.publish(&inner);
     }
 
     /// Takes the resync snapshot and sets the stream to continue right after it. `None` when
@@ -451,6 +464,27 @@ mod tests {
         m.on_ack(10);
         assert!(!m.in_sync(), "seq 11 was acknowledged without the partner");
         m.on_ack(11);
+        assert!(m.in_sync());
+    }
+
+    #[tokio::test]
+    async fn reconnect_forgets_old_acks_until_the_resync_is_acked() {
+        let m = mirror(10);
+        in_sync(&m, 1);
+        m.on_ack(100);
+        // A new connection: the copy is rebuilt; the old ACK of seq 100 must not count.
+        m.start_queueing();
+        assert!(!m.in_sync());
+        {
+            let mut i = m.lock();
+            i.resync_target = Some(100);
+        }
+        m.on_ack(0); // the LOG_RESET's ACK
+        assert!(
+            !m.in_sync(),
+            "in sync before the partner stored the snapshot"
+        );
+        m.on_ack(100);
         assert!(m.in_sync());
     }
 

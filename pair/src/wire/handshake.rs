@@ -298,10 +298,10 @@ fn encode_volumes(vols: &[VolumeAnnounce]) -> Result<Vec<u8>, WireError> {
     b.extend_from_slice(&(vols.len() as u32).to_le_bytes());
     b.extend_from_slice(&0u32.to_le_bytes());
     for v in vols {
-        if v.name.is_empty() || v.name.len() > MAX_VOLUME_NAME_BYTES {
+        if !valid_volume_name(&v.name) {
             return Err(WireError::Malformed {
                 what: "AUTH",
-                detail: format!("volume name `{}` is empty or too long", v.name),
+                detail: format!("`{}` is not a valid volume name", v.name),
             });
         }
         b.extend_from_slice(&v.volume.to_le_bytes());
@@ -312,6 +312,20 @@ fn encode_volumes(vols: &[VolumeAnnounce]) -> Result<Vec<u8>, WireError> {
         b.extend_from_slice(v.name.as_bytes());
     }
     Ok(b)
+}
+
+/// Largest announced log (the partner's copy is created at this size).
+pub const MAX_LOG_BYTES: u64 = 64 << 30;
+
+/// A volume name as the node's config allows it (letters, digits, `-`, `_`, `.`; not `.` or
+/// `..`): the receiver makes a file name of it.
+pub fn valid_volume_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= MAX_VOLUME_NAME_BYTES
+        && n != "."
+        && n != ".."
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
 fn decode_volumes(b: &[u8]) -> Result<Vec<VolumeAnnounce>, WireError> {
@@ -340,14 +354,20 @@ fn decode_volumes(b: &[u8]) -> Result<Vec<VolumeAnnounce>, WireError> {
         let name = b
             .get(name_at..name_at + name_len)
             .ok_or_else(|| bad(format!("volume {i} name truncated")))?;
-        let name =
-            std::str::from_utf8(name).map_err(|_| bad(format!("volume {i} name is not UTF-8")))?;
+        let name = std::str::from_utf8(name)
+            .ok()
+            .filter(|n| valid_volume_name(n))
+            .ok_or_else(|| bad(format!("volume {i} name is not a valid volume name")))?;
         let mut store_id = [0u8; 16];
         store_id.copy_from_slice(&b[at + 24..at + 40]);
+        let log_bytes = get_u64(b, at + 16);
+        if log_bytes == 0 || log_bytes > MAX_LOG_BYTES || !log_bytes.is_multiple_of(64) {
+            return Err(bad(format!("volume {i} log of {log_bytes} bytes")));
+        }
         let v = VolumeAnnounce {
             volume: get_u64(b, at),
             generation: get_u64(b, at + 8),
-            log_bytes: get_u64(b, at + 16),
+            log_bytes,
             store_id,
             name: name.to_string(),
         };
@@ -802,6 +822,27 @@ mod tests {
         encode_frame(&mut forged, FrameKind::Auth, &[&ab]);
         let (k, b) = body(&forged);
         assert_eq!(a.on_auth(k, b).unwrap_err().error, WireError::AuthFailed);
+    }
+
+    #[test]
+    fn volume_names_that_could_leave_the_copy_directory_are_refused() {
+        for bad in ["../etc", "a/b", "..", ".", ""] {
+            let mut enc = encode_volumes(&vols()).unwrap();
+            let v = VolumeAnnounce {
+                name: bad.into(),
+                ..vols()[0].clone()
+            };
+            assert!(encode_volumes(&[v.clone()]).is_err(), "{bad}");
+            // Hand-built list with the bad name, as a hostile peer would send it.
+            enc.truncate(8);
+            enc.extend_from_slice(&v.volume.to_le_bytes());
+            enc.extend_from_slice(&v.generation.to_le_bytes());
+            enc.extend_from_slice(&v.log_bytes.to_le_bytes());
+            enc.extend_from_slice(&v.store_id);
+            enc.extend_from_slice(&(bad.len() as u16).to_le_bytes());
+            enc.extend_from_slice(bad.as_bytes());
+            assert!(decode_volumes(&enc).is_err(), "{bad}");
+        }
     }
 
     #[test]
