@@ -832,7 +832,7 @@ mod tests {
                 name: bad.into(),
                 ..vols()[0].clone()
             };
-            assert!(encode_volumes(&[v.clone()]).is_err(), "{bad}");
+            assert!(encode_volumes(std::slice::from_ref(&v)).is_err(), "{bad}");
             // Hand-built list with the bad name, as a hostile peer would send it.
             enc.truncate(8);
             enc.extend_from_slice(&v.volume.to_le_bytes());
