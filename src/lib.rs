@@ -6,4 +6,5 @@ pub mod config;
 pub mod device;
 pub mod logging;
 pub mod node;
+pub mod pair;
 pub mod signals;

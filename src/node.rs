@@ -9,6 +9,8 @@ use crate::admin::{self, AdminHandler, Request};
 use crate::arrays::ArrayEntry;
 use crate::config::{format_bytes, Config, VolumeConfig};
 use crate::device::{ArrayBacking, ArrayDevice, JournaledDevice, MemberDevice};
+use crate::pair::receiver::record_json;
+use crate::pair::{LogSource, Pair, VolumeMeta};
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use serde::Serialize;
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use twinblock_io::file::{FileMember, FileOptions};
 use twinblock_io::Member;
-use twinblock_journal::{JournaledVolume, Nvram, NvramConfig};
+use twinblock_journal::{Backing, JournaledVolume, MirrorHook, NoMirror, Nvram, NvramConfig};
 use twinblock_nbd::{BlockDevice, Export, Server, ServerConfig};
 
 /// What the admin API reports about one volume.
@@ -48,6 +50,8 @@ pub struct Node {
     arrays: BTreeMap<String, ArrayEntry>,
     /// Journaled volumes by name, for status and the clean-shutdown checkpoint.
     journaled: BTreeMap<String, Arc<JournaledDevice>>,
+    /// The HA pair's mirror, when the config has a `[pair]` section.
+    pair: Option<Arc<Pair>>,
     started: Instant,
 }
 
@@ -62,6 +66,7 @@ impl Node {
             tls: config.nbd_tls()?,
             ..ServerConfig::default()
         });
+        let pair = Pair::from_config(&config).context("[pair]")?;
         let mut arrays = BTreeMap::new();
         for a in &config.arrays {
             let entry = ArrayEntry::open(&config, a)
@@ -74,7 +79,16 @@ impl Node {
         for v in &config.volumes {
             let (device, info) = match &v.array {
                 None => open_volume(&config, v).await,
-                Some(a) => open_array_volume(&config, v, &arrays[a.as_str()], &mut journaled).await,
+                Some(a) => {
+                    open_array_volume(
+                        &config,
+                        v,
+                        &arrays[a.as_str()],
+                        &mut journaled,
+                        pair.as_deref(),
+                    )
+                    .await
+                }
             }
             .with_context(|| format!("volume `{}`", v.name))?;
             let access = v
@@ -113,6 +127,7 @@ impl Node {
             volumes,
             arrays,
             journaled,
+            pair,
             started: Instant::now(),
         }))
     }
@@ -175,12 +190,19 @@ impl Node {
         tracing::info!("admin socket {}", admin_path.display());
         let handler: Arc<dyn AdminHandler> = self.clone();
         let admin_task = tokio::spawn(admin::server::serve(admin_listener, handler));
+        let pair_tasks = match &self.pair {
+            Some(p) => p.start(stop_rx.clone()).await?,
+            None => Vec::new(),
+        };
 
         on_ready(&bound);
         shutdown.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         admin_task.abort();
+        for t in pair_tasks {
+            t.abort();
+        }
         let _ = std::fs::remove_file(&admin_path);
         while let Some(r) = tasks.join_next().await {
             match r {
@@ -222,6 +244,7 @@ impl Node {
                 path: self.config.resolve(&n.path),
                 persistence: n.persistence,
             }),
+            pair: self.pair.as_ref().map(|p| p.status_json()),
         }
     }
 
@@ -252,6 +275,27 @@ impl Node {
 }
 
 impl Node {
+    fn mirror_records(&self) -> serde_json::Value {
+        let own: serde_json::Map<String, serde_json::Value> = self
+            .journaled
+            .iter()
+            .map(|(name, dev)| {
+                let list = dev
+                    .volume()
+                    .unretired_records()
+                    .records
+                    .iter()
+                    .map(|r| record_json(r.seq, r.log_offset, &r.bytes))
+                    .collect();
+                (name.clone(), serde_json::Value::Array(list))
+            })
+            .collect();
+        serde_json::json!({
+            "own": own,
+            "partner": self.pair.as_ref().map(|p| p.partner_records_json()),
+        })
+    }
+
     fn array(&self, name: &str) -> Result<&ArrayEntry, String> {
         self.arrays.get(name).ok_or_else(|| {
             format!(
@@ -292,6 +336,7 @@ impl AdminHandler for Node {
                     .collect::<Vec<_>>(),
             ),
             Request::ScrubStart { array, repair } => self.array(&array)?.start_scrub(repair),
+            Request::MirrorRecords => Ok(self.mirror_records()),
             Request::ScrubStatus => {
                 let mut out = Vec::new();
                 for a in self.arrays.values() {
@@ -309,6 +354,7 @@ async fn open_array_volume(
     v: &VolumeConfig,
     entry: &ArrayEntry,
     journaled: &mut BTreeMap<String, Arc<JournaledDevice>>,
+    pair: Option<&Pair>,
 ) -> Result<(Arc<dyn BlockDevice>, VolumeInfo)> {
     let array = entry.array.clone();
     let st = array.status();
@@ -347,14 +393,21 @@ async fn open_array_volume(
         create_if_missing: true,
     })
     .with_context(|| format!("NVRAM file {}", path.display()))?;
-    let volume = JournaledVolume::open(
+    let volume_id = journal_volume_id(&v.name);
+    let mirror = pair.map(|p| p.add_volume(&v.name, volume_id));
+    let hook: Arc<dyn MirrorHook> = match &mirror {
+        Some(m) => m.clone(),
+        None => Arc::new(NoMirror),
+    };
+    let volume = JournaledVolume::open_with_mirror(
         nvram,
         ArrayBacking { array },
-        journal_volume_id(&v.name),
+        volume_id,
         twinblock_journal::VolumeConfig {
             cp_interval_ms: nv.cp_interval_ms,
             ..Default::default()
         },
+        hook,
     )
     .await
     .with_context(|| format!("journal recovery from {}", path.display()))?;
@@ -379,7 +432,15 @@ async fn open_array_volume(
             "acknowledged writes survive a daemon crash only, not a loss of host power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA wait for a consistency point"
         );
     }
+    let meta = VolumeMeta {
+        store_id: volume.backing().store_id().unwrap_or([0; 16]),
+        log_bytes: volume.status().log_bytes,
+    };
     let dev = Arc::new(JournaledDevice::new(volume, v.read_only));
+    if let Some(m) = mirror {
+        let source: Arc<dyn LogSource> = dev.clone();
+        m.attach(Arc::downgrade(&source), meta);
+    }
     journaled.insert(v.name.clone(), dev.clone());
     info.kind = "journaled-array";
     info.nvram = Some(path.display().to_string());

@@ -38,5 +38,6 @@ pub use pmem::{PersistMethod, PersistenceMode};
 pub use recover::{apply_plan, plan_recovery, replay_region, RecoveryPlan, RecoveryReport};
 pub use scan::{Scan, ScanReport, StopReason};
 pub use volume::{
-    JournaledVolume, MirrorHook, MirrorOutcome, NoMirror, VolumeConfig, VolumeStatus,
+    JournaledVolume, MirrorHook, MirrorOutcome, NoMirror, UnretiredRecord, UnretiredRecords,
+    VolumeConfig, VolumeStatus,
 };

@@ -313,6 +313,12 @@ impl PartnerRegion {
     pub fn scan(&self) -> Scan {
         self.region.scan()
     }
+
+    /// Binds the copy to the partner's store (its array's UUID), so a takeover never replays it
+    /// into another array.
+    pub fn bind_store(&mut self, id: [u8; 16]) -> Result<(), JournalError> {
+        self.region.bind_store(id)
+    }
 }
 
 /// An opened NVRAM file, its generation already bumped and persisted.

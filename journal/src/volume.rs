@@ -1276,6 +1276,57 @@ impl<B: Backing> JournaledVolume<B> {
         self.flusher.abort();
         result.map(|_| ())
     }
+
+    /// Copies every unretired record of the own log (tail to head, in seq order) with where it
+    /// sits, for resynchronising the partner's copy. Read-only; holds the volume's lock while it
+    /// scans, so the list is one consistent cut of the log.
+    pub fn unretired_records(&self) -> UnretiredRecords {
+        let st = self.shared.lock();
+        let scan = st.region.scan();
+        let records = scan
+            .records
+            .iter()
+            .map(|r| {
+                let len = if r.header.kind == RecordKind::Pad {
+                    RECORD_HEADER_BYTES as u64
+                } else {
+                    r.header.total_bytes()
+                };
+                UnretiredRecord {
+                    log_offset: r.log_offset,
+                    seq: r.header.seq,
+                    bytes: Bytes::copy_from_slice(st.region.log_slice(r.log_offset, len)),
+                }
+            })
+            .collect();
+        UnretiredRecords {
+            generation: st.generation,
+            tail_offset: scan.report.start.tail_offset,
+            tail_seq: scan.report.start.tail_seq,
+            next_seq: st.cursor.next_seq,
+            records,
+        }
+    }
+}
+
+/// One record of [`JournaledVolume::unretired_records`]: its encoded bytes (header and padded
+/// payload; a PAD's header alone) and where it sits in the log.
+#[derive(Debug, Clone)]
+pub struct UnretiredRecord {
+    pub log_offset: u64,
+    pub seq: u64,
+    pub bytes: Bytes,
+}
+
+/// The live part of the own log: its tail (as the control slot states it) and its records.
+#[derive(Debug, Clone)]
+pub struct UnretiredRecords {
+    pub generation: u64,
+    pub tail_offset: u64,
+    pub tail_seq: u64,
+    /// The seq the next appended record gets.
+    pub next_seq: u64,
+    pub records: Vec<UnretiredRecord>,
 }
 
 /// Runs CPs on the timer and on demand. Holds the volume only weakly, so that dropping the

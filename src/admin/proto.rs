@@ -48,6 +48,9 @@ pub enum Request {
         repair: bool,
     },
     ScrubStatus,
+    /// The journal records the mirror covers: this node's unretired records per journaled volume
+    /// and its copies of the partner's, each as (seq, log offset, CRC).
+    MirrorRecords,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -23,6 +23,9 @@ pub struct NodeStatus {
     pub volumes: Vec<String>,
     pub arrays: Vec<String>,
     pub nvram: Option<NvramSummary>,
+    /// The HA pair: partner, interconnect, per-volume mirror state (absent without `[pair]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pair: Option<serde_json::Value>,
 }
 
 /// The NVRAM file of [`NodeStatus`].

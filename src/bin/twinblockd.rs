@@ -27,6 +27,10 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Also check that this partner config and `--config` describe the two nodes of one pair
+    /// (same pair id and key, each other's ids and addresses), then exit. Implies --check.
+    #[arg(long, value_name = "PARTNER.toml")]
+    check_partner: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -39,7 +43,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(partner) = &args.check_partner {
+        return check_partner(&config, partner);
+    }
     if args.check {
+        if let Some(p) = &config.pair {
+            if let Err(e) = twinblock::config::load_key(&p.key_path(&config)) {
+                eprintln!("twinblockd: {}: {e}", args.config.display());
+                return ExitCode::from(2);
+            }
+        }
         println!("{}: configuration is valid", args.config.display());
         return ExitCode::SUCCESS;
     }
@@ -61,6 +74,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--check-partner`: both configs valid, and they describe one pair.
+fn check_partner(config: &Config, partner: &std::path::Path) -> ExitCode {
+    let other = match Config::load(partner) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("twinblockd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let problems = twinblock::config::check_partner(config, &other);
+    if problems.is_empty() {
+        println!(
+            "{} and {}: valid, and they describe the two nodes of one pair",
+            config.source.display(),
+            other.source.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    for p in &problems {
+        eprintln!("twinblockd: {p}");
+    }
+    ExitCode::from(2)
 }
 
 async fn run(config: Config) -> Result<()> {

@@ -4,7 +4,10 @@
 //! the types cannot (unique names, references between tables, sane ranges). Every error names the
 //! file, the key and what is wrong, so an operator can fix it without reading code.
 
+mod pair;
 mod size;
+
+pub use pair::{check_partner, load_key, PairConfig, DEFAULT_MIRROR_TIMEOUT_MS};
 
 pub use size::{format_bytes, parse_size, ByteSize};
 
@@ -43,6 +46,9 @@ pub struct Config {
     pub arrays: Vec<ArrayConfig>,
     #[serde(default)]
     pub nvram: Option<NvramConfig>,
+    /// The HA pair (partner, interconnect, key, mirror wait); absent on a single node.
+    #[serde(default)]
+    pub pair: Option<PairConfig>,
     /// Where the file was read from; relative paths resolve against `node.data_dir`.
     #[serde(skip)]
     pub source: PathBuf,
@@ -311,6 +317,9 @@ impl Config {
             if nv.cp_interval_ms == 0 {
                 return Err(self.invalid("nvram.cp_interval_ms", "must be greater than 0"));
             }
+        }
+        if let Some(p) = &self.pair {
+            p.validate(self)?;
         }
         Ok(())
     }
@@ -654,9 +663,10 @@ impl Config {
 
     /// The pair identity (nil UUID when the config names none: an unpaired node).
     pub fn pair_id(&self) -> uuid::Uuid {
-        self.node
-            .pair_id
-            .as_deref()
+        self.pair
+            .as_ref()
+            .map(|p| p.pair_id.as_str())
+            .or(self.node.pair_id.as_deref())
             .and_then(|p| uuid::Uuid::parse_str(p).ok())
             .unwrap_or(uuid::Uuid::nil())
     }

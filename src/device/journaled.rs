@@ -26,6 +26,12 @@ impl JournaledDevice {
     }
 }
 
+impl crate::pair::LogSource for JournaledDevice {
+    fn unretired(&self) -> twinblock_journal::UnretiredRecords {
+        self.volume.unretired_records()
+    }
+}
+
 #[async_trait]
 impl BlockDevice for JournaledDevice {
     fn size(&self) -> u64 {

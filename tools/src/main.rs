@@ -2,6 +2,7 @@
 //! reads NVRAM files offline, and runs the quickstart demo.
 
 mod demo;
+mod pair_status;
 mod render;
 mod reservation;
 
@@ -33,8 +34,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Start a node on local image files with no setup, print how to reach it, serve until Ctrl-C.
+    /// Start a mirrored pair of nodes on local image files with no setup, print how to reach
+    /// them, serve until Ctrl-C.
     Demo(demo::DemoArgs),
+    /// Run a node in this process (what `twinblockd --config` does; the demo uses it when the
+    /// twinblockd binary is not built).
+    #[command(hide = true)]
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Node identity, uptime and what it serves.
     Status,
     /// Volumes: list, show.
@@ -176,6 +185,12 @@ async fn run(cli: Cli) -> Result<()> {
     let out = render::Output { json: cli.json };
     match &cli.command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Node { config } => {
+            let cfg = twinblock::config::Config::load(config)?;
+            let node = twinblock::node::Node::open(cfg).await?;
+            node.run(twinblock::signals::shutdown_signal(), |_| {})
+                .await
+        }
         Command::Status => out.status(&call(&cli, Request::Status).await?),
         Command::Volume { cmd } => match cmd {
             VolumeCmd::List => out.volume_list(&call(&cli, Request::VolumeList).await?),
