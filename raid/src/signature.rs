@@ -116,11 +116,14 @@ impl Probe<'_> {
     }
 }
 
+/// A test for one format's signature.
+type Detector = fn(&Probe<'_>) -> bool;
+
 /// Every known signature found in `p`, in a fixed order.
 pub fn detect(p: &Probe<'_>) -> Vec<Signature> {
     let mut found = Vec::new();
     found.extend(md(p));
-    let checks: [(fn(&Probe<'_>) -> bool, Signature); 8] = [
+    let checks: [(Detector, Signature); 8] = [
         (lvm2, Signature::Lvm2),
         (ext, Signature::Ext),
         (xfs, Signature::Xfs),
