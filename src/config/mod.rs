@@ -4,8 +4,10 @@
 //! the types cannot (unique names, references between tables, sane ranges). Every error names the
 //! file, the key and what is wrong, so an operator can fix it without reading code.
 
+mod inspect;
 mod size;
 
+pub use inspect::Inspection;
 pub use size::{format_bytes, parse_size, ByteSize};
 
 use serde::Deserialize;
