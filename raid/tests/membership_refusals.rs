@@ -151,3 +151,31 @@ async fn replace_that_would_fail_a_degraded_array_is_refused() {
     assert_eq!(state(&a, &all).await, before);
     assert!(a.read(0, 4096).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_replaces_onto_one_disk_put_it_in_one_slot_only() {
+    for _ in 0..20 {
+        let ms = mems(4);
+        let all = dynv(&ms);
+        let a = Array::create("t", Level::Raid6, CHUNK_BYTES, all.clone(), vec![])
+            .await
+            .unwrap();
+        let fresh: Arc<dyn Member> = Arc::new(MemMember::new("fresh", MEMBER_BYTES));
+        let (a1, a2) = (a.clone(), a.clone());
+        let (f1, f2) = (fresh.clone(), fresh.clone());
+        let t1 = tokio::spawn(async move { a1.replace_member(0, f1).await });
+        let t2 = tokio::spawn(async move { a2.replace_member(1, f2).await });
+        let (r1, r2) = (t1.await.unwrap(), t2.await.unwrap());
+        assert!(
+            r1.is_ok() != r2.is_ok(),
+            "exactly one replace succeeds: {r1:?} {r2:?}"
+        );
+        let holders = a
+            .status()
+            .members
+            .iter()
+            .filter(|m| m.name.as_deref() == Some("fresh"))
+            .count();
+        assert_eq!(holders, 1, "{:?}", a.status().members);
+    }
+}

@@ -7,6 +7,7 @@ use super::*;
 impl Array {
     /// Marks the member in `slot` faulty (like an I/O error would); a hot spare takes over.
     pub async fn fail_member(&self, slot: usize) -> Result<()> {
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
         self.inner.check_slot(slot)?;
         self.inner
             .member_failed(slot, "operator fail", None, true)
@@ -16,14 +17,54 @@ impl Array {
 
     /// Detaches the device of a faulty (or rebuilding) slot, which becomes missing.
     pub async fn remove_member(&self, slot: usize) -> Result<()> {
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
+        self.inner.remove_member(slot).await
+    }
+
+    /// Removes a spare by member name.
+    pub async fn remove_spare(&self, name: &str) -> Result<()> {
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
+        self.inner.remove_spare(name).await
+    }
+
+    /// Adds a device: a member that comes back to its empty slot is resynchronised from the
+    /// bitmap; otherwise it fills an empty slot (full rebuild) or becomes a spare.
+    pub async fn add_member(&self, member: Arc<dyn Member>) -> Result<MemberStatus> {
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
+        self.inner.add_member(member, None).await
+    }
+
+    /// Replaces the device of `slot` by `new`: the old device is failed and removed and `new`
+    /// is rebuilt in its place. Redundancy is reduced while the rebuild runs.
+    ///
+    /// Everything that can refuse the replacement is checked before the old device is touched
+    /// (slot, size, `new` not already in the array nor the device it replaces, its superblock
+    /// readable, the array surviving the old device's removal): a refused replace changes nothing.
+    pub async fn replace_member(&self, slot: usize, new: Arc<dyn Member>) -> Result<MemberStatus> {
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
         self.inner.check_slot(slot)?;
+        let existing = self.inner.admit(&new, Some(slot)).await?;
+        self.inner.check_replace_survives(slot)?;
+        let active = lock(&self.inner.meta).slots[slot].state == MemberState::Active;
+        if active {
+            self.inner.member_failed(slot, "replace", None, false).await;
+        }
+        self.inner.remove_member(slot).await?;
+        self.inner.add_admitted(new, existing, Some(slot)).await
+    }
+}
+
+impl Inner {
+    /// Detaches the device of a faulty (or rebuilding) slot; see [`Array::remove_member`].
+    pub(super) async fn remove_member(self: &Arc<Self>, slot: usize) -> Result<()> {
+        self.check_slot(slot)?;
         {
-            let mut m = lock(&self.inner.meta);
+            let mut m = lock(&self.meta);
             let s = &mut m.slots[slot];
             if s.state == MemberState::Active {
-                return Err(self
-                    .inner
-                    .invalid(format!("slot {slot} is active; fail it before removing it")));
+                return Err(
+                    self.invalid(format!("slot {slot} is active; fail it before removing it"))
+                );
             }
             if s.state == MemberState::Rebuilding {
                 s.left_events = 0;
@@ -35,51 +76,25 @@ impl Array {
             }
             m.events += 1;
         }
-        self.inner.write_superblocks().await;
+        self.write_superblocks().await;
         Ok(())
     }
 
     /// Removes a spare by member name.
-    pub async fn remove_spare(&self, name: &str) -> Result<()> {
+    pub(super) async fn remove_spare(self: &Arc<Self>, name: &str) -> Result<()> {
         let found = {
-            let mut m = lock(&self.inner.meta);
+            let mut m = lock(&self.meta);
             let before = m.spares.len();
             m.spares.retain(|s| s.member.name() != name);
             before != m.spares.len()
         };
         if !found {
-            return Err(self.inner.invalid(format!("no spare named {name}")));
+            return Err(self.invalid(format!("no spare named {name}")));
         }
-        self.inner.write_superblocks().await;
+        self.write_superblocks().await;
         Ok(())
     }
 
-    /// Adds a device: a member that comes back to its empty slot is resynchronised from the
-    /// bitmap; otherwise it fills an empty slot (full rebuild) or becomes a spare.
-    pub async fn add_member(&self, member: Arc<dyn Member>) -> Result<MemberStatus> {
-        self.inner.add_member(member, None).await
-    }
-
-    /// Replaces the device of `slot` by `new`: the old device is failed and removed and `new`
-    /// is rebuilt in its place. Redundancy is reduced while the rebuild runs.
-    ///
-    /// Everything that can refuse the replacement is checked before the old device is touched
-    /// (slot, size, `new` not already in the array nor the device it replaces, its superblock
-    /// readable, the array surviving the old device's removal): a refused replace changes nothing.
-    pub async fn replace_member(&self, slot: usize, new: Arc<dyn Member>) -> Result<MemberStatus> {
-        self.inner.check_slot(slot)?;
-        let existing = self.inner.admit(&new, Some(slot)).await?;
-        self.inner.check_replace_survives(slot)?;
-        let active = lock(&self.inner.meta).slots[slot].state == MemberState::Active;
-        if active {
-            self.inner.member_failed(slot, "replace", None, false).await;
-        }
-        self.remove_member(slot).await?;
-        self.inner.add_admitted(new, existing, Some(slot)).await
-    }
-}
-
-impl Inner {
     /// Marks `slot` faulty in `m`; returns whether a spare took the slot.
     pub(super) fn mark_faulty_locked(&self, m: &mut Meta, slot: usize, use_spare: bool) -> bool {
         let s = &mut m.slots[slot];
