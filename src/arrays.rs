@@ -3,6 +3,7 @@
 
 use crate::admin::reply::{to_result, CommandReply, RebuildLine, RebuildProgress, ScrubLine};
 use crate::config::{format_bytes, ArrayConfig, Config};
+use crate::disk_check;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -13,9 +14,6 @@ use twinblock_raid::array::{
     Array, ArrayStatus, AssembleOptions, CreateOptions, ScrubMode, ScrubReport,
 };
 use twinblock_raid::Level;
-
-/// Bytes read from the start of a disk to tell a blank disk from one that holds a superblock.
-const SUPERBLOCK_PROBE_BYTES: usize = 4096;
 
 /// The last scrub of an array, for `scrub status`.
 #[derive(Default)]
@@ -41,7 +39,14 @@ fn level_of(code: u8) -> Result<Level> {
     Level::from_code(u32::from(code)).ok_or_else(|| anyhow!("RAID level {code} is not supported"))
 }
 
-fn open_disk(path: &Path, create_size: Option<u64>, direct: bool) -> Result<Arc<FileMember>> {
+/// Opens a disk image, creating it at `create_size` when it does not exist. Never creates a
+/// directory: a path in a missing directory is refused. Returns the member and whether this call
+/// created the image (so a refused command can remove it again).
+fn open_disk(
+    path: &Path,
+    create_size: Option<u64>,
+    direct: bool,
+) -> Result<(Arc<FileMember>, bool)> {
     let exists = path.exists();
     if !exists && create_size.is_none() {
         bail!(
@@ -49,11 +54,12 @@ fn open_disk(path: &Path, create_size: Option<u64>, direct: bool) -> Result<Arc<
             path.display()
         );
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    if !exists {
+        if let Some(why) = disk_check::missing_directory(path) {
+            bail!("{why}");
+        }
     }
-    Ok(FileMember::open(
+    let m = FileMember::open(
         path,
         &FileOptions {
             direct,
@@ -61,15 +67,46 @@ fn open_disk(path: &Path, create_size: Option<u64>, direct: bool) -> Result<Arc<
             create_size: if exists { None } else { create_size },
             engine: Default::default(),
         },
-    )?)
+    )?;
+    Ok((m, !exists))
 }
 
-async fn is_blank(m: &Arc<dyn Member>) -> Result<bool> {
-    let head = m
-        .read_at(0, SUPERBLOCK_PROBE_BYTES)
-        .await
-        .with_context(|| format!("cannot read the superblock area of {}", m.name()))?;
-    Ok(head.iter().all(|b| *b == 0))
+/// Removes an image a refused command created, so the refusal leaves nothing behind.
+fn forget_created(created: Option<PathBuf>) {
+    if let Some(p) = created {
+        if let Err(e) = std::fs::remove_file(&p) {
+            tracing::warn!(path = %p.display(), "cannot remove the image created for a refused command: {e}");
+        }
+    }
+}
+
+/// Refuses to create an array unless every disk is blank; the refusal names the disk and what
+/// was found on it. Warns (log) when the disks differ in size.
+fn check_blank_for_create(
+    a: &ArrayConfig,
+    all: &[Arc<dyn Member>],
+    contents: &[disk_check::Contents],
+) -> Result<()> {
+    for (m, c) in all.iter().zip(contents) {
+        if *c != disk_check::Contents::Blank {
+            bail!(
+                "disk {} {}; refusing to create array `{}` on it (creation discards the data \
+                 area). If that data is not wanted, wipe the disk (e.g. `wipefs -a` and zero its \
+                 first 4 KiB), or name another disk",
+                m.name(),
+                c.describe(),
+                a.name
+            );
+        }
+    }
+    let sizes: Vec<(String, u64)> = all
+        .iter()
+        .map(|m| (m.name().to_string(), m.size()))
+        .collect();
+    if let Some(w) = disk_check::size_mismatch(&sizes) {
+        tracing::warn!(array = %a.name, "{w}");
+    }
+    Ok(())
 }
 
 impl ArrayEntry {
@@ -77,6 +114,11 @@ impl ArrayEntry {
     pub async fn open(config: &Config, a: &ArrayConfig) -> Result<ArrayEntry> {
         let level = level_of(a.level)?;
         let create = a.disk_size.map(|s| s.bytes());
+        if let Some(why) = create.and_then(|s| {
+            disk_check::too_small("images created from `disk_size`", s, a.chunk.bytes())
+        }) {
+            bail!("array `{}`: {why}", a.name);
+        }
         let mut created_all = true;
         let mut io = ("", false);
         let mut open = |paths: &[PathBuf]| -> Result<Vec<Arc<dyn Member>>> {
@@ -84,7 +126,7 @@ impl ArrayEntry {
             for p in paths {
                 let path = config.resolve(p);
                 created_all &= !path.exists();
-                let m = open_disk(&path, create, a.direct_io)?;
+                let (m, _) = open_disk(&path, create, a.direct_io)?;
                 io = (m.engine(), m.direct());
                 out.push(m);
             }
@@ -93,11 +135,23 @@ impl ArrayEntry {
         let disks = open(&a.disks)?;
         let spares = open(&a.spares)?;
 
-        let mut blank = Vec::new();
-        for m in disks.iter().chain(spares.iter()) {
-            blank.push(is_blank(m).await?);
+        let all: Vec<Arc<dyn Member>> = disks.iter().chain(spares.iter()).cloned().collect();
+        for m in &all {
+            if let Some(why) = disk_check::too_small(m.name(), m.size(), a.chunk.bytes()) {
+                bail!("array `{}`: {why}", a.name);
+            }
         }
-        let array = if blank.iter().all(|b| *b) {
+        let mut contents = Vec::with_capacity(all.len());
+        for m in &all {
+            contents.push(
+                disk_check::probe_member(m)
+                    .await
+                    .with_context(|| format!("cannot read the start and end of {}", m.name()))?,
+            );
+        }
+        let ours = contents.contains(&disk_check::Contents::Twinblock);
+        let array = if !ours {
+            check_blank_for_create(a, &all, &contents)?;
             tracing::info!(
                 array = %a.name,
                 level = a.level,
@@ -119,7 +173,6 @@ impl ArrayEntry {
             )
             .await?
         } else {
-            let all: Vec<Arc<dyn Member>> = disks.into_iter().chain(spares).collect();
             let array = Array::assemble_with(
                 all,
                 AssembleOptions {
@@ -211,12 +264,38 @@ impl ArrayEntry {
         }
     }
 
-    fn open_new(&self, path: &str) -> Result<Arc<dyn Member>, String> {
+    /// Opens (or creates, at `disk_size`) the disk an operator names for `add` or `replace`.
+    /// Refuses a disk holding another format's signature. Also returns the path when this call
+    /// created the image, so a refused command can take it away again.
+    async fn open_new(&self, path: &str) -> Result<(Arc<dyn Member>, Option<PathBuf>), String> {
         let path = self.resolve(path);
         let size = self.config.disk_size.map(|s| s.bytes());
-        open_disk(&path, size, self.config.direct_io)
-            .map(|m| m as Arc<dyn Member>)
-            .map_err(|e| format!("{e:#}"))
+        let (m, created) =
+            open_disk(&path, size, self.config.direct_io).map_err(|e| format!("{e:#}"))?;
+        let m: Arc<dyn Member> = m;
+        let created = created.then_some(path);
+        let refusal = match disk_check::probe_member(&m).await {
+            Ok(c @ disk_check::Contents::Foreign(_)) => Some(format!(
+                "array {}: disk {} {}; it is not added (a member's contents are overwritten). \
+                 Wipe it first if that data is not wanted",
+                self.name,
+                m.name(),
+                c.describe()
+            )),
+            Ok(_) => None,
+            Err(e) => Some(format!(
+                "array {}: cannot read {}: {e}",
+                self.name,
+                m.name()
+            )),
+        };
+        match refusal {
+            Some(why) => {
+                forget_created(created);
+                Err(why)
+            }
+            None => Ok((m, created)),
+        }
     }
 
     fn keep_note(&self) -> String {
@@ -261,7 +340,7 @@ impl ArrayEntry {
     }
 
     pub async fn add(&self, path: &str) -> Result<Value, String> {
-        let m = self.open_new(path)?;
+        let (m, created) = self.open_new(path).await?;
         // Like md: a disk added to an array with a faulty member takes that member's role and is
         // rebuilt at once; otherwise it waits as a hot spare.
         let faulty = self.array.status().members.iter().find_map(|s| {
@@ -273,7 +352,10 @@ impl ArrayEntry {
             Some(slot) => self.array.replace_member(slot, m).await,
             None => self.array.add_member(m).await,
         }
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            forget_created(created);
+            e.to_string()
+        })?;
         to_result(&CommandReply {
             message: format!(
                 "array {}: {path} added as {:?}{}; {}",
@@ -288,12 +370,11 @@ impl ArrayEntry {
 
     pub async fn replace(&self, old: &str, new: &str) -> Result<Value, String> {
         let slot = self.slot_of(old)?;
-        let m = self.open_new(new)?;
-        let st = self
-            .array
-            .replace_member(slot, m)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (m, created) = self.open_new(new).await?;
+        let st = self.array.replace_member(slot, m).await.map_err(|e| {
+            forget_created(created);
+            e.to_string()
+        })?;
         to_result(&CommandReply {
             message: format!(
                 "array {}: rebuilding slot {slot} onto {new}, {old} retires when it completes; {}",

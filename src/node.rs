@@ -500,9 +500,10 @@ async fn open_image(path: &Path, v: &VolumeConfig) -> Result<Arc<FileMember>> {
             path.display()
         );
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    if !exists {
+        if let Some(why) = crate::disk_check::missing_directory(path) {
+            bail!("{why}");
+        }
     }
     let member = FileMember::open(
         path,

@@ -18,13 +18,13 @@
 
 use crate::buf::{is_direct_aligned, AlignedBuf, ALIGN_BYTES};
 use crate::uring::{self, UringEngine};
-use crate::{inline, pool, Member};
+use crate::{inline, pool, DeviceIdentity, Member};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -106,6 +106,7 @@ enum Engine {
 pub struct FileMember {
     name: String,
     size: u64,
+    identity: DeviceIdentity,
     read_only: bool,
     is_block_device: bool,
     buffered: Arc<File>,
@@ -190,6 +191,14 @@ impl FileMember {
         if !is_block_device && !meta.is_file() {
             return Err(FileError::NotADisk { path: pb() });
         }
+        let identity = if is_block_device {
+            DeviceIdentity::BlockDevice { rdev: meta.rdev() }
+        } else {
+            DeviceIdentity::File {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        };
 
         let size = if is_block_device {
             sys::block_device_size(&buffered)
@@ -240,6 +249,7 @@ impl FileMember {
         let member = FileMember {
             name: path.display().to_string(),
             size,
+            identity,
             read_only: opts.read_only,
             is_block_device,
             buffered: Arc::new(buffered),
@@ -470,6 +480,10 @@ impl Member for FileMember {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn identity(&self) -> Option<DeviceIdentity> {
+        Some(self.identity)
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {

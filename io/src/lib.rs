@@ -32,6 +32,14 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::io;
 
+/// The identity of the storage behind a member: the device and inode of an image file, or the
+/// device number of a block device (two device nodes of one disk share it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceIdentity {
+    File { dev: u64, ino: u64 },
+    BlockDevice { rdev: u64 },
+}
+
 /// One disk of an array (or a plain exported image).
 #[async_trait]
 pub trait Member: Send + Sync + 'static {
@@ -39,6 +47,12 @@ pub trait Member: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// Size in bytes.
     fn size(&self) -> u64;
+    /// What the member is underneath its name, so one file reached through two paths (a
+    /// symlink, `./x` and `x`, a hard link) is recognised as one device. `None` when the member
+    /// cannot tell (in-memory members): callers then compare names only.
+    fn identity(&self) -> Option<DeviceIdentity> {
+        None
+    }
     /// Read exactly `len` bytes at `offset`. A short read past the end is an error.
     async fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes>;
     /// Write all of `data` at `offset`.

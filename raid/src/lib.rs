@@ -2,7 +2,8 @@
 //!
 //! Pure modules (no I/O, tested exhaustively): `layout` (address math per level), `parity`
 //! (P/Q and recovery), `superblock` (on-disk format), `bitmap` (write-intent bitmap), `assemble`
-//! (which member fills which slot), `rowplan` (how a write to one RAID 5/6 row is done). I/O:
+//! (which member fills which slot), `rowplan` (how a write to one RAID 5/6 row is done),
+//! `signature` (other formats found on a disk, so creation never overwrites them). I/O:
 //! `array` (the running array) over `twinblock_io::Member`s.
 
 pub mod array;
@@ -11,6 +12,7 @@ pub mod bitmap;
 pub mod layout;
 pub mod parity;
 pub mod rowplan;
+pub mod signature;
 mod simd;
 pub mod superblock;
 

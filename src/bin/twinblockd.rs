@@ -24,7 +24,7 @@ struct Args {
     /// Configuration file (TOML; see docs/CONFIG.md).
     #[arg(short, long)]
     config: PathBuf,
-    /// Check the configuration and exit.
+    /// Check the configuration and every file it names (read-only), then exit.
     #[arg(long)]
     check: bool,
     /// Also check that this partner config and `--config` describe the two nodes of one pair
@@ -53,8 +53,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
-        println!("{}: configuration is valid", args.config.display());
-        return ExitCode::SUCCESS;
+        return check(&args.config, &config);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -104,4 +103,30 @@ async fn run(config: Config) -> Result<()> {
     let node = Node::open(config).await?;
     node.run(twinblock::signals::shutdown_signal(), |_| {})
         .await
+}
+
+/// `--check`: report what inspecting the config's files found; exit 2 when the node would not
+/// start with it.
+fn check(path: &std::path::Path, config: &Config) -> ExitCode {
+    let found = config.inspect();
+    for n in &found.notes {
+        println!("note: {n}");
+    }
+    for w in &found.warnings {
+        println!("warning: {w}");
+    }
+    for e in &found.errors {
+        eprintln!("twinblockd: {}: {e}", path.display());
+    }
+    if found.errors.is_empty() {
+        println!("{}: configuration is valid", path.display());
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "twinblockd: {}: {} problem(s) found; the node would not start with this config",
+            path.display(),
+            found.errors.len()
+        );
+        ExitCode::from(2)
+    }
 }

@@ -4,9 +4,11 @@
 //! the types cannot (unique names, references between tables, sane ranges). Every error names the
 //! file, the key and what is wrong, so an operator can fix it without reading code.
 
+mod inspect;
 mod pair;
 mod size;
 
+pub use inspect::Inspection;
 pub use pair::{check_partner, load_key, PairConfig, DEFAULT_MIRROR_TIMEOUT_MS};
 
 pub use size::{format_bytes, parse_size, ByteSize};

@@ -7,6 +7,7 @@ use super::*;
 impl Array {
     /// Marks the member in `slot` faulty (like an I/O error would); a hot spare takes over.
     pub async fn fail_member(&self, slot: usize) -> Result<()> {
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
         self.inner.check_slot(slot)?;
         self.inner
             .member_failed(slot, "operator fail", None, true)
@@ -16,14 +17,54 @@ impl Array {
 
     /// Detaches the device of a faulty (or rebuilding) slot, which becomes missing.
     pub async fn remove_member(&self, slot: usize) -> Result<()> {
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
+        self.inner.remove_member(slot).await
+    }
+
+    /// Removes a spare by member name.
+    pub async fn remove_spare(&self, name: &str) -> Result<()> {
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
+        self.inner.remove_spare(name).await
+    }
+
+    /// Adds a device: a member that comes back to its empty slot is resynchronised from the
+    /// bitmap; otherwise it fills an empty slot (full rebuild) or becomes a spare.
+    pub async fn add_member(&self, member: Arc<dyn Member>) -> Result<MemberStatus> {
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
+        self.inner.add_member(member, None).await
+    }
+
+    /// Replaces the device of `slot` by `new`: the old device is failed and removed and `new`
+    /// is rebuilt in its place. Redundancy is reduced while the rebuild runs.
+    ///
+    /// Everything that can refuse the replacement is checked before the old device is touched
+    /// (slot, size, `new` not already in the array nor the device it replaces, its superblock
+    /// readable, the array surviving the old device's removal): a refused replace changes nothing.
+    pub async fn replace_member(&self, slot: usize, new: Arc<dyn Member>) -> Result<MemberStatus> {
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
         self.inner.check_slot(slot)?;
+        let existing = self.inner.admit(&new, Some(slot)).await?;
+        self.inner.check_replace_survives(slot)?;
+        let active = lock(&self.inner.meta).slots[slot].state == MemberState::Active;
+        if active {
+            self.inner.member_failed(slot, "replace", None, false).await;
+        }
+        self.inner.remove_member(slot).await?;
+        self.inner.add_admitted(new, existing, Some(slot)).await
+    }
+}
+
+impl Inner {
+    /// Detaches the device of a faulty (or rebuilding) slot; see [`Array::remove_member`].
+    pub(super) async fn remove_member(self: &Arc<Self>, slot: usize) -> Result<()> {
+        self.check_slot(slot)?;
         {
-            let mut m = lock(&self.inner.meta);
+            let mut m = lock(&self.meta);
             let s = &mut m.slots[slot];
             if s.state == MemberState::Active {
-                return Err(self
-                    .inner
-                    .invalid(format!("slot {slot} is active; fail it before removing it")));
+                return Err(
+                    self.invalid(format!("slot {slot} is active; fail it before removing it"))
+                );
             }
             if s.state == MemberState::Rebuilding {
                 s.left_events = 0;
@@ -35,45 +76,25 @@ impl Array {
             }
             m.events += 1;
         }
-        self.inner.write_superblocks().await;
+        self.write_superblocks().await;
         Ok(())
     }
 
     /// Removes a spare by member name.
-    pub async fn remove_spare(&self, name: &str) -> Result<()> {
+    pub(super) async fn remove_spare(self: &Arc<Self>, name: &str) -> Result<()> {
         let found = {
-            let mut m = lock(&self.inner.meta);
+            let mut m = lock(&self.meta);
             let before = m.spares.len();
             m.spares.retain(|s| s.member.name() != name);
             before != m.spares.len()
         };
         if !found {
-            return Err(self.inner.invalid(format!("no spare named {name}")));
+            return Err(self.invalid(format!("no spare named {name}")));
         }
-        self.inner.write_superblocks().await;
+        self.write_superblocks().await;
         Ok(())
     }
 
-    /// Adds a device: a member that comes back to its empty slot is resynchronised from the
-    /// bitmap; otherwise it fills an empty slot (full rebuild) or becomes a spare.
-    pub async fn add_member(&self, member: Arc<dyn Member>) -> Result<MemberStatus> {
-        self.inner.add_member(member, None).await
-    }
-
-    /// Replaces the device of `slot` by `new`: the old device is failed and removed and `new`
-    /// is rebuilt in its place. Redundancy is reduced while the rebuild runs.
-    pub async fn replace_member(&self, slot: usize, new: Arc<dyn Member>) -> Result<MemberStatus> {
-        self.inner.check_slot(slot)?;
-        let active = lock(&self.inner.meta).slots[slot].state == MemberState::Active;
-        if active {
-            self.inner.member_failed(slot, "replace", None, false).await;
-        }
-        self.remove_member(slot).await?;
-        self.inner.add_member(new, Some(slot)).await
-    }
-}
-
-impl Inner {
     /// Marks `slot` faulty in `m`; returns whether a spare took the slot.
     pub(super) fn mark_faulty_locked(&self, m: &mut Meta, slot: usize, use_spare: bool) -> bool {
         let s = &mut m.slots[slot];
@@ -184,6 +205,20 @@ impl Inner {
         member: Arc<dyn Member>,
         want_slot: Option<usize>,
     ) -> Result<MemberStatus> {
+        let existing = self.admit(&member, None).await?;
+        self.add_admitted(member, existing, want_slot).await
+    }
+
+    /// Checks a device about to join the array (as a spare, into an empty slot, or in place of
+    /// the device of `replacing`) without changing anything: big enough for the array's member
+    /// layout, not already in the array under any name (compared by the device behind the name,
+    /// so `./d0.img`, a symlink or a hard link to a member is recognised), its superblock area
+    /// readable. Returns the superblock found on it, if any.
+    pub(super) async fn admit(
+        &self,
+        member: &Arc<dyn Member>,
+        replacing: Option<usize>,
+    ) -> Result<Option<Superblock>> {
         let need = self.data_offset + self.geo.member_data_bytes();
         if member.size() < need {
             return Err(ArrayError::MemberTooSmall {
@@ -193,24 +228,74 @@ impl Inner {
                 need_bytes: need,
             });
         }
-        if self
-            .all_devices()
-            .iter()
-            .any(|(d, _)| d.name() == member.name() || Arc::ptr_eq(d, &member))
-        {
-            return Err(self.invalid(format!("member {} is already in the array", member.name())));
-        }
-        let existing = match member.read_at(0, SUPERBLOCK_BYTES).await {
-            Ok(b) => Superblock::decode(&b).ok(),
-            Err(e) => {
-                return Err(ArrayError::MemberIo {
-                    array: self.name.clone(),
-                    member: member.name().to_string(),
-                    op: "superblock read",
-                    source: e,
-                })
+        if let Some(slot) = replacing {
+            let current = lock(&self.meta).slots[slot].member.clone();
+            if current.is_some_and(|d| same_device(&d, member)) {
+                return Err(self.invalid(format!(
+                    "cannot replace {} with itself (slot {slot}); name a different disk",
+                    member.name()
+                )));
             }
-        };
+        }
+        if let Some((d, role)) = self
+            .all_devices()
+            .into_iter()
+            .find(|(d, _)| same_device(d, member))
+        {
+            let what = match role {
+                Role::Slot(i) => format!("the member in slot {i}"),
+                Role::Spare => "a spare".to_string(),
+            };
+            return Err(self.invalid(format!(
+                "{} is already in the array ({what}, {}); name a disk that is not",
+                member.name(),
+                d.name()
+            )));
+        }
+        match member.read_at(0, SUPERBLOCK_BYTES).await {
+            Ok(b) => Ok(Superblock::decode(&b).ok()),
+            Err(source) => Err(ArrayError::MemberIo {
+                array: self.name.clone(),
+                member: member.name().to_string(),
+                op: "superblock read",
+                source,
+            }),
+        }
+    }
+
+    /// Refuses to take the device of `slot` out when the array would not survive without it
+    /// (a replace of an active member in an array already degraded to its limit).
+    pub(super) fn check_replace_survives(&self, slot: usize) -> Result<()> {
+        let m = lock(&self.meta);
+        if m.slots[slot].state != MemberState::Active {
+            return Ok(());
+        }
+        let down: Vec<bool> = m
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| i == slot || s.state != MemberState::Active || s.member.is_none())
+            .collect();
+        if self.geo.survives(&down) {
+            return Ok(());
+        }
+        Err(self.invalid(format!(
+            "taking slot {slot} out now would fail the {} array ({} of {} members would be \
+             unusable); let the running rebuild finish or bring the missing members back first",
+            self.geo.level,
+            down.iter().filter(|d| **d).count(),
+            m.slots.len()
+        )))
+    }
+
+    /// Puts an admitted device in: back into its old slot, into an empty slot, or among the
+    /// spares. `existing` is what `admit` found on it.
+    pub(super) async fn add_admitted(
+        self: &Arc<Self>,
+        member: Arc<dyn Member>,
+        existing: Option<Superblock>,
+        want_slot: Option<usize>,
+    ) -> Result<MemberStatus> {
         let status = {
             let mut m = lock(&self.meta);
             // A returning member: same array, its old slot empty and still assigned to it.
@@ -305,4 +390,13 @@ impl Inner {
         self.write_superblocks().await;
         Ok(status)
     }
+}
+
+/// Whether two member handles are the same storage: one handle, one name, or one device behind
+/// two names.
+fn same_device(a: &Arc<dyn Member>, b: &Arc<dyn Member>) -> bool {
+    if Arc::ptr_eq(a, b) || a.name() == b.name() {
+        return true;
+    }
+    matches!((a.identity(), b.identity()), (Some(x), Some(y)) if x == y)
 }

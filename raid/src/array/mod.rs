@@ -199,6 +199,9 @@ struct Inner {
     data_offset: u64,
     meta: Mutex<Meta>,
     sb_lock: tokio::sync::Mutex<()>,
+    /// Serialises the operator's membership commands (fail, remove, add, replace), so the
+    /// checks a command makes before changing anything still hold when it applies the change.
+    membership_lock: tokio::sync::Mutex<()>,
     row_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
     bitmap: Mutex<Bitmap>,
     bitmap_io: tokio::sync::Mutex<()>,
@@ -380,6 +383,7 @@ impl Inner {
             data_offset,
             meta: Mutex::new(meta),
             sb_lock: tokio::sync::Mutex::new(()),
+            membership_lock: tokio::sync::Mutex::new(()),
             row_locks: (0..ROW_LOCK_SHARDS)
                 .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                 .collect(),
