@@ -68,7 +68,6 @@ pub(crate) fn backing_err(op: &'static str, offset: u64) -> impl Fn(BackingError
     }
 }
 
-
 /// Scans `region` and checks its records against `backing` and `volume_id`; changes nothing.
 ///
 /// Refuses a region damaged in the middle unless `discard_corrupt_log`, a log bound to another
