@@ -171,6 +171,9 @@ async fn run_seed(seed: u64) -> Outcome {
     let mut model: HashMap<u64, BlockModel> = HashMap::new();
     let mut version = 0u32;
     let mut failed: Option<usize> = None;
+    // Replacement disks get names of their own: the array refuses a replace with a disk of the
+    // same name as the member it replaces (it would be the same disk).
+    let mut replacements = 0u32;
     let steps = rng.gen_range(1..=MAX_STEPS);
     for _ in 0..steps {
         if power.is_off() {
@@ -228,7 +231,8 @@ async fn run_seed(seed: u64) -> Outcome {
                         failed = Some(slot);
                     }
                     Some(slot) => {
-                        let fresh = member(format!("s{seed}r{slot}"), &power);
+                        replacements += 1;
+                        let fresh = member(format!("s{seed}r{slot}n{replacements}"), &power);
                         array
                             .replace_member(slot, fresh.clone() as Arc<dyn Member>)
                             .await
