@@ -315,7 +315,11 @@ impl LogCapture {
             .with_max_level(tracing::Level::DEBUG)
             .with_writer(move || sink.clone())
             .finish();
-        tracing::subscriber::set_default(subscriber)
+        let guard = tracing::subscriber::set_default(subscriber);
+        // Callsite interest is cached process-wide; tests running in parallel on other threads
+        // may have cached it before this thread's subscriber existed, so recompute it.
+        tracing::callsite::rebuild_interest_cache();
+        guard
     }
 
     pub fn text(&self) -> String {
