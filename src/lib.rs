@@ -4,6 +4,7 @@ pub mod admin;
 pub mod arrays;
 pub mod config;
 pub mod device;
+pub mod ha;
 pub mod logging;
 pub mod node;
 pub mod signals;

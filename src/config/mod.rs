@@ -4,6 +4,7 @@
 //! the types cannot (unique names, references between tables, sane ranges). Every error names the
 //! file, the key and what is wrong, so an operator can fix it without reading code.
 
+pub mod ha;
 mod size;
 
 pub use size::{format_bytes, parse_size, ByteSize};
@@ -43,6 +44,9 @@ pub struct Config {
     pub arrays: Vec<ArrayConfig>,
     #[serde(default)]
     pub nvram: Option<NvramConfig>,
+    /// High availability: heartbeat paths, timers, the partner's config (absent: no takeover).
+    #[serde(default)]
+    pub ha: Option<ha::HaConfig>,
     /// Where the file was read from; relative paths resolve against `node.data_dir`.
     #[serde(skip)]
     pub source: PathBuf,
@@ -221,6 +225,10 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(h) = &self.ha {
+            h.check()
+                .map_err(|(key, problem)| self.invalid(key, problem))?;
+        }
         if self.node.id > 1 {
             return Err(self.invalid(
                 "node.id",
