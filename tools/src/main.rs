@@ -3,6 +3,7 @@
 
 mod demo;
 mod render;
+mod reservation;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -94,6 +95,11 @@ enum DiskCmd {
         array: String,
         old: String,
         new: String,
+    },
+    /// SCSI-3-style reservations, straight on the disk's lock file DISK.resv (no daemon needed).
+    Reservation {
+        #[command(subcommand)]
+        cmd: reservation::ReservationCmd,
     },
 }
 
@@ -196,6 +202,7 @@ async fn run(cli: Cli) -> Result<()> {
                     old: old.clone(),
                     new: new.clone(),
                 },
+                DiskCmd::Reservation { cmd } => return reservation::run(cmd, cli.json),
             };
             out.done(&call(&cli, req).await?)
         }
