@@ -6,24 +6,25 @@
 //! path. A record is **new** iff its stamp is greater than that mark; only new records change what
 //! the node believes about its partner (its state, flags, lease).
 //!
-//! # What counts as hearing the partner on a path
+//! # What counts as hearing the partner
 //!
-//! A delivery on path `p` counts as hearing the partner alive (resets `p`'s silence timer) iff
+//! Only a **new** record proves the partner alive: it was created after everything heard before,
+//! so the partner was running after that. The partner counts as heard at the moment the first
+//! copy of a new record arrives, on whichever path. A replayed or delayed old record proves
+//! nothing (the partner may have died since), and neither does a second copy of the newest
+//! record arriving late on another path, nor the same record re-read from the mailbox slot.
 //!
-//! * its stamp is at least the global newest (a newer record, or the newest one arriving on a
-//!   second path), **and**
-//! * its stamp is greater than the last stamp that counted on `p` itself.
-//!
-//! So a replayed or delayed old record proves nothing (the partner may have died since), a record
-//! that sits unchanged in the partner's mailbox slot counts once, not at every re-read, and the
-//! same record arriving on UDP and then on the interconnect refreshes both paths (each path is
-//! shown working in status) while being processed once.
+//! For status output each path also keeps its own age: when it last delivered a record at
+//! least as new as the newest known (the first copy of a record on that path). A path that only
+//! ever carries copies that another path delivered first is shown working, but it never keeps
+//! the partner alive on its own; cut the faster paths and its copies become the new ones.
 //!
 //! # Silence
 //!
-//! [`Heartbeat::partner_silent`] is true only when **every** path has been silent for
-//! `silence_intervals × interval_ms`. Time is an input (milliseconds of a monotonic clock chosen
-//! by the caller), so the module has no clock and the simulator can drive it.
+//! [`Heartbeat::partner_silent`] is true only when no path has delivered a new record for
+//! `silence_intervals × interval_ms`: every path has been silent. Time is an input (milliseconds
+//! of a monotonic clock chosen by the caller), so the module has no clock and the simulator can
+//! drive it.
 //!
 //! Defaults: `interval_ms = 100`, `silence_intervals = 5`, so the partner is declared failed 500 ms
 //! after the last record heard. The takeover then waits out the partner's lease (400 ms by
@@ -103,9 +104,10 @@ impl HeartbeatConfig {
 /// What a delivery did to the merged order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// Newer than anything delivered before: process it.
+    /// Newer than anything delivered before: the partner is heard; process it.
     New,
-    /// The newest record again, first time on this path: the path works, nothing to process.
+    /// The newest record again, first time on this path: the path works (its age is reset),
+    /// but the partner is not heard again and there is nothing to process.
     Duplicate,
     /// Older than the newest, or already seen on this path: ignored entirely.
     Stale,
@@ -113,9 +115,9 @@ pub enum Delivery {
 
 #[derive(Clone, Copy, Debug, Default)]
 struct PathState {
-    /// Last stamp that counted as hearing on this path.
+    /// Newest stamp this path delivered while it was at least the global newest.
     mark: Option<Stamp>,
-    /// When it counted.
+    /// When it did.
     heard_ms: Option<u64>,
     /// When anything (even stale) last arrived, for status.
     delivered_ms: Option<u64>,
@@ -128,6 +130,8 @@ pub struct Heartbeat {
     started_ms: u64,
     newest: Option<Stamp>,
     newest_record: Option<StatusRecord>,
+    /// When the first copy of the newest record arrived.
+    last_new_ms: Option<u64>,
     paths: [PathState; 3],
 }
 
@@ -141,6 +145,7 @@ impl Heartbeat {
             started_ms: now_ms,
             newest: None,
             newest_record: None,
+            last_new_ms: None,
             paths: [PathState::default(); 3],
         }
     }
@@ -176,6 +181,7 @@ impl Heartbeat {
         p.heard_ms = Some(now_ms);
         if newer_than_all {
             self.newest = Some(stamp);
+            self.last_new_ms = Some(now_ms);
             Delivery::New
         } else {
             Delivery::Duplicate
@@ -192,12 +198,14 @@ impl Heartbeat {
         self.newest_record.as_ref()
     }
 
-    /// When the partner was last heard on any path (`None`: never since start).
+    /// When the partner was last heard: the arrival of the first copy of its newest record
+    /// (`None`: never since start). That record was created no later than this.
     pub fn last_heard_ms(&self) -> Option<u64> {
-        self.paths.iter().filter_map(|p| p.heard_ms).max()
+        self.last_new_ms
     }
 
-    /// Milliseconds since the partner was last heard on `path` (`None`: never).
+    /// Milliseconds since `path` last delivered a record at least as new as the newest known
+    /// (`None`: never). For status output; silence is decided by [`Heartbeat::partner_silent`].
     pub fn path_age_ms(&self, path: Path, now_ms: u64) -> Option<u64> {
         self.paths[path.index()]
             .heard_ms
@@ -217,8 +225,8 @@ impl Heartbeat {
         !self.partner_silent(now_ms)
     }
 
-    /// True only when every path has been silent for `silence_intervals × interval_ms`, counting
-    /// from the detector's start if a path never delivered.
+    /// True only when no path has delivered a new record for `silence_intervals × interval_ms`
+    /// (counting from the detector's start if none ever did).
     pub fn partner_silent(&self, now_ms: u64) -> bool {
         let since = self.last_heard_ms().unwrap_or(self.started_ms);
         let since = since.max(self.started_ms);
@@ -287,6 +295,19 @@ mod tests {
         h.receive(Path::Mailbox, &rec(1, 1), 600);
         assert!(!h.partner_silent(1099));
         assert!(h.partner_silent(1100));
+    }
+
+    #[test]
+    fn late_copy_of_the_newest_record_does_not_count_as_hearing() {
+        let mut h = Heartbeat::new(HeartbeatConfig::default(), 0);
+        h.receive(Path::Udp, &rec(1, 1), 0);
+        assert_eq!(
+            h.receive(Path::Mailbox, &rec(1, 1), 450),
+            Delivery::Duplicate
+        );
+        assert_eq!(h.last_heard_ms(), Some(0));
+        assert!(h.partner_silent(500));
+        assert_eq!(h.path_age_ms(Path::Mailbox, 500), Some(50));
     }
 
     #[test]

@@ -159,7 +159,8 @@ pub enum Event {
         record: ForeignRecord,
     },
     /// A read of the partner's mailbox slot finished: `ok` if at least one mailbox disk yielded a
-    /// valid slot (send the record as [`Event::Status`] first).
+    /// valid slot or a never-written (all-zero) one; send its record as [`Event::Status`] first.
+    /// A takeover preempts only after such a read at or after its lease deadline.
     MailboxRead {
         /// Whether the read succeeded.
         ok: bool,

@@ -112,6 +112,7 @@ fn node_that_cannot_read_the_mailbox_never_takes_over() {
 
 #[test]
 fn both_suspecting_at_once_at_most_one_takes_over() {
+    let mut both_announced = 0;
     for seed in 0..40 {
         let mut w = World::new(seed, World::default_config());
         w.run_for(1_000);
@@ -123,6 +124,9 @@ fn both_suspecting_at_once_at_most_one_takes_over() {
         w.resume(0);
         w.resume(1);
         w.run_for(3_000);
+        if w.stats.announces >= 2 {
+            both_announced += 1;
+        }
         let takeovers = (0..2)
             .filter(|&i| w.node(i).is_some_and(|n| n.holds(DiskSet::Partner)))
             .count();
@@ -146,6 +150,11 @@ fn both_suspecting_at_once_at_most_one_takes_over() {
         }
         assert_clean(&w);
     }
+    println!("both nodes announced TAKEOVER at once in {both_announced} of 40 schedules");
+    assert!(
+        both_announced > 0,
+        "the scenario never made both nodes suspect each other"
+    );
 }
 
 #[test]
