@@ -3,9 +3,10 @@
 //! Defaults are chosen so that a takeover completes well inside 2 s: a status every
 //! `heartbeat_interval_ms` = 100 ms on every path, the partner declared failed after
 //! `silence_intervals` = 5 silent intervals on every path (500 ms), and a lease of
-//! `lease_ms` = 600 ms that the survivor waits out (from the partner's last mailbox write) before
-//! it preempts the partner's disks. Detection + lease + assembly + journal load then stays near
-//! 1.2 s. The lease must exceed the detection window's slack so that a paused node cannot write
+//! `lease_ms` = 400 ms (the pair state machine's default) that the survivor waits out (from the
+//! partner's last record) before it preempts the partner's disks. The lease is shorter than the
+//! silence window, so waiting it out adds little: detection + margin + announce + assembly +
+//! journal load stays near 1 s. The lease must exceed the detection window's slack so that a paused node cannot write
 //! after the survivor preempts: a node only writes while its own last mailbox write is younger
 //! than `lease_ms`.
 
@@ -17,7 +18,7 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 /// Default number of silent intervals on every path before the partner is declared failed.
 pub const DEFAULT_SILENCE_INTERVALS: u32 = 5;
 /// Default lease: how long after its last mailbox write a node may still write its disks.
-pub const DEFAULT_LEASE_MS: u64 = 600;
+pub const DEFAULT_LEASE_MS: u64 = twinblock_pair::state::DEFAULT_LEASE_MS;
 /// Shortest accepted heartbeat interval: below this, scheduling noise alone looks like silence.
 pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 10;
 
