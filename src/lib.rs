@@ -8,3 +8,4 @@ pub mod ha;
 pub mod logging;
 pub mod node;
 pub mod signals;
+pub mod site;

@@ -6,20 +6,15 @@
 
 use crate::admin::{self, AdminHandler, Request};
 use crate::arrays::ArrayEntry;
-use crate::config::{format_bytes, Config, PersistenceMode, VolumeConfig};
-use crate::device::{ArrayBacking, ArrayDevice, JournaledDevice, MemberDevice};
-use anyhow::{bail, Context, Result};
+use crate::config::Config;
+use crate::site::{Site, Teardown};
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
-use twinblock_journal::{JournaledVolume, Nvram, NvramConfig};
-use twinblock_nbd::{BlockDevice, Export, Server, ServerConfig};
-use twinblock_raid::io::file::{FileMember, FileOptions};
-use twinblock_raid::io::Member;
 
 /// What the admin API reports about one volume.
 #[derive(Debug, Clone, Serialize)]
@@ -42,121 +37,75 @@ pub struct VolumeInfo {
 
 pub struct Node {
     config: Config,
-    server: Server,
-    volumes: Vec<VolumeInfo>,
-    arrays: BTreeMap<String, ArrayEntry>,
-    /// Journaled volumes by name, for status and the clean-shutdown checkpoint.
-    journaled: BTreeMap<String, Arc<JournaledDevice>>,
+    /// What this node's own config serves.
+    own: Arc<Site>,
+    /// The HA pair's side: the partner's site and the controller (None: no `[ha]` section).
+    ha: Option<crate::ha::runtime::HaNode>,
     started: Instant,
 }
 
 impl Node {
     /// Open every volume the config names; fail with a clear message on the first problem.
+    /// In an HA pair nothing is opened here: the HA controller brings the sites up once it knows
+    /// which disks this node may hold.
     pub async fn open(config: Config) -> Result<Arc<Node>> {
-        let server = Server::new(ServerConfig {
-            max_request_bytes: u32::try_from(config.nbd.max_request.bytes())
-                .context("nbd.max_request does not fit in 32 bits")?,
-            ..ServerConfig::default()
-        });
-        let mut arrays = BTreeMap::new();
-        for a in &config.arrays {
-            let entry = ArrayEntry::open(&config, a)
-                .await
-                .with_context(|| format!("array `{}`", a.name))?;
-            arrays.insert(a.name.clone(), entry);
+        if config.ha.is_some() {
+            let (own, ha) = crate::ha::runtime::HaNode::prepare(&config)?;
+            return Ok(Arc::new(Node {
+                config,
+                own,
+                ha: Some(ha),
+                started: Instant::now(),
+            }));
         }
-        let mut volumes = Vec::new();
-        let mut journaled = BTreeMap::new();
-        for v in &config.volumes {
-            let (device, info) = match &v.array {
-                None => open_volume(&config, v).await,
-                Some(a) => open_array_volume(&config, v, &arrays[a.as_str()], &mut journaled).await,
-            }
-            .with_context(|| format!("volume `{}`", v.name))?;
-            server
-                .add_export(Export {
-                    name: v.name.clone(),
-                    description: info.description.clone(),
-                    device,
-                })
-                .with_context(|| format!("volume `{}`", v.name))?;
-            tracing::info!(
-                volume = %v.name,
-                size = %format_bytes(info.size),
-                backing = %info.backing,
-                engine = %info.io_engine,
-                direct = info.direct_io,
-                "volume ready"
-            );
-            volumes.push(info);
-        }
-        if let Some(def) = &config.nbd.default_export {
-            server.set_default_export(Some(def.clone()))?;
-        } else if volumes.len() == 1 {
-            // One volume: let clients that send an empty export name reach it.
-            server.set_default_export(Some(volumes[0].name.clone()))?;
-        }
+        let own = Arc::new(Site::new(config.clone(), None, 0));
+        own.assemble().await?;
+        own.open_volumes().await?;
         Ok(Arc::new(Node {
             config,
-            server,
-            volumes,
-            arrays,
-            journaled,
+            own,
+            ha: None,
             started: Instant::now(),
         }))
     }
 
-    pub fn volumes(&self) -> &[VolumeInfo] {
-        &self.volumes
+    /// Every volume served now (the partner's too, during a takeover).
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        let mut v = self.own.volumes();
+        if let Some(ha) = &self.ha {
+            v.extend(ha.partner().volumes());
+        }
+        v
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
+    /// The sites whose parts are open now: own first.
+    fn sites(&self) -> Vec<&Site> {
+        let mut s = vec![&*self.own];
+        if let Some(ha) = &self.ha {
+            s.push(ha.partner());
+        }
+        s
+    }
+
     /// Bind the NBD listeners and the admin socket, then serve until `shutdown` resolves.
-    /// Returns the bound NBD addresses through `on_ready` before serving (for the demo and tests).
+    /// Returns the bound NBD addresses through `on_ready` before serving (for the demo and tests;
+    /// empty in an HA pair, where the controller binds once the disks are held).
     pub async fn run(
         self: Arc<Self>,
         shutdown: impl Future<Output = ()> + Send + 'static,
         on_ready: impl FnOnce(&[std::net::SocketAddr]) + Send,
     ) -> Result<()> {
-        let mut tasks = tokio::task::JoinSet::new();
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut bound = Vec::new();
-        for addr in &self.config.nbd.listen {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for NBD on {addr}"))?;
-            let local = listener.local_addr()?;
-            bound.push(local);
-            tracing::info!("serving NBD on {local}");
-            let server = self.server.clone();
-            let mut rx = stop_rx.clone();
-            tasks.spawn(async move {
-                server
-                    .serve_tcp(listener, async move {
-                        let _ = rx.wait_for(|s| *s).await;
-                    })
-                    .await
-            });
-        }
-        if let Some(unix) = &self.config.nbd.unix {
-            let path = self.config.resolve(unix);
-            let listener = admin::server::bind(&path)
-                .await
-                .with_context(|| format!("cannot listen for NBD on {}", path.display()))?;
-            tracing::info!("serving NBD on unix socket {}", path.display());
-            let server = self.server.clone();
-            let mut rx = stop_rx.clone();
-            tasks.spawn(async move {
-                server
-                    .serve_unix(listener, async move {
-                        let _ = rx.wait_for(|s| *s).await;
-                    })
-                    .await
-            });
-        }
+        let bound = match &self.ha {
+            None => self.own.serve().await?,
+            Some(ha) => {
+                ha.start(self.own.clone()).await?;
+                Vec::new()
+            }
+        };
         let admin_path = self.config.admin_socket();
         let admin_listener = admin::server::bind(&admin_path)
             .await
@@ -168,32 +117,21 @@ impl Node {
         on_ready(&bound);
         shutdown.await;
         tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
         admin_task.abort();
         let _ = std::fs::remove_file(&admin_path);
-        while let Some(r) = tasks.join_next().await {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!("listener ended with error: {e}"),
-                Err(e) => tracing::warn!("listener task failed: {e}"),
-            }
-        }
         self.close().await;
         Ok(())
     }
 
-    /// Clean shutdown: apply every journal to its array, then mark the arrays clean. A failure
-    /// here loses nothing (the journal is replayed at the next start); it is only reported.
+    /// Clean shutdown: stop serving, apply every journal to its array, then mark the arrays
+    /// clean. A failure here loses nothing (the journal is replayed at the next start); it is
+    /// only reported. In an HA pair the controller then announces STOPPED.
     pub async fn close(&self) {
-        for (name, dev) in &self.journaled {
-            if let Err(e) = dev.volume().checkpoint().await {
-                tracing::warn!(volume = %name, "final consistency point failed (the journal will be replayed at next start): {e}");
-            }
+        for site in self.sites() {
+            site.stop(Teardown::Clean).await;
         }
-        for (name, a) in &self.arrays {
-            if let Err(e) = a.array.close().await {
-                tracing::warn!(array = %name, "array close failed: {e}");
-            }
+        if let Some(ha) = &self.ha {
+            ha.stop().await;
         }
     }
 
@@ -205,8 +143,8 @@ impl Node {
             "admin_protocol": admin::proto::ADMIN_PROTOCOL_VERSION,
             "uptime_s": self.started.elapsed().as_secs(),
             "nbd_listen": self.config.nbd.listen,
-            "volumes": self.volumes.iter().map(|v| &v.name).collect::<Vec<_>>(),
-            "arrays": self.arrays.keys().collect::<Vec<_>>(),
+            "volumes": self.volumes().iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
+            "arrays": self.arrays().into_keys().collect::<Vec<_>>(),
             "nvram": self.config.nvram.as_ref().map(|n| serde_json::json!({
                 "path": self.config.resolve(&n.path),
                 "persistence": n.persistence,
@@ -216,14 +154,19 @@ impl Node {
 
     fn volume_json(&self, v: &VolumeInfo) -> serde_json::Value {
         let mut j = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
-        if let Some(a) = self
-            .config
+        let site = self
+            .sites()
+            .into_iter()
+            .find(|s| s.volumes().iter().any(|x| x.name == v.name))
+            .unwrap_or(&self.own);
+        if let Some(a) = site
+            .config()
             .volumes
             .iter()
             .find(|c| c.name == v.name)
             .and_then(|c| c.array.as_ref())
         {
-            if let Some(entry) = self.arrays.get(a) {
+            if let Some(entry) = site.arrays().get(a) {
                 let st = entry.status();
                 j["state"] = serde_json::json!(if st.failed {
                     "failed"
@@ -237,12 +180,12 @@ impl Node {
         } else {
             j["state"] = serde_json::json!("optimal");
         }
-        if let Some(dev) = self.journaled.get(&v.name) {
+        if let Some(dev) = site.journaled().get(&v.name) {
             j["journal"] = serde_json::to_value(dev.volume().status()).unwrap_or_default();
             j["journal_recovery"] =
                 serde_json::to_value(dev.volume().recovery()).unwrap_or_default();
         }
-        if let Some(stats) = self.server.export_stats(&v.name) {
+        if let Some(stats) = site.server().and_then(|srv| srv.export_stats(&v.name)) {
             j["stats"] = serde_json::json!({
                 "connections_active": stats.connections_active,
                 "connections_total": stats.connections_total,
@@ -261,11 +204,21 @@ impl Node {
 }
 
 impl Node {
-    fn array(&self, name: &str) -> Result<&ArrayEntry, String> {
-        self.arrays.get(name).ok_or_else(|| {
+    /// Every open array, own first (an own array shadows a partner's of the same name).
+    fn arrays(&self) -> BTreeMap<String, Arc<ArrayEntry>> {
+        let mut all = BTreeMap::new();
+        for site in self.sites().into_iter().rev() {
+            all.extend(site.arrays());
+        }
+        all
+    }
+
+    fn array(&self, name: &str) -> Result<Arc<ArrayEntry>, String> {
+        let arrays = self.arrays();
+        arrays.get(name).cloned().ok_or_else(|| {
             format!(
                 "no array named `{name}` (arrays: {})",
-                self.arrays.keys().cloned().collect::<Vec<_>>().join(", ")
+                arrays.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         })
     }
@@ -277,10 +230,10 @@ impl AdminHandler for Node {
         match req {
             Request::Status => Ok(self.status()),
             Request::VolumeList => Ok(serde_json::Value::Array(
-                self.volumes.iter().map(|v| self.volume_json(v)).collect(),
+                self.volumes().iter().map(|v| self.volume_json(v)).collect(),
             )),
             Request::VolumeShow { name } => self
-                .volumes
+                .volumes()
                 .iter()
                 .find(|v| v.name == name)
                 .map(|v| self.volume_json(v))
@@ -292,175 +245,16 @@ impl AdminHandler for Node {
                 self.array(&array)?.replace(&old, &new).await
             }
             Request::RebuildStatus => Ok(serde_json::Value::Array(
-                self.arrays.values().map(|a| a.rebuild_json()).collect(),
+                self.arrays().values().map(|a| a.rebuild_json()).collect(),
             )),
             Request::ScrubStart { array, repair } => self.array(&array)?.start_scrub(repair),
             Request::ScrubStatus => {
                 let mut out = Vec::new();
-                for a in self.arrays.values() {
+                for a in self.arrays().values() {
                     out.push(a.scrub_json().await);
                 }
                 Ok(serde_json::Value::Array(out))
             }
         }
     }
-}
-
-/// A volume on an array, through the journal when the config says so.
-async fn open_array_volume(
-    config: &Config,
-    v: &VolumeConfig,
-    entry: &ArrayEntry,
-    journaled: &mut BTreeMap<String, Arc<JournaledDevice>>,
-) -> Result<(Arc<dyn BlockDevice>, VolumeInfo)> {
-    let array = entry.array.clone();
-    let st = array.status();
-    let mut info = VolumeInfo {
-        name: v.name.clone(),
-        description: v.description.clone().unwrap_or_else(|| {
-            format!(
-                "twinblock RAID {} volume on {}",
-                st.level.code(),
-                entry.name
-            )
-        }),
-        kind: "array",
-        size: array.size(),
-        read_only: v.read_only,
-        backing: entry.name.clone(),
-        io_engine: entry.io_engine.to_string(),
-        direct_io: entry.direct_io,
-        nvram: None,
-    };
-    if !v.journal {
-        return Ok((Arc::new(ArrayDevice::new(array, v.read_only)), info));
-    }
-    let (Some(nv), Some(path)) = (&config.nvram, config.volume_nvram_path(v)) else {
-        bail!("journal = true needs an [nvram] section");
-    };
-    // Two regions (own, partner) share the file; leave room for the header and control slots.
-    const NVRAM_OVERHEAD_BYTES: u64 = 1 << 20;
-    let per_region = (nv.size.bytes().saturating_sub(NVRAM_OVERHEAD_BYTES) / 2) & !4095;
-    let nvram = Nvram::open(&NvramConfig {
-        path: path.clone(),
-        persistence: match nv.persistence {
-            PersistenceMode::None => twinblock_journal::PersistenceMode::None,
-            PersistenceMode::Msync => twinblock_journal::PersistenceMode::Msync,
-            PersistenceMode::Pmem => twinblock_journal::PersistenceMode::Pmem,
-        },
-        node_id: u32::from(config.node.id),
-        pair_id: *config.pair_id().as_bytes(),
-        log_bytes_per_region: per_region,
-        create_if_missing: true,
-    })
-    .with_context(|| format!("NVRAM file {}", path.display()))?;
-    let volume = JournaledVolume::open(
-        nvram,
-        ArrayBacking { array },
-        journal_volume_id(&v.name),
-        twinblock_journal::VolumeConfig {
-            cp_interval_ms: nv.cp_interval_ms,
-            ..Default::default()
-        },
-    )
-    .await
-    .with_context(|| format!("journal recovery from {}", path.display()))?;
-    let r = volume.recovery();
-    tracing::info!(
-        volume = %v.name,
-        replayed = r.replayed_records,
-        skipped_retired = r.skipped_retired_records,
-        damaged_tail_discarded = r.damaged_tail_discarded,
-        "journal recovered"
-    );
-    let dev = Arc::new(JournaledDevice::new(volume, v.read_only));
-    journaled.insert(v.name.clone(), dev.clone());
-    info.kind = "journaled-array";
-    info.nvram = Some(path.display().to_string());
-    Ok((dev, info))
-}
-
-/// A stable 64-bit id for a volume's journal records, from its name.
-fn journal_volume_id(name: &str) -> u64 {
-    // FNV-1a: stable across builds and platforms, unlike the std hasher.
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-async fn open_volume(
-    config: &Config,
-    v: &VolumeConfig,
-) -> Result<(Arc<dyn BlockDevice>, VolumeInfo)> {
-    let Some(file) = &v.file else {
-        bail!("array-backed volumes are not available in this build");
-    };
-    let path = config.resolve(file);
-    let member = open_image(&path, v).await?;
-    let map = std::fs::File::open(&path)
-        .ok()
-        .filter(|f| f.metadata().map(|m| m.is_file()).unwrap_or(false));
-    let info = VolumeInfo {
-        name: v.name.clone(),
-        description: v
-            .description
-            .clone()
-            .unwrap_or_else(|| format!("twinblock image {}", path.display())),
-        kind: "file",
-        size: member.size(),
-        read_only: v.read_only,
-        backing: path.display().to_string(),
-        io_engine: member.engine().to_string(),
-        direct_io: member.direct(),
-        nvram: None,
-    };
-    let device = MemberDevice::new(member, v.read_only, map);
-    Ok((Arc::new(device), info))
-}
-
-async fn open_image(path: &Path, v: &VolumeConfig) -> Result<Arc<FileMember>> {
-    let exists = path.exists();
-    if !exists && v.read_only {
-        bail!(
-            "image {} does not exist, and a read-only volume is never created",
-            path.display()
-        );
-    }
-    if !exists && v.size.is_none() {
-        bail!(
-            "image {} does not exist; create it, or set `size` in the volume's config to have \
-             twinblockd create it",
-            path.display()
-        );
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create directory {}", dir.display()))?;
-    }
-    let member = FileMember::open(
-        path,
-        &FileOptions {
-            direct: v.direct_io,
-            read_only: v.read_only,
-            create_size: if exists {
-                None
-            } else {
-                v.size.map(|s| s.bytes())
-            },
-            engine: Default::default(),
-        },
-    )
-    .with_context(|| format!("cannot open image {}", path.display()))?;
-    if let Some(want) = v.size {
-        if exists && member.size() != want.bytes() {
-            bail!(
-                "image {} is {} but the config says size = {}; fix `size` (or remove it to \
-                 use the image as it is)",
-                path.display(),
-                format_bytes(member.size()),
-                format_bytes(want.bytes()),
-            );
-        }
-    }
-    Ok(member)
 }

@@ -1,7 +1,7 @@
 //! A RAID array behind the NVRAM journal: writes are answered once they are records in NVRAM;
 //! consistency points apply them to the array later (see `twinblock_journal::volume`).
 
-use super::array::{array_caps, ArrayBacking};
+use super::array::{array_caps, check_gate, ArrayBacking};
 use async_trait::async_trait;
 use bytes::Bytes;
 use twinblock_journal::{JournalError, JournaledVolume};
@@ -52,6 +52,9 @@ impl BlockDevice for JournaledDevice {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
+        // A fenced node must not acknowledge writes into its journal either: they would never
+        // reach the disks it no longer holds.
+        check_gate(&self.volume.backing().gate)?;
         self.volume.write(offset, data).await.map_err(dev_err)
     }
 
@@ -63,6 +66,9 @@ impl BlockDevice for JournaledDevice {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
+        // A fenced node must not acknowledge writes into its journal either: they would never
+        // reach the disks it no longer holds.
+        check_gate(&self.volume.backing().gate)?;
         self.volume
             .trim(offset, u64::from(len))
             .await
@@ -73,6 +79,9 @@ impl BlockDevice for JournaledDevice {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
+        // A fenced node must not acknowledge writes into its journal either: they would never
+        // reach the disks it no longer holds.
+        check_gate(&self.volume.backing().gate)?;
         self.volume
             .write_zeroes(offset, u64::from(len))
             .await

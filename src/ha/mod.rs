@@ -12,10 +12,12 @@
 //! | [`mailbox_io`] | `O_DIRECT` reads and writes of the mailbox area on the shared disks |
 
 pub mod controller;
+pub mod executor;
 pub mod gate;
 pub mod generation;
 pub mod mailbox_io;
 pub mod mailbox_loop;
+pub mod runtime;
 pub mod udp;
 
 use std::sync::OnceLock;
