@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
+use twinblock_pair::state::Command as PairCommand;
 
 /// What the admin API reports about one volume.
 #[derive(Debug, Clone, Serialize)]
@@ -204,6 +205,10 @@ impl Node {
 }
 
 impl Node {
+    async fn ha_command(&self, cmd: PairCommand) -> Result<serde_json::Value, String> {
+        crate::ha::admin::operator(self.ha.as_ref(), cmd).await
+    }
+
     /// Every open array, own first (an own array shadows a partner's of the same name).
     fn arrays(&self) -> BTreeMap<String, Arc<ArrayEntry>> {
         let mut all = BTreeMap::new();
@@ -255,6 +260,11 @@ impl AdminHandler for Node {
                 }
                 Ok(serde_json::Value::Array(out))
             }
+            Request::HaStatus => crate::ha::admin::status(self.ha.as_ref()).await,
+            Request::HaTakeover => self.ha_command(PairCommand::Takeover).await,
+            Request::HaGiveback => self.ha_command(PairCommand::Giveback).await,
+            Request::HaTakeoverDisable => self.ha_command(PairCommand::DisableTakeover).await,
+            Request::HaTakeoverEnable => self.ha_command(PairCommand::EnableTakeover).await,
         }
     }
 }

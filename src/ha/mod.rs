@@ -4,13 +4,17 @@
 //!
 //! | module | holds |
 //! | --- | --- |
+//! | [`admin`] | the HA admin requests (takeover, giveback, enable/disable, status) |
 //! | [`controller`] | the task owning the state machine: ticks, paths, operator, actions |
+//! | [`executor`] | carrying out the machine's operations on reservations and sites |
+//! | [`runtime`] | the node's HA side: partner config, sites, UDP, mailbox, controller start |
 //! | [`mailbox_loop`] | writing this node's slot and reading the partner's, every interval |
 //! | [`gate`] | the data path's fence: lease permit + reservation check before writes |
 //! | [`generation`] | the persisted generation number, increased at every start |
 //! | [`udp`] | the datagram heartbeat path |
 //! | [`mailbox_io`] | `O_DIRECT` reads and writes of the mailbox area on the shared disks |
 
+pub mod admin;
 pub mod controller;
 pub mod executor;
 pub mod gate;

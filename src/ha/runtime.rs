@@ -142,6 +142,20 @@ impl HaNode {
         self.handle.get()
     }
 
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// This node's own disks (from its own config).
+    pub fn own_disks(&self) -> Vec<PathBuf> {
+        self.config
+            .arrays
+            .iter()
+            .flat_map(|a| a.disks.iter().chain(a.spares.iter()))
+            .map(|p| self.config.resolve(p))
+            .collect()
+    }
+
     pub fn keys(&self) -> (Key, Key) {
         (self.own_key, self.partner_key)
     }
