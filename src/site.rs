@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::task::JoinSet;
-use twinblock_journal::{JournaledVolume, Nvram, NvramConfig};
+use twinblock_journal::{JournalError, JournaledVolume, Nvram, NvramConfig};
 use twinblock_nbd::{BlockDevice, Export, Server, ServerConfig};
 use twinblock_raid::io::file::{FileMember, FileOptions};
 use twinblock_raid::io::Member;
@@ -55,7 +55,9 @@ pub enum Teardown {
 pub struct Site {
     config: Config,
     gates: Option<GateFactory>,
-    /// How long [`Site::serve`] retries an address in use (0: fail at once).
+    /// How long [`Site::serve`] retries an address in use, and opening a journal waits for an
+    /// NVRAM file another process still has locked (0: fail at once). In a takeover on one host
+    /// the departing node may hold both for a moment (until its fence).
     bind_retry_ms: u64,
     parts: Mutex<Parts>,
 }
@@ -195,7 +197,8 @@ impl Site {
                         bail!("volume `{}`: array `{a}` is not assembled", v.name);
                     };
                     let gate = gates.get(a.as_str()).cloned();
-                    open_array_volume(config, v, entry, gate, &mut journaled).await
+                    open_array_volume(config, v, entry, gate, self.bind_retry_ms, &mut journaled)
+                        .await
                 }
             }
             .with_context(|| format!("volume `{}`", v.name))?;
@@ -369,6 +372,7 @@ async fn open_array_volume(
     v: &VolumeConfig,
     entry: &ArrayEntry,
     gate: Option<Arc<WriteGate>>,
+    lock_wait_ms: u64,
     journaled: &mut BTreeMap<String, Arc<JournaledDevice>>,
 ) -> Result<(Arc<dyn BlockDevice>, VolumeInfo)> {
     let array = entry.array.clone();
@@ -402,7 +406,11 @@ async fn open_array_volume(
     // Two regions (own, partner) share the file; leave room for the header and control slots.
     const NVRAM_OVERHEAD_BYTES: u64 = 1 << 20;
     let per_region = (nv.size.bytes().saturating_sub(NVRAM_OVERHEAD_BYTES) / 2) & !4095;
-    let nvram = Nvram::open(&NvramConfig {
+    // MIRROR: for the partner's site (a takeover) this opens the partner's own NVRAM file as its
+    // config names it, which only works where this node can reach that file (one host: the demo
+    // and the tests). When the NVRAM mirror is merged, the partner's volumes open here from the
+    // mirror's copy of the partner region instead (bound to the same store ids).
+    let nvram_config = NvramConfig {
         path: path.clone(),
         persistence: match nv.persistence {
             PersistenceMode::None => twinblock_journal::PersistenceMode::None,
@@ -413,7 +421,16 @@ async fn open_array_volume(
         pair_id: *config.pair_id().as_bytes(),
         log_bytes_per_region: per_region,
         create_if_missing: true,
-    })
+    };
+    let deadline = crate::ha::now_ms() + lock_wait_ms;
+    let nvram = loop {
+        match Nvram::open(&nvram_config) {
+            Err(JournalError::Locked { .. }) if crate::ha::now_ms() < deadline => {
+                tokio::time::sleep(Duration::from_millis(BIND_RETRY_INTERVAL_MS)).await;
+            }
+            other => break other,
+        }
+    }
     .with_context(|| format!("NVRAM file {}", path.display()))?;
     let volume = JournaledVolume::open(
         nvram,

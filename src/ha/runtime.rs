@@ -27,11 +27,10 @@ use twinblock_pair::reservation::{node_key, Key};
 use twinblock_pair::state::{Boot, Command, Config as MachineConfig, DiskSet, Event};
 use twinblock_pair::status::NodeId;
 
-/// How long the survivor retries binding the partner's NBD address (held until the dead
-/// partner's sockets are gone; on loopback that is at once after SIGKILL, longer after a fence).
+/// How long a site's NBD address is retried while in use: the survivor binding the partner's
+/// address (free at once after SIGKILL on loopback; only after its fence for a paused partner),
+/// and a node taking its own address back after a giveback.
 pub const PARTNER_BIND_RETRY_MS: u64 = 10_000;
-/// How often the stand-in for the NVRAM mirror reports its sync state.
-const MIRROR_REPORT_INTERVAL_MS: u64 = 1_000;
 /// Datagrams queued for the UDP sender before new ones are dropped (the path is lossy anyway).
 const UDP_SEND_QUEUE: usize = 16;
 
@@ -110,7 +109,8 @@ impl HaNode {
         let own = Arc::new(Site::new(
             config.clone(),
             Some(gate_factory(DiskSet::Own, &permits, own_key, &tx)),
-            0,
+            // After a giveback the partner may still be closing this node's address.
+            PARTNER_BIND_RETRY_MS,
         ));
         let partner = Arc::new(Site::new(
             partner_cfg,
@@ -236,6 +236,7 @@ impl HaNode {
         tokio::spawn(report_mirror_sync(
             self.partner.nvram_files(),
             handle.events(),
+            self.ha.heartbeat_interval_ms,
         ));
         let _ = self.handle.set(handle);
         Ok(())
@@ -288,12 +289,16 @@ fn udp_link(udp: UdpPath) -> Link {
 /// "in sync" here means: every one of those files is readable from this node. When the mirror
 /// is merged, its sync state replaces this task and the partner's volumes open from the
 /// mirror's partner copy (see `open_array_volume` in `site.rs`).
-async fn report_mirror_sync(files: Vec<PathBuf>, events: mpsc::UnboundedSender<Event>) {
+async fn report_mirror_sync(
+    files: Vec<PathBuf>,
+    events: mpsc::UnboundedSender<Event>,
+    interval_ms: u64,
+) {
     loop {
         let in_sync = files.iter().all(|f| std::fs::File::open(f).is_ok());
         if events.send(Event::MirrorSync { in_sync }).is_err() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(MIRROR_REPORT_INTERVAL_MS)).await;
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
     }
 }
