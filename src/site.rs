@@ -19,7 +19,7 @@
 //! the executor swaps parts in and out.
 
 use crate::admin;
-use crate::arrays::ArrayEntry;
+use crate::arrays::{ArrayEntry, MemberWrap};
 use crate::config::{format_bytes, Config, PersistenceMode, VolumeConfig};
 use crate::device::{ArrayBacking, ArrayDevice, JournaledDevice, MemberDevice};
 use crate::ha::gate::WriteGate;
@@ -42,6 +42,13 @@ const BIND_RETRY_INTERVAL_MS: u64 = 50;
 /// Builds the write gate of one array (HA sites only): given the array's disk paths.
 pub type GateFactory = Box<dyn Fn(&[PathBuf]) -> Arc<WriteGate> + Send + Sync>;
 
+/// The HA fences of a site: one gate per array (lease + reservations, checked before array
+/// writes) and a wrapper per disk (reservation, checked at member submission).
+pub struct Fences {
+    pub gates: GateFactory,
+    pub members: MemberWrap,
+}
+
 /// How [`Site::stop`] leaves the disks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Teardown {
@@ -54,7 +61,7 @@ pub enum Teardown {
 /// One config's arrays, volumes and NBD server.
 pub struct Site {
     config: Config,
-    gates: Option<GateFactory>,
+    fences: Option<Fences>,
     /// How long [`Site::serve`] retries an address in use, and opening a journal waits for an
     /// NVRAM file another process still has locked (0: fail at once). In a takeover on one host
     /// the departing node may hold both for a moment (until its fence).
@@ -80,11 +87,11 @@ struct Listeners {
 }
 
 impl Site {
-    /// A site for `config`, nothing opened yet. `gates` makes array writes fenced (HA).
-    pub fn new(config: Config, gates: Option<GateFactory>, bind_retry_ms: u64) -> Site {
+    /// A site for `config`, nothing opened yet. `fences` makes its writes fenced (HA).
+    pub fn new(config: Config, fences: Option<Fences>, bind_retry_ms: u64) -> Site {
         Site {
             config,
-            gates,
+            fences,
             bind_retry_ms,
             parts: Mutex::new(Parts::default()),
         }
@@ -151,16 +158,17 @@ impl Site {
         let mut arrays = BTreeMap::new();
         let mut gates = BTreeMap::new();
         for a in &self.config.arrays {
-            if let Some(factory) = &self.gates {
+            if let Some(f) = &self.fences {
                 let disks: Vec<PathBuf> = a
                     .disks
                     .iter()
                     .chain(a.spares.iter())
                     .map(|p| self.config.resolve(p))
                     .collect();
-                gates.insert(a.name.clone(), factory(&disks));
+                gates.insert(a.name.clone(), (f.gates)(&disks));
             }
-            let entry = ArrayEntry::open(&self.config, a)
+            let wrap = self.fences.as_ref().map(|f| &f.members);
+            let entry = ArrayEntry::open_with(&self.config, a, wrap)
                 .await
                 .with_context(|| format!("array `{}`", a.name))?;
             arrays.insert(a.name.clone(), Arc::new(entry));

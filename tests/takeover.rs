@@ -457,11 +457,21 @@ fn restarted_node_waits_while_partner_holds_its_disks_and_giveback_returns_them(
 
     pair.start(0);
     pair.wait_state(0, "WaitingForGiveback", Duration::from_secs(10));
-    thread::sleep(Duration::from_secs(1));
-    assert_eq!(pair.state(0), "WaitingForGiveback", "it seizes nothing");
+    // For a while it seizes nothing: it only retries its reservation now and then (briefly
+    // `Rebooting`), which the partner's hold refuses.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(1500) {
+        let ha0 = pair.ha(0);
+        let state = ha0["node"]["state"].as_str().unwrap_or("unreachable");
+        assert!(
+            state == "WaitingForGiveback" || state == "Rebooting",
+            "it seizes nothing: {ha0}"
+        );
+        assert_eq!(ha0["node"]["holds_own_disks"], false, "{ha0}");
+        assert_eq!(ha0["node"]["serving_own"], false, "{ha0}");
+        thread::sleep(POLL);
+    }
     assert_eq!(pair.state(1), "Takeover");
-    let ha0 = pair.ha(0);
-    assert_eq!(ha0["node"]["holds_own_disks"], false, "{ha0}");
 
     pair.admin(1, Request::HaGiveback).unwrap();
     pair.wait_state(1, "Normal", Duration::from_secs(10));

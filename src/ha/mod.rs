@@ -9,6 +9,7 @@
 //! | [`executor`] | carrying out the machine's operations on reservations and sites |
 //! | [`runtime`] | the node's HA side: partner config, sites, UDP, mailbox, controller start |
 //! | [`mailbox_loop`] | writing this node's slot and reading the partner's, every interval |
+//! | [`fenced_member`] | the member-level fence: no member write once the reservation is lost |
 //! | [`gate`] | the data path's fence: lease permit + reservation check before writes |
 //! | [`generation`] | the persisted generation number, increased at every start |
 //! | [`udp`] | the datagram heartbeat path |
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod controller;
 pub mod executor;
+pub mod fenced_member;
 pub mod gate;
 pub mod generation;
 pub mod mailbox_io;

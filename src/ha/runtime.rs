@@ -9,13 +9,14 @@
 
 use super::controller::{self, Handle, Link, Parts, Permits};
 use super::executor::{holds_all, SiteExecutor};
+use super::fenced_member::FencedMember;
 use super::gate::WriteGate;
 use super::generation;
 use super::mailbox_loop::MailboxLoop;
 use super::udp::UdpPath;
 use crate::config::ha::HaConfig;
 use crate::config::Config;
-use crate::site::{GateFactory, Site};
+use crate::site::{Fences, Site};
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,23 +49,29 @@ pub struct HaNode {
     handle: OnceLock<Handle>,
 }
 
-fn gate_factory(
+fn fences(
     set: DiskSet,
     permits: &Permits,
     key: Key,
     events: &mpsc::UnboundedSender<Event>,
-) -> GateFactory {
+) -> Fences {
     let permit = permits.of(set).clone();
-    let events = events.clone();
-    Box::new(move |disks: &[PathBuf]| {
-        Arc::new(WriteGate::new(
-            set,
-            permit.clone(),
-            key,
-            disks,
-            events.clone(),
-        ))
-    })
+    let gate_events = events.clone();
+    let member_events = events.clone();
+    Fences {
+        gates: Box::new(move |disks: &[PathBuf]| {
+            Arc::new(WriteGate::new(
+                set,
+                permit.clone(),
+                key,
+                disks,
+                gate_events.clone(),
+            ))
+        }),
+        members: Arc::new(move |path, member| {
+            FencedMember::wrap(member, path, key, set, member_events.clone())
+        }),
+    }
 }
 
 impl HaNode {
@@ -108,13 +115,13 @@ impl HaNode {
         let (tx, rx) = controller::event_channel();
         let own = Arc::new(Site::new(
             config.clone(),
-            Some(gate_factory(DiskSet::Own, &permits, own_key, &tx)),
+            Some(fences(DiskSet::Own, &permits, own_key, &tx)),
             // After a giveback the partner may still be closing this node's address.
             PARTNER_BIND_RETRY_MS,
         ));
         let partner = Arc::new(Site::new(
             partner_cfg,
-            Some(gate_factory(DiskSet::Partner, &permits, own_key, &tx)),
+            Some(fences(DiskSet::Partner, &permits, own_key, &tx)),
             PARTNER_BIND_RETRY_MS,
         ));
         Ok((
