@@ -228,9 +228,15 @@ impl Heartbeat {
     /// True only when no path has delivered a new record for `silence_intervals × interval_ms`
     /// (counting from the detector's start if none ever did).
     pub fn partner_silent(&self, now_ms: u64) -> bool {
+        self.silent_for(now_ms, self.config.silence_window_ms())
+    }
+
+    /// True when no path has delivered a new record for `window_ms` (counting from the
+    /// detector's start if none ever did).
+    pub fn silent_for(&self, now_ms: u64, window_ms: u64) -> bool {
         let since = self.last_heard_ms().unwrap_or(self.started_ms);
         let since = since.max(self.started_ms);
-        now_ms.saturating_sub(since) >= self.config.silence_window_ms()
+        now_ms.saturating_sub(since) >= window_ms
     }
 }
 

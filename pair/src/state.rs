@@ -18,7 +18,8 @@
 //!   stop`; a refusal names its reasons.
 //! * [`Node::may_write`] before every member write: true only while this node holds the set's
 //!   reservation and its lease is fresh.
-//! * [`Node::view`] for `twinctl status`.
+//! * [`Node::view`] for `twinctl status` ([`Node::state`], [`Node::takeover_blockers`],
+//!   [`Node::holds`], [`Node::serving`] for single facts).
 //!
 //! Every [`Action::Start`] is answered by exactly one [`Event::Completed`] for the same [`Op`]
 //! (completions for an op the node no longer waits for are ignored). [`Action::Fence`] needs no
@@ -35,14 +36,15 @@
 //! | Rebooting: bringing up own | own | all done, not holding partner's disks | NORMAL | |
 //! | Rebooting: bringing up own | own | all done, holding partner's disks since before the restart | TAKEOVER: resuming | Assemble, Replay, Serve (partner) |
 //! | Rebooting: waiting for giveback | nothing | partner's newer record no longer holds our disks, or retry timer | bringing up own | Reserve (own) ... |
-//! | NORMAL | own | partner silent on every path for k × interval and no [`TakeoverBlocked`] reason | TAKEOVER: announced | status TAKEOVER on every path |
+//! | NORMAL | own | partner silent on every path for k × interval (the longer of the two nodes' intervals) and no [`TakeoverBlocked`] reason | TAKEOVER: announced | status TAKEOVER on every path |
 //! | TAKEOVER: announced | own | any blocker appears (partner heard, disabled, mirror out of sync, version) | NORMAL | status NORMAL |
-//! | TAKEOVER: announced | own | partner's lease and the announce delay waited out, and a mailbox read at or after that time succeeded showing nothing newer | TAKEOVER: taking over | Preempt, Assemble, Replay, Serve (partner) |
+//! | TAKEOVER: announced | own | partner's lease (+ margin) and the announce delay waited out, and a mailbox read at or after that time succeeded showing nothing newer | TAKEOVER: taking over | Preempt, Assemble, Replay, Serve (partner) |
 //! | TAKEOVER: taking over | own + partner | an op fails | NORMAL (attempt failed) | Preempt failed: nothing; later: StopServing, Release (partner) |
 //! | TAKEOVER: taking over | own + partner | all done | TAKEOVER | |
 //! | TAKEOVER | own + partner | operator giveback, or auto giveback and partner waits for giveback | GIVEBACK | Checkpoint, StopServing, Release (partner) |
 //! | GIVEBACK (TAKEOVER) | own + partner | all done | NORMAL, giveback pending | status NORMAL |
-//! | GIVEBACK | own + partner | Checkpoint fails | TAKEOVER | |
+//! | GIVEBACK | own + partner | Checkpoint fails | TAKEOVER (no more auto giveback; the operator retries) | |
+//! | GIVEBACK | own + partner | StopServing or Release fails | GIVEBACK | the same op again after `retry_ms` |
 //! | any | any | reservation conflict on a set, or partner's newer record holds our disks | own lost: waiting for giveback; partner lost: NORMAL | Fence (set) |
 //! | any | any | operator stop | STOPPED | Fence (every served set) |
 //!
@@ -282,7 +284,9 @@ impl Config {
 /// What the node was told at start, read from persistent state before the first step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Boot {
-    /// This start's generation: persisted and strictly greater than any earlier start's.
+    /// This start's generation: persisted (and made durable) before the first step, strictly
+    /// greater than any earlier start's. A node that reuses an old generation is ignored by its
+    /// partner as stale and may be taken over (the reservations then fence it).
     pub generation: u64,
     /// The partner's disks' reservations are held by this node (it was in TAKEOVER when it
     /// stopped): it resumes the takeover after bringing up its own disks.
@@ -525,6 +529,7 @@ impl Node {
         }
         let mut out = Vec::new();
         match cmd {
+            Command::Takeover if matches!(self.phase, Phase::Announced { .. }) => {}
             Command::Takeover => {
                 let bits = self.blocker_bits(now_ms) & !OPERATOR_OVERRIDES;
                 if bits != 0 {
@@ -565,11 +570,7 @@ impl Node {
     /// lease is fresh. Check before every member write (and mailbox writes are exempt: they
     /// renew the lease).
     pub fn may_write(&self, set: DiskSet, now_ms: u64) -> bool {
-        let holds = match set {
-            DiskSet::Own => self.holds_own,
-            DiskSet::Partner => self.holds_partner,
-        };
-        holds && self.lease_fresh(now_ms)
+        self.phase != Phase::Stopped && self.holds(set) && self.lease_fresh(now_ms)
     }
 
     /// True if the lease is fresh at `now_ms`.
@@ -653,7 +654,7 @@ impl Node {
         }
         if now_ms.saturating_sub(self.started_ms) < window {
             v |= TakeoverBlocked::JustStarted.bit();
-        } else if !self.hb.partner_silent(now_ms) {
+        } else if !self.hb.silent_for(now_ms, self.partner_silence_window_ms()) {
             v |= TakeoverBlocked::PartnerHeard.bit();
         }
         if self
@@ -871,7 +872,9 @@ impl Node {
             }
             Chain::TakeOver | Chain::ResumePartner => self.run(Chain::Backout, out),
             Chain::GiveBack if op == Op::Checkpoint(DiskSet::Partner) => {
+                // Keep serving; no automatic retry (an operator giveback tries again).
                 self.phase = Phase::Takeover;
+                self.auto_giveback_suppressed = true;
             }
             Chain::Backout | Chain::GiveBack => {
                 self.phase = Phase::Running {
@@ -906,6 +909,19 @@ impl Node {
         self.phase = Phase::Announced {
             announced_ms: now_ms,
         };
+    }
+
+    /// k × the longer of the two nodes' intervals: a partner configured with a longer interval
+    /// than ours is not declared silent between two of its records.
+    fn partner_silence_window_ms(&self) -> u64 {
+        let hb = self.cfg.heartbeat;
+        let partner_interval = self
+            .hb
+            .newest_record()
+            .map_or(0, |r| u64::from(r.interval_ms));
+        hb.interval_ms
+            .max(partner_interval)
+            .saturating_mul(u64::from(hb.silence_intervals))
     }
 
     /// When the partner's lease has certainly run out, and the announcement has had time to arrive.
@@ -982,7 +998,7 @@ impl Node {
                 if self.cfg.auto_giveback
                     && !self.auto_giveback_suppressed
                     && waiting
-                    && !self.hb.partner_silent(now_ms)
+                    && !self.hb.silent_for(now_ms, self.partner_silence_window_ms())
                 {
                     self.last_auto_giveback_ms = Some(now_ms);
                     self.run(Chain::GiveBack, out);
@@ -1055,5 +1071,197 @@ impl Node {
         self.last_sent_ms = Some(now_ms);
         self.last_sent_shape = Some(shape);
         out.push(Action::SendStatus(record));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    const PAIR: [u8; 16] = [9; 16];
+
+    /// Drives one node alone: every op succeeds at once, every mailbox write succeeds, and the
+    /// partner's records are fed by the test.
+    struct Alone {
+        node: Node,
+        now: u64,
+        log: Vec<(u64, Action)>,
+    }
+
+    impl Alone {
+        fn new() -> Alone {
+            let node = Node::new(
+                Config::new(PAIR, NodeId::ONE),
+                Boot {
+                    generation: 1,
+                    holds_partner_disks: false,
+                },
+                0,
+            );
+            let mut a = Alone {
+                node,
+                now: 0,
+                log: Vec::new(),
+            };
+            a.feed(Event::MirrorSync { in_sync: true });
+            a
+        }
+
+        fn feed(&mut self, ev: Event) {
+            let mut queue = VecDeque::from([ev]);
+            while let Some(ev) = queue.pop_front() {
+                for a in self.node.step(ev, self.now) {
+                    match &a {
+                        Action::SendStatus(r) => queue.push_back(Event::MailboxWritten {
+                            stamp: r.stamp,
+                            ok: true,
+                        }),
+                        Action::Start(op) => queue.push_back(Event::Completed {
+                            op: *op,
+                            outcome: Outcome::Done,
+                        }),
+                        Action::Fence(_) => {}
+                    }
+                    self.log.push((self.now, a));
+                }
+            }
+        }
+
+        fn partner(&mut self, sequence: u64) {
+            let record = StatusRecord {
+                pair_id: PAIR,
+                node_id: NodeId::ZERO,
+                state: WireState::Normal,
+                flags: StatusFlags::MIRROR_IN_SYNC,
+                stamp: Stamp {
+                    generation: 1,
+                    sequence,
+                },
+                partner_seen: Stamp::default(),
+                lease_ms: 400,
+                interval_ms: 100,
+                blockers: 0,
+            };
+            self.feed(Event::Status {
+                path: Path::Udp,
+                record,
+            });
+        }
+
+        /// Advances by `ms` in 10 ms ticks with a successful mailbox read every 100 ms.
+        fn run(&mut self, ms: u64) {
+            for _ in 0..ms / 10 {
+                self.now += 10;
+                if self.now.is_multiple_of(100) {
+                    self.feed(Event::MailboxRead { ok: true });
+                }
+                self.feed(Event::Tick);
+            }
+        }
+
+        fn first(&self, f: impl Fn(&Action) -> bool) -> Option<(usize, u64)> {
+            self.log
+                .iter()
+                .enumerate()
+                .find(|(_, (_, a))| f(a))
+                .map(|(i, (t, _))| (i, *t))
+        }
+    }
+
+    #[test]
+    fn takeover_steps_come_in_order_after_the_waits() {
+        let mut a = Alone::new();
+        for s in 1..=5 {
+            a.partner(s);
+            a.run(100);
+        }
+        assert_eq!(a.node.state(), NodeState::Normal);
+        let last_heard = 400;
+        a.run(2_000);
+        assert_eq!(a.node.state(), NodeState::Takeover);
+        let announce = a
+            .first(|x| matches!(x, Action::SendStatus(r) if r.state == WireState::Takeover))
+            .unwrap();
+        let steps: Vec<(usize, u64)> = [
+            Op::Preempt(DiskSet::Partner),
+            Op::Assemble(DiskSet::Partner),
+            Op::Replay(DiskSet::Partner),
+            Op::Serve(DiskSet::Partner),
+        ]
+        .iter()
+        .map(|op| a.first(|x| *x == Action::Start(*op)).unwrap())
+        .collect();
+        assert!(announce.0 < steps[0].0);
+        assert!(steps.windows(2).all(|w| w[0].0 < w[1].0));
+        // Announced after k × interval of silence; preempted after the lease and the delay.
+        assert!(announce.1 >= last_heard + 500);
+        assert!(steps[0].1 >= last_heard + 400 + 50);
+        assert!(steps[0].1 >= announce.1 + 200);
+        assert!(a.node.may_write(DiskSet::Partner, a.now));
+    }
+
+    #[test]
+    fn operator_takeover_while_partner_heard_names_the_reason() {
+        let mut a = Alone::new();
+        for s in 1..=10 {
+            a.partner(s);
+            a.run(100);
+        }
+        match a.node.operator(Command::Takeover, a.now) {
+            Err(CommandRefused::TakeoverBlocked(r)) => {
+                assert_eq!(r, vec![TakeoverBlocked::PartnerHeard])
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stopped_node_may_not_write() {
+        let mut a = Alone::new();
+        a.partner(1);
+        a.run(200);
+        assert!(a.node.may_write(DiskSet::Own, a.now));
+        a.node.operator(Command::Stop, a.now).unwrap();
+        assert!(!a.node.may_write(DiskSet::Own, a.now));
+        assert_eq!(a.node.wire_state(), WireState::Stopped);
+    }
+
+    #[test]
+    fn lease_is_anchored_at_record_creation_not_write_completion() {
+        let mut n = Node::new(
+            Config::new(PAIR, NodeId::ONE),
+            Boot {
+                generation: 1,
+                holds_partner_disks: false,
+            },
+            0,
+        );
+        let acts = n.step(Event::Tick, 0);
+        let Some(Action::SendStatus(r)) = acts.first() else {
+            panic!("no status sent: {acts:?}");
+        };
+        // The write completes late; the lease still counts from the record's creation at 0. The
+        // same step sends the next record (the interval has passed).
+        let acts = n.step(
+            Event::MailboxWritten {
+                stamp: r.stamp,
+                ok: true,
+            },
+            300,
+        );
+        assert_eq!(n.lease_until_ms(), Some(DEFAULT_LEASE_MS));
+        // A failed write renews nothing.
+        let Some(Action::SendStatus(r2)) = acts.first() else {
+            panic!("no status sent: {acts:?}");
+        };
+        n.step(
+            Event::MailboxWritten {
+                stamp: r2.stamp,
+                ok: false,
+            },
+            360,
+        );
+        assert_eq!(n.lease_until_ms(), Some(DEFAULT_LEASE_MS));
     }
 }

@@ -502,3 +502,49 @@ fn stop_fences_everything_and_announces_stopped() {
     assert!(n.operator(Command::Takeover, now).is_err());
     w.run_for(10);
 }
+
+#[test]
+fn node_restarted_while_holding_partner_disks_serves_both_again() {
+    let mut w = settled();
+    w.crash(0);
+    assert!(w.run_until(3_000, |w| serving(w, 1, DiskSet::Partner)));
+    w.crash(1);
+    w.run_for(500);
+    w.restart(1);
+    // Node 0 is still down: node 1 brings up its own disks, then resumes the partner's without
+    // preempting (it never let go of them).
+    let preempts = w.stats.preempts;
+    assert!(w.run_until(3_000, |w| serving(w, 1, DiskSet::Partner)));
+    assert!(serving(&w, 1, DiskSet::Own));
+    assert_eq!(w.state(1), Some(NodeState::Takeover));
+    assert_eq!(w.stats.preempts, preempts);
+    assert_eq!(w.holder, [Some(1), Some(1)]);
+    assert_clean(&w);
+}
+
+#[test]
+fn node_restarted_while_partner_is_normal_takes_only_its_own_disks() {
+    let mut w = settled();
+    w.crash(0);
+    w.restart(0);
+    assert!(w.run_until(2_000, |w| serving(w, 0, DiskSet::Own)));
+    w.run_for(1_000);
+    assert_eq!(w.state(0), Some(NodeState::Normal));
+    assert_eq!(w.state(1), Some(NodeState::Normal));
+    assert_eq!(w.holder, [Some(0), Some(1)]);
+    assert_eq!(w.stats.announces, 0);
+    assert_clean(&w);
+}
+
+#[test]
+fn partner_with_a_longer_interval_is_not_declared_silent_between_its_records() {
+    let mut w = World::new_partial(1, World::default_config(), [false, false]);
+    // Node 0 sends every 600 ms, longer than node 1's own silence window (5 × 100 ms).
+    w.cfg[0].heartbeat.interval_ms = 600;
+    w.restart(0);
+    w.restart(1);
+    w.run_for(6_000);
+    assert_eq!(w.stats.announces, 0);
+    assert_eq!(w.state(1), Some(NodeState::Normal));
+    assert_clean(&w);
+}

@@ -31,6 +31,7 @@ fn run_seeds(first: u64, count: u64) -> Stats {
         let s = w.stats;
         total.announces += s.announces;
         total.preempts += s.preempts;
+        total.reserve_attempts += s.reserve_attempts;
         total.takeovers_completed += s.takeovers_completed;
         total.givebacks_completed += s.givebacks_completed;
         total.writes += s.writes;

@@ -12,13 +12,16 @@
 //! Invariants, checked while the world runs (violations are collected, not panicked on, so a
 //! test can print the seed and the trace):
 //! (a) when a node preempts its partner's disks, the partner (running or paused) cannot write
-//!     them at that moment (its lease has run out or it no longer believes it holds them); every
-//!     landed write passed the holder check;
+//!     them at that moment (its lease has run out or it no longer believes it holds them); after
+//!     a preemption the new writer's first write comes at least `lease_margin_ms` after the old
+//!     writer's last (room for the old writer's I/O in flight); every landed write passed the
+//!     holder check of the I/O path;
 //! (b) no takeover is announced or preempts while the partner was heard (a record newer than any
 //!     before it reached the node, on any path) within the detection window, or within the
 //!     window after the node started;
 //! (c) no takeover is announced or preempts while the node's takeover is disabled or its mirror
-//!     is out of sync (as last told to it).
+//!     is out of sync as last told to it (a node paused while the mirror fell out of sync learns
+//!     it after the events queued before the change, as a real node's inbox would deliver them).
 
 #![allow(dead_code)]
 
@@ -133,18 +136,28 @@ pub struct World {
     /// Whether each node reaches the shared disks (mailbox, reservations, member writes).
     pub disk_up: [bool; 2],
     pub mailbox_loss: f64,
+    /// Longest time a mailbox write takes to land (writes of one node land in order).
+    pub mailbox_max_delay_ms: u64,
     pub op_failure: f64,
     slots: [[Option<StatusRecord>; 2]; 2],
     mailbox_busy_until: [u64; 2],
     next_mailbox_read: [u64; 2],
     /// Holder of each node's disk group (index = owner node).
     pub holder: [Option<usize>; 2],
+    /// Last landed write per disk: (writer, time).
+    last_write: [Option<(usize, u64)>; 2],
+    /// Last preemption per disk.
+    preempted_at: [Option<u64>; 2],
     queue: Vec<Pending>,
     seq: u64,
     gt_newest: [Option<Stamp>; 2],
     gt_last_new: [Option<u64>; 2],
     pub disabled: [bool; 2],
+    /// The mirror's real state per node.
     pub mirror: [bool; 2],
+    /// The mirror state last delivered to each node (a paused node learns a change on resume,
+    /// after the events queued before it).
+    told_mirror: [bool; 2],
     restart_at: [Option<u64>; 2],
     resume_at: [Option<u64>; 2],
     history: [Vec<StatusRecord>; 2],
@@ -184,17 +197,21 @@ impl World {
             interconnect: [Link::GOOD; 2],
             disk_up: [true; 2],
             mailbox_loss: 0.0,
+            mailbox_max_delay_ms: 20,
             op_failure: 0.0,
             slots: [[None; 2]; 2],
             mailbox_busy_until: [0; 2],
             next_mailbox_read: [0; 2],
             holder: [None; 2],
+            last_write: [None; 2],
+            preempted_at: [None; 2],
             queue: Vec::new(),
             seq: 0,
             gt_newest: [None; 2],
             gt_last_new: [None; 2],
             disabled: [false; 2],
             mirror: [true; 2],
+            told_mirror: [true; 2],
             restart_at: [None; 2],
             resume_at: [None; 2],
             history: [Vec::new(), Vec::new()],
@@ -509,6 +526,8 @@ impl World {
                 DiskSet::Partner => 1 - i,
             };
             if self.holder[disk] == Some(i) {
+                self.check_writer_change(i, disk);
+                self.last_write[disk] = Some((i, now));
                 self.stats.writes += 1;
                 self.writes_by[i] += 1;
             } else {
@@ -520,8 +539,28 @@ impl World {
         }
     }
 
+    /// After a preemption, the new writer's first write must come at least `lease_margin_ms`
+    /// after the old writer's last one: writes the old writer had in flight (up to that much
+    /// I/O latency) land before the new writer touches the disk.
+    fn check_writer_change(&mut self, i: usize, disk: usize) {
+        let Some((m, tm)) = self.last_write[disk] else {
+            return;
+        };
+        let preempted_since = self.preempted_at[disk].is_some_and(|p| p >= tm);
+        let margin = self.cfg[i].lease_margin_ms;
+        if m != i && preempted_since && self.now - tm < margin {
+            self.violation(format!(
+                "node {i} wrote disk {disk} {} ms after node {m}'s last write (margin {margin} ms)",
+                self.now - tm
+            ));
+        }
+    }
+
     fn feed(&mut self, i: usize, ev: Event) {
         let now = self.now;
+        if let Event::MirrorSync { in_sync } = ev {
+            self.told_mirror[i] = in_sync;
+        }
         if let Event::Status { record, path } = &ev {
             let from_partner = record.pair_id == PAIR && record.node_id.get() as usize == 1 - i;
             if from_partner && self.gt_newest[i].is_none_or(|n| record.stamp > n) {
@@ -578,7 +617,7 @@ impl World {
         if self.disabled[i] {
             self.violation(format!("node {i} {what} while takeover is disabled"));
         }
-        if !self.mirror[i] {
+        if !self.told_mirror[i] {
             self.violation(format!("node {i} {what} while its mirror is out of sync"));
         }
     }
@@ -625,7 +664,8 @@ impl World {
                 );
             }
         }
-        let land = (now + self.rng.gen_range(0..=20)).max(self.mailbox_busy_until[i] + 1);
+        let delay = self.rng.gen_range(0..=self.mailbox_max_delay_ms);
+        let land = (now + delay).max(self.mailbox_busy_until[i] + 1);
         self.mailbox_busy_until[i] = land;
         let loss = self.mailbox_loss;
         let ok = self.disk_up[i] && !(loss > 0.0 && self.rng.gen_bool(loss));
@@ -677,6 +717,7 @@ impl World {
                     }
                 }
                 self.holder[d] = Some(i);
+                self.preempted_at[d] = Some(now);
                 Outcome::Done
             }
             Op::Release(set) => {
@@ -708,7 +749,7 @@ impl World {
     /// At most one fault per step, drawn with one random number in the common case (the RNG is
     /// the simulator's main cost in debug builds). Rates are per 10 ms.
     fn random_fault(&mut self) {
-        const FAULTS: [(f64, u8); 11] = [
+        const FAULTS: [(f64, u8); 9] = [
             (0.016, 0), // re-draw one link
             (0.003, 1), // mailbox loss rate
             (0.004, 2), // a node's disk access flips
@@ -717,9 +758,7 @@ impl World {
             (0.004, 5), // a node's mirror sync flips
             (0.006, 6), // an operator command
             (0.004, 7), // an old partner record is replayed to a node
-            (0.0, 8),
-            (0.0, 9),
-            (0.0, 10),
+            (0.002, 8), // a forged record of another pair, claiming to hold the node's disks
         ];
         let total: f64 = FAULTS.iter().map(|f| f.0).sum::<f64>() * RATE;
         let x: f64 = self.rng.gen();
@@ -779,6 +818,17 @@ impl World {
                 let path = [Path::Udp, Path::Interconnect][r.gen_range(0..2)];
                 self.inject(i, path, rec);
             }
+            8 if !self.history[1 - i].is_empty() => {
+                let mut rec = self.history[1 - i][self.history[1 - i].len() - 1];
+                rec.pair_id = [0xee; 16];
+                rec.stamp.sequence += 1_000;
+                rec.state = twinblock_pair::status::WireState::Takeover;
+                rec.flags.set(
+                    twinblock_pair::status::StatusFlags::HOLDS_PARTNER_DISKS,
+                    true,
+                );
+                self.inject(i, Path::Udp, rec);
+            }
             _ => {}
         }
     }
@@ -794,7 +844,7 @@ pub fn random_config(rng: &mut StdRng) -> Config {
     };
     let window = c.heartbeat.silence_window_ms();
     c.lease_ms = rng.gen_range(2 * c.heartbeat.interval_ms..=2 * window);
-    c.lease_margin_ms = rng.gen_range(10..=80);
+    c.lease_margin_ms = rng.gen_range(10..=300);
     c.announce_wait_intervals = rng.gen_range(1..=3);
     c.auto_giveback = rng.gen_bool(0.5);
     c.auto_giveback_holdoff_ms = [0, 2_000, 60_000][rng.gen_range(0..3)];
@@ -808,6 +858,7 @@ pub fn run_schedule(seed: u64, duration_ms: u64, trace: bool) -> World {
     let cfg = random_config(&mut rng);
     let mut w = World::new(seed, cfg);
     w.op_failure = 0.02;
+    w.mailbox_max_delay_ms = [5, 20, 80][(seed % 3) as usize];
     if trace {
         w.trace = Some(Vec::new());
     }
