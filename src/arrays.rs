@@ -1,18 +1,19 @@
 //! Arrays of a node: opening the configured disks, creating an array on blank disks or
 //! assembling it from their superblocks, and the operator's member and scrub commands.
 
+use crate::admin::reply::{to_result, CommandReply, RebuildLine, RebuildProgress, ScrubLine};
 use crate::config::{format_bytes, ArrayConfig, Config};
+use crate::disk_check;
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use twinblock_raid::array::{Array, ArrayStatus, CreateOptions, ScrubMode, ScrubReport};
-use twinblock_raid::io::file::{FileMember, FileOptions};
-use twinblock_raid::io::Member;
+use twinblock_io::file::{FileMember, FileOptions};
+use twinblock_io::Member;
+use twinblock_raid::array::{
+    Array, ArrayStatus, AssembleOptions, CreateOptions, ScrubMode, ScrubReport,
+};
 use twinblock_raid::Level;
-
-/// Bytes read from the start of a disk to tell a blank disk from one that holds a superblock.
-const SUPERBLOCK_PROBE_BYTES: usize = 4096;
 
 /// The last scrub of an array, for `scrub status`.
 #[derive(Default)]
@@ -38,7 +39,14 @@ fn level_of(code: u8) -> Result<Level> {
     Level::from_code(u32::from(code)).ok_or_else(|| anyhow!("RAID level {code} is not supported"))
 }
 
-fn open_disk(path: &Path, create_size: Option<u64>, direct: bool) -> Result<Arc<FileMember>> {
+/// Opens a disk image, creating it at `create_size` when it does not exist. Never creates a
+/// directory: a path in a missing directory is refused. Returns the member and whether this call
+/// created the image (so a refused command can remove it again).
+fn open_disk(
+    path: &Path,
+    create_size: Option<u64>,
+    direct: bool,
+) -> Result<(Arc<FileMember>, bool)> {
     let exists = path.exists();
     if !exists && create_size.is_none() {
         bail!(
@@ -46,11 +54,12 @@ fn open_disk(path: &Path, create_size: Option<u64>, direct: bool) -> Result<Arc<
             path.display()
         );
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    if !exists {
+        if let Some(why) = disk_check::missing_directory(path) {
+            bail!("{why}");
+        }
     }
-    Ok(FileMember::open(
+    let m = FileMember::open(
         path,
         &FileOptions {
             direct,
@@ -58,15 +67,46 @@ fn open_disk(path: &Path, create_size: Option<u64>, direct: bool) -> Result<Arc<
             create_size: if exists { None } else { create_size },
             engine: Default::default(),
         },
-    )?)
+    )?;
+    Ok((m, !exists))
 }
 
-async fn is_blank(m: &Arc<dyn Member>) -> Result<bool> {
-    let head = m
-        .read_at(0, SUPERBLOCK_PROBE_BYTES)
-        .await
-        .with_context(|| format!("cannot read the superblock area of {}", m.name()))?;
-    Ok(head.iter().all(|b| *b == 0))
+/// Removes an image a refused command created, so the refusal leaves nothing behind.
+fn forget_created(created: Option<PathBuf>) {
+    if let Some(p) = created {
+        if let Err(e) = std::fs::remove_file(&p) {
+            tracing::warn!(path = %p.display(), "cannot remove the image created for a refused command: {e}");
+        }
+    }
+}
+
+/// Refuses to create an array unless every disk is blank; the refusal names the disk and what
+/// was found on it. Warns (log) when the disks differ in size.
+fn check_blank_for_create(
+    a: &ArrayConfig,
+    all: &[Arc<dyn Member>],
+    contents: &[disk_check::Contents],
+) -> Result<()> {
+    for (m, c) in all.iter().zip(contents) {
+        if *c != disk_check::Contents::Blank {
+            bail!(
+                "disk {} {}; refusing to create array `{}` on it (creation discards the data \
+                 area). If that data is not wanted, wipe the disk (e.g. `wipefs -a` and zero its \
+                 first 4 KiB), or name another disk",
+                m.name(),
+                c.describe(),
+                a.name
+            );
+        }
+    }
+    let sizes: Vec<(String, u64)> = all
+        .iter()
+        .map(|m| (m.name().to_string(), m.size()))
+        .collect();
+    if let Some(w) = disk_check::size_mismatch(&sizes) {
+        tracing::warn!(array = %a.name, "{w}");
+    }
+    Ok(())
 }
 
 /// Wraps each opened disk before the array sees it (the HA member fence); gets the disk's path.
@@ -86,6 +126,11 @@ impl ArrayEntry {
     ) -> Result<ArrayEntry> {
         let level = level_of(a.level)?;
         let create = a.disk_size.map(|s| s.bytes());
+        if let Some(why) = create.and_then(|s| {
+            disk_check::too_small("images created from `disk_size`", s, a.chunk.bytes())
+        }) {
+            bail!("array `{}`: {why}", a.name);
+        }
         let mut created_all = true;
         let mut io = ("", false);
         let mut open = |paths: &[PathBuf]| -> Result<Vec<Arc<dyn Member>>> {
@@ -93,7 +138,7 @@ impl ArrayEntry {
             for p in paths {
                 let path = config.resolve(p);
                 created_all &= !path.exists();
-                let m = open_disk(&path, create, a.direct_io)?;
+                let (m, _) = open_disk(&path, create, a.direct_io)?;
                 io = (m.engine(), m.direct());
                 out.push(match wrap {
                     Some(w) => w(&path, m),
@@ -105,11 +150,23 @@ impl ArrayEntry {
         let disks = open(&a.disks)?;
         let spares = open(&a.spares)?;
 
-        let mut blank = Vec::new();
-        for m in disks.iter().chain(spares.iter()) {
-            blank.push(is_blank(m).await?);
+        let all: Vec<Arc<dyn Member>> = disks.iter().chain(spares.iter()).cloned().collect();
+        for m in &all {
+            if let Some(why) = disk_check::too_small(m.name(), m.size(), a.chunk.bytes()) {
+                bail!("array `{}`: {why}", a.name);
+            }
         }
-        let array = if blank.iter().all(|b| *b) {
+        let mut contents = Vec::with_capacity(all.len());
+        for m in &all {
+            contents.push(
+                disk_check::probe_member(m)
+                    .await
+                    .with_context(|| format!("cannot read the start and end of {}", m.name()))?,
+            );
+        }
+        let ours = contents.contains(&disk_check::Contents::Twinblock);
+        let array = if !ours {
+            check_blank_for_create(a, &all, &contents)?;
             tracing::info!(
                 array = %a.name,
                 level = a.level,
@@ -131,8 +188,13 @@ impl ArrayEntry {
             )
             .await?
         } else {
-            let all: Vec<Arc<dyn Member>> = disks.into_iter().chain(spares).collect();
-            let array = Array::assemble(all).await?;
+            let array = Array::assemble_with(
+                all,
+                AssembleOptions {
+                    start_dirty_degraded: a.start_dirty_degraded,
+                },
+            )
+            .await?;
             if array.name() != a.name {
                 bail!(
                     "the disks hold array `{}`, but the config calls it `{}`; check the disks list",
@@ -217,12 +279,38 @@ impl ArrayEntry {
         }
     }
 
-    fn open_new(&self, path: &str) -> Result<Arc<dyn Member>, String> {
+    /// Opens (or creates, at `disk_size`) the disk an operator names for `add` or `replace`.
+    /// Refuses a disk holding another format's signature. Also returns the path when this call
+    /// created the image, so a refused command can take it away again.
+    async fn open_new(&self, path: &str) -> Result<(Arc<dyn Member>, Option<PathBuf>), String> {
         let path = self.resolve(path);
         let size = self.config.disk_size.map(|s| s.bytes());
-        open_disk(&path, size, self.config.direct_io)
-            .map(|m| m as Arc<dyn Member>)
-            .map_err(|e| format!("{e:#}"))
+        let (m, created) =
+            open_disk(&path, size, self.config.direct_io).map_err(|e| format!("{e:#}"))?;
+        let m: Arc<dyn Member> = m;
+        let created = created.then_some(path);
+        let refusal = match disk_check::probe_member(&m).await {
+            Ok(c @ disk_check::Contents::Foreign(_)) => Some(format!(
+                "array {}: disk {} {}; it is not added (a member's contents are overwritten). \
+                 Wipe it first if that data is not wanted",
+                self.name,
+                m.name(),
+                c.describe()
+            )),
+            Ok(_) => None,
+            Err(e) => Some(format!(
+                "array {}: cannot read {}: {e}",
+                self.name,
+                m.name()
+            )),
+        };
+        match refusal {
+            Some(why) => {
+                forget_created(created);
+                Err(why)
+            }
+            None => Ok((m, created)),
+        }
     }
 
     fn keep_note(&self) -> String {
@@ -238,7 +326,10 @@ impl ArrayEntry {
             .fail_member(slot)
             .await
             .map_err(|e| e.to_string())?;
-        Ok(json!({ "message": format!("array {}: slot {slot} ({disk}) marked faulty", self.name) }))
+        to_result(&CommandReply::message(format!(
+            "array {}: slot {slot} ({disk}) marked faulty",
+            self.name
+        )))
     }
 
     pub async fn remove(&self, disk: &str) -> Result<Value, String> {
@@ -256,13 +347,15 @@ impl ArrayEntry {
                     .map_err(|e| e.to_string())?
             }
         }
-        Ok(
-            json!({ "message": format!("array {}: {disk} removed; {}", self.name, self.keep_note()) }),
-        )
+        to_result(&CommandReply::message(format!(
+            "array {}: {disk} removed; {}",
+            self.name,
+            self.keep_note()
+        )))
     }
 
     pub async fn add(&self, path: &str) -> Result<Value, String> {
-        let m = self.open_new(path)?;
+        let (m, created) = self.open_new(path).await?;
         // Like md: a disk added to an array with a faulty member takes that member's role and is
         // rebuilt at once; otherwise it waits as a hot spare.
         let faulty = self.array.status().members.iter().find_map(|s| {
@@ -274,55 +367,67 @@ impl ArrayEntry {
             Some(slot) => self.array.replace_member(slot, m).await,
             None => self.array.add_member(m).await,
         }
-        .map_err(|e| e.to_string())?;
-        Ok(json!({
-            "message": format!(
+        .map_err(|e| {
+            forget_created(created);
+            e.to_string()
+        })?;
+        to_result(&CommandReply {
+            message: format!(
                 "array {}: {path} added as {:?}{}; {}",
                 self.name,
                 st.state,
                 st.slot.map(|s| format!(" in slot {s}")).unwrap_or_default(),
                 self.keep_note()
             ),
-            "member": st,
-        }))
+            member: Some(st),
+        })
     }
 
     pub async fn replace(&self, old: &str, new: &str) -> Result<Value, String> {
         let slot = self.slot_of(old)?;
-        let m = self.open_new(new)?;
-        let st = self
-            .array
-            .replace_member(slot, m)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(json!({
-            "message": format!(
+        let (m, created) = self.open_new(new).await?;
+        let st = self.array.replace_member(slot, m).await.map_err(|e| {
+            forget_created(created);
+            e.to_string()
+        })?;
+        to_result(&CommandReply {
+            message: format!(
                 "array {}: rebuilding slot {slot} onto {new}, {old} retires when it completes; {}",
                 self.name,
                 self.keep_note()
             ),
-            "member": st,
-        }))
+            member: Some(st),
+        })
     }
 
     /// One line of `rebuild status`.
-    pub fn rebuild_json(&self) -> Value {
+    pub fn rebuild_line(&self) -> RebuildLine {
         let st = self.array.status();
-        match &st.rebuild {
-            Some(r) => json!({
-                "array": self.name,
-                "state": if r.running { "rebuilding" } else if r.error.is_some() { "failed" } else { "done" },
-                "target": r.member,
-                "slot": r.slot,
-                "kind": r.kind,
-                "percent": r.percent,
-                "done_bytes": r.done_bytes,
-                "total_bytes": r.total_bytes,
-                "rate_bytes_per_s": r.rate_bytes_per_sec as u64,
-                "eta_s": r.eta_secs.map(|e| e.ceil() as u64),
-                "error": r.error,
+        match st.rebuild {
+            Some(r) => RebuildLine::Progress(RebuildProgress {
+                array: self.name.clone(),
+                state: if r.running {
+                    "rebuilding"
+                } else if r.error.is_some() {
+                    "failed"
+                } else {
+                    "done"
+                },
+                target: r.member,
+                slot: r.slot,
+                kind: r.kind,
+                percent: r.percent,
+                done_bytes: r.done_bytes,
+                total_bytes: r.total_bytes,
+                rate_bytes_per_s: r.rate_bytes_per_sec as u64,
+                eta_s: r.eta_secs.map(|e| e.ceil() as u64),
+                error: r.error,
             }),
-            None => json!({ "array": self.name, "state": "idle", "degraded": st.degraded }),
+            None => RebuildLine::Idle {
+                array: self.name.clone(),
+                state: "idle",
+                degraded: st.degraded,
+            },
         }
     }
 
@@ -339,10 +444,13 @@ impl ArrayEntry {
         s.mode = Some(mode);
         s.last = None;
         s.task = Some(self.array.start_scrub(mode));
-        Ok(json!({ "message": format!("array {}: scrub ({mode:?}) started", self.name) }))
+        to_result(&CommandReply::message(format!(
+            "array {}: scrub ({mode:?}) started",
+            self.name
+        )))
     }
 
-    pub async fn scrub_json(&self) -> Value {
+    pub async fn scrub_line(&self) -> ScrubLine {
         let finished = {
             let mut s = self.scrub.lock().unwrap_or_else(|p| p.into_inner());
             if s.task.as_ref().is_some_and(|t| t.is_finished()) {
@@ -368,15 +476,14 @@ impl ArrayEntry {
             (Some(Err(e)), false) => ("failed", None, Some(e.clone())),
             (None, false) => ("idle", None, None),
         };
-        json!({
-            "array": self.name,
-            "state": state,
-            "mode": s.mode,
-            "mismatches": report.map(|r| r.mismatches).unwrap_or(st.mismatch_count),
-            "repaired": report.map(|r| r.repaired),
-            "rows_checked": report.map(|r| r.rows_checked),
-            "mismatch_count": st.mismatch_count,
-            "error": error,
-        })
+        ScrubLine {
+            array: self.name.clone(),
+            state,
+            mode: s.mode,
+            mismatches: report.map(|r| r.mismatches).unwrap_or(st.mismatch_count),
+            repaired: report.map(|r| r.repaired),
+            rows_checked: report.map(|r| r.rows_checked),
+            error,
+        }
     }
 }

@@ -4,9 +4,12 @@
 //! Opening (`Node::open`) does everything that can fail because of the config or the disks, so a
 //! mistake is reported before anything is served; `Node::run` only binds and serves.
 
+use crate::admin::reply::{to_result, ExportCounters, NodeStatus, NvramSummary, VolumeReply};
 use crate::admin::{self, AdminHandler, Request};
 use crate::arrays::ArrayEntry;
 use crate::config::Config;
+use crate::pair::receiver::record_json;
+use crate::pair::Pair;
 use crate::site::{Site, Teardown};
 use anyhow::{Context, Result};
 use async_trait::async_trait;
@@ -42,6 +45,8 @@ pub struct Node {
     own: Arc<Site>,
     /// The HA pair's side: the partner's site and the controller (None: no `[ha]` section).
     ha: Option<crate::ha::runtime::HaNode>,
+    /// The HA pair's NVRAM mirror, when the config has a `[pair]` section.
+    pair: Option<Arc<Pair>>,
     started: Instant,
 }
 
@@ -50,22 +55,27 @@ impl Node {
     /// In an HA pair nothing is opened here: the HA controller brings the sites up once it knows
     /// which disks this node may hold.
     pub async fn open(config: Config) -> Result<Arc<Node>> {
+        let pair = Pair::from_config(&config).context("[pair]")?;
         if config.ha.is_some() {
             let (own, ha) = crate::ha::runtime::HaNode::prepare(&config)?;
+            own.set_pair(pair.clone());
             return Ok(Arc::new(Node {
                 config,
                 own,
                 ha: Some(ha),
+                pair,
                 started: Instant::now(),
             }));
         }
         let own = Arc::new(Site::new(config.clone(), None, 0));
+        own.set_pair(pair.clone());
         own.assemble().await?;
         own.open_volumes().await?;
         Ok(Arc::new(Node {
             config,
             own,
             ha: None,
+            pair,
             started: Instant::now(),
         }))
     }
@@ -114,11 +124,20 @@ impl Node {
         tracing::info!("admin socket {}", admin_path.display());
         let handler: Arc<dyn AdminHandler> = self.clone();
         let admin_task = tokio::spawn(admin::server::serve(admin_listener, handler));
+        let (pair_stop_tx, pair_stop_rx) = tokio::sync::watch::channel(false);
+        let pair_tasks = match &self.pair {
+            Some(p) => p.start(pair_stop_rx).await?,
+            None => Vec::new(),
+        };
 
         on_ready(&bound);
         shutdown.await;
         tracing::info!("shutting down");
+        let _ = pair_stop_tx.send(true);
         admin_task.abort();
+        for t in pair_tasks {
+            t.abort();
+        }
         let _ = std::fs::remove_file(&admin_path);
         self.close().await;
         Ok(())
@@ -136,75 +155,85 @@ impl Node {
         }
     }
 
-    fn status(&self) -> serde_json::Value {
-        serde_json::json!({
-            "node_id": self.config.node.id,
-            "name": self.config.node.name,
-            "version": env!("CARGO_PKG_VERSION"),
-            "admin_protocol": admin::proto::ADMIN_PROTOCOL_VERSION,
-            "uptime_s": self.started.elapsed().as_secs(),
-            "nbd_listen": self.config.nbd.listen,
-            "volumes": self.volumes().iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
-            "arrays": self.arrays().into_keys().collect::<Vec<_>>(),
-            "nvram": self.config.nvram.as_ref().map(|n| serde_json::json!({
-                "path": self.config.resolve(&n.path),
-                "persistence": n.persistence,
-            })),
-        })
+    fn status(&self) -> NodeStatus {
+        NodeStatus {
+            node_id: self.config.node.id,
+            name: self.config.node.name.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            admin_protocol: admin::proto::ADMIN_PROTOCOL_VERSION,
+            uptime_s: self.started.elapsed().as_secs(),
+            nbd_listen: self.config.nbd.listen.clone(),
+            volumes: self.volumes().iter().map(|v| v.name.clone()).collect(),
+            arrays: self.arrays().into_keys().collect(),
+            nvram: self.config.nvram.as_ref().map(|n| NvramSummary {
+                path: self.config.resolve(&n.path),
+                persistence: n.persistence,
+            }),
+            pair: self.pair.as_ref().map(|p| p.status_json()),
+        }
     }
 
-    fn volume_json(&self, v: &VolumeInfo) -> serde_json::Value {
-        let mut j = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
+    /// One volume's admin reply, from whichever site serves it (own or, in a takeover, the
+    /// partner's).
+    fn volume_json(&self, v: &VolumeInfo) -> Result<serde_json::Value, String> {
         let site = self
             .sites()
             .into_iter()
             .find(|s| s.volumes().iter().any(|x| x.name == v.name))
             .unwrap_or(&self.own);
-        if let Some(a) = site
+        let array = site
             .config()
             .volumes
             .iter()
             .find(|c| c.name == v.name)
             .and_then(|c| c.array.as_ref())
-        {
-            if let Some(entry) = site.arrays().get(a) {
-                let st = entry.status();
-                j["state"] = serde_json::json!(if st.failed {
-                    "failed"
-                } else if st.degraded {
-                    "degraded"
-                } else {
-                    "optimal"
-                });
-                j["array"] = serde_json::to_value(&st).unwrap_or_default();
-            }
-        } else {
-            j["state"] = serde_json::json!("optimal");
-        }
-        if let Some(dev) = site.journaled().get(&v.name) {
-            j["journal"] = serde_json::to_value(dev.volume().status()).unwrap_or_default();
-            j["journal_recovery"] =
-                serde_json::to_value(dev.volume().recovery()).unwrap_or_default();
-        }
-        if let Some(stats) = site.server().and_then(|srv| srv.export_stats(&v.name)) {
-            j["stats"] = serde_json::json!({
-                "connections_active": stats.connections_active,
-                "connections_total": stats.connections_total,
-                "read_ops": stats.read_ops,
-                "read_bytes": stats.read_bytes,
-                "write_ops": stats.write_ops,
-                "write_bytes": stats.write_bytes,
-                "flush_ops": stats.flush_ops,
-                "trim_ops": stats.trim_ops,
-                "zero_ops": stats.zero_ops,
-                "errors": stats.errors,
-            });
-        }
-        j
+            .and_then(|a| site.arrays().get(a).map(|entry| entry.status()));
+        let state = match &array {
+            Some(st) if st.failed => "failed",
+            Some(st) if st.degraded => "degraded",
+            _ => "optimal",
+        };
+        let journaled = site.journaled();
+        let journal = journaled.get(&v.name).map(|dev| dev.volume());
+        to_result(&VolumeReply {
+            info: v,
+            state,
+            array,
+            journal: journal.map(|j| j.status()),
+            journal_recovery: journal.map(|j| j.recovery()),
+            stats: site
+                .server()
+                .and_then(|srv| srv.export_stats(&v.name))
+                .map(ExportCounters::from),
+        })
     }
 }
 
 impl Node {
+    /// The journal records the mirror covers: this node's own unretired records per journaled
+    /// volume, and its copies of the partner's.
+    fn mirror_records(&self) -> serde_json::Value {
+        let own: serde_json::Map<String, serde_json::Value> = self
+            .own
+            .journaled()
+            .iter()
+            .map(|(name, dev)| {
+                let list = dev
+                    .volume()
+                    .unretired_records()
+                    .records
+                    .iter()
+                    .map(|r| record_json(r.seq, r.log_offset, &r.bytes))
+                    .collect();
+                (name.clone(), serde_json::Value::Array(list))
+            })
+            .collect();
+        serde_json::json!({
+            "own": own,
+            "partner": self.pair.as_ref().map(|p| p.partner_records_json()),
+        })
+    }
+
     async fn ha_command(&self, cmd: PairCommand) -> Result<serde_json::Value, String> {
         crate::ha::admin::operator(self.ha.as_ref(), cmd).await
     }
@@ -233,32 +262,38 @@ impl Node {
 impl AdminHandler for Node {
     async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
         match req {
-            Request::Status => Ok(self.status()),
+            Request::Status => to_result(&self.status()),
             Request::VolumeList => Ok(serde_json::Value::Array(
-                self.volumes().iter().map(|v| self.volume_json(v)).collect(),
+                self.volumes()
+                    .iter()
+                    .map(|v| self.volume_json(v))
+                    .collect::<Result<Vec<_>, String>>()?,
             )),
-            Request::VolumeShow { name } => self
-                .volumes()
-                .iter()
-                .find(|v| v.name == name)
-                .map(|v| self.volume_json(v))
-                .ok_or_else(|| format!("no volume named `{name}`")),
+            Request::VolumeShow { name } => match self.volumes().iter().find(|v| v.name == name) {
+                Some(v) => self.volume_json(v),
+                None => Err(format!("no volume named `{name}`")),
+            },
             Request::DiskFail { array, disk } => self.array(&array)?.fail(&disk).await,
             Request::DiskRemove { array, disk } => self.array(&array)?.remove(&disk).await,
             Request::DiskAdd { array, path } => self.array(&array)?.add(&path).await,
             Request::DiskReplace { array, old, new } => {
                 self.array(&array)?.replace(&old, &new).await
             }
-            Request::RebuildStatus => Ok(serde_json::Value::Array(
-                self.arrays().values().map(|a| a.rebuild_json()).collect(),
-            )),
+            Request::RebuildStatus => to_result(
+                &self
+                    .arrays()
+                    .values()
+                    .map(|a| a.rebuild_line())
+                    .collect::<Vec<_>>(),
+            ),
             Request::ScrubStart { array, repair } => self.array(&array)?.start_scrub(repair),
+            Request::MirrorRecords => Ok(self.mirror_records()),
             Request::ScrubStatus => {
                 let mut out = Vec::new();
                 for a in self.arrays().values() {
-                    out.push(a.scrub_json().await);
+                    out.push(a.scrub_line().await);
                 }
-                Ok(serde_json::Value::Array(out))
+                to_result(&out)
             }
             Request::HaStatus => crate::ha::admin::status(self.ha.as_ref()).await,
             Request::HaTakeover => self.ha_command(PairCommand::Takeover).await,

@@ -20,21 +20,24 @@
 
 use crate::admin;
 use crate::arrays::{ArrayEntry, MemberWrap};
-use crate::config::{format_bytes, Config, PersistenceMode, VolumeConfig};
+use crate::config::{format_bytes, Config, VolumeConfig};
 use crate::device::{ArrayBacking, ArrayDevice, JournaledDevice, MemberDevice};
 use crate::ha::gate::WriteGate;
 use crate::node::VolumeInfo;
+use crate::pair::{LogSource, Pair, VolumeMeta};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use tokio::task::JoinSet;
-use twinblock_journal::{JournalError, JournaledVolume, Nvram, NvramConfig};
+use twinblock_io::file::{FileMember, FileOptions};
+use twinblock_io::Member;
+use twinblock_journal::{
+    Backing, JournalError, JournaledVolume, MirrorHook, NoMirror, Nvram, NvramConfig,
+};
 use twinblock_nbd::{BlockDevice, Export, Server, ServerConfig};
-use twinblock_raid::io::file::{FileMember, FileOptions};
-use twinblock_raid::io::Member;
 
 /// How often a bind of a listen address still in use is retried.
 const BIND_RETRY_INTERVAL_MS: u64 = 50;
@@ -66,6 +69,9 @@ pub struct Site {
     /// NVRAM file another process still has locked (0: fail at once). In a takeover on one host
     /// the departing node may hold both for a moment (until its fence).
     bind_retry_ms: u64,
+    /// The NVRAM mirror to the partner (`[pair]`), set once before the volumes open; only the
+    /// own site has one.
+    pair: OnceLock<Arc<Pair>>,
     parts: Mutex<Parts>,
 }
 
@@ -93,7 +99,16 @@ impl Site {
             config,
             fences,
             bind_retry_ms,
+            pair: OnceLock::new(),
             parts: Mutex::new(Parts::default()),
+        }
+    }
+
+    /// Mirrors this site's journaled volumes to the partner through `pair` (call before
+    /// [`Site::open_volumes`]; a second call is ignored).
+    pub fn set_pair(&self, pair: Option<Arc<Pair>>) {
+        if let Some(p) = pair {
+            let _ = self.pair.set(p);
         }
     }
 
@@ -189,6 +204,9 @@ impl Site {
         let server = Server::new(ServerConfig {
             max_request_bytes: u32::try_from(config.nbd.max_request.bytes())
                 .context("nbd.max_request does not fit in 32 bits")?,
+            max_connections: config.nbd.max_connections,
+            shutdown_grace: Duration::from_millis(config.nbd.shutdown_grace_ms),
+            tls: config.nbd_tls()?,
             ..ServerConfig::default()
         });
         let (arrays, gates) = {
@@ -205,17 +223,32 @@ impl Site {
                         bail!("volume `{}`: array `{a}` is not assembled", v.name);
                     };
                     let gate = gates.get(a.as_str()).cloned();
-                    open_array_volume(config, v, entry, gate, self.bind_retry_ms, &mut journaled)
-                        .await
+                    open_array_volume(
+                        config,
+                        v,
+                        entry,
+                        gate,
+                        self.bind_retry_ms,
+                        &mut journaled,
+                        self.pair.get().map(|p| &**p),
+                    )
+                    .await
                 }
             }
             .with_context(|| format!("volume `{}`", v.name))?;
+            let access = v
+                .nbd_access()
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("volume `{}`", v.name))?;
             server
-                .add_export(Export {
-                    name: v.name.clone(),
-                    description: info.description.clone(),
-                    device,
-                })
+                .add_export_with_access(
+                    Export {
+                        name: v.name.clone(),
+                        description: info.description.clone(),
+                        device,
+                    },
+                    access,
+                )
                 .with_context(|| format!("volume `{}`", v.name))?;
             tracing::info!(
                 volume = %v.name,
@@ -382,6 +415,7 @@ async fn open_array_volume(
     gate: Option<Arc<WriteGate>>,
     lock_wait_ms: u64,
     journaled: &mut BTreeMap<String, Arc<JournaledDevice>>,
+    pair: Option<&Pair>,
 ) -> Result<(Arc<dyn BlockDevice>, VolumeInfo)> {
     let array = entry.array.clone();
     let st = array.status();
@@ -420,11 +454,7 @@ async fn open_array_volume(
     // mirror's copy of the partner region instead (bound to the same store ids).
     let nvram_config = NvramConfig {
         path: path.clone(),
-        persistence: match nv.persistence {
-            PersistenceMode::None => twinblock_journal::PersistenceMode::None,
-            PersistenceMode::Msync => twinblock_journal::PersistenceMode::Msync,
-            PersistenceMode::Pmem => twinblock_journal::PersistenceMode::Pmem,
-        },
+        persistence: nv.persistence,
         node_id: u32::from(config.node.id),
         pair_id: *config.pair_id().as_bytes(),
         log_bytes_per_region: per_region,
@@ -440,14 +470,21 @@ async fn open_array_volume(
         }
     }
     .with_context(|| format!("NVRAM file {}", path.display()))?;
-    let volume = JournaledVolume::open(
+    let volume_id = journal_volume_id(&v.name);
+    let mirror = pair.map(|p| p.add_volume(&v.name, volume_id));
+    let hook: Arc<dyn MirrorHook> = match &mirror {
+        Some(m) => m.clone(),
+        None => Arc::new(NoMirror),
+    };
+    let volume = JournaledVolume::open_with_mirror(
         nvram,
         ArrayBacking { array, gate },
-        journal_volume_id(&v.name),
+        volume_id,
         twinblock_journal::VolumeConfig {
             cp_interval_ms: nv.cp_interval_ms,
             ..Default::default()
         },
+        hook,
     )
     .await
     .with_context(|| format!("journal recovery from {}", path.display()))?;
@@ -459,7 +496,28 @@ async fn open_array_volume(
         damaged_tail_discarded = r.damaged_tail_discarded,
         "journal recovered"
     );
+    if volume.ack_survives_power_loss() {
+        tracing::info!(
+            volume = %v.name,
+            nvram = %path.display(),
+            "acknowledged writes survive a daemon crash and a loss of host power (NVRAM on a persistent medium)"
+        );
+    } else {
+        tracing::warn!(
+            volume = %v.name,
+            nvram = %path.display(),
+            "acknowledged writes survive a daemon crash only, not a loss of host power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA wait for a consistency point"
+        );
+    }
+    let meta = VolumeMeta {
+        store_id: volume.backing().store_id().unwrap_or([0; 16]),
+        log_bytes: volume.status().log_bytes,
+    };
     let dev = Arc::new(JournaledDevice::new(volume, v.read_only));
+    if let Some(m) = mirror {
+        let source: Arc<dyn LogSource> = dev.clone();
+        m.attach(Arc::downgrade(&source), meta);
+    }
     journaled.insert(v.name.clone(), dev.clone());
     info.kind = "journaled-array";
     info.nvram = Some(path.display().to_string());
@@ -519,9 +577,10 @@ async fn open_image(path: &Path, v: &VolumeConfig) -> Result<Arc<FileMember>> {
             path.display()
         );
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    if !exists {
+        if let Some(why) = crate::disk_check::missing_directory(path) {
+            bail!("{why}");
+        }
     }
     let member = FileMember::open(
         path,

@@ -12,8 +12,9 @@ use crate::format::{
     decode_transitions, ControlSlot, CpPayload, FileHeader, RecordHeader, RecordKind,
     CONTROL_AREA_BYTES, CONTROL_SLOT_BYTES, CONTROL_SLOT_B_OFFSET, RECORD_HEADER_BYTES,
 };
-use crate::nvram::{format_pair_id, read_header};
+use crate::nvram::read_header;
 use crate::scan::{scan_log, ScanReport, ScanStart};
+use uuid::Uuid;
 
 /// One record as shown by the dump.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -166,7 +167,7 @@ pub fn dump_bytes(bytes: &[u8]) -> Dump {
         return Dump {
             file_bytes,
             header: Some(header),
-            pair_id: Some(format_pair_id(&header.pair_id)),
+            pair_id: Some(Uuid::from_bytes(header.pair_id).to_string()),
             header_error: Some(e.to_string()),
             regions: Vec::new(),
         };
@@ -187,7 +188,7 @@ pub fn dump_bytes(bytes: &[u8]) -> Dump {
     Dump {
         file_bytes,
         header: Some(header),
-        pair_id: Some(format_pair_id(&header.pair_id)),
+        pair_id: Some(Uuid::from_bytes(header.pair_id).to_string()),
         header_error: None,
         regions,
     }
@@ -265,7 +266,7 @@ impl fmt::Display for Dump {
                     if c.store_id == [0; 16] {
                         "unbound".to_string()
                     } else {
-                        crate::volume::format_store_id(&c.store_id)
+                        Uuid::from_bytes(c.store_id).to_string()
                     }
                 )?,
                 None => writeln!(f, "  control: never written")?,

@@ -42,6 +42,19 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
+    #[error("NVRAM file {path}: cannot allocate its {need_bytes} bytes on its file system ({source}); free that much space on the medium (for tmpfs, raise its size= mount option) or lower nvram log_bytes_per_region")]
+    NoSpace {
+        path: PathBuf,
+        need_bytes: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("NVRAM file {path}: persistence \"pmem\" needs a file on a DAX file system (persistent memory mounted with -o dax), but the kernel refused MAP_SYNC for it ({source}); use persistence \"msync\" for a file on an ordinary disk, or \"none\" for tmpfs")]
+    NotDax {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("NVRAM file {path} is in use by another process (exclusive lock held)")]
     Locked { path: PathBuf },
     #[error("NVRAM file {path} does not exist and creation is disabled in the config")]

@@ -222,7 +222,7 @@ fn serialize_store_id<S: serde::Serializer>(id: &[u8; 16], s: S) -> Result<S::Ok
     if *id == [0; 16] {
         s.serialize_none()
     } else {
-        s.serialize_str(&crate::volume::format_store_id(id))
+        s.serialize_str(&uuid::Uuid::from_bytes(*id).to_string())
     }
 }
 

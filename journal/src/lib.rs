@@ -3,14 +3,17 @@
 //! A write to a journaled volume is acknowledged once it is a record in NVRAM (a memory-mapped
 //! file, persisted by cache-line write-back, `msync` or nothing on tmpfs); consistency points
 //! later apply the records to the backing RAID array in large, stripe-aligned batches; at start,
-//! recovery redoes the records the array does not hold yet.
+//! recovery rebuilds the dirty index from the records the array does not hold yet and serves at once.
 //!
 //! Modules, pure logic first:
 //! - [`format`](mod@format): byte layouts of header, control slots and records (encode/decode, CRC32C);
 //! - [`scan`]: walking a region's log, stopping at (and reporting) the first torn/corrupt record;
 //! - [`log`]: circular-log space accounting; [`index`]: the dirty index;
 //! - [`pmem`]: the mapping and persistence modes (the only `unsafe` code);
+//! - [`power`]: a power-loss model of the NVRAM medium for tests of `msync` mode;
 //! - [`nvram`]: opening, identity checks, generation bump, own and partner regions;
+//! - [`recover`]: checking a region's log and turning its unretired records into a dirty index
+//!   (serve at once) or redoing them through the store;
 //! - [`backing`]: the [`Backing`] trait the array implements, and an in-memory backing;
 //! - [`volume`]: [`JournaledVolume`]: write/read/flush/trim, CPs, back-pressure, recovery;
 //! - [`dump`]: an offline, human- and JSON-readable dump of an NVRAM file.
@@ -23,6 +26,8 @@ pub mod index;
 pub mod log;
 pub mod nvram;
 pub mod pmem;
+pub mod power;
+pub mod recover;
 pub mod scan;
 pub mod volume;
 
@@ -30,8 +35,9 @@ pub use backing::{Backing, MemBacking};
 pub use error::{BackingError, FormatError, JournalError};
 pub use nvram::{Nvram, NvramConfig, PartnerRegion, Region};
 pub use pmem::{PersistMethod, PersistenceMode};
+pub use recover::{apply_plan, plan_recovery, replay_region, RecoveryPlan, RecoveryReport};
 pub use scan::{Scan, ScanReport, StopReason};
 pub use volume::{
-    replay_region, JournaledVolume, MirrorHook, MirrorOutcome, NoMirror, RecoveryReport,
+    JournaledVolume, MirrorHook, MirrorOutcome, NoMirror, UnretiredRecord, UnretiredRecords,
     VolumeConfig, VolumeStatus,
 };

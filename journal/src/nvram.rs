@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
+use uuid::Uuid;
+
 use crate::error::{FormatError, JournalError};
 use crate::format::{
     ControlSlot, CpPayload, FileHeader, RecordHeader, RecordKind, CONTROL_AREA_BYTES,
@@ -48,19 +50,6 @@ impl NvramConfig {
             create_if_missing: true,
         }
     }
-}
-
-/// Formats 16 id bytes as a UUID string.
-pub fn format_pair_id(id: &[u8; 16]) -> String {
-    let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 /// Picks the valid header slot with the highest generation from the header area.
@@ -324,6 +313,12 @@ impl PartnerRegion {
     pub fn scan(&self) -> Scan {
         self.region.scan()
     }
+
+    /// Binds the copy to the partner's store (its array's UUID), so a takeover never replays it
+    /// into another array.
+    pub fn bind_store(&mut self, id: [u8; 16]) -> Result<(), JournalError> {
+        self.region.bind_store(id)
+    }
 }
 
 /// An opened NVRAM file, its generation already bumped and persisted.
@@ -334,6 +329,7 @@ pub struct Nvram {
     previous_generation: u64,
     mode: PersistenceMode,
     method: PersistMethod,
+    survives_power_loss: bool,
     formatted: bool,
     own: Option<Region>,
     partner: Option<PartnerRegion>,
@@ -344,6 +340,21 @@ impl Nvram {
     /// Opens (or creates and formats) the NVRAM file, checks its identity and bumps its
     /// generation.
     pub fn open(cfg: &NvramConfig) -> Result<Nvram, JournalError> {
+        Self::open_inner(cfg, None)
+    }
+
+    /// [`Nvram::open`] with a power-loss model told of every persist (tests of `msync` mode).
+    pub fn open_with_power_model(
+        cfg: &NvramConfig,
+        model: std::sync::Arc<crate::power::NvramPowerModel>,
+    ) -> Result<Nvram, JournalError> {
+        Self::open_inner(cfg, Some(model))
+    }
+
+    fn open_inner(
+        cfg: &NvramConfig,
+        model: Option<std::sync::Arc<crate::power::NvramPowerModel>>,
+    ) -> Result<Nvram, JournalError> {
         let path = cfg.path.clone();
         if cfg.log_bytes_per_region < 4 * RECORD_ALIGN_BYTES
             || !cfg.log_bytes_per_region.is_multiple_of(RECORD_ALIGN_BYTES)
@@ -355,13 +366,17 @@ impl Nvram {
             )));
         }
         let fresh = FileHeader::new(cfg.node_id, cfg.pair_id, cfg.log_bytes_per_region);
-        let mapping = Mapping::open(
+        let mut mapping = Mapping::open(
             &path,
             cfg.persistence,
             cfg.create_if_missing,
             fresh.file_bytes,
         )?;
+        if let Some(m) = model {
+            mapping.set_power_model(m);
+        }
         let method = mapping.method();
+        let survives_power_loss = mapping.survives_power_loss();
         let file_bytes = mapping.len();
         let foreign = |source| JournalError::Foreign {
             path: path.clone(),
@@ -392,8 +407,8 @@ impl Nvram {
         if current.pair_id != cfg.pair_id {
             return Err(JournalError::WrongPair {
                 path,
-                found: format_pair_id(&current.pair_id),
-                expected: format_pair_id(&cfg.pair_id),
+                found: Uuid::from_bytes(current.pair_id).to_string(),
+                expected: Uuid::from_bytes(cfg.pair_id).to_string(),
             });
         }
         let log_bytes = current.own_region_bytes - CONTROL_AREA_BYTES;
@@ -440,6 +455,7 @@ impl Nvram {
             header,
             mode: cfg.persistence,
             method,
+            survives_power_loss,
             formatted,
             own: Some(own),
             partner: Some(PartnerRegion {
@@ -478,6 +494,12 @@ impl Nvram {
 
     pub fn persist_method(&self) -> PersistMethod {
         self.method
+    }
+
+    /// True when a persisted record survives the loss of the host's power: `msync` or `pmem`
+    /// mode on a medium that is not RAM. False for mode `none` and for any file on tmpfs/ramfs.
+    pub fn survives_power_loss(&self) -> bool {
+        self.survives_power_loss
     }
 
     /// Takes the own region (once; the journaled volume owns it).

@@ -1,32 +1,38 @@
 //! The NVRAM mapping and its persistence: the only module with `unsafe` code.
 //!
-//! The NVRAM file is mapped `MAP_SHARED` (memmap2 `MmapRaw`) so that stores reach the file (or
-//! the persistent memory behind a DAX mapping) without system calls. The mapping is split into
-//! disjoint [`MapSpan`]s (header, own region, partner region); each span is the only in-process
-//! writer of its bytes and mutation takes `&mut self`, so Rust's aliasing rules hold span by span.
+//! The NVRAM file is mapped shared (`mmap`) so that stores reach the file (or the persistent
+//! memory behind a DAX mapping) without system calls. The mapping is split into disjoint
+//! [`MapSpan`]s (header, own region, partner region); each span is the only in-process writer of
+//! its bytes and mutation takes `&mut self`, so Rust's aliasing rules hold span by span.
+//!
+//! The file is fully allocated (`posix_fallocate`) before it is mapped: a store into a hole of a
+//! sparse file on a full medium raises `SIGBUS` instead of an error, so a medium that cannot hold
+//! the file is refused at open ([`JournalError::NoSpace`]).
 //!
 //! Persistence, chosen explicitly by [`PersistenceMode`]:
-//! - `Pmem`: stores are written back cache line by cache line (`clwb`, else `clflushopt`, else
-//!   `clflush`) and ordered by `sfence`. Correct only on a DAX mapping of real persistent memory.
-//!   On non-x86-64 machines this falls back to `msync` (reported by [`PersistMethod`]).
+//! - `Pmem`: mapped `MAP_SHARED_VALIDATE | MAP_SYNC`, which the kernel grants only for a DAX
+//!   mapping (persistent memory); anything else is refused ([`JournalError::NotDax`]). Stores are
+//!   written back cache line by cache line (`clwb`, else `clflushopt`, else `clflush`) and
+//!   ordered by `sfence`; `MAP_SYNC` guarantees the file's metadata needs no `fsync`. On
+//!   non-x86-64 machines this falls back to `msync` (reported by [`PersistMethod`]).
 //! - `Msync`: `msync(MS_SYNC)` of the touched pages: an ordinary file on a disk.
 //! - `None`: nothing; `/dev/shm` (tmpfs) survives a process crash but not a power loss.
 //!
 //! Invariants relied on by the `unsafe` blocks:
-//! 1. The mapping lives as long as any span (they share it through an `Arc`), and its length never changes
-//!    (the file is never truncated while mapped: we hold an exclusive `flock`, and the journal never
-//!    calls `set_len` after mapping).
+//! 1. The mapping lives as long as any span (they share it through an `Arc`), and its length
+//!    never changes (the file is never truncated while mapped: we hold an exclusive `flock`, and
+//!    the journal never changes the file's size after mapping).
 //! 2. Spans never overlap (checked in [`Mapping::split`], which consumes the mapping).
 //! 3. Every access is bounds-checked against the span before touching the pointer.
 //! 4. No other process writes the file while we hold it: the exclusive `flock` taken at open keeps
 //!    out other twinblock processes (it is advisory; other programs must not touch the file).
+//! 5. Every byte of the mapped file is allocated on its medium (`posix_fallocate` succeeded before
+//!    `mmap`), so a store never faults for lack of space.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-use memmap2::MmapRaw;
 
 use crate::error::JournalError;
 
@@ -123,9 +129,113 @@ unsafe fn write_back_lines(method: PersistMethod, ptr: *const u8, len: usize) {
     unsafe { std::arch::x86_64::_mm_sfence() };
 }
 
+/// One shared mapping of a whole file; unmapped on drop.
+struct RawMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pointer refers to a shared file mapping that lives until `drop`; it is not tied to
+// a thread. Concurrent access is governed by the span rules (invariants 2-3): shared reads through
+// `&MapSpan`, writes only through `&mut MapSpan`.
+unsafe impl Send for RawMap {}
+// SAFETY: as for `Send`; `RawMap` itself has no interior mutability.
+unsafe impl Sync for RawMap {}
+
+impl RawMap {
+    /// Maps all `len` bytes of `file` read-write and shared; with `sync`, as
+    /// `MAP_SHARED_VALIDATE | MAP_SYNC` (fails with `EOPNOTSUPP` unless the file is on DAX).
+    fn map(file: &File, len: usize, sync: bool) -> std::io::Result<RawMap> {
+        let flags = if sync {
+            libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC
+        } else {
+            libc::MAP_SHARED
+        };
+        // SAFETY: a fresh mapping chosen by the kernel (null hint) of a valid, owned descriptor;
+        // no existing memory is affected. The result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(RawMap {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// `msync(MS_SYNC)` of the pages covering `[at, at+len)` (inside the mapping).
+    fn msync(&self, at: usize, len: usize) -> std::io::Result<()> {
+        // SAFETY: `sysconf` has no memory effects.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096);
+        let first = at & !(page - 1);
+        // SAFETY: `[first, at+len)` lies inside the mapping: `at+len <= self.len` (callers check
+        // it against their span) and `first` is `at` rounded down to the mapping's page-aligned
+        // start at the latest. `msync` only writes back; it does not change the memory.
+        let rc =
+            unsafe { libc::msync(self.ptr.add(first).cast(), at + len - first, libc::MS_SYNC) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RawMap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what `mmap` returned; every span holding a pointer into
+        // the mapping holds the `Arc` that owns this value (invariant 1), so none is left.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Makes every byte of `file`'s first `len` bytes allocated on its medium.
+fn allocate(file: &File, len: u64) -> std::io::Result<()> {
+    let len =
+        libc::off_t::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: plain system call on a valid, owned descriptor; no memory is passed.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// True when `file` is on a file system held in RAM (tmpfs, ramfs): lost with the host's power
+/// whatever is done to persist it.
+fn on_volatile_medium(file: &File) -> std::io::Result<bool> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fstatfs` writes only into `buf`, which is a valid, exclusively borrowed struct.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut buf) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let kind = buf.f_type as i64;
+    Ok(kind == TMPFS_MAGIC || kind == RAMFS_MAGIC)
+}
+
 /// The mapped file, shared by the spans cut from it.
 struct Inner {
-    map: MmapRaw,
+    /// Tests: the medium's power-loss model, told of every persist.
+    model: Option<Arc<crate::power::NvramPowerModel>>,
+    /// The file lives on tmpfs/ramfs: nothing stored in it survives a loss of power.
+    volatile_medium: bool,
+    map: RawMap,
     /// Held for the exclusive `flock` (released when the file closes).
     _file: File,
     path: PathBuf,
@@ -141,7 +251,7 @@ impl std::fmt::Debug for Mapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mapping")
             .field("path", &self.inner.path)
-            .field("len", &self.inner.map.len())
+            .field("len", &self.inner.map.len)
             .field("method", &self.inner.method)
             .finish()
     }
@@ -149,7 +259,8 @@ impl std::fmt::Debug for Mapping {
 
 impl Mapping {
     /// Opens (creating when `create` is set) `path`, takes an exclusive lock, sizes the file to
-    /// `min_bytes` when it is empty (just created), and maps the whole file.
+    /// `min_bytes` when it is empty (just created), allocates every byte of it on the medium,
+    /// and maps the whole file (`MAP_SYNC` in `Pmem` mode).
     pub fn open(
         path: &Path,
         mode: PersistenceMode,
@@ -189,8 +300,9 @@ impl Mapping {
             }
             return Err(io("flock")(err));
         }
-        let len = file.metadata().map_err(io("stat"))?.len();
-        if len == 0 {
+        let mut len = file.metadata().map_err(io("stat"))?.len();
+        let fresh = len == 0;
+        if fresh {
             if !create {
                 return Err(JournalError::Foreign {
                     path: path.to_path_buf(),
@@ -201,11 +313,55 @@ impl Mapping {
                     },
                 });
             }
-            file.set_len(min_bytes).map_err(io("set_len"))?;
+            len = min_bytes;
         }
-        let map = MmapRaw::map_raw(&file).map_err(io("mmap"))?;
+        // Also for an existing file made sparse by an older version: its holes get filled. A
+        // file already fully allocated is left alone (walking it costs milliseconds per GiB).
+        let allocated = {
+            use std::os::unix::fs::MetadataExt;
+            file.metadata()
+                .is_ok_and(|m| m.len() >= len && m.blocks().saturating_mul(512) >= len)
+        };
+        let allocation = if allocated {
+            Ok(())
+        } else {
+            allocate(&file, len)
+        };
+        if let Err(source) = allocation {
+            if fresh {
+                // Leave no half-allocated file behind: the next start formats it afresh.
+                let _ = file.set_len(0);
+            }
+            return Err(JournalError::NoSpace {
+                path: path.to_path_buf(),
+                need_bytes: len,
+                source,
+            });
+        }
+        let map_len = usize::try_from(len).map_err(|_| {
+            JournalError::Config(format!(
+                "NVRAM file {} of {len} bytes does not fit the address space",
+                path.display()
+            ))
+        })?;
+        let map = match RawMap::map(&file, map_len, mode == PersistenceMode::Pmem) {
+            Ok(m) => m,
+            Err(e)
+                if mode == PersistenceMode::Pmem
+                    && matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) =>
+            {
+                return Err(JournalError::NotDax {
+                    path: path.to_path_buf(),
+                    source: e,
+                })
+            }
+            Err(e) => return Err(io("mmap")(e)),
+        };
+        let volatile_medium = on_volatile_medium(&file).map_err(io("fstatfs"))?;
         Ok(Mapping {
             inner: Inner {
+                model: None,
+                volatile_medium,
                 map,
                 _file: file,
                 path: path.to_path_buf(),
@@ -215,11 +371,11 @@ impl Mapping {
     }
 
     pub fn len(&self) -> u64 {
-        self.inner.map.len() as u64
+        self.inner.map.len as u64
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inner.map.len() == 0
+        self.inner.map.len == 0
     }
 
     pub fn path(&self) -> &Path {
@@ -230,12 +386,25 @@ impl Mapping {
         self.inner.method
     }
 
+    /// Tells `model` of every later persist (tests of power loss); it starts from the file as it
+    /// is now.
+    pub fn set_power_model(&mut self, model: Arc<crate::power::NvramPowerModel>) {
+        model.start(self.bytes());
+        self.inner.model = Some(model);
+    }
+
+    /// True when a record persisted by [`MapSpan::persist`] survives the loss of the host's
+    /// power: a persisting mode on a medium that is not RAM (tmpfs/ramfs).
+    pub fn survives_power_loss(&self) -> bool {
+        self.inner.method != PersistMethod::Nothing && !self.inner.volatile_medium
+    }
+
     /// Read-only view of the whole file (to validate the header before splitting).
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: before `split` (which consumes `self`) no span exists, so nothing in this
         // process writes the mapping while the borrow lives (invariant 4 excludes other
         // processes); pointer and length come from the live mapping (invariant 1).
-        unsafe { std::slice::from_raw_parts(self.inner.map.as_ptr(), self.inner.map.len()) }
+        unsafe { std::slice::from_raw_parts(self.inner.map.ptr, self.inner.map.len) }
     }
 
     /// Splits the mapping into disjoint spans `(offset, len)`. Returns the mapping back when the
@@ -301,15 +470,13 @@ impl MapSpan {
         // SAFETY: the range is inside the mapping (checked by `split`, invariant 2/3), the
         // mapping outlives `self` (invariant 1), and writes need `&mut self`, so no write to these
         // bytes happens while this shared borrow lives.
-        unsafe { std::slice::from_raw_parts(self.map.map.as_ptr().add(self.start), self.len) }
+        unsafe { std::slice::from_raw_parts(self.map.map.ptr.add(self.start), self.len) }
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `bytes`, and `&mut self` makes this the only borrow of the span's bytes
         // (spans are disjoint, invariant 2).
-        unsafe {
-            std::slice::from_raw_parts_mut(self.map.map.as_mut_ptr().add(self.start), self.len)
-        }
+        unsafe { std::slice::from_raw_parts_mut(self.map.map.ptr.add(self.start), self.len) }
     }
 
     /// Copies `data` to span offset `at` (not persisted until [`MapSpan::persist`]).
@@ -329,12 +496,15 @@ impl MapSpan {
     pub fn persist(&self, at: u64, len: u64) -> Result<(), JournalError> {
         let (at, len) = (at as usize, len as usize);
         assert!(at + len <= self.len, "persist range outside span");
+        if let Some(model) = &self.map.model {
+            model.persisted(self.start + at, &self.bytes()[at..at + len]);
+        }
         match self.map.method {
             PersistMethod::Nothing => Ok(()),
             PersistMethod::Msync => {
                 self.map
                     .map
-                    .flush_range(self.start + at, len)
+                    .msync(self.start + at, len)
                     .map_err(|source| JournalError::Io {
                         path: self.map.path.clone(),
                         op: "msync",
@@ -345,9 +515,7 @@ impl MapSpan {
             method => {
                 // SAFETY: the range was checked against the span just above, and the span is
                 // inside the live mapping (invariants 1-3).
-                unsafe {
-                    write_back_lines(method, self.map.map.as_ptr().add(self.start + at), len)
-                };
+                unsafe { write_back_lines(method, self.map.map.ptr.add(self.start + at), len) };
                 Ok(())
             }
             #[cfg(not(target_arch = "x86_64"))]
@@ -383,12 +551,8 @@ mod tests {
     }
 
     #[test]
-    fn writes_reach_the_file_in_every_mode() {
-        for mode in [
-            PersistenceMode::None,
-            PersistenceMode::Msync,
-            PersistenceMode::Pmem,
-        ] {
+    fn writes_reach_the_file_in_msync_and_none_modes() {
+        for mode in [PersistenceMode::None, PersistenceMode::Msync] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("nv");
             {
@@ -402,5 +566,68 @@ mod tests {
             let bytes = std::fs::read(&path).unwrap();
             assert_eq!(&bytes[4196..4201], b"hello", "mode {mode:?}");
         }
+    }
+
+    #[test]
+    fn created_file_is_fully_allocated() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nv");
+        let _m = Mapping::open(&path, PersistenceMode::None, true, 1 << 20).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 1 << 20);
+        assert!(
+            meta.blocks() * 512 >= 1 << 20,
+            "only {} bytes allocated: the file is sparse",
+            meta.blocks() * 512
+        );
+    }
+
+    #[test]
+    fn pmem_mode_refuses_a_file_that_is_not_on_dax() {
+        for dir in [std::env::temp_dir(), std::path::PathBuf::from("/dev/shm")] {
+            if !dir.is_dir() {
+                println!("skipped for {}: not a directory here", dir.display());
+                continue;
+            }
+            let d = tempfile::tempdir_in(&dir).unwrap();
+            let path = d.path().join("nv");
+            let e = Mapping::open(&path, PersistenceMode::Pmem, true, 8192).unwrap_err();
+            assert!(matches!(e, JournalError::NotDax { .. }), "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("DAX") && msg.contains(&path.display().to_string()),
+                "{msg}"
+            );
+        }
+    }
+
+    /// Mounts a 1 MiB tmpfs (needs root; skips visibly otherwise) and asks for a 4 MiB file.
+    #[test]
+    fn full_medium_is_refused_with_the_space_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("small");
+        std::fs::create_dir(&mnt).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            println!("SKIPPED full_medium_is_refused_with_the_space_needed: cannot mount a tmpfs here (not root?)");
+            return;
+        }
+        let path = mnt.join("nv");
+        let result = Mapping::open(&path, PersistenceMode::None, true, 4 << 20);
+        let left = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let _ = std::process::Command::new("umount").arg(&mnt).status();
+        let e = result.unwrap_err();
+        assert!(
+            matches!(e, JournalError::NoSpace { need_bytes, .. } if need_bytes == 4 << 20),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("4194304 bytes") && msg.contains("nv"), "{msg}");
+        assert_eq!(left, 0, "a half-allocated file was left behind");
     }
 }

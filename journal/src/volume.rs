@@ -1,5 +1,5 @@
 //! The journaled volume: writes are acknowledged once they are records in NVRAM; a flusher applies
-//! them to the [`Backing`] store in consistency points (CPs); recovery redoes what the store lacks.
+//! them to the [`Backing`] store in consistency points (CPs); at open the records the store lacks are indexed again and the first CP applies them.
 //!
 //! # State-machine logging
 //!
@@ -38,13 +38,28 @@
 //! find the log full wait on `space_freed` (back-pressure) after waking the flusher; if CPs fail
 //! while the log is full they get [`JournalError::CpFailed`] instead of waiting forever.
 //!
+//! # Durability: what an acknowledgement survives
+//!
+//! A write is acknowledged once its record is persisted in NVRAM (and shipped to the partner when
+//! a mirror is configured). FLUSH and FUA promise more, as the NBD specification says: the covered
+//! writes survive the loss of this host's power. The volume tracks the *durable seq*, the highest
+//! seq known to survive power loss, as the largest of
+//! - the newest appended seq, when the NVRAM medium survives power loss (`msync` on a persistent
+//!   file, `pmem` on DAX: [`Nvram::survives_power_loss`]);
+//! - [`MirrorHook::partner_durable_seq`]: what an in-sync partner holds;
+//! - `applied_seq`: what a CP wrote to the store and flushed.
+//!
+//! FLUSH waits until the durable seq reaches the newest data seq journaled when it was called;
+//! FUA waits for its own record's seq. When that needs a CP (tmpfs, no in-sync partner), the
+//! waiters queue on `cp_lock` and one CP covers all of them (group commit).
+//!
 //! # Mirror hook
 //!
 //! With a [`MirrorHook`] enabled, each appended record is copied under the lock and shipped (with
 //! its log offset) before the request returns; the mirrored seqs go into the next TRANSITION
 //! record. A CP does not free log space until every record it covers has been shipped, so the
 //! partner never receives a record for space the owner has already reused. See
-//! [`crate::nvram::PartnerRegion::receive`] for the receiving side and [`replay_region`] for
+//! [`crate::nvram::PartnerRegion::receive`] for the receiving side and [`crate::recover`] for
 //! takeover replay.
 
 use std::collections::BTreeSet;
@@ -57,7 +72,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
 use crate::backing::Backing;
-use crate::error::{BackingError, JournalError};
+use crate::error::JournalError;
 use crate::format::{
     align_up, encode_transitions, CpPayload, RecordHeader, RecordKind, TransitionEntry,
     TransitionState, RECORD_HEADER_BYTES, TRANSITION_ENTRY_BYTES, TRANSITION_MAX_ENTRIES,
@@ -66,7 +81,7 @@ use crate::index::{DirtyIndex, Extent, ExtentData};
 use crate::log::LogCursor;
 use crate::nvram::{Nvram, Region};
 use crate::pmem::{PersistMethod, PersistenceMode};
-use crate::scan::ScanReport;
+use crate::recover::{apply_plan, backing_err, plan_recovery, RecoveryReport};
 
 /// Log bytes writers leave free so that CP, TRANSITION and PAD records always fit.
 const CONTROL_RESERVE_BYTES: u64 =
@@ -190,6 +205,14 @@ pub trait MirrorHook: Send + Sync + 'static {
     async fn ship(&self, log_offset: u64, seq: u64, record: Bytes) -> MirrorOutcome;
     /// The own log restarted (after recovery) at `tail_offset` with `tail_seq` in `generation`.
     fn log_reset(&self, generation: u64, tail_offset: u64, tail_seq: u64);
+    /// When the partner is in sync and its NVRAM survives the loss of this host's power: the
+    /// highest seq X such that it has persisted every record of this log with seq <= X. `None`
+    /// when it is not in sync. FLUSH and FUA covered by X need no CP (see [`durable seq`]).
+    ///
+    /// [`durable seq`]: JournaledVolume::durable_seq
+    fn partner_durable_seq(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// No partner: nothing is shipped.
@@ -207,22 +230,6 @@ impl MirrorHook for NoMirror {
     fn log_reset(&self, _generation: u64, _tail_offset: u64, _tail_seq: u64) {}
 }
 
-/// What recovery found and did at open.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct RecoveryReport {
-    pub generation: u64,
-    pub scan: ScanReport,
-    pub backing_applied_seq: u64,
-    /// `applied_seq` used to skip retired records (store or CP record, the larger).
-    pub effective_applied_seq: u64,
-    pub replayed_records: u64,
-    pub replayed_bytes: u64,
-    pub skipped_retired_records: u64,
-    /// The scan ended on damage (torn or corrupt record), which was discarded.
-    pub damaged_tail_discarded: bool,
-    pub next_seq: u64,
-}
-
 /// A snapshot of the volume's journal state, for status output.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct VolumeStatus {
@@ -236,6 +243,10 @@ pub struct VolumeStatus {
     pub applied_seq: u64,
     pub dirty_extents: u64,
     pub dirty_bytes: u64,
+    /// The highest seq known to survive the loss of this host's power.
+    pub durable_seq: u64,
+    /// An acknowledged write survives the loss of this host's power (else: a daemon crash only).
+    pub ack_survives_power_loss: bool,
     pub cps_done: u64,
     pub writer_waits: u64,
     pub last_cp_error: Option<String>,
@@ -488,6 +499,8 @@ struct Shared<B: Backing> {
     size: u64,
     config: VolumeConfig,
     persistence: PersistenceMode,
+    /// A record persisted in the own NVRAM survives the loss of this host's power.
+    local_durable: bool,
     state: Mutex<State>,
     space_freed: Notify,
     /// Signalled when records leave `State::shipping`.
@@ -496,14 +509,6 @@ struct Shared<B: Backing> {
     cp_lock: tokio::sync::Mutex<()>,
     mirror: Arc<dyn MirrorHook>,
     closed: AtomicBool,
-}
-
-fn backing_err(op: &'static str, offset: u64) -> impl Fn(BackingError) -> JournalError {
-    move |e| JournalError::Backing {
-        op,
-        offset,
-        message: e.0,
-    }
 }
 
 impl<B: Backing> Shared<B> {
@@ -622,7 +627,8 @@ impl<B: Backing> Shared<B> {
         Ok((seq, ship.send().await))
     }
 
-    async fn write(&self, offset: u64, data: Bytes) -> Result<(), JournalError> {
+    /// Journals `data`; returns the seq of its last record.
+    async fn write(&self, offset: u64, data: Bytes) -> Result<u64, JournalError> {
         self.check_range(offset, data.len() as u64)?;
         let mut mirrored = Vec::new();
         let mut seqs = Vec::new();
@@ -642,21 +648,24 @@ impl<B: Backing> Shared<B> {
             mirrored.extend(m);
             at += n;
         }
-        self.finish(&mirrored, &seqs).await
+        self.finish(&mirrored, &seqs).await?;
+        Ok(seqs.last().copied().unwrap_or(0))
     }
 
+    /// Journals a ZERO or TRIM; returns its seq (0 for an empty range).
     async fn write_range(
         &self,
         kind: RecordKind,
         offset: u64,
         len: u64,
-    ) -> Result<(), JournalError> {
+    ) -> Result<u64, JournalError> {
         self.check_range(offset, len)?;
         if len == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let (seq, mirrored) = self.journal_and_ship(kind, offset, len, &[]).await?;
-        self.finish(&mirrored, &[seq]).await
+        self.finish(&mirrored, &[seq]).await?;
+        Ok(seq)
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, JournalError> {
@@ -706,14 +715,51 @@ impl<B: Backing> Shared<B> {
         Ok(out.freeze())
     }
 
-    async fn flush(&self) -> Result<(), JournalError> {
-        // Every acknowledged write is already persistent in NVRAM; record the acknowledged set.
+    /// The highest seq known to survive the loss of this host's power (module doc).
+    fn durable_seq(&self, st: &State) -> u64 {
+        let local = if self.local_durable {
+            st.cursor.next_seq - 1
+        } else {
+            0
+        };
+        let partner = self.mirror.partner_durable_seq().unwrap_or(0);
+        local.max(partner).max(st.applied_seq)
+    }
+
+    /// Returns once every record with seq <= `target` survives the loss of this host's power,
+    /// running a CP when nothing else makes it so. Concurrent callers share CPs: they queue on
+    /// `cp_lock`, and one whose target the finished CP covered returns without another.
+    async fn wait_durable(self: &Arc<Self>, target: u64) -> Result<(), JournalError> {
+        loop {
+            if self.durable_seq(&self.lock()) >= target {
+                return Ok(());
+            }
+            let cp_guard = self.cp_lock.lock().await;
+            if self.durable_seq(&self.lock()) >= target {
+                return Ok(());
+            }
+            let ran = self.run_cp_locked(&cp_guard).await?;
+            if !ran && self.durable_seq(&self.lock()) < target {
+                // Cannot happen: seq `target` was journaled, so a CP has something to apply.
+                return Err(JournalError::CpFailed {
+                    message: format!("no CP to run, yet seq {target} is not durable"),
+                });
+            }
+        }
+    }
+
+    async fn flush(self: &Arc<Self>) -> Result<(), JournalError> {
+        // Record the acknowledged set, then wait until everything journaled so far survives
+        // power loss (at once when the NVRAM or the partner already guarantee it).
         let copy = self.mirror.enabled();
         let mut ship = ShipList::new(self);
-        self.lock()
-            .emit_transitions(self.volume_id, copy, &mut ship.items)?;
+        let target = {
+            let mut st = self.lock();
+            st.emit_transitions(self.volume_id, copy, &mut ship.items)?;
+            st.last_data_seq
+        };
         ship.send().await;
-        Ok(())
+        self.wait_durable(target).await
     }
 
     /// Writes the snapshot to the store: adjacent extents of one kind are coalesced, and data runs
@@ -876,7 +922,15 @@ impl<B: Backing> Shared<B> {
 
     /// Runs one consistency point; `Ok(false)` when there was nothing to do.
     async fn run_cp(self: &Arc<Self>) -> Result<bool, JournalError> {
-        let _one_at_a_time = self.cp_lock.lock().await;
+        let one_at_a_time = self.cp_lock.lock().await;
+        self.run_cp_locked(&one_at_a_time).await
+    }
+
+    /// [`Shared::run_cp`] for a caller holding `cp_lock` (the guard proves it).
+    async fn run_cp_locked(
+        self: &Arc<Self>,
+        _cp_lock_held: &tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<bool, JournalError> {
         let (cp_seq, head, used, snapshot) = {
             let st = self.lock();
             let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
@@ -982,8 +1036,11 @@ impl<B: Backing> JournaledVolume<B> {
         Self::open_with_mirror(nvram, backing, volume_id, config, Arc::new(NoMirror)).await
     }
 
-    /// Recovers (redoes intact records newer than the store's `applied_seq`, in order, then
-    /// marks them applied and starts an empty log) and starts serving with a flusher task.
+    /// Recovers and starts serving with a flusher task. The unretired records of the log (intact,
+    /// newer than the store's `applied_seq`) normally stay where they are: the dirty index is
+    /// rebuilt from them, the volume serves at once, and the first CP (asked for right away)
+    /// applies them. A log that cannot continue in place (damage discarded by
+    /// `discard_corrupt_log`) is redone through the store first and restarted empty.
     pub async fn open_with_mirror(
         mut nvram: Nvram,
         backing: B,
@@ -1014,8 +1071,36 @@ impl<B: Backing> JournaledVolume<B> {
             )));
         }
         let generation = nvram.generation();
-        let recovery = recover(&mut region, &backing, volume_id, generation, &config).await?;
-        mirror.log_reset(generation, 0, recovery.next_seq);
+        let plan = plan_recovery(&region, &backing, volume_id, config.discard_corrupt_log).await?;
+        if let Some(id) = backing.store_id() {
+            if region.store_id() != id {
+                region.bind_store(id)?;
+            }
+        }
+        let in_place = plan.continues_in_place();
+        let (recovery, log_generation, cursor, index) = if in_place {
+            // Serve at once: the records stay live in the log, in the log's generation, and the
+            // first CP applies them (see `recover`).
+            let start = plan.scan.report.start;
+            mirror.log_reset(start.generation, start.tail_offset, start.tail_seq);
+            (
+                plan.report(0, true),
+                start.generation,
+                plan.cursor(log_bytes),
+                plan.dirty_index(),
+            )
+        } else {
+            let mut report = apply_plan(&region, &backing, &plan).await?;
+            region.write_control(generation, 0, report.next_seq)?;
+            report.generation = generation;
+            mirror.log_reset(generation, 0, report.next_seq);
+            (
+                report.clone(),
+                generation,
+                LogCursor::empty(log_bytes, 0, report.next_seq),
+                DirtyIndex::new(),
+            )
+        };
         if recovery.damaged_tail_discarded {
             tracing::warn!(
                 path = %nvram.path().display(),
@@ -1030,13 +1115,18 @@ impl<B: Backing> JournaledVolume<B> {
             volume_id,
             size,
             persistence: nvram.persistence(),
+            local_durable: nvram.survives_power_loss(),
             state: Mutex::new(State {
-                cursor: LogCursor::empty(log_bytes, 0, recovery.next_seq),
+                cursor,
                 region,
-                generation,
-                index: DirtyIndex::new(),
-                applied_seq: recovery.next_seq - 1,
-                last_data_seq: 0,
+                generation: log_generation,
+                index,
+                applied_seq: if in_place {
+                    plan.applied_seq
+                } else {
+                    recovery.next_seq - 1
+                },
+                last_data_seq: plan.last_data_seq(),
                 acked: SeqRanges::default(),
                 mirrored: SeqRanges::default(),
                 cps_done: 0,
@@ -1058,6 +1148,9 @@ impl<B: Backing> JournaledVolume<B> {
             Arc::clone(&shared.cp_wanted),
             Duration::from_millis(shared.config.cp_interval_ms.max(1)),
         ));
+        if in_place {
+            shared.cp_wanted.notify_one();
+        }
         Ok(JournaledVolume {
             shared,
             flusher,
@@ -1079,19 +1172,63 @@ impl<B: Backing> JournaledVolume<B> {
     }
 
     /// Journals `data` at `offset`; returns once it is persistent in NVRAM (and shipped to the
-    /// partner when a mirror is configured). FUA needs nothing more.
+    /// partner when a mirror is configured). What that survives: see
+    /// [`JournaledVolume::ack_survives_power_loss`].
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), JournalError> {
-        self.shared.write(offset, data).await
+        self.shared.write(offset, data).await.map(|_| ())
+    }
+
+    /// A write with FUA: returns once `data` survives the loss of this host's power (as a
+    /// write followed by a FLUSH covering only it).
+    pub async fn write_fua(&self, offset: u64, data: Bytes) -> Result<(), JournalError> {
+        let seq = self.shared.write(offset, data).await?;
+        self.shared.wait_durable(seq).await
     }
 
     /// Journals a WRITE_ZEROES (a record without payload).
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), JournalError> {
-        self.shared.write_range(RecordKind::Zero, offset, len).await
+        self.shared
+            .write_range(RecordKind::Zero, offset, len)
+            .await
+            .map(|_| ())
+    }
+
+    /// A WRITE_ZEROES with FUA (see [`JournaledVolume::write_fua`]).
+    pub async fn write_zeroes_fua(&self, offset: u64, len: u64) -> Result<(), JournalError> {
+        let seq = self
+            .shared
+            .write_range(RecordKind::Zero, offset, len)
+            .await?;
+        self.shared.wait_durable(seq).await
     }
 
     /// Journals a TRIM (a record without payload); trimmed bytes read as zero until applied.
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), JournalError> {
-        self.shared.write_range(RecordKind::Trim, offset, len).await
+        self.shared
+            .write_range(RecordKind::Trim, offset, len)
+            .await
+            .map(|_| ())
+    }
+
+    /// A TRIM with FUA (see [`JournaledVolume::write_fua`]).
+    pub async fn trim_fua(&self, offset: u64, len: u64) -> Result<(), JournalError> {
+        let seq = self
+            .shared
+            .write_range(RecordKind::Trim, offset, len)
+            .await?;
+        self.shared.wait_durable(seq).await
+    }
+
+    /// True when an acknowledged (plain) write survives the loss of this host's power: the
+    /// NVRAM is persisted on a medium that survives it. False: it survives a crash of the
+    /// daemon only, and FLUSH / FUA wait for a CP (unless an in-sync partner holds the records).
+    pub fn ack_survives_power_loss(&self) -> bool {
+        self.shared.local_durable
+    }
+
+    /// The highest seq known to survive the loss of this host's power (module doc).
+    pub fn durable_seq(&self) -> u64 {
+        self.shared.durable_seq(&self.shared.lock())
     }
 
     /// Reads, overlaying the dirty index on the store.
@@ -1099,7 +1236,9 @@ impl<B: Backing> JournaledVolume<B> {
         self.shared.read(offset, len).await
     }
 
-    /// FLUSH: completes at once (earlier writes are already in NVRAM); logs the batched
+    /// FLUSH: returns once every write journaled before it survives the loss of this host's
+    /// power: at once when the NVRAM medium or an in-sync partner guarantees that, else after a
+    /// CP (shared with concurrent flushes) has applied and flushed them. Also logs the batched
     /// acknowledged transitions.
     pub async fn flush(&self) -> Result<(), JournalError> {
         self.shared.flush().await
@@ -1123,6 +1262,8 @@ impl<B: Backing> JournaledVolume<B> {
             applied_seq: st.applied_seq,
             dirty_extents: st.index.len() as u64,
             dirty_bytes: st.index.dirty_bytes(),
+            durable_seq: self.shared.durable_seq(&st),
+            ack_survives_power_loss: self.shared.local_durable,
             cps_done: st.cps_done,
             writer_waits: st.writer_waits,
             last_cp_error: st.last_cp_error.clone(),
@@ -1135,6 +1276,57 @@ impl<B: Backing> JournaledVolume<B> {
         self.flusher.abort();
         result.map(|_| ())
     }
+
+    /// Copies every unretired record of the own log (tail to head, in seq order) with where it
+    /// sits, for resynchronising the partner's copy. Read-only; holds the volume's lock while it
+    /// scans, so the list is one consistent cut of the log.
+    pub fn unretired_records(&self) -> UnretiredRecords {
+        let st = self.shared.lock();
+        let scan = st.region.scan();
+        let records = scan
+            .records
+            .iter()
+            .map(|r| {
+                let len = if r.header.kind == RecordKind::Pad {
+                    RECORD_HEADER_BYTES as u64
+                } else {
+                    r.header.total_bytes()
+                };
+                UnretiredRecord {
+                    log_offset: r.log_offset,
+                    seq: r.header.seq,
+                    bytes: Bytes::copy_from_slice(st.region.log_slice(r.log_offset, len)),
+                }
+            })
+            .collect();
+        UnretiredRecords {
+            generation: st.generation,
+            tail_offset: scan.report.start.tail_offset,
+            tail_seq: scan.report.start.tail_seq,
+            next_seq: st.cursor.next_seq,
+            records,
+        }
+    }
+}
+
+/// One record of [`JournaledVolume::unretired_records`]: its encoded bytes (header and padded
+/// payload; a PAD's header alone) and where it sits in the log.
+#[derive(Debug, Clone)]
+pub struct UnretiredRecord {
+    pub log_offset: u64,
+    pub seq: u64,
+    pub bytes: Bytes,
+}
+
+/// The live part of the own log: its tail (as the control slot states it) and its records.
+#[derive(Debug, Clone)]
+pub struct UnretiredRecords {
+    pub generation: u64,
+    pub tail_offset: u64,
+    pub tail_seq: u64,
+    /// The seq the next appended record gets.
+    pub next_seq: u64,
+    pub records: Vec<UnretiredRecord>,
 }
 
 /// Runs CPs on the timer and on demand. Holds the volume only weakly, so that dropping the
@@ -1161,166 +1353,4 @@ async fn flusher_loop<B: Backing>(
             tokio::time::sleep(interval).await;
         }
     }
-}
-
-/// A store id in the usual UUID text form.
-pub fn format_store_id(id: &[u8; 16]) -> String {
-    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
-}
-
-/// Recovery at open: redo what the store lacks, then restart the log in `generation`.
-async fn recover<B: Backing>(
-    region: &mut Region,
-    backing: &B,
-    volume_id: u64,
-    generation: u64,
-    config: &VolumeConfig,
-) -> Result<RecoveryReport, JournalError> {
-    let mut report = replay_region(region, backing, volume_id, config.discard_corrupt_log).await?;
-    if let Some(id) = backing.store_id() {
-        if region.store_id() != id {
-            region.bind_store(id)?;
-        }
-    }
-    region.write_control(generation, 0, report.next_seq)?;
-    report.generation = generation;
-    Ok(report)
-}
-
-/// Redoes a region's intact data records newer than the store's `applied_seq` (or any CP's), in
-/// seq order, then flushes the store and records the new `applied_seq`. Does not change the
-/// region. Used at open for the own region and, on takeover, for the partner region.
-///
-/// Refuses (before applying anything) a region damaged in the middle unless
-/// `discard_corrupt_log`, records of another volume, and records outside the store.
-pub async fn replay_region<B: Backing>(
-    region: &Region,
-    backing: &B,
-    volume_id: u64,
-    discard_corrupt_log: bool,
-) -> Result<RecoveryReport, JournalError> {
-    let scan = region.scan();
-    let report = scan.report.clone();
-    if report.corrupt_mid_region() && !discard_corrupt_log {
-        let (later_offset, later_seq) = report.later_valid_record.unwrap_or_default();
-        return Err(JournalError::CorruptMidRegion {
-            region: region.name(),
-            offset: report.stop_offset,
-            expected_seq: report.last_seq + 1,
-            later_offset,
-            later_seq,
-        });
-    }
-    let bound = region.store_id();
-    if let Some(id) = backing
-        .store_id()
-        .filter(|id| bound != [0; 16] && bound != *id)
-    {
-        // Records a CP of this log retired were applied to the bound store and are done with;
-        // any other data record still belongs to that store. Only a log holding none of those
-        // may move to another store (for example, the array was recreated after a clean stop).
-        let retired = report.cp_applied_seq.unwrap_or(0);
-        let unapplied = scan
-            .records
-            .iter()
-            .any(|r| r.header.kind.is_data() && r.header.seq > retired);
-        if unapplied {
-            return Err(JournalError::ForeignStore {
-                region: region.name(),
-                bound: format_store_id(&bound),
-                store: format_store_id(&id),
-            });
-        }
-        tracing::info!(
-            region = region.name(),
-            from = %format_store_id(&bound),
-            to = %format_store_id(&id),
-            "NVRAM log holds nothing unapplied; it moves to this store"
-        );
-    }
-    let backing_applied = backing
-        .applied_seq()
-        .await
-        .map_err(backing_err("applied_seq", 0))?;
-    let applied = backing_applied.max(report.cp_applied_seq.unwrap_or(0));
-    let replay = scan.replay_list(applied);
-    // Check everything before applying anything: never apply part of a log that is foreign.
-    let size = backing.size();
-    for r in &replay {
-        let h = &r.header;
-        if h.volume_id != volume_id {
-            return Err(JournalError::ForeignVolume {
-                region: region.name(),
-                seq: h.seq,
-                found: h.volume_id,
-                expected: volume_id,
-            });
-        }
-        let end = h.offset.checked_add(h.length);
-        let payload_ok = h.kind != RecordKind::Write || u64::from(h.payload_bytes) == h.length;
-        let inside = matches!(end, Some(e) if e <= size);
-        if !payload_ok || !inside {
-            return Err(JournalError::RecordOutOfRange {
-                seq: h.seq,
-                offset: h.offset,
-                end: end.unwrap_or(u64::MAX),
-                size,
-            });
-        }
-    }
-    let skipped = scan
-        .records
-        .iter()
-        .filter(|r| r.header.kind.is_data() && r.header.seq <= applied)
-        .count() as u64;
-    let mut replayed_bytes = 0;
-    for r in &replay {
-        let h = &r.header;
-        match h.kind {
-            RecordKind::Write => {
-                let data = Bytes::copy_from_slice(region.log_slice(r.payload_offset(), h.length));
-                backing
-                    .write(h.offset, data)
-                    .await
-                    .map_err(backing_err("replay write", h.offset))?;
-                replayed_bytes += h.length;
-            }
-            RecordKind::Zero => backing
-                .write_zeroes(h.offset, h.length)
-                .await
-                .map_err(backing_err("replay write_zeroes", h.offset))?,
-            _ => backing
-                .discard(h.offset, h.length)
-                .await
-                .map_err(backing_err("replay discard", h.offset))?,
-        }
-    }
-    let last_seq = report.last_seq.max(applied);
-    if !replay.is_empty() || last_seq > backing_applied {
-        backing.flush().await.map_err(backing_err("flush", 0))?;
-        backing
-            .set_applied_seq(last_seq)
-            .await
-            .map_err(backing_err("set_applied_seq", 0))?;
-    }
-    let next_seq = last_seq + 1;
-    Ok(RecoveryReport {
-        generation: report.start.generation,
-        damaged_tail_discarded: !report.stop.is_clean_end(),
-        scan: report,
-        backing_applied_seq: backing_applied,
-        effective_applied_seq: applied,
-        replayed_records: replay.len() as u64,
-        replayed_bytes,
-        skipped_retired_records: skipped,
-        next_seq,
-    })
 }

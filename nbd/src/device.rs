@@ -53,10 +53,16 @@ pub struct DeviceCaps {
     /// The device gives the same answers to every connection (NBD `CAN_MULTI_CONN`): a flush on
     /// one connection covers writes completed on all others. Only set when this is true.
     pub multi_conn: bool,
-    /// Block size constraints advertised by `NBD_INFO_BLOCK_SIZE`.
+    /// Block size constraints advertised by `NBD_INFO_BLOCK_SIZE`. `max_block` is the device's
+    /// own limit; the server advertises the smaller of it and its `max_request_bytes`.
     pub min_block: u32,
     pub preferred_block: u32,
     pub max_block: u32,
+    /// Most bytes of temporary memory one `TRIM` or `WRITE_ZEROES` allocates on this device
+    /// (for example a zero-fill buffer); each such request is charged this much (at most its
+    /// length) against the connection's in-flight budget. 0 for devices that write zeroes from
+    /// [`crate::zeroes::zeroes`] or only record the range.
+    pub zero_scratch_bytes: u32,
 }
 
 impl Default for DeviceCaps {
@@ -73,7 +79,8 @@ impl Default for DeviceCaps {
             multi_conn: false,
             min_block: 1,
             preferred_block: 4096,
-            max_block: 32 * 1024 * 1024,
+            max_block: crate::server::MAX_REQUEST_BYTES_LIMIT,
+            zero_scratch_bytes: 0,
         }
     }
 }
@@ -110,7 +117,10 @@ pub trait BlockDevice: Send + Sync + 'static {
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> DeviceResult<()>;
 
     /// Allocation state from `offset` for up to `len` bytes. The extents must cover at least one
-    /// byte and must not run past `offset + len`... the server trims any excess.
+    /// byte and must not run past `offset + len`... the server trims any excess. Return at most
+    /// [`crate::transmission::BLOCK_STATUS_EXTENTS_MAX`] extents (the client asks again for the
+    /// rest): that is what each request is charged against the in-flight budget, and extents
+    /// past it are dropped.
     async fn block_status(&self, offset: u64, len: u32) -> DeviceResult<Vec<Extent>> {
         let _ = offset;
         Ok(vec![Extent {

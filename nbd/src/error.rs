@@ -29,6 +29,16 @@ pub enum ConnectionError {
     ExportNameTooLong(u32),
     #[error("bad request header: {0}")]
     BadRequest(ProtoError),
+    #[error("connection refused: {0}")]
+    Refused(&'static str),
+    #[error("client asked for export {0:?}, which its allow-list does not admit")]
+    AccessDenied(String),
+    #[error("client sent NBD_OPT_EXPORT_NAME without TLS, which this server requires")]
+    TlsRequired,
+    #[error("client sent {0} bytes after NBD_OPT_STARTTLS before the TLS handshake")]
+    DataBeforeTls(usize),
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(std::io::Error),
     #[error("client disconnected in the middle of a {what} (cookie {cookie:#x})")]
     DisconnectedMidRequest { what: &'static str, cookie: u64 },
 }

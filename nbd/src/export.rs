@@ -10,7 +10,9 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
+use crate::access::{Access, ClientInfo};
 use crate::device::BlockDevice;
+use crate::metrics::ExportMetrics;
 
 /// A named device offered to clients.
 #[derive(Clone)]
@@ -44,6 +46,8 @@ pub struct ExportStats {
     zero_ops: AtomicU64,
     block_status_ops: AtomicU64,
     errors: AtomicU64,
+    /// Per-command counts, bytes, errors and latency, for `Server::metrics_text`.
+    pub(crate) commands: ExportMetrics,
 }
 
 /// A point-in-time copy of [`ExportStats`].
@@ -142,14 +146,17 @@ impl Drop for ConnectionGuard {
 /// One registered export with its counters and its removal signal.
 pub struct ExportEntry {
     pub export: Export,
+    /// Which clients may use it.
+    pub access: Access,
     pub stats: ExportStats,
     removed: watch::Sender<bool>,
 }
 
 impl ExportEntry {
-    fn new(export: Export) -> Self {
+    fn new(export: Export, access: Access) -> Self {
         ExportEntry {
             export,
+            access,
             stats: ExportStats::default(),
             removed: watch::Sender::new(false),
         }
@@ -212,6 +219,11 @@ impl ExportRegistry {
     }
 
     pub fn add(&self, export: Export) -> Result<(), ExportError> {
+        self.add_with_access(export, Access::default())
+    }
+
+    /// Adds an export that only the clients `access` admits may use.
+    pub fn add_with_access(&self, export: Export, access: Access) -> Result<(), ExportError> {
         if export.name.is_empty() {
             return Err(ExportError::InvalidName {
                 name: export.name,
@@ -228,9 +240,10 @@ impl ExportRegistry {
         if state.exports.contains_key(&export.name) {
             return Err(ExportError::Exists(export.name));
         }
-        state
-            .exports
-            .insert(export.name.clone(), Arc::new(ExportEntry::new(export)));
+        state.exports.insert(
+            export.name.clone(),
+            Arc::new(ExportEntry::new(export, access)),
+        );
         Ok(())
     }
 
@@ -285,13 +298,19 @@ impl ExportRegistry {
             .collect()
     }
 
-    /// Names and descriptions, for `NBD_OPT_LIST`.
-    pub(crate) fn names(&self) -> Vec<(String, String)> {
+    /// Names and descriptions of the exports `client` may use, for `NBD_OPT_LIST`.
+    pub(crate) fn names_for(&self, client: &ClientInfo) -> Vec<(String, String)> {
         self.read()
             .exports
             .values()
+            .filter(|e| e.access.check(client).is_ok())
             .map(|e| (e.export.name.clone(), e.export.description.clone()))
             .collect()
+    }
+
+    /// Every export's entry, in name order.
+    pub(crate) fn entries(&self) -> Vec<Arc<ExportEntry>> {
+        self.read().exports.values().cloned().collect()
     }
 
     pub fn stats(&self, name: &str) -> Option<ExportStatsSnapshot> {

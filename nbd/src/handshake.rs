@@ -3,21 +3,30 @@
 //!
 //! Supported options: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO` (with `NBD_INFO_EXPORT`,
 //! `NAME`, `DESCRIPTION`, `BLOCK_SIZE`), `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
-//! `SET_META_CONTEXT` (`base:allocation` only). `STARTTLS` is refused with
-//! `NBD_REP_ERR_POLICY` (TLS is not configured); any other option gets `NBD_REP_ERR_UNSUP`.
-//! Option data longer than `max_option_bytes` is skipped without buffering and answered
+//! `SET_META_CONTEXT` (`base:allocation` only), and `STARTTLS` when TLS is configured (refused
+//! with `NBD_REP_ERR_POLICY` otherwise); any other option gets `NBD_REP_ERR_UNSUP`. Option data
+//! longer than `max_option_bytes` is skipped without buffering and answered
 //! `NBD_REP_ERR_TOO_BIG`; malformed option data gets `NBD_REP_ERR_INVALID`.
+//!
+//! Refusals, checked in this order for every option but `ABORT`: a connection over the server's
+//! limit gets its `Refusal` for every option; with TLS required and not yet active, every option
+//! but `STARTTLS` gets `NBD_REP_ERR_TLS_REQD`; an export whose allow-list excludes the client
+//! answers `NBD_REP_ERR_POLICY` (and is left out of `LIST`). `EXPORT_NAME` cannot carry an
+//! error reply, so in each of these cases the connection is closed instead.
 
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tracing::{debug, warn};
 
+use crate::access::ClientInfo;
 use crate::device::DeviceCaps;
 use crate::error::ConnectionError;
 use crate::export::{ExportEntry, ExportRegistry};
 use crate::proto::*;
+use crate::ratelimit::RefusalLogs;
+use crate::tls::TlsRequirement;
 
 /// The smallest maximum payload we will ever advertise (the spec's preferred-block floor).
 const MIN_ADVERTISED_MAX_BYTES: u32 = 4096;
@@ -105,11 +114,74 @@ pub struct Negotiated {
     pub limits: BlockLimits,
 }
 
-/// How option haggling ended without entering transmission.
+/// How one round of option haggling ended.
 pub enum Outcome {
     Transmission(Negotiated),
     /// The client sent `NBD_OPT_ABORT` (or closed the socket between options).
     Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the caller runs the TLS handshake on the stream and
+    /// then haggles again from a clean state, as the spec requires.
+    StartTls,
+}
+
+/// A refusal of every option (for example over the connection limit): the reply type and the
+/// message the client sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub reply: u32,
+    pub message: &'static str,
+}
+
+/// Everything the option handlers consult besides the options themselves.
+pub struct Policy<'a> {
+    pub registry: &'a ExportRegistry,
+    pub limits: HandshakeLimits,
+    pub client: &'a ClientInfo,
+    /// `None`: TLS is not configured on this server.
+    pub tls: Option<TlsRequirement>,
+    /// Set when the connection is to be refused whatever it asks.
+    pub refusal: Option<Refusal>,
+    pub logs: &'a RefusalLogs,
+}
+
+impl Policy<'_> {
+    fn tls_missing(&self) -> bool {
+        self.tls == Some(TlsRequirement::Required) && !self.client.tls
+    }
+
+    /// The export, if it exists and this client may use it; logs refusals (rate-limited).
+    fn lookup(&self, name: &str) -> Lookup {
+        let Some(entry) = self.registry.lookup(name) else {
+            return Lookup::Unknown;
+        };
+        match entry.access.check(self.client) {
+            Ok(()) => Lookup::Found(entry),
+            Err(why) => {
+                if let Some(suppressed) = self.logs.connections.check() {
+                    warn!(
+                        peer = %self.client.peer,
+                        export = %entry.export.name,
+                        suppressed,
+                        "client refused by the export's allow-list: {why}"
+                    );
+                }
+                Lookup::Denied
+            }
+        }
+    }
+}
+
+enum Lookup {
+    Found(Arc<ExportEntry>),
+    Unknown,
+    Denied,
+}
+
+/// The client's handshake flags.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientFlags {
+    fixed: bool,
+    no_zeroes: bool,
 }
 
 struct State {
@@ -119,40 +191,52 @@ struct State {
     no_zeroes: bool,
 }
 
-/// Runs the server side of the handshake.
-pub async fn negotiate<R, W>(
-    reader: &mut BufReader<R>,
-    writer: &mut BufWriter<W>,
-    registry: &ExportRegistry,
-    limits: HandshakeLimits,
-) -> Result<Outcome, ConnectionError>
+/// Sends the greeting and reads the client's flags.
+pub async fn greet<S>(stream: &mut BufReader<S>) -> Result<ClientFlags, ConnectionError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let io = ConnectionError::io;
     let mut greeting = BytesMut::with_capacity(18);
     greeting.put_u64(NBD_MAGIC);
     greeting.put_u64(IHAVEOPT);
     greeting.put_u16(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-    writer.write_all(&greeting).await.map_err(io("greeting"))?;
-    writer.flush().await.map_err(io("greeting"))?;
+    stream.write_all(&greeting).await.map_err(io("greeting"))?;
+    stream.flush().await.map_err(io("greeting"))?;
 
-    let client_flags = reader.read_u32().await.map_err(io("client flags"))?;
+    let client_flags = stream.read_u32().await.map_err(io("client flags"))?;
     if client_flags & !KNOWN_CLIENT_FLAGS != 0 {
         return Err(ConnectionError::UnknownClientFlags(client_flags));
     }
-    let fixed = client_flags & NBD_FLAG_C_FIXED_NEWSTYLE != 0;
+    Ok(ClientFlags {
+        fixed: client_flags & NBD_FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
+    })
+}
+
+/// Runs option haggling until the client enters transmission, aborts, or switches to TLS.
+/// `options_left` counts down across rounds so a STARTTLS does not reset the option limit.
+pub async fn negotiate<S>(
+    stream: &mut BufReader<S>,
+    policy: &Policy<'_>,
+    flags: ClientFlags,
+    options_left: &mut u32,
+) -> Result<Outcome, ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let io = ConnectionError::io;
+    let limits = policy.limits;
     let mut state = State {
         structured: false,
         meta: None,
-        no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
+        no_zeroes: flags.no_zeroes,
     };
-
     let mut out = BytesMut::with_capacity(4096);
-    for _ in 0..limits.max_options {
+    while *options_left > 0 {
+        *options_left -= 1;
         let mut raw = [0u8; OPTION_HEADER_BYTES];
-        match reader.read_exact(&mut raw).await {
+        match stream.read_exact(&mut raw).await {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 debug!("client closed the connection during option haggling");
@@ -161,21 +245,21 @@ where
             Err(e) => return Err(io("option header")(e)),
         }
         let header = OptionHeader::decode(&raw).map_err(ConnectionError::BadOption)?;
-        if !fixed && header.option != NBD_OPT_EXPORT_NAME {
+        if !flags.fixed && header.option != NBD_OPT_EXPORT_NAME {
             return Err(ConnectionError::NotFixedNewstyle(header.option));
         }
         if header.len > limits.max_option_bytes {
             if header.option == NBD_OPT_EXPORT_NAME {
                 return Err(ConnectionError::ExportNameTooLong(header.len));
             }
-            warn!(
+            debug!(
                 option = header.option,
                 len = header.len,
                 "option data longer than {} bytes skipped",
                 limits.max_option_bytes
             );
             let skipped = tokio::io::copy(
-                &mut (&mut *reader).take(u64::from(header.len)),
+                &mut (&mut *stream).take(u64::from(header.len)),
                 &mut tokio::io::sink(),
             )
             .await
@@ -190,36 +274,34 @@ where
                 NBD_REP_ERR_TOO_BIG,
                 "option data too long",
             );
-            send(writer, &out).await?;
+            send(stream, &out).await?;
             continue;
         }
         let mut data = vec![0u8; header.len as usize];
-        reader
+        stream
             .read_exact(&mut data)
             .await
             .map_err(io("option data"))?;
 
         out.clear();
-        let next = handle_option(header.option, &data, registry, limits, &mut state, &mut out)?;
-        send(writer, &out).await?;
+        let next = handle_option(header.option, &data, policy, &mut state, &mut out)?;
+        send(stream, &out).await?;
         match next {
             Next::Continue => {}
             Next::Abort => return Ok(Outcome::Aborted),
+            Next::StartTls => return Ok(Outcome::StartTls),
             Next::Transmission(n) => return Ok(Outcome::Transmission(n)),
         }
     }
     Err(ConnectionError::TooManyOptions(limits.max_options))
 }
 
-async fn send<W: AsyncWrite + Unpin>(
-    writer: &mut BufWriter<W>,
-    out: &[u8],
-) -> Result<(), ConnectionError> {
-    writer
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, out: &[u8]) -> Result<(), ConnectionError> {
+    stream
         .write_all(out)
         .await
         .map_err(ConnectionError::io("option reply"))?;
-    writer
+    stream
         .flush()
         .await
         .map_err(ConnectionError::io("option reply"))
@@ -228,30 +310,54 @@ async fn send<W: AsyncWrite + Unpin>(
 enum Next {
     Continue,
     Abort,
+    StartTls,
     Transmission(Negotiated),
 }
 
-/// Answers one option into `out`. Pure apart from reading the registry.
+/// Generic texts for refused exports: the client learns the reply type, the log the reason.
+const MSG_NOT_PERMITTED: &str = "access to this export is not permitted";
+const MSG_TLS_REQUIRED: &str = "TLS is required: send NBD_OPT_STARTTLS first";
+
+/// Answers one option into `out`. Pure apart from reading the registry and logging.
 fn handle_option(
     option: u32,
     data: &[u8],
-    registry: &ExportRegistry,
-    limits: HandshakeLimits,
+    policy: &Policy<'_>,
     state: &mut State,
     out: &mut BytesMut,
 ) -> Result<Next, ConnectionError> {
     let invalid = |out: &mut BytesMut, msg: &str| {
-        warn!(option, "invalid option data: {msg}");
+        debug!(option, "invalid option data: {msg}");
         put_option_reply_message(out, option, NBD_REP_ERR_INVALID, msg);
         Ok(Next::Continue)
     };
+    if option == NBD_OPT_ABORT {
+        put_option_reply(out, option, NBD_REP_ACK, 0);
+        return Ok(Next::Abort);
+    }
+    if let Some(r) = policy.refusal {
+        if option == NBD_OPT_EXPORT_NAME {
+            return Err(ConnectionError::Refused(r.message));
+        }
+        put_option_reply_message(out, option, r.reply, r.message);
+        return Ok(Next::Continue);
+    }
+    if option != NBD_OPT_STARTTLS && policy.tls_missing() {
+        if option == NBD_OPT_EXPORT_NAME {
+            return Err(ConnectionError::TlsRequired);
+        }
+        put_option_reply_message(out, option, NBD_REP_ERR_TLS_REQD, MSG_TLS_REQUIRED);
+        return Ok(Next::Continue);
+    }
     match option {
         NBD_OPT_EXPORT_NAME => {
             let name = parse_export_name(data).map_err(ConnectionError::BadOption)?;
-            let entry = registry
-                .lookup(&name)
-                .ok_or(ConnectionError::UnknownExport(name))?;
-            let n = negotiated(entry, state, limits);
+            let entry = match policy.lookup(&name) {
+                Lookup::Found(e) => e,
+                Lookup::Unknown => return Err(ConnectionError::UnknownExport(name)),
+                Lookup::Denied => return Err(ConnectionError::AccessDenied(name)),
+            };
+            let n = negotiated(entry, state, policy.limits);
             out.put_u64(n.entry.export.device.size());
             out.put_u16(n.flags);
             if !state.no_zeroes {
@@ -259,15 +365,11 @@ fn handle_option(
             }
             Ok(Next::Transmission(n))
         }
-        NBD_OPT_ABORT => {
-            put_option_reply(out, option, NBD_REP_ACK, 0);
-            Ok(Next::Abort)
-        }
         NBD_OPT_LIST => {
             if !data.is_empty() {
                 return invalid(out, "NBD_OPT_LIST takes no data");
             }
-            for (name, description) in registry.names() {
+            for (name, description) in policy.registry.names_for(policy.client) {
                 put_rep_server(out, &name, &description);
             }
             put_option_reply(out, option, NBD_REP_ACK, 0);
@@ -277,57 +379,23 @@ fn handle_option(
             if !data.is_empty() {
                 return invalid(out, "NBD_OPT_STARTTLS takes no data");
             }
-            warn!("client asked for TLS, which is not configured");
-            put_option_reply_message(
-                out,
-                option,
-                NBD_REP_ERR_POLICY,
-                "TLS is not configured on this server",
-            );
-            Ok(Next::Continue)
-        }
-        NBD_OPT_INFO | NBD_OPT_GO => {
-            let req = match parse_info_request(data) {
-                Ok(r) => r,
-                Err(e) => return invalid(out, &e.to_string()),
-            };
-            let Some(entry) = registry.lookup(&req.name) else {
-                warn!(export = %req.name, "client asked for an unknown export");
+            if policy.tls.is_none() {
+                debug!(peer = %policy.client.peer, "client asked for TLS, which is not configured");
                 put_option_reply_message(
                     out,
                     option,
-                    NBD_REP_ERR_UNKNOWN,
-                    &format!("no export named {:?}", req.name),
+                    NBD_REP_ERR_POLICY,
+                    "TLS is not configured on this server",
                 );
                 return Ok(Next::Continue);
-            };
-            let n = negotiated(entry, state, limits);
-            put_info_export(out, option, n.entry.export.device.size(), n.flags);
-            if req.requested(NBD_INFO_NAME) {
-                put_info_string(out, option, NBD_INFO_NAME, &n.entry.export.name);
             }
-            if req.requested(NBD_INFO_DESCRIPTION) && !n.entry.export.description.is_empty() {
-                put_info_string(
-                    out,
-                    option,
-                    NBD_INFO_DESCRIPTION,
-                    &n.entry.export.description,
-                );
+            if policy.client.tls {
+                return invalid(out, "TLS is already active");
             }
-            put_info_block_size(
-                out,
-                option,
-                n.limits.min_bytes,
-                n.limits.preferred_bytes,
-                n.limits.max_bytes,
-            );
             put_option_reply(out, option, NBD_REP_ACK, 0);
-            if option == NBD_OPT_GO {
-                Ok(Next::Transmission(n))
-            } else {
-                Ok(Next::Continue)
-            }
+            Ok(Next::StartTls)
         }
+        NBD_OPT_INFO | NBD_OPT_GO => info_or_go(option, data, policy, state, out),
         NBD_OPT_STRUCTURED_REPLY => {
             if !data.is_empty() {
                 return invalid(out, "NBD_OPT_STRUCTURED_REPLY takes no data");
@@ -337,36 +405,7 @@ fn handle_option(
             Ok(Next::Continue)
         }
         NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => {
-            let set = option == NBD_OPT_SET_META_CONTEXT;
-            if set {
-                // The spec: SET replaces the previous selection even when it fails.
-                state.meta = None;
-            }
-            if !state.structured {
-                return invalid(out, "structured replies must be negotiated first");
-            }
-            let req = match parse_meta_context_request(data) {
-                Ok(r) => r,
-                Err(e) => return invalid(out, &e.to_string()),
-            };
-            let Some(entry) = registry.lookup(&req.export) else {
-                put_option_reply_message(
-                    out,
-                    option,
-                    NBD_REP_ERR_UNKNOWN,
-                    &format!("no export named {:?}", req.export),
-                );
-                return Ok(Next::Continue);
-            };
-            if meta_queries_select_allocation(&req.queries, set) {
-                let id = if set { BASE_ALLOCATION_CONTEXT_ID } else { 0 };
-                put_meta_context(out, option, id, BASE_ALLOCATION);
-                if set {
-                    state.meta = Some((entry, BASE_ALLOCATION_CONTEXT_ID));
-                }
-            }
-            put_option_reply(out, option, NBD_REP_ACK, 0);
-            Ok(Next::Continue)
+            meta_context(option, data, policy, state, out)
         }
         _ => {
             debug!(option, "unsupported option");
@@ -374,6 +413,123 @@ fn handle_option(
             Ok(Next::Continue)
         }
     }
+}
+
+/// Answers option data that does not parse with `NBD_REP_ERR_INVALID`.
+fn invalid_data(out: &mut BytesMut, option: u32, msg: &str) -> Result<Next, ConnectionError> {
+    debug!(option, "invalid option data: {msg}");
+    put_option_reply_message(out, option, NBD_REP_ERR_INVALID, msg);
+    Ok(Next::Continue)
+}
+
+/// `NBD_OPT_INFO` and `NBD_OPT_GO`: the export's size, flags, name, description and block
+/// sizes; `GO` then enters transmission.
+fn info_or_go(
+    option: u32,
+    data: &[u8],
+    policy: &Policy<'_>,
+    state: &mut State,
+    out: &mut BytesMut,
+) -> Result<Next, ConnectionError> {
+    let req = match parse_info_request(data) {
+        Ok(r) => r,
+        Err(e) => return invalid_data(out, option, &e.to_string()),
+    };
+    let entry = match policy.lookup(&req.name) {
+        Lookup::Found(e) => e,
+        Lookup::Unknown => {
+            debug!(export = %req.name, "client asked for an unknown export");
+            put_option_reply_message(
+                out,
+                option,
+                NBD_REP_ERR_UNKNOWN,
+                &format!("no export named {:?}", req.name),
+            );
+            return Ok(Next::Continue);
+        }
+        Lookup::Denied => {
+            put_option_reply_message(out, option, NBD_REP_ERR_POLICY, MSG_NOT_PERMITTED);
+            return Ok(Next::Continue);
+        }
+    };
+    let n = negotiated(entry, state, policy.limits);
+    put_info_export(out, option, n.entry.export.device.size(), n.flags);
+    if req.requested(NBD_INFO_NAME) {
+        put_info_string(out, option, NBD_INFO_NAME, &n.entry.export.name);
+    }
+    if req.requested(NBD_INFO_DESCRIPTION) && !n.entry.export.description.is_empty() {
+        put_info_string(
+            out,
+            option,
+            NBD_INFO_DESCRIPTION,
+            &n.entry.export.description,
+        );
+    }
+    put_info_block_size(
+        out,
+        option,
+        n.limits.min_bytes,
+        n.limits.preferred_bytes,
+        n.limits.max_bytes,
+    );
+    put_option_reply(out, option, NBD_REP_ACK, 0);
+    if option == NBD_OPT_GO {
+        Ok(Next::Transmission(n))
+    } else {
+        Ok(Next::Continue)
+    }
+}
+
+/// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`.
+fn meta_context(
+    option: u32,
+    data: &[u8],
+    policy: &Policy<'_>,
+    state: &mut State,
+    out: &mut BytesMut,
+) -> Result<Next, ConnectionError> {
+    let set = option == NBD_OPT_SET_META_CONTEXT;
+    if set {
+        // The spec: SET replaces the previous selection even when it fails.
+        state.meta = None;
+    }
+    let invalid = |out: &mut BytesMut, msg: &str| {
+        debug!(option, "invalid option data: {msg}");
+        put_option_reply_message(out, option, NBD_REP_ERR_INVALID, msg);
+        Ok(Next::Continue)
+    };
+    if !state.structured {
+        return invalid(out, "structured replies must be negotiated first");
+    }
+    let req = match parse_meta_context_request(data) {
+        Ok(r) => r,
+        Err(e) => return invalid(out, &e.to_string()),
+    };
+    let entry = match policy.lookup(&req.export) {
+        Lookup::Found(e) => e,
+        Lookup::Unknown => {
+            put_option_reply_message(
+                out,
+                option,
+                NBD_REP_ERR_UNKNOWN,
+                &format!("no export named {:?}", req.export),
+            );
+            return Ok(Next::Continue);
+        }
+        Lookup::Denied => {
+            put_option_reply_message(out, option, NBD_REP_ERR_POLICY, MSG_NOT_PERMITTED);
+            return Ok(Next::Continue);
+        }
+    };
+    if meta_queries_select_allocation(&req.queries, set) {
+        let id = if set { BASE_ALLOCATION_CONTEXT_ID } else { 0 };
+        put_meta_context(out, option, id, BASE_ALLOCATION);
+        if set {
+            state.meta = Some((entry, BASE_ALLOCATION_CONTEXT_ID));
+        }
+    }
+    put_option_reply(out, option, NBD_REP_ACK, 0);
+    Ok(Next::Continue)
 }
 
 /// Whether a list of metadata context queries selects `base:allocation`. In

@@ -8,7 +8,13 @@
 //! - [`export`]: the export registry and per-export counters;
 //! - [`server`]: accept loops and the per-connection task;
 //! - [`buffer`]: the per-connection pool of write-payload buffers;
-//! - [`device`]: the `BlockDevice` trait; [`mem`]: an in-memory device for tests and examples.
+//! - [`device`]: the `BlockDevice` trait; [`mem`]: an in-memory device for tests and examples;
+//! - [`access`]: client identity and per-export allow-lists; [`tls`]: TLS settings from PEM
+//!   files; [`cert`]: the certificate name an allow-list matches; [`transport`]: the streams a
+//!   connection runs on (TCP, Unix, TLS);
+//! - [`ratelimit`]: rate-limited refusal logs; [`zeroes`]: the shared zero buffer;
+//!   [`metrics`]: per-export request counters and latency histograms in the Prometheus text
+//!   format (`Server::metrics_text`).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -27,7 +33,9 @@
 //! # }
 //! ```
 
+pub mod access;
 pub mod buffer;
+pub mod cert;
 pub mod device;
 pub mod error;
 pub mod export;
@@ -35,12 +43,19 @@ pub mod export;
 pub mod fuzzing;
 pub mod handshake;
 pub mod mem;
+pub mod metrics;
 pub mod proto;
+pub mod ratelimit;
 pub mod reply;
 pub mod server;
+pub mod tls;
 pub mod transmission;
+pub mod transport;
+pub mod zeroes;
 
+pub use access::{Access, ClientInfo, IpNet};
 pub use device::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, Extent, ZeroFlags};
 pub use error::ConnectionError;
 pub use export::{Export, ExportError, ExportInfo, ExportStatsSnapshot};
-pub use server::{Server, ServerConfig};
+pub use server::{Server, ServerConfig, MAX_REQUEST_BYTES_LIMIT};
+pub use tls::{TlsError, TlsRequirement, TlsSettings};

@@ -1,17 +1,28 @@
 //! The transmission phase: one reader loop that parses and validates requests, one task per
 //! accepted request that calls the device, and one writer task that batches replies.
 //!
-//! Memory per connection is bounded by a semaphore counted in bytes: every request takes
-//! `REQUEST_OVERHEAD_BYTES` plus its payload (write data, or read data to come) before its
-//! payload is read or its task spawned, and gives it back once the reply is in the socket
-//! buffer. A request the validator refuses is answered without allocating its length; a refused
-//! `WRITE` has its payload skipped through a fixed buffer so the stream stays in sync.
+//! Memory per connection is bounded by a semaphore counted in bytes: every request takes what it
+//! can allocate (`request_cost_bytes`: `REQUEST_OVERHEAD_BYTES` plus its payload for READ and
+//! WRITE, the device's zero-fill scratch for TRIM and WRITE_ZEROES, the extent lists for
+//! BLOCK_STATUS) before its payload is read or its task spawned, and gives it back once the
+//! reply is in the socket buffer. A request the validator refuses is answered without allocating
+//! its length; a refused `WRITE` has its payload skipped through a fixed buffer so the stream
+//! stays in sync.
 //!
-//! Validation (`check_request`) is pure so each refusal is unit-tested.
+//! Clients see NBD error codes with generic messages; the details (device errors name member
+//! files) go to the log, rate-limited so a misbehaving client cannot flood it.
+//!
+//! When the connection is stopped (server shutdown, export removed), in-flight requests are
+//! answered for at most the shutdown grace period; a client that stops reading cannot hold the
+//! connection open past it.
+//!
+//! Validation (`check_request`) and charging (`request_cost_bytes`) are pure so each is
+//! unit-tested.
 
 use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use std::collections::VecDeque;
 
@@ -26,10 +37,18 @@ use crate::error::ConnectionError;
 use crate::export::ExportEntry;
 use crate::handshake::{BlockLimits, Negotiated};
 use crate::proto::*;
+use crate::ratelimit::RefusalLogs;
 use crate::reply::{self, Reply, ReplyBody, StatusDescriptor};
 
 /// Budget charged for every request besides its payload (header, task, reply header).
 pub const REQUEST_OVERHEAD_BYTES: u32 = 512;
+/// Most extents one BLOCK_STATUS reply carries (the client asks again for the rest); bounds the
+/// memory a block status request is charged for.
+pub const BLOCK_STATUS_EXTENTS_MAX: usize = 4096;
+/// Memory per extent of a block status request: the device's `Extent`, the clipped
+/// descriptor, and its 8 bytes on the wire.
+const BLOCK_STATUS_EXTENT_COST_BYTES: u32 =
+    (std::mem::size_of::<Extent>() + std::mem::size_of::<StatusDescriptor>() + 8) as u32;
 
 /// A validated command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +195,46 @@ pub fn device_errno(e: &DeviceError) -> u32 {
     }
 }
 
+/// The text a client gets with an error: generic, so no member path or internal detail leaves
+/// the server (the log has the details).
+pub fn client_message(errno: u32) -> &'static str {
+    match errno {
+        NBD_EPERM => "operation not permitted",
+        NBD_EIO => "I/O error on the server",
+        NBD_ENOMEM => "server out of memory",
+        NBD_EINVAL => "invalid request",
+        NBD_ENOSPC => "no space left",
+        NBD_EOVERFLOW => "request too large",
+        NBD_ENOTSUP => "operation not supported",
+        NBD_ESHUTDOWN => "server is shutting down",
+        _ => "request failed",
+    }
+}
+
+/// Bytes of the in-flight budget a validated request is charged: what serving it can allocate.
+/// Always at least `REQUEST_OVERHEAD_BYTES`, at most `max_inflight` (so any legal request can
+/// be admitted, alone if need be).
+pub fn request_cost_bytes(
+    cmd: Command,
+    len: u32,
+    zero_scratch_bytes: u32,
+    max_inflight: u32,
+) -> u32 {
+    let extra = match cmd {
+        Command::Read | Command::Write => len,
+        Command::Trim | Command::WriteZeroes => len.min(zero_scratch_bytes),
+        Command::BlockStatus => {
+            let extents = (len as usize).min(BLOCK_STATUS_EXTENTS_MAX) as u32;
+            extents.saturating_mul(BLOCK_STATUS_EXTENT_COST_BYTES)
+        }
+        // CACHE only hints the device (page cache or nothing); FLUSH and DISC carry no data.
+        Command::Cache | Command::Flush | Command::Disconnect => 0,
+    };
+    REQUEST_OVERHEAD_BYTES
+        .saturating_add(extra)
+        .min(max_inflight)
+}
+
 /// Linux errno values for mapping `std::io::Error`s (same numbers as the NBD ones where both exist).
 mod libc_errno {
     pub const EPERM: i32 = 1;
@@ -195,7 +254,7 @@ pub fn clip_extents(extents: &[Extent], len: u32, req_one: bool) -> Vec<StatusDe
     let max = if req_one {
         1
     } else {
-        MAX_BLOCK_STATUS_DESCRIPTORS
+        BLOCK_STATUS_EXTENTS_MAX.min(MAX_BLOCK_STATUS_DESCRIPTORS)
     };
     let mut out = Vec::with_capacity(extents.len().min(max));
     let mut covered: u32 = 0;
@@ -231,7 +290,18 @@ struct Conn {
     entry: Arc<ExportEntry>,
     session: SessionLimits,
     inflight: Arc<Semaphore>,
+    max_inflight: u32,
+    zero_scratch_bytes: u32,
     replies: mpsc::UnboundedSender<Reply>,
+    logs: Arc<RefusalLogs>,
+}
+
+/// Per-connection bounds, from the server config.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_inflight_bytes: u32,
+    /// How long a stopped connection may take to answer its in-flight requests.
+    pub shutdown_grace: Duration,
 }
 
 /// How the reader loop ended without a protocol error.
@@ -243,13 +313,14 @@ pub enum ReaderEnd {
 }
 
 /// Runs the transmission phase until the client disconnects, a protocol error, or `stop`
-/// resolves (export removed, server shutting down). In-flight requests are always answered
-/// before the socket is closed.
+/// resolves (export removed, server shutting down). In-flight requests are answered before the
+/// socket is closed; once `stop` has resolved, for at most `limits.shutdown_grace`.
 pub async fn run<R, W>(
     reader: &mut BufReader<R>,
     writer: W,
     negotiated: Negotiated,
-    max_inflight_bytes: u32,
+    limits: ConnectionLimits,
+    logs: Arc<RefusalLogs>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<ReaderEnd, ConnectionError>
 where
@@ -263,27 +334,51 @@ where
         meta_context: negotiated.meta_context,
         block: negotiated.limits,
     };
+    let zero_scratch_bytes = negotiated.entry.export.device.caps().zero_scratch_bytes;
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer_task = tokio::spawn(writer_loop(writer, rx, negotiated.structured));
+    let mut writer_task = tokio::spawn(writer_loop(writer, rx, negotiated.structured));
     let conn = Arc::new(Conn {
         entry: negotiated.entry,
         session,
-        inflight: Arc::new(Semaphore::new(max_inflight_bytes as usize)),
+        inflight: Arc::new(Semaphore::new(limits.max_inflight_bytes as usize)),
+        max_inflight: limits.max_inflight_bytes,
+        zero_scratch_bytes,
         replies: tx,
+        logs,
     });
-    let max_inflight = max_inflight_bytes;
+    tokio::pin!(stop);
+    let mut stopped = false;
     let result = tokio::select! {
-        r = reader_loop(reader, conn, max_inflight) => r,
-        () = stop => {
+        r = reader_loop(reader, conn) => r,
+        () = &mut stop => {
             debug!("connection stopped by the server");
+            stopped = true;
             Ok(ReaderEnd::Disconnect)
         }
     };
-    // The reader's sender is gone; the writer ends once every request task has replied.
-    match writer_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!("writing replies failed: {e}"),
-        Err(e) => warn!("reply writer task failed: {e}"),
+    // The reader's sender is gone; the writer ends once every request task has replied. Once
+    // the server wants the connection closed, that wait is bounded: a client that stopped
+    // reading would otherwise hold it (and the server's shutdown) forever.
+    let grace_over = async {
+        if !stopped {
+            stop.await;
+        }
+        tokio::time::sleep(limits.shutdown_grace).await;
+    };
+    tokio::select! {
+        r = &mut writer_task => match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!("writing replies failed: {e}"),
+            Err(e) => warn!("reply writer task failed: {e}"),
+        },
+        () = grace_over => {
+            warn!(
+                "replies not delivered {:?} after the connection was stopped (client not \
+                 reading?); closing it",
+                limits.shutdown_grace
+            );
+            writer_task.abort();
+        }
     }
     result
 }
@@ -291,7 +386,6 @@ where
 async fn reader_loop<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     conn: Arc<Conn>,
-    max_inflight: u32,
 ) -> Result<ReaderEnd, ConnectionError> {
     let pool = Arc::new(BufferPool::default());
     loop {
@@ -311,17 +405,23 @@ async fn reader_loop<R: AsyncRead + Unpin>(
             Ok(Command::Disconnect) => return Ok(ReaderEnd::Disconnect),
             Ok(cmd) => cmd,
             Err(rej) => {
-                warn!(
-                    export = %conn.entry.export.name,
-                    command = h.command,
-                    flags = h.flags,
-                    offset = h.offset,
-                    len = h.len,
-                    errno = rej.errno,
-                    "request refused: {}",
-                    rej.reason
-                );
+                if let Some(suppressed) = conn.logs.requests.check() {
+                    warn!(
+                        export = %conn.entry.export.name,
+                        command = h.command,
+                        flags = h.flags,
+                        offset = h.offset,
+                        len = h.len,
+                        errno = rej.errno,
+                        suppressed,
+                        "request refused: {}",
+                        rej.reason
+                    );
+                }
                 conn.entry.stats.error();
+                if let Some(c) = command_of(h.command) {
+                    conn.entry.stats.commands.refused(c);
+                }
                 if h.command == NBD_CMD_WRITE {
                     skip_payload(reader, &h).await?;
                 }
@@ -348,11 +448,8 @@ async fn reader_loop<R: AsyncRead + Unpin>(
             Command::Read | Command::Write => h.len,
             _ => 0,
         };
-        // Validation bounds `payload` by the maximum request size, which the server config keeps
-        // below the in-flight budget, so the acquire can always be satisfied.
-        let cost = REQUEST_OVERHEAD_BYTES
-            .saturating_add(payload)
-            .min(max_inflight);
+        // The cost never exceeds the budget, so the acquire can always be satisfied.
+        let cost = request_cost_bytes(cmd, h.len, conn.zero_scratch_bytes, conn.max_inflight);
         let permit = conn.inflight.clone().acquire_many_owned(cost).await.ok();
         let data = if cmd == Command::Write {
             Some(read_payload(reader, &h, &pool).await?)
@@ -441,7 +538,40 @@ async fn skip_payload<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// The command a wire command number names, if it is one this server knows.
+pub fn command_of(wire: u16) -> Option<Command> {
+    Some(match wire {
+        NBD_CMD_READ => Command::Read,
+        NBD_CMD_WRITE => Command::Write,
+        NBD_CMD_DISC => Command::Disconnect,
+        NBD_CMD_FLUSH => Command::Flush,
+        NBD_CMD_TRIM => Command::Trim,
+        NBD_CMD_CACHE => Command::Cache,
+        NBD_CMD_WRITE_ZEROES => Command::WriteZeroes,
+        NBD_CMD_BLOCK_STATUS => Command::BlockStatus,
+        _ => return None,
+    })
+}
+
+/// Runs a validated request on the device and records its metrics.
 async fn execute(conn: &Conn, h: &RequestHeader, cmd: Command, data: Option<Bytes>) -> ReplyBody {
+    let started = std::time::Instant::now();
+    let body = run_on_device(conn, h, cmd, data).await;
+    let failed = matches!(body, ReplyBody::Error { .. });
+    let bytes = if cmd == Command::Flush { 0 } else { h.len };
+    conn.entry
+        .stats
+        .commands
+        .record(cmd, bytes, failed, started.elapsed());
+    body
+}
+
+async fn run_on_device(
+    conn: &Conn,
+    h: &RequestHeader,
+    cmd: Command,
+    data: Option<Bytes>,
+) -> ReplyBody {
     let device = &conn.entry.export.device;
     let stats = &conn.entry.stats;
     let fua = h.flags & NBD_CMD_FLAG_FUA != 0;
@@ -513,13 +643,14 @@ async fn execute(conn: &Conn, h: &RequestHeader, cmd: Command, data: Option<Byte
             // A refused fast zero is the expected answer, not a failure worth a warning.
             if errno == NBD_ENOTSUP {
                 debug!(export = %conn.entry.export.name, offset = h.offset, len = h.len, "fast zero refused");
-            } else {
+            } else if let Some(suppressed) = conn.logs.device_errors.check() {
                 warn!(
                     export = %conn.entry.export.name,
                     command = h.command,
                     offset = h.offset,
                     len = h.len,
                     errno,
+                    suppressed,
                     "device error: {e}"
                 );
             }
@@ -527,7 +658,7 @@ async fn execute(conn: &Conn, h: &RequestHeader, cmd: Command, data: Option<Byte
             ReplyBody::Error {
                 errno,
                 offset: (cmd == Command::Read).then_some(h.offset),
-                message: Cow::Owned(e.to_string()),
+                message: Cow::Borrowed(client_message(errno)),
             }
         }
     }

@@ -1,8 +1,9 @@
 //! The write-intent bitmap, with no I/O.
 //!
 //! One bit per *region* of member data offsets (the same region on every member, so one bit
-//! covers whole rows). A bit is set and made durable on every member *before* a write to its region
-//! is issued (set-before-write) and cleared lazily, at a flush, once every write that touched the
+//! covers whole rows). A bit is set and made durable (written and synced) on every member *before*
+//! a write to its region is issued (set-before-write; writers waiting at the same time share one
+//! bitmap write and sync: [`Bitmap::begin_write_durable`], [`Bitmap::take_pending`]) and cleared lazily, at a flush, once every write that touched the
 //! region has completed before that flush's sync began and every slot is active (clear-after-sync).
 //! While the array is degraded no bit is cleared, so a member that comes back after a short absence
 //! is resynchronised only in regions whose bit is set.
@@ -45,6 +46,11 @@ pub struct Bitmap {
     /// Per set region: writes in flight, and the flush epoch in which the last one completed.
     active: HashMap<u64, (u32, u64)>,
     epoch: u64,
+    /// Blocks with bits set in memory and not yet durable on the members.
+    pending_blocks: std::collections::BTreeSet<u64>,
+    /// Counts bit-setting changes; `durable_gen` is the newest one known durable.
+    set_gen: u64,
+    durable_gen: u64,
 }
 
 impl Bitmap {
@@ -74,6 +80,9 @@ impl Bitmap {
             bytes,
             active,
             epoch: 1,
+            pending_blocks: std::collections::BTreeSet::new(),
+            set_gen: 0,
+            durable_gen: 0,
         }
     }
 
@@ -124,6 +133,42 @@ impl Bitmap {
             }
         }
         blocks
+    }
+
+    /// Like [`Bitmap::begin_write`], for a writer that must not issue its data write before the
+    /// bits covering it are durable (set-before-write). Returns the generation that must be
+    /// durable first ([`Bitmap::is_durable`]); 0 when nothing is pending. A bit set by another
+    /// writer whose bitmap write is still in flight counts as pending too.
+    pub fn begin_write_durable(&mut self, regions: std::ops::Range<u64>) -> u64 {
+        let blocks = self.begin_write(regions);
+        if !blocks.is_empty() {
+            self.set_gen += 1;
+            self.pending_blocks.extend(blocks);
+        }
+        if self.pending_blocks.is_empty() && self.durable_gen == self.set_gen {
+            0
+        } else {
+            self.set_gen
+        }
+    }
+
+    /// True when every bit-setting change up to `gen` is durable.
+    pub fn is_durable(&self, gen: u64) -> bool {
+        self.durable_gen >= gen
+    }
+
+    /// Takes the blocks waiting to be made durable, and the generation they cover. One bitmap
+    /// write and sync then serves every writer waiting on a generation up to it.
+    pub fn take_pending(&mut self) -> (Vec<u64>, u64) {
+        let blocks = std::mem::take(&mut self.pending_blocks)
+            .into_iter()
+            .collect();
+        (blocks, self.set_gen)
+    }
+
+    /// The blocks taken with generation `gen` are written and synced.
+    pub fn mark_durable(&mut self, gen: u64) {
+        self.durable_gen = self.durable_gen.max(gen);
     }
 
     /// Registers the completion of a write registered by [`Bitmap::begin_write`].
@@ -239,5 +284,25 @@ mod tests {
         b.begin_write(b.regions(5 << 20, 6 << 20));
         let again = Bitmap::from_bytes(b.geometry(), &b.block_bytes(0));
         assert_eq!(again.dirty_regions(), vec![5]);
+    }
+
+    #[test]
+    fn writers_wait_for_bits_others_set_until_one_sync_covers_them() {
+        let mut b = bm();
+        let g1 = b.begin_write_durable(b.regions(0, 4096));
+        assert!(g1 > 0 && !b.is_durable(g1));
+        // Same region, bit already set in memory but not durable yet: must wait too.
+        let g2 = b.begin_write_durable(b.regions(100, 4096));
+        assert!(!b.is_durable(g2));
+        let g3 = b.begin_write_durable(b.regions(9 << 20, (9 << 20) + 10));
+        let (blocks, gen) = b.take_pending();
+        assert_eq!(blocks, vec![0], "one block write for all three");
+        b.mark_durable(gen);
+        assert!(b.is_durable(g1) && b.is_durable(g2) && b.is_durable(g3));
+        assert_eq!(
+            b.begin_write_durable(b.regions(0, 10)),
+            0,
+            "nothing pending"
+        );
     }
 }

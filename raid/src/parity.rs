@@ -4,27 +4,15 @@
 //! the polynomial x^8+x^4+x^3+x^2+1 (0x11d), as in Linux md and ISA-L, so the bytes on disk do not
 //! depend on which kernel computed them.
 //!
-//! Two Q kernels exist ([`GfKernel`]): a hand-written one that evaluates Q by Horner's rule over
-//! 4 KiB strips (multiplying by 2 is a compare, an add, an and and a xor per byte, which the
-//! compiler turns into SIMD; `simd` runs an AVX2 build of it when the CPU has AVX2), and one built
-//! on the `reed-solomon-erasure` crate's table-driven `mul_slice_xor`. `benches/parity.rs` compares
-//! them; the faster one (the hand-written kernel, see raid/README.md) is [`DEFAULT_KERNEL`].
+//! Q is computed by a hand-written kernel that evaluates it by Horner's rule over 4 KiB strips
+//! (multiplying by 2 is a compare, an add, an and and a xor per byte, which the compiler turns
+//! into SIMD; `simd` runs an AVX2 build of it when the CPU has AVX2). `benches/parity.rs` compares
+//! it with the `reed-solomon-erasure` crate's table-driven `mul_slice_xor` (a dev-dependency, also
+//! used by the tests as a reference): the hand-written kernel is 7-12x faster (raid/README.md).
 //!
 //! [`recover`] fills in up to two missing chunks of a row: any one chunk, P+data, Q+data or two data.
 
 use thiserror::Error;
-
-/// Which GF(2^8) implementation computes Q.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GfKernel {
-    /// Hand-written Horner's-rule kernel over byte strips (SSE2, or AVX2 when present).
-    Lanes,
-    /// `reed_solomon_erasure::galois_8::mul_slice_xor` per data chunk.
-    RsCrate,
-}
-
-/// The kernel used by the array.
-pub const DEFAULT_KERNEL: GfKernel = GfKernel::Lanes;
 
 const BLOCK_BYTES: usize = 64;
 
@@ -150,29 +138,8 @@ pub(crate) fn gen_pq_strips(data: &[&[u8]], p: &mut [u8], q: &mut [u8]) {
     }
 }
 
-fn gen_pq_lanes(data: &[&[u8]], p: &mut [u8], q: Option<&mut [u8]>) {
-    match q {
-        Some(q) => crate::simd::gen_pq(data, p, q),
-        None => xor_of(p, data),
-    }
-}
-
-fn gen_pq_rs(data: &[&[u8]], p: &mut [u8], q: Option<&mut [u8]>) {
-    p.copy_from_slice(data[0]);
-    for d in &data[1..] {
-        xor_into(p, d);
-    }
-    if let Some(q) = q {
-        q.fill(0);
-        for (i, d) in data.iter().enumerate() {
-            reed_solomon_erasure::galois_8::mul_slice_xor(gf_pow2(i), d, q);
-        }
-    }
-}
-
-/// Computes P (and Q when given) of `data` with `kernel`. All slices have one length; `data` is
-/// not empty.
-pub fn gen_pq_with(kernel: GfKernel, data: &[&[u8]], p: &mut [u8], q: Option<&mut [u8]>) {
+/// Computes P (and Q when given) of `data`. All slices have one length; `data` is not empty.
+pub fn gen_pq(data: &[&[u8]], p: &mut [u8], q: Option<&mut [u8]>) {
     assert!(!data.is_empty(), "parity of no data chunks");
     assert!(
         data.iter().all(|d| d.len() == p.len()),
@@ -181,15 +148,10 @@ pub fn gen_pq_with(kernel: GfKernel, data: &[&[u8]], p: &mut [u8], q: Option<&mu
     if let Some(q) = q.as_deref() {
         assert_eq!(q.len(), p.len(), "Q of another length than P");
     }
-    match kernel {
-        GfKernel::Lanes => gen_pq_lanes(data, p, q),
-        GfKernel::RsCrate => gen_pq_rs(data, p, q),
+    match q {
+        Some(q) => crate::simd::gen_pq(data, p, q),
+        None => xor_of(p, data),
     }
-}
-
-/// Computes P (and Q) with [`DEFAULT_KERNEL`].
-pub fn gen_pq(data: &[&[u8]], p: &mut [u8], q: Option<&mut [u8]>) {
-    gen_pq_with(DEFAULT_KERNEL, data, p, q)
 }
 
 /// A row cannot be recovered.
@@ -337,6 +299,20 @@ mod tests {
         }
     }
 
+    /// The reference encode: P by plain XOR, Q by the `reed-solomon-erasure` crate's tables.
+    fn gen_pq_rs(data: &[&[u8]], p: &mut [u8], q: Option<&mut [u8]>) {
+        p.copy_from_slice(data[0]);
+        for d in &data[1..] {
+            xor_into(p, d);
+        }
+        if let Some(q) = q {
+            q.fill(0);
+            for (i, d) in data.iter().enumerate() {
+                reed_solomon_erasure::galois_8::mul_slice_xor(gf_pow2(i), d, q);
+            }
+        }
+    }
+
     #[test]
     fn both_kernels_write_identical_q() {
         for len in [64, 4096, 4096 + 17, 5] {
@@ -344,8 +320,8 @@ mod tests {
             let refs: Vec<&[u8]> = data.iter().map(|v| v.as_slice()).collect();
             let (mut p1, mut q1, mut p2, mut q2) =
                 (vec![0; len], vec![0; len], vec![0; len], vec![0; len]);
-            gen_pq_with(GfKernel::Lanes, &refs, &mut p1, Some(&mut q1));
-            gen_pq_with(GfKernel::RsCrate, &refs, &mut p2, Some(&mut q2));
+            gen_pq(&refs, &mut p1, Some(&mut q1));
+            gen_pq_rs(&refs, &mut p2, Some(&mut q2));
             assert_eq!(p1, p2);
             assert_eq!(q1, q2, "Q differs at len {len}");
         }

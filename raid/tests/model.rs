@@ -6,8 +6,8 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 use std::sync::Arc;
-use twinblock_raid::io::mem::MemMember;
-use twinblock_raid::io::Member;
+use twinblock_io::mem::MemMember;
+use twinblock_io::Member;
 use twinblock_raid::layout::{encode_members, Level};
 use twinblock_raid::superblock::DATA_OFFSET_BYTES;
 use twinblock_raid::{Array, MemberState};

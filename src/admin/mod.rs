@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod proto;
+pub mod reply;
 pub mod server;
 
 pub use proto::{Request, Response};

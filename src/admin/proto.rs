@@ -58,6 +58,9 @@ pub enum Request {
     HaTakeoverDisable,
     /// HA: allow takeover again.
     HaTakeoverEnable,
+    /// The journal records the mirror covers: this node's unretired records per journaled volume
+    /// and its copies of the partner's, each as (seq, log offset, CRC).
+    MirrorRecords,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -28,8 +28,9 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    // The node never creates directories: a mistyped socket path fails here, clearly.
+    if let Some(why) = crate::disk_check::missing_directory(path) {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, why));
     }
     UnixListener::bind(path)
 }

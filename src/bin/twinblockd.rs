@@ -24,9 +24,13 @@ struct Args {
     /// Configuration file (TOML; see docs/CONFIG.md).
     #[arg(short, long)]
     config: PathBuf,
-    /// Check the configuration and exit.
+    /// Check the configuration and every file it names (read-only), then exit.
     #[arg(long)]
     check: bool,
+    /// Also check that this partner config and `--config` describe the two nodes of one pair
+    /// (same pair id and key, each other's ids and addresses), then exit. Implies --check.
+    #[arg(long, value_name = "PARTNER.toml")]
+    check_partner: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -39,9 +43,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(partner) = &args.check_partner {
+        return check_partner(&config, partner);
+    }
     if args.check {
-        println!("{}: configuration is valid", args.config.display());
-        return ExitCode::SUCCESS;
+        if let Some(p) = &config.pair {
+            if let Err(e) = twinblock::config::load_key(&p.key_path(&config)) {
+                eprintln!("twinblockd: {}: {e}", args.config.display());
+                return ExitCode::from(2);
+            }
+        }
+        return check(&args.config, &config);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -63,8 +75,58 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--check-partner`: both configs valid, and they describe one pair.
+fn check_partner(config: &Config, partner: &std::path::Path) -> ExitCode {
+    let other = match Config::load(partner) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("twinblockd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let problems = twinblock::config::check_partner(config, &other);
+    if problems.is_empty() {
+        println!(
+            "{} and {}: valid, and they describe the two nodes of one pair",
+            config.source.display(),
+            other.source.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    for p in &problems {
+        eprintln!("twinblockd: {p}");
+    }
+    ExitCode::from(2)
+}
+
 async fn run(config: Config) -> Result<()> {
     let node = Node::open(config).await?;
     node.run(twinblock::signals::shutdown_signal(), |_| {})
         .await
+}
+
+/// `--check`: report what inspecting the config's files found; exit 2 when the node would not
+/// start with it.
+fn check(path: &std::path::Path, config: &Config) -> ExitCode {
+    let found = config.inspect();
+    for n in &found.notes {
+        println!("note: {n}");
+    }
+    for w in &found.warnings {
+        println!("warning: {w}");
+    }
+    for e in &found.errors {
+        eprintln!("twinblockd: {}: {e}", path.display());
+    }
+    if found.errors.is_empty() {
+        println!("{}: configuration is valid", path.display());
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "twinblockd: {}: {} problem(s) found; the node would not start with this config",
+            path.display(),
+            found.errors.len()
+        );
+        ExitCode::from(2)
+    }
 }

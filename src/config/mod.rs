@@ -5,7 +5,12 @@
 //! file, the key and what is wrong, so an operator can fix it without reading code.
 
 pub mod ha;
+mod inspect;
+mod pair;
 mod size;
+
+pub use inspect::Inspection;
+pub use pair::{check_partner, load_key, PairConfig, DEFAULT_MIRROR_TIMEOUT_MS};
 
 pub use size::{format_bytes, parse_size, ByteSize};
 
@@ -47,6 +52,9 @@ pub struct Config {
     /// High availability: heartbeat paths, timers, the partner's config (absent: no takeover).
     #[serde(default)]
     pub ha: Option<ha::HaConfig>,
+    /// The HA pair (partner, interconnect, key, mirror wait); absent on a single node.
+    #[serde(default)]
+    pub pair: Option<PairConfig>,
     /// Where the file was read from; relative paths resolve against `node.data_dir`.
     #[serde(skip)]
     pub source: PathBuf,
@@ -83,6 +91,23 @@ pub struct NbdConfig {
     pub default_export: Option<String>,
     #[serde(default = "default_max_request")]
     pub max_request: ByteSize,
+    /// Clients served at once (all listeners); more are refused during the handshake.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// How long shutdown waits for in-flight NBD requests before closing connections.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// `off`, `optional` or `required` (`NBD_OPT_STARTTLS`).
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// PEM certificate chain (server certificate first) and PEM private key.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign client certificates; needed for `allow_cert_names`.
+    #[serde(default)]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for NbdConfig {
@@ -92,9 +117,38 @@ impl Default for NbdConfig {
             unix: None,
             default_export: None,
             max_request: default_max_request(),
+            max_connections: default_max_connections(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+            tls: TlsMode::Off,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
+
+/// `nbd.tls`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    Off,
+    Optional,
+    Required,
+}
+
+fn default_max_connections() -> u32 {
+    twinblock_nbd::server::DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_shutdown_grace_ms() -> u64 {
+    twinblock_nbd::server::DEFAULT_SHUTDOWN_GRACE.as_millis() as u64
+}
+
+/// Most clients `nbd.max_connections` may allow (each holds file descriptors and memory).
+const MAX_CONNECTIONS_LIMIT: u32 = 65_536;
+/// Longest `nbd.shutdown_grace_ms` (a stop must finish well within a service manager's timeout).
+const SHUTDOWN_GRACE_MS_MAX: u64 = 300_000;
 
 fn default_listen() -> Vec<String> {
     vec!["127.0.0.1:10809".to_string()]
@@ -129,6 +183,29 @@ pub struct VolumeConfig {
     pub read_only: bool,
     #[serde(default = "default_true")]
     pub direct_io: bool,
+    /// NBD allow-list: when not empty, only TCP clients from these addresses or networks
+    /// (`10.0.0.0/8`, `192.168.1.7`, `fd00::/8`) may use the volume.
+    #[serde(default)]
+    pub allow_networks: Vec<String>,
+    /// NBD allow-list: when not empty, only TLS clients whose verified certificate's subject
+    /// common name is listed may use the volume (needs `nbd.tls_client_ca`).
+    #[serde(default)]
+    pub allow_cert_names: Vec<String>,
+}
+
+impl VolumeConfig {
+    /// The volume's NBD allow-list; a message naming the bad entry when one does not parse.
+    pub fn nbd_access(&self) -> Result<twinblock_nbd::Access, String> {
+        let networks = self
+            .allow_networks
+            .iter()
+            .map(|n| n.parse::<twinblock_nbd::IpNet>().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(twinblock_nbd::Access {
+            networks,
+            cert_names: self.allow_cert_names.clone(),
+        })
+    }
 }
 
 fn default_true() -> bool {
@@ -153,19 +230,18 @@ pub struct ArrayConfig {
     pub rebuild_rate: Option<ByteSize>,
     #[serde(default = "default_true")]
     pub direct_io: bool,
+    /// Start the array even after an unclean stop while degraded with regions being written
+    /// (their parity cannot be checked; md's `start_dirty_degraded`). Off: such a start fails.
+    #[serde(default)]
+    pub start_dirty_degraded: bool,
 }
 
 fn default_chunk() -> ByteSize {
     ByteSize(64 << 10)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PersistenceMode {
-    None,
-    Msync,
-    Pmem,
-}
+/// `nvram.persistence`: the journal's own type, so the config names exactly what it runs.
+pub use twinblock_journal::PersistenceMode;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -224,11 +300,41 @@ impl Config {
         }
     }
 
+    /// Checks what parsing cannot: ranges, cross references, duplicates. Each part names the
+    /// key at fault.
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_node()?;
+        self.validate_nbd()?;
+        let array_names = self.validate_arrays()?;
+        let volume_names = self.validate_volumes(&array_names)?;
+        self.validate_nvram_files()?;
+        if let Some(def) = &self.nbd.default_export {
+            if !volume_names.contains(def.as_str()) {
+                return Err(self.invalid(
+                    "nbd.default_export",
+                    format!("no volume named `{def}` (defined: {})", list(&volume_names)),
+                ));
+            }
+        }
+        if let Some(nv) = &self.nvram {
+            if nv.size.bytes() < (1 << 20) {
+                return Err(self.invalid("nvram.size", "must be at least 1 MiB"));
+            }
+            if nv.cp_interval_ms == 0 {
+                return Err(self.invalid("nvram.cp_interval_ms", "must be greater than 0"));
+            }
+        }
+        if let Some(p) = &self.pair {
+            p.validate(self)?;
+        }
         if let Some(h) = &self.ha {
             h.check()
                 .map_err(|(key, problem)| self.invalid(key, problem))?;
         }
+        Ok(())
+    }
+
+    fn validate_node(&self) -> Result<(), ConfigError> {
         if self.node.id > 1 {
             return Err(self.invalid(
                 "node.id",
@@ -246,6 +352,10 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    fn validate_nbd(&self) -> Result<(), ConfigError> {
         if self.nbd.listen.is_empty() && self.nbd.unix.is_none() {
             return Err(self.invalid(
                 "nbd.listen",
@@ -260,14 +370,11 @@ impl Config {
                 ));
             }
         }
-        let max_req = self.nbd.max_request.bytes();
-        if !(4096..=(256 << 20)).contains(&max_req) {
-            return Err(self.invalid(
-                "nbd.max_request",
-                format!("{max_req} bytes is outside 4 KiB ..= 256 MiB"),
-            ));
-        }
+        self.validate_nbd_limits()
+    }
 
+    /// Array names, levels, disk counts, chunk sizes, and no disk used twice; returns the names.
+    fn validate_arrays(&self) -> Result<HashSet<&str>, ConfigError> {
         let mut array_names = HashSet::new();
         let mut all_disks = HashSet::new();
         for (i, a) in self.arrays.iter().enumerate() {
@@ -329,7 +436,11 @@ impl Config {
                 }
             }
         }
+        Ok(array_names)
+    }
 
+    /// Volume names, backings, sizes and journal settings; returns the names.
+    fn validate_volumes(&self, array_names: &HashSet<&str>) -> Result<HashSet<&str>, ConfigError> {
         let mut volume_names = HashSet::new();
         let mut used_arrays = HashSet::new();
         for (i, v) in self.volumes.iter().enumerate() {
@@ -366,7 +477,7 @@ impl Config {
                     if !array_names.contains(a.as_str()) {
                         return Err(self.invalid(
                             key("array"),
-                            format!("no array named `{a}` (defined: {})", list(&array_names)),
+                            format!("no array named `{a}` (defined: {})", list(array_names)),
                         ));
                     }
                     if !used_arrays.insert(a.as_str()) {
@@ -394,6 +505,15 @@ impl Config {
             if v.journal && self.nvram.is_none() {
                 return Err(self.invalid(key("journal"), "journal = true needs an [nvram] section"));
             }
+            v.nbd_access()
+                .map_err(|m| self.invalid(key("allow_networks"), m))?;
+            if !v.allow_cert_names.is_empty() && self.nbd.tls_client_ca.is_none() {
+                return Err(self.invalid(
+                    key("allow_cert_names"),
+                    "client certificate names can only be checked with nbd.tls_client_ca set \
+                     (the CA that signs client certificates)",
+                ));
+            }
             if v.nvram.is_some() && !v.journal {
                 return Err(self.invalid(
                     key("nvram"),
@@ -401,8 +521,12 @@ impl Config {
                 ));
             }
         }
-        // One NVRAM file per journaled volume: two journals in one file would overwrite each
-        // other's log.
+        Ok(volume_names)
+    }
+
+    /// One NVRAM file per journaled volume: two journals in one file would overwrite each
+    /// other's log.
+    fn validate_nvram_files(&self) -> Result<(), ConfigError> {
         let mut nvram_owner: std::collections::HashMap<PathBuf, &str> = Default::default();
         for (i, v) in self.volumes.iter().enumerate() {
             let Some(path) = self.volume_nvram_path(v) else {
@@ -420,23 +544,99 @@ impl Config {
                 ));
             }
         }
-        if let Some(def) = &self.nbd.default_export {
-            if !volume_names.contains(def.as_str()) {
-                return Err(self.invalid(
-                    "nbd.default_export",
-                    format!("no volume named `{def}` (defined: {})", list(&volume_names)),
-                ));
-            }
-        }
-        if let Some(nv) = &self.nvram {
-            if nv.size.bytes() < (1 << 20) {
-                return Err(self.invalid("nvram.size", "must be at least 1 MiB"));
-            }
-            if nv.cp_interval_ms == 0 {
-                return Err(self.invalid("nvram.cp_interval_ms", "must be greater than 0"));
-            }
-        }
         Ok(())
+    }
+
+    /// `[nbd]` limits and TLS; the TLS files are read and parsed (read-only).
+    /// Request size, connection and TLS limits of the NBD server.
+    fn validate_nbd_limits(&self) -> Result<(), ConfigError> {
+        use twinblock_nbd::server::MIN_REQUEST_BYTES_LIMIT;
+        use twinblock_nbd::MAX_REQUEST_BYTES_LIMIT;
+        let max_req = self.nbd.max_request.bytes();
+        let range = u64::from(MIN_REQUEST_BYTES_LIMIT)..=u64::from(MAX_REQUEST_BYTES_LIMIT);
+        if !range.contains(&max_req) {
+            return Err(self.invalid(
+                "nbd.max_request",
+                format!(
+                    "{} is outside the supported range {} ..= {}",
+                    format_bytes(max_req),
+                    format_bytes(*range.start()),
+                    format_bytes(*range.end())
+                ),
+            ));
+        }
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.nbd.max_connections) {
+            return Err(self.invalid(
+                "nbd.max_connections",
+                format!(
+                    "{} is outside 1 ..= {MAX_CONNECTIONS_LIMIT}",
+                    self.nbd.max_connections
+                ),
+            ));
+        }
+        if self.nbd.shutdown_grace_ms > SHUTDOWN_GRACE_MS_MAX {
+            return Err(self.invalid(
+                "nbd.shutdown_grace_ms",
+                format!(
+                    "{} ms is longer than the maximum of {SHUTDOWN_GRACE_MS_MAX} ms",
+                    self.nbd.shutdown_grace_ms
+                ),
+            ));
+        }
+        self.nbd_tls().map(|_| ())
+    }
+
+    /// The NBD server's TLS settings (certificate and key loaded), `None` with `nbd.tls = "off"`.
+    pub fn nbd_tls(&self) -> Result<Option<twinblock_nbd::TlsSettings>, ConfigError> {
+        use twinblock_nbd::TlsRequirement;
+        let requirement = match self.nbd.tls {
+            TlsMode::Off => {
+                for (key, set) in [
+                    ("nbd.tls_cert", self.nbd.tls_cert.is_some()),
+                    ("nbd.tls_key", self.nbd.tls_key.is_some()),
+                    ("nbd.tls_client_ca", self.nbd.tls_client_ca.is_some()),
+                ] {
+                    if set {
+                        return Err(self.invalid(
+                            key,
+                            "set, but nbd.tls is \"off\"; set nbd.tls = \"optional\" or \
+                             \"required\" to use it",
+                        ));
+                    }
+                }
+                return Ok(None);
+            }
+            TlsMode::Optional => TlsRequirement::Optional,
+            TlsMode::Required => TlsRequirement::Required,
+        };
+        let (Some(cert), Some(key)) = (&self.nbd.tls_cert, &self.nbd.tls_key) else {
+            return Err(self.invalid(
+                if self.nbd.tls_cert.is_none() {
+                    "nbd.tls_cert"
+                } else {
+                    "nbd.tls_key"
+                },
+                "TLS needs both tls_cert (PEM certificate chain) and tls_key (PEM private key)",
+            ));
+        };
+        let ca = self.nbd.tls_client_ca.as_ref().map(|p| self.resolve(p));
+        let config = twinblock_nbd::tls::server_config(
+            &self.resolve(cert),
+            &self.resolve(key),
+            ca.as_deref(),
+        )
+        .map_err(|e| {
+            let key = match e.what() {
+                "TLS private key" => "nbd.tls_key",
+                "TLS client CA" | "client CA certificate" => "nbd.tls_client_ca",
+                _ => "nbd.tls_cert",
+            };
+            self.invalid(key, e.to_string())
+        })?;
+        Ok(Some(twinblock_nbd::TlsSettings {
+            requirement,
+            config,
+        }))
     }
 
     /// The directory relative paths resolve against.
@@ -473,9 +673,10 @@ impl Config {
 
     /// The pair identity (nil UUID when the config names none: an unpaired node).
     pub fn pair_id(&self) -> uuid::Uuid {
-        self.node
-            .pair_id
-            .as_deref()
+        self.pair
+            .as_ref()
+            .map(|p| p.pair_id.as_str())
+            .or(self.node.pair_id.as_deref())
             .and_then(|p| uuid::Uuid::parse_str(p).ok())
             .unwrap_or(uuid::Uuid::nil())
     }
@@ -605,6 +806,90 @@ disks = ["a.img", "b.img", "a.img"]
             .to_string()
             .contains("at least 4"));
         assert!(parse(&base.replace("LEVEL", "5")).is_ok());
+    }
+
+    #[test]
+    fn max_request_up_to_the_limit_is_accepted_and_above_it_refused() {
+        let c = parse(&format!("[nbd]\nmax_request = \"40MiB\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.nbd.max_request.bytes(), 40 << 20);
+        let e = parse(&format!("[nbd]\nmax_request = \"65MiB\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.max_request"), "{e}");
+        assert!(e.contains("64 MiB"), "the error names the maximum: {e}");
+    }
+
+    #[test]
+    fn connection_limit_and_grace_have_defaults_and_ranges() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.nbd.max_connections, 256);
+        assert_eq!(c.nbd.shutdown_grace_ms, 10_000);
+        let e = parse(&format!("[nbd]\nmax_connections = 0\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.max_connections"), "{e}");
+        let e = parse(&format!("[nbd]\nshutdown_grace_ms = 3600000\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.shutdown_grace_ms"), "{e}");
+    }
+
+    #[test]
+    fn tls_needs_certificate_and_key_files_that_exist() {
+        let e = parse(&format!("[nbd]\ntls = \"required\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.tls_cert"), "{e}");
+        let e = parse(&format!(
+            "[nbd]\ntls = \"optional\"\ntls_cert = \"/nonexistent/c.pem\"\n\
+             tls_key = \"/nonexistent/k.pem\"\n{MINIMAL}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/c.pem"), "{e}");
+        let dir = std::env::temp_dir().join(format!("twinblock-cfg-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("empty.pem"), "no pem here\n").unwrap();
+        let e = parse(&format!(
+            "[nbd]\ntls = \"optional\"\ntls_cert = \"{0}/empty.pem\"\n\
+             tls_key = \"{0}/empty.pem\"\n{MINIMAL}",
+            dir.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("nbd.tls_cert") && e.contains("CERTIFICATE"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = parse(&format!("[nbd]\ntls = \"maybe\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("maybe"), "{e}");
+        let e = parse(&format!("[nbd]\ntls_cert = \"c.pem\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.tls_cert") && e.contains("off"), "{e}");
+    }
+
+    #[test]
+    fn allow_lists_are_checked() {
+        let c = parse(&format!(
+            "{MINIMAL}allow_networks = [\"10.0.0.0/8\", \"::1\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.volumes[0].nbd_access().unwrap().networks.len(), 2);
+        let e = parse(&format!("{MINIMAL}allow_networks = [\"10.0.0.0/40\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("volume[0].allow_networks") && e.contains("10.0.0.0/40"),
+            "{e}"
+        );
+        let e = parse(&format!("{MINIMAL}allow_cert_names = [\"backup\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.tls_client_ca"), "{e}");
     }
 
     #[test]

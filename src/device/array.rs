@@ -65,6 +65,9 @@ pub fn array_caps(array: &Array, read_only: bool) -> DeviceCaps {
         fast_zero: false,
         multi_conn: true,
         preferred_block: preferred.next_power_of_two().min(1 << 20),
+        // Zeroing (and trimming partial rows) writes zero buffers of up to this size.
+        zero_scratch_bytes: u32::try_from(twinblock_raid::array::ZERO_WRITE_BYTES)
+            .unwrap_or(u32::MAX),
         ..DeviceCaps::default()
     }
 }

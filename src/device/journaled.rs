@@ -26,6 +26,12 @@ impl JournaledDevice {
     }
 }
 
+impl crate::pair::LogSource for JournaledDevice {
+    fn unretired(&self) -> twinblock_journal::UnretiredRecords {
+        self.volume.unretired_records()
+    }
+}
+
 #[async_trait]
 impl BlockDevice for JournaledDevice {
     fn size(&self) -> u64 {
@@ -34,8 +40,9 @@ impl BlockDevice for JournaledDevice {
 
     fn caps(&self) -> DeviceCaps {
         DeviceCaps {
-            // Zeroes are a small journal record: as fast as it gets.
+            // Zeroes are a small journal record: as fast as it gets, and no zero buffer.
             fast_zero: true,
+            zero_scratch_bytes: 0,
             ..array_caps(&self.volume.backing().array, self.read_only)
         }
     }
@@ -47,44 +54,55 @@ impl BlockDevice for JournaledDevice {
             .map_err(dev_err)
     }
 
-    /// A journaled write is durable (in NVRAM) when it returns, so FUA needs nothing more.
-    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> DeviceResult<()> {
+    /// A plain write is answered once it is in NVRAM; with FUA, once it survives the loss of
+    /// this host's power (the journal waits for a CP when its NVRAM would not).
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
         // A fenced node must not acknowledge writes into its journal either: they would never
         // reach the disks it no longer holds.
         check_gate(&self.volume.backing().gate)?;
-        self.volume.write(offset, data).await.map_err(dev_err)
+        if fua {
+            self.volume.write_fua(offset, data).await.map_err(dev_err)
+        } else {
+            self.volume.write(offset, data).await.map_err(dev_err)
+        }
     }
 
     async fn flush(&self) -> DeviceResult<()> {
         self.volume.flush().await.map_err(dev_err)
     }
 
-    async fn trim(&self, offset: u64, len: u32, _fua: bool) -> DeviceResult<()> {
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> DeviceResult<()> {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
         // A fenced node must not acknowledge writes into its journal either: they would never
         // reach the disks it no longer holds.
         check_gate(&self.volume.backing().gate)?;
-        self.volume
-            .trim(offset, u64::from(len))
-            .await
-            .map_err(dev_err)
+        let len = u64::from(len);
+        if fua {
+            self.volume.trim_fua(offset, len).await
+        } else {
+            self.volume.trim(offset, len).await
+        }
+        .map_err(dev_err)
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u32, _flags: ZeroFlags) -> DeviceResult<()> {
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> DeviceResult<()> {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
         // A fenced node must not acknowledge writes into its journal either: they would never
         // reach the disks it no longer holds.
         check_gate(&self.volume.backing().gate)?;
-        self.volume
-            .write_zeroes(offset, u64::from(len))
-            .await
-            .map_err(dev_err)
+        let len = u64::from(len);
+        if flags.fua {
+            self.volume.write_zeroes_fua(offset, len).await
+        } else {
+            self.volume.write_zeroes(offset, len).await
+        }
+        .map_err(dev_err)
     }
 }

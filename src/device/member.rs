@@ -6,11 +6,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::fs::File;
 use std::sync::Arc;
+use twinblock_io::Member;
 use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, Extent, ZeroFlags};
-use twinblock_raid::io::Member;
 
-/// Zeroes are written in pieces of at most this size when the range may not be deallocated.
-const ZERO_WRITE_BYTES_MAX: u64 = 1 << 20;
+/// Zeroes are written in pieces of at most this size (the shared zero buffer's) when the range
+/// may not be deallocated.
+const ZERO_WRITE_BYTES_MAX: u64 = twinblock_nbd::zeroes::ZERO_BUFFER_BYTES as u64;
 
 pub struct MemberDevice {
     member: Arc<dyn Member>,
@@ -28,13 +29,14 @@ impl MemberDevice {
         }
     }
 
+    /// Writes zeroes from the shared zero buffer: nothing is allocated per request, so the
+    /// device reports no zero scratch memory (`DeviceCaps::zero_scratch_bytes` stays 0).
     async fn write_zero_pieces(&self, offset: u64, len: u64) -> DeviceResult<()> {
-        let zeroes = Bytes::from(vec![0u8; len.min(ZERO_WRITE_BYTES_MAX) as usize]);
         let mut done = 0;
         while done < len {
             let n = (len - done).min(ZERO_WRITE_BYTES_MAX);
             self.member
-                .write_at(offset + done, zeroes.slice(..n as usize))
+                .write_at(offset + done, twinblock_nbd::zeroes::zeroes(n as usize))
                 .await?;
             done += n;
         }

@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use twinblock_io::Member;
 use twinblock_pair::reservation::{Key, ReservationFile, ReservationWatch};
 use twinblock_pair::state::{DiskSet, Event};
-use twinblock_raid::io::Member;
 
 /// A member whose writes need this node's key to hold the disk's reservation.
 pub struct FencedMember {
@@ -109,8 +109,8 @@ impl Member for FencedMember {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twinblock_io::mem::MemMember;
     use twinblock_pair::reservation::{Op, ReservationType};
-    use twinblock_raid::io::mem::MemMember;
 
     #[tokio::test]
     async fn member_writes_stop_once_the_reservation_is_preempted() {

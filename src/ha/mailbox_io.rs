@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use twinblock_raid::io::buf::{AlignedBuf, ALIGN_BYTES};
+use twinblock_io::buf::{AlignedBuf, ALIGN_BYTES};
 use twinblock_raid::superblock::{MAILBOX_BYTES, MAILBOX_OFFSET_BYTES};
 
 /// One shared disk's mailbox area.

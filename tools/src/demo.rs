@@ -1,21 +1,36 @@
-//! `twinctl demo`: the quickstart. Makes a working directory of image files and a node config,
-//! starts the node in this process, prints how to reach it, and serves until Ctrl-C.
+//! `twinctl demo`: the quickstart. Makes one working directory with both nodes' disk images,
+//! configs and a pair key, starts two node processes (a mirrored pair on loopback), waits until
+//! they serve and their NVRAM mirrors are in sync, prints how to reach them, and stops both on
+//! Ctrl-C.
+//!
+//! The nodes are `twinblockd` processes when that binary sits next to `twinctl` (after `cargo
+//! build --release --workspace`); otherwise `twinctl` runs the same node code itself in a child
+//! process (`twinctl node --config ...`), so the demo needs nothing but `cargo run -p
+//! twinblock-tools`.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
-use twinblock::config::{format_bytes, parse_size, Config};
-use twinblock::node::Node;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use twinblock::admin::{client, Request};
+use twinblock::config::{format_bytes, parse_size};
 
-/// The demo's NVRAM file: tmpfs, like a real node's default.
+/// Node 0's NVRAM file for the default demo directory: tmpfs, like a real node's default.
 const DEMO_NVRAM: &str = "/dev/shm/twinblock-demo-node0.nvram";
+/// How long the nodes may take to serve.
+const NODE_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the demo waits for the mirrors to report in sync before printing anyway.
+const MIRROR_SYNC_WAIT: Duration = Duration::from_secs(10);
+/// Interconnect ports sit this far above the NBD ports.
+const INTERCONNECT_PORT_OFFSET: u16 = 1000;
 
-/// The NVRAM file of a demo in `dir`. Each working directory gets its own: the journal in one
-/// file belongs to one directory's array, and replaying it into another array would write that
-/// array's data into this one.
-pub fn demo_nvram(dir: &Path) -> PathBuf {
+/// The NVRAM file of demo node `node` in `dir`. Each working directory gets its own: the journal
+/// in one file belongs to one directory's array, and replaying it into another array would write
+/// that array's data into this one.
+pub fn demo_nvram_for(dir: &Path, node: u8) -> PathBuf {
     if dir == Path::new(crate::DEFAULT_DEMO_DIR) {
-        return PathBuf::from(DEMO_NVRAM);
+        return PathBuf::from(DEMO_NVRAM.replace("node0", &format!("node{node}")));
     }
     let key = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     // FNV-1a of the path: stable, short, enough to keep demo directories apart.
@@ -26,147 +41,375 @@ pub fn demo_nvram(dir: &Path) -> PathBuf {
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
         });
-    PathBuf::from(format!("/dev/shm/twinblock-demo-{h:016x}.nvram"))
+    let suffix = if node == 0 {
+        String::new()
+    } else {
+        format!("-node{node}")
+    };
+    PathBuf::from(format!("/dev/shm/twinblock-demo-{h:016x}{suffix}.nvram"))
 }
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Working directory for images, config, sockets (kept between runs).
+    /// Working directory for images, configs, sockets (kept between runs).
     #[arg(long, default_value = crate::DEFAULT_DEMO_DIR)]
     dir: PathBuf,
-    /// NBD port on 127.0.0.1.
+    /// NBD port of node 0 on 127.0.0.1 (node 1 uses the next one; the interconnect uses these
+    /// plus 1000).
     #[arg(long, default_value_t = 10809)]
     port: u16,
-    /// Size of the plain image volume.
+    /// Size of each journaled RAID-5 volume (and of each plain image).
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     size: u64,
     /// Delete the working directory's images first.
     #[arg(long)]
     fresh: bool,
-    /// Do not run `nbdinfo` against the node once it serves.
+    /// Do not run `nbdinfo` against the nodes once they serve.
     #[arg(long)]
     no_check: bool,
 }
 
-/// The demo node's config text: a journaled RAID-5 volume over four images, and a plain image.
-pub fn demo_config(port: u16, size: u64, nvram: &Path) -> String {
+/// What differs between the two demo nodes.
+pub struct DemoNode {
+    pub id: u8,
+    pub port: u16,
+    pub partner_port: u16,
+    pub nvram: PathBuf,
+}
+
+impl DemoNode {
+    fn journaled(&self) -> &'static str {
+        if self.id == 0 {
+            "r5"
+        } else {
+            "r5b"
+        }
+    }
+    fn plain(&self) -> String {
+        format!("vol{}", self.id)
+    }
+}
+
+/// A demo node's config text: a journaled RAID-5 volume over four images in the shared
+/// `../disks` directory, a plain image, and the `[pair]` section.
+pub fn demo_config(n: &DemoNode, size: u64) -> String {
     // Four disks give a RAID-5 volume of about `size` (three data disks' worth).
     let disk = (size / 3 + (4 << 20)).next_multiple_of(1 << 20);
+    let id = n.id;
+    let disks: Vec<String> = (0..4)
+        .map(|d| format!("\"../disks/node{id}-disk{d}.img\""))
+        .collect();
     format!(
         r#"# Generated by `twinctl demo`; edit and run `twinblockd --config` on it if you like.
 [node]
-id = 0
-name = "demo-node0"
+id = {id}
+name = "demo-node{id}"
 admin_socket = "admin.sock"
 
 [nbd]
 listen = ["127.0.0.1:{port}"]
-default_export = "r5"
+default_export = "{r5}"
 
 [[array]]
-name = "md0"
+name = "md{id}"
 level = 5
 chunk = "64KiB"
-disks = ["disk0.img", "disk1.img", "disk2.img", "disk3.img"]
+disks = [{disks}]
 disk_size = {disk}
 
 [[volume]]
-name = "r5"
-description = "twinblock demo: RAID-5 over four images, through the NVRAM journal"
-array = "md0"
+name = "{r5}"
+description = "twinblock demo: node {id}'s RAID-5 over four images, journaled and mirrored to the partner"
+array = "md{id}"
 journal = true
 
 [[volume]]
-name = "vol0"
+name = "{plain}"
 description = "twinblock demo: plain image"
-file = "vol0.img"
+file = "{plain}.img"
 size = {size}
 
 [nvram]
 path = "{nvram}"
 size = "64MiB"
 persistence = "none"
+
+[pair]
+pair_id = "5e1f0a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b"
+partner_id = {partner}
+listen = "127.0.0.1:{ic}"
+partner_address = "127.0.0.1:{partner_ic}"
+partner_service_address = "127.0.0.1:{partner_port}"
+key_file = "../pair.key"
+mirror_timeout_ms = 1000
+# The copy of the partner's journal, beside this node's files.
+partner_nvram_dir = "."
 "#,
-        nvram = nvram.display()
+        port = n.port,
+        partner_port = n.partner_port,
+        ic = n.port + INTERCONNECT_PORT_OFFSET,
+        partner_ic = n.partner_port + INTERCONNECT_PORT_OFFSET,
+        partner = 1 - id,
+        r5 = n.journaled(),
+        plain = n.plain(),
+        disks = disks.join(", "),
+        nvram = n.nvram.display()
     )
 }
 
-pub async fn run(args: &DemoArgs) -> Result<()> {
-    let node_dir = args.dir.join("node0");
-    if args.fresh && node_dir.exists() {
-        std::fs::remove_dir_all(&node_dir)
-            .with_context(|| format!("cannot clear {}", node_dir.display()))?;
+/// Creates the pair key (random, mode 0600) unless it exists.
+fn ensure_key(path: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return Ok(());
     }
-    std::fs::create_dir_all(&node_dir)
-        .with_context(|| format!("cannot create demo directory {}", node_dir.display()))?;
-    let config_path = node_dir.join("node0.toml");
-    let nvram = demo_nvram(&args.dir);
-    if args.fresh {
-        let _ = std::fs::remove_file(&nvram);
-    }
-    std::fs::write(&config_path, demo_config(args.port, args.size, &nvram))
-        .with_context(|| format!("cannot write {}", config_path.display()))?;
-    let config = Config::load(&config_path)?;
-    let node = Node::open(config).await?;
-    let volumes = node.volumes().to_vec();
-    let check = !args.no_check;
-    let config_shown = config_path.clone();
-    let nvram_shown = nvram.clone();
-    let result = node
-        .run(twinblock::signals::shutdown_signal(), move |addrs| {
-            print_banner(&config_shown, addrs, &volumes, &nvram_shown);
-            if check {
-                if let Some(a) = addrs.first() {
-                    self_check(&format!("nbd://{a}/r5"));
-                }
-            }
-            println!("\nServing until Ctrl-C.");
-        })
-        .await;
-    if let Err(e) = &result {
-        if format!("{e:#}").contains("Address already in use") {
-            anyhow::bail!(
-                "{e:#}\nanother server uses port {}; pick another with `twinctl demo --port N`",
-                args.port
-            );
-        }
-    }
-    result
+    let key: String = (0..32).map(|_| format!("{:02x}", rand_byte())).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create the pair key {}", path.display()))?;
+    writeln!(f, "{key}")?;
+    Ok(())
 }
 
-fn print_banner(
-    config: &Path,
-    addrs: &[std::net::SocketAddr],
-    volumes: &[twinblock::node::VolumeInfo],
-    nvram: &Path,
-) {
-    let addr = addrs
-        .first()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "?".into());
-    let port = addrs.first().map(|a| a.port()).unwrap_or(10809);
-    println!("twinblock demo: node 0 is serving ({})", config.display());
-    for v in volumes {
-        println!(
-            "  {:<6} {:>8}  {:<10} nbd://{addr}/{}   [{} I/O, O_DIRECT {}]",
-            v.name,
-            format_bytes(v.size),
-            v.kind,
-            v.name,
-            v.io_engine,
-            if v.direct_io { "on" } else { "off" }
+fn rand_byte() -> u8 {
+    let mut b = [0u8; 1];
+    // /dev/urandom is always there on Linux; fall back to the clock's nanoseconds.
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok()
+    {
+        return b[0];
+    }
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        % 251) as u8
+}
+
+/// The program that runs a node: `twinblockd` next to this `twinctl`, else `twinctl node`.
+fn node_program() -> Result<(PathBuf, bool)> {
+    let me = std::env::current_exe().context("cannot find the twinctl executable")?;
+    let daemon = me.with_file_name("twinblockd");
+    if daemon.is_file() {
+        return Ok((daemon, true));
+    }
+    Ok((me, false))
+}
+
+struct Running {
+    children: Vec<Child>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // SIGTERM: a clean stop applies the journals to the arrays.
+            // SAFETY: kill(2) with a pid we spawned and still own (not yet waited for).
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+    }
+}
+
+pub async fn run(args: &DemoArgs) -> Result<()> {
+    let root = &args.dir;
+    if args.fresh {
+        for sub in ["node0", "node1", "disks"] {
+            let d = root.join(sub);
+            if d.exists() {
+                std::fs::remove_dir_all(&d)
+                    .with_context(|| format!("cannot clear {}", d.display()))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(root.join("disks"))
+        .with_context(|| format!("cannot create demo directory {}", root.display()))?;
+    ensure_key(&root.join("pair.key"))?;
+    let nodes = [0u8, 1].map(|id| DemoNode {
+        id,
+        port: args.port + u16::from(id),
+        partner_port: args.port + u16::from(1 - id),
+        nvram: demo_nvram_for(root, id),
+    });
+    let (program, is_daemon) = node_program()?;
+    let mut running = Running {
+        children: Vec::new(),
+    };
+    let mut configs = Vec::new();
+    for n in &nodes {
+        let dir = root.join(format!("node{}", n.id));
+        std::fs::create_dir_all(&dir)?;
+        if args.fresh {
+            let _ = std::fs::remove_file(&n.nvram);
+        }
+        let cfg = dir.join(format!("node{}.toml", n.id));
+        std::fs::write(&cfg, demo_config(n, args.size))
+            .with_context(|| format!("cannot write {}", cfg.display()))?;
+        let log = std::fs::File::create(dir.join("twinblockd.log"))?;
+        let mut cmd = Command::new(&program);
+        if !is_daemon {
+            cmd.arg("node");
+        }
+        cmd.arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        running.children.push(
+            cmd.spawn()
+                .with_context(|| format!("cannot start {}", program.display()))?,
         );
+        configs.push(cfg);
+    }
+    wait_serving(&nodes, root, &mut running).await?;
+    let synced = wait_in_sync(root).await;
+    print_banner(root, &nodes, &program, is_daemon, synced).await;
+    if !args.no_check {
+        for n in &nodes {
+            self_check(&format!("nbd://127.0.0.1:{}/{}", n.port, n.journaled()));
+        }
+    }
+    println!("\nServing until Ctrl-C.");
+    loop {
+        tokio::select! {
+            _ = twinblock::signals::shutdown_signal() => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for (i, c) in running.children.iter_mut().enumerate() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        bail!("node {i} exited ({st}); see {}", root.join(format!("node{i}/twinblockd.log")).display());
+                    }
+                }
+            }
+        }
+    }
+    println!("stopping both nodes (a final consistency point applies the journals)");
+    drop(running);
+    Ok(())
+}
+
+fn admin_socket(root: &Path, id: u8) -> PathBuf {
+    root.join(format!("node{id}/admin.sock"))
+}
+
+async fn wait_serving(nodes: &[DemoNode], root: &Path, running: &mut Running) -> Result<()> {
+    let start = Instant::now();
+    for n in nodes {
+        loop {
+            let nbd = std::net::TcpStream::connect(("127.0.0.1", n.port)).is_ok();
+            if nbd
+                && client::call(&admin_socket(root, n.id), &Request::Status)
+                    .await
+                    .is_ok()
+            {
+                break;
+            }
+            for (i, c) in running.children.iter_mut().enumerate() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    let log = root.join(format!("node{i}/twinblockd.log"));
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    bail!(
+                        "node {i} exited ({st}) before serving; its log ({}):\n{text}\n\
+                         (another server on port {}? pick others with `twinctl demo --port N`)",
+                        log.display(),
+                        n.port
+                    );
+                }
+            }
+            if start.elapsed() > NODE_READY_TIMEOUT {
+                bail!("node {} did not serve within {NODE_READY_TIMEOUT:?}", n.id);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn wait_in_sync(root: &Path) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < MIRROR_SYNC_WAIT {
+        let mut all = true;
+        for id in [0, 1] {
+            let st = client::call(&admin_socket(root, id), &Request::Status).await;
+            all &= st.is_ok_and(|v| v["pair"]["mirrors_in_sync"] == true);
+        }
+        if all {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+async fn print_banner(
+    root: &Path,
+    nodes: &[DemoNode],
+    program: &Path,
+    is_daemon: bool,
+    synced: bool,
+) {
+    let twinctl = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("twinctl"));
+    let ctl = twinctl.display();
+    println!(
+        "twinblock demo: a mirrored pair in {} ({})",
+        root.display(),
+        if is_daemon {
+            format!("two {} processes", program.display())
+        } else {
+            format!(
+                "two node processes run by {} (build twinblockd to use it instead)",
+                program.display()
+            )
+        }
+    );
+    for n in nodes {
+        println!("\nnode {} serves on 127.0.0.1:{}:", n.id, n.port);
+        if let Ok(vols) = client::call(&admin_socket(root, n.id), &Request::VolumeList).await {
+            for v in vols.as_array().map(Vec::as_slice).unwrap_or_default() {
+                let name = v["name"].as_str().unwrap_or("?");
+                println!(
+                    "  {:<6} {:>8}  {:<16} nbd://127.0.0.1:{}/{}",
+                    name,
+                    v["size"].as_u64().map(format_bytes).unwrap_or_default(),
+                    v["kind"].as_str().unwrap_or("?"),
+                    n.port,
+                    name
+                );
+            }
+        }
     }
     println!(
+        "\nNVRAM mirror: {}",
+        if synced {
+            "in sync on both nodes (every journaled write is in both nodes' NVRAM before its reply)"
+        } else {
+            "NOT in sync yet; see `status` below"
+        }
+    );
+    let (s0, s1) = (admin_socket(root, 0), admin_socket(root, 1));
+    println!(
         "\nTry, from another terminal:\n  \
-         nbdinfo nbd://{addr}/r5\n  \
-         fio --name=randwrite --ioengine=nbd --uri=nbd://{addr}/r5 --rw=randwrite --bs=4k \
+         nbdinfo nbd://127.0.0.1:{p0}/r5\n  \
+         fio --name=randwrite --ioengine=nbd --uri=nbd://127.0.0.1:{p0}/r5 --rw=randwrite --bs=4k \
          --iodepth=32 --size=256m --runtime=10 --time_based\n  \
-         nbd-client 127.0.0.1 {port} /dev/nbd0 -N r5     # with a kernel that has nbd\n  \
-         twinctl volume list        twinctl volume show r5\n  \
-         twinctl disk replace md0 disk2.img disk4.img && twinctl rebuild status --watch\n  \
-         twinctl journal dump {}",
-        nvram.display()
+         {ctl} --socket {s0} status        # node 0: partner, interconnect, mirror lag\n  \
+         {ctl} --socket {s1} status        # node 1\n  \
+         {ctl} --socket {s0} volume show r5\n  \
+         {ctl} journal dump {nv0}        # node 0's own journal\n  \
+         {ctl} journal dump {copy}        # node 1's copy of it",
+        p0 = nodes[0].port,
+        s0 = s0.display(),
+        s1 = s1.display(),
+        nv0 = nodes[0].nvram.display(),
+        copy = root.join("node1/r5.partner.nvram").display(),
     );
 }
 
@@ -186,28 +429,46 @@ fn self_check(uri: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twinblock::config::{check_partner, Config};
 
     #[test]
-    fn each_demo_directory_has_its_own_nvram_file() {
+    fn each_demo_directory_has_its_own_nvram_files() {
+        let demo_nvram = |d: &str| demo_nvram_for(Path::new(d), 0);
         assert_eq!(
-            demo_nvram(Path::new(crate::DEFAULT_DEMO_DIR)),
+            demo_nvram(crate::DEFAULT_DEMO_DIR),
             PathBuf::from(DEMO_NVRAM)
         );
-        let a = demo_nvram(Path::new("/tmp/demo-a"));
-        let b = demo_nvram(Path::new("/tmp/demo-b"));
+        let a = demo_nvram("/tmp/demo-a");
+        let b = demo_nvram("/tmp/demo-b");
         assert_ne!(a, b);
         assert_ne!(a, PathBuf::from(DEMO_NVRAM));
-        assert_eq!(a, demo_nvram(Path::new("/tmp/demo-a")));
+        assert_eq!(a, demo_nvram("/tmp/demo-a"));
+        assert_ne!(demo_nvram_for(Path::new("/tmp/demo-a"), 1), a);
     }
 
     #[test]
-    fn demo_config_is_valid() {
-        let c = Config::parse(
-            &demo_config(10809, 1 << 30, Path::new("/dev/shm/x.nvram")),
-            Path::new("/tmp/d/node0.toml"),
-        )
-        .unwrap();
-        assert_eq!(c.volumes.len(), 2);
-        assert_eq!(c.arrays[0].disks.len(), 4);
+    fn demo_configs_are_valid_and_form_one_pair() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("pair.key");
+        std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfgs: Vec<Config> = [0u8, 1]
+            .iter()
+            .map(|&id| {
+                let n = DemoNode {
+                    id,
+                    port: 10809 + u16::from(id),
+                    partner_port: 10809 + u16::from(1 - id),
+                    nvram: PathBuf::from(format!("/dev/shm/x{id}.nvram")),
+                };
+                let dir = d.path().join(format!("node{id}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                Config::parse(&demo_config(&n, 1 << 30), &dir.join("n.toml")).unwrap()
+            })
+            .collect();
+        assert_eq!(cfgs[0].volumes.len(), 2);
+        assert_eq!(cfgs[0].arrays[0].disks.len(), 4);
+        assert_eq!(check_partner(&cfgs[0], &cfgs[1]), Vec::<String>::new());
     }
 }

@@ -3,6 +3,7 @@
 
 mod demo;
 mod ha;
+mod pair_status;
 mod render;
 mod reservation;
 
@@ -34,8 +35,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Start a node on local image files with no setup, print how to reach it, serve until Ctrl-C.
+    /// Start a mirrored pair of nodes on local image files with no setup, print how to reach
+    /// them, serve until Ctrl-C.
     Demo(demo::DemoArgs),
+    /// Run a node in this process (what `twinblockd --config` does; the demo uses it when the
+    /// twinblockd binary is not built).
+    #[command(hide = true)]
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Node identity, uptime and what it serves; in an HA pair also both nodes' states, whether
     /// takeover is possible (and why not), heartbeat ages and who holds each disk.
     Status,
@@ -186,6 +195,12 @@ async fn run(cli: Cli) -> Result<()> {
     let out = render::Output { json: cli.json };
     match &cli.command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Node { config } => {
+            let cfg = twinblock::config::Config::load(config)?;
+            let node = twinblock::node::Node::open(cfg).await?;
+            node.run(twinblock::signals::shutdown_signal(), |_| {})
+                .await
+        }
         Command::Status => {
             let mut status = call(&cli, Request::Status).await?;
             // A daemon without HA answers null; an older daemon does not know the request.

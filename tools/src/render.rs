@@ -129,9 +129,17 @@ impl Output {
         self.show(v, |v| {
             let rows: Vec<Vec<String>> = v
                 .as_object()
-                .map(|m| m.keys().map(|k| vec![k.clone(), s(v, k)]).collect())
+                .map(|m| {
+                    m.keys()
+                        .filter(|k| *k != "pair")
+                        .map(|k| vec![k.clone(), s(v, k)])
+                        .collect()
+                })
                 .unwrap_or_default();
             print!("{}", table(&["FIELD", "VALUE"], &rows));
+            if let Some(p) = v.get("pair").filter(|p| !p.is_null()) {
+                print!("{}", crate::pair_status::render(p));
+            }
         })
     }
 

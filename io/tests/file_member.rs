@@ -10,10 +10,10 @@ use rand::{Rng, SeedableRng};
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use twinblock_raid::io::buf::AlignedBuf;
-use twinblock_raid::io::file::{EngineChoice, FileError, FileMember, FileOptions};
-use twinblock_raid::io::uring;
-use twinblock_raid::io::Member;
+use twinblock_io::buf::AlignedBuf;
+use twinblock_io::file::{EngineChoice, FileError, FileMember, FileOptions};
+use twinblock_io::uring;
+use twinblock_io::Member;
 
 const IMAGE_BYTES: u64 = 4 << 20;
 

@@ -1,7 +1,7 @@
 //! Member I/O benchmark: io_uring against the thread pool, buffered and `O_DIRECT`, for 4 KiB
 //! random reads and writes at queue depth 32 on a 256 MiB image.
 //!
-//! Run: `cargo bench -p twinblock-raid --bench member_io`. Environment: `MEMBER_IO_DIR` (where the
+//! Run: `cargo bench -p twinblock-io --bench member_io`. Environment: `MEMBER_IO_DIR` (where the
 //! image goes; default the cargo target tmp dir, which must support `O_DIRECT` for the direct rows)
 //! and `MEMBER_IO_SECS` (seconds per row, default 2).
 
@@ -11,10 +11,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use twinblock_raid::io::buf::AlignedBuf;
-use twinblock_raid::io::file::{EngineChoice, FileMember, FileOptions};
-use twinblock_raid::io::uring::UringStats;
-use twinblock_raid::io::Member;
+use twinblock_io::buf::AlignedBuf;
+use twinblock_io::file::{EngineChoice, FileMember, FileOptions};
+use twinblock_io::uring::UringStats;
+use twinblock_io::Member;
 
 const IMAGE_BYTES: u64 = 256 << 20;
 const BLOCK_BYTES: usize = 4096;

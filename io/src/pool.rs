@@ -7,7 +7,7 @@
 //! call runs, even if the caller's future is dropped. Errors are returned raw; `file` adds the
 //! path and offset.
 
-use super::buf::AlignedBuf;
+use crate::buf::AlignedBuf;
 use bytes::Bytes;
 use std::fs::File;
 use std::io;

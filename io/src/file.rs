@@ -16,15 +16,15 @@
 //! filesystem refuses `O_DIRECT` (EINVAL at open or on a probe read), the member runs buffered
 //! and says so in the log and in `direct()`.
 
-use super::buf::{is_direct_aligned, AlignedBuf, ALIGN_BYTES};
-use super::uring::{self, UringEngine};
-use super::{inline, pool, Member};
+use crate::buf::{is_direct_aligned, AlignedBuf, ALIGN_BYTES};
+use crate::uring::{self, UringEngine};
+use crate::{inline, pool, DeviceIdentity, Member};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -106,6 +106,7 @@ enum Engine {
 pub struct FileMember {
     name: String,
     size: u64,
+    identity: DeviceIdentity,
     read_only: bool,
     is_block_device: bool,
     buffered: Arc<File>,
@@ -190,6 +191,14 @@ impl FileMember {
         if !is_block_device && !meta.is_file() {
             return Err(FileError::NotADisk { path: pb() });
         }
+        let identity = if is_block_device {
+            DeviceIdentity::BlockDevice { rdev: meta.rdev() }
+        } else {
+            DeviceIdentity::File {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        };
 
         let size = if is_block_device {
             sys::block_device_size(&buffered)
@@ -240,6 +249,7 @@ impl FileMember {
         let member = FileMember {
             name: path.display().to_string(),
             size,
+            identity,
             read_only: opts.read_only,
             is_block_device,
             buffered: Arc::new(buffered),
@@ -357,6 +367,10 @@ impl FileMember {
         }
     }
 
+    /// The one gate every mutating request (`write_at`, `discard`, and the zero-fill fallback of
+    /// a discard, which runs after it) passes before it is submitted to an engine. The HA pair's
+    /// fencing check (this node still holds the disk's reservation and its lease is fresh) goes
+    /// here, next to the read-only check, so no write reaches a disk the node no longer owns.
     fn check_writable(&self, op: &str, offset: u64, len: u64) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::new(
@@ -466,6 +480,10 @@ impl Member for FileMember {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn identity(&self) -> Option<DeviceIdentity> {
+        Some(self.identity)
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {

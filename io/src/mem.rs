@@ -7,8 +7,13 @@
 //! - [`MemMember::vanish`]: the member behaves like a pulled disk (everything errors).
 //!
 //! I/O counters ([`MemMember::stats`]) let a test assert how much a resync touched.
+//!
+//! With [`MemMember::enable_write_cache`] the member models a disk with a volatile write cache
+//! (see [`crate::wcache`]): [`MemMember::power_cut`] drops, keeps or tears at sector granularity
+//! every write not followed by a `sync`.
 
-use super::Member;
+use crate::wcache::{CutPolicy, PowerSupply, WriteCache};
+use crate::Member;
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::io;
@@ -34,6 +39,10 @@ pub struct MemMember {
     fail_writes: AtomicBool,
     vanished: AtomicBool,
     bad_ranges: Mutex<Vec<Range<u64>>>,
+    /// The volatile write cache model, when enabled.
+    cache: Mutex<Option<WriteCache>>,
+    /// When set and off, writes, discards and syncs do nothing (see [`PowerSupply`]).
+    power: Mutex<Option<std::sync::Arc<PowerSupply>>>,
     reads: AtomicU64,
     writes: AtomicU64,
     read_bytes: AtomicU64,
@@ -57,6 +66,8 @@ impl MemMember {
             fail_writes: AtomicBool::new(false),
             vanished: AtomicBool::new(false),
             bad_ranges: Mutex::new(Vec::new()),
+            cache: Mutex::new(None),
+            power: Mutex::new(None),
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             read_bytes: AtomicU64::new(0),
@@ -98,6 +109,64 @@ impl MemMember {
     /// A copy of the whole content (faults are ignored: this is the test's view of the platter).
     pub fn snapshot(&self) -> Vec<u8> {
         self.lock_data().clone()
+    }
+
+    /// From now on, writes are volatile until the next `sync` (see [`MemMember::power_cut`]).
+    pub fn enable_write_cache(&self) {
+        let mut c = self.lock_cache();
+        if c.is_none() {
+            *c = Some(WriteCache::default());
+        }
+    }
+
+    /// The power goes: every write since the last `sync` is lost, kept or torn per `policy`
+    /// (nothing happens without a write cache). The member stays usable, as after a reboot.
+    pub fn power_cut(&self, policy: CutPolicy) {
+        let mut cache = self.lock_cache();
+        if let Some(c) = cache.as_mut() {
+            let mut data = self.lock_data();
+            c.cut(&mut data, policy);
+        }
+    }
+
+    /// Feeds the member from `power`: once it is off, writes, discards and syncs do nothing.
+    pub fn attach_power(&self, power: std::sync::Arc<PowerSupply>) {
+        *self.power.lock().unwrap_or_else(|e| e.into_inner()) = Some(power);
+    }
+
+    /// False when the member's power is off (the operation must change nothing).
+    fn powered(&self) -> bool {
+        self.power
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|p| p.draw())
+    }
+
+    /// Writes not yet made durable by a `sync` (0 without a write cache).
+    pub fn unsynced_writes(&self) -> usize {
+        self.lock_cache()
+            .as_ref()
+            .map_or(0, WriteCache::pending_writes)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, Option<WriteCache>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes `range` of `data` with `apply`, recording the change in the write cache.
+    fn change(&self, data: &mut [u8], range: Range<usize>, apply: impl FnOnce(&mut [u8])) {
+        let mut cache = self.lock_cache();
+        match cache.as_mut() {
+            None => apply(&mut data[range]),
+            Some(c) => {
+                let span = WriteCache::sector_span(range.start as u64, range.len() as u64);
+                let span = span.start as usize..(span.end as usize).min(data.len());
+                let before = data[span.clone()].to_vec();
+                apply(&mut data[range]);
+                c.record(span.start as u64, before, data[span].to_vec());
+            }
+        }
     }
 
     /// Overwrite bytes directly, bypassing faults and counters (for corrupting data in tests).
@@ -212,9 +281,12 @@ impl Member for MemMember {
 
     async fn write_at(&self, offset: u64, buf: Bytes) -> io::Result<()> {
         self.check("write", offset, buf.len() as u64, true)?;
+        if !self.powered() {
+            return Ok(());
+        }
         let mut data = self.lock_data();
         let range = self.bounds(offset, buf.len() as u64, data.len())?;
-        data[range].copy_from_slice(&buf);
+        self.change(&mut data, range, |d| d.copy_from_slice(&buf));
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.written_bytes
             .fetch_add(buf.len() as u64, Ordering::SeqCst);
@@ -223,15 +295,24 @@ impl Member for MemMember {
 
     async fn sync(&self) -> io::Result<()> {
         self.check("sync", 0, 0, true)?;
+        if !self.powered() {
+            return Ok(());
+        }
+        if let Some(c) = self.lock_cache().as_mut() {
+            c.flushed();
+        }
         self.syncs.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
     async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check("discard", offset, len, true)?;
+        if !self.powered() {
+            return Ok(());
+        }
         let mut data = self.lock_data();
         let range = self.bounds(offset, len, data.len())?;
-        data[range].fill(0);
+        self.change(&mut data, range, |d| d.fill(0));
         Ok(())
     }
 }
@@ -259,5 +340,23 @@ mod tests {
             "read past the end must fail"
         );
         assert_eq!(m.stats().writes, 1);
+    }
+
+    #[tokio::test]
+    async fn power_cut_loses_only_writes_since_the_last_sync() {
+        let m = MemMember::new("m0", 8192);
+        m.enable_write_cache();
+        m.write_at(0, Bytes::from(vec![1u8; 4096])).await.unwrap();
+        m.sync().await.unwrap();
+        m.write_at(4096, Bytes::from(vec![2u8; 4096]))
+            .await
+            .unwrap();
+        m.discard(0, 512).await.unwrap();
+        assert_eq!(m.unsynced_writes(), 2);
+        m.power_cut(CutPolicy::LoseAll);
+        let d = m.snapshot();
+        assert!(d[..4096].iter().all(|&b| b == 1));
+        assert!(d[4096..].iter().all(|&b| b == 0));
+        assert_eq!(m.unsynced_writes(), 0);
     }
 }

@@ -32,7 +32,7 @@
 //! this engine spends about 6 us/op in total, mostly on cross-thread wake-ups. Revisit if
 //! profiles show `get_user_pages` time.
 
-use super::buf::{AlignedBuf, ReadBuf};
+use crate::buf::{AlignedBuf, ReadBuf};
 use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use std::collections::VecDeque;
@@ -740,7 +740,7 @@ mod tests {
                 Arc::clone(&file),
                 16384,
                 16384,
-                crate::io::pool::PUNCH_HOLE_MODE,
+                crate::pool::PUNCH_HOLE_MODE,
             )
             .await
             .expect("punch");

@@ -1,0 +1,170 @@
+//! Benchmark: restart to serving after `kill -9` with a full NVRAM log of 4 KiB writes.
+//!
+//! `cargo run --release -p twinblock-journal --example restart_after_kill [-- LOG_MIB ROUNDS]`
+//!
+//! 1. A child process fills a log of LOG_MIB (default 256) MiB with 4 KiB writes at random
+//!    offsets (no CP runs: the interval is an hour and the fill trigger is off), says so, and is
+//!    killed with SIGKILL.
+//! 2. ROUNDS (default 10) times, a child process opens the NVRAM file and the volume (recovery:
+//!    scan, dirty index), serves one read of a recovered block, prints how long that took from its
+//!    own start, and is killed with SIGKILL before its first CP can apply anything, so every
+//!    round recovers the same full log. The parent also times spawn to "serving".
+//!
+//! The store is an in-memory backing (the array's own assembly time is not part of this number).
+//! The NVRAM file lives in /dev/shm (mode `none`), as in the default configuration.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use twinblock_journal::{JournaledVolume, MemBacking, Nvram, NvramConfig, VolumeConfig};
+
+const BLOCK_BYTES: u64 = 4096;
+const VOLUME_BYTES: u64 = 1 << 30;
+/// Log bytes one 4 KiB write takes (64-byte header + payload).
+const RECORD_BYTES: u64 = 64 + BLOCK_BYTES;
+/// Log bytes left free so that the writer never waits for (and so never triggers) a CP.
+const HEADROOM_BYTES: u64 = 64 * 1024;
+
+fn nvram_cfg(path: &Path, log_mib: u64) -> NvramConfig {
+    NvramConfig {
+        path: path.to_path_buf(),
+        log_bytes_per_region: log_mib << 20,
+        ..NvramConfig::new(0, [7; 16])
+    }
+}
+
+fn quiet() -> VolumeConfig {
+    VolumeConfig {
+        cp_interval_ms: 3_600_000,
+        cp_fill_percent: 100,
+        max_record_payload_bytes: 64 * 1024,
+        ..VolumeConfig::default()
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Child: fill the log, then wait to be killed.
+fn fill(path: &Path, log_mib: u64) {
+    runtime().block_on(async {
+        let nv = Nvram::open(&nvram_cfg(path, log_mib)).expect("open NVRAM");
+        let vol = JournaledVolume::open(nv, MemBacking::new(VOLUME_BYTES, 65536), 1, quiet())
+            .await
+            .expect("open volume");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut n = 0u64;
+        loop {
+            let st = vol.status();
+            if st.log_used_bytes + RECORD_BYTES + HEADROOM_BYTES > st.log_bytes {
+                break;
+            }
+            let block = rng.gen_range(0..VOLUME_BYTES / BLOCK_BYTES);
+            let data = Bytes::from(vec![(n % 251) as u8 + 1; BLOCK_BYTES as usize]);
+            vol.write(block * BLOCK_BYTES, data).await.expect("write");
+            n += 1;
+        }
+        println!("full {n}");
+        // Wait for SIGKILL without ever yielding to the flusher.
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    });
+}
+
+/// Child: recover and serve one read, report the time from process start, then wait.
+fn open(path: &Path, log_mib: u64, started: Instant) {
+    runtime().block_on(async {
+        let t_nvram = Instant::now();
+        let nv = Nvram::open(&nvram_cfg(path, log_mib)).expect("open NVRAM");
+        let nvram_ms = t_nvram.elapsed().as_secs_f64() * 1000.0;
+        let t_volume = Instant::now();
+        let vol = JournaledVolume::open(nv, MemBacking::new(VOLUME_BYTES, 65536), 1, quiet())
+            .await
+            .expect("recover");
+        let volume_ms = t_volume.elapsed().as_secs_f64() * 1000.0;
+        let r = vol.recovery();
+        let _ = vol.read(0, BLOCK_BYTES).await.expect("read");
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        println!(
+            "serving {ms:.2} (NVRAM open {nvram_ms:.2}, recovery {volume_ms:.2}) records {} in_background {}",
+            r.replayed_records, r.applied_in_background
+        );
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    });
+}
+
+/// Runs this program as a child with `args`, returns (first line, ms from spawn), then kills it.
+fn child(args: &[String]) -> (String, f64) {
+    let exe = std::env::current_exe().expect("own path");
+    let t0 = Instant::now();
+    let mut c = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn child");
+    let mut line = String::new();
+    let out = c.stdout.take().expect("child stdout");
+    BufReader::new(out)
+        .read_line(&mut line)
+        .expect("child output");
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    // `Child::kill` sends SIGKILL.
+    c.kill().expect("SIGKILL child");
+    let _ = c.wait();
+    (line.trim().to_string(), ms)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let started = Instant::now();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("fill") {
+        return fill(Path::new(&args[1]), args[2].parse().expect("log MiB"));
+    }
+    if args.first().map(String::as_str) == Some("open") {
+        return open(
+            Path::new(&args[1]),
+            args[2].parse().expect("log MiB"),
+            started,
+        );
+    }
+    let log_mib: u64 = args.first().map_or(256, |a| a.parse().expect("LOG_MIB"));
+    let rounds: usize = args.get(1).map_or(10, |a| a.parse().expect("ROUNDS"));
+    let path = PathBuf::from(format!(
+        "/dev/shm/twinblock-restart-bench-{}.img",
+        std::process::id()
+    ));
+    let p = path.display().to_string();
+    let (line, ms) = child(&["fill".into(), p.clone(), log_mib.to_string()]);
+    println!("filled {log_mib} MiB log: {line} writes of 4 KiB in {ms:.0} ms, then SIGKILL");
+    let mut inside = Vec::new();
+    let mut outside = Vec::new();
+    for round in 0..rounds {
+        let (line, ms) = child(&["open".into(), p.clone(), log_mib.to_string()]);
+        println!("round {round}: {line}; spawn to serving {ms:.2} ms; then SIGKILL");
+        let child_ms: f64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(f64::NAN);
+        inside.push(child_ms);
+        outside.push(ms);
+    }
+    println!(
+        "median of {rounds}: process start to serving {:.2} ms, spawn to serving {:.2} ms",
+        median(inside),
+        median(outside)
+    );
+    let _ = std::fs::remove_file(&path);
+}

@@ -1,0 +1,370 @@
+//! The frames exchanged after the handshake, their bodies and their checks.
+//!
+//! All integers little endian. Bodies (see `docs/FORMATS.md`, "Interconnect"):
+//!
+//! | kind | body |
+//! | --- | --- |
+//! | RECORD, FETCH_RECORD | volume u64, log_offset u64, seq u64, record bytes (64..=MAX_RECORD_BYTES, a multiple of 64) |
+//! | ACK | volume u64, seq u64: every record of the volume's current stream with a seq ≤ this is stored and persisted (cumulative) |
+//! | LOG_RESET | volume u64, generation u64, tail_offset u64, tail_seq u64 |
+//! | STATUS | opaque status record (1..=MAX_STATUS_BYTES), defined by `crate::status` |
+//! | RESYNC_BEGIN | volume u64, first_seq u64, last_seq u64 (the records the resync sends) |
+//! | RESYNC_END | volume u64, last_seq u64 |
+//! | FETCH_REQUEST | volume u64, from_seq u64 (reserved: NVRAM-loss recovery) |
+//!
+//! Decoding checks sizes and bounds only; what a value means for the receiver's state (order,
+//! known volume, generation) is checked by the receiver.
+
+use super::frame::{encode_frame, FrameKind};
+use super::{get_u64, WireError, MAX_RECORD_BYTES, MAX_STATUS_BYTES};
+
+/// Records are stored at cache-line granularity, like the journal lays them out.
+const RECORD_ALIGN_BYTES: usize = 64;
+/// Bytes of the fixed fields before a RECORD's record bytes.
+pub const RECORD_FIELDS_BYTES: usize = 24;
+
+/// One journal record, shipped from its owner to the partner (or back, for FETCH_RECORD).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordFrame {
+    pub volume: u64,
+    pub log_offset: u64,
+    pub seq: u64,
+    pub record: Vec<u8>,
+}
+
+/// The owner's log (re)started: the partner's copy restarts at this tail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogReset {
+    pub volume: u64,
+    pub generation: u64,
+    pub tail_offset: u64,
+    pub tail_seq: u64,
+}
+
+/// A decoded post-handshake frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Record(RecordFrame),
+    Ack {
+        volume: u64,
+        seq: u64,
+    },
+    LogReset(LogReset),
+    Status(Vec<u8>),
+    ResyncBegin {
+        volume: u64,
+        first_seq: u64,
+        last_seq: u64,
+    },
+    ResyncEnd {
+        volume: u64,
+        last_seq: u64,
+    },
+    FetchRequest {
+        volume: u64,
+        from_seq: u64,
+    },
+    FetchRecord(RecordFrame),
+}
+
+fn malformed(what: &'static str, detail: impl Into<String>) -> WireError {
+    WireError::Malformed {
+        what,
+        detail: detail.into(),
+    }
+}
+
+fn exact(what: &'static str, body: &[u8], n: usize) -> Result<(), WireError> {
+    if body.len() != n {
+        return Err(malformed(
+            what,
+            format!("body is {} bytes, expected {n}", body.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_record_bytes(what: &'static str, n: usize) -> Result<(), WireError> {
+    if !(RECORD_ALIGN_BYTES..=MAX_RECORD_BYTES).contains(&n)
+        || !n.is_multiple_of(RECORD_ALIGN_BYTES)
+    {
+        return Err(malformed(
+            what,
+            format!("record of {n} bytes (must be 64..={MAX_RECORD_BYTES} and a multiple of 64)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Appends a RECORD frame for `record` (copied once, into `out`).
+pub fn encode_record(out: &mut Vec<u8>, volume: u64, log_offset: u64, seq: u64, record: &[u8]) {
+    encode_record_kind(out, FrameKind::Record, volume, log_offset, seq, record);
+}
+
+fn encode_record_kind(
+    out: &mut Vec<u8>,
+    kind: FrameKind,
+    volume: u64,
+    log_offset: u64,
+    seq: u64,
+    record: &[u8],
+) {
+    let mut f = [0u8; RECORD_FIELDS_BYTES];
+    f[..8].copy_from_slice(&volume.to_le_bytes());
+    f[8..16].copy_from_slice(&log_offset.to_le_bytes());
+    f[16..].copy_from_slice(&seq.to_le_bytes());
+    encode_frame(out, kind, &[&f, record]);
+}
+
+fn words(vals: &[u64]) -> Vec<u8> {
+    vals.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+impl Message {
+    /// Appends this message as one frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::Record(r) => encode_record_kind(
+                out,
+                FrameKind::Record,
+                r.volume,
+                r.log_offset,
+                r.seq,
+                &r.record,
+            ),
+            Message::FetchRecord(r) => encode_record_kind(
+                out,
+                FrameKind::FetchRecord,
+                r.volume,
+                r.log_offset,
+                r.seq,
+                &r.record,
+            ),
+            Message::Ack { volume, seq } => {
+                encode_frame(out, FrameKind::Ack, &[&words(&[*volume, *seq])])
+            }
+            Message::LogReset(r) => encode_frame(
+                out,
+                FrameKind::LogReset,
+                &[&words(&[r.volume, r.generation, r.tail_offset, r.tail_seq])],
+            ),
+            Message::Status(s) => encode_frame(out, FrameKind::Status, &[s]),
+            Message::ResyncBegin {
+                volume,
+                first_seq,
+                last_seq,
+            } => encode_frame(
+                out,
+                FrameKind::ResyncBegin,
+                &[&words(&[*volume, *first_seq, *last_seq])],
+            ),
+            Message::ResyncEnd { volume, last_seq } => {
+                encode_frame(out, FrameKind::ResyncEnd, &[&words(&[*volume, *last_seq])])
+            }
+            Message::FetchRequest { volume, from_seq } => encode_frame(
+                out,
+                FrameKind::FetchRequest,
+                &[&words(&[*volume, *from_seq])],
+            ),
+        }
+    }
+
+    /// Decodes a post-handshake frame's body; handshake kinds here are `Unexpected`.
+    pub fn decode(kind: FrameKind, body: &[u8]) -> Result<Message, WireError> {
+        let record = |what| -> Result<RecordFrame, WireError> {
+            if body.len() < RECORD_FIELDS_BYTES {
+                return Err(malformed(what, "shorter than its fixed fields"));
+            }
+            check_record_bytes(what, body.len() - RECORD_FIELDS_BYTES)?;
+            let log_offset = get_u64(body, 8);
+            if !log_offset.is_multiple_of(RECORD_ALIGN_BYTES as u64) {
+                return Err(malformed(
+                    what,
+                    format!("log offset {log_offset} is unaligned"),
+                ));
+            }
+            Ok(RecordFrame {
+                volume: get_u64(body, 0),
+                log_offset,
+                seq: get_u64(body, 16),
+                record: body[RECORD_FIELDS_BYTES..].to_vec(),
+            })
+        };
+        Ok(match kind {
+            FrameKind::Record => Message::Record(record("RECORD")?),
+            FrameKind::FetchRecord => Message::FetchRecord(record("FETCH_RECORD")?),
+            FrameKind::Ack => {
+                exact("ACK", body, 16)?;
+                Message::Ack {
+                    volume: get_u64(body, 0),
+                    seq: get_u64(body, 8),
+                }
+            }
+            FrameKind::LogReset => {
+                exact("LOG_RESET", body, 32)?;
+                let tail_offset = get_u64(body, 16);
+                if !tail_offset.is_multiple_of(RECORD_ALIGN_BYTES as u64) {
+                    return Err(malformed("LOG_RESET", "tail offset is unaligned"));
+                }
+                Message::LogReset(LogReset {
+                    volume: get_u64(body, 0),
+                    generation: get_u64(body, 8),
+                    tail_offset,
+                    tail_seq: get_u64(body, 24),
+                })
+            }
+            FrameKind::Status => {
+                if body.is_empty() || body.len() > MAX_STATUS_BYTES {
+                    return Err(malformed(
+                        "STATUS",
+                        format!("{} bytes (must be 1..={MAX_STATUS_BYTES})", body.len()),
+                    ));
+                }
+                Message::Status(body.to_vec())
+            }
+            FrameKind::ResyncBegin => {
+                exact("RESYNC_BEGIN", body, 24)?;
+                let (first_seq, last_seq) = (get_u64(body, 8), get_u64(body, 16));
+                if last_seq.saturating_add(1) < first_seq {
+                    return Err(malformed("RESYNC_BEGIN", "last seq before first seq"));
+                }
+                Message::ResyncBegin {
+                    volume: get_u64(body, 0),
+                    first_seq,
+                    last_seq,
+                }
+            }
+            FrameKind::ResyncEnd => {
+                exact("RESYNC_END", body, 16)?;
+                Message::ResyncEnd {
+                    volume: get_u64(body, 0),
+                    last_seq: get_u64(body, 8),
+                }
+            }
+            FrameKind::FetchRequest => {
+                exact("FETCH_REQUEST", body, 16)?;
+                Message::FetchRequest {
+                    volume: get_u64(body, 0),
+                    from_seq: get_u64(body, 8),
+                }
+            }
+            FrameKind::Hello
+            | FrameKind::Challenge
+            | FrameKind::Auth
+            | FrameKind::Accept
+            | FrameKind::Reject => {
+                return Err(WireError::Unexpected {
+                    got: kind,
+                    state: "streaming (the handshake is over)",
+                })
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::frame::split_frame;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(m: &Message) -> Message {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        let f = split_frame(&out).unwrap().unwrap();
+        assert_eq!(f.total, out.len());
+        Message::decode(f.kind, &out[f.body_start..f.total]).unwrap()
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let rec = RecordFrame {
+            volume: 7,
+            log_offset: 128,
+            seq: 42,
+            record: vec![9; 192],
+        };
+        let all = [
+            Message::Record(rec.clone()),
+            Message::FetchRecord(rec.clone()),
+            Message::Ack { volume: 7, seq: 42 },
+            Message::LogReset(LogReset {
+                volume: 7,
+                generation: 3,
+                tail_offset: 4096,
+                tail_seq: 10,
+            }),
+            Message::Status(vec![1, 2, 3]),
+            Message::ResyncBegin {
+                volume: 7,
+                first_seq: 10,
+                last_seq: 42,
+            },
+            Message::ResyncEnd {
+                volume: 7,
+                last_seq: 42,
+            },
+            Message::FetchRequest {
+                volume: 7,
+                from_seq: 1,
+            },
+        ];
+        for m in &all {
+            assert_eq!(&round_trip(m), m);
+        }
+    }
+
+    #[test]
+    fn encode_record_matches_the_message_encoding() {
+        let mut a = Vec::new();
+        encode_record(&mut a, 1, 64, 5, &[3; 64]);
+        let mut b = Vec::new();
+        Message::Record(RecordFrame {
+            volume: 1,
+            log_offset: 64,
+            seq: 5,
+            record: vec![3; 64],
+        })
+        .encode(&mut b);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn record_sizes_and_alignment_are_checked() {
+        let mut body = vec![0u8; RECORD_FIELDS_BYTES + 100];
+        assert!(Message::decode(FrameKind::Record, &body).is_err());
+        body.truncate(RECORD_FIELDS_BYTES);
+        assert!(Message::decode(FrameKind::Record, &body).is_err());
+        body.resize(RECORD_FIELDS_BYTES + 64, 0);
+        body[8] = 3; // log offset 3: unaligned
+        assert!(Message::decode(FrameKind::Record, &body).is_err());
+        body[8] = 64;
+        assert!(Message::decode(FrameKind::Record, &body).is_ok());
+    }
+
+    #[test]
+    fn handshake_frames_after_the_handshake_are_unexpected() {
+        assert!(matches!(
+            Message::decode(FrameKind::Hello, &[0; 80]),
+            Err(WireError::Unexpected { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_bodies_never_panic(kind in 0u16..40, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Some(k) = FrameKind::from_u16(kind) {
+                let _ = Message::decode(k, &body);
+            }
+        }
+
+        #[test]
+        fn truncated_bodies_are_errors(cut in 0usize..40) {
+            let mut out = Vec::new();
+            Message::LogReset(LogReset { volume: 1, generation: 2, tail_offset: 64, tail_seq: 3 }).encode(&mut out);
+            let body = &out[12..];
+            let cut = cut.min(body.len() - 1);
+            prop_assert!(Message::decode(FrameKind::LogReset, &body[..cut]).is_err());
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The interconnect wire protocol between the two nodes of a pair: an authenticated, versioned
+//! handshake, then length-prefixed, CRC-checked frames carrying journal records, acknowledgements,
+//! log resets, resynchronisation markers and status records.
+//!
+//! Everything here is pure (bytes in, typed values or typed errors out) so that it can be fuzzed
+//! and property-tested; the node's `src/pair/` drives it over TCP. `docs/FORMATS.md`
+//! ("Interconnect") documents every byte.
+//!
+//! | module | holds |
+//! | --- | --- |
+//! | [`frame`] | the frame envelope: length, kind, flags, CRC32C; splitting a byte stream into frames |
+//! | [`messages`] | the frames exchanged after the handshake (RECORD, ACK, LOG_RESET, STATUS, ...) |
+//! | [`handshake`] | HELLO / CHALLENGE / AUTH / ACCEPT / REJECT, the HMAC challenge-response and the two state machines |
+//!
+//! The handshake authenticates both ends with a pre-shared key: each side sends a fresh random
+//! nonce and proves knowledge of the key with an HMAC-SHA256 over the whole exchange so far,
+//! which includes the other side's nonce. A recorded handshake therefore cannot be replayed (the
+//! fresh nonce of the live side is not in the recording), and the acceptor also remembers recent
+//! dialer nonces to name a replayed HELLO as such. Frames after the handshake carry a CRC32C
+//! against corruption; the link is expected to be private (a crossover cable or a VLAN), so frames
+//! are not individually authenticated.
+
+pub mod frame;
+pub mod handshake;
+pub mod messages;
+
+pub use frame::{encode_frame, split_frame, FrameKind, FRAME_HEADER_BYTES, MAX_FRAME_BODY_BYTES};
+pub use handshake::{
+    Acceptor, AcceptorAwaitAuth, Dialer, DialerAwaitAccept, HandshakeFailure, Identity, PairKey,
+    PeerSession, RejectReason, SeenNonces, VolumeAnnounce, NONCE_BYTES,
+};
+pub use messages::{LogReset, Message, RecordFrame};
+
+/// Version of the interconnect protocol described here; both ends must speak the same one.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// First bytes of a HELLO and a CHALLENGE body.
+pub const HANDSHAKE_MAGIC: [u8; 8] = *b"TWBLPAIR";
+/// Largest journal record a RECORD frame carries (header, payload, padding, trailing zero header).
+pub const MAX_RECORD_BYTES: usize = 8 * 1024 * 1024;
+/// Largest STATUS payload.
+pub const MAX_STATUS_BYTES: usize = 4096;
+/// Most journaled volumes one node announces.
+pub const MAX_VOLUMES: usize = 256;
+/// Longest volume name (same limit as the node's config).
+pub const MAX_VOLUME_NAME_BYTES: usize = 64;
+/// Longest REJECT message text.
+pub const MAX_REJECT_TEXT_BYTES: usize = 256;
+
+/// Why bytes from the peer were refused. Every variant means: drop the connection, store nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {body_bytes} bytes exceeds the limit of {max} bytes")]
+    TooLarge { body_bytes: u64, max: u64 },
+    #[error("frame CRC mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupted on the link")]
+    BadCrc { stored: u32, computed: u32 },
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    #[error("frame flags {0:#06x} are not supported (must be 0)")]
+    BadFlags(u16),
+    #[error("malformed {what} frame: {detail}")]
+    Malformed { what: &'static str, detail: String },
+    #[error("not a twinblock interconnect peer (bad handshake magic)")]
+    BadMagic,
+    #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs}; upgrade both nodes to the same release")]
+    VersionMismatch { ours: u32, theirs: u32 },
+    #[error(
+        "peer belongs to pair {found}, we are pair {expected}: check [pair].pair_id on both nodes"
+    )]
+    WrongPair { expected: String, found: String },
+    #[error(
+        "peer claims node id {found}, expected {expected}: check node.id and [pair].partner_id"
+    )]
+    WrongNode { expected: u32, found: u32 },
+    #[error("peer expects to talk to node {found}, but we are node {expected}: check [pair].partner_address")]
+    WrongTarget { expected: u32, found: u32 },
+    #[error("authentication failed: the peer does not hold our pre-shared key (check [pair].key_file on both nodes)")]
+    AuthFailed,
+    #[error("replayed handshake: this HELLO nonce was already used")]
+    ReplayedHandshake,
+    #[error("unexpected {got:?} frame while {state}")]
+    Unexpected { got: FrameKind, state: &'static str },
+    #[error("the peer rejected the handshake: {reason:?}: {text}")]
+    Rejected { reason: RejectReason, text: String },
+}
+
+/// Helpers for little-endian fields; callers check lengths first.
+pub(crate) fn get_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+pub(crate) fn get_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+pub(crate) fn get_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// A pair id as UUID text (for messages).
+pub fn format_id(id: &[u8; 16]) -> String {
+    let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}

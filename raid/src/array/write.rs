@@ -1,0 +1,439 @@
+//! The foreground write path: plain writes, a flusher's scattered writes, flush and discard.
+//! Mirrored levels write every copy; RAID 5/6 rows go through the parity-write paths here. Every
+//! write of a redundant level is registered in the write-intent bitmap first.
+//!
+//! `Inner::write_members` is the single place where foreground data and parity writes are handed
+//! to the members (the pair's fencing check will sit behind it, in the member itself).
+
+use super::*;
+
+impl Inner {
+    pub(super) async fn write(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<()> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        self.check_failed()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let exts = self.geo.extents(offset, len);
+        let (first_row, last_row) = self.rows_span(&exts);
+        let c = self.geo.chunk_bytes;
+        let tracked = self.geo.level != Level::Raid0;
+        if tracked {
+            self.bitmap_begin(first_row * c, (last_row + 1) * c).await?;
+        }
+        let res = if self.geo.level.parity_chunks() > 0 {
+            let mut rows: Vec<(u64, Vec<(Piece, Bytes)>)> = Vec::new();
+            for (row, piece) in self.row_pieces(&exts, &data) {
+                match rows.last_mut() {
+                    Some((r, pieces)) if *r == row => pieces.push(piece),
+                    _ => rows.push((row, vec![piece])),
+                }
+            }
+            try_join_all(
+                rows.into_iter()
+                    .map(|(row, pieces)| self.write_row(row, pieces)),
+            )
+            .await
+            .map(|_| ())
+        } else {
+            try_join_all(exts.into_iter().map(|e| {
+                self.write_copies(
+                    e,
+                    data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize),
+                )
+            }))
+            .await
+            .map(|_| ())
+        };
+        if tracked {
+            self.with_bitmap(|b| {
+                let rs = b.regions(first_row * c, (last_row + 1) * c);
+                b.end_write(rs)
+            });
+        }
+        res?;
+        self.check_failed()
+    }
+
+    pub(super) async fn write_scattered(self: &Arc<Self>, writes: Vec<(u64, Bytes)>) -> Result<()> {
+        for (offset, data) in &writes {
+            self.check_range(*offset, data.len() as u64)?;
+        }
+        let mut sorted: Vec<(u64, u64)> = writes
+            .iter()
+            .map(|(o, d)| (*o, d.len() as u64))
+            .filter(|(_, len)| *len > 0)
+            .collect();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(self.invalid(format!(
+                "scattered writes overlap: {}+{} and {}+{}",
+                w[0].0, w[0].1, w[1].0, w[1].1
+            )));
+        }
+        self.check_failed()?;
+        if self.geo.level.parity_chunks() == 0 {
+            return try_join_all(writes.into_iter().map(|(o, d)| self.write(o, d)))
+                .await
+                .map(|_| ());
+        }
+        // Pieces by row; a write that crosses rows goes its own way.
+        let d = self.geo.data_per_row() as u64;
+        let mut rows: std::collections::BTreeMap<u64, Vec<(Piece, Bytes)>> = Default::default();
+        let mut spanning = Vec::new();
+        for (offset, data) in writes {
+            if data.is_empty() {
+                continue;
+            }
+            let exts = self.geo.extents(offset, data.len() as u64);
+            let row = exts[0].chunk / d;
+            if exts.iter().any(|e| e.chunk / d != row) {
+                spanning.push((offset, data));
+                continue;
+            }
+            rows.entry(row)
+                .or_default()
+                .extend(self.row_pieces(&exts, &data).into_iter().map(|(_, p)| p));
+        }
+        // Every job runs to its end even when one fails: dropping the others mid-way would
+        // release their row locks while their member writes are still in flight.
+        let row_jobs = join_all(
+            rows.into_iter()
+                .map(|(row, pieces)| self.write_row_pieces(row, pieces)),
+        );
+        let spanning_jobs = join_all(spanning.into_iter().map(|(o, b)| self.write(o, b)));
+        let (a, b) = futures_util::future::join(row_jobs, spanning_jobs).await;
+        a.into_iter().chain(b).collect::<Result<Vec<()>>>()?;
+        self.check_failed()
+    }
+
+    /// Writes pieces that all lie in parity row `row` (a flusher's scattered writes), registered
+    /// in the bitmap for the time of the write.
+    pub(super) async fn write_row_pieces(
+        self: &Arc<Self>,
+        row: u64,
+        pieces: Vec<(Piece, Bytes)>,
+    ) -> Result<()> {
+        let c = self.geo.chunk_bytes;
+        self.bitmap_begin(row * c, (row + 1) * c).await?;
+        let res = self.write_row(row, pieces).await;
+        self.with_bitmap(|b| {
+            let rs = b.regions(row * c, (row + 1) * c);
+            b.end_write(rs)
+        });
+        res
+    }
+
+    /// Writes pieces that all lie in parity row `row`, under the row lock: the one parity-write
+    /// path of RAID 5/6, for a single write, a flusher's scattered pieces and a full stripe alike.
+    /// The plan ([`rowplan::plan_readable`]) is made against the members readable now; when a
+    /// read fails (its member is faulty by then) the row is planned again without it, a bounded
+    /// number of times. Nothing is written before every read has succeeded. The caller holds the
+    /// bitmap registration of the row.
+    pub(super) async fn write_row(
+        self: &Arc<Self>,
+        row: u64,
+        pieces: Vec<(Piece, Bytes)>,
+    ) -> Result<()> {
+        let geo = self.geo;
+        let (d, np) = (geo.data_per_row(), geo.level.parity_chunks());
+        let shape: Vec<Piece> = pieces.iter().map(|(p, _)| *p).collect();
+        let _g = self.lock_rows([row]).await;
+        for _attempt in 0..=geo.members {
+            self.check_failed()?;
+            let view = self.view();
+            let readable: Vec<bool> = (0..d + np)
+                .map(|r| view.readable[self.role_member(row, r)])
+                .collect();
+            let plan = rowplan::plan_readable(d, np, geo.chunk_bytes, &shape, &readable)
+                .map_err(|e| self.row_plan_error(row, e))?;
+            let Some(old) = self.read_plan(row, &plan, &view).await else {
+                continue;
+            };
+            let writes = self.row_writes(row, &plan, &pieces, &old)?;
+            // Members may have failed (or a spare arrived) during the reads: write to what is
+            // writable now; the blocks computed are right for any of them.
+            let now = self.view();
+            let writes = writes
+                .into_iter()
+                .filter(|(m, _, _)| now.writable[*m])
+                .collect();
+            self.write_members(&now, writes).await;
+            return self.check_failed();
+        }
+        self.check_failed()?;
+        Err(ArrayError::Failed {
+            array: self.name.clone(),
+            detail: format!("row {row}: members kept failing"),
+        })
+    }
+
+    /// The member holding chunk role `role` of `row` (`0..d` data, `d` P, `d + 1` Q).
+    fn role_member(&self, row: u64, role: usize) -> usize {
+        let d = self.geo.data_per_row();
+        match role {
+            r if r < d => self.geo.data_member(row, r),
+            r if r == d => self.geo.p_member(row),
+            _ => self.geo.q_member(row),
+        }
+    }
+
+    fn row_plan_error(&self, row: u64, e: rowplan::PlanError) -> ArrayError {
+        match e {
+            rowplan::PlanError::Unrecoverable { .. } => ArrayError::Failed {
+                array: self.name.clone(),
+                detail: format!("row {row} could not be reconstructed: {e}"),
+            },
+            e => self.invalid(format!("row {row}: {e}")),
+        }
+    }
+
+    /// Issues the reads of `plan` concurrently; per role, the buffers of its read runs. `None`
+    /// when one failed (that member is now faulty).
+    async fn read_plan(
+        self: &Arc<Self>,
+        row: u64,
+        plan: &RowPlan,
+        view: &View,
+    ) -> Option<Vec<Vec<Bytes>>> {
+        let reads = join_all(plan.reads.iter().enumerate().flat_map(|(role, runs)| {
+            let m = self.role_member(row, role);
+            let dv = view.members[m].clone();
+            runs.iter().map(move |r| {
+                let dv = dv.clone();
+                async move {
+                    let off = self.member_off(row, r.first * COLUMN_BYTES);
+                    self.read_member(m, &dv?, off, r.columns() * COLUMN_BYTES)
+                        .await
+                }
+            })
+        }))
+        .await;
+        let mut it = reads.into_iter();
+        plan.reads
+            .iter()
+            .map(|runs| it.by_ref().take(runs.len()).collect())
+            .collect()
+    }
+
+    /// The member writes `(member, offset, bytes)` of `plan`: pieces that cover a write run
+    /// exactly go out as they are (a full stripe copies no data), the other data runs and the
+    /// parity runs are computed into page-aligned buffers (`O_DIRECT` members take them without
+    /// a bounce copy).
+    fn row_writes(
+        &self,
+        row: u64,
+        plan: &RowPlan,
+        pieces: &[(Piece, Bytes)],
+        old: &[Vec<Bytes>],
+    ) -> Result<Vec<(usize, u64, Bytes)>> {
+        let d = self.geo.data_per_row();
+        let shape: Vec<Piece> = pieces.iter().map(|(p, _)| *p).collect();
+        let mut bufs: Vec<Vec<AlignedBuf>> = plan
+            .writes
+            .iter()
+            .enumerate()
+            .map(|(role, runs)| {
+                (0..runs.len())
+                    .map(|k| AlignedBuf::zeroed(plan.indirect_write_bytes(role, k)))
+                    .collect()
+            })
+            .collect();
+        {
+            let old_refs: Vec<Vec<&[u8]>> = old
+                .iter()
+                .map(|v| v.iter().map(|b| b.as_ref()).collect())
+                .collect();
+            let mut outs: Vec<Vec<&mut [u8]>> = bufs
+                .iter_mut()
+                .map(|v| v.iter_mut().map(|b| &mut b[..]).collect())
+                .collect();
+            let data: Vec<&[u8]> = pieces.iter().map(|(_, b)| b.as_ref()).collect();
+            rowplan::compute_indirect(plan, d, &shape, &data, &old_refs, &mut outs)
+                .map_err(|e| self.row_plan_error(row, e))?;
+        }
+        let mut writes = Vec::with_capacity(plan.write_ios());
+        for (role, (runs, bufs)) in plan.writes.iter().zip(bufs).enumerate() {
+            let m = self.role_member(row, role);
+            for (k, (r, b)) in runs.iter().zip(bufs).enumerate() {
+                let bytes = match plan.direct.get(role).and_then(|v| v[k]) {
+                    Some(piece) => pieces[piece].1.clone(),
+                    None => b.into_bytes(),
+                };
+                writes.push((m, self.member_off(row, r.first * COLUMN_BYTES), bytes));
+            }
+        }
+        Ok(writes)
+    }
+
+    /// The extents `exts` of a write of `data` as row pieces `(row, (piece, bytes))`, in order.
+    fn row_pieces(&self, exts: &[Extent], data: &Bytes) -> Vec<(u64, (Piece, Bytes))> {
+        let d = self.geo.data_per_row() as u64;
+        exts.iter()
+            .map(|e| {
+                let piece = Piece {
+                    data: (e.chunk % d) as usize,
+                    start: e.offset_in_chunk,
+                    len: e.len,
+                };
+                let at = e.buf_offset as usize;
+                (e.chunk / d, (piece, data.slice(at..at + e.len as usize)))
+            })
+            .collect()
+    }
+
+    pub(super) fn rows_span(&self, exts: &[Extent]) -> (u64, u64) {
+        let mut lo = u64::MAX;
+        let mut hi = 0;
+        for e in [exts.first(), exts.last()].into_iter().flatten() {
+            for p in self.geo.places(e.chunk) {
+                lo = lo.min(p.row);
+                hi = hi.max(p.row);
+            }
+        }
+        if self.geo.level == Level::Raid10 {
+            // copies of the first/last chunk bound the rows in between
+            lo = lo.saturating_sub(1);
+            hi = (hi + 1).min(self.geo.rows - 1);
+        }
+        (lo, hi)
+    }
+
+    pub(super) async fn write_copies(self: &Arc<Self>, e: Extent, bytes: Bytes) -> Result<()> {
+        let rows = self.geo.lock_rows(e.chunk);
+        let _g = self.lock_rows(rows).await;
+        let view = self.view();
+        let places = self.geo.places(e.chunk);
+        let writes = places
+            .iter()
+            .filter(|p| view.writable[p.member])
+            .map(|p| {
+                (
+                    p.member,
+                    self.member_off(p.row, e.offset_in_chunk),
+                    bytes.clone(),
+                )
+            })
+            .collect();
+        self.write_members(&view, writes).await;
+        self.check_failed()?;
+        let view = self.view();
+        if !places.iter().any(|p| view.readable[p.member]) {
+            return Err(ArrayError::Failed {
+                array: self.name.clone(),
+                detail: format!("no copy of chunk {} could be written", e.chunk),
+            });
+        }
+        Ok(())
+    }
+
+    /// Issues member writes `(slot, offset, bytes)` of `view` concurrently; a device whose write
+    /// fails is marked faulty.
+    pub(super) async fn write_members(
+        self: &Arc<Self>,
+        view: &View,
+        writes: Vec<(usize, u64, Bytes)>,
+    ) {
+        let results = join_all(writes.into_iter().filter_map(|(m, off, b)| {
+            let dv = view.members[m].clone()?;
+            Some(async move {
+                let r = dv.write_at(off, b).await;
+                (m, dv, r)
+            })
+        }))
+        .await;
+        for (m, dv, r) in results {
+            if let Err(e) = r {
+                self.device_failed(m, &dv, "write", &e).await;
+            }
+        }
+    }
+
+    pub(super) async fn flush(self: &Arc<Self>) -> Result<()> {
+        self.check_failed()?;
+        let epoch = self.with_bitmap(|b| b.start_flush());
+        let view = self.view();
+        let results = join_all(
+            (0..self.geo.members)
+                .filter(|m| view.writable[*m])
+                .filter_map(|m| {
+                    let d = view.members[m].clone()?;
+                    Some(async move { (m, d.sync().await) })
+                }),
+        )
+        .await;
+        for (m, r) in results {
+            if let Err(e) = r {
+                self.member_failed(m, "sync", Some(&e), true).await;
+            }
+        }
+        self.check_failed()?;
+        if !self.is_degraded() {
+            let _g = self.bitmap_io.lock().await;
+            let blocks = self.with_bitmap(|b| b.finish_flush(epoch));
+            if !blocks.is_empty() {
+                self.persist_bitmap(&blocks).await;
+            }
+        }
+        self.check_failed()
+    }
+
+    pub(super) async fn discard(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.check_failed()?;
+        let geo = self.geo;
+        let row_bytes = match geo.level {
+            Level::Raid10 if geo.members % 2 == 1 => 0,
+            Level::Raid1 => geo.chunk_bytes,
+            _ => geo.data_per_row() as u64 * geo.chunk_bytes,
+        };
+        let end = offset + len;
+        let (r0, r1) = if row_bytes == 0 {
+            (0, 0)
+        } else {
+            (offset.div_ceil(row_bytes), end / row_bytes)
+        };
+        let (head_end, tail_start) = if r1 > r0 {
+            (r0 * row_bytes, r1 * row_bytes)
+        } else {
+            (end, end)
+        };
+        self.zero_fill(offset, head_end).await?;
+        if r1 > r0 {
+            let c = geo.chunk_bytes;
+            self.bitmap_begin(r0 * c, r1 * c).await?;
+            let _g = self.lock_rows(r0..r1.min(r0 + ROW_LOCK_SHARDS)).await;
+            let view = self.view();
+            let results = join_all((0..geo.members).filter(|m| view.writable[*m]).filter_map(
+                |m| {
+                    let d = view.members[m].clone()?;
+                    let off = self.member_off(r0, 0);
+                    Some(async move { (m, d.discard(off, (r1 - r0) * c).await) })
+                },
+            ))
+            .await;
+            self.with_bitmap(|b| {
+                let rs = b.regions(r0 * c, r1 * c);
+                b.end_write(rs)
+            });
+            for (m, r) in results {
+                if let Err(e) = r {
+                    self.member_failed(m, "discard", Some(&e), true).await;
+                }
+            }
+        }
+        self.zero_fill(tail_start, end).await?;
+        self.check_failed()
+    }
+
+    pub(super) async fn zero_fill(self: &Arc<Self>, start: u64, end: u64) -> Result<()> {
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(ZERO_WRITE_BYTES);
+            self.write(pos, Bytes::from(vec![0u8; n as usize])).await?;
+            pos += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,428 @@
+//! The interconnect's connections: dialing the partner (with backoff), accepting it, the
+//! handshake over TCP, and the sender, ack reader and receiver loops.
+//!
+//! # One connection per direction
+//!
+//! Each node dials the partner to ship *its own* records and accepts the partner's connection to
+//! store the partner's. So there are two TCP connections, each carrying one journal stream one
+//! way and its ACKs back. The shipping side owns reconnecting (it is the side whose writes wait),
+//! neither side needs a tie-break rule for simultaneous connects, and a FETCH for NVRAM-loss
+//! recovery fits on the node's own outgoing connection (it asks for its records back). STATUS
+//! records may travel on either. A new authenticated inbound connection replaces the previous
+//! one (the partner only redials once it gave the old one up).
+//!
+//! Sends are tokio TCP writes of one buffer holding every record queued at that moment (several
+//! records per send under load); io_uring is not used for the interconnect yet.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use twinblock_pair::wire::{
+    handshake::{encode_accept, encode_reject},
+    messages::encode_record,
+    split_frame, Acceptor, Dialer, FrameKind, LogReset, Message, RejectReason, WireError,
+};
+
+use super::mirror::VolumeMirror;
+use super::receiver::ReceiveError;
+use super::{LinkPhase, Pair};
+
+/// How long a handshake may take before the attempt is abandoned.
+const HANDSHAKE_TIMEOUT_MS: u64 = 2000;
+/// Largest buffer the sender writes at once (several records coalesce up to this).
+const SEND_BATCH_MAX_BYTES: usize = 1 << 20;
+/// Read buffer growth step.
+const READ_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("{0}")]
+    Receive(#[from] ReceiveError),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    #[error("ACK for volume {0}, which this node does not mirror")]
+    UnknownVolume(u64),
+    #[error("dropped: {0}")]
+    Dropped(String),
+}
+
+/// A receive buffer that yields whole frames.
+struct FrameBuf {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameBuf {
+    fn new() -> FrameBuf {
+        FrameBuf {
+            buf: Vec::new(),
+            start: 0,
+        }
+    }
+
+    /// Reads more bytes; `Closed` at end of stream.
+    async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<(), LinkError> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.reserve(READ_CHUNK_BYTES);
+        if r.read_buf(&mut self.buf).await? == 0 {
+            return Err(LinkError::Closed);
+        }
+        Ok(())
+    }
+
+    /// The next whole frame already buffered (its body's range), if any.
+    fn next(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, WireError> {
+        let Some(f) = split_frame(&self.buf[self.start..])? else {
+            return Ok(None);
+        };
+        let body = self.start + f.body_start..self.start + f.total;
+        self.start += f.total;
+        Ok(Some((f.kind, body)))
+    }
+
+    fn body(&self, r: Range<usize>) -> &[u8] {
+        &self.buf[r]
+    }
+
+    async fn read_frame<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+    ) -> Result<(FrameKind, Vec<u8>), LinkError> {
+        loop {
+            if let Some((k, range)) = self.next()? {
+                return Ok((k, self.body(range).to_vec()));
+            }
+            self.fill(r).await?;
+        }
+    }
+}
+
+fn handshake_timeout() -> Duration {
+    Duration::from_millis(HANDSHAKE_TIMEOUT_MS)
+}
+
+/// Dials the partner for as long as the node runs, with exponential backoff between attempts.
+pub async fn dial_loop(pair: Arc<Pair>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = pair.backoff_min;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        pair.link.set(LinkPhase::Connecting, None);
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = outbound(&pair) => r,
+            _ = stop.changed() => return,
+        };
+        let mirrors = pair.mirrors();
+        for m in &mirrors {
+            m.link_down();
+        }
+        let reason = match &result {
+            Ok(()) => "closed".to_string(),
+            Err(e) => e.to_string(),
+        };
+        let was_up = pair.link.phase() == LinkPhase::Up;
+        pair.link.set(LinkPhase::Down, Some(reason.clone()));
+        pair.log.warn(
+            "outbound",
+            &format!(
+                "interconnect to partner {} down: {reason}",
+                pair.partner_address
+            ),
+        );
+        spawn_down_watchdog(&pair, reason);
+        if was_up || started.elapsed() > pair.backoff_max {
+            backoff = pair.backoff_min;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(pair.backoff_max);
+    }
+}
+
+/// The link is down: if it is not back up within the bounded wait, every mirror is out of sync
+/// (status then says so even when no write came to notice).
+fn spawn_down_watchdog(pair: &Arc<Pair>, reason: String) {
+    let epoch = pair.link.epoch();
+    let pair = Arc::clone(pair);
+    tokio::spawn(async move {
+        tokio::time::sleep(pair.mirror_timeout).await;
+        if pair.link.epoch() == epoch && pair.link.phase() != LinkPhase::Up {
+            for m in pair.mirrors() {
+                m.declare_out_of_sync(&format!("interconnect down: {reason}"));
+            }
+        }
+    });
+}
+
+async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Result<(), LinkError> {
+    w.write_all(b).await?;
+    Ok(())
+}
+
+/// One outgoing connection: handshake, resync, then stream until something fails.
+async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
+    let stream = tokio::time::timeout(
+        handshake_timeout(),
+        TcpStream::connect(pair.partner_address),
+    )
+    .await
+    .map_err(|_| LinkError::Timeout("connect"))??;
+    stream.set_nodelay(true)?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut fb = FrameBuf::new();
+    let mirrors = pair.mirrors();
+    let announce = pair.announce(&mirrors);
+    let peer = tokio::time::timeout(handshake_timeout(), async {
+        let (dialer, hello) = Dialer::start(pair.identity(), pair.key.clone(), rand::random());
+        write_all(&mut wr, &hello).await?;
+        let (k, body) = fb.read_frame(&mut rd).await?;
+        let (dialer, auth) = dialer.on_challenge(k, &body, &announce)?;
+        write_all(&mut wr, &auth).await?;
+        let (k, body) = fb.read_frame(&mut rd).await?;
+        Ok::<_, LinkError>(dialer.on_reply(k, &body)?)
+    })
+    .await
+    .map_err(|_| LinkError::Timeout("handshake"))??;
+    pair.link.connected(peer.generation);
+    tracing::info!(partner = %pair.partner_address, peer_generation = peer.generation, "interconnect up; resynchronising the partner's copy");
+    let mut kill = pair.kill.subscribe();
+    kill.borrow_and_update();
+    let by_id: BTreeMap<u64, Arc<VolumeMirror>> = mirrors
+        .iter()
+        .map(|m| (m.volume_id, Arc::clone(m)))
+        .collect();
+    let reader = async {
+        loop {
+            while let Some((k, range)) = fb.next()? {
+                match Message::decode(k, fb.body(range))? {
+                    Message::Ack { volume, seq } => by_id
+                        .get(&volume)
+                        .ok_or(LinkError::UnknownVolume(volume))?
+                        .on_ack(seq),
+                    Message::Status(bytes) => pair.receiver.note_status(bytes),
+                    other => {
+                        return Err(LinkError::Wire(WireError::Unexpected {
+                            got: kind_of(&other),
+                            state: "receiving ACKs",
+                        }))
+                    }
+                }
+            }
+            fb.fill(&mut rd).await?;
+        }
+    };
+    let sender = send_loop(pair, &mirrors, &mut wr);
+    tokio::select! {
+        r = reader => r,
+        r = sender => r,
+        _ = kill.changed() => Err(LinkError::Dropped("the partner did not acknowledge in time".into())),
+    }
+}
+
+fn kind_of(m: &Message) -> FrameKind {
+    match m {
+        Message::Record(_) => FrameKind::Record,
+        Message::Ack { .. } => FrameKind::Ack,
+        Message::LogReset(_) => FrameKind::LogReset,
+        Message::Status(_) => FrameKind::Status,
+        Message::ResyncBegin { .. } => FrameKind::ResyncBegin,
+        Message::ResyncEnd { .. } => FrameKind::ResyncEnd,
+        Message::FetchRequest { .. } => FrameKind::FetchRequest,
+        Message::FetchRecord(_) => FrameKind::FetchRecord,
+    }
+}
+
+/// Resyncs every volume (LOG_RESET, the unretired records, RESYNC_END), then streams queued
+/// records, several per write.
+async fn send_loop<W: AsyncWrite + Unpin>(
+    pair: &Pair,
+    mirrors: &[Arc<VolumeMirror>],
+    wr: &mut W,
+) -> Result<(), LinkError> {
+    // Queue first on every volume, so no record appended after its snapshot is missed.
+    for m in mirrors {
+        m.start_queueing();
+    }
+    let mut buf = Vec::with_capacity(SEND_BATCH_MAX_BYTES + 64 * 1024);
+    for m in mirrors {
+        let Some(snap) = m.snapshot() else {
+            continue;
+        };
+        Message::LogReset(LogReset {
+            volume: m.volume_id,
+            generation: snap.generation,
+            tail_offset: snap.tail_offset,
+            tail_seq: snap.tail_seq,
+        })
+        .encode(&mut buf);
+        let last_seq = snap.next_seq - 1;
+        Message::ResyncBegin {
+            volume: m.volume_id,
+            first_seq: snap.tail_seq,
+            last_seq,
+        }
+        .encode(&mut buf);
+        for r in &snap.records {
+            encode_record(&mut buf, m.volume_id, r.log_offset, r.seq, &r.bytes);
+            if buf.len() >= SEND_BATCH_MAX_BYTES {
+                write_all(wr, &buf).await?;
+                buf.clear();
+            }
+        }
+        Message::ResyncEnd {
+            volume: m.volume_id,
+            last_seq,
+        }
+        .encode(&mut buf);
+        write_all(wr, &buf).await?;
+        buf.clear();
+        tracing::info!(volume = %m.name, records = snap.records.len(), through_seq = last_seq, "resync sent");
+    }
+    pair.link.set(LinkPhase::Up, None);
+    let mut taken = Vec::new();
+    loop {
+        let wake = pair.wake.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        if let Some(status) = pair.take_status() {
+            Message::Status(status).encode(&mut buf);
+        }
+        for m in mirrors {
+            let room = SEND_BATCH_MAX_BYTES.saturating_sub(buf.len());
+            if room == 0 {
+                break;
+            }
+            m.take_batch(room, &mut taken);
+            for (seq, off, bytes) in taken.drain(..) {
+                encode_record(&mut buf, m.volume_id, off, seq, &bytes);
+                pair.link.count_record();
+            }
+        }
+        if buf.is_empty() {
+            wake.await;
+            continue;
+        }
+        write_all(wr, &buf).await?;
+        pair.link.count_send();
+        buf.clear();
+    }
+}
+
+/// Accepts the partner's connections until the node stops.
+pub async fn accept_loop(pair: Arc<Pair>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let pair = Arc::clone(&pair);
+                tokio::spawn(async move {
+                    if let Err(e) = inbound(&pair, stream, peer).await {
+                        pair.inbound.set_error(peer, &e.to_string());
+                        pair.log.warn(
+                            "inbound",
+                            &format!("interconnect connection from {peer} dropped: {e}"),
+                        );
+                    }
+                });
+            }
+            Err(e) => {
+                pair.log
+                    .warn("accept", &format!("interconnect accept failed: {e}"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One incoming connection: handshake, open the copies, then store records and acknowledge.
+async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Result<(), LinkError> {
+    stream.set_nodelay(true)?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut fb = FrameBuf::new();
+    let session = tokio::time::timeout(handshake_timeout(), async {
+        let acceptor = Acceptor::new(pair.identity(), pair.key.clone(), rand::random());
+        let (k, body) = fb.read_frame(&mut rd).await?;
+        let step = {
+            let mut seen = pair.seen_nonces.lock().unwrap_or_else(|p| p.into_inner());
+            acceptor.on_hello(k, &body, &mut seen)
+        };
+        let (acceptor, challenge) = match step {
+            Ok(x) => x,
+            Err(f) => {
+                let _ = wr.write_all(&f.reply).await;
+                return Err(LinkError::Wire(f.error));
+            }
+        };
+        write_all(&mut wr, &challenge).await?;
+        let (k, body) = fb.read_frame(&mut rd).await?;
+        match acceptor.on_auth(k, &body) {
+            Ok(s) => Ok(s),
+            Err(f) => {
+                let _ = wr.write_all(&f.reply).await;
+                Err(LinkError::Wire(f.error))
+            }
+        }
+    })
+    .await
+    .map_err(|_| LinkError::Timeout("handshake"))??;
+    if let Err(text) = pair.receiver.open_copies(&session.volumes) {
+        let mut out = Vec::new();
+        encode_reject(&mut out, RejectReason::Volume, &text);
+        let _ = wr.write_all(&out).await;
+        return Err(LinkError::Dropped(text));
+    }
+    let mut accept = Vec::new();
+    encode_accept(&mut accept);
+    write_all(&mut wr, &accept).await?;
+    let epoch = pair.inbound.connected(peer, session.generation);
+    let mut replaced = pair.inbound.subscribe();
+    tracing::info!(%peer, volumes = session.volumes.len(), "partner connected; storing its journal records");
+    let announced: HashSet<u64> = session.volumes.iter().map(|v| v.volume).collect();
+    let serve = async {
+        let mut out = Vec::new();
+        loop {
+            fb.fill(&mut rd).await?;
+            let mut touched = BTreeMap::new();
+            while let Some((k, range)) = fb.next()? {
+                let msg = Message::decode(k, fb.body(range))?;
+                pair.receiver.apply(msg, &announced, &mut touched)?;
+            }
+            for (volume, seq) in touched {
+                Message::Ack { volume, seq }.encode(&mut out);
+            }
+            if !out.is_empty() {
+                write_all(&mut wr, &out).await?;
+                out.clear();
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = serve => r,
+        _ = replaced.wait_for(|e| *e != epoch) => Err(LinkError::Dropped("replaced by a newer connection".into())),
+    };
+    pair.inbound.disconnected(epoch);
+    result
+}

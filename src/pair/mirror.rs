@@ -1,0 +1,500 @@
+//! The owner's side of the mirror for one journaled volume: the [`MirrorHook`] the journal calls
+//! for every appended record, the queue the interconnect's sender drains, and the
+//! acknowledgement gate a write waits on.
+//!
+//! # How a write is gated
+//!
+//! `ship(seq)` queues the record (when the link is up) and, while the mirror is in sync, waits
+//! until the partner's cumulative ACK reaches `seq`, at most `mirror_timeout_ms`. A timeout marks
+//! the mirror out of sync (with the reason), asks the interconnect to drop the connection (a
+//! silent partner gets a fresh handshake and a resync rather than an ever-growing queue) and lets
+//! the write continue on local NVRAM alone. While out of sync, `ship` returns at once.
+//!
+//! # Order and duplicates
+//!
+//! Writers call `ship` after releasing the journal's lock, so seqs arrive here out of order; the
+//! queue is keyed by seq and the sender takes only the contiguous run starting at `next_send`,
+//! so records go on the wire in seq order. Seqs below `next_send` (already covered by a resync
+//! snapshot) are dropped. A seq whose `ship` never comes (a cancelled writer) stalls the queue
+//! until the bounded wait expires; the resync that follows sends it from the log.
+//!
+//! # Back in sync
+//!
+//! After a (re)connection the sender takes a snapshot of every unretired record
+//! ([`LogSource::unretired`]) and sends it after a LOG_RESET. The mirror is in sync again once the
+//! partner acknowledged the whole snapshot *and* every record that was acknowledged to a client
+//! without the partner in the meantime (`unmirrored_high`): from then on the partner's copy holds
+//! every acknowledged write again, and new writes wait for its ACK.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{watch, Notify};
+use twinblock_journal::{MirrorHook, MirrorOutcome, UnretiredRecords};
+
+/// Where the sender reads the own log for a resync (the journaled volume).
+pub trait LogSource: Send + Sync {
+    fn unretired(&self) -> UnretiredRecords;
+}
+
+/// What a waiting writer watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AckView {
+    acked: u64,
+    in_sync: bool,
+}
+
+/// Facts about the volume known once it is open.
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeMeta {
+    pub store_id: [u8; 16],
+    pub log_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    generation: u64,
+    /// The link is up: `ship` queues records for the sender.
+    queueing: bool,
+    pending: BTreeMap<u64, (u64, Bytes)>,
+    pending_bytes: u64,
+    /// The next seq the sender puts on the wire.
+    next_send: u64,
+    in_sync: bool,
+    out_of_sync_reason: Option<String>,
+    out_of_sync_since: Option<SystemTime>,
+    /// In sync again once acked reaches this (the last seq of the resync snapshot).
+    resync_target: Option<u64>,
+    /// Highest seq acknowledged to a client without the partner holding it.
+    unmirrored_high: u64,
+    acked: u64,
+    last_ack_at: Option<Instant>,
+    /// Highest seq handed to `ship`, and the bytes handed since the last ACK caught up.
+    last_shipped: u64,
+    shipped_bytes: BTreeMap<u64, u64>,
+    records_sent: u64,
+    resyncs: u64,
+}
+
+/// The mirror of one journaled volume (one per volume; the journal holds it as its hook).
+pub struct VolumeMirror {
+    pub name: String,
+    pub volume_id: u64,
+    timeout: Duration,
+    inner: Mutex<Inner>,
+    acks: watch::Sender<AckView>,
+    /// Wakes the interconnect's sender.
+    wake: Arc<Notify>,
+    /// Asks the interconnect to drop the connection (partner silent): a counter the connection
+    /// watches, so a request never outlives the connection it was meant for.
+    kill_link: Arc<watch::Sender<u64>>,
+    source: OnceLock<Weak<dyn LogSource>>,
+    meta: OnceLock<VolumeMeta>,
+}
+
+impl std::fmt::Debug for VolumeMirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeMirror")
+            .field("name", &self.name)
+            .field("volume_id", &self.volume_id)
+            .finish()
+    }
+}
+
+/// Why a mirror starts out of sync.
+const NOT_CONNECTED_YET: &str = "not yet connected to the partner";
+/// Queue limit as a multiple of the log size (the resync reads the log anyway).
+const PENDING_MAX_LOG_MULTIPLE: u64 = 2;
+
+impl VolumeMirror {
+    pub fn new(
+        name: String,
+        volume_id: u64,
+        timeout: Duration,
+        wake: Arc<Notify>,
+        kill_link: Arc<watch::Sender<u64>>,
+    ) -> VolumeMirror {
+        let (acks, _) = watch::channel(AckView {
+            acked: 0,
+            in_sync: false,
+        });
+        VolumeMirror {
+            name,
+            volume_id,
+            timeout,
+            inner: Mutex::new(Inner {
+                generation: 0,
+                queueing: false,
+                pending: BTreeMap::new(),
+                pending_bytes: 0,
+                next_send: 1,
+                in_sync: false,
+                out_of_sync_reason: Some(NOT_CONNECTED_YET.into()),
+                out_of_sync_since: Some(SystemTime::now()),
+                resync_target: None,
+                unmirrored_high: 0,
+                acked: 0,
+                last_ack_at: None,
+                last_shipped: 0,
+                shipped_bytes: BTreeMap::new(),
+                records_sent: 0,
+                resyncs: 0,
+            }),
+            acks,
+            wake,
+            kill_link,
+            source: OnceLock::new(),
+            meta: OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section leaves the state consistent; ignore poisoning.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connects the mirror to its opened volume (for resync snapshots and the handshake).
+    pub fn attach(&self, source: Weak<dyn LogSource>, meta: VolumeMeta) {
+        let _ = self.source.set(source);
+        let _ = self.meta.set(meta);
+    }
+
+    /// Most bytes queued for the sender before the link is declared stuck.
+    fn pending_max_bytes(&self) -> u64 {
+        self.meta.get().map_or(u64::MAX, |m| {
+            m.log_bytes.saturating_mul(PENDING_MAX_LOG_MULTIPLE)
+        })
+    }
+
+    pub fn meta(&self) -> Option<VolumeMeta> {
+        self.meta.get().copied()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    fn publish(&self, inner: &Inner) {
+        self.acks.send_replace(AckView {
+            acked: inner.acked,
+            in_sync: inner.in_sync,
+        });
+    }
+
+    /// Marks the mirror out of sync (first reason wins until it is in sync again).
+    pub fn declare_out_of_sync(&self, reason: &str) {
+        let mut inner = self.lock();
+        inner.resync_target = None;
+        if inner.in_sync {
+            inner.in_sync = false;
+            inner.out_of_sync_reason = Some(reason.to_string());
+            inner.out_of_sync_since = Some(SystemTime::now());
+            tracing::warn!(volume = %self.name, reason, "mirror out of sync; writes continue on local NVRAM alone");
+        }
+        self.publish(&inner);
+    }
+
+    pub fn in_sync(&self) -> bool {
+        self.lock().in_sync
+    }
+
+    /// The link went down: stop queueing and drop what was queued (a resync resends it).
+    pub fn link_down(&self) {
+        let mut inner = self.lock();
+        inner.queueing = false;
+        inner.pending.clear();
+        inner.pending_bytes = 0;
+        inner.resync_target = None;
+    }
+
+    /// First resync step, before the snapshot: queue from now on, so every record appended
+    /// after the snapshot reaches the sender.
+    ///
+    /// The partner's copy is rebuilt from here on, so the mirror is out of sync until the resync
+    /// is acknowledged, and ACKs count afresh (an ACK of the previous stream says nothing about
+    /// the rebuilt copy).
+    pub fn start_queueing(&self) {
+        let mut inner = self.lock();
+        inner.queueing = true;
+        inner.pending.clear();
+        inner.pending_bytes = 0;
+        inner.resyncs += 1;
+        inner.acked = 0;
+        inner.shipped_bytes.clear();
+        if inner.in_sync {
+            inner.in_sync = false;
+            inner.out_of_sync_reason =
+                Some("interconnect reconnected: resynchronising the partner's copy".into());
+            inner.out_of_sync_since = Some(SystemTime::now());
+        }
+        self.publish(&inner);
+    }
+
+    /// Takes the resync snapshot and sets the stream to continue right after it. `None` when
+    /// the volume is gone.
+    pub fn snapshot(&self) -> Option<UnretiredRecords> {
+        let source = self.source.get()?.upgrade()?;
+        let snap = source.unretired();
+        let mut inner = self.lock();
+        inner.generation = snap.generation;
+        inner.next_send = snap.next_seq;
+        let keep = inner.pending.split_off(&snap.next_seq);
+        inner.pending = keep;
+        inner.pending_bytes = inner.pending.values().map(|(_, b)| b.len() as u64).sum();
+        inner.resync_target = Some(snap.next_seq - 1);
+        Some(snap)
+    }
+
+    /// Takes queued records in seq order, from `next_send`, up to about `max_bytes`.
+    pub fn take_batch(&self, max_bytes: usize, out: &mut Vec<(u64, u64, Bytes)>) -> usize {
+        let mut inner = self.lock();
+        let mut taken = 0;
+        while taken < max_bytes {
+            let seq = inner.next_send;
+            let Some((off, bytes)) = inner.pending.remove(&seq) else {
+                break;
+            };
+            inner.pending_bytes -= bytes.len() as u64;
+            taken += bytes.len();
+            inner.next_send += 1;
+            inner.records_sent += 1;
+            out.push((seq, off, bytes));
+        }
+        taken
+    }
+
+    /// The partner acknowledged every record up to `seq`.
+    pub fn on_ack(&self, seq: u64) {
+        let mut inner = self.lock();
+        if seq > inner.acked {
+            inner.acked = seq;
+            let keep = inner.shipped_bytes.split_off(&(seq + 1));
+            inner.shipped_bytes = keep;
+        }
+        inner.last_ack_at = Some(Instant::now());
+        let caught_up = inner.resync_target.is_some_and(|t| inner.acked >= t)
+            && inner.acked >= inner.unmirrored_high;
+        if !inner.in_sync && caught_up {
+            inner.in_sync = true;
+            inner.resync_target = None;
+            inner.out_of_sync_reason = None;
+            inner.out_of_sync_since = None;
+            tracing::info!(volume = %self.name, acked = inner.acked, "mirror in sync: the partner holds every unretired record");
+        }
+        self.publish(&inner);
+    }
+
+    /// Status for `twinctl status` and the HA controller.
+    pub fn status_json(&self) -> serde_json::Value {
+        let inner = self.lock();
+        let lag_records = inner.last_shipped.saturating_sub(inner.acked);
+        let lag_bytes: u64 = inner.shipped_bytes.values().sum();
+        serde_json::json!({
+            "volume": self.name,
+            "volume_id": self.volume_id,
+            "in_sync": inner.in_sync,
+            "out_of_sync_reason": inner.out_of_sync_reason,
+            "out_of_sync_since_unix_ms": inner.out_of_sync_since
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64),
+            "generation": inner.generation,
+            "last_shipped_seq": inner.last_shipped,
+            "acked_seq": inner.acked,
+            "lag_records": lag_records,
+            "lag_bytes": lag_bytes,
+            "last_ack_age_ms": inner.last_ack_at.map(|t| t.elapsed().as_millis() as u64),
+            "queued_records": inner.pending.len(),
+            "records_sent": inner.records_sent,
+            "resyncs": inner.resyncs,
+        })
+    }
+}
+
+#[async_trait]
+impl MirrorHook for VolumeMirror {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    async fn ship(&self, log_offset: u64, seq: u64, record: Bytes) -> MirrorOutcome {
+        let mut rx = {
+            let mut inner = self.lock();
+            inner.last_shipped = inner.last_shipped.max(seq);
+            inner.shipped_bytes.insert(seq, record.len() as u64);
+            if inner.queueing && seq >= inner.next_send {
+                inner.pending_bytes += record.len() as u64;
+                inner.pending.insert(seq, (log_offset, record));
+                self.wake.notify_one();
+                if inner.pending_bytes > self.pending_max_bytes() {
+                    drop(inner);
+                    self.declare_out_of_sync("the partner falls behind: send queue over its limit");
+                    self.kill_link.send_modify(|k| *k += 1);
+                    inner = self.lock();
+                }
+            }
+            if !inner.in_sync {
+                inner.unmirrored_high = inner.unmirrored_high.max(seq);
+                return MirrorOutcome::NotMirrored;
+            }
+            self.acks.subscribe()
+        };
+        let waited =
+            tokio::time::timeout(self.timeout, rx.wait_for(|v| v.acked >= seq || !v.in_sync)).await;
+        let outcome = match waited {
+            Ok(Ok(v)) if v.acked >= seq => MirrorOutcome::Mirrored,
+            Ok(_) => MirrorOutcome::NotMirrored,
+            Err(_) => {
+                self.declare_out_of_sync(&format!(
+                    "the partner did not acknowledge seq {seq} within {} ms",
+                    self.timeout.as_millis()
+                ));
+                self.kill_link.send_modify(|k| *k += 1);
+                MirrorOutcome::NotMirrored
+            }
+        };
+        if outcome == MirrorOutcome::NotMirrored {
+            let mut inner = self.lock();
+            inner.unmirrored_high = inner.unmirrored_high.max(seq);
+        }
+        outcome
+    }
+
+    fn log_reset(&self, generation: u64, _tail_offset: u64, tail_seq: u64) {
+        let mut inner = self.lock();
+        inner.generation = generation;
+        inner.next_send = tail_seq;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mirror(timeout_ms: u64) -> Arc<VolumeMirror> {
+        Arc::new(VolumeMirror::new(
+            "v".into(),
+            1,
+            Duration::from_millis(timeout_ms),
+            Arc::new(Notify::new()),
+            Arc::new(watch::channel(0).0),
+        ))
+    }
+
+    fn rec(n: u8) -> Bytes {
+        Bytes::from(vec![n; 64])
+    }
+
+    /// Puts the mirror in sync as a finished resync of an empty log would.
+    fn in_sync(m: &VolumeMirror, next_seq: u64) {
+        m.start_queueing();
+        {
+            let mut i = m.lock();
+            i.next_send = next_seq;
+            i.resync_target = Some(next_seq - 1);
+        }
+        m.on_ack(next_seq - 1);
+        assert!(m.in_sync());
+    }
+
+    #[tokio::test]
+    async fn out_of_sync_mirror_does_not_wait() {
+        let m = mirror(10_000);
+        let t = Instant::now();
+        assert_eq!(m.ship(0, 1, rec(1)).await, MirrorOutcome::NotMirrored);
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn write_waits_for_the_ack_of_its_seq() {
+        let m = mirror(10_000);
+        in_sync(&m, 1);
+        let m2 = m.clone();
+        let w = tokio::spawn(async move { m2.ship(0, 1, rec(1)).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!w.is_finished(), "returned before the partner acknowledged");
+        m.on_ack(1);
+        assert_eq!(w.await.unwrap(), MirrorOutcome::Mirrored);
+    }
+
+    #[tokio::test]
+    async fn silent_partner_times_out_into_out_of_sync() {
+        let m = mirror(50);
+        in_sync(&m, 1);
+        let t = Instant::now();
+        assert_eq!(m.ship(0, 1, rec(1)).await, MirrorOutcome::NotMirrored);
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        assert!(!m.in_sync());
+        assert!(m.status_json()["out_of_sync_reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not acknowledge seq 1"));
+    }
+
+    #[tokio::test]
+    async fn records_leave_the_queue_in_seq_order_only() {
+        let m = mirror(10);
+        m.start_queueing();
+        m.lock().next_send = 5;
+        let _ = m.ship(128, 6, rec(6)).await;
+        let mut out = Vec::new();
+        assert_eq!(
+            m.take_batch(1 << 20, &mut out),
+            0,
+            "seq 5 is missing: nothing goes"
+        );
+        let _ = m.ship(64, 5, rec(5)).await;
+        let _ = m.ship(0, 4, rec(4)).await; // below next_send: already covered
+        m.take_batch(1 << 20, &mut out);
+        assert_eq!(out.iter().map(|r| r.0).collect::<Vec<_>>(), vec![5, 6]);
+    }
+
+    #[tokio::test]
+    async fn back_in_sync_only_after_unmirrored_writes_are_acked() {
+        let m = mirror(10);
+        m.start_queueing();
+        {
+            let mut i = m.lock();
+            i.next_send = 11;
+            i.resync_target = Some(10);
+        }
+        // A write acknowledged alone during the resync.
+        assert_eq!(m.ship(0, 11, rec(1)).await, MirrorOutcome::NotMirrored);
+        m.on_ack(10);
+        assert!(!m.in_sync(), "seq 11 was acknowledged without the partner");
+        m.on_ack(11);
+        assert!(m.in_sync());
+    }
+
+    #[tokio::test]
+    async fn reconnect_forgets_old_acks_until_the_resync_is_acked() {
+        let m = mirror(10);
+        in_sync(&m, 1);
+        m.on_ack(100);
+        // A new connection: the copy is rebuilt; the old ACK of seq 100 must not count.
+        m.start_queueing();
+        assert!(!m.in_sync());
+        {
+            let mut i = m.lock();
+            i.resync_target = Some(100);
+        }
+        m.on_ack(0); // the LOG_RESET's ACK
+        assert!(
+            !m.in_sync(),
+            "in sync before the partner stored the snapshot"
+        );
+        m.on_ack(100);
+        assert!(m.in_sync());
+    }
+
+    #[tokio::test]
+    async fn duplicate_and_stale_acks_change_nothing() {
+        let m = mirror(10);
+        in_sync(&m, 1);
+        m.on_ack(5);
+        m.on_ack(3);
+        m.on_ack(5);
+        assert_eq!(m.status_json()["acked_seq"], 5);
+    }
+}

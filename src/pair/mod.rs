@@ -1,0 +1,431 @@
+//! The node's side of the HA pair: the NVRAM mirror over the interconnect.
+//!
+//! | module | holds |
+//! | --- | --- |
+//! | [`mirror`] | the owner's side: the journal's `MirrorHook`, the send queue, the ACK gate, in/out of sync |
+//! | [`receiver`] | the partner's side: this node's copies of the partner's journals |
+//! | [`interconnect`] | the TCP connections: dialing with backoff, accepting, handshake, sender and receiver loops |
+//!
+//! [`Pair`] ties them together: built from the `[pair]` config before the volumes open (each
+//! journaled volume gets its [`VolumeMirror`] as its hook), started by `Node::run`, and asked for
+//! status by the admin API. The wire format lives in `twinblock_pair::wire`.
+
+pub mod interconnect;
+pub mod mirror;
+pub mod receiver;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use tokio::sync::{watch, Notify};
+use twinblock_pair::wire::{Identity, PairKey, SeenNonces, VolumeAnnounce, PROTOCOL_VERSION};
+
+use crate::config::{load_key, Config, PersistenceMode};
+pub use mirror::{LogSource, VolumeMeta, VolumeMirror};
+use receiver::{CopySettings, Receiver};
+
+/// At most one log line per this interval and kind of event; the rest are counted.
+const LOG_INTERVAL_MS: u64 = 5000;
+
+/// The outgoing link's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkPhase {
+    Down,
+    Connecting,
+    /// Handshake done, sending the resync.
+    Resyncing,
+    Up,
+}
+
+#[derive(Debug)]
+struct LinkInfo {
+    phase: LinkPhase,
+    since: SystemTime,
+    last_error: Option<String>,
+    /// Increases at every phase change (watchdogs compare it).
+    epoch: u64,
+    connections: u64,
+    peer_generation: Option<u64>,
+    sends: u64,
+    records: u64,
+}
+
+/// State of the outgoing connection, for status and the watchdog.
+#[derive(Debug)]
+pub struct LinkShared(Mutex<LinkInfo>);
+
+impl LinkShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkInfo> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set(&self, phase: LinkPhase, error: Option<String>) {
+        let mut l = self.lock();
+        if l.phase != phase {
+            l.since = SystemTime::now();
+            l.epoch += 1;
+        }
+        l.phase = phase;
+        if error.is_some() {
+            l.last_error = error;
+        }
+    }
+
+    pub fn connected(&self, peer_generation: u64) {
+        self.set(LinkPhase::Resyncing, None);
+        let mut l = self.lock();
+        l.connections += 1;
+        l.peer_generation = Some(peer_generation);
+    }
+
+    pub fn phase(&self) -> LinkPhase {
+        self.lock().phase
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    pub fn count_record(&self) {
+        self.lock().records += 1;
+    }
+
+    pub fn count_send(&self) {
+        self.lock().sends += 1;
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let l = self.lock();
+        serde_json::json!({
+            "state": l.phase,
+            "since_unix_ms": unix_ms(l.since),
+            "last_error": l.last_error,
+            "connections": l.connections,
+            "peer_generation": l.peer_generation,
+            "sends": l.sends,
+            "records_streamed": l.records,
+        })
+    }
+}
+
+fn unix_ms(t: SystemTime) -> Option<u64> {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
+}
+
+#[derive(Debug, Default)]
+struct InboundInfo {
+    peer: Option<SocketAddr>,
+    since: Option<SystemTime>,
+    last_error: Option<String>,
+    connections: u64,
+    peer_generation: Option<u64>,
+}
+
+/// State of the incoming connection (the partner's stream), and the epoch that retires an older
+/// connection when a newer one authenticates.
+#[derive(Debug)]
+pub struct InboundShared {
+    info: Mutex<InboundInfo>,
+    epoch: watch::Sender<u64>,
+}
+
+impl InboundShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboundInfo> {
+        self.info.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new connection is serving; returns its epoch (older connections see it change and end).
+    pub fn connected(&self, peer: SocketAddr, generation: u64) -> u64 {
+        let mut i = self.lock();
+        i.peer = Some(peer);
+        i.since = Some(SystemTime::now());
+        i.connections += 1;
+        i.peer_generation = Some(generation);
+        let mut epoch = 0;
+        self.epoch.send_modify(|e| {
+            *e += 1;
+            epoch = *e;
+        });
+        epoch
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    pub fn disconnected(&self, epoch: u64) {
+        if *self.epoch.borrow() == epoch {
+            let mut i = self.lock();
+            i.peer = None;
+            i.since = None;
+        }
+    }
+
+    pub fn set_error(&self, peer: SocketAddr, e: &str) {
+        self.lock().last_error = Some(format!("{peer}: {e}"));
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let i = self.lock();
+        serde_json::json!({
+            "state": if i.peer.is_some() { "up" } else { "down" },
+            "peer": i.peer.map(|p| p.to_string()),
+            "since_unix_ms": i.since.and_then(unix_ms),
+            "last_error": i.last_error,
+            "connections": i.connections,
+            "peer_generation": i.peer_generation,
+        })
+    }
+}
+
+/// One log line per kind of event and interval; the suppressed ones are counted in the next.
+#[derive(Debug, Default)]
+pub struct RateLimitedLog(Mutex<HashMap<&'static str, (Option<Instant>, u64)>>);
+
+impl RateLimitedLog {
+    pub fn warn(&self, kind: &'static str, message: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = m.entry(kind).or_insert((None, 0));
+        let due = entry
+            .0
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(LOG_INTERVAL_MS));
+        if due {
+            tracing::warn!(suppressed_since_last = entry.1, "{message}");
+            *entry = (Some(Instant::now()), 0);
+        } else {
+            entry.1 += 1;
+        }
+    }
+}
+
+/// The node's pair machinery.
+pub struct Pair {
+    node_id: u8,
+    partner_id: u8,
+    pair_id: [u8; 16],
+    key: PairKey,
+    listen: SocketAddr,
+    partner_address: SocketAddr,
+    service_address: String,
+    partner_service_address: String,
+    mirror_timeout: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    mirrors: Mutex<Vec<Arc<VolumeMirror>>>,
+    receiver: Receiver,
+    link: LinkShared,
+    inbound: InboundShared,
+    wake: Arc<Notify>,
+    kill: Arc<watch::Sender<u64>>,
+    seen_nonces: Mutex<SeenNonces>,
+    log: RateLimitedLog,
+    /// The newest status record to send to the partner (see [`Pair::send_status`]).
+    status_out: Mutex<Option<Vec<u8>>>,
+}
+
+impl Pair {
+    /// Builds the pair from the config (reads and checks the key file); `None` without `[pair]`.
+    pub fn from_config(config: &Config) -> Result<Option<Arc<Pair>>> {
+        let Some(p) = &config.pair else {
+            return Ok(None);
+        };
+        let key = load_key(&p.key_path(config)).map_err(anyhow::Error::msg)?;
+        let parse = |what: &str, s: &str| -> Result<SocketAddr> {
+            s.parse().with_context(|| format!("pair.{what} `{s}`"))
+        };
+        let persistence = match config.nvram.as_ref().map(|n| n.persistence) {
+            Some(PersistenceMode::Msync) => twinblock_journal::PersistenceMode::Msync,
+            Some(PersistenceMode::Pmem) => twinblock_journal::PersistenceMode::Pmem,
+            _ => twinblock_journal::PersistenceMode::None,
+        };
+        let copy_dir = p
+            .partner_copy_path(config, "x")
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_else(|| config.data_dir());
+        let pair_id = *config.pair_id().as_bytes();
+        Ok(Some(Arc::new(Pair {
+            node_id: config.node.id,
+            partner_id: p.partner_id,
+            pair_id,
+            key,
+            listen: parse("listen", &p.listen)?,
+            partner_address: parse("partner_address", &p.partner_address)?,
+            service_address: p.service_address(config).unwrap_or_default(),
+            partner_service_address: p.partner_service_address.clone(),
+            mirror_timeout: Duration::from_millis(p.mirror_timeout_ms),
+            backoff_min: Duration::from_millis(p.reconnect_min_ms),
+            backoff_max: Duration::from_millis(p.reconnect_max_ms),
+            mirrors: Mutex::new(Vec::new()),
+            receiver: Receiver::new(CopySettings {
+                node_id: u32::from(config.node.id),
+                pair_id,
+                persistence,
+                dir: copy_dir,
+            }),
+            link: LinkShared(Mutex::new(LinkInfo {
+                phase: LinkPhase::Down,
+                since: SystemTime::now(),
+                last_error: None,
+                epoch: 0,
+                connections: 0,
+                peer_generation: None,
+                sends: 0,
+                records: 0,
+            })),
+            inbound: InboundShared {
+                info: Mutex::new(InboundInfo::default()),
+                epoch: watch::channel(0).0,
+            },
+            wake: Arc::new(Notify::new()),
+            kill: Arc::new(watch::channel(0).0),
+            seen_nonces: Mutex::new(SeenNonces::default()),
+            log: RateLimitedLog::default(),
+            status_out: Mutex::new(None),
+        })))
+    }
+
+    /// The mirror for journaled volume `name` (journal id `volume_id`), to pass to the journal.
+    pub fn add_volume(&self, name: &str, volume_id: u64) -> Arc<VolumeMirror> {
+        let m = Arc::new(VolumeMirror::new(
+            name.to_string(),
+            volume_id,
+            self.mirror_timeout,
+            Arc::clone(&self.wake),
+            Arc::clone(&self.kill),
+        ));
+        let mut mirrors = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
+        // An HA node reopens its volumes after it gets its disks back: the new mirror replaces
+        // the closed volume's.
+        mirrors.retain(|old| old.name != name);
+        mirrors.push(Arc::clone(&m));
+        m
+    }
+
+    pub fn mirrors(&self) -> Vec<Arc<VolumeMirror>> {
+        self.mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every mirror in sync (what the HA controller requires before a takeover is allowed).
+    pub fn all_in_sync(&self) -> bool {
+        self.mirrors().iter().all(|m| m.in_sync())
+    }
+
+    fn identity(&self) -> Identity {
+        Identity {
+            pair_id: self.pair_id,
+            node_id: u32::from(self.node_id),
+            partner_id: u32::from(self.partner_id),
+            generation: self
+                .mirrors()
+                .iter()
+                .map(|m| m.generation())
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    fn announce(&self, mirrors: &[Arc<VolumeMirror>]) -> Vec<VolumeAnnounce> {
+        mirrors
+            .iter()
+            .filter_map(|m| {
+                let meta = m.meta()?;
+                Some(VolumeAnnounce {
+                    volume: m.volume_id,
+                    name: m.name.clone(),
+                    generation: m.generation(),
+                    log_bytes: meta.log_bytes,
+                    store_id: meta.store_id,
+                })
+            })
+            .collect()
+    }
+
+    /// Binds the interconnect listener and starts dialing the partner.
+    pub async fn start(
+        self: &Arc<Self>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen for the interconnect on {} (pair.listen)",
+                    self.listen
+                )
+            })?;
+        tracing::info!(listen = %self.listen, partner = %self.partner_address, "interconnect listening");
+        Ok(vec![
+            tokio::spawn(interconnect::accept_loop(
+                Arc::clone(self),
+                listener,
+                stop.clone(),
+            )),
+            tokio::spawn(interconnect::dial_loop(Arc::clone(self), stop)),
+        ])
+    }
+
+    /// Status for `twinctl status` (and the HA controller: `in_sync` per volume).
+    pub fn status_json(&self) -> serde_json::Value {
+        let mirrors: Vec<_> = self.mirrors().iter().map(|m| m.status_json()).collect();
+        serde_json::json!({
+            "pair_id": twinblock_pair::wire::format_id(&self.pair_id),
+            "node_id": self.node_id,
+            "partner_id": self.partner_id,
+            "protocol_version": PROTOCOL_VERSION,
+            "service_address": self.service_address,
+            "partner_service_address": self.partner_service_address,
+            "interconnect": {
+                "listen": self.listen.to_string(),
+                "partner_address": self.partner_address.to_string(),
+                "outbound": self.link.json(),
+                "inbound": self.inbound.json(),
+            },
+            "mirror_timeout_ms": self.mirror_timeout.as_millis() as u64,
+            "mirrors_in_sync": self.all_in_sync(),
+            "mirrors": mirrors,
+            "partner_copies": self.receiver.status_json(),
+        })
+    }
+
+    /// Sends an opaque status record (the HA controller's) to the partner on the interconnect
+    /// with the next send; a newer one replaces one not yet sent. Refused when too large.
+    pub fn send_status(&self, record: Vec<u8>) -> Result<()> {
+        let max = twinblock_pair::wire::MAX_STATUS_BYTES;
+        if record.is_empty() || record.len() > max {
+            anyhow::bail!(
+                "status record of {} bytes (must be 1..={max})",
+                record.len()
+            );
+        }
+        *self.status_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn take_status(&self) -> Option<Vec<u8>> {
+        self.status_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The last status record the partner sent on the interconnect, and when it arrived.
+    pub fn partner_status(&self) -> Option<(Instant, Vec<u8>)> {
+        self.receiver.last_status()
+    }
+
+    /// The partner copies' records (seq, log offset, CRC) per partner volume.
+    pub fn partner_records_json(&self) -> serde_json::Value {
+        self.receiver.records_json()
+    }
+}

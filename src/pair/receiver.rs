@@ -1,0 +1,560 @@
+//! The partner's side of the mirror: this node's copies of the partner's journals.
+//!
+//! # Where the copy lives
+//!
+//! Each journaled volume of the partner gets an NVRAM file of its own on this node,
+//! `<partner_nvram_dir>/<volume>.partner.nvram` (default directory: the one holding `[nvram].path`,
+//! so the copy sits on the same medium as this node's own journals, with the same persistence
+//! mode). It is an ordinary twinblock NVRAM file stamped with this node's id and the pair id; the
+//! copy is kept in its *partner region* (its own region stays unused), with the partner's log
+//! size, records at the same log offsets as in the partner's log, and the region bound to the
+//! partner volume's store id (the array's UUID), so a takeover replays it only into that array.
+//! The file survives a restart of this node like any NVRAM file, and `twinctl journal dump` reads
+//! it.
+//!
+//! # What is accepted
+//!
+//! Per volume and connection the copy follows one stream: a LOG_RESET (generation, tail) first,
+//! then records with consecutive seqs. A seq already stored is a duplicate (acknowledged again,
+//! stored once); a gap, a record of another generation or volume, a bad CRC, an unknown volume,
+//! a generation older than the copy's, or any frame this side does not serve is an error: the
+//! connection is dropped and nothing of the offending frame is stored.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use twinblock_journal::format::{RecordHeader, RecordKind};
+use twinblock_journal::{JournalError, Nvram, NvramConfig, PartnerRegion, PersistenceMode};
+use twinblock_pair::wire::{format_id, LogReset, Message, RecordFrame, VolumeAnnounce};
+
+/// A frame the receiver refuses (the connection is dropped; nothing of it was stored).
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("frame for volume {0}, which the partner did not announce in its handshake")]
+    UnknownVolume(u64),
+    #[error("record for volume `{volume}` before any LOG_RESET on this connection")]
+    NoReset { volume: String },
+    #[error(
+        "volume `{volume}`: expected seq {expected}, got {found} (records must arrive in order)"
+    )]
+    Gap {
+        volume: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("volume `{volume}`: the partner's log generation went back from {copy} to {announced}; its NVRAM may have been lost, the copy is kept and not overwritten")]
+    GenerationBackwards {
+        volume: String,
+        copy: u64,
+        announced: u64,
+    },
+    #[error("volume `{volume}` seq {seq}: bad record: {detail}")]
+    BadRecord {
+        volume: String,
+        seq: u64,
+        detail: String,
+    },
+    #[error("volume `{volume}`: {source}")]
+    Journal {
+        volume: String,
+        #[source]
+        source: JournalError,
+    },
+    #[error("{0} frames are not served by this node")]
+    Unsupported(&'static str),
+}
+
+/// The stream a copy is following on the current connection.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    generation: u64,
+    next_seq: u64,
+}
+
+/// This node's copy of one partner volume's journal.
+pub struct PartnerCopy {
+    name: String,
+    path: PathBuf,
+    log_bytes: u64,
+    region: PartnerRegion,
+    stream: Option<Stream>,
+    records_stored: u64,
+    last_record_at: Option<Instant>,
+    /// Holds the file's mapping and lock for as long as the copy is in use.
+    _nvram: Nvram,
+}
+
+/// Where and how copies are opened.
+#[derive(Debug, Clone)]
+pub struct CopySettings {
+    pub node_id: u32,
+    pub pair_id: [u8; 16],
+    pub persistence: PersistenceMode,
+    /// The directory of the copies.
+    pub dir: PathBuf,
+}
+
+/// The partner copies of this node, by the partner's journal volume id.
+pub struct Receiver {
+    settings: CopySettings,
+    copies: Mutex<BTreeMap<u64, PartnerCopy>>,
+    last_status: Mutex<Option<(Instant, Vec<u8>)>>,
+}
+
+impl Receiver {
+    pub fn new(settings: CopySettings) -> Receiver {
+        Receiver {
+            settings,
+            copies: Mutex::new(BTreeMap::new()),
+            last_status: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, PartnerCopy>> {
+        self.copies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn copy_path(&self, name: &str) -> PathBuf {
+        self.settings.dir.join(format!("{name}.partner.nvram"))
+    }
+
+    /// Opens (or creates) the copy of every announced volume, binds each to the announced store
+    /// and forgets the previous connection's streams. Fails on the first copy that cannot be used.
+    pub fn open_copies(&self, volumes: &[VolumeAnnounce]) -> Result<(), String> {
+        let mut copies = self.lock();
+        for v in volumes {
+            let reuse = copies
+                .get(&v.volume)
+                .is_some_and(|c| c.log_bytes == v.log_bytes);
+            if !reuse {
+                copies.remove(&v.volume);
+                let copy = self.open_copy(v)?;
+                copies.insert(v.volume, copy);
+            }
+            let Some(copy) = copies.get_mut(&v.volume) else {
+                continue;
+            };
+            copy.stream = None;
+            let bound = copy.region.region().store_id();
+            if v.store_id != [0; 16] && bound != v.store_id {
+                if bound != [0; 16] {
+                    tracing::info!(volume = %v.name, from = %format_id(&bound), to = %format_id(&v.store_id),
+                        "partner copy moves to the partner volume's new store");
+                }
+                copy.region
+                    .bind_store(v.store_id)
+                    .map_err(|e| format!("partner copy {}: {e}", copy.path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_copy(&self, v: &VolumeAnnounce) -> Result<PartnerCopy, String> {
+        let path = self.copy_path(&v.name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let mut nvram = Nvram::open(&NvramConfig {
+            path: path.clone(),
+            persistence: self.settings.persistence,
+            node_id: self.settings.node_id,
+            pair_id: self.settings.pair_id,
+            log_bytes_per_region: v.log_bytes,
+            create_if_missing: true,
+        })
+        .map_err(|e| {
+            format!(
+                "cannot keep a copy of the partner's volume `{}`: {e}",
+                v.name
+            )
+        })?;
+        let region = nvram
+            .take_partner()
+            .ok_or_else(|| format!("partner copy {}: partner region in use", path.display()))?;
+        Ok(PartnerCopy {
+            name: v.name.clone(),
+            path,
+            log_bytes: v.log_bytes,
+            region,
+            stream: None,
+            records_stored: 0,
+            last_record_at: None,
+            _nvram: nvram,
+        })
+    }
+
+    /// Applies one frame of the partner's stream; `touched` collects, per volume, the seq to
+    /// acknowledge (cumulative) once the batch is done.
+    pub fn apply(
+        &self,
+        msg: Message,
+        announced: &HashSet<u64>,
+        touched: &mut BTreeMap<u64, u64>,
+    ) -> Result<(), ReceiveError> {
+        let volume = match &msg {
+            Message::Status(bytes) => {
+                self.note_status(bytes.clone());
+                return Ok(());
+            }
+            Message::Ack { .. } => return Err(ReceiveError::Unsupported("ACK")),
+            Message::FetchRequest { .. } => return Err(ReceiveError::Unsupported("FETCH_REQUEST")),
+            Message::FetchRecord(_) => return Err(ReceiveError::Unsupported("FETCH_RECORD")),
+            Message::Record(r) => r.volume,
+            Message::LogReset(r) => r.volume,
+            Message::ResyncBegin { volume, .. } | Message::ResyncEnd { volume, .. } => *volume,
+        };
+        let mut copies = self.lock();
+        let copy = match copies.get_mut(&volume) {
+            Some(c) if announced.contains(&volume) => c,
+            _ => return Err(ReceiveError::UnknownVolume(volume)),
+        };
+        match msg {
+            Message::LogReset(r) => copy.reset(r)?,
+            Message::Record(r) => copy.store(r)?,
+            Message::ResyncBegin { first_seq, .. } => {
+                let next = copy.expect_stream()?.next_seq;
+                if first_seq != next {
+                    return Err(copy.gap(next, first_seq));
+                }
+            }
+            Message::ResyncEnd { last_seq, .. } => {
+                let next = copy.expect_stream()?.next_seq;
+                if last_seq + 1 != next {
+                    return Err(copy.gap(next, last_seq + 1));
+                }
+            }
+            _ => {}
+        }
+        if let Some(s) = copy.stream {
+            touched.insert(volume, s.next_seq - 1);
+        }
+        Ok(())
+    }
+
+    /// Status of every copy (for `twinctl status`).
+    pub fn status_json(&self) -> serde_json::Value {
+        let copies = self.lock();
+        let list: Vec<_> = copies
+            .values()
+            .map(|c| {
+                let ctl = c.region.region().control();
+                serde_json::json!({
+                    "volume": c.name,
+                    "file": c.path.display().to_string(),
+                    "generation": ctl.map(|c| c.generation),
+                    "tail_seq": ctl.map(|c| c.tail_seq),
+                    "stored_through_seq": c.stream.map(|s| s.next_seq - 1),
+                    "records_stored": c.records_stored,
+                    "last_record_age_ms": c.last_record_at.map(|t| t.elapsed().as_millis() as u64),
+                })
+            })
+            .collect();
+        let status_age = self
+            .last_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(t, _)| t.elapsed().as_millis() as u64);
+        serde_json::json!({ "copies": list, "last_status_age_ms": status_age })
+    }
+
+    /// Every record of each copy's live log (seq, log offset, CRC), for comparing with the owner.
+    pub fn records_json(&self) -> serde_json::Value {
+        let copies = self.lock();
+        let mut out = serde_json::Map::new();
+        for c in copies.values() {
+            let region = c.region.region();
+            let scan = c.region.scan();
+            let list: Vec<_> = scan
+                .records
+                .iter()
+                .map(|r| {
+                    record_json(
+                        r.header.seq,
+                        r.log_offset,
+                        region.log_slice(r.log_offset, 64),
+                    )
+                })
+                .collect();
+            out.insert(c.name.clone(), serde_json::Value::Array(list));
+        }
+        serde_json::Value::Object(out)
+    }
+
+    /// Keeps a status record the partner sent (on either connection).
+    pub fn note_status(&self, bytes: Vec<u8>) {
+        *self.last_status.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), bytes));
+    }
+
+    /// The last status record the partner sent on the interconnect (for the HA controller).
+    pub fn last_status(&self) -> Option<(Instant, Vec<u8>)> {
+        self.last_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// One record as `{seq, log_offset, crc}`: the CRC is the record header's CRC32C field, which
+/// covers header and payload, so equal CRCs at equal seqs mean equal records.
+pub fn record_json(seq: u64, log_offset: u64, header: &[u8]) -> serde_json::Value {
+    let crc = header
+        .get(60..64)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0);
+    serde_json::json!({ "seq": seq, "log_offset": log_offset, "crc": crc })
+}
+
+impl PartnerCopy {
+    fn expect_stream(&self) -> Result<Stream, ReceiveError> {
+        self.stream.ok_or_else(|| ReceiveError::NoReset {
+            volume: self.name.clone(),
+        })
+    }
+
+    fn gap(&self, expected: u64, found: u64) -> ReceiveError {
+        ReceiveError::Gap {
+            volume: self.name.clone(),
+            expected,
+            found,
+        }
+    }
+
+    fn reset(&mut self, r: LogReset) -> Result<(), ReceiveError> {
+        let copy_gen = self.region.region().control().map_or(0, |c| c.generation);
+        if r.generation < copy_gen {
+            return Err(ReceiveError::GenerationBackwards {
+                volume: self.name.clone(),
+                copy: copy_gen,
+                announced: r.generation,
+            });
+        }
+        self.region
+            .reset(r.generation, r.tail_offset, r.tail_seq)
+            .map_err(|source| ReceiveError::Journal {
+                volume: self.name.clone(),
+                source,
+            })?;
+        self.stream = Some(Stream {
+            generation: r.generation,
+            next_seq: r.tail_seq,
+        });
+        Ok(())
+    }
+
+    fn store(&mut self, r: RecordFrame) -> Result<(), ReceiveError> {
+        let mut stream = self.expect_stream()?;
+        if r.seq < stream.next_seq {
+            return Ok(()); // a duplicate: stored once already, acknowledged again
+        }
+        if r.seq > stream.next_seq {
+            return Err(self.gap(stream.next_seq, r.seq));
+        }
+        let bad = |detail: String| ReceiveError::BadRecord {
+            volume: self.name.clone(),
+            seq: r.seq,
+            detail,
+        };
+        let h = RecordHeader::decode(&r.record).map_err(|e| bad(e.to_string()))?;
+        if h.seq != r.seq || h.generation != stream.generation {
+            return Err(bad(format!(
+                "header says seq {} generation {}, the stream is at generation {}",
+                h.seq, h.generation, stream.generation
+            )));
+        }
+        if h.kind != RecordKind::Pad && h.volume_id != r.volume {
+            return Err(bad(format!("header names volume {}", h.volume_id)));
+        }
+        // Checks CRC and bounds before writing anything.
+        self.region
+            .receive(r.log_offset, &r.record)
+            .map_err(|e| bad(e.to_string()))?;
+        stream.next_seq += 1;
+        self.stream = Some(stream);
+        self.records_stored += 1;
+        self.last_record_at = Some(Instant::now());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinblock_journal::format::encode_record;
+
+    const VOL: u64 = 42;
+
+    fn receiver(dir: &std::path::Path) -> Receiver {
+        Receiver::new(CopySettings {
+            node_id: 1,
+            pair_id: [7; 16],
+            persistence: PersistenceMode::None,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn announce() -> VolumeAnnounce {
+        VolumeAnnounce {
+            volume: VOL,
+            name: "r5".into(),
+            generation: 3,
+            log_bytes: 64 * 1024,
+            store_id: [9; 16],
+        }
+    }
+
+    fn record(seq: u64, generation: u64, fill: u8) -> Vec<u8> {
+        let h = RecordHeader {
+            kind: RecordKind::Write,
+            generation,
+            seq,
+            volume_id: VOL,
+            offset: 4096 * seq,
+            length: 64,
+            payload_bytes: 64,
+        };
+        encode_record(&h, &[fill; 64])
+    }
+
+    fn frame(seq: u64, fill: u8) -> Message {
+        Message::Record(RecordFrame {
+            volume: VOL,
+            log_offset: (seq - 10) * 128,
+            seq,
+            record: record(seq, 3, fill),
+        })
+    }
+
+    fn reset() -> Message {
+        Message::LogReset(LogReset {
+            volume: VOL,
+            generation: 3,
+            tail_offset: 0,
+            tail_seq: 10,
+        })
+    }
+
+    fn setup(dir: &std::path::Path) -> (Receiver, HashSet<u64>) {
+        let r = receiver(dir);
+        r.open_copies(&[announce()]).unwrap();
+        (r, HashSet::from([VOL]))
+    }
+
+    fn stored_seqs(r: &Receiver) -> Vec<u64> {
+        r.records_json()["r5"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["seq"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn records_are_stored_in_order_and_acked_cumulatively() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, ann) = setup(d.path());
+        let mut t = BTreeMap::new();
+        r.apply(reset(), &ann, &mut t).unwrap();
+        assert_eq!(t[&VOL], 9);
+        for s in 10..15 {
+            r.apply(frame(s, s as u8), &ann, &mut t).unwrap();
+        }
+        assert_eq!(t[&VOL], 14);
+        assert_eq!(stored_seqs(&r), vec![10, 11, 12, 13, 14]);
+    }
+
+    #[test]
+    fn duplicate_record_is_stored_once_and_acked_again() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, ann) = setup(d.path());
+        let mut t = BTreeMap::new();
+        r.apply(reset(), &ann, &mut t).unwrap();
+        r.apply(frame(10, 1), &ann, &mut t).unwrap();
+        r.apply(frame(11, 1), &ann, &mut t).unwrap();
+        // seq 10 again, with other bytes: ignored, not written over the stored one.
+        r.apply(frame(10, 2), &ann, &mut t).unwrap();
+        assert_eq!(t[&VOL], 11);
+        assert_eq!(stored_seqs(&r), vec![10, 11]);
+    }
+
+    #[test]
+    fn gaps_unknown_volumes_and_missing_resets_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, ann) = setup(d.path());
+        let mut t = BTreeMap::new();
+        assert!(matches!(
+            r.apply(frame(10, 1), &ann, &mut t),
+            Err(ReceiveError::NoReset { .. })
+        ));
+        r.apply(reset(), &ann, &mut t).unwrap();
+        assert!(matches!(
+            r.apply(frame(12, 1), &ann, &mut t),
+            Err(ReceiveError::Gap { .. })
+        ));
+        let mut other = frame(10, 1);
+        if let Message::Record(f) = &mut other {
+            f.volume = 5;
+        }
+        assert!(matches!(
+            r.apply(other, &ann, &mut t),
+            Err(ReceiveError::UnknownVolume(5))
+        ));
+        assert!(stored_seqs(&r).is_empty());
+    }
+
+    #[test]
+    fn record_with_bad_crc_is_refused_and_not_stored() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, ann) = setup(d.path());
+        let mut t = BTreeMap::new();
+        r.apply(reset(), &ann, &mut t).unwrap();
+        let mut bad = frame(10, 1);
+        if let Message::Record(f) = &mut bad {
+            f.record[100] ^= 1;
+        }
+        assert!(matches!(
+            r.apply(bad, &ann, &mut t),
+            Err(ReceiveError::BadRecord { .. })
+        ));
+        assert!(stored_seqs(&r).is_empty());
+        // The stream is unchanged: the good record still fits.
+        r.apply(frame(10, 1), &ann, &mut t).unwrap();
+        assert_eq!(stored_seqs(&r), vec![10]);
+    }
+
+    #[test]
+    fn log_reset_to_an_older_generation_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, ann) = setup(d.path());
+        let mut t = BTreeMap::new();
+        r.apply(reset(), &ann, &mut t).unwrap();
+        let older = Message::LogReset(LogReset {
+            volume: VOL,
+            generation: 2,
+            tail_offset: 0,
+            tail_seq: 1,
+        });
+        assert!(matches!(
+            r.apply(older, &ann, &mut t),
+            Err(ReceiveError::GenerationBackwards { .. })
+        ));
+    }
+
+    #[test]
+    fn copy_survives_a_reopen_and_is_bound_to_the_partner_store() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (r, ann) = setup(d.path());
+            let mut t = BTreeMap::new();
+            r.apply(reset(), &ann, &mut t).unwrap();
+            r.apply(frame(10, 1), &ann, &mut t).unwrap();
+        }
+        let (r, _) = setup(d.path());
+        assert_eq!(stored_seqs(&r), vec![10]);
+        let copies = r.lock();
+        assert_eq!(copies[&VOL].region.region().store_id(), [9; 16]);
+    }
+}

@@ -1,0 +1,371 @@
+//! Power loss under a seeded workload: a journaled RAID-5 volume over in-memory members that
+//! model disks with volatile write caches, NVRAM in RAM (`persistence = "none"`, lost with the
+//! power).
+//!
+//! Each seed runs a random sequence of writes, WRITE_ZEROES, FLUSHes, FUA writes, consistency
+//! points, a member failure and its replacement (rebuild), and the power goes after a random
+//! number of member operations (anywhere inside a CP, a bitmap update or a rebuild):
+//! the NVRAM file is gone and every member keeps, loses or tears (per sector, by seed) what it
+//! had not synced. Then the array is assembled again and a fresh journal opened, and:
+//! - every block reads back with the version a completed FLUSH or FUA made durable, or with a
+//!   version written after it (those may or may not have survived);
+//! - a scrub finds no stripe whose parity disagrees with its data.
+//!
+//! An array cut while a member was missing and with writes in progress must refuse to start
+//! (`start_dirty_degraded` off); such seeds check that refusal and stop there. A cut that tears a
+//! member's superblock write makes assembly refuse that member by its checksum (a known
+//! limitation: one superblock copy per member); such seeds are counted and printed.
+//!
+//! Seeds: `TWINBLOCK_POWER_SEEDS` (default 400) from `TWINBLOCK_POWER_SEED_BASE` (default 0); a
+//! failure names its seed, and `TWINBLOCK_POWER_SEED_BASE=<seed> TWINBLOCK_POWER_SEEDS=1` replays
+//! it. `many_seeds` (ignored by default) runs 20,000.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use twinblock::device::ArrayBacking;
+use twinblock_io::mem::MemMember;
+use twinblock_io::wcache::{CutPolicy, PowerSupply};
+use twinblock_io::Member;
+use twinblock_journal::{JournaledVolume, Nvram, NvramConfig, VolumeConfig};
+use twinblock_raid::superblock::DATA_OFFSET_BYTES;
+use twinblock_raid::{Array, ArrayError, CreateOptions, Level, ScrubMode};
+
+const BLOCK_BYTES: u64 = 4096;
+const SECTOR_BYTES: usize = 512;
+const CHUNK_BYTES: u64 = 4096;
+const MEMBERS: usize = 3;
+/// Data bytes per member: 16 rows.
+const MEMBER_DATA_BYTES: u64 = 16 * CHUNK_BYTES;
+const BLOCKS: u64 = (MEMBERS as u64 - 1) * MEMBER_DATA_BYTES / BLOCK_BYTES;
+const MAX_STEPS: u32 = 60;
+const DEFAULT_SEEDS: u64 = 400;
+
+/// Block contents: (block, version); version 0 (never written) and ZEROED read as zeroes.
+const ZEROED: u32 = u32::MAX;
+
+fn block_bytes(block: u64, version: u32) -> Vec<u8> {
+    if version == 0 || version == ZEROED {
+        return vec![0; BLOCK_BYTES as usize];
+    }
+    let mut v = Vec::with_capacity(BLOCK_BYTES as usize);
+    while v.len() < BLOCK_BYTES as usize {
+        v.extend_from_slice(&block.to_le_bytes());
+        v.extend_from_slice(&version.to_le_bytes());
+        v.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    v.truncate(BLOCK_BYTES as usize);
+    v
+}
+
+/// Per block: the version known durable, and versions acknowledged (or sent) after it.
+#[derive(Debug, Clone, Default)]
+struct BlockModel {
+    durable: u32,
+    later: Vec<u32>,
+}
+
+impl BlockModel {
+    fn wrote(&mut self, version: u32) {
+        self.later.push(version);
+    }
+    /// Everything acknowledged so far is durable.
+    fn made_durable(&mut self) {
+        if let Some(&v) = self.later.last() {
+            self.durable = v;
+        }
+        self.later.clear();
+    }
+    /// Each 512-byte sector holds the durable version or a later one: a write not yet made
+    /// durable may be torn at sector granularity, as on any disk.
+    fn allows(&self, content: &[u8], block: u64) -> bool {
+        let versions: Vec<Vec<u8>> = std::iter::once(self.durable)
+            .chain(self.later.iter().copied())
+            .map(|v| block_bytes(block, v))
+            .collect();
+        content.chunks(SECTOR_BYTES).enumerate().all(|(i, sector)| {
+            let at = i * SECTOR_BYTES;
+            versions.iter().any(|v| &v[at..at + sector.len()] == sector)
+        })
+    }
+}
+
+fn member(name: String, power: &Arc<PowerSupply>) -> Arc<MemMember> {
+    let m = Arc::new(MemMember::new(name, DATA_OFFSET_BYTES + MEMBER_DATA_BYTES));
+    m.enable_write_cache();
+    m.attach_power(power.clone());
+    m
+}
+
+fn dyns(ms: &[Arc<MemMember>]) -> Vec<Arc<dyn Member>> {
+    ms.iter().map(|m| m.clone() as Arc<dyn Member>).collect()
+}
+
+fn vol_cfg() -> VolumeConfig {
+    VolumeConfig {
+        cp_interval_ms: 3_600_000,
+        cp_fill_percent: 60,
+        max_record_payload_bytes: 8192,
+        cp_batch_bytes: 16 * 1024,
+        discard_corrupt_log: false,
+    }
+}
+
+fn nvram(dir: &std::path::Path) -> NvramConfig {
+    NvramConfig {
+        path: dir.join("nvram.img"),
+        log_bytes_per_region: 64 * 1024,
+        ..NvramConfig::new(0, [8; 16])
+    }
+}
+
+/// What one seed found, for the totals.
+#[derive(Debug, Default)]
+struct Outcome {
+    refused_dirty_degraded: bool,
+    refused_torn_superblock: bool,
+    checked_blocks: u64,
+}
+
+async fn run_seed(seed: u64) -> Outcome {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    // The power goes after this many member operations (or at the end of the workload).
+    let power = Arc::new(PowerSupply::new(u64::MAX));
+    let mut members: Vec<Arc<MemMember>> = (0..MEMBERS)
+        .map(|i| member(format!("s{seed}m{i}"), &power))
+        .collect();
+    for m in &members {
+        // The array is created on synced members; the caches matter from here on.
+        m.sync().await.unwrap();
+    }
+    let array = Array::create_with(
+        "pl",
+        Level::Raid5,
+        CHUNK_BYTES,
+        dyns(&members),
+        Vec::new(),
+        CreateOptions {
+            bitmap_region_bytes: Some(2 * CHUNK_BYTES),
+            ..CreateOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    for m in &members {
+        m.sync().await.unwrap();
+    }
+    let nv = Nvram::open(&nvram(dir.path())).unwrap();
+    let vol = JournaledVolume::open(nv, ArrayBacking { array, gate: None }, 1, vol_cfg())
+        .await
+        .unwrap();
+    let budget = rng.gen_range(1..=1500u64);
+    let power_left = Arc::new(PowerSupply::new(budget));
+    for m in &members {
+        m.attach_power(power_left.clone());
+    }
+    let power = power_left;
+    let mut model: HashMap<u64, BlockModel> = HashMap::new();
+    let mut version = 0u32;
+    let mut failed: Option<usize> = None;
+    let steps = rng.gen_range(1..=MAX_STEPS);
+    for _ in 0..steps {
+        if power.is_off() {
+            break;
+        }
+        let block = rng.gen_range(0..BLOCKS);
+        let count = rng.gen_range(1..=2u64).min(BLOCKS - block);
+        match rng.gen_range(0..100) {
+            0..=64 => {
+                let fua = rng.gen_range(0..100) >= 55;
+                version += 1;
+                let mut data = Vec::new();
+                for b in block..block + count {
+                    data.extend_from_slice(&block_bytes(b, version));
+                }
+                let at = block * BLOCK_BYTES;
+                if fua {
+                    vol.write_fua(at, Bytes::from(data)).await.unwrap();
+                } else {
+                    vol.write(at, Bytes::from(data)).await.unwrap();
+                }
+                // A FUA that completed after the power went promised nothing.
+                let durable = fua && !power.is_off();
+                for b in block..block + count {
+                    let m = model.entry(b).or_default();
+                    m.wrote(version);
+                    if durable {
+                        m.made_durable();
+                    }
+                }
+            }
+            65..=72 => {
+                vol.write_zeroes(block * BLOCK_BYTES, count * BLOCK_BYTES)
+                    .await
+                    .unwrap();
+                for b in block..block + count {
+                    model.entry(b).or_default().wrote(ZEROED);
+                }
+            }
+            73..=84 => {
+                vol.flush().await.unwrap();
+                if !power.is_off() {
+                    model.values_mut().for_each(BlockModel::made_durable);
+                }
+            }
+            85..=96 => {
+                vol.checkpoint().await.unwrap();
+            }
+            _ => {
+                let array = &vol.backing().array;
+                match failed {
+                    None => {
+                        let slot = rng.gen_range(0..MEMBERS);
+                        array.fail_member(slot).await.unwrap();
+                        failed = Some(slot);
+                    }
+                    Some(slot) => {
+                        let fresh = member(format!("s{seed}r{slot}"), &power);
+                        array
+                            .replace_member(slot, fresh.clone() as Arc<dyn Member>)
+                            .await
+                            .unwrap();
+                        array.wait_rebuild().await;
+                        if !power.is_off() {
+                            members[slot] = fresh;
+                            failed = None;
+                        }
+                        // Else the replacement may not even hold a superblock: it is left out
+                        // of the assembly, as an operator would leave out a blank disk.
+                    }
+                }
+            }
+        }
+    }
+    // Power cut: the journal and array stop where they are, the NVRAM (RAM) is gone, and each
+    // member keeps, loses or tears what it did not sync.
+    let array = vol.backing().array.clone();
+    drop(vol);
+    array.abandon().await;
+    drop(array);
+    std::fs::remove_file(dir.path().join("nvram.img")).unwrap();
+    for (i, m) in members.iter().enumerate() {
+        let policy = match rng.gen_range(0..3) {
+            0 => CutPolicy::LoseAll,
+            1 => CutPolicy::KeepAll,
+            _ => CutPolicy::Torn {
+                seed: seed.wrapping_mul(31).wrapping_add(i as u64),
+            },
+        };
+        m.power_cut(policy);
+        m.attach_power(Arc::new(PowerSupply::new(u64::MAX)));
+    }
+    let present: Vec<Arc<MemMember>> = members
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != failed)
+        .map(|(_, m)| m.clone())
+        .collect();
+    let array = match Array::assemble(dyns(&present)).await {
+        Ok(a) => a,
+        Err(ArrayError::DirtyDegraded { .. }) if failed.is_some() => {
+            return Outcome {
+                refused_dirty_degraded: true,
+                ..Outcome::default()
+            }
+        }
+        // A superblock write torn by the power cut: the member is refused by its checksum; or,
+        // with a member already missing, the cut came in the middle of a superblock update and
+        // the survivors disagree on who is current. Clear, safe refusals (known limitation: one
+        // superblock copy per member, updated without a two-phase scheme).
+        Err(e)
+            if e.to_string().contains("superblock checksum mismatch")
+                || (failed.is_some() && e.to_string().contains("cannot start")) =>
+        {
+            return Outcome {
+                refused_torn_superblock: true,
+                ..Outcome::default()
+            }
+        }
+        Err(e) => panic!("seed {seed}: assembly after the power cut failed: {e}"),
+    };
+    array.wait_rebuild().await;
+    let nv = Nvram::open(&nvram(dir.path())).unwrap();
+    let vol = JournaledVolume::open(nv, ArrayBacking { array, gate: None }, 1, vol_cfg())
+        .await
+        .unwrap();
+    let mut out = Outcome::default();
+    for b in 0..BLOCKS {
+        let got = vol.read(b * BLOCK_BYTES, BLOCK_BYTES).await.unwrap();
+        let m = model.get(&b).cloned().unwrap_or_default();
+        assert!(
+            m.allows(&got, b),
+            "seed {seed}: block {b} lost its durable version {} (later {:?}); replay with \
+             TWINBLOCK_POWER_SEED_BASE={seed} TWINBLOCK_POWER_SEEDS=1",
+            m.durable,
+            m.later
+        );
+        out.checked_blocks += 1;
+    }
+    let array = &vol.backing().array;
+    if array.status().degraded {
+        // Started degraded (nothing was being written): rebuild onto a blank member, then the
+        // scrub can check every stripe.
+        let fresh = member(
+            format!("s{seed}late"),
+            &Arc::new(PowerSupply::new(u64::MAX)),
+        );
+        array.add_member(fresh as Arc<dyn Member>).await.unwrap();
+        array.wait_rebuild().await;
+    }
+    let report = array.scrub(ScrubMode::Check).await.unwrap();
+    assert_eq!(
+        report.mismatches, 0,
+        "seed {seed}: parity disagrees with data after recovery; replay with \
+         TWINBLOCK_POWER_SEED_BASE={seed} TWINBLOCK_POWER_SEEDS=1"
+    );
+    out
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn run_seeds(count: u64) {
+    let base = env_u64("TWINBLOCK_POWER_SEED_BASE", 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut refused = 0;
+    let mut torn_superblocks = 0;
+    let mut checked = 0;
+    for seed in base..base + count {
+        let out = rt.block_on(run_seed(seed));
+        refused += u64::from(out.refused_dirty_degraded);
+        torn_superblocks += u64::from(out.refused_torn_superblock);
+        checked += out.checked_blocks;
+    }
+    println!(
+        "{count} seeds from {base}: {checked} blocks checked, {refused} unclean degraded starts \
+         refused, {torn_superblocks} assemblies refused for a superblock torn by the cut"
+    );
+    assert!(checked > 0, "no seed got as far as checking blocks");
+}
+
+#[test]
+fn flushed_writes_survive_power_cuts_and_parity_stays_consistent() {
+    run_seeds(env_u64("TWINBLOCK_POWER_SEEDS", DEFAULT_SEEDS));
+}
+
+#[test]
+#[ignore = "long: 20,000 seeds"]
+fn many_seeds() {
+    run_seeds(20_000);
+}
