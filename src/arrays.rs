@@ -109,9 +109,21 @@ fn check_blank_for_create(
     Ok(())
 }
 
+/// Wraps each opened disk before the array sees it (the HA member fence); gets the disk's path.
+pub type MemberWrap = Arc<dyn Fn(&Path, Arc<dyn Member>) -> Arc<dyn Member> + Send + Sync>;
+
 impl ArrayEntry {
     /// Create the array on blank disks, or assemble it from the superblocks already there.
     pub async fn open(config: &Config, a: &ArrayConfig) -> Result<ArrayEntry> {
+        ArrayEntry::open_with(config, a, None).await
+    }
+
+    /// As [`ArrayEntry::open`], each disk passed through `wrap` first.
+    pub async fn open_with(
+        config: &Config,
+        a: &ArrayConfig,
+        wrap: Option<&MemberWrap>,
+    ) -> Result<ArrayEntry> {
         let level = level_of(a.level)?;
         let create = a.disk_size.map(|s| s.bytes());
         if let Some(why) = create.and_then(|s| {
@@ -128,7 +140,10 @@ impl ArrayEntry {
                 created_all &= !path.exists();
                 let (m, _) = open_disk(&path, create, a.direct_io)?;
                 io = (m.engine(), m.direct());
-                out.push(m);
+                out.push(match wrap {
+                    Some(w) => w(&path, m),
+                    None => m,
+                });
             }
             Ok(out)
         };

@@ -159,7 +159,7 @@ async fn run_seed(seed: u64) -> Outcome {
         m.sync().await.unwrap();
     }
     let nv = Nvram::open(&nvram(dir.path())).unwrap();
-    let vol = JournaledVolume::open(nv, ArrayBacking { array }, 1, vol_cfg())
+    let vol = JournaledVolume::open(nv, ArrayBacking { array, gate: None }, 1, vol_cfg())
         .await
         .unwrap();
     let budget = rng.gen_range(1..=1500u64);
@@ -298,7 +298,7 @@ async fn run_seed(seed: u64) -> Outcome {
     };
     array.wait_rebuild().await;
     let nv = Nvram::open(&nvram(dir.path())).unwrap();
-    let vol = JournaledVolume::open(nv, ArrayBacking { array }, 1, vol_cfg())
+    let vol = JournaledVolume::open(nv, ArrayBacking { array, gate: None }, 1, vol_cfg())
         .await
         .unwrap();
     let mut out = Outcome::default();

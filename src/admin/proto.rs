@@ -48,6 +48,16 @@ pub enum Request {
         repair: bool,
     },
     ScrubStatus,
+    /// HA: both nodes' states, takeover blockers, heartbeat ages, disk holders (null: no HA).
+    HaStatus,
+    /// HA: take the partner over now (it must be silent on every path).
+    HaTakeover,
+    /// HA: give the partner's disks back.
+    HaGiveback,
+    /// HA: refuse takeover (in both directions) until enabled again.
+    HaTakeoverDisable,
+    /// HA: allow takeover again.
+    HaTakeoverEnable,
     /// The journal records the mirror covers: this node's unretired records per journaled volume
     /// and its copies of the partner's, each as (seq, log offset, CRC).
     MirrorRecords,

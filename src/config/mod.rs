@@ -4,6 +4,7 @@
 //! the types cannot (unique names, references between tables, sane ranges). Every error names the
 //! file, the key and what is wrong, so an operator can fix it without reading code.
 
+pub mod ha;
 mod inspect;
 mod pair;
 mod size;
@@ -48,6 +49,9 @@ pub struct Config {
     pub arrays: Vec<ArrayConfig>,
     #[serde(default)]
     pub nvram: Option<NvramConfig>,
+    /// High availability: heartbeat paths, timers, the partner's config (absent: no takeover).
+    #[serde(default)]
+    pub ha: Option<ha::HaConfig>,
     /// The HA pair (partner, interconnect, key, mirror wait); absent on a single node.
     #[serde(default)]
     pub pair: Option<PairConfig>,
@@ -322,6 +326,10 @@ impl Config {
         }
         if let Some(p) = &self.pair {
             p.validate(self)?;
+        }
+        if let Some(h) = &self.ha {
+            h.check()
+                .map_err(|(key, problem)| self.invalid(key, problem))?;
         }
         Ok(())
     }

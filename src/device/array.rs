@@ -1,11 +1,31 @@
 //! RAID arrays as volumes: `ArrayDevice` serves an array over NBD directly (no journal), and
 //! `ArrayBacking` is the array as the store under an NVRAM journal.
+//!
+//! In an HA pair both carry the array's [`WriteGate`]: every write, trim, zeroing, journal
+//! consistency point and applied-sequence update checks it first (lease fresh, reservations
+//! held) and is refused with [`fence_error`] before anything reaches a member.
 
+use crate::ha::gate::{FenceError, WriteGate};
 use async_trait::async_trait;
 use bytes::Bytes;
+use std::sync::Arc;
 use twinblock_journal::{Backing, BackingError};
 use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, ZeroFlags};
 use twinblock_raid::array::{Array, ArrayError};
+
+/// A write refused by the HA fence, as the I/O error clients and the journal see
+/// (`PermissionDenied`: "reservation lost" or "lease expired", never retried on this node).
+pub fn fence_error(e: FenceError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::PermissionDenied, e)
+}
+
+/// Checks an optional gate (no gate: not HA-managed, always allowed).
+pub fn check_gate(gate: &Option<Arc<WriteGate>>) -> std::io::Result<()> {
+    match gate {
+        Some(g) => g.check().map_err(fence_error),
+        None => Ok(()),
+    }
+}
 
 fn dev_err(e: ArrayError) -> DeviceError {
     DeviceError::Io(e.into())
@@ -15,11 +35,22 @@ fn dev_err(e: ArrayError) -> DeviceError {
 pub struct ArrayDevice {
     array: Array,
     read_only: bool,
+    gate: Option<Arc<WriteGate>>,
 }
 
 impl ArrayDevice {
     pub fn new(array: Array, read_only: bool) -> Self {
-        ArrayDevice { array, read_only }
+        ArrayDevice {
+            array,
+            read_only,
+            gate: None,
+        }
+    }
+
+    /// Fences every write with `gate` (HA).
+    pub fn with_gate(mut self, gate: Option<Arc<WriteGate>>) -> Self {
+        self.gate = gate;
+        self
     }
 }
 
@@ -59,6 +90,7 @@ impl BlockDevice for ArrayDevice {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
+        check_gate(&self.gate)?;
         self.array.write(offset, data).await.map_err(dev_err)?;
         if fua {
             self.array.flush().await.map_err(dev_err)?;
@@ -74,6 +106,7 @@ impl BlockDevice for ArrayDevice {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
+        check_gate(&self.gate)?;
         self.array
             .discard(offset, u64::from(len))
             .await
@@ -92,6 +125,7 @@ impl BlockDevice for ArrayDevice {
             // Zeroing a parity array means writing the members: not faster than a write.
             return Err(DeviceError::NotFast);
         }
+        check_gate(&self.gate)?;
         self.array
             .write_zeroes(offset, u64::from(len))
             .await
@@ -110,6 +144,14 @@ fn backing_err(e: ArrayError) -> BackingError {
 /// The array as the journal's store.
 pub struct ArrayBacking {
     pub array: Array,
+    /// The HA fence of the array's disks (None: not HA-managed).
+    pub gate: Option<Arc<WriteGate>>,
+}
+
+impl ArrayBacking {
+    fn check(&self) -> Result<(), BackingError> {
+        check_gate(&self.gate).map_err(|e| BackingError(e.to_string()))
+    }
 }
 
 #[async_trait]
@@ -132,10 +174,12 @@ impl Backing for ArrayBacking {
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
+        self.check()?;
         self.array.write(offset, data).await.map_err(backing_err)
     }
 
     async fn write_scattered(&self, writes: Vec<(u64, Bytes)>) -> Result<(), BackingError> {
+        self.check()?;
         self.array
             .write_scattered(writes)
             .await
@@ -143,6 +187,7 @@ impl Backing for ArrayBacking {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.check()?;
         self.array
             .write_zeroes(offset, len)
             .await
@@ -150,6 +195,7 @@ impl Backing for ArrayBacking {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.check()?;
         self.array.discard(offset, len).await.map_err(backing_err)
     }
 
@@ -162,6 +208,7 @@ impl Backing for ArrayBacking {
     }
 
     async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
+        self.check()?;
         self.array.set_applied_seq(seq).await.map_err(backing_err)
     }
 }

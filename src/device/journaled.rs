@@ -1,7 +1,7 @@
 //! A RAID array behind the NVRAM journal: writes are answered once they are records in NVRAM;
 //! consistency points apply them to the array later (see `twinblock_journal::volume`).
 
-use super::array::{array_caps, ArrayBacking};
+use super::array::{array_caps, check_gate, ArrayBacking};
 use async_trait::async_trait;
 use bytes::Bytes;
 use twinblock_journal::{JournalError, JournaledVolume};
@@ -60,6 +60,9 @@ impl BlockDevice for JournaledDevice {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
+        // A fenced node must not acknowledge writes into its journal either: they would never
+        // reach the disks it no longer holds.
+        check_gate(&self.volume.backing().gate)?;
         if fua {
             self.volume.write_fua(offset, data).await.map_err(dev_err)
         } else {
@@ -75,6 +78,9 @@ impl BlockDevice for JournaledDevice {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
+        // A fenced node must not acknowledge writes into its journal either: they would never
+        // reach the disks it no longer holds.
+        check_gate(&self.volume.backing().gate)?;
         let len = u64::from(len);
         if fua {
             self.volume.trim_fua(offset, len).await
@@ -88,6 +94,9 @@ impl BlockDevice for JournaledDevice {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
+        // A fenced node must not acknowledge writes into its journal either: they would never
+        // reach the disks it no longer holds.
+        check_gate(&self.volume.backing().gate)?;
         let len = u64::from(len);
         if flags.fua {
             self.volume.write_zeroes_fua(offset, len).await

@@ -300,10 +300,11 @@ impl Pair {
             Arc::clone(&self.wake),
             Arc::clone(&self.kill),
         ));
-        self.mirrors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::clone(&m));
+        let mut mirrors = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
+        // An HA node reopens its volumes after it gets its disks back: the new mirror replaces
+        // the closed volume's.
+        mirrors.retain(|old| old.name != name);
+        mirrors.push(Arc::clone(&m));
         m
     }
 

@@ -2,6 +2,7 @@
 //! reads NVRAM files offline, and runs the quickstart demo.
 
 mod demo;
+mod ha;
 mod pair_status;
 mod render;
 mod reservation;
@@ -44,8 +45,17 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Node identity, uptime and what it serves.
+    /// Node identity, uptime and what it serves; in an HA pair also both nodes' states, whether
+    /// takeover is possible (and why not), heartbeat ages and who holds each disk.
     Status,
+    /// HA: take the partner's disks over now (refused while the partner is heard).
+    Takeover,
+    /// HA: give the partner's disks back (checkpoint, stop serving them, release).
+    Giveback,
+    /// HA: refuse takeover in both directions until `takeover-enable`.
+    TakeoverDisable,
+    /// HA: allow takeover again.
+    TakeoverEnable,
     /// Volumes: list, show.
     Volume {
         #[command(subcommand)]
@@ -191,7 +201,27 @@ async fn run(cli: Cli) -> Result<()> {
             node.run(twinblock::signals::shutdown_signal(), |_| {})
                 .await
         }
-        Command::Status => out.status(&call(&cli, Request::Status).await?),
+        Command::Status => {
+            let mut status = call(&cli, Request::Status).await?;
+            // A daemon without HA answers null; an older daemon does not know the request.
+            let ha = call(&cli, Request::HaStatus)
+                .await
+                .unwrap_or(serde_json::Value::Null);
+            if cli.json {
+                if !ha.is_null() {
+                    status["ha"] = ha;
+                }
+                out.status(&status)
+            } else {
+                out.status(&status)?;
+                print!("{}", ha::render_status(&ha));
+                Ok(())
+            }
+        }
+        Command::Takeover => out.done(&call(&cli, Request::HaTakeover).await?),
+        Command::Giveback => out.done(&call(&cli, Request::HaGiveback).await?),
+        Command::TakeoverDisable => out.done(&call(&cli, Request::HaTakeoverDisable).await?),
+        Command::TakeoverEnable => out.done(&call(&cli, Request::HaTakeoverEnable).await?),
         Command::Volume { cmd } => match cmd {
             VolumeCmd::List => out.volume_list(&call(&cli, Request::VolumeList).await?),
             VolumeCmd::Show { name } => {

@@ -1,0 +1,170 @@
+//! The `[ha]` section: how this node watches its partner and takes over from it.
+//!
+//! Defaults are chosen so that a takeover completes well inside 2 s: a status every
+//! `heartbeat_interval_ms` = 100 ms on every path, the partner declared failed after
+//! `silence_intervals` = 5 silent intervals on every path (500 ms), and a lease of
+//! `lease_ms` = 400 ms (the pair state machine's default) that the survivor waits out (from the
+//! partner's last record) before it preempts the partner's disks. The lease is shorter than the
+//! silence window, so waiting it out adds little: detection + margin + announce + assembly +
+//! journal load stays near 1 s. The lease must exceed the detection window's slack so that a paused node cannot write
+//! after the survivor preempts: a node only writes while its own last mailbox write is younger
+//! than `lease_ms`.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// Default interval between two status records on each path.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
+/// Default number of silent intervals on every path before the partner is declared failed.
+pub const DEFAULT_SILENCE_INTERVALS: u32 = 5;
+/// Default lease: how long after its last mailbox write a node may still write its disks.
+pub const DEFAULT_LEASE_MS: u64 = twinblock_pair::state::DEFAULT_LEASE_MS;
+/// Shortest accepted heartbeat interval: below this, scheduling noise alone looks like silence.
+pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 10;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// UDP address this node receives the partner's status datagrams on.
+    pub udp_listen: String,
+    /// UDP address of the partner's `udp_listen`.
+    pub partner_udp: String,
+    /// Shared disks whose mailbox area carries both nodes' status (at least two).
+    pub mailbox_disks: Vec<PathBuf>,
+    /// The partner's config file: its arrays, volumes and service address, used at takeover.
+    pub partner_config: PathBuf,
+    #[serde(default = "default_interval")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "default_silence")]
+    pub silence_intervals: u32,
+    #[serde(default = "default_lease")]
+    pub lease_ms: u64,
+    /// Give back automatically when the recovered partner reports it is waiting.
+    #[serde(default)]
+    pub auto_giveback: bool,
+    /// Start with takeover disabled (the operator enables it with `twinctl takeover-enable`).
+    #[serde(default)]
+    pub takeover_disabled: bool,
+}
+
+fn default_interval() -> u64 {
+    DEFAULT_HEARTBEAT_INTERVAL_MS
+}
+fn default_silence() -> u32 {
+    DEFAULT_SILENCE_INTERVALS
+}
+fn default_lease() -> u64 {
+    DEFAULT_LEASE_MS
+}
+
+impl HaConfig {
+    /// The partner is declared failed after this long with nothing new on any path.
+    pub fn detection_ms(&self) -> u64 {
+        self.heartbeat_interval_ms * u64::from(self.silence_intervals)
+    }
+
+    /// Checks the values against each other; `Err((key, problem))`.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((format!("ha.{k}"), m));
+        for (key, addr) in [
+            ("udp_listen", &self.udp_listen),
+            ("partner_udp", &self.partner_udp),
+        ] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return bad(
+                    key,
+                    format!("`{addr}` is not an IP address with a port (e.g. 127.0.0.1:10900)"),
+                );
+            }
+        }
+        if self.udp_listen == self.partner_udp {
+            return bad(
+                "partner_udp",
+                "is this node's own udp_listen address: the partner needs its own".into(),
+            );
+        }
+        if self.mailbox_disks.len() < 2 {
+            return bad(
+                "mailbox_disks",
+                format!(
+                    "names {} disk(s); the mailbox path needs at least two shared disks so that \
+                     one unreadable disk does not silence it",
+                    self.mailbox_disks.len()
+                ),
+            );
+        }
+        if self.heartbeat_interval_ms < MIN_HEARTBEAT_INTERVAL_MS {
+            return bad(
+                "heartbeat_interval_ms",
+                format!(
+                    "{} ms is below the minimum of {MIN_HEARTBEAT_INTERVAL_MS} ms",
+                    self.heartbeat_interval_ms
+                ),
+            );
+        }
+        if self.silence_intervals < 2 {
+            return bad(
+                "silence_intervals",
+                "must be at least 2: one late datagram must not declare the partner failed".into(),
+            );
+        }
+        if self.lease_ms <= self.heartbeat_interval_ms {
+            return bad(
+                "lease_ms",
+                format!(
+                    "{} ms must exceed heartbeat_interval_ms ({} ms): a node renews its lease \
+                     with every mailbox write",
+                    self.lease_ms, self.heartbeat_interval_ms
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> HaConfig {
+        toml::from_str(
+            r#"
+            udp_listen = "127.0.0.1:10900"
+            partner_udp = "127.0.0.1:10901"
+            mailbox_disks = ["d0.img", "d1.img"]
+            partner_config = "node1.toml"
+            "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_detect_and_lease_within_the_takeover_budget() {
+        let c = sample();
+        c.check().unwrap();
+        assert!(c.detection_ms() + c.lease_ms < 2000);
+    }
+
+    #[test]
+    fn one_mailbox_disk_is_refused() {
+        let mut c = sample();
+        c.mailbox_disks.pop();
+        let (key, msg) = c.check().unwrap_err();
+        assert_eq!(key, "ha.mailbox_disks");
+        assert!(msg.contains("at least two"), "{msg}");
+    }
+
+    #[test]
+    fn lease_not_longer_than_interval_is_refused() {
+        let mut c = sample();
+        c.lease_ms = c.heartbeat_interval_ms;
+        assert_eq!(c.check().unwrap_err().0, "ha.lease_ms");
+    }
+
+    #[test]
+    fn own_udp_address_as_partner_is_refused() {
+        let mut c = sample();
+        c.partner_udp = c.udp_listen.clone();
+        assert_eq!(c.check().unwrap_err().0, "ha.partner_udp");
+    }
+}

@@ -1,0 +1,311 @@
+//! The HA pair's side of a node: built from the `[ha]` section at open, started when the node
+//! runs.
+//!
+//! [`HaNode::prepare`] loads the partner's config (its arrays, disks, volumes and NBD address),
+//! checks that the two configs describe one pair, and builds both [`Site`]s with write gates.
+//! [`HaNode::start`] increases the persisted generation, binds the UDP path, starts the mailbox
+//! loop and the controller with the real [`SiteExecutor`], and from then on the controller
+//! decides what is assembled and served.
+
+use super::controller::{self, Handle, Link, Parts, Permits};
+use super::executor::{holds_all, SiteExecutor};
+use super::fenced_member::FencedMember;
+use super::gate::WriteGate;
+use super::generation;
+use super::mailbox_loop::MailboxLoop;
+use super::udp::UdpPath;
+use crate::config::ha::HaConfig;
+use crate::config::Config;
+use crate::site::{Fences, Site};
+use anyhow::{bail, Context, Result};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use twinblock_pair::heartbeat::{HeartbeatConfig, Path as HbPath};
+use twinblock_pair::reservation::{node_key, Key};
+use twinblock_pair::state::{Boot, Command, Config as MachineConfig, DiskSet, Event};
+use twinblock_pair::status::NodeId;
+
+/// How long a site's NBD address is retried while in use: the survivor binding the partner's
+/// address (free at once after SIGKILL on loopback; only after its fence for a paused partner),
+/// and a node taking its own address back after a giveback.
+pub const PARTNER_BIND_RETRY_MS: u64 = 10_000;
+/// Datagrams queued for the UDP sender before new ones are dropped (the path is lossy anyway).
+const UDP_SEND_QUEUE: usize = 16;
+
+/// The node's HA side.
+pub struct HaNode {
+    config: Config,
+    ha: HaConfig,
+    pair_id: [u8; 16],
+    node_id: NodeId,
+    own_key: Key,
+    partner_key: Key,
+    partner: Arc<Site>,
+    permits: Permits,
+    events: Mutex<Option<(mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>)>>,
+    handle: OnceLock<Handle>,
+}
+
+fn fences(
+    set: DiskSet,
+    permits: &Permits,
+    key: Key,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Fences {
+    let permit = permits.of(set).clone();
+    let gate_events = events.clone();
+    let member_events = events.clone();
+    Fences {
+        gates: Box::new(move |disks: &[PathBuf]| {
+            Arc::new(WriteGate::new(
+                set,
+                permit.clone(),
+                key,
+                disks,
+                gate_events.clone(),
+            ))
+        }),
+        members: Arc::new(move |path, member| {
+            FencedMember::wrap(member, path, key, set, member_events.clone())
+        }),
+    }
+}
+
+impl HaNode {
+    /// Loads the partner's config and builds both sites (nothing opened).
+    pub fn prepare(config: &Config) -> Result<(Arc<Site>, HaNode)> {
+        let Some(ha) = config.ha.clone() else {
+            bail!("no [ha] section");
+        };
+        let partner_path = config.resolve(&ha.partner_config);
+        let partner_cfg = Config::load(&partner_path)
+            .with_context(|| format!("ha.partner_config {}", partner_path.display()))?;
+        let pair = config.pair_id();
+        if pair.is_nil() {
+            bail!("[ha] needs node.pair_id: both nodes of the pair name the same UUID");
+        }
+        if partner_cfg.pair_id() != pair {
+            bail!(
+                "ha.partner_config {}: its node.pair_id ({}) differs from this node's ({pair}): \
+                 the two configs must describe one pair",
+                partner_path.display(),
+                partner_cfg.pair_id()
+            );
+        }
+        let Some(node_id) = NodeId::new(config.node.id) else {
+            bail!("node.id {} is not 0 or 1", config.node.id);
+        };
+        if partner_cfg.node.id != node_id.partner().get() {
+            bail!(
+                "ha.partner_config {}: its node.id is {}, but this node is {} so its partner must \
+                 be {}",
+                partner_path.display(),
+                partner_cfg.node.id,
+                node_id.get(),
+                node_id.partner().get()
+            );
+        }
+        let pair_id = *pair.as_bytes();
+        let own_key = node_key(&pair_id, node_id.get());
+        let partner_key = node_key(&pair_id, node_id.partner().get());
+        let permits = Permits::default();
+        let (tx, rx) = controller::event_channel();
+        let own = Arc::new(Site::new(
+            config.clone(),
+            Some(fences(DiskSet::Own, &permits, own_key, &tx)),
+            // After a giveback the partner may still be closing this node's address.
+            PARTNER_BIND_RETRY_MS,
+        ));
+        let partner = Arc::new(Site::new(
+            partner_cfg,
+            Some(fences(DiskSet::Partner, &permits, own_key, &tx)),
+            PARTNER_BIND_RETRY_MS,
+        ));
+        Ok((
+            own,
+            HaNode {
+                config: config.clone(),
+                ha,
+                pair_id,
+                node_id,
+                own_key,
+                partner_key,
+                partner,
+                permits,
+                events: Mutex::new(Some((tx, rx))),
+                handle: OnceLock::new(),
+            },
+        ))
+    }
+
+    pub fn partner(&self) -> &Site {
+        &self.partner
+    }
+
+    pub fn handle(&self) -> Option<&Handle> {
+        self.handle.get()
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// This node's own disks (from its own config).
+    pub fn own_disks(&self) -> Vec<PathBuf> {
+        self.config
+            .arrays
+            .iter()
+            .flat_map(|a| a.disks.iter().chain(a.spares.iter()))
+            .map(|p| self.config.resolve(p))
+            .collect()
+    }
+
+    pub fn keys(&self) -> (Key, Key) {
+        (self.own_key, self.partner_key)
+    }
+
+    pub fn ha_config(&self) -> &HaConfig {
+        &self.ha
+    }
+
+    fn machine_config(&self) -> MachineConfig {
+        let mut m = MachineConfig::new(self.pair_id, self.node_id);
+        m.heartbeat = HeartbeatConfig {
+            interval_ms: self.ha.heartbeat_interval_ms,
+            silence_intervals: self.ha.silence_intervals,
+        };
+        m.lease_ms = self.ha.lease_ms;
+        m.auto_giveback = self.ha.auto_giveback;
+        m
+    }
+
+    /// Starts the controller: generation, UDP, mailbox, executor.
+    pub async fn start(&self, own: Arc<Site>) -> Result<()> {
+        let Some(events) = self.events.lock().ok().and_then(|mut e| e.take()) else {
+            bail!("the HA controller was already started");
+        };
+        let generation = generation::next(&self.config.data_dir())?;
+        let holds_partner_disks = holds_all(&self.partner.disks(), self.own_key);
+        tracing::info!(
+            generation,
+            holds_partner_disks,
+            node = self.node_id.get(),
+            "HA: starting"
+        );
+        let listen: SocketAddr = self.ha.udp_listen.parse().context("ha.udp_listen")?;
+        let partner_udp: SocketAddr = self.ha.partner_udp.parse().context("ha.partner_udp")?;
+        let udp = UdpPath::bind(listen, partner_udp)
+            .await
+            .with_context(|| format!("cannot bind the UDP heartbeat address {listen}"))?;
+        let links = vec![udp_link(udp)];
+        // INTERCONNECT: the interconnect's STATUS frames join here as one more `Link` with
+        // `path: HbPath::Interconnect` (send: queue a STATUS frame carrying the bytes; rx: the
+        // bytes of every STATUS frame received). Wired by the lead when the mirror is merged.
+        let mailbox = MailboxLoop {
+            disks: self
+                .ha
+                .mailbox_disks
+                .iter()
+                .map(|d| self.config.resolve(d))
+                .collect(),
+            pair_id: self.pair_id,
+            partner: self.node_id.partner(),
+            interval_ms: self.ha.heartbeat_interval_ms,
+        };
+        let executor = Arc::new(SiteExecutor::new(
+            own,
+            self.partner.clone(),
+            self.own_key,
+            self.partner_key,
+        ));
+        let handle = controller::spawn(
+            Parts {
+                machine: self.machine_config(),
+                boot: Boot {
+                    generation,
+                    holds_partner_disks,
+                },
+                executor,
+                links,
+                mailbox: Some(mailbox),
+            },
+            events,
+            self.permits.clone(),
+        );
+        if self.ha.takeover_disabled {
+            if let Err(e) = handle.operator(Command::DisableTakeover).await {
+                tracing::warn!("cannot disable takeover at start: {e}");
+            }
+        }
+        tokio::spawn(report_mirror_sync(
+            self.partner.nvram_files(),
+            handle.events(),
+            self.ha.heartbeat_interval_ms,
+        ));
+        let _ = self.handle.set(handle);
+        Ok(())
+    }
+
+    /// Announces STOPPED (the sites are already stopped) and gives the record a moment to go
+    /// out on every path.
+    pub async fn stop(&self) {
+        if let Some(h) = self.handle.get() {
+            if let Err(e) = h.operator(Command::Stop).await {
+                tracing::warn!("HA stop: {e}");
+            }
+            tokio::time::sleep(Duration::from_millis(self.ha.heartbeat_interval_ms)).await;
+        }
+    }
+}
+
+/// The UDP path as a controller link: a sender task with a short queue, a receiver task.
+fn udp_link(udp: UdpPath) -> Link {
+    let (in_tx, in_rx) = mpsc::channel(64);
+    tokio::spawn(udp.clone().receive_into(in_tx));
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(UDP_SEND_QUEUE);
+    tokio::spawn(async move {
+        let mut last_error: Option<String> = None;
+        while let Some(bytes) = out_rx.recv().await {
+            match udp.send(&bytes).await {
+                Ok(()) => last_error = None,
+                Err(e) => {
+                    let msg = e.to_string();
+                    if last_error.as_ref() != Some(&msg) {
+                        tracing::debug!("UDP heartbeat send failed: {msg}");
+                    }
+                    last_error = Some(msg);
+                }
+            }
+        }
+    });
+    Link {
+        path: HbPath::Udp,
+        send: Box::new(move |bytes| {
+            let _ = out_tx.try_send(bytes);
+        }),
+        rx: in_rx,
+    }
+}
+
+/// MIRROR: stands in for the NVRAM mirror until it is merged. Takeover needs the partner's
+/// journal; today the survivor opens the partner's own NVRAM files (named in the partner's
+/// config), which works where both nodes share that storage (one host: the demo and tests). So
+/// "in sync" here means: every one of those files is readable from this node. When the mirror
+/// is merged, its sync state replaces this task and the partner's volumes open from the
+/// mirror's partner copy (see `open_array_volume` in `site.rs`).
+async fn report_mirror_sync(
+    files: Vec<PathBuf>,
+    events: mpsc::UnboundedSender<Event>,
+    interval_ms: u64,
+) {
+    loop {
+        let in_sync = files.iter().all(|f| std::fs::File::open(f).is_ok());
+        if events.send(Event::MirrorSync { in_sync }).is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+    }
+}

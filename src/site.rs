@@ -1,0 +1,611 @@
+//! A site: what one node's config serves (its arrays, volumes, journaled devices, and one NBD
+//! server on that config's listen addresses), brought up and torn down in steps.
+//!
+//! A node without HA opens its own site at start and serves it until shutdown, as it always did.
+//! In an HA pair the node owns two sites: its own, and its partner's (built from the partner's
+//! config file), and the HA executor drives each through the state machine's operations:
+//!
+//! | op | site step |
+//! | --- | --- |
+//! | Assemble | [`Site::assemble`]: open the disks, assemble (or create) the arrays |
+//! | Replay | [`Site::open_volumes`]: open the volumes, journal recovery included, add exports |
+//! | Serve | [`Site::serve`]: bind the listen addresses (retrying while a dead partner's port is still held) |
+//! | Checkpoint | [`Site::checkpoint`]: apply every journal to its array |
+//! | StopServing | [`Site::stop`] (`Teardown::Clean`): listeners down, connections closed, arrays closed |
+//! | Fence | [`Site::stop`] (`Teardown::Fenced`): the same, but nothing written to the disks |
+//!
+//! Every step is idempotent where the state machine may repeat it (a retried bring-up), and the
+//! site's parts are behind a short-held mutex: admin requests read a consistent snapshot while
+//! the executor swaps parts in and out.
+
+use crate::admin;
+use crate::arrays::{ArrayEntry, MemberWrap};
+use crate::config::{format_bytes, Config, VolumeConfig};
+use crate::device::{ArrayBacking, ArrayDevice, JournaledDevice, MemberDevice};
+use crate::ha::gate::WriteGate;
+use crate::node::VolumeInfo;
+use crate::pair::{LogSource, Pair, VolumeMeta};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+use tokio::task::JoinSet;
+use twinblock_io::file::{FileMember, FileOptions};
+use twinblock_io::Member;
+use twinblock_journal::{
+    Backing, JournalError, JournaledVolume, MirrorHook, NoMirror, Nvram, NvramConfig,
+};
+use twinblock_nbd::{BlockDevice, Export, Server, ServerConfig};
+
+/// How often a bind of a listen address still in use is retried.
+const BIND_RETRY_INTERVAL_MS: u64 = 50;
+
+/// Builds the write gate of one array (HA sites only): given the array's disk paths.
+pub type GateFactory = Box<dyn Fn(&[PathBuf]) -> Arc<WriteGate> + Send + Sync>;
+
+/// The HA fences of a site: one gate per array (lease + reservations, checked before array
+/// writes) and a wrapper per disk (reservation, checked at member submission).
+pub struct Fences {
+    pub gates: GateFactory,
+    pub members: MemberWrap,
+}
+
+/// How [`Site::stop`] leaves the disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Teardown {
+    /// Arrays closed (superblocks marked clean): this node still holds the disks.
+    Clean,
+    /// Nothing written: another node holds the disks now. Arrays and journals are dropped.
+    Fenced,
+}
+
+/// One config's arrays, volumes and NBD server.
+pub struct Site {
+    config: Config,
+    fences: Option<Fences>,
+    /// How long [`Site::serve`] retries an address in use, and opening a journal waits for an
+    /// NVRAM file another process still has locked (0: fail at once). In a takeover on one host
+    /// the departing node may hold both for a moment (until its fence).
+    bind_retry_ms: u64,
+    /// The NVRAM mirror to the partner (`[pair]`), set once before the volumes open; only the
+    /// own site has one.
+    pair: OnceLock<Arc<Pair>>,
+    parts: Mutex<Parts>,
+}
+
+#[derive(Default)]
+struct Parts {
+    arrays: BTreeMap<String, Arc<ArrayEntry>>,
+    array_gates: BTreeMap<String, Arc<WriteGate>>,
+    server: Option<Server>,
+    volumes: Vec<VolumeInfo>,
+    journaled: BTreeMap<String, Arc<JournaledDevice>>,
+    listeners: Option<Listeners>,
+}
+
+struct Listeners {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: JoinSet<std::io::Result<()>>,
+    bound: Vec<SocketAddr>,
+    unix: Option<PathBuf>,
+}
+
+impl Site {
+    /// A site for `config`, nothing opened yet. `fences` makes its writes fenced (HA).
+    pub fn new(config: Config, fences: Option<Fences>, bind_retry_ms: u64) -> Site {
+        Site {
+            config,
+            fences,
+            bind_retry_ms,
+            pair: OnceLock::new(),
+            parts: Mutex::new(Parts::default()),
+        }
+    }
+
+    /// Mirrors this site's journaled volumes to the partner through `pair` (call before
+    /// [`Site::open_volumes`]; a second call is ignored).
+    pub fn set_pair(&self, pair: Option<Arc<Pair>>) {
+        if let Some(p) = pair {
+            let _ = self.pair.set(p);
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn parts(&self) -> MutexGuard<'_, Parts> {
+        // A panic while holding this short lock leaves plain data behind: keep using it.
+        self.parts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every disk (members and spares) of the site's arrays, resolved.
+    pub fn disks(&self) -> Vec<PathBuf> {
+        self.config
+            .arrays
+            .iter()
+            .flat_map(|a| a.disks.iter().chain(a.spares.iter()))
+            .map(|p| self.config.resolve(p))
+            .collect()
+    }
+
+    /// The NVRAM files of the site's journaled volumes.
+    pub fn nvram_files(&self) -> Vec<PathBuf> {
+        self.config
+            .volumes
+            .iter()
+            .filter_map(|v| self.config.volume_nvram_path(v))
+            .collect()
+    }
+
+    pub fn arrays(&self) -> BTreeMap<String, Arc<ArrayEntry>> {
+        self.parts().arrays.clone()
+    }
+
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        self.parts().volumes.clone()
+    }
+
+    pub fn journaled(&self) -> BTreeMap<String, Arc<JournaledDevice>> {
+        self.parts().journaled.clone()
+    }
+
+    pub fn server(&self) -> Option<Server> {
+        self.parts().server.clone()
+    }
+
+    /// The addresses bound by [`Site::serve`] (empty when not serving).
+    pub fn bound(&self) -> Vec<SocketAddr> {
+        self.parts()
+            .listeners
+            .as_ref()
+            .map(|l| l.bound.clone())
+            .unwrap_or_default()
+    }
+
+    /// Opens (or creates) every array of the config. Already assembled: nothing to do.
+    pub async fn assemble(&self) -> Result<()> {
+        if !self.parts().arrays.is_empty() || self.config.arrays.is_empty() {
+            return Ok(());
+        }
+        let mut arrays = BTreeMap::new();
+        let mut gates = BTreeMap::new();
+        for a in &self.config.arrays {
+            if let Some(f) = &self.fences {
+                let disks: Vec<PathBuf> = a
+                    .disks
+                    .iter()
+                    .chain(a.spares.iter())
+                    .map(|p| self.config.resolve(p))
+                    .collect();
+                gates.insert(a.name.clone(), (f.gates)(&disks));
+            }
+            let wrap = self.fences.as_ref().map(|f| &f.members);
+            let entry = ArrayEntry::open_with(&self.config, a, wrap)
+                .await
+                .with_context(|| format!("array `{}`", a.name))?;
+            arrays.insert(a.name.clone(), Arc::new(entry));
+        }
+        let mut p = self.parts();
+        p.arrays = arrays;
+        p.array_gates = gates;
+        Ok(())
+    }
+
+    /// Opens every volume (journal recovery included) and adds it to a new NBD server. Already
+    /// open: nothing to do.
+    pub async fn open_volumes(&self) -> Result<()> {
+        if self.parts().server.is_some() {
+            return Ok(());
+        }
+        let config = &self.config;
+        let server = Server::new(ServerConfig {
+            max_request_bytes: u32::try_from(config.nbd.max_request.bytes())
+                .context("nbd.max_request does not fit in 32 bits")?,
+            max_connections: config.nbd.max_connections,
+            shutdown_grace: Duration::from_millis(config.nbd.shutdown_grace_ms),
+            tls: config.nbd_tls()?,
+            ..ServerConfig::default()
+        });
+        let (arrays, gates) = {
+            let p = self.parts();
+            (p.arrays.clone(), p.array_gates.clone())
+        };
+        let mut volumes = Vec::new();
+        let mut journaled = BTreeMap::new();
+        for v in &config.volumes {
+            let (device, info) = match &v.array {
+                None => open_volume(config, v).await,
+                Some(a) => {
+                    let Some(entry) = arrays.get(a.as_str()) else {
+                        bail!("volume `{}`: array `{a}` is not assembled", v.name);
+                    };
+                    let gate = gates.get(a.as_str()).cloned();
+                    open_array_volume(
+                        config,
+                        v,
+                        entry,
+                        gate,
+                        self.bind_retry_ms,
+                        &mut journaled,
+                        self.pair.get().map(|p| &**p),
+                    )
+                    .await
+                }
+            }
+            .with_context(|| format!("volume `{}`", v.name))?;
+            let access = v
+                .nbd_access()
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("volume `{}`", v.name))?;
+            server
+                .add_export_with_access(
+                    Export {
+                        name: v.name.clone(),
+                        description: info.description.clone(),
+                        device,
+                    },
+                    access,
+                )
+                .with_context(|| format!("volume `{}`", v.name))?;
+            tracing::info!(
+                volume = %v.name,
+                size = %format_bytes(info.size),
+                backing = %info.backing,
+                engine = %info.io_engine,
+                direct = info.direct_io,
+                "volume ready"
+            );
+            volumes.push(info);
+        }
+        if let Some(def) = &config.nbd.default_export {
+            server.set_default_export(Some(def.clone()))?;
+        } else if volumes.len() == 1 {
+            // One volume: let clients that send an empty export name reach it.
+            server.set_default_export(Some(volumes[0].name.clone()))?;
+        }
+        let mut p = self.parts();
+        p.server = Some(server);
+        p.volumes = volumes;
+        p.journaled = journaled;
+        Ok(())
+    }
+
+    /// Binds the NBD listen addresses (and the Unix socket) and serves the exports. Returns the
+    /// bound addresses. Already serving: returns them again.
+    pub async fn serve(&self) -> Result<Vec<SocketAddr>> {
+        let Some(server) = self.server() else {
+            bail!("cannot serve: the volumes are not open");
+        };
+        if let Some(l) = &self.parts().listeners {
+            return Ok(l.bound.clone());
+        }
+        let mut tasks = JoinSet::new();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut bound = Vec::new();
+        for addr in &self.config.nbd.listen {
+            let listener = self
+                .bind_tcp(addr)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {addr}"))?;
+            let local = listener.local_addr()?;
+            bound.push(local);
+            tracing::info!("serving NBD on {local}");
+            let server = server.clone();
+            let mut rx = stop_rx.clone();
+            tasks.spawn(async move {
+                server
+                    .serve_tcp(listener, async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await
+            });
+        }
+        let mut unix_path = None;
+        if let Some(unix) = &self.config.nbd.unix {
+            let path = self.config.resolve(unix);
+            let listener = admin::server::bind(&path)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {}", path.display()))?;
+            tracing::info!("serving NBD on unix socket {}", path.display());
+            let server = server.clone();
+            let mut rx = stop_rx.clone();
+            tasks.spawn(async move {
+                server
+                    .serve_unix(listener, async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await
+            });
+            unix_path = Some(path);
+        }
+        self.parts().listeners = Some(Listeners {
+            stop: stop_tx,
+            tasks,
+            bound: bound.clone(),
+            unix: unix_path,
+        });
+        Ok(bound)
+    }
+
+    /// Binds `addr`, retrying for up to `bind_retry_ms` while it is in use (a partner that just
+    /// died, or was fenced, may still hold the port for a moment).
+    async fn bind_tcp(&self, addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+        let deadline = crate::ha::now_ms() + self.bind_retry_ms;
+        loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && crate::ha::now_ms() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(BIND_RETRY_INTERVAL_MS)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A consistency point of every journaled volume; the first failure is returned.
+    pub async fn checkpoint(&self) -> Result<()> {
+        for (name, dev) in self.journaled() {
+            dev.volume()
+                .checkpoint()
+                .await
+                .with_context(|| format!("consistency point of volume `{name}`"))?;
+        }
+        Ok(())
+    }
+
+    /// Stops serving: listeners closed, client connections closed (after in-flight requests
+    /// are answered), exports dropped; with [`Teardown::Clean`] a final CP and array close.
+    pub async fn stop(&self, how: Teardown) {
+        let (listeners, server, journaled, arrays) = {
+            let mut p = self.parts();
+            p.volumes.clear();
+            p.array_gates.clear();
+            (
+                p.listeners.take(),
+                p.server.take(),
+                std::mem::take(&mut p.journaled),
+                std::mem::take(&mut p.arrays),
+            )
+        };
+        if let Some(server) = &server {
+            server.shutdown();
+        }
+        if let Some(mut l) = listeners {
+            let _ = l.stop.send(true);
+            while let Some(r) = l.tasks.join_next().await {
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!("listener ended with error: {e}"),
+                    Err(e) => tracing::warn!("listener task failed: {e}"),
+                }
+            }
+            if let Some(path) = l.unix {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if how == Teardown::Fenced {
+            // Dropping the journals closes their NVRAM files (as a crash would: the new holder
+            // replays them); dropping the arrays writes nothing.
+            return;
+        }
+        for (name, dev) in &journaled {
+            if let Err(e) = dev.volume().checkpoint().await {
+                tracing::warn!(volume = %name, "final consistency point failed (the journal will be replayed at next start): {e}");
+            }
+        }
+        drop(journaled);
+        for (name, a) in &arrays {
+            if let Err(e) = a.array.close().await {
+                tracing::warn!(array = %name, "array close failed: {e}");
+            }
+        }
+    }
+}
+
+/// A volume on an array, through the journal when the config says so.
+async fn open_array_volume(
+    config: &Config,
+    v: &VolumeConfig,
+    entry: &ArrayEntry,
+    gate: Option<Arc<WriteGate>>,
+    lock_wait_ms: u64,
+    journaled: &mut BTreeMap<String, Arc<JournaledDevice>>,
+    pair: Option<&Pair>,
+) -> Result<(Arc<dyn BlockDevice>, VolumeInfo)> {
+    let array = entry.array.clone();
+    let st = array.status();
+    let mut info = VolumeInfo {
+        name: v.name.clone(),
+        description: v.description.clone().unwrap_or_else(|| {
+            format!(
+                "twinblock RAID {} volume on {}",
+                st.level.code(),
+                entry.name
+            )
+        }),
+        kind: "array",
+        size: array.size(),
+        read_only: v.read_only,
+        backing: entry.name.clone(),
+        io_engine: entry.io_engine.to_string(),
+        direct_io: entry.direct_io,
+        nvram: None,
+    };
+    if !v.journal {
+        return Ok((
+            Arc::new(ArrayDevice::new(array, v.read_only).with_gate(gate)),
+            info,
+        ));
+    }
+    let (Some(nv), Some(path)) = (&config.nvram, config.volume_nvram_path(v)) else {
+        bail!("journal = true needs an [nvram] section");
+    };
+    // Two regions (own, partner) share the file; leave room for the header and control slots.
+    const NVRAM_OVERHEAD_BYTES: u64 = 1 << 20;
+    let per_region = (nv.size.bytes().saturating_sub(NVRAM_OVERHEAD_BYTES) / 2) & !4095;
+    // MIRROR: for the partner's site (a takeover) this opens the partner's own NVRAM file as its
+    // config names it, which only works where this node can reach that file (one host: the demo
+    // and the tests). When the NVRAM mirror is merged, the partner's volumes open here from the
+    // mirror's copy of the partner region instead (bound to the same store ids).
+    let nvram_config = NvramConfig {
+        path: path.clone(),
+        persistence: nv.persistence,
+        node_id: u32::from(config.node.id),
+        pair_id: *config.pair_id().as_bytes(),
+        log_bytes_per_region: per_region,
+        create_if_missing: true,
+    };
+    let deadline = crate::ha::now_ms() + lock_wait_ms;
+    let nvram = loop {
+        match Nvram::open(&nvram_config) {
+            Err(JournalError::Locked { .. }) if crate::ha::now_ms() < deadline => {
+                tokio::time::sleep(Duration::from_millis(BIND_RETRY_INTERVAL_MS)).await;
+            }
+            other => break other,
+        }
+    }
+    .with_context(|| format!("NVRAM file {}", path.display()))?;
+    let volume_id = journal_volume_id(&v.name);
+    let mirror = pair.map(|p| p.add_volume(&v.name, volume_id));
+    let hook: Arc<dyn MirrorHook> = match &mirror {
+        Some(m) => m.clone(),
+        None => Arc::new(NoMirror),
+    };
+    let volume = JournaledVolume::open_with_mirror(
+        nvram,
+        ArrayBacking { array, gate },
+        volume_id,
+        twinblock_journal::VolumeConfig {
+            cp_interval_ms: nv.cp_interval_ms,
+            ..Default::default()
+        },
+        hook,
+    )
+    .await
+    .with_context(|| format!("journal recovery from {}", path.display()))?;
+    let r = volume.recovery();
+    tracing::info!(
+        volume = %v.name,
+        replayed = r.replayed_records,
+        skipped_retired = r.skipped_retired_records,
+        damaged_tail_discarded = r.damaged_tail_discarded,
+        "journal recovered"
+    );
+    if volume.ack_survives_power_loss() {
+        tracing::info!(
+            volume = %v.name,
+            nvram = %path.display(),
+            "acknowledged writes survive a daemon crash and a loss of host power (NVRAM on a persistent medium)"
+        );
+    } else {
+        tracing::warn!(
+            volume = %v.name,
+            nvram = %path.display(),
+            "acknowledged writes survive a daemon crash only, not a loss of host power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA wait for a consistency point"
+        );
+    }
+    let meta = VolumeMeta {
+        store_id: volume.backing().store_id().unwrap_or([0; 16]),
+        log_bytes: volume.status().log_bytes,
+    };
+    let dev = Arc::new(JournaledDevice::new(volume, v.read_only));
+    if let Some(m) = mirror {
+        let source: Arc<dyn LogSource> = dev.clone();
+        m.attach(Arc::downgrade(&source), meta);
+    }
+    journaled.insert(v.name.clone(), dev.clone());
+    info.kind = "journaled-array";
+    info.nvram = Some(path.display().to_string());
+    Ok((dev, info))
+}
+
+/// A stable 64-bit id for a volume's journal records, from its name.
+fn journal_volume_id(name: &str) -> u64 {
+    // FNV-1a: stable across builds and platforms, unlike the std hasher.
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+async fn open_volume(
+    config: &Config,
+    v: &VolumeConfig,
+) -> Result<(Arc<dyn BlockDevice>, VolumeInfo)> {
+    let Some(file) = &v.file else {
+        bail!("array-backed volumes are not available in this build");
+    };
+    let path = config.resolve(file);
+    let member = open_image(&path, v).await?;
+    let map = std::fs::File::open(&path)
+        .ok()
+        .filter(|f| f.metadata().map(|m| m.is_file()).unwrap_or(false));
+    let info = VolumeInfo {
+        name: v.name.clone(),
+        description: v
+            .description
+            .clone()
+            .unwrap_or_else(|| format!("twinblock image {}", path.display())),
+        kind: "file",
+        size: member.size(),
+        read_only: v.read_only,
+        backing: path.display().to_string(),
+        io_engine: member.engine().to_string(),
+        direct_io: member.direct(),
+        nvram: None,
+    };
+    let device = MemberDevice::new(member, v.read_only, map);
+    Ok((Arc::new(device), info))
+}
+
+async fn open_image(path: &Path, v: &VolumeConfig) -> Result<Arc<FileMember>> {
+    let exists = path.exists();
+    if !exists && v.read_only {
+        bail!(
+            "image {} does not exist, and a read-only volume is never created",
+            path.display()
+        );
+    }
+    if !exists && v.size.is_none() {
+        bail!(
+            "image {} does not exist; create it, or set `size` in the volume's config to have \
+             twinblockd create it",
+            path.display()
+        );
+    }
+    if !exists {
+        if let Some(why) = crate::disk_check::missing_directory(path) {
+            bail!("{why}");
+        }
+    }
+    let member = FileMember::open(
+        path,
+        &FileOptions {
+            direct: v.direct_io,
+            read_only: v.read_only,
+            create_size: if exists {
+                None
+            } else {
+                v.size.map(|s| s.bytes())
+            },
+            engine: Default::default(),
+        },
+    )
+    .with_context(|| format!("cannot open image {}", path.display()))?;
+    if let Some(want) = v.size {
+        if exists && member.size() != want.bytes() {
+            bail!(
+                "image {} is {} but the config says size = {}; fix `size` (or remove it to \
+                 use the image as it is)",
+                path.display(),
+                format_bytes(member.size()),
+                format_bytes(want.bytes()),
+            );
+        }
+    }
+    Ok(member)
+}

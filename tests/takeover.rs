@@ -1,0 +1,552 @@
+//! HA pair end to end: two `twinblockd` on one host sharing disk images in one directory, each
+//! with an `[ha]` section naming the other's config, driven by real NBD clients (qemu-io).
+//!
+//! Node 0 serves `vol0` (RAID 1 on `d0a.img`, `d0b.img`, journaled) on its NBD port, node 1
+//! serves `vol1` likewise on its own. Mailbox disks: `d0a.img` and `d1a.img`. Default timers.
+
+mod common;
+
+use common::{free_port, require_tool, run_with_timeout, temp_dir, CLIENT_TIMEOUT};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+use twinblock::admin::{client, Request};
+
+const PAIR_ID: &str = "6f1c0d3e-8a4b-4c2d-9e7f-1a2b3c4d5e6f";
+const DISK_BYTES: u64 = 48 << 20;
+/// A takeover (detection, lease, preempt, assembly, journal replay, bind) must finish within this.
+const TAKEOVER_BUDGET: Duration = Duration::from_secs(5);
+/// How long a "no takeover" test watches.
+const QUIET_WATCH: Duration = Duration::from_secs(3);
+const POLL: Duration = Duration::from_millis(50);
+
+struct Node {
+    id: u8,
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    nbd: SocketAddr,
+    child: Option<Child>,
+}
+
+struct Pair {
+    _tmp: tempfile::TempDir,
+    shared: PathBuf,
+    nodes: [Node; 2],
+    rt: tokio::runtime::Runtime,
+}
+
+/// Options that differ between the tests.
+#[derive(Default, Clone)]
+struct Opts {
+    /// Node 0 sends its UDP status to a port nobody listens on.
+    node0_udp_to_dead_port: bool,
+}
+
+fn config_text(
+    id: u8,
+    shared: &Path,
+    dir: &Path,
+    nbd: SocketAddr,
+    udp: [u16; 2],
+    partner_udp: u16,
+    partner_cfg: &Path,
+) -> String {
+    format!(
+        r#"[node]
+id = {id}
+data_dir = "{dir}"
+pair_id = "{PAIR_ID}"
+
+[nbd]
+listen = ["{nbd}"]
+
+[[array]]
+name = "md{id}"
+level = 1
+disks = ["{shared}/d{id}a.img", "{shared}/d{id}b.img"]
+
+[[volume]]
+name = "vol{id}"
+array = "md{id}"
+journal = true
+
+[nvram]
+path = "{shared}/node{id}.nvram"
+size = "8MiB"
+persistence = "msync"
+cp_interval_ms = 200
+
+[ha]
+udp_listen = "127.0.0.1:{listen}"
+partner_udp = "127.0.0.1:{partner_udp}"
+mailbox_disks = ["{shared}/d0a.img", "{shared}/d1a.img"]
+partner_config = "{partner_cfg}"
+"#,
+        dir = dir.display(),
+        shared = shared.display(),
+        listen = udp[usize::from(id)],
+        partner_cfg = partner_cfg.display(),
+    )
+}
+
+impl Pair {
+    fn new(opts: Opts) -> Pair {
+        let tmp = temp_dir("takeover");
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        // The shared disks exist before either node starts (as real shared disks do), so each
+        // node's mailbox writes reach both mailbox disks from the first interval.
+        for name in ["d0a", "d0b", "d1a", "d1b"] {
+            let f = std::fs::File::create(shared.join(format!("{name}.img"))).unwrap();
+            f.set_len(DISK_BYTES).unwrap();
+        }
+        let udp = [free_port(), free_port()];
+        let dead_udp = free_port();
+        let nodes = [0u8, 1].map(|id| {
+            let dir = tmp.path().join(format!("node{id}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            Node {
+                id,
+                config: dir.join("twinblockd.toml"),
+                log: dir.join("twinblockd.log"),
+                dir,
+                nbd: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                child: None,
+            }
+        });
+        for id in 0..2usize {
+            let partner = &nodes[1 - id];
+            let mut partner_udp = udp[1 - id];
+            if id == 0 && opts.node0_udp_to_dead_port {
+                partner_udp = dead_udp;
+            }
+            let text = config_text(
+                id as u8,
+                &shared,
+                &nodes[id].dir,
+                nodes[id].nbd,
+                udp,
+                partner_udp,
+                &partner.config,
+            );
+            std::fs::write(&nodes[id].config, text).unwrap();
+        }
+        Pair {
+            _tmp: tmp,
+            shared,
+            nodes,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    fn start(&mut self, id: usize) {
+        let node = &mut self.nodes[id];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_twinblockd"))
+            .arg("--config")
+            .arg(&node.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start twinblockd");
+        node.child = Some(child);
+    }
+
+    /// Starts node 0, waits until it serves, then node 1 likewise.
+    fn start_both(&mut self) {
+        self.start(0);
+        self.wait_state(0, "Normal", Duration::from_secs(15));
+        self.start(1);
+        self.wait_state(1, "Normal", Duration::from_secs(15));
+        assert!(serving(self.nodes[0].nbd) && serving(self.nodes[1].nbd));
+        // Each node has heard the other report its (stand-in) mirror in sync.
+        let t0 = Instant::now();
+        while !(0..2).all(|id| {
+            self.ha(id)["partner"]["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "mirror-in-sync"))
+        }) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "mirror never in sync"
+            );
+            thread::sleep(POLL);
+        }
+    }
+
+    fn signal(&mut self, id: usize, sig: &str) {
+        let pid = self.nodes[id].child.as_ref().expect("node running").id();
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    fn kill(&mut self, id: usize) {
+        if let Some(mut c) = self.nodes[id].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn admin(&self, id: usize, req: Request) -> Result<serde_json::Value, String> {
+        let sock = self.nodes[id].dir.join("admin.sock");
+        self.rt
+            .block_on(client::call(&sock, &req))
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn ha(&self, id: usize) -> serde_json::Value {
+        self.admin(id, Request::HaStatus)
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn state(&self, id: usize) -> String {
+        self.ha(id)["node"]["state"]
+            .as_str()
+            .unwrap_or("unreachable")
+            .to_string()
+    }
+
+    fn wait_state(&self, id: usize, want: &str, within: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            if self.state(id) == want {
+                return t0.elapsed();
+            }
+            if t0.elapsed() > within {
+                panic!(
+                    "node {id} not {want} within {within:?}: {}\n{}",
+                    self.ha(id),
+                    self.logs()
+                );
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- node {} log ---\n{}",
+                    n.id,
+                    std::fs::read_to_string(&n.log).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    fn uri(&self, id: usize, export: &str) -> String {
+        format!("nbd://{}/{export}", self.nodes[id].nbd)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for id in 0..2 {
+            if let Some(c) = &self.nodes[id].child {
+                // A stopped process must be continued to die of SIGKILL promptly.
+                let _ = Command::new("kill")
+                    .args(["-CONT", &c.id().to_string()])
+                    .status();
+            }
+            self.kill(id);
+        }
+    }
+}
+
+fn serving(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// Waits until `addr` accepts connections; returns how long that took.
+fn wait_serving(addr: SocketAddr, within: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if serving(addr) {
+            return Some(t0.elapsed());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn qemu_io(uri: &str, commands: &[String], timeout: Duration) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    match run_with_timeout(&mut cmd, timeout) {
+        Ok(out) => format!("{}{}", out.stdout, out.stderr),
+        Err(e) => panic!("qemu-io: {e}"),
+    }
+}
+
+const BLOCK: u64 = 4096;
+
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8 + 1
+}
+
+/// Offsets of the writes qemu-io reported as done ("wrote 4096/4096 bytes at offset N").
+fn acknowledged(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("wrote 4096/4096 bytes at offset "))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn sigkill_of_node0_under_writes_survivor_serves_its_volume_with_every_acknowledged_write() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut pair = Pair::new(Opts::default());
+    pair.start_both();
+    let uri = pair.uri(0, "vol0");
+    let writes: Vec<String> = (0..3000u64)
+        .map(|i| format!("write -P {} {} {BLOCK}", pattern(i), i * BLOCK))
+        .collect();
+    let writer = {
+        let uri = uri.clone();
+        thread::spawn(move || qemu_io(&uri, &writes, Duration::from_secs(60)))
+    };
+    thread::sleep(Duration::from_millis(400));
+    pair.kill(0);
+    let killed = Instant::now();
+    let out = writer.join().unwrap();
+    let acked = acknowledged(&out);
+    assert!(
+        !acked.is_empty(),
+        "some writes were acknowledged before the kill:\n{out}"
+    );
+    assert!(
+        acked.len() < 3000,
+        "the kill interrupted the writer:\n{out}"
+    );
+
+    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    let served = wait_serving(pair.nodes[0].nbd, TAKEOVER_BUDGET)
+        .unwrap_or_else(|| panic!("node 0's address not served again\n{}", pair.logs()));
+    let took = killed.elapsed();
+    eprintln!(
+        "takeover: {} acknowledged writes; node 0's address served {took:?} after SIGKILL",
+        acked.len()
+    );
+    assert!(served <= TAKEOVER_BUDGET);
+
+    let reads: Vec<String> = acked
+        .iter()
+        .map(|off| format!("read -P {} {off} {BLOCK}", pattern(off / BLOCK)))
+        .collect();
+    let out = qemu_io(&uri, &reads, CLIENT_TIMEOUT);
+    let ok = out
+        .lines()
+        .filter(|l| l.starts_with("read 4096/4096"))
+        .count();
+    assert!(
+        !out.contains("Pattern verification failed") && ok == acked.len(),
+        "every acknowledged write reads back from the survivor ({ok}/{}):\n{out}\n{}",
+        acked.len(),
+        pair.logs()
+    );
+    // The survivor still serves its own volume too.
+    let own = qemu_io(
+        &pair.uri(1, "vol1"),
+        &["read 0 4096".into()],
+        CLIENT_TIMEOUT,
+    );
+    assert!(own.contains("read 4096/4096"), "{own}");
+    let ha = pair.ha(1);
+    assert_eq!(ha["node"]["holds_partner_disks"], true, "{ha}");
+}
+
+#[test]
+fn udp_cut_while_mailboxes_work_causes_no_takeover() {
+    let mut pair = Pair::new(Opts {
+        node0_udp_to_dead_port: true,
+    });
+    pair.start_both();
+    thread::sleep(QUIET_WATCH);
+    assert_eq!(pair.state(0), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    let ha = pair.ha(1);
+    let paths = ha["paths"].as_array().unwrap();
+    let age = |name: &str| {
+        paths
+            .iter()
+            .find(|p| p["path"] == name)
+            .map(|p| p["age_ms"].clone())
+            .unwrap()
+    };
+    assert!(
+        age("udp").is_null(),
+        "node 1 never hears node 0 on UDP: {ha}"
+    );
+    assert!(
+        age("mailbox").as_u64().is_some_and(|a| a < 1000),
+        "node 1 hears node 0 through the mailbox: {ha}"
+    );
+    assert!(serving(pair.nodes[0].nbd) && serving(pair.nodes[1].nbd));
+    assert_eq!(ha["node"]["holds_partner_disks"], false, "{ha}");
+}
+
+#[test]
+fn takeover_disabled_and_partner_killed_means_no_takeover_and_the_reason_is_shown() {
+    let mut pair = Pair::new(Opts::default());
+    pair.start_both();
+    let r = pair.admin(1, Request::HaTakeoverDisable).unwrap();
+    assert_eq!(r["accepted"], "DisableTakeover");
+    pair.kill(0);
+    thread::sleep(QUIET_WATCH);
+    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    assert!(
+        !serving(pair.nodes[0].nbd),
+        "nobody serves node 0's address"
+    );
+    let ha = pair.ha(1);
+    assert_eq!(ha["takeover_possible"], false);
+    let codes: Vec<&str> = ha["takeover_blockers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["code"].as_str())
+        .collect();
+    assert!(codes.contains(&"DisabledByOperator"), "{ha}");
+    // An operator takeover is refused too, naming the reason.
+    let e = pair.admin(1, Request::HaTakeover).unwrap_err();
+    assert!(e.contains("disabled by the operator"), "{e}");
+    // Enabling it lets the takeover happen.
+    pair.admin(1, Request::HaTakeoverEnable).unwrap();
+    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+}
+
+#[test]
+fn restarted_node_waits_while_partner_holds_its_disks_and_giveback_returns_them() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut pair = Pair::new(Opts::default());
+    pair.start_both();
+    pair.kill(0);
+    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    wait_serving(pair.nodes[0].nbd, TAKEOVER_BUDGET).expect("survivor serves node 0's address");
+    let uri = pair.uri(0, "vol0");
+    let out = qemu_io(
+        &uri,
+        &["write -P 0x77 65536 4096".into(), "flush".into()],
+        CLIENT_TIMEOUT,
+    );
+    assert!(out.contains("wrote 4096/4096"), "{out}");
+
+    pair.start(0);
+    pair.wait_state(0, "WaitingForGiveback", Duration::from_secs(10));
+    // For a while it seizes nothing: it only retries its reservation now and then (briefly
+    // `Rebooting`), which the partner's hold refuses.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(1500) {
+        let ha0 = pair.ha(0);
+        let state = ha0["node"]["state"].as_str().unwrap_or("unreachable");
+        assert!(
+            state == "WaitingForGiveback" || state == "Rebooting",
+            "it seizes nothing: {ha0}"
+        );
+        assert_eq!(ha0["node"]["holds_own_disks"], false, "{ha0}");
+        assert_eq!(ha0["node"]["serving_own"], false, "{ha0}");
+        thread::sleep(POLL);
+    }
+    assert_eq!(pair.state(1), "Takeover");
+
+    pair.admin(1, Request::HaGiveback).unwrap();
+    pair.wait_state(1, "Normal", Duration::from_secs(10));
+    pair.wait_state(0, "Normal", Duration::from_secs(10));
+    wait_serving(pair.nodes[0].nbd, Duration::from_secs(10)).expect("node 0 serves again");
+    let out = qemu_io(&uri, &["read -P 0x77 65536 4096".into()], CLIENT_TIMEOUT);
+    assert!(
+        out.contains("read 4096/4096") && !out.contains("verification failed"),
+        "the write made during the takeover is there after the giveback:\n{out}\n{}",
+        pair.logs()
+    );
+    let ha1 = pair.ha(1);
+    assert_eq!(ha1["node"]["holds_partner_disks"], false, "{ha1}");
+}
+
+#[test]
+fn paused_node_resumed_after_takeover_writes_nothing_and_stops_serving() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut pair = Pair::new(Opts::default());
+    pair.start_both();
+    let uri = pair.uri(0, "vol0");
+    let out = qemu_io(
+        &uri,
+        &["write -P 0x11 0 4096".into(), "flush".into()],
+        CLIENT_TIMEOUT,
+    );
+    assert!(out.contains("wrote 4096/4096"), "{out}");
+
+    pair.signal(0, "STOP");
+    // While node 0 is stopped a client queues a write to it (it sits in node 0's socket).
+    let late = {
+        let uri = uri.clone();
+        thread::spawn(move || {
+            qemu_io(
+                &uri,
+                &["write -P 0xee 0 4096".into(), "flush".into()],
+                Duration::from_secs(30),
+            )
+        })
+    };
+    // Node 1 preempts node 0's disks; on one host it cannot open node 0's NVRAM file or bind
+    // its port until the stopped node lets go of them, which it does once it resumes and sees
+    // it was fenced.
+    let t0 = Instant::now();
+    while pair.ha(1)["node"]["holds_partner_disks"] != true {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no preempt: {}",
+            pair.logs()
+        );
+        thread::sleep(POLL);
+    }
+    thread::sleep(Duration::from_millis(500));
+    pair.signal(0, "CONT");
+    pair.wait_state(1, "Takeover", Duration::from_secs(15));
+    let late_out = late.join().unwrap();
+    assert!(
+        !late_out.contains("wrote 4096/4096"),
+        "the resumed node acknowledged nothing:\n{late_out}\n{}",
+        pair.logs()
+    );
+    pair.wait_state(0, "WaitingForGiveback", Duration::from_secs(10));
+    let ha0 = pair.ha(0);
+    assert_eq!(ha0["node"]["serving_own"], false, "{ha0}");
+    wait_serving(pair.nodes[0].nbd, Duration::from_secs(15))
+        .expect("the survivor serves node 0's address once the resumed node let go of it");
+    let out = qemu_io(&uri, &["read -P 0x11 0 4096".into()], CLIENT_TIMEOUT);
+    assert!(
+        out.contains("read 4096/4096") && !out.contains("verification failed"),
+        "the late write never reached the disks:\n{out}\n{}",
+        pair.logs()
+    );
+    let log0 = std::fs::read_to_string(&pair.nodes[0].log).unwrap();
+    assert!(log0.contains("fenc"), "node 0 logged its fence:\n{log0}");
+    let _ = &pair.shared;
+}
