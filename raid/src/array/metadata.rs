@@ -158,7 +158,7 @@ impl Inner {
             });
             if !blocks.is_empty() {
                 self.persist_bitmap(&blocks).await;
-                self.sync_writable().await;
+                self.sync_writable("bitmap sync").await;
             }
             if gen > 0 {
                 self.with_bitmap(|b| b.mark_durable(gen));
@@ -174,8 +174,9 @@ impl Inner {
         res
     }
 
-    /// Syncs every writable member; a member whose sync fails is marked faulty.
-    pub(super) async fn sync_writable(self: &Arc<Self>) {
+    /// Syncs every writable member; a member whose sync fails is marked faulty (`op` names the
+    /// operation in that message).
+    pub(super) async fn sync_writable(self: &Arc<Self>, op: &'static str) {
         let view = self.view();
         let results = join_all(
             (0..self.geo.members)
@@ -188,7 +189,7 @@ impl Inner {
         .await;
         for (m, r) in results {
             if let Err(e) = r {
-                self.member_failed(m, "bitmap sync", Some(&e), true).await;
+                self.member_failed(m, op, Some(&e), true).await;
             }
         }
     }

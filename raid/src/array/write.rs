@@ -353,21 +353,7 @@ impl Inner {
     pub(super) async fn flush(self: &Arc<Self>) -> Result<()> {
         self.check_failed()?;
         let epoch = self.with_bitmap(|b| b.start_flush());
-        let view = self.view();
-        let results = join_all(
-            (0..self.geo.members)
-                .filter(|m| view.writable[*m])
-                .filter_map(|m| {
-                    let d = view.members[m].clone()?;
-                    Some(async move { (m, d.sync().await) })
-                }),
-        )
-        .await;
-        for (m, r) in results {
-            if let Err(e) = r {
-                self.member_failed(m, "sync", Some(&e), true).await;
-            }
-        }
+        self.sync_writable("sync").await;
         self.check_failed()?;
         if !self.is_degraded() {
             let _g = self.bitmap_io.lock().await;
