@@ -713,7 +713,7 @@ impl Site {
 }
 
 /// A stable 64-bit id for a volume's journal records, from its name.
-fn journal_volume_id(name: &str) -> u64 {
+pub(crate) fn journal_volume_id(name: &str) -> u64 {
     // FNV-1a: stable across builds and platforms, unlike the std hasher.
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)

@@ -469,6 +469,11 @@ impl Pair {
         self.receiver.copy_ready(volume_id)
     }
 
+    /// True while this node serves partner volume `volume_id` from its copy (a takeover).
+    pub fn partner_copy_in_use(&self, volume_id: u64) -> bool {
+        self.receiver.copy_in_use(volume_id)
+    }
+
     /// The bytes of every STATUS frame the partner sends from now on (the HA controller's
     /// interconnect heartbeat path); `capacity` frames queue before new ones are dropped.
     pub fn subscribe_status(&self, capacity: usize) -> tokio::sync::mpsc::Receiver<Vec<u8>> {

@@ -157,6 +157,11 @@ impl Receiver {
         self.lock().get(&volume).is_some_and(|c| c.stream.is_some())
     }
 
+    /// True while the copy of `volume` is seized (this node serves the volume from it).
+    pub fn copy_in_use(&self, volume: u64) -> bool {
+        self.seized().contains(&volume)
+    }
+
     /// Sends the bytes of every STATUS frame from now on to `tx` too (replacing an older `tx`).
     pub fn subscribe_status(&self, tx: tokio::sync::mpsc::Sender<Vec<u8>>) {
         *self.status_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
