@@ -551,6 +551,9 @@ async fn open_array_volume(
     if let Some(m) = mirror {
         let source: Arc<dyn LogSource> = dev.clone();
         m.attach(Arc::downgrade(&source), meta);
+        if let Some(p) = pair {
+            p.reannounce();
+        }
     }
     journaled.insert(v.name.clone(), dev.clone());
     info.kind = "journaled-array";

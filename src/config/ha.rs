@@ -122,19 +122,29 @@ impl HaConfig {
     }
 }
 
-/// Everything that keeps `own` (with `[ha]`) and the partner config its `ha.partner_config`
-/// names from running as one HA pair (empty: they can). Both configs need `[ha]` pointing at
-/// each other's UDP addresses, and `[pair]` on both or on neither: with `[pair]` a takeover
-/// serves the partner's volumes from this node's copies of its journals, so the two mirror
-/// configs must describe one pair ([`super::check_partner`]); without it the survivor opens the
-/// partner's own NVRAM files, which only works on one host.
-pub fn check_ha_partner(own: &super::Config, partner: &super::Config) -> Vec<String> {
-    let mut problems = Vec::new();
+/// What keeps `own` (with `[ha]`) and the partner config its `ha.partner_config` names from
+/// running as one HA pair.
+#[derive(Debug, Default)]
+pub struct HaPartnerCheck {
+    /// The node refuses to start: the two configs cannot work together.
+    pub fatal: Vec<String>,
+    /// Logged at start: addresses that do not point at each other (legitimate behind NAT or a
+    /// proxy, a mistake otherwise), timers that differ.
+    pub warnings: Vec<String>,
+}
+
+/// Compares the two configs of an HA pair. Both need `[ha]`, and `[pair]` on both or on
+/// neither: with `[pair]` a takeover serves the partner's volumes from this node's copies of its
+/// journals, so both nodes must mirror; without it the survivor opens the partner's own NVRAM
+/// files, which only works on one host. With `[pair]` the two mirror configs are compared too
+/// ([`super::check_partner`]).
+pub fn check_ha_partner(own: &super::Config, partner: &super::Config) -> HaPartnerCheck {
+    let mut out = HaPartnerCheck::default();
     let (on, pn) = (own.source.display(), partner.source.display());
     match (&own.ha, &partner.ha) {
         (Some(a), Some(b)) => {
             if a.partner_udp != b.udp_listen || b.partner_udp != a.udp_listen {
-                problems.push(format!(
+                out.warnings.push(format!(
                     "ha UDP addresses do not point at each other: {on} listens on {} and sends \
                      to {}, {pn} listens on {} and sends to {}",
                     a.udp_listen, a.partner_udp, b.udp_listen, b.partner_udp
@@ -143,7 +153,7 @@ pub fn check_ha_partner(own: &super::Config, partner: &super::Config) -> Vec<Str
             if a.heartbeat_interval_ms != b.heartbeat_interval_ms
                 || a.silence_intervals != b.silence_intervals
             {
-                problems.push(format!(
+                out.warnings.push(format!(
                     "heartbeat timers differ ({} ms x {} vs {} ms x {}): both nodes should \
                      detect alike",
                     a.heartbeat_interval_ms,
@@ -153,19 +163,21 @@ pub fn check_ha_partner(own: &super::Config, partner: &super::Config) -> Vec<Str
                 ));
             }
         }
-        _ => problems.push(format!("both {on} and {pn} need an [ha] section")),
+        _ => out
+            .fatal
+            .push(format!("both {on} and {pn} need an [ha] section")),
     }
     match (&own.pair, &partner.pair) {
-        (Some(_), Some(_)) => problems.extend(super::check_partner(own, partner)),
+        (Some(_), Some(_)) => out.warnings.extend(super::check_partner(own, partner)),
         (None, None) => {}
-        _ => problems.push(format!(
+        _ => out.fatal.push(format!(
             "[pair] must be on both nodes or on neither ({on}: {}, {pn}: {}): a takeover \
              serves the partner's volumes from the mirror's copies only when both mirror",
             if own.pair.is_some() { "yes" } else { "no" },
             if partner.pair.is_some() { "yes" } else { "no" },
         )),
     }
-    problems
+    out
 }
 
 #[cfg(test)]
@@ -264,8 +276,10 @@ key_file = "{dir}/key"
     #[test]
     fn ha_with_pair_on_both_nodes_forms_one_pair() {
         let (_d, [a, b]) = two([true, true], 10901);
-        assert_eq!(check_ha_partner(&a, &b), Vec::<String>::new());
-        assert_eq!(check_ha_partner(&b, &a), Vec::<String>::new());
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            let c = check_ha_partner(x, y);
+            assert!(c.fatal.is_empty() && c.warnings.is_empty(), "{c:?}");
+        }
     }
 
     #[test]
@@ -279,9 +293,11 @@ key_file = "{dir}/key"
     }
 
     #[test]
-    fn ha_udp_addresses_not_pointing_at_each_other_are_refused() {
+    fn ha_udp_addresses_not_pointing_at_each_other_are_reported() {
         let (_d, [a, b]) = two([true, true], 10999);
-        let p = check_ha_partner(&a, &b);
+        let c = check_ha_partner(&a, &b);
+        assert!(c.fatal.is_empty(), "a proxy in between is legitimate: {c:?}");
+        let p = c.warnings;
         assert!(p.iter().any(|m| m.contains("UDP addresses")), "{p:?}");
     }
 

@@ -113,13 +113,16 @@ impl HaNode {
                 node_id.partner().get()
             );
         }
-        let problems = crate::config::ha::check_ha_partner(config, &partner_cfg);
-        if !problems.is_empty() {
+        let check = crate::config::ha::check_ha_partner(config, &partner_cfg);
+        if !check.fatal.is_empty() {
             bail!(
                 "ha.partner_config {} and this config do not form one HA pair:\n  - {}",
                 partner_path.display(),
-                problems.join("\n  - ")
+                check.fatal.join("\n  - ")
             );
+        }
+        for w in &check.warnings {
+            tracing::warn!("ha.partner_config {}: {w}", partner_path.display());
         }
         if config.pair.is_none() && config.volumes.iter().any(|v| v.journal) {
             tracing::warn!(

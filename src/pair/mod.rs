@@ -424,6 +424,13 @@ impl Pair {
         self.receiver.last_status()
     }
 
+    /// A journaled volume opened after the current connection's handshake (an HA node brings
+    /// its volumes up once it holds its disks): drops the outgoing connection so the next
+    /// handshake announces it and the partner opens its copy.
+    pub fn reannounce(&self) {
+        self.kill.send_modify(|k| *k += 1);
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> u8 {
         self.node_id
