@@ -423,15 +423,21 @@ impl Site {
             self.release_copies(&seized, &BTreeMap::new());
             return;
         }
-        let mut cp_failed = std::collections::BTreeSet::new();
+        // The exports hold the devices: let them go before the journals are closed.
+        drop(server);
+        let mut applied = std::collections::BTreeSet::new();
         for (name, dev) in &journaled {
-            if let Err(e) = dev.volume().checkpoint().await {
-                tracing::warn!(volume = %name, "final consistency point failed (the journal will be replayed at next start): {e}");
-                cp_failed.insert(name.clone());
+            match dev.volume().checkpoint().await {
+                Ok(_) => {
+                    applied.insert(name.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, "final consistency point failed (the journal will be replayed at next start): {e}")
+                }
             }
         }
         drop(journaled);
-        let fenced = fence_given_back_arrays(&seized, &cp_failed, &arrays, &gates).await;
+        let fenced = fence_given_back_arrays(&seized, &applied, &arrays, &gates).await;
         self.release_copies(&seized, &fenced);
         for (name, a) in &arrays {
             if let Err(e) = a.array.close().await {
@@ -655,20 +661,21 @@ async fn open_from_partner_copy(
     ))
 }
 
-/// Giveback after a takeover from partner copies: every array whose journaled volumes all
-/// finished their final CP gets its `applied_seq` fenced past the partner's old log (see
-/// `twinblock_journal::takeover`). Returns the arrays fenced; an array not fenced keeps its
-/// copies (they may hold writes the disks lack).
+/// Giveback after a takeover from partner copies: every array whose seized journaled volumes
+/// were all opened from their copies and finished their final CP (`applied`) gets its
+/// `applied_seq` fenced past the partner's old log (see `twinblock_journal::takeover`). Returns
+/// the arrays fenced; an array not fenced keeps its copies (they may hold writes the disks lack),
+/// and one whose copy never opened (a failed takeover) is left as the partner left it.
 async fn fence_given_back_arrays(
     seized: &BTreeMap<String, (u64, String)>,
-    cp_failed: &std::collections::BTreeSet<String>,
+    applied: &std::collections::BTreeSet<String>,
     arrays: &BTreeMap<String, Arc<ArrayEntry>>,
     gates: &BTreeMap<String, Arc<WriteGate>>,
 ) -> BTreeMap<String, bool> {
     let mut out = BTreeMap::new();
     for (volume, (_, array)) in seized {
         let ok = out.entry(array.clone()).or_insert(true);
-        *ok &= !cp_failed.contains(volume);
+        *ok &= applied.contains(volume);
     }
     for (name, ok) in out.iter_mut() {
         let Some(entry) = arrays.get(name).filter(|_| *ok) else {
@@ -676,7 +683,7 @@ async fn fence_given_back_arrays(
                 // The array never assembled: nothing was served from the copy.
                 *ok = false;
             } else {
-                tracing::error!(array = %name, "giveback: a final CP failed; the partner copies of this array are kept and its applied seq is not fenced: the returning node may replay stale records, check the array before serving it");
+                tracing::warn!(array = %name, "the partner copies of this array were not all opened and applied (a failed takeover, or a final CP failed): they are kept and the array's applied seq is not fenced");
             }
             continue;
         };

@@ -296,7 +296,10 @@ key_file = "{dir}/key"
     fn ha_udp_addresses_not_pointing_at_each_other_are_reported() {
         let (_d, [a, b]) = two([true, true], 10999);
         let c = check_ha_partner(&a, &b);
-        assert!(c.fatal.is_empty(), "a proxy in between is legitimate: {c:?}");
+        assert!(
+            c.fatal.is_empty(),
+            "a proxy in between is legitimate: {c:?}"
+        );
         let p = c.warnings;
         assert!(p.iter().any(|m| m.contains("UDP addresses")), "{p:?}");
     }
