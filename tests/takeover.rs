@@ -840,7 +840,7 @@ fn sigkill_at_seeded_random_moments_loses_no_acknowledged_write() {
 }
 
 #[test]
-#[ignore = "long: 10 rounds of SIGKILL, takeover and giveback (about 3 minutes)"]
+#[ignore = "long: 10 rounds of SIGKILL, takeover and giveback (about 30 s here)"]
 fn sigkill_at_seeded_random_moments_loses_no_acknowledged_write_many_rounds() {
     random_kill_loop(10);
 }

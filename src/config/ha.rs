@@ -285,7 +285,7 @@ key_file = "{dir}/key"
     #[test]
     fn pair_on_one_node_only_is_refused() {
         let (_d, [a, b]) = two([true, false], 10901);
-        let p = check_ha_partner(&a, &b);
+        let p = check_ha_partner(&a, &b).fatal;
         assert!(
             p.iter().any(|m| m.contains("[pair] must be on both")),
             "{p:?}"
