@@ -113,7 +113,7 @@ impl Node {
         let bound = match &self.ha {
             None => self.own.serve().await?,
             Some(ha) => {
-                ha.start(self.own.clone()).await?;
+                ha.start(self.own.clone(), self.pair.clone()).await?;
                 Vec::new()
             }
         };

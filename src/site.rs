@@ -72,6 +72,10 @@ pub struct Site {
     /// The NVRAM mirror to the partner (`[pair]`), set once before the volumes open; only the
     /// own site has one.
     pair: OnceLock<Arc<Pair>>,
+    /// The partner's site of a node with `[pair]`: its journaled volumes open from this node's
+    /// copies of the partner's journals, kept by this mirror's receiver (see
+    /// [`Site::set_partner_copies`]).
+    copies: OnceLock<Arc<Pair>>,
     parts: Mutex<Parts>,
 }
 
@@ -83,6 +87,9 @@ struct Parts {
     volumes: Vec<VolumeInfo>,
     journaled: BTreeMap<String, Arc<JournaledDevice>>,
     listeners: Option<Listeners>,
+    /// Partner copies taken from the mirror receiver by this site (takeover), by volume name:
+    /// (journal volume id, array name). Given back to the receiver by [`Site::stop`].
+    seized: BTreeMap<String, (u64, String)>,
 }
 
 struct Listeners {
@@ -100,6 +107,7 @@ impl Site {
             fences,
             bind_retry_ms,
             pair: OnceLock::new(),
+            copies: OnceLock::new(),
             parts: Mutex::new(Parts::default()),
         }
     }
@@ -109,6 +117,15 @@ impl Site {
     pub fn set_pair(&self, pair: Option<Arc<Pair>>) {
         if let Some(p) = pair {
             let _ = self.pair.set(p);
+        }
+    }
+
+    /// Makes this (the partner's) site serve its journaled volumes from `pair`'s copies of the
+    /// partner's journals, instead of the NVRAM files the partner's config names (which only
+    /// the partner's host has). Call before [`Site::open_volumes`]; a second call is ignored.
+    pub fn set_partner_copies(&self, pair: Option<Arc<Pair>>) {
+        if let Some(p) = pair {
+            let _ = self.copies.set(p);
         }
     }
 
@@ -223,6 +240,14 @@ impl Site {
                         bail!("volume `{}`: array `{a}` is not assembled", v.name);
                     };
                     let gate = gates.get(a.as_str()).cloned();
+                    let copy = match self.copies.get() {
+                        Some(pair) if v.journal => Some(CopySource {
+                            pair,
+                            site: self,
+                            array: a,
+                        }),
+                        _ => None,
+                    };
                     open_array_volume(
                         config,
                         v,
@@ -231,6 +256,7 @@ impl Site {
                         self.bind_retry_ms,
                         &mut journaled,
                         self.pair.get().map(|p| &**p),
+                        copy,
                     )
                     .await
                 }
@@ -361,15 +387,16 @@ impl Site {
     /// Stops serving: listeners closed, client connections closed (after in-flight requests
     /// are answered), exports dropped; with [`Teardown::Clean`] a final CP and array close.
     pub async fn stop(&self, how: Teardown) {
-        let (listeners, server, journaled, arrays) = {
+        let (listeners, server, journaled, arrays, gates, seized) = {
             let mut p = self.parts();
             p.volumes.clear();
-            p.array_gates.clear();
             (
                 p.listeners.take(),
                 p.server.take(),
                 std::mem::take(&mut p.journaled),
                 std::mem::take(&mut p.arrays),
+                std::mem::take(&mut p.array_gates),
+                std::mem::take(&mut p.seized),
             )
         };
         if let Some(server) = &server {
@@ -390,15 +417,28 @@ impl Site {
         }
         if how == Teardown::Fenced {
             // Dropping the journals closes their NVRAM files (as a crash would: the new holder
-            // replays them); dropping the arrays writes nothing.
+            // replays them); dropping the arrays writes nothing. A partner copy in use stays
+            // as it is (it may hold writes the disks do not have yet).
+            drop(journaled);
+            self.release_copies(&seized, &BTreeMap::new());
             return;
         }
+        // The exports hold the devices: let them go before the journals are closed.
+        drop(server);
+        let mut applied = std::collections::BTreeSet::new();
         for (name, dev) in &journaled {
-            if let Err(e) = dev.volume().checkpoint().await {
-                tracing::warn!(volume = %name, "final consistency point failed (the journal will be replayed at next start): {e}");
+            match dev.volume().checkpoint().await {
+                Ok(_) => {
+                    applied.insert(name.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, "final consistency point failed (the journal will be replayed at next start): {e}")
+                }
             }
         }
         drop(journaled);
+        let fenced = fence_given_back_arrays(&seized, &applied, &arrays, &gates).await;
+        self.release_copies(&seized, &fenced);
         for (name, a) in &arrays {
             if let Err(e) = a.array.close().await {
                 tracing::warn!(array = %name, "array close failed: {e}");
@@ -408,6 +448,7 @@ impl Site {
 }
 
 /// A volume on an array, through the journal when the config says so.
+#[allow(clippy::too_many_arguments)]
 async fn open_array_volume(
     config: &Config,
     v: &VolumeConfig,
@@ -416,6 +457,7 @@ async fn open_array_volume(
     lock_wait_ms: u64,
     journaled: &mut BTreeMap<String, Arc<JournaledDevice>>,
     pair: Option<&Pair>,
+    copy: Option<CopySource<'_>>,
 ) -> Result<(Arc<dyn BlockDevice>, VolumeInfo)> {
     let array = entry.array.clone();
     let st = array.status();
@@ -448,10 +490,17 @@ async fn open_array_volume(
     // Two regions (own, partner) share the file; leave room for the header and control slots.
     const NVRAM_OVERHEAD_BYTES: u64 = 1 << 20;
     let per_region = (nv.size.bytes().saturating_sub(NVRAM_OVERHEAD_BYTES) / 2) & !4095;
-    // MIRROR: for the partner's site (a takeover) this opens the partner's own NVRAM file as its
-    // config names it, which only works where this node can reach that file (one host: the demo
-    // and the tests). When the NVRAM mirror is merged, the partner's volumes open here from the
-    // mirror's copy of the partner region instead (bound to the same store ids).
+    if let Some(copy) = copy {
+        let (dev, log) =
+            open_from_partner_copy(copy, v, &array, gate, per_region, lock_wait_ms).await?;
+        journaled.insert(v.name.clone(), dev.clone());
+        info.kind = "journaled-array";
+        info.nvram = Some(log.display().to_string());
+        return Ok((dev, info));
+    }
+    // Without `[pair]` the partner's site (a takeover) opens the partner's own NVRAM file as its
+    // config names it, which only works where this node can reach that file (one host, with no
+    // mirror configured). With `[pair]` it opens from the mirror's copy (above).
     let nvram_config = NvramConfig {
         path: path.clone(),
         persistence: nv.persistence,
@@ -460,16 +509,7 @@ async fn open_array_volume(
         log_bytes_per_region: per_region,
         create_if_missing: true,
     };
-    let deadline = crate::ha::now_ms() + lock_wait_ms;
-    let nvram = loop {
-        match Nvram::open(&nvram_config) {
-            Err(JournalError::Locked { .. }) if crate::ha::now_ms() < deadline => {
-                tokio::time::sleep(Duration::from_millis(BIND_RETRY_INTERVAL_MS)).await;
-            }
-            other => break other,
-        }
-    }
-    .with_context(|| format!("NVRAM file {}", path.display()))?;
+    let nvram = open_nvram_waiting(&nvram_config, lock_wait_ms).await?;
     let volume_id = journal_volume_id(&v.name);
     let mirror = pair.map(|p| p.add_volume(&v.name, volume_id));
     let hook: Arc<dyn MirrorHook> = match &mirror {
@@ -517,6 +557,9 @@ async fn open_array_volume(
     if let Some(m) = mirror {
         let source: Arc<dyn LogSource> = dev.clone();
         m.attach(Arc::downgrade(&source), meta);
+        if let Some(p) = pair {
+            p.reannounce();
+        }
     }
     journaled.insert(v.name.clone(), dev.clone());
     info.kind = "journaled-array";
@@ -524,8 +567,163 @@ async fn open_array_volume(
     Ok((dev, info))
 }
 
+/// Opens an NVRAM file, waiting up to `lock_wait_ms` while another process still holds it.
+async fn open_nvram_waiting(cfg: &NvramConfig, lock_wait_ms: u64) -> Result<Nvram> {
+    let deadline = crate::ha::now_ms() + lock_wait_ms;
+    loop {
+        match Nvram::open(cfg) {
+            Err(JournalError::Locked { .. }) if crate::ha::now_ms() < deadline => {
+                tokio::time::sleep(Duration::from_millis(BIND_RETRY_INTERVAL_MS)).await;
+            }
+            other => break other,
+        }
+    }
+    .with_context(|| format!("NVRAM file {}", cfg.path.display()))
+}
+
+/// Where the partner's site finds a journaled volume's log at takeover: this node's copy.
+#[derive(Clone, Copy)]
+struct CopySource<'a> {
+    pair: &'a Pair,
+    site: &'a Site,
+    array: &'a str,
+}
+
+/// Takeover of a journaled partner volume: takes this node's copy of the partner's log from the
+/// mirror receiver, checks it is bound to this array, and recovers from it through the same
+/// path as the partner's own start (scan, dirty index, serve at once, CPs in the background).
+/// New writes continue in the copy; nothing is mirrored while the partner is down.
+async fn open_from_partner_copy(
+    copy: CopySource<'_>,
+    v: &VolumeConfig,
+    array: &twinblock_raid::Array,
+    gate: Option<Arc<WriteGate>>,
+    log_bytes: u64,
+    lock_wait_ms: u64,
+) -> Result<(Arc<JournaledDevice>, PathBuf)> {
+    let volume_id = journal_volume_id(&v.name);
+    let cfg = copy.pair.seize_copy(&v.name, volume_id, log_bytes)?;
+    copy.site
+        .parts()
+        .seized
+        .insert(v.name.clone(), (volume_id, copy.array.to_string()));
+    let nvram = open_nvram_waiting(&cfg, lock_wait_ms).await?;
+    let store = *array.uuid().as_bytes();
+    let bound = nvram.partner_store_id().unwrap_or([0; 16]);
+    if bound == [0; 16] {
+        bail!(
+            "this node's copy of the partner's journal ({}) was never bound to a store: the              partner never mirrored this volume here, so its acknowledged writes are not in it",
+            cfg.path.display()
+        );
+    }
+    if bound != store {
+        bail!(
+            "this node's copy of the partner's journal ({}) belongs to store {}, but array `{}`              is store {}: it is never replayed into another array (was the array recreated?)",
+            cfg.path.display(),
+            uuid::Uuid::from_bytes(bound),
+            copy.array,
+            uuid::Uuid::from_bytes(store),
+        );
+    }
+    let nv = copy.site.config.nvram.as_ref();
+    let volume = JournaledVolume::open_partner_copy(
+        nvram,
+        ArrayBacking {
+            array: array.clone(),
+            gate,
+        },
+        volume_id,
+        twinblock_journal::VolumeConfig {
+            cp_interval_ms: nv.map_or(1000, |n| n.cp_interval_ms),
+            ..Default::default()
+        },
+        Arc::new(NoMirror),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "journal recovery from the partner copy {}",
+            cfg.path.display()
+        )
+    })?;
+    let r = volume.recovery();
+    tracing::info!(
+        volume = %v.name,
+        copy = %cfg.path.display(),
+        replayed = r.replayed_records,
+        skipped_retired = r.skipped_retired_records,
+        damaged_tail_discarded = r.damaged_tail_discarded,
+        "takeover: journal recovered from this node's copy of the partner's log"
+    );
+    Ok((
+        Arc::new(JournaledDevice::new(volume, v.read_only)),
+        cfg.path,
+    ))
+}
+
+/// Giveback after a takeover from partner copies: every array whose seized journaled volumes
+/// were all opened from their copies and finished their final CP (`applied`) gets its
+/// `applied_seq` fenced past the partner's old log (see `twinblock_journal::takeover`). Returns
+/// the arrays fenced; an array not fenced keeps its copies (they may hold writes the disks lack),
+/// and one whose copy never opened (a failed takeover) is left as the partner left it.
+async fn fence_given_back_arrays(
+    seized: &BTreeMap<String, (u64, String)>,
+    applied: &std::collections::BTreeSet<String>,
+    arrays: &BTreeMap<String, Arc<ArrayEntry>>,
+    gates: &BTreeMap<String, Arc<WriteGate>>,
+) -> BTreeMap<String, bool> {
+    let mut out = BTreeMap::new();
+    for (volume, (_, array)) in seized {
+        let ok = out.entry(array.clone()).or_insert(true);
+        *ok &= applied.contains(volume);
+    }
+    for (name, ok) in out.iter_mut() {
+        let Some(entry) = arrays.get(name).filter(|_| *ok) else {
+            if *ok {
+                // The array never assembled: nothing was served from the copy.
+                *ok = false;
+            } else {
+                tracing::warn!(array = %name, "the partner copies of this array were not all opened and applied (a failed takeover, or a final CP failed): they are kept and the array's applied seq is not fenced");
+            }
+            continue;
+        };
+        let backing = ArrayBacking {
+            array: entry.array.clone(),
+            gate: gates.get(name).cloned(),
+        };
+        match twinblock_journal::takeover::fence_superseded_log(&backing).await {
+            Ok(seq) => {
+                tracing::info!(array = %name, applied_seq = seq, "giveback: the partner's old log is fenced (its records are never replayed)")
+            }
+            Err(e) => {
+                tracing::error!(array = %name, "giveback: cannot fence the partner's old log: {e}");
+                *ok = false;
+            }
+        }
+    }
+    out
+}
+
+impl Site {
+    /// Hands the partner copies this site took back to the mirror receiver; those of a fenced
+    /// array are removed (everything in them is applied).
+    fn release_copies(
+        &self,
+        seized: &BTreeMap<String, (u64, String)>,
+        fenced: &BTreeMap<String, bool>,
+    ) {
+        let Some(pair) = self.copies.get() else {
+            return;
+        };
+        for (volume, (id, array)) in seized {
+            let discard = fenced.get(array).copied().unwrap_or(false);
+            pair.release_copy(volume, *id, discard);
+        }
+    }
+}
+
 /// A stable 64-bit id for a volume's journal records, from its name.
-fn journal_volume_id(name: &str) -> u64 {
+pub(crate) fn journal_volume_id(name: &str) -> u64 {
     // FNV-1a: stable across builds and platforms, unlike the std hasher.
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)

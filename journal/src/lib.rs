@@ -16,6 +16,7 @@
 //!   (serve at once) or redoing them through the store;
 //! - [`backing`]: the [`Backing`] trait the array implements, and an in-memory backing;
 //! - [`volume`]: [`JournaledVolume`]: write/read/flush/trim, CPs, back-pressure, recovery;
+//! - [`takeover`]: giveback's fence against replaying the returning node's superseded log;
 //! - [`dump`]: an offline, human- and JSON-readable dump of an NVRAM file.
 
 pub mod backing;
@@ -29,6 +30,7 @@ pub mod pmem;
 pub mod power;
 pub mod recover;
 pub mod scan;
+pub mod takeover;
 pub mod volume;
 
 pub use backing::{Backing, MemBacking};

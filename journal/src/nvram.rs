@@ -309,6 +309,12 @@ impl PartnerRegion {
         Ok(())
     }
 
+    /// The region itself, to serve the partner's volume from it at takeover (see
+    /// `JournaledVolume::open_partner_copy`); the copy stops being a mirror target.
+    pub fn into_region(self) -> Region {
+        self.region
+    }
+
     /// Scans the mirrored log (for takeover replay).
     pub fn scan(&self) -> Scan {
         self.region.scan()
@@ -505,6 +511,11 @@ impl Nvram {
     /// Takes the own region (once; the journaled volume owns it).
     pub fn take_own(&mut self) -> Option<Region> {
         self.own.take()
+    }
+
+    /// The store the partner region is bound to (all zero: unbound; `None`: region taken).
+    pub fn partner_store_id(&self) -> Option<[u8; 16]> {
+        self.partner.as_ref().map(|p| p.region.store_id())
     }
 
     /// Takes the partner region (once; the mirror receiver owns it).

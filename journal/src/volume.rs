@@ -1048,9 +1048,40 @@ impl<B: Backing> JournaledVolume<B> {
         config: VolumeConfig,
         mirror: Arc<dyn MirrorHook>,
     ) -> Result<JournaledVolume<B>, JournalError> {
-        let mut region = nvram
+        let region = nvram
             .take_own()
             .ok_or_else(|| JournalError::Config("the own region is already in use".into()))?;
+        Self::open_on_region(nvram, region, backing, volume_id, config, mirror).await
+    }
+
+    /// Takeover: recovers and serves the partner's volume from this node's *copy* of the
+    /// partner's log (the partner region of the copy file the mirror receiver kept), through the
+    /// same path as [`JournaledVolume::open_with_mirror`]: the scan rebuilds the dirty index, the
+    /// volume serves at once, and new writes continue in that log after its last record. The
+    /// caller checks that the copy is bound to `backing`'s store (recovery refuses a copy bound
+    /// to another store that still holds unapplied records).
+    pub async fn open_partner_copy(
+        mut nvram: Nvram,
+        backing: B,
+        volume_id: u64,
+        config: VolumeConfig,
+        mirror: Arc<dyn MirrorHook>,
+    ) -> Result<JournaledVolume<B>, JournalError> {
+        let region = nvram
+            .take_partner()
+            .ok_or_else(|| JournalError::Config("the partner region is already in use".into()))?
+            .into_region();
+        Self::open_on_region(nvram, region, backing, volume_id, config, mirror).await
+    }
+
+    async fn open_on_region(
+        nvram: Nvram,
+        mut region: crate::nvram::Region,
+        backing: B,
+        volume_id: u64,
+        config: VolumeConfig,
+        mirror: Arc<dyn MirrorHook>,
+    ) -> Result<JournaledVolume<B>, JournalError> {
         let log_bytes = region.log_bytes();
         let max_total = RECORD_HEADER_BYTES as u64 + align_up(config.max_record_payload_bytes);
         if config.max_record_payload_bytes == 0

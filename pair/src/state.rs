@@ -175,9 +175,21 @@ pub enum Event {
         /// Whether every mailbox disk took it.
         ok: bool,
     },
-    /// The NVRAM mirror's sync state changed (or is reported again).
+    /// The NVRAM mirror's sync state changed (or is reported again): whether this node's copy
+    /// of the partner's journal is complete enough to take the partner over. Until the driver
+    /// reports [`Event::OutgoingMirrorSync`] it is also what the status record's
+    /// MIRROR_IN_SYNC flag says.
     MirrorSync {
         /// In sync with the partner.
+        in_sync: bool,
+    },
+    /// Whether this node's own journals are mirrored in sync into the partner (the NVRAM
+    /// mirror's view). Sent to the partner as the MIRROR_IN_SYNC flag: the partner may take this
+    /// node over only while it is set. Separate from [`Event::MirrorSync`] because a dead
+    /// partner takes this node's outgoing mirror out of sync, which must not block taking it
+    /// over.
+    OutgoingMirrorSync {
+        /// This node's journals are in sync in the partner's copies.
         in_sync: bool,
     },
     /// An [`Action::Start`]ed operation finished.
@@ -402,6 +414,9 @@ pub struct View {
     pub takeover_disabled: bool,
     /// Mirror in sync (this node's view).
     pub mirror_in_sync: bool,
+    /// This node's own journals mirrored in sync into the partner (`None`: not reported, the
+    /// flag follows `mirror_in_sync`).
+    pub outgoing_mirror_in_sync: Option<bool>,
     /// The last operation failure, if any.
     pub last_error: Option<String>,
     /// Status records ignored because of a wrong pair id or sender.
@@ -419,6 +434,7 @@ pub struct Node {
     hb: Heartbeat,
     takeover_disabled: bool,
     mirror_in_sync: bool,
+    outgoing_mirror_in_sync: Option<bool>,
     partner_version_mismatch: Option<u16>,
     lease_until_ms: Option<u64>,
     sent: VecDeque<(Stamp, u64)>,
@@ -451,6 +467,7 @@ impl Node {
             },
             takeover_disabled: false,
             mirror_in_sync: false,
+            outgoing_mirror_in_sync: None,
             partner_version_mismatch: None,
             lease_until_ms: None,
             sent: VecDeque::new(),
@@ -514,6 +531,7 @@ impl Node {
                 }
             }
             Event::MirrorSync { in_sync } => self.mirror_in_sync = in_sync,
+            Event::OutgoingMirrorSync { in_sync } => self.outgoing_mirror_in_sync = Some(in_sync),
             Event::Completed { op, outcome } => self.on_completed(op, outcome, now_ms, &mut out),
             Event::ReservationConflict { set } => self.lose(set, now_ms, &mut out),
         }
@@ -698,6 +716,7 @@ impl Node {
             serving: (self.serving_own, self.serving_partner),
             takeover_disabled: self.takeover_disabled,
             mirror_in_sync: self.mirror_in_sync,
+            outgoing_mirror_in_sync: self.outgoing_mirror_in_sync,
             last_error: self.last_error.clone(),
             rejected_records: self.rejected_records,
         }
@@ -1026,7 +1045,10 @@ impl Node {
     fn flags(&self) -> StatusFlags {
         let mut f = StatusFlags::empty();
         f.set(StatusFlags::TAKEOVER_DISABLED, self.takeover_disabled);
-        f.set(StatusFlags::MIRROR_IN_SYNC, self.mirror_in_sync);
+        f.set(
+            StatusFlags::MIRROR_IN_SYNC,
+            self.outgoing_mirror_in_sync.unwrap_or(self.mirror_in_sync),
+        );
         f.set(
             StatusFlags::WAITING_FOR_GIVEBACK,
             matches!(self.phase, Phase::WaitingForGiveback { .. }),

@@ -548,3 +548,34 @@ fn partner_with_a_longer_interval_is_not_declared_silent_between_its_records() {
     assert_eq!(w.state(1), Some(NodeState::Normal));
     assert_clean(&w);
 }
+
+#[test]
+fn outgoing_mirror_out_of_sync_after_partner_death_does_not_block_takeover() {
+    let mut w = settled();
+    for i in 0..2 {
+        w.inject_event(i, Event::OutgoingMirrorSync { in_sync: true });
+    }
+    w.run_for(500);
+    w.crash(0);
+    // The dead partner no longer acknowledges: node 1's own mirror goes out of sync. Its copy
+    // of node 0's journal is still complete, so the takeover goes on.
+    w.inject_event(1, Event::OutgoingMirrorSync { in_sync: false });
+    assert!(w.run_until(5_000, |w| serving(w, 1, DiskSet::Partner)));
+    assert_clean(&w);
+}
+
+#[test]
+fn partner_reporting_its_outgoing_mirror_out_of_sync_blocks_takeover() {
+    let mut w = settled();
+    w.inject_event(0, Event::OutgoingMirrorSync { in_sync: false });
+    w.inject_event(1, Event::OutgoingMirrorSync { in_sync: true });
+    w.run_for(500);
+    assert!(w.sent_by(0).last().is_some_and(|r| !r
+        .flags
+        .contains(twinblock_pair::status::StatusFlags::MIRROR_IN_SYNC)));
+    w.crash(0);
+    w.run_for(3_000);
+    assert_eq!(w.holder[0], Some(0));
+    assert!(blockers(&w, 1).contains(&TakeoverBlocked::MirrorOutOfSync));
+    assert_clean(&w);
+}

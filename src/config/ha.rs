@@ -122,6 +122,64 @@ impl HaConfig {
     }
 }
 
+/// What keeps `own` (with `[ha]`) and the partner config its `ha.partner_config` names from
+/// running as one HA pair.
+#[derive(Debug, Default)]
+pub struct HaPartnerCheck {
+    /// The node refuses to start: the two configs cannot work together.
+    pub fatal: Vec<String>,
+    /// Logged at start: addresses that do not point at each other (legitimate behind NAT or a
+    /// proxy, a mistake otherwise), timers that differ.
+    pub warnings: Vec<String>,
+}
+
+/// Compares the two configs of an HA pair. Both need `[ha]`, and `[pair]` on both or on
+/// neither: with `[pair]` a takeover serves the partner's volumes from this node's copies of its
+/// journals, so both nodes must mirror; without it the survivor opens the partner's own NVRAM
+/// files, which only works on one host. With `[pair]` the two mirror configs are compared too
+/// ([`super::check_partner`]).
+pub fn check_ha_partner(own: &super::Config, partner: &super::Config) -> HaPartnerCheck {
+    let mut out = HaPartnerCheck::default();
+    let (on, pn) = (own.source.display(), partner.source.display());
+    match (&own.ha, &partner.ha) {
+        (Some(a), Some(b)) => {
+            if a.partner_udp != b.udp_listen || b.partner_udp != a.udp_listen {
+                out.warnings.push(format!(
+                    "ha UDP addresses do not point at each other: {on} listens on {} and sends \
+                     to {}, {pn} listens on {} and sends to {}",
+                    a.udp_listen, a.partner_udp, b.udp_listen, b.partner_udp
+                ));
+            }
+            if a.heartbeat_interval_ms != b.heartbeat_interval_ms
+                || a.silence_intervals != b.silence_intervals
+            {
+                out.warnings.push(format!(
+                    "heartbeat timers differ ({} ms x {} vs {} ms x {}): both nodes should \
+                     detect alike",
+                    a.heartbeat_interval_ms,
+                    a.silence_intervals,
+                    b.heartbeat_interval_ms,
+                    b.silence_intervals
+                ));
+            }
+        }
+        _ => out
+            .fatal
+            .push(format!("both {on} and {pn} need an [ha] section")),
+    }
+    match (&own.pair, &partner.pair) {
+        (Some(_), Some(_)) => out.warnings.extend(super::check_partner(own, partner)),
+        (None, None) => {}
+        _ => out.fatal.push(format!(
+            "[pair] must be on both nodes or on neither ({on}: {}, {pn}: {}): a takeover \
+             serves the partner's volumes from the mirror's copies only when both mirror",
+            if own.pair.is_some() { "yes" } else { "no" },
+            if partner.pair.is_some() { "yes" } else { "no" },
+        )),
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +217,91 @@ mod tests {
         let mut c = sample();
         c.lease_ms = c.heartbeat_interval_ms;
         assert_eq!(c.check().unwrap_err().0, "ha.lease_ms");
+    }
+
+    fn node_text(dir: &std::path::Path, id: u8, udp_to: u16, pair: bool) -> String {
+        let other = 1 - id;
+        let mut t = format!(
+            r#"
+[node]
+id = {id}
+data_dir = "{dir}"
+pair_id = "6f1c0d3e-8a4b-4c2d-9e7f-1a2b3c4d5e6f"
+[nbd]
+listen = ["127.0.0.1:1080{id}"]
+[nvram]
+path = "{dir}/n{id}/nvram"
+[ha]
+udp_listen = "127.0.0.1:1090{id}"
+partner_udp = "127.0.0.1:{udp_to}"
+mailbox_disks = ["d0.img", "d1.img"]
+partner_config = "node{other}.toml"
+"#,
+            dir = dir.display()
+        );
+        if pair {
+            t.push_str(&format!(
+                r#"
+[pair]
+pair_id = "6f1c0d3e-8a4b-4c2d-9e7f-1a2b3c4d5e6f"
+partner_id = {other}
+listen = "127.0.0.1:780{id}"
+partner_address = "127.0.0.1:780{other}"
+partner_service_address = "127.0.0.1:1080{other}"
+key_file = "{dir}/key"
+"#,
+                dir = dir.display()
+            ));
+        }
+        t
+    }
+
+    fn two(pair: [bool; 2], udp_to0: u16) -> (tempfile::TempDir, [super::super::Config; 2]) {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("key");
+        std::fs::write(&key, b"0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let parse = |id: u8, udp: u16| {
+            super::super::Config::parse(
+                &node_text(d.path(), id, udp, pair[usize::from(id)]),
+                &d.path().join(format!("node{id}.toml")),
+            )
+            .unwrap()
+        };
+        let cfgs = [parse(0, udp_to0), parse(1, 10900)];
+        (d, cfgs)
+    }
+
+    #[test]
+    fn ha_with_pair_on_both_nodes_forms_one_pair() {
+        let (_d, [a, b]) = two([true, true], 10901);
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            let c = check_ha_partner(x, y);
+            assert!(c.fatal.is_empty() && c.warnings.is_empty(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn pair_on_one_node_only_is_refused() {
+        let (_d, [a, b]) = two([true, false], 10901);
+        let p = check_ha_partner(&a, &b).fatal;
+        assert!(
+            p.iter().any(|m| m.contains("[pair] must be on both")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn ha_udp_addresses_not_pointing_at_each_other_are_reported() {
+        let (_d, [a, b]) = two([true, true], 10999);
+        let c = check_ha_partner(&a, &b);
+        assert!(
+            c.fatal.is_empty(),
+            "a proxy in between is legitimate: {c:?}"
+        );
+        let p = c.warnings;
+        assert!(p.iter().any(|m| m.contains("UDP addresses")), "{p:?}");
     }
 
     #[test]

@@ -50,7 +50,46 @@ pub async fn status(ha: Option<&HaNode>) -> Result<Value, String> {
             disks.push(disk_json(&d, set, own_key, partner_key, node.node_id()));
         }
     }
-    Ok(snapshot_json(&snap, node.node_id(), disks))
+    let mut out = snapshot_json(&snap, node.node_id(), disks);
+    explain_mirror(&mut out, &snap, node.mirror_detail());
+    Ok(out)
+}
+
+/// Adds to the MirrorOutOfSync blocker's reason which side of the mirror is not in sync.
+fn explain_mirror(out: &mut Value, snap: &Snapshot, local: Option<String>) {
+    let v = &snap.view;
+    let mut why = Vec::new();
+    if v.partner
+        .as_ref()
+        .is_some_and(|r| !r.flags.contains(StatusFlags::MIRROR_IN_SYNC))
+    {
+        why.push("the partner reports its journals out of sync in this node's copies".to_string());
+    }
+    if !v.mirror_in_sync {
+        why.push(
+            local.unwrap_or_else(|| {
+                "this node's copy of the partner's journal is not usable".into()
+            }),
+        );
+    }
+    if why.is_empty() {
+        return;
+    }
+    let code = format!("{:?}", TakeoverBlocked::MirrorOutOfSync);
+    for b in out["takeover_blockers"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        if b["code"] == code.as_str() {
+            b["reason"] = json!(format!(
+                "{}: {}",
+                TakeoverBlocked::MirrorOutOfSync.describe(),
+                why.join("; ")
+            ));
+        }
+    }
+    out["node"]["mirror_detail"] = json!(why);
 }
 
 fn blockers_json(reasons: &[TakeoverBlocked]) -> Vec<Value> {

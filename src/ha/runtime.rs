@@ -16,7 +16,8 @@ use super::mailbox_loop::MailboxLoop;
 use super::udp::UdpPath;
 use crate::config::ha::HaConfig;
 use crate::config::Config;
-use crate::site::{Fences, Site};
+use crate::pair::Pair;
+use crate::site::{journal_volume_id, Fences, Site};
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +35,8 @@ use twinblock_pair::status::NodeId;
 pub const PARTNER_BIND_RETRY_MS: u64 = 10_000;
 /// Datagrams queued for the UDP sender before new ones are dropped (the path is lossy anyway).
 const UDP_SEND_QUEUE: usize = 16;
+/// STATUS frames from the interconnect queued for the controller before new ones are dropped.
+const INTERCONNECT_STATUS_QUEUE: usize = 64;
 
 /// The node's HA side.
 pub struct HaNode {
@@ -47,6 +50,8 @@ pub struct HaNode {
     permits: Permits,
     events: Mutex<Option<(mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>)>>,
     handle: OnceLock<Handle>,
+    /// Why the mirror blocks a takeover, when it does (for `twinctl status`).
+    mirror_detail: Arc<Mutex<Option<String>>>,
 }
 
 fn fences(
@@ -108,6 +113,24 @@ impl HaNode {
                 node_id.partner().get()
             );
         }
+        let check = crate::config::ha::check_ha_partner(config, &partner_cfg);
+        if !check.fatal.is_empty() {
+            bail!(
+                "ha.partner_config {} and this config do not form one HA pair:\n  - {}",
+                partner_path.display(),
+                check.fatal.join("\n  - ")
+            );
+        }
+        for w in &check.warnings {
+            tracing::warn!("ha.partner_config {}: {w}", partner_path.display());
+        }
+        if config.pair.is_none() && config.volumes.iter().any(|v| v.journal) {
+            tracing::warn!(
+                "[ha] without [pair]: a takeover opens the partner's own NVRAM files as its \
+                 config names them, which works only where both nodes share that storage (one \
+                 host); configure [pair] to mirror the journals"
+            );
+        }
         let pair_id = *pair.as_bytes();
         let own_key = node_key(&pair_id, node_id.get());
         let partner_key = node_key(&pair_id, node_id.partner().get());
@@ -137,6 +160,7 @@ impl HaNode {
                 permits,
                 events: Mutex::new(Some((tx, rx))),
                 handle: OnceLock::new(),
+                mirror_detail: Arc::default(),
             },
         ))
     }
@@ -171,6 +195,14 @@ impl HaNode {
         &self.ha
     }
 
+    /// Why this node's view of the mirror blocks a takeover (`None`: it does not).
+    pub fn mirror_detail(&self) -> Option<String> {
+        self.mirror_detail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn machine_config(&self) -> MachineConfig {
         let mut m = MachineConfig::new(self.pair_id, self.node_id);
         m.heartbeat = HeartbeatConfig {
@@ -182,8 +214,10 @@ impl HaNode {
         m
     }
 
-    /// Starts the controller: generation, UDP, mailbox, executor.
-    pub async fn start(&self, own: Arc<Site>) -> Result<()> {
+    /// Starts the controller: generation, UDP, interconnect (with `[pair]`), mailbox, executor.
+    /// With `pair` the partner's journaled volumes open from this node's copies at takeover and
+    /// the mirror's own state decides whether a takeover is possible.
+    pub async fn start(&self, own: Arc<Site>, pair: Option<Arc<Pair>>) -> Result<()> {
         let Some(events) = self.events.lock().ok().and_then(|mut e| e.take()) else {
             bail!("the HA controller was already started");
         };
@@ -200,10 +234,11 @@ impl HaNode {
         let udp = UdpPath::bind(listen, partner_udp)
             .await
             .with_context(|| format!("cannot bind the UDP heartbeat address {listen}"))?;
-        let links = vec![udp_link(udp)];
-        // INTERCONNECT: the interconnect's STATUS frames join here as one more `Link` with
-        // `path: HbPath::Interconnect` (send: queue a STATUS frame carrying the bytes; rx: the
-        // bytes of every STATUS frame received). Wired by the lead when the mirror is merged.
+        let mut links = vec![udp_link(udp)];
+        if let Some(p) = &pair {
+            links.push(interconnect_link(p.clone()));
+            self.partner.set_partner_copies(Some(p.clone()));
+        }
         let mailbox = MailboxLoop {
             disks: self
                 .ha
@@ -240,11 +275,32 @@ impl HaNode {
                 tracing::warn!("cannot disable takeover at start: {e}");
             }
         }
-        tokio::spawn(report_mirror_sync(
-            self.partner.nvram_files(),
-            handle.events(),
-            self.ha.heartbeat_interval_ms,
-        ));
+        match pair {
+            Some(p) => {
+                let volumes = self
+                    .partner
+                    .config()
+                    .volumes
+                    .iter()
+                    .filter(|v| v.journal && v.array.is_some())
+                    .map(|v| (v.name.clone(), journal_volume_id(&v.name)))
+                    .collect();
+                tokio::spawn(report_pair_mirror_sync(
+                    p,
+                    volumes,
+                    handle.events(),
+                    self.mirror_detail.clone(),
+                    self.ha.heartbeat_interval_ms,
+                ));
+            }
+            None => {
+                tokio::spawn(report_mirror_sync(
+                    self.partner.nvram_files(),
+                    handle.events(),
+                    self.ha.heartbeat_interval_ms,
+                ));
+            }
+        }
         let _ = self.handle.set(handle);
         Ok(())
     }
@@ -290,12 +346,65 @@ fn udp_link(udp: UdpPath) -> Link {
     }
 }
 
-/// MIRROR: stands in for the NVRAM mirror until it is merged. Takeover needs the partner's
-/// journal; today the survivor opens the partner's own NVRAM files (named in the partner's
-/// config), which works where both nodes share that storage (one host: the demo and tests). So
-/// "in sync" here means: every one of those files is readable from this node. When the mirror
-/// is merged, its sync state replaces this task and the partner's volumes open from the
-/// mirror's partner copy (see `open_array_volume` in `site.rs`).
+/// The interconnect as a heartbeat path: records go out as STATUS frames with the next send on
+/// the mirror's connection; every STATUS frame the partner sends arrives on a channel.
+fn interconnect_link(pair: Arc<Pair>) -> Link {
+    let rx = pair.subscribe_status(INTERCONNECT_STATUS_QUEUE);
+    Link {
+        path: HbPath::Interconnect,
+        send: Box::new(move |bytes| {
+            if let Err(e) = pair.send_status(bytes) {
+                tracing::debug!("interconnect status not sent: {e:#}");
+            }
+        }),
+        rx,
+    }
+}
+
+/// Whether the mirror allows taking the partner over, from the mirror itself, every interval:
+/// - this node's copies of the partner's journaled volumes are ready (opened, bound, following
+///   the partner's stream; a copy this node is serving from counts as ready), reported as
+///   [`Event::MirrorSync`];
+/// - this node's own journals are in sync in the partner ([`Pair::all_in_sync`]), reported as
+///   [`Event::OutgoingMirrorSync`] and sent to the partner as the MIRROR_IN_SYNC flag, which the
+///   partner requires before it takes this node over (and this node requires of the partner's).
+async fn report_pair_mirror_sync(
+    pair: Arc<Pair>,
+    volumes: Vec<(String, u64)>,
+    events: mpsc::UnboundedSender<Event>,
+    detail: Arc<Mutex<Option<String>>>,
+    interval_ms: u64,
+) {
+    loop {
+        let missing: Vec<&str> = volumes
+            .iter()
+            .filter(|(_, id)| !pair.partner_copy_ready(*id) && !pair.partner_copy_in_use(*id))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let note = (!missing.is_empty()).then(|| {
+            format!(
+                "no complete copy here of the partner's journal for volume(s) {} (the partner \
+                 has not mirrored to this node since it started, or is resynchronising)",
+                missing.join(", ")
+            )
+        });
+        *detail.lock().unwrap_or_else(|p| p.into_inner()) = note;
+        let copies = Event::MirrorSync {
+            in_sync: missing.is_empty(),
+        };
+        let outgoing = Event::OutgoingMirrorSync {
+            in_sync: pair.all_in_sync(),
+        };
+        if events.send(copies).is_err() || events.send(outgoing).is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+    }
+}
+
+/// Without `[pair]` there is no mirror: the survivor opens the partner's own NVRAM files (named
+/// in the partner's config), which works only where both nodes reach that storage (one host).
+/// So "in sync" here means: every one of those files is readable from this node.
 async fn report_mirror_sync(
     files: Vec<PathBuf>,
     events: mpsc::UnboundedSender<Event>,

@@ -424,6 +424,71 @@ impl Pair {
         self.receiver.last_status()
     }
 
+    /// A journaled volume opened after the current connection's handshake (an HA node brings
+    /// its volumes up once it holds its disks): drops the outgoing connection so the next
+    /// handshake announces it and the partner opens its copy.
+    pub fn reannounce(&self) {
+        self.kill.send_modify(|k| *k += 1);
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u8 {
+        self.node_id
+    }
+
+    /// Takeover of partner volume `name` (journal id `volume_id`, log of `log_bytes` per
+    /// region): closes the receiver's copy and returns the config to open it as the volume's
+    /// journal (see [`receiver::Receiver::seize`]). Refused when this node has no copy file.
+    pub fn seize_copy(
+        &self,
+        name: &str,
+        volume_id: u64,
+        log_bytes: u64,
+    ) -> Result<twinblock_journal::NvramConfig> {
+        let cfg = self.receiver.copy_config(name, log_bytes);
+        if !cfg.path.exists() {
+            anyhow::bail!(
+                "this node holds no copy of the partner's journal for volume `{name}` ({} is                  missing): the mirror never reached this node, so a takeover would lose the                  partner's acknowledged writes; bring the partner back, or restore its NVRAM",
+                cfg.path.display()
+            );
+        }
+        self.receiver.seize(volume_id);
+        Ok(cfg)
+    }
+
+    /// Giveback of partner volume `name`: its copy follows the partner's stream again. With
+    /// `discard`, the copy file is removed first (every record in it was applied by giveback's
+    /// final CP; the partner's next LOG_RESET starts a fresh copy, whatever its generation).
+    pub fn release_copy(&self, name: &str, volume_id: u64, discard: bool) {
+        if discard {
+            let path = self.receiver.copy_path(name);
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), "cannot remove the used partner copy: {e}");
+                }
+            }
+        }
+        self.receiver.release(volume_id);
+    }
+
+    /// True when this node's copy of partner volume `volume_id` follows the partner's stream.
+    pub fn partner_copy_ready(&self, volume_id: u64) -> bool {
+        self.receiver.copy_ready(volume_id)
+    }
+
+    /// True while this node serves partner volume `volume_id` from its copy (a takeover).
+    pub fn partner_copy_in_use(&self, volume_id: u64) -> bool {
+        self.receiver.copy_in_use(volume_id)
+    }
+
+    /// The bytes of every STATUS frame the partner sends from now on (the HA controller's
+    /// interconnect heartbeat path); `capacity` frames queue before new ones are dropped.
+    pub fn subscribe_status(&self, capacity: usize) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        self.receiver.subscribe_status(tx);
+        rx
+    }
+
     /// The partner copies' records (seq, log offset, CRC) per partner volume.
     pub fn partner_records_json(&self) -> serde_json::Value {
         self.receiver.records_json()

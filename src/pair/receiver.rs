@@ -100,7 +100,12 @@ pub struct CopySettings {
 pub struct Receiver {
     settings: CopySettings,
     copies: Mutex<BTreeMap<u64, PartnerCopy>>,
+    /// Partner volumes this node serves from their copies (a takeover): their files belong to
+    /// the journal now, and the partner's stream for them is ignored until giveback.
+    seized: Mutex<HashSet<u64>>,
     last_status: Mutex<Option<(Instant, Vec<u8>)>>,
+    /// Where every STATUS frame's bytes also go (the HA controller's interconnect path).
+    status_tx: Mutex<Option<tokio::sync::mpsc::Sender<Vec<u8>>>>,
 }
 
 impl Receiver {
@@ -108,8 +113,58 @@ impl Receiver {
         Receiver {
             settings,
             copies: Mutex::new(BTreeMap::new()),
+            seized: Mutex::new(HashSet::new()),
             last_status: Mutex::new(None),
+            status_tx: Mutex::new(None),
         }
+    }
+
+    fn seized(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.seized.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takeover: hands the copy of partner volume `volume` to this node's journal. The copy is
+    /// closed here (its file lock released, so the journal can open it), and until
+    /// [`Receiver::release`] the partner's records for it are ignored, never stored (a partner
+    /// resuming from a pause must not write into a log this node is serving from).
+    pub fn seize(&self, volume: u64) {
+        self.seized().insert(volume);
+        self.lock().remove(&volume);
+    }
+
+    /// Giveback: the copy of `volume` follows the partner's stream again (from its next
+    /// connection, which starts with a LOG_RESET).
+    pub fn release(&self, volume: u64) {
+        self.seized().remove(&volume);
+    }
+
+    /// The NVRAM config the copy of partner volume `name` is kept under (log size `log_bytes`).
+    pub fn copy_config(&self, name: &str, log_bytes: u64) -> NvramConfig {
+        NvramConfig {
+            path: self.copy_path(name),
+            persistence: self.settings.persistence,
+            node_id: self.settings.node_id,
+            pair_id: self.settings.pair_id,
+            log_bytes_per_region: log_bytes,
+            create_if_missing: false,
+        }
+    }
+
+    /// True when this node holds a copy of partner volume `volume` that follows the partner's
+    /// stream: opened, bound, and reset by the partner's LOG_RESET on the current (or last)
+    /// connection. A copy opened but not yet reset is mid-resync, not usable.
+    pub fn copy_ready(&self, volume: u64) -> bool {
+        self.lock().get(&volume).is_some_and(|c| c.stream.is_some())
+    }
+
+    /// True while the copy of `volume` is seized (this node serves the volume from it).
+    pub fn copy_in_use(&self, volume: u64) -> bool {
+        self.seized().contains(&volume)
+    }
+
+    /// Sends the bytes of every STATUS frame from now on to `tx` too (replacing an older `tx`).
+    pub fn subscribe_status(&self, tx: tokio::sync::mpsc::Sender<Vec<u8>>) {
+        *self.status_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, PartnerCopy>> {
@@ -123,8 +178,14 @@ impl Receiver {
     /// Opens (or creates) the copy of every announced volume, binds each to the announced store
     /// and forgets the previous connection's streams. Fails on the first copy that cannot be used.
     pub fn open_copies(&self, volumes: &[VolumeAnnounce]) -> Result<(), String> {
+        let seized = self.seized().clone();
         let mut copies = self.lock();
         for v in volumes {
+            if seized.contains(&v.volume) {
+                tracing::info!(volume = %v.name,
+                    "partner volume is served here from its copy (takeover): its copy takes no records until giveback");
+                continue;
+            }
             let reuse = copies
                 .get(&v.volume)
                 .is_some_and(|c| c.log_bytes == v.log_bytes);
@@ -206,6 +267,11 @@ impl Receiver {
             Message::LogReset(r) => r.volume,
             Message::ResyncBegin { volume, .. } | Message::ResyncEnd { volume, .. } => *volume,
         };
+        if self.seized().contains(&volume) {
+            // Served here from its copy: neither stored nor acknowledged (the partner's mirror
+            // times out and reports itself out of sync).
+            return Ok(());
+        }
         let mut copies = self.lock();
         let copy = match copies.get_mut(&volume) {
             Some(c) if announced.contains(&volume) => c,
@@ -286,6 +352,10 @@ impl Receiver {
 
     /// Keeps a status record the partner sent (on either connection).
     pub fn note_status(&self, bytes: Vec<u8>) {
+        if let Some(tx) = &*self.status_tx.lock().unwrap_or_else(|p| p.into_inner()) {
+            // Full: the controller is behind; a newer record follows within an interval.
+            let _ = tx.try_send(bytes.clone());
+        }
         *self.last_status.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), bytes));
     }
 
@@ -541,6 +611,43 @@ mod tests {
             r.apply(older, &ann, &mut t),
             Err(ReceiveError::GenerationBackwards { .. })
         ));
+    }
+
+    #[test]
+    fn seized_copy_takes_no_records_and_is_not_reopened() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, ann) = setup(d.path());
+        let mut t = BTreeMap::new();
+        r.apply(reset(), &ann, &mut t).unwrap();
+        r.apply(frame(10, 1), &ann, &mut t).unwrap();
+        assert!(r.copy_ready(VOL));
+        r.seize(VOL);
+        assert!(!r.copy_ready(VOL));
+        // The file is free for the journal to open (the lock was released).
+        let cfg = r.copy_config("r5", announce().log_bytes);
+        let nv = Nvram::open(&cfg).unwrap();
+        // A resuming partner announces and streams again: nothing is opened or stored.
+        r.open_copies(&[announce()]).unwrap();
+        let mut t2 = BTreeMap::new();
+        r.apply(reset(), &ann, &mut t2).unwrap();
+        r.apply(frame(10, 9), &ann, &mut t2).unwrap();
+        assert!(t2.is_empty(), "nothing acknowledged for a seized copy");
+        drop(nv);
+        r.release(VOL);
+        r.open_copies(&[announce()]).unwrap();
+        assert_eq!(stored_seqs(&r), vec![10]);
+    }
+
+    #[test]
+    fn status_frames_reach_the_subscriber() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, ann) = setup(d.path());
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        r.subscribe_status(tx);
+        r.apply(Message::Status(vec![1, 2, 3]), &ann, &mut BTreeMap::new())
+            .unwrap();
+        assert_eq!(rx.try_recv().unwrap(), vec![1, 2, 3]);
+        assert!(r.last_status().is_some());
     }
 
     #[test]
