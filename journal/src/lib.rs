@@ -27,8 +27,10 @@ pub mod log;
 pub mod nvram;
 pub mod pmem;
 pub mod power;
+pub mod prefault;
 pub mod recover;
 pub mod scan;
+pub mod verify;
 pub mod volume;
 
 pub use backing::{Backing, MemBacking};
