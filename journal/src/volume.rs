@@ -1192,24 +1192,7 @@ impl<B: Backing> JournaledVolume<B> {
             .take_own()
             .ok_or_else(|| JournalError::Config("the own region is already in use".into()))?;
         let log_bytes = region.log_bytes();
-        let max_total = RECORD_HEADER_BYTES as u64 + align_up(config.max_record_payload_bytes);
-        if config.max_record_payload_bytes == 0
-            || config.max_record_payload_bytes > u64::from(u32::MAX)
-            || 2 * max_total + 2 * CONTROL_RESERVE_BYTES > log_bytes
-        {
-            return Err(JournalError::Config(format!(
-                "max_record_payload_bytes {} does not fit a log of {log_bytes} bytes \
-                 (needs log >= 2 x record + {} bytes)",
-                config.max_record_payload_bytes,
-                2 * CONTROL_RESERVE_BYTES
-            )));
-        }
-        if config.cp_fill_percent == 0 || config.cp_fill_percent > 100 {
-            return Err(JournalError::Config(format!(
-                "cp_fill_percent {} must be 1..=100",
-                config.cp_fill_percent
-            )));
-        }
+        check_config(&config, log_bytes)?;
         let generation = nvram.generation();
         let scan_started = std::time::Instant::now();
         let plan = plan_recovery(&region, &backing, volume_id, config.discard_corrupt_log).await?;
@@ -1311,13 +1294,7 @@ impl<B: Backing> JournaledVolume<B> {
             Duration::from_millis(shared.config.cp_interval_ms.max(1)),
         ));
         if shared.lock().unverified.is_some() {
-            let weak = Arc::downgrade(&shared);
-            // Holds the volume only weakly and per chunk, so dropping the volume stops it.
-            tokio::task::spawn_blocking(
-                move || {
-                    while weak.upgrade().is_some_and(|s| s.verify_step()) {}
-                },
-            );
+            spawn_verifier(Arc::downgrade(&shared));
         }
         if in_place {
             shared.cp_wanted.notify_one();
@@ -1504,6 +1481,37 @@ pub struct UnretiredRecords {
     pub records: Vec<UnretiredRecord>,
 }
 
+/// Refuses a config the log cannot hold or that makes no sense.
+fn check_config(config: &VolumeConfig, log_bytes: u64) -> Result<(), JournalError> {
+    let max_total = RECORD_HEADER_BYTES as u64 + align_up(config.max_record_payload_bytes);
+    if config.max_record_payload_bytes == 0
+        || config.max_record_payload_bytes > u64::from(u32::MAX)
+        || 2 * max_total + 2 * CONTROL_RESERVE_BYTES > log_bytes
+    {
+        return Err(JournalError::Config(format!(
+            "max_record_payload_bytes {} does not fit a log of {log_bytes} bytes \
+             (needs log >= 2 x record + {} bytes)",
+            config.max_record_payload_bytes,
+            2 * CONTROL_RESERVE_BYTES
+        )));
+    }
+    if config.cp_fill_percent == 0 || config.cp_fill_percent > 100 {
+        return Err(JournalError::Config(format!(
+            "cp_fill_percent {} must be 1..=100",
+            config.cp_fill_percent
+        )));
+    }
+    Ok(())
+}
+
+/// Starts the background CRC check of the records recovery left unchecked (see
+/// [`crate::verify`]) on a blocking thread: CRC32C of up to the whole log is CPU work that must
+/// not hold up the runtime. It holds the volume only weakly and per chunk, so dropping the volume
+/// stops it.
+fn spawn_verifier<B: Backing>(shared: std::sync::Weak<Shared<B>>) {
+    tokio::task::spawn_blocking(move || while shared.upgrade().is_some_and(|s| s.verify_step()) {});
+}
+
 /// Runs CPs on the timer and on demand. Holds the volume only weakly, so that dropping the
 /// volume closes the NVRAM file at once (a crash, as far as the journal is concerned).
 async fn flusher_loop<B: Backing>(
@@ -1520,6 +1528,12 @@ async fn flusher_loop<B: Backing>(
             return;
         };
         if let Err(e) = shared.run_cp().await {
+            if matches!(e, JournalError::CorruptRecordFound { .. }) {
+                // Permanent: the volume refuses all I/O and has nothing it may apply (logged once
+                // where the damage was found).
+                shared.lock().last_cp_error = Some(e.to_string());
+                return;
+            }
             tracing::warn!(volume = shared.volume_id, error = %e, "consistency point failed; will retry");
             shared.lock().last_cp_error = Some(e.to_string());
             // Writers waiting for space re-check and get the error.
