@@ -542,6 +542,18 @@ async fn open_array_volume(
             nvram = %path.display(),
             "acknowledged writes survive a daemon crash and a loss of host power (NVRAM on a persistent medium)"
         );
+    } else if pair.is_some_and(|p| p.partner_on_this_host()) {
+        tracing::warn!(
+            volume = %v.name,
+            nvram = %path.display(),
+            "acknowledged writes survive a daemon crash only, not a loss of host power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA complete once the in-sync partner acknowledges, else after a consistency point; the partner runs on THIS machine, so its copy does not survive this machine's power loss either"
+        );
+    } else if pair.is_some() {
+        tracing::warn!(
+            volume = %v.name,
+            nvram = %path.display(),
+            "acknowledged writes survive a daemon crash only, not a loss of this host's power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA complete once the in-sync partner (another host) holds the writes, else after a consistency point"
+        );
     } else {
         tracing::warn!(
             volume = %v.name,

@@ -299,6 +299,74 @@ fn stopped_partner_holds_writes_for_the_bounded_wait_only() {
 }
 
 /// Reads one frame; `None` when the peer closed the connection.
+/// The journal status of node `n`'s own journaled volume.
+fn journal_status(n: &harness::Node) -> serde_json::Value {
+    n.admin_request(&format!(
+        "{{\"op\":\"volume_show\",\"name\":\"r{}\"}}",
+        n.id
+    ))["journal"]
+        .clone()
+}
+
+fn counter(v: &serde_json::Value, name: &str) -> u64 {
+    v[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {v}"))
+}
+
+#[test]
+fn flush_on_tmpfs_completes_on_the_partner_ack_in_sync_and_on_a_cp_out_of_sync() {
+    if !common::require_tool("qemu-io") {
+        return;
+    }
+    // NVRAM in `none` mode (what tmpfs gives), and no timer CPs during the test: a CP seen is
+    // one a FLUSH asked for.
+    let pair = start_pair(PairSpec {
+        cp_interval_ms: 600_000,
+        mirror_timeout_ms: 300,
+        persistence: "none",
+        ..PairSpec::default()
+    });
+    pair.wait_in_sync(SYNC_TIMEOUT);
+    let n0 = &pair.nodes[0];
+    assert!(
+        n0.log().contains("the partner runs on THIS machine"),
+        "the startup line does not say that both nodes share this machine's power"
+    );
+    let before = journal_status(n0);
+    assert_eq!(before["ack_survives_power_loss"], false, "{before}");
+    qemu_io(&n0.uri(), &["write -P 5 0 4k".into(), "flush".into()]).unwrap();
+    let in_sync = journal_status(n0);
+    assert!(
+        counter(&in_sync, "flushes_by_partner") > counter(&before, "flushes_by_partner"),
+        "the FLUSH was not completed by the partner: {in_sync}"
+    );
+    assert_eq!(
+        counter(&in_sync, "flushes_by_cp"),
+        counter(&before, "flushes_by_cp"),
+        "{in_sync}"
+    );
+    assert_eq!(
+        counter(&in_sync, "cps_done"),
+        counter(&before, "cps_done"),
+        "a CP ran for a FLUSH the partner covered: {in_sync}"
+    );
+    // Out of sync: the next write waits out the bounded wait, then FLUSH needs a CP.
+    pair.proxy.cut();
+    qemu_io(&n0.uri(), &["write -P 6 8k 4k".into(), "flush".into()]).unwrap();
+    let alone = journal_status(n0);
+    assert_eq!(n0.mirror()["in_sync"], false);
+    assert!(
+        counter(&alone, "flushes_by_cp") > counter(&in_sync, "flushes_by_cp"),
+        "{alone}"
+    );
+    assert!(
+        counter(&alone, "cps_done") > counter(&in_sync, "cps_done"),
+        "{alone}"
+    );
+    qemu_io(&n0.uri(), &["read -P 6 8k 4k".into()]).unwrap();
+}
+
 fn read_frame(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(FrameKind, Vec<u8>)> {
     loop {
         if let Ok(Some(f)) = split_frame(buf) {

@@ -9,6 +9,9 @@
 //!    scan, dirty index), serves one read of a recovered block, prints how long that took from its
 //!    own start, and is killed with SIGKILL before its first CP can apply anything, so every
 //!    round recovers the same full log. The parent also times spawn to "serving".
+//!    The block read is the fill's first write (the oldest record), whose CRC the background
+//!    check has not reached yet: the read verifies it first. Each round also reports when the
+//!    background check has verified every record's CRC (no CP runs before that).
 //!
 //! The store is an in-memory backing (the array's own assembly time is not part of this number).
 //! The NVRAM file lives in /dev/shm (mode `none`), as in the default configuration.
@@ -78,6 +81,21 @@ fn fill(path: &Path, log_mib: u64) {
     });
 }
 
+/// CPU time this process used so far (all threads, user and system), in ms: what recovery costs
+/// independently of how many other processes compete for the cores.
+fn process_cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 * 1000.0 + ts.tv_nsec as f64 / 1e6
+}
+
 /// Child: recover and serve one read, report the time from process start, then wait.
 fn open(path: &Path, log_mib: u64, started: Instant) {
     runtime().block_on(async {
@@ -90,18 +108,37 @@ fn open(path: &Path, log_mib: u64, started: Instant) {
             .expect("recover");
         let volume_ms = t_volume.elapsed().as_secs_f64() * 1000.0;
         let r = vol.recovery();
-        let _ = vol.read(0, BLOCK_BYTES).await.expect("read");
+        // Read the block of the fill's first write: the oldest record in the log, so one whose
+        // CRC the background check has not reached yet (the read checks it first).
+        let first_block = rand::rngs::StdRng::seed_from_u64(1).gen_range(0..VOLUME_BYTES / BLOCK_BYTES);
+        let got = vol
+            .read(first_block * BLOCK_BYTES, BLOCK_BYTES)
+            .await
+            .expect("read");
         let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let cpu_ms = process_cpu_ms();
+        let unverified_at_read = vol.status().crc_unverified_records;
+        assert!(got.iter().all(|&b| b == got[0]) && got[0] != 0, "recovered block reads back");
         println!(
-            "serving {ms:.2} (NVRAM open {nvram_ms:.2}, recovery {volume_ms:.2}) records {} in_background {}",
+            "serving {ms:.2} cpu {cpu_ms:.2} (NVRAM open {nvram_ms:.2}, recovery {volume_ms:.2}: scan {:.2}, index {:.2}) records {} in_background {} crc_unverified_at_first_read {unverified_at_read}",
+            r.scan_micros as f64 / 1000.0,
+            r.index_micros as f64 / 1000.0,
             r.replayed_records, r.applied_in_background
         );
+        // Then wait for the background CRC check of the rest of the log (no CP can run before).
+        while vol.status().crc_unverified_records > 0 {
+            tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+        }
+        let verified_ms = started.elapsed().as_secs_f64() * 1000.0;
+        assert!(vol.status().corrupt.is_none());
+        println!("all_crcs_verified {verified_ms:.2}");
         std::thread::sleep(std::time::Duration::from_secs(3600));
     });
 }
 
-/// Runs this program as a child with `args`, returns (first line, ms from spawn), then kills it.
-fn child(args: &[String]) -> (String, f64) {
+/// Runs this program as a child with `args`, returns (first line, ms from spawn, second line
+/// when `two_lines`), then kills it.
+fn child(args: &[String], two_lines: bool) -> (String, f64, String) {
     let exe = std::env::current_exe().expect("own path");
     let t0 = Instant::now();
     let mut c = Command::new(exe)
@@ -110,15 +147,17 @@ fn child(args: &[String]) -> (String, f64) {
         .spawn()
         .expect("spawn child");
     let mut line = String::new();
-    let out = c.stdout.take().expect("child stdout");
-    BufReader::new(out)
-        .read_line(&mut line)
-        .expect("child output");
+    let mut out = BufReader::new(c.stdout.take().expect("child stdout"));
+    out.read_line(&mut line).expect("child output");
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let mut second = String::new();
+    if two_lines {
+        out.read_line(&mut second).expect("child output");
+    }
     // `Child::kill` sends SIGKILL.
     c.kill().expect("SIGKILL child");
     let _ = c.wait();
-    (line.trim().to_string(), ms)
+    (line.trim().to_string(), ms, second.trim().to_string())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -146,25 +185,49 @@ fn main() {
         std::process::id()
     ));
     let p = path.display().to_string();
-    let (line, ms) = child(&["fill".into(), p.clone(), log_mib.to_string()]);
+    let (line, ms, _) = child(&["fill".into(), p.clone(), log_mib.to_string()], false);
     println!("filled {log_mib} MiB log: {line} writes of 4 KiB in {ms:.0} ms, then SIGKILL");
     let mut inside = Vec::new();
     let mut outside = Vec::new();
+    let mut verified = Vec::new();
+    let mut cpu_ms = Vec::new();
     for round in 0..rounds {
-        let (line, ms) = child(&["open".into(), p.clone(), log_mib.to_string()]);
-        println!("round {round}: {line}; spawn to serving {ms:.2} ms; then SIGKILL");
+        let (line, ms, second) = child(&["open".into(), p.clone(), log_mib.to_string()], true);
+        println!("round {round}: {line}; spawn to serving {ms:.2} ms; {second}; then SIGKILL");
         let child_ms: f64 = line
             .split_whitespace()
             .nth(1)
             .and_then(|x| x.parse().ok())
             .unwrap_or(f64::NAN);
+        let verified_ms: f64 = second
+            .rsplit_once("all_crcs_verified ")
+            .and_then(|(_, x)| x.parse().ok())
+            .unwrap_or(f64::NAN);
+        let cpu: f64 = line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(f64::NAN);
+        cpu_ms.push(cpu);
         inside.push(child_ms);
         outside.push(ms);
+        verified.push(verified_ms);
     }
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.1}..{hi:.1}")
+    };
     println!(
-        "median of {rounds}: process start to serving {:.2} ms, spawn to serving {:.2} ms",
-        median(inside),
-        median(outside)
+        "median of {rounds}: process start to serving {:.2} ms (range {}), CPU time to serving {:.2} ms \
+         (range {}), spawn to serving {:.2} ms, process start to all CRCs verified {:.2} ms (range {})",
+        median(inside.clone()),
+        spread(&inside),
+        median(cpu_ms.clone()),
+        spread(&cpu_ms),
+        median(outside),
+        median(verified.clone()),
+        spread(&verified)
     );
     let _ = std::fs::remove_file(&path);
 }

@@ -97,6 +97,12 @@ pub enum JournalError {
         later_offset: u64,
         later_seq: u64,
     },
+    #[error("{region} region: record seq {seq} at log offset {offset} fails its CRC check, with valid newer records after it (media damage in the middle of the log, found by the CRC verification that runs after recovery); the volume refuses I/O and applies nothing from this log; stop the node and inspect the NVRAM file with `twinctl journal dump` (discard_corrupt_log drops this record and every newer one)")]
+    CorruptRecordFound {
+        region: &'static str,
+        offset: u64,
+        seq: u64,
+    },
     #[error("{region} region: record seq {seq} belongs to volume {found}, recovering volume {expected}; one NVRAM file serves one volume")]
     ForeignVolume {
         region: &'static str,

@@ -118,6 +118,41 @@ impl DirtyIndex {
         self.put(offset, e);
     }
 
+    /// The index that inserting `records` one by one in seq order would give (newest wins per
+    /// byte), built in bulk: recovery indexes a whole log at once, and sorting plus one sweep
+    /// with a bulk-loaded map costs a fraction of tens of thousands of punch-and-insert steps.
+    ///
+    /// `records` are `(volume offset, extent)` pairs in any order; seqs must be distinct. The
+    /// sweep visits them by offset and keeps the output sorted and non-overlapping, so an
+    /// incoming extent can only overlap output extents at the end of the output (those ending
+    /// past its start); those few are merged with it by seq.
+    pub fn from_records(mut records: Vec<(u64, Extent)>) -> DirtyIndex {
+        records.retain(|(_, e)| e.len > 0);
+        records.sort_unstable_by_key(|&(off, e)| (off, e.seq));
+        let mut out: Vec<(u64, Extent)> = Vec::with_capacity(records.len());
+        let mut overlapped: Vec<(u64, Extent)> = Vec::new();
+        for (start, e) in records {
+            let end = start + e.len;
+            // Output extents are sorted and disjoint, so the ones ending after `start` are a
+            // suffix of the output.
+            while out.last().is_some_and(|&(k, x)| k + x.len > start) {
+                overlapped.extend(out.pop());
+            }
+            if overlapped.is_empty() {
+                out.push((start, e));
+                continue;
+            }
+            overlapped.reverse();
+            merge_overlap(&mut out, &overlapped, start, e, end);
+            overlapped.clear();
+        }
+        let bytes = out.iter().map(|(_, e)| e.len).sum();
+        DirtyIndex {
+            map: out.into_iter().collect(),
+            bytes,
+        }
+    }
+
     /// Splits `[offset, offset+len)` into pieces from extents and gaps, in order.
     pub fn lookup(&self, offset: u64, len: u64) -> Vec<Piece> {
         let end = offset + len;
@@ -174,6 +209,47 @@ impl DirtyIndex {
             keep
         });
         self.bytes -= freed;
+    }
+}
+
+/// Appends to `out` the overlay of extent `e` at `[start, end)` onto `old` (sorted, disjoint
+/// extents; the first may begin before `start`): per byte the higher seq wins. Adjacent pieces
+/// of one extent are joined again, as inserting one by one never leaves them split.
+fn merge_overlap(
+    out: &mut Vec<(u64, Extent)>,
+    old: &[(u64, Extent)],
+    start: u64,
+    e: Extent,
+    end: u64,
+) {
+    let mut cuts: Vec<u64> = Vec::with_capacity(2 * old.len() + 2);
+    cuts.extend([start, end]);
+    for &(k, x) in old {
+        cuts.extend([k, k + x.len]);
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    let merged_from = out.len();
+    let mut o = 0;
+    for w in cuts.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        while o < old.len() && old[o].0 + old[o].1.len <= a {
+            o += 1;
+        }
+        let under = old.get(o).filter(|(k, _)| *k <= a).copied();
+        let over = (start <= a && b <= end).then_some((start, e));
+        let winner = match (under, over) {
+            (Some(u), Some(v)) => Some(if u.1.seq > v.1.seq { u } else { v }),
+            (u, v) => u.or(v),
+        };
+        let Some((k, x)) = winner else {
+            continue;
+        };
+        let joins = out.len() > merged_from;
+        match out.last_mut() {
+            Some((pk, p)) if joins && p.seq == x.seq && *pk + p.len == a => p.len += b - a,
+            _ => out.push((a, x.slice(a - k, b - a))),
+        }
     }
 }
 
@@ -244,6 +320,30 @@ mod tests {
     }
 
     proptest! {
+        /// Building in bulk gives exactly the extents of inserting one by one in seq order.
+        #[test]
+        fn bulk_build_equals_inserting_in_seq_order(
+            ops in proptest::collection::vec((0u64..300, 0u64..80, 0u8..3), 0..60)
+        ) {
+            let mut one_by_one = DirtyIndex::new();
+            let mut records = Vec::new();
+            for (i, &(off, len, kind)) in ops.iter().enumerate() {
+                let seq = i as u64 + 1;
+                let data = match kind {
+                    0 => ExtentData::Nvram { log_offset: seq * 1000 },
+                    1 => ExtentData::Zero,
+                    _ => ExtentData::Trim,
+                };
+                let e = Extent { len, seq, data };
+                one_by_one.insert(off, e);
+                records.push((off, e));
+            }
+            records.reverse(); // any order
+            let bulk = DirtyIndex::from_records(records);
+            prop_assert_eq!(bulk.snapshot(), one_by_one.snapshot());
+            prop_assert_eq!(bulk.dirty_bytes(), one_by_one.dirty_bytes());
+        }
+
         /// The index agrees with a byte-by-byte model after random overlapping inserts.
         #[test]
         fn index_matches_byte_model(ops in proptest::collection::vec((0u64..200, 1u64..60), 1..40)) {

@@ -28,9 +28,11 @@ pub mod log;
 pub mod nvram;
 pub mod pmem;
 pub mod power;
+pub mod prefault;
 pub mod recover;
 pub mod scan;
 pub mod takeover;
+pub mod verify;
 pub mod volume;
 
 pub use backing::{Backing, MemBacking};

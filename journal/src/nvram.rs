@@ -17,7 +17,7 @@ use crate::format::{
     HEADER_SLOT_B_OFFSET, RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES,
 };
 use crate::pmem::{MapSpan, Mapping, PersistMethod, PersistenceMode};
-use crate::scan::{scan_log, Scan, ScanStart};
+use crate::scan::{scan_log, scan_log_deferred, Scan, ScanStart};
 
 /// Default directory of NVRAM files (tmpfs).
 pub const DEFAULT_NVRAM_DIR: &str = "/dev/shm";
@@ -140,6 +140,14 @@ impl Region {
     /// Scans the log from the control slot's tail.
     pub fn scan(&self) -> Scan {
         scan_log(self.log(), self.scan_start())
+    }
+
+    /// [`Region::scan`] leaving the CRCs of older WRITE records to the caller
+    /// ([`crate::scan::scan_log_deferred`]), with helper threads mapping the log's pages ahead
+    /// of the walk ([`crate::prefault`]).
+    pub fn scan_deferred(&self) -> Scan {
+        let (log, start) = (self.log(), self.scan_start());
+        crate::prefault::while_walking(log, start.tail_offset, || scan_log_deferred(log, start))
     }
 
     /// Writes and persists a new control slot (into the slot not holding the current one).

@@ -102,6 +102,9 @@ impl ScanReport {
 pub struct Scan {
     pub records: Vec<ScannedRecord>,
     pub report: ScanReport,
+    /// Indices into `records` of WRITE records whose CRC a deferred scan ([`scan_log_deferred`])
+    /// has not checked yet, in log order. Empty after a full scan.
+    pub crc_deferred: Vec<usize>,
 }
 
 impl Scan {
@@ -115,17 +118,22 @@ impl Scan {
     }
 }
 
-/// Checks the record at `at` of `log`; returns its header or the reason it is not acceptable.
-/// Does not check seq/generation ordering.
-fn check_record(log: &[u8], at: u64) -> Result<RecordHeader, StopReason> {
+/// A deferred scan still checks the CRC of the WRITE records among the newest this many...
+pub const DEFERRED_SCAN_VERIFIED_TAIL_RECORDS: usize = 64;
+/// ...and among the newest this many log bytes, whichever covers more.
+pub const DEFERRED_SCAN_VERIFIED_TAIL_BYTES: u64 = 4 << 20;
+
+/// Checks the structure of the record at `at` of `log` (magic, kind, header fields, length
+/// inside the log); returns its header or the reason it is not acceptable. No CRC, no seq or
+/// generation ordering.
+fn check_header(log: &[u8], at: u64) -> Result<RecordHeader, StopReason> {
     let log_bytes = log.len() as u64;
-    let at_us = at as usize;
     if at + RECORD_HEADER_BYTES as u64 > log_bytes {
         return Err(StopReason::BadLength {
             total_bytes: RECORD_HEADER_BYTES as u64,
         });
     }
-    let header = match RecordHeader::decode(&log[at_us..]) {
+    let header = match RecordHeader::decode(&log[at as usize..]) {
         Ok(h) => h,
         Err(FormatError::Blank) => return Err(StopReason::Blank),
         Err(FormatError::BadRecordKind(k)) => return Err(StopReason::BadKind(k)),
@@ -139,25 +147,87 @@ fn check_record(log: &[u8], at: u64) -> Result<RecordHeader, StopReason> {
     if !pad_ok || total > log_bytes - at {
         return Err(StopReason::BadLength { total_bytes: total });
     }
-    let payload_start = at_us + RECORD_HEADER_BYTES;
-    let payload = &log[payload_start..payload_start + header.payload_bytes as usize];
-    if let Err(FormatError::BadCrc {
-        stored, computed, ..
-    }) = RecordHeader::verify_crc(&log[at_us..], payload)
-    {
-        return Err(StopReason::BadCrc { stored, computed });
-    }
     Ok(header)
 }
 
-/// Walks `log` (the circular log bytes of one region) from `start`. Pure.
+/// Checks the CRC32C over the header at `at` and its payload (structure already checked).
+fn check_crc(log: &[u8], at: u64, header: &RecordHeader) -> Result<(), StopReason> {
+    let at_us = at as usize;
+    let payload_start = at_us + RECORD_HEADER_BYTES;
+    let payload = &log[payload_start..payload_start + header.payload_bytes as usize];
+    match RecordHeader::verify_crc(&log[at_us..], payload) {
+        Err(FormatError::BadCrc {
+            stored, computed, ..
+        }) => Err(StopReason::BadCrc { stored, computed }),
+        _ => Ok(()),
+    }
+}
+
+/// Checks the record at `at` of `log`, CRC included; returns its header or the reason it is not
+/// acceptable. Does not check seq/generation ordering.
+#[cfg(test)]
+fn check_record(log: &[u8], at: u64) -> Result<RecordHeader, StopReason> {
+    let header = check_header(log, at)?;
+    check_crc(log, at, &header)?;
+    Ok(header)
+}
+
+/// Verifies the CRC of the record `r` found by a deferred scan of `log` (see [`Scan::crc_deferred`]).
+pub fn verify_deferred(log: &[u8], r: &ScannedRecord) -> Result<(), StopReason> {
+    check_crc(log, r.log_offset, &r.header)
+}
+
+/// Walks `log` (the circular log bytes of one region) from `start`, checking every record's CRC.
+/// Pure.
 pub fn scan_log(log: &[u8], start: ScanStart) -> Scan {
+    scan_log_with(log, start, None)
+}
+
+/// [`scan_log`] for recovery at open: the CRC of a WRITE record (header and payload, the bulk of
+/// the log's bytes) is checked only for the newest records ([`DEFERRED_SCAN_VERIFIED_TAIL_RECORDS`],
+/// [`DEFERRED_SCAN_VERIFIED_TAIL_BYTES`]); the others are listed in [`Scan::crc_deferred`] for
+/// the caller to verify before it reads or applies them. Every other check (structure, seq chain,
+/// generation, and the CRC of every non-WRITE record, so CP records are trusted only when intact)
+/// is the same as in a full scan.
+///
+/// Why this still finds the true end of the log: records are appended and persisted one at a
+/// time in seq order (one lock), so only the newest record can be torn by a crash or power cut;
+/// its CRC is checked here, with a margin of older records. A torn record whose header survived
+/// intact ends the scan exactly as in a full scan. A bad CRC further back cannot come from a
+/// crash; it is media damage, which the caller's verification of `crc_deferred` reports before
+/// any of it is used.
+pub fn scan_log_deferred(log: &[u8], start: ScanStart) -> Scan {
+    let window = TailWindow {
+        records: DEFERRED_SCAN_VERIFIED_TAIL_RECORDS,
+        bytes: DEFERRED_SCAN_VERIFIED_TAIL_BYTES,
+    };
+    scan_log_with(log, start, Some(window))
+}
+
+/// The newest records whose CRC a deferred scan checks: at least this many records and bytes.
+#[derive(Debug, Clone, Copy)]
+struct TailWindow {
+    records: usize,
+    bytes: u64,
+}
+
+/// Where and why the walk of [`scan_log_with`] stopped.
+struct Walk {
+    records: Vec<ScannedRecord>,
+    deferred: Vec<usize>,
+    stop: StopReason,
+    /// Log offset after the last accepted record.
+    at: u64,
+    expected_seq: u64,
+}
+
+fn walk_log(log: &[u8], start: ScanStart, defer_write_crc: bool) -> Walk {
     let log_bytes = log.len() as u64;
     let mut records = Vec::new();
+    let mut deferred = Vec::new();
     let mut at = start.tail_offset;
     let mut expected_seq = start.tail_seq;
     let mut walked: u64 = 0;
-    let mut cp_applied_seq = None;
     let stop = loop {
         if at >= log_bytes || !at.is_multiple_of(RECORD_ALIGN_BYTES) {
             break StopReason::BadTail;
@@ -165,45 +235,37 @@ pub fn scan_log(log: &[u8], start: ScanStart) -> Scan {
         if walked >= log_bytes {
             break StopReason::LogExhausted;
         }
-        let header = match check_record(log, at) {
+        let header = match check_header(log, at) {
             Ok(h) => h,
             Err(reason) => break reason,
         };
-        if header.generation < start.generation || header.seq < expected_seq {
-            break StopReason::Stale {
-                seq: header.seq,
-                generation: header.generation,
-            };
+        let defer = defer_write_crc && header.kind == RecordKind::Write;
+        if !defer {
+            if let Err(reason) = check_crc(log, at, &header) {
+                break reason;
+            }
         }
-        if header.generation > start.generation {
-            break StopReason::GenerationAhead {
-                expected: start.generation,
-                found: header.generation,
-            };
-        }
-        if header.seq != expected_seq {
-            break StopReason::UnexpectedSeq {
-                expected: expected_seq,
-                found: header.seq,
-            };
-        }
-        if header.kind == RecordKind::Pad && at + header.length != log_bytes {
-            break StopReason::BadLength {
-                total_bytes: header.length,
-            };
+        if let Some(reason) = out_of_order(&header, start, expected_seq, at, log_bytes) {
+            // A record that ends the walk has its CRC checked even when deferred: a torn or
+            // damaged header can look stale (a clean end), and only the CRC tells them apart,
+            // exactly as in a full scan.
+            if defer {
+                if let Err(bad) = check_crc(log, at, &header) {
+                    break bad;
+                }
+            }
+            break reason;
         }
         if header.kind == RecordKind::Cp {
             let p = &log[at as usize + RECORD_HEADER_BYTES..][..header.payload_bytes as usize];
-            match CpPayload::decode(p) {
-                Ok(cp) => {
-                    cp_applied_seq = Some(cp_applied_seq.unwrap_or(0).max(cp.applied_seq));
-                }
-                Err(_) => {
-                    break StopReason::BadLength {
-                        total_bytes: header.total_bytes(),
-                    }
-                }
+            if CpPayload::decode(p).is_err() {
+                break StopReason::BadLength {
+                    total_bytes: header.total_bytes(),
+                };
             }
+        }
+        if defer {
+            deferred.push(records.len());
         }
         records.push(ScannedRecord {
             log_offset: at,
@@ -216,24 +278,112 @@ pub fn scan_log(log: &[u8], start: ScanStart) -> Scan {
             at = 0;
         }
     };
-    let end_offset = if at >= log_bytes { 0 } else { at };
+    Walk {
+        records,
+        deferred,
+        stop,
+        at,
+        expected_seq,
+    }
+}
+
+/// Why an intact `header` at `at` is not the record expected next, if it is not.
+fn out_of_order(
+    header: &RecordHeader,
+    start: ScanStart,
+    expected_seq: u64,
+    at: u64,
+    log_bytes: u64,
+) -> Option<StopReason> {
+    if header.generation < start.generation || header.seq < expected_seq {
+        return Some(StopReason::Stale {
+            seq: header.seq,
+            generation: header.generation,
+        });
+    }
+    if header.generation > start.generation {
+        return Some(StopReason::GenerationAhead {
+            expected: start.generation,
+            found: header.generation,
+        });
+    }
+    if header.seq != expected_seq {
+        return Some(StopReason::UnexpectedSeq {
+            expected: expected_seq,
+            found: header.seq,
+        });
+    }
+    if header.kind == RecordKind::Pad && at + header.length != log_bytes {
+        return Some(StopReason::BadLength {
+            total_bytes: header.length,
+        });
+    }
+    None
+}
+
+/// Checks the CRC of the deferred records among the newest ones of `w` (module doc of
+/// [`scan_log_deferred`]); the first that fails ends the walk there, as in a full scan.
+fn verify_tail(log: &[u8], w: &mut Walk, window: TailWindow) {
+    let n = w.records.len();
+    let mut first = n;
+    let mut bytes = 0u64;
+    while first > 0 && (n - first < window.records || bytes < window.bytes) {
+        first -= 1;
+        bytes += w.records[first].header.total_bytes();
+    }
+    let from = w.deferred.partition_point(|&i| i < first);
+    for k in from..w.deferred.len() {
+        let i = w.deferred[k];
+        let r = w.records[i];
+        if let Err(reason) = check_crc(log, r.log_offset, &r.header) {
+            w.records.truncate(i);
+            w.deferred.truncate(from);
+            w.stop = reason;
+            w.at = r.log_offset;
+            w.expected_seq = r.header.seq;
+            return;
+        }
+    }
+    w.deferred.truncate(from);
+}
+
+/// A full scan (`window` `None`) or a deferred one checking the CRCs of `window`.
+fn scan_log_with(log: &[u8], start: ScanStart, window: Option<TailWindow>) -> Scan {
+    let log_bytes = log.len() as u64;
+    let mut w = walk_log(log, start, window.is_some());
+    if let Some(window) = window {
+        verify_tail(log, &mut w, window);
+    }
+    let cp_applied_seq = w
+        .records
+        .iter()
+        .filter(|r| r.header.kind == RecordKind::Cp)
+        .filter_map(|r| {
+            let at = r.log_offset as usize + RECORD_HEADER_BYTES;
+            CpPayload::decode(&log[at..][..r.header.payload_bytes as usize]).ok()
+        })
+        .map(|cp| cp.applied_seq)
+        .max();
+    let stop = w.stop;
+    let end_offset = if w.at >= log_bytes { 0 } else { w.at };
     let later_valid_record = if stop.is_clean_end() || stop == StopReason::BadTail {
         None
     } else {
-        probe_beyond(log, end_offset, start.generation, expected_seq)
+        probe_beyond(log, end_offset, start.generation, w.expected_seq)
     };
     Scan {
         report: ScanReport {
             start,
-            records_valid: records.len() as u64,
-            last_seq: expected_seq.wrapping_sub(1),
+            records_valid: w.records.len() as u64,
+            last_seq: w.expected_seq.wrapping_sub(1),
             end_offset,
             stop_offset: end_offset,
             stop,
             cp_applied_seq,
             later_valid_record,
         },
-        records,
+        records: w.records,
+        crc_deferred: w.deferred,
     }
 }
 
@@ -250,8 +400,12 @@ pub fn probe_beyond(
     let mut at = 0;
     while at + RECORD_HEADER_BYTES as u64 <= log_bytes {
         if at != damaged_offset {
-            if let Ok(h) = check_record(log, at) {
-                if h.generation == generation && h.seq > damaged_seq {
+            // The cheap checks first: only a newer record of this generation needs its CRC.
+            let newer = check_header(log, at)
+                .ok()
+                .filter(|h| h.generation == generation && h.seq > damaged_seq);
+            if let Some(h) = newer {
+                if check_crc(log, at, &h).is_ok() {
                     return Some((at, h.seq));
                 }
             }
@@ -460,6 +614,66 @@ mod tests {
             }
             proptest::prop_assert!(s.records.len() <= 8192 / 64);
         }
+    }
+
+    const SMALL_WINDOW: Option<TailWindow> = Some(TailWindow {
+        records: 2,
+        bytes: 0,
+    });
+
+    #[test]
+    fn deferred_scan_finds_a_torn_newest_record_like_a_full_scan() {
+        let (full, offsets) = build_log(32768, START, &[300, 200, 1000, 4096, 500]);
+        let last = offsets[4] as usize;
+        let end = last + 64 + 500;
+        for cut in last + 1..end {
+            let mut log = full.clone();
+            log[cut..end].fill(0);
+            let full_scan = scan_log(&log, START);
+            let deferred = scan_log_with(&log, START, SMALL_WINDOW);
+            assert_eq!(deferred.report, full_scan.report, "cut at {cut}");
+            assert_eq!(deferred.records, full_scan.records);
+            // Only records older than the checked window are left to the caller.
+            assert!(
+                deferred.crc_deferred.iter().all(|&i| i + 2 < 5),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn deferred_scan_lists_old_writes_and_their_damage_is_found_by_verify() {
+        let (mut log, offsets) = build_log(32768, START, &[300, 200, 1000, 4096, 500]);
+        log[offsets[1] as usize + 64 + 7] ^= 0x10;
+        let s = scan_log_with(&log, START, SMALL_WINDOW);
+        assert_eq!(
+            s.records.len(),
+            5,
+            "payload CRC of old records is not checked"
+        );
+        assert_eq!(s.crc_deferred, vec![0, 1, 2]);
+        assert!(s.report.stop.is_clean_end());
+        let bad: Vec<usize> = s
+            .crc_deferred
+            .iter()
+            .copied()
+            .filter(|&i| verify_deferred(&log, &s.records[i]).is_err())
+            .collect();
+        assert_eq!(bad, vec![1]);
+        // A full scan stops at the same record and calls it damage in the middle.
+        assert!(scan_log(&log, START).report.corrupt_mid_region());
+    }
+
+    #[test]
+    fn deferred_scan_damage_inside_the_window_ends_the_scan_there() {
+        let (mut log, offsets) = build_log(32768, START, &[300, 200, 1000, 4096, 500]);
+        log[offsets[3] as usize + 64 + 100] ^= 1;
+        let s = scan_log_with(&log, START, SMALL_WINDOW);
+        let full = scan_log(&log, START);
+        assert_eq!(s.report, full.report);
+        assert_eq!(s.records.len(), 3);
+        assert!(s.report.corrupt_mid_region());
+        assert_eq!(s.crc_deferred, vec![0, 1, 2]);
     }
 
     #[test]

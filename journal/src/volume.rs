@@ -50,8 +50,11 @@
 //! - `applied_seq`: what a CP wrote to the store and flushed.
 //!
 //! FLUSH waits until the durable seq reaches the newest data seq journaled when it was called;
-//! FUA waits for its own record's seq. When that needs a CP (tmpfs, no in-sync partner), the
-//! waiters queue on `cp_lock` and one CP covers all of them (group commit).
+//! FUA waits for its own record's seq. With an in-sync partner it first waits (bounded by the
+//! mirror) for the partner's acknowledgement of that seq ([`MirrorHook::wait_partner_durable`]).
+//! When that does not make it durable (tmpfs, no in-sync partner), the waiters queue on
+//! `cp_lock` and one CP covers all of them (group commit). `flushes_by_partner` and
+//! `flushes_by_cp` in [`VolumeStatus`] count which of the two made a FLUSH / FUA durable.
 //!
 //! # Mirror hook
 //!
@@ -82,6 +85,7 @@ use crate::log::LogCursor;
 use crate::nvram::{Nvram, Region};
 use crate::pmem::{PersistMethod, PersistenceMode};
 use crate::recover::{apply_plan, backing_err, plan_recovery, RecoveryReport};
+use crate::verify::{DamagedRecord, Unverified};
 
 /// Log bytes writers leave free so that CP, TRANSITION and PAD records always fit.
 const CONTROL_RESERVE_BYTES: u64 =
@@ -89,6 +93,9 @@ const CONTROL_RESERVE_BYTES: u64 =
 
 /// Most store writes a CP keeps in flight at once.
 const CP_MAX_PARALLEL_WRITES: usize = 32;
+/// Log bytes whose deferred CRCs the background check verifies per hold of the volume's lock
+/// (writers wait at most this long: well under 0.1 ms of CRC32C).
+const DEFERRED_CRC_CHUNK_BYTES: u64 = 256 << 10;
 /// Most CP batches (of `cp_batch_bytes`) copied out of NVRAM and in flight at once.
 const CP_MAX_INFLIGHT_BATCHES: u64 = 8;
 
@@ -213,6 +220,13 @@ pub trait MirrorHook: Send + Sync + 'static {
     fn partner_durable_seq(&self) -> Option<u64> {
         None
     }
+    /// Waits until [`MirrorHook::partner_durable_seq`] reaches `seq`, for at most the mirror's
+    /// own bounded wait; true when it did. A FLUSH calls this before falling back to a CP, so
+    /// that records still in flight to an in-sync partner are waited for, not checkpointed. The
+    /// default does not wait.
+    async fn wait_partner_durable(&self, seq: u64) -> bool {
+        self.partner_durable_seq().is_some_and(|x| x >= seq)
+    }
 }
 
 /// No partner: nothing is shipped.
@@ -248,8 +262,16 @@ pub struct VolumeStatus {
     /// An acknowledged write survives the loss of this host's power (else: a daemon crash only).
     pub ack_survives_power_loss: bool,
     pub cps_done: u64,
+    /// FLUSH / FUA requests that an in-sync partner's copy made durable (no CP needed).
+    pub flushes_by_partner: u64,
+    /// FLUSH / FUA requests that waited for a CP (tmpfs NVRAM and no in-sync partner).
+    pub flushes_by_cp: u64,
     pub writer_waits: u64,
     pub last_cp_error: Option<String>,
+    /// Records recovered at open whose CRC the background check has not verified yet.
+    pub crc_unverified_records: u64,
+    /// A recovered record failed its CRC check: the volume refuses I/O (the error).
+    pub corrupt: Option<String>,
 }
 
 /// Sorted, merged inclusive seq ranges.
@@ -347,6 +369,8 @@ struct State {
     acked: SeqRanges,
     mirrored: SeqRanges,
     cps_done: u64,
+    flushes_by_partner: u64,
+    flushes_by_cp: u64,
     writer_waits: u64,
     /// A writer found the log full since the last CP.
     space_wanted: bool,
@@ -355,9 +379,54 @@ struct State {
     /// offset).
     shipping: BTreeSet<u64>,
     last_cp_error: Option<String>,
+    /// Recovered WRITE records whose CRC is not checked yet (see [`crate::verify`]).
+    unverified: Option<Unverified>,
+    /// A recovered record failed its CRC check: all I/O and CPs are refused.
+    damaged: Option<DamagedRecord>,
 }
 
 impl State {
+    /// Refuses I/O once a recovered record was found damaged.
+    fn check_not_damaged(&self) -> Result<(), JournalError> {
+        match self.damaged {
+            Some(d) => Err(JournalError::CorruptRecordFound {
+                region: self.region.name(),
+                offset: d.log_offset,
+                seq: d.seq,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Before a read uses log bytes at `log_offset`: checks the CRC of the recovered record
+    /// holding them if the background check has not reached it yet.
+    fn verify_before_use(&mut self, log_offset: u64) -> Result<(), JournalError> {
+        self.check_not_damaged()?;
+        let Some(r) = self
+            .unverified
+            .as_ref()
+            .and_then(|u| u.containing(log_offset))
+        else {
+            return Ok(());
+        };
+        if let Err(d) = Unverified::verify_record(&self.region, &r) {
+            self.record_damage(d);
+        }
+        self.check_not_damaged()
+    }
+
+    fn record_damage(&mut self, d: DamagedRecord) {
+        if self.damaged.is_none() {
+            tracing::error!(
+                region = self.region.name(),
+                offset = d.log_offset,
+                seq = d.seq,
+                "recovered NVRAM record fails its CRC check: the volume refuses I/O and applies nothing"
+            );
+        }
+        self.damaged = Some(d);
+        self.unverified = None;
+    }
     /// Appends one record (and a PAD first when it must wrap); `None` when it does not fit
     /// leaving `reserve` bytes. Returns the record's seq and log offset, plus the copies to ship.
     #[allow(clippy::too_many_arguments)]
@@ -505,6 +574,8 @@ struct Shared<B: Backing> {
     space_freed: Notify,
     /// Signalled when records leave `State::shipping`.
     shipped: Notify,
+    /// Signalled when the deferred CRC check ends (all verified, or damage found).
+    verified: Notify,
     cp_wanted: Arc<Notify>,
     cp_lock: tokio::sync::Mutex<()>,
     mirror: Arc<dyn MirrorHook>,
@@ -548,6 +619,7 @@ impl<B: Backing> Shared<B> {
             notified.as_mut().enable();
             {
                 let mut st = self.lock();
+                st.check_not_damaged()?;
                 let appended = st.append(
                     kind,
                     self.volume_id,
@@ -673,15 +745,19 @@ impl<B: Backing> Shared<B> {
         let mut out = BytesMut::zeroed(len as usize);
         let mut gaps = Vec::new();
         let all_clean = {
-            let st = self.lock();
+            let mut st = self.lock();
+            st.check_not_damaged()?;
             let pieces = st.index.lookup(offset, len);
             let all_clean = matches!(pieces.as_slice(), [only] if only.data.is_none());
             if !all_clean {
                 for p in pieces {
                     let at = (p.offset - offset) as usize;
                     match p.data {
-                        Some(ExtentData::Nvram { log_offset }) => out[at..at + p.len as usize]
-                            .copy_from_slice(st.region.log_slice(log_offset, p.len)),
+                        Some(ExtentData::Nvram { log_offset }) => {
+                            st.verify_before_use(log_offset)?;
+                            out[at..at + p.len as usize]
+                                .copy_from_slice(st.region.log_slice(log_offset, p.len))
+                        }
                         Some(ExtentData::Zero | ExtentData::Trim) => {}
                         None => gaps.push(p),
                     }
@@ -717,19 +793,35 @@ impl<B: Backing> Shared<B> {
 
     /// The highest seq known to survive the loss of this host's power (module doc).
     fn durable_seq(&self, st: &State) -> u64 {
+        let partner = self.mirror.partner_durable_seq().unwrap_or(0);
+        self.own_durable_seq(st).max(partner)
+    }
+
+    /// The durable seq this node guarantees by itself: its NVRAM medium, or the store after a CP.
+    fn own_durable_seq(&self, st: &State) -> u64 {
         let local = if self.local_durable {
             st.cursor.next_seq - 1
         } else {
             0
         };
-        let partner = self.mirror.partner_durable_seq().unwrap_or(0);
-        local.max(partner).max(st.applied_seq)
+        local.max(st.applied_seq)
     }
 
     /// Returns once every record with seq <= `target` survives the loss of this host's power,
     /// running a CP when nothing else makes it so. Concurrent callers share CPs: they queue on
     /// `cp_lock`, and one whose target the finished CP covered returns without another.
     async fn wait_durable(self: &Arc<Self>, target: u64) -> Result<(), JournalError> {
+        if self.own_durable_seq(&self.lock()) >= target {
+            return Ok(());
+        }
+        // An in-sync partner that holds (or is about to acknowledge) the records makes them
+        // survive this host's power loss without a CP. Not while the mirror is out of sync:
+        // the hook then returns false at once.
+        if self.mirror.wait_partner_durable(target).await {
+            self.lock().flushes_by_partner += 1;
+            return Ok(());
+        }
+        self.lock().flushes_by_cp += 1;
         loop {
             if self.durable_seq(&self.lock()) >= target {
                 return Ok(());
@@ -920,6 +1012,53 @@ impl<B: Backing> Shared<B> {
         Ok(())
     }
 
+    /// Waits until the background check has verified every recovered record (a CP writes
+    /// their payloads to the store); fails when it found one damaged.
+    async fn wait_verified(&self) -> Result<(), JournalError> {
+        loop {
+            let notified = self.verified.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.lock();
+                st.check_not_damaged()?;
+                if st.unverified.is_none() {
+                    return Ok(());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// One step of the background CRC check; false once it is over (or the volume is closed).
+    fn verify_step(&self) -> bool {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(u) = st.unverified.as_mut() else {
+            return false;
+        };
+        let result = u.verify_chunk(&st.region, DEFERRED_CRC_CHUNK_BYTES);
+        let over = match result {
+            Ok(done) => {
+                if done {
+                    st.unverified = None;
+                }
+                done
+            }
+            Err(d) => {
+                st.record_damage(d);
+                true
+            }
+        };
+        drop(guard);
+        if over {
+            self.verified.notify_waiters();
+            // Writers waiting for log space re-check (and get the damage error).
+            self.space_freed.notify_waiters();
+        }
+        !over && !self.closed.load(Ordering::Acquire)
+    }
+
     /// Runs one consistency point; `Ok(false)` when there was nothing to do.
     async fn run_cp(self: &Arc<Self>) -> Result<bool, JournalError> {
         let one_at_a_time = self.cp_lock.lock().await;
@@ -931,6 +1070,7 @@ impl<B: Backing> Shared<B> {
         self: &Arc<Self>,
         _cp_lock_held: &tokio::sync::MutexGuard<'_, ()>,
     ) -> Result<bool, JournalError> {
+        self.wait_verified().await?;
         let (cp_seq, head, used, snapshot) = {
             let st = self.lock();
             let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
@@ -1083,26 +1223,11 @@ impl<B: Backing> JournaledVolume<B> {
         mirror: Arc<dyn MirrorHook>,
     ) -> Result<JournaledVolume<B>, JournalError> {
         let log_bytes = region.log_bytes();
-        let max_total = RECORD_HEADER_BYTES as u64 + align_up(config.max_record_payload_bytes);
-        if config.max_record_payload_bytes == 0
-            || config.max_record_payload_bytes > u64::from(u32::MAX)
-            || 2 * max_total + 2 * CONTROL_RESERVE_BYTES > log_bytes
-        {
-            return Err(JournalError::Config(format!(
-                "max_record_payload_bytes {} does not fit a log of {log_bytes} bytes \
-                 (needs log >= 2 x record + {} bytes)",
-                config.max_record_payload_bytes,
-                2 * CONTROL_RESERVE_BYTES
-            )));
-        }
-        if config.cp_fill_percent == 0 || config.cp_fill_percent > 100 {
-            return Err(JournalError::Config(format!(
-                "cp_fill_percent {} must be 1..=100",
-                config.cp_fill_percent
-            )));
-        }
+        check_config(&config, log_bytes)?;
         let generation = nvram.generation();
+        let scan_started = std::time::Instant::now();
         let plan = plan_recovery(&region, &backing, volume_id, config.discard_corrupt_log).await?;
+        let scan_micros = scan_started.elapsed().as_micros() as u64;
         if let Some(id) = backing.store_id() {
             if region.store_id() != id {
                 region.bind_store(id)?;
@@ -1114,12 +1239,11 @@ impl<B: Backing> JournaledVolume<B> {
             // first CP applies them (see `recover`).
             let start = plan.scan.report.start;
             mirror.log_reset(start.generation, start.tail_offset, start.tail_seq);
-            (
-                plan.report(0, true),
-                start.generation,
-                plan.cursor(log_bytes),
-                plan.dirty_index(),
-            )
+            let index_started = std::time::Instant::now();
+            let index = plan.dirty_index();
+            let mut report = plan.report(0, true);
+            report.index_micros = index_started.elapsed().as_micros() as u64;
+            (report, start.generation, plan.cursor(log_bytes), index)
         } else {
             let mut report = apply_plan(&region, &backing, &plan).await?;
             region.write_control(generation, 0, report.next_seq)?;
@@ -1132,6 +1256,10 @@ impl<B: Backing> JournaledVolume<B> {
                 DirtyIndex::new(),
             )
         };
+        let recovery = RecoveryReport {
+            scan_micros,
+            ..recovery
+        };
         if recovery.damaged_tail_discarded {
             tracing::warn!(
                 path = %nvram.path().display(),
@@ -1140,6 +1268,18 @@ impl<B: Backing> JournaledVolume<B> {
                 "NVRAM log ended on a damaged record; it was discarded, not applied"
             );
         }
+        // Records served in place whose CRC the scan left unchecked are checked in the
+        // background (and by any read that needs one first); the records of a log redone
+        // through the store were all checked by `apply_plan`.
+        let unverified = if in_place {
+            Unverified::new(
+                plan.scan.report.start.tail_offset,
+                log_bytes,
+                plan.crc_pending.clone(),
+            )
+        } else {
+            None
+        };
         let size = backing.size();
         let shared = Arc::new(Shared {
             backing,
@@ -1161,13 +1301,18 @@ impl<B: Backing> JournaledVolume<B> {
                 acked: SeqRanges::default(),
                 mirrored: SeqRanges::default(),
                 cps_done: 0,
+                flushes_by_partner: 0,
+                flushes_by_cp: 0,
                 writer_waits: 0,
                 space_wanted: false,
                 shipping: BTreeSet::new(),
                 last_cp_error: None,
+                unverified,
+                damaged: None,
             }),
             space_freed: Notify::new(),
             shipped: Notify::new(),
+            verified: Notify::new(),
             cp_wanted: Arc::new(Notify::new()),
             cp_lock: tokio::sync::Mutex::new(()),
             mirror,
@@ -1179,6 +1324,9 @@ impl<B: Backing> JournaledVolume<B> {
             Arc::clone(&shared.cp_wanted),
             Duration::from_millis(shared.config.cp_interval_ms.max(1)),
         ));
+        if shared.lock().unverified.is_some() {
+            spawn_verifier(Arc::downgrade(&shared));
+        }
         if in_place {
             shared.cp_wanted.notify_one();
         }
@@ -1295,7 +1443,11 @@ impl<B: Backing> JournaledVolume<B> {
             dirty_bytes: st.index.dirty_bytes(),
             durable_seq: self.shared.durable_seq(&st),
             ack_survives_power_loss: self.shared.local_durable,
+            crc_unverified_records: st.unverified.as_ref().map_or(0, Unverified::remaining),
+            corrupt: st.check_not_damaged().err().map(|e| e.to_string()),
             cps_done: st.cps_done,
+            flushes_by_partner: st.flushes_by_partner,
+            flushes_by_cp: st.flushes_by_cp,
             writer_waits: st.writer_waits,
             last_cp_error: st.last_cp_error.clone(),
         }
@@ -1360,6 +1512,37 @@ pub struct UnretiredRecords {
     pub records: Vec<UnretiredRecord>,
 }
 
+/// Refuses a config the log cannot hold or that makes no sense.
+fn check_config(config: &VolumeConfig, log_bytes: u64) -> Result<(), JournalError> {
+    let max_total = RECORD_HEADER_BYTES as u64 + align_up(config.max_record_payload_bytes);
+    if config.max_record_payload_bytes == 0
+        || config.max_record_payload_bytes > u64::from(u32::MAX)
+        || 2 * max_total + 2 * CONTROL_RESERVE_BYTES > log_bytes
+    {
+        return Err(JournalError::Config(format!(
+            "max_record_payload_bytes {} does not fit a log of {log_bytes} bytes \
+             (needs log >= 2 x record + {} bytes)",
+            config.max_record_payload_bytes,
+            2 * CONTROL_RESERVE_BYTES
+        )));
+    }
+    if config.cp_fill_percent == 0 || config.cp_fill_percent > 100 {
+        return Err(JournalError::Config(format!(
+            "cp_fill_percent {} must be 1..=100",
+            config.cp_fill_percent
+        )));
+    }
+    Ok(())
+}
+
+/// Starts the background CRC check of the records recovery left unchecked (see
+/// [`crate::verify`]) on a blocking thread: CRC32C of up to the whole log is CPU work that must
+/// not hold up the runtime. It holds the volume only weakly and per chunk, so dropping the volume
+/// stops it.
+fn spawn_verifier<B: Backing>(shared: std::sync::Weak<Shared<B>>) {
+    tokio::task::spawn_blocking(move || while shared.upgrade().is_some_and(|s| s.verify_step()) {});
+}
+
 /// Runs CPs on the timer and on demand. Holds the volume only weakly, so that dropping the
 /// volume closes the NVRAM file at once (a crash, as far as the journal is concerned).
 async fn flusher_loop<B: Backing>(
@@ -1376,6 +1559,12 @@ async fn flusher_loop<B: Backing>(
             return;
         };
         if let Err(e) = shared.run_cp().await {
+            if matches!(e, JournalError::CorruptRecordFound { .. }) {
+                // Permanent: the volume refuses all I/O and has nothing it may apply (logged once
+                // where the damage was found).
+                shared.lock().last_cp_error = Some(e.to_string());
+                return;
+            }
             tracing::warn!(volume = shared.volume_id, error = %e, "consistency point failed; will retry");
             shared.lock().last_cp_error = Some(e.to_string());
             // Writers waiting for space re-check and get the error.

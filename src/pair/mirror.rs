@@ -366,6 +366,32 @@ impl MirrorHook for VolumeMirror {
         inner.generation = generation;
         inner.next_send = tail_seq;
     }
+
+    /// While in sync, the partner's cumulative ACK: it has stored every record of this log from
+    /// the resync snapshot's tail through `acked` in its NVRAM (older records were retired by a
+    /// CP, which flushed them to the store). The partner is another `twinblockd`; its copy
+    /// survives the loss of *this* node's power when it runs on another host, whatever its
+    /// persistence mode (see docs/OPERATIONS.md, "What a FLUSH means"). `None` out of sync.
+    ///
+    /// `acked` and `in_sync` are read from one published [`AckView`], so a reconnection (which
+    /// zeroes `acked` and clears `in_sync` together) is never seen half done.
+    fn partner_durable_seq(&self) -> Option<u64> {
+        let v = *self.acks.borrow();
+        v.in_sync.then_some(v.acked)
+    }
+
+    /// Waits for the partner's ACK of `seq` while the mirror stays in sync, at most the mirror's
+    /// timeout. A timeout here only returns false (the FLUSH falls back to a CP); declaring the
+    /// mirror out of sync is left to the write that shipped the record, which waits too.
+    async fn wait_partner_durable(&self, seq: u64) -> bool {
+        let mut rx = self.acks.subscribe();
+        if !rx.borrow().in_sync {
+            return false;
+        }
+        let waited =
+            tokio::time::timeout(self.timeout, rx.wait_for(|v| v.acked >= seq || !v.in_sync)).await;
+        matches!(waited, Ok(Ok(v)) if v.in_sync && v.acked >= seq)
+    }
 }
 
 #[cfg(test)]
@@ -486,6 +512,125 @@ mod tests {
         );
         m.on_ack(100);
         assert!(m.in_sync());
+    }
+
+    mod flush {
+        use super::*;
+        use twinblock_journal::{JournaledVolume, MemBacking, Nvram, NvramConfig, VolumeConfig};
+
+        /// A journaled volume on tmpfs-mode NVRAM (`none`: records survive a daemon crash only)
+        /// with `m` as its mirror, and no timer or fill CPs: any CP is one a FLUSH asked for.
+        async fn volume(
+            dir: &std::path::Path,
+            m: &Arc<VolumeMirror>,
+        ) -> JournaledVolume<MemBacking> {
+            let nv = Nvram::open(&NvramConfig {
+                path: dir.join("nvram.img"),
+                log_bytes_per_region: 1 << 20,
+                ..NvramConfig::new(0, [5; 16])
+            })
+            .unwrap();
+            let cfg = VolumeConfig {
+                cp_interval_ms: 3_600_000,
+                cp_fill_percent: 100,
+                max_record_payload_bytes: 64 * 1024,
+                ..VolumeConfig::default()
+            };
+            let hook: Arc<dyn MirrorHook> = m.clone();
+            JournaledVolume::open_with_mirror(nv, MemBacking::new(1 << 20, 65536), 1, cfg, hook)
+                .await
+                .unwrap()
+        }
+
+        /// A mirror whose sender `wake` the test holds, and a stand-in partner that stores
+        /// nothing but acknowledges every record the sender takes, in seq order.
+        fn mirror_with_partner() -> (Arc<VolumeMirror>, tokio::task::JoinHandle<()>) {
+            let wake = Arc::new(Notify::new());
+            let m = Arc::new(VolumeMirror::new(
+                "v".into(),
+                1,
+                Duration::from_secs(10),
+                wake.clone(),
+                Arc::new(watch::channel(0).0),
+            ));
+            let m2 = m.clone();
+            let partner = tokio::spawn(async move {
+                loop {
+                    let _ = tokio::time::timeout(Duration::from_millis(5), wake.notified()).await;
+                    let mut out = Vec::new();
+                    m2.take_batch(1 << 20, &mut out);
+                    if let Some((seq, _, _)) = out.last() {
+                        m2.on_ack(*seq);
+                    }
+                }
+            });
+            (m, partner)
+        }
+
+        fn block(n: u8) -> Bytes {
+            Bytes::from(vec![n; 4096])
+        }
+
+        #[tokio::test]
+        async fn flush_on_tmpfs_with_in_sync_partner_runs_no_cp() {
+            let dir = tempfile::tempdir().unwrap();
+            let (m, partner) = mirror_with_partner();
+            let vol = volume(dir.path(), &m).await;
+            assert!(!vol.ack_survives_power_loss());
+            in_sync(&m, vol.status().next_seq);
+            vol.write(0, block(1)).await.unwrap();
+            vol.write(8192, block(2)).await.unwrap();
+            vol.flush().await.unwrap();
+            vol.write_fua(4096, block(3)).await.unwrap();
+            let st = vol.status();
+            assert_eq!(st.cps_done, 0, "a FLUSH covered by the partner ran a CP");
+            assert_eq!(st.flushes_by_cp, 0);
+            assert_eq!(st.flushes_by_partner, 2);
+            partner.abort();
+        }
+
+        #[tokio::test]
+        async fn flush_on_tmpfs_with_out_of_sync_mirror_waits_for_a_cp() {
+            let dir = tempfile::tempdir().unwrap();
+            let (m, partner) = mirror_with_partner();
+            let vol = volume(dir.path(), &m).await;
+            in_sync(&m, vol.status().next_seq);
+            m.declare_out_of_sync("test: link cut");
+            vol.write(0, block(1)).await.unwrap();
+            assert_eq!(m.partner_durable_seq(), None);
+            vol.flush().await.unwrap();
+            let st = vol.status();
+            assert_eq!(st.cps_done, 1, "the FLUSH must be made durable by a CP");
+            assert_eq!(st.flushes_by_cp, 1);
+            assert_eq!(st.flushes_by_partner, 0);
+            assert!(st.applied_seq >= 1);
+            partner.abort();
+        }
+
+        #[tokio::test]
+        async fn flush_waits_for_the_in_flight_ack_not_a_cp() {
+            // A partner that acknowledges late: the FLUSH waits for its ACK and runs no CP.
+            let dir = tempfile::tempdir().unwrap();
+            let m = mirror(10_000);
+            let vol = Arc::new(volume(dir.path(), &m).await);
+            in_sync(&m, vol.status().next_seq);
+            let v2 = vol.clone();
+            let writer = tokio::spawn(async move { v2.write(0, block(9)).await });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let v3 = vol.clone();
+            let flush = tokio::spawn(async move { v3.flush().await });
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            assert!(
+                !flush.is_finished(),
+                "FLUSH returned before the partner's ACK"
+            );
+            let last = m.status_json()["last_shipped_seq"].as_u64().unwrap();
+            m.on_ack(last);
+            writer.await.unwrap().unwrap();
+            flush.await.unwrap().unwrap();
+            assert_eq!(vol.status().cps_done, 0);
+            assert_eq!(vol.status().flushes_by_partner, 1);
+        }
     }
 
     #[tokio::test]

@@ -291,6 +291,14 @@ impl Pair {
         })))
     }
 
+    /// True when the partner's interconnect address is on this machine (a loopback address, or
+    /// this node's own listen address): its NVRAM copy then shares this host's power, so a
+    /// partner ACK makes a record survive a crash of this daemon, not a power cut (the demo).
+    pub fn partner_on_this_host(&self) -> bool {
+        let ip = self.partner_address.ip();
+        ip.is_loopback() || (!ip.is_unspecified() && ip == self.listen.ip())
+    }
+
     /// The mirror for journaled volume `name` (journal id `volume_id`), to pass to the journal.
     pub fn add_volume(&self, name: &str, volume_id: u64) -> Arc<VolumeMirror> {
         let m = Arc::new(VolumeMirror::new(

@@ -154,9 +154,15 @@ impl Node {
 
     /// One admin request; the daemon's `result`.
     pub fn admin(&self, op: &str) -> serde_json::Value {
+        self.admin_request(&format!("{{\"op\":\"{op}\"}}"))
+    }
+
+    /// One admin request given as its JSON line (for requests with arguments).
+    pub fn admin_request(&self, request: &str) -> serde_json::Value {
+        let op = request;
         let mut s = UnixStream::connect(self.dir.join("admin.sock")).expect("admin socket");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        writeln!(s, "{{\"op\":\"{op}\"}}").unwrap();
+        writeln!(s, "{request}").unwrap();
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).expect("admin answer");
@@ -219,6 +225,8 @@ pub struct PairSpec {
     pub cp_interval_ms: u64,
     /// Node 0 dials a port nobody listens on (it never reaches node 1).
     pub node0_isolated: bool,
+    /// `nvram.persistence` of both nodes (the NVRAM files are in the test's directory).
+    pub persistence: &'static str,
 }
 
 impl Default for PairSpec {
@@ -227,6 +235,7 @@ impl Default for PairSpec {
             mirror_timeout_ms: 400,
             cp_interval_ms: 200,
             node0_isolated: false,
+            persistence: "msync",
         }
     }
 }
@@ -286,7 +295,7 @@ journal = true
 [nvram]
 path = "{root}/node{id}/r{id}.nvram"
 size = "8MiB"
-persistence = "msync"
+persistence = "{persistence}"
 cp_interval_ms = {cp}
 
 [pair]
@@ -306,6 +315,7 @@ reconnect_max_ms = 200
         disks = disks.join(", "),
         cp = spec.cp_interval_ms,
         timeout = spec.mirror_timeout_ms,
+        persistence = spec.persistence,
     )
 }
 
