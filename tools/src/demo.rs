@@ -608,7 +608,7 @@ async fn print_banner(pair: &DemoPair, synced: bool) {
             format!("two {} processes", pair.program.display())
         } else {
             format!(
-                "two node processes run by {} (build twinblockd to use it instead)",
+                "two node processes run by {} (no twinblockd at least as new beside it)",
                 pair.program.display()
             )
         }

@@ -64,7 +64,7 @@ impl Verification {
         if self.passed() {
             format!(
                 "every acknowledged write reads back ({acked} writes acknowledged; {} of {} blocks \
-                 hold one, all correct)",
+                 written, all correct)",
                 self.checked - self.unwritten,
                 self.checked
             )
