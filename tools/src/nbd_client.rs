@@ -153,13 +153,14 @@ impl NbdClient {
             self.read_exact(&mut data)?;
             match kind {
                 NBD_REP_ACK => break,
-                NBD_REP_INFO => {
-                    if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == NBD_INFO_EXPORT
-                    {
-                        let mut s = [0u8; 8];
-                        s.copy_from_slice(&data[2..10]);
-                        self.size = u64::from_be_bytes(s);
-                    }
+                // NBD_INFO_EXPORT: type, size (u64), transmission flags (u16).
+                NBD_REP_INFO
+                    if data.len() >= 12
+                        && u16::from_be_bytes([data[0], data[1]]) == NBD_INFO_EXPORT =>
+                {
+                    let mut s = [0u8; 8];
+                    s.copy_from_slice(&data[2..10]);
+                    self.size = u64::from_be_bytes(s);
                 }
                 k if k & NBD_REP_ERR_BIT != 0 => {
                     return Err(NbdClientError::Refused {
