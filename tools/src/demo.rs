@@ -749,5 +749,12 @@ mod tests {
         assert_eq!(cfgs[0].volumes.len(), 2);
         assert_eq!(cfgs[0].arrays[0].disks.len(), 4);
         assert_eq!(check_partner(&cfgs[0], &cfgs[1]), Vec::<String>::new());
+        // Both nodes have [ha], each sending to the port the other listens on.
+        let ha: Vec<_> = cfgs.iter().map(|c| c.ha.clone().unwrap()).collect();
+        assert_eq!(ha[0].partner_udp, ha[1].udp_listen);
+        assert_eq!(ha[1].partner_udp, ha[0].udp_listen);
+        assert_eq!(ha[0].udp_listen, "127.0.0.1:12809");
+        assert_eq!(ha[0].mailbox_disks, ha[1].mailbox_disks);
+        assert_eq!(ha[0].heartbeat_interval_ms, 100, "default timers");
     }
 }
