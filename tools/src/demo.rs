@@ -487,8 +487,11 @@ impl DemoPair {
                     .unwrap_or_default(),
                 Err(e) => vec![format!("{e:#}")],
             };
-            let normal = st.as_ref().is_ok_and(|v| v["node"]["state"] == "Normal");
-            if normal && blockers.is_empty() {
+            let state = match &st {
+                Ok(v) => v["node"]["state"].as_str().unwrap_or("?").to_string(),
+                Err(_) => "unreachable".to_string(),
+            };
+            if state == "Normal" && blockers.is_empty() {
                 return Ok(());
             }
             if let Some(e) = self.exited(id) {
@@ -498,9 +501,9 @@ impl DemoPair {
                 bail!(
                     "node {id} is not ready to take over within {within:?}: {}",
                     if blockers.is_empty() {
-                        "it is not in state Normal".to_string()
+                        format!("it is in state {state}, not Normal")
                     } else {
-                        blockers.join("; ")
+                        format!("state {state}: {}", blockers.join("; "))
                     }
                 );
             }
@@ -608,7 +611,7 @@ async fn print_banner(pair: &DemoPair, synced: bool) {
             format!("two {} processes", pair.program.display())
         } else {
             format!(
-                "two node processes run by {} (no twinblockd at least as new beside it)",
+                "two `{} node` processes: the node code of this build",
                 pair.program.display()
             )
         }
