@@ -2,10 +2,14 @@
 //! reads NVRAM files offline, and runs the quickstart demo.
 
 mod demo;
+mod failover;
 mod ha;
+mod nbd_client;
 mod pair_status;
 mod render;
 mod reservation;
+mod takeover_timing;
+mod write_ledger;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
