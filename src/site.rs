@@ -394,8 +394,16 @@ impl Site {
             return;
         }
         for (name, dev) in &journaled {
-            if let Err(e) = dev.volume().checkpoint().await {
-                tracing::warn!(volume = %name, "final consistency point failed (the journal will be replayed at next start): {e}");
+            // A clean stop also tells the array that nothing is left in the log, so a start
+            // that finds the NVRAM file gone (RAM after a power cut) knows nothing was lost.
+            match dev.volume().stop_clean().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(volume = %name, "writes arrived during the final consistency point; the journal will be replayed at next start")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, "final consistency point failed (the journal will be replayed at next start): {e}")
+                }
             }
         }
         drop(journaled);
