@@ -222,3 +222,146 @@ fn kind_of(m: &Message) -> FrameKind {
         Message::FetchBegin(_) => FrameKind::FetchBegin,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+    use twinblock_journal::format::{encode_record, RecordHeader, RecordKind};
+    use twinblock_pair::wire::{FetchBegin, RecordFrame};
+
+    const STORE: [u8; 16] = [8; 16];
+    const VOL: u64 = 77;
+    const LOG: u64 = 64 * 1024;
+
+    fn target() -> RestoreTarget {
+        RestoreTarget {
+            store_id: STORE,
+            volume_id: VOL,
+            log_bytes: LOG,
+            from_seq: 5,
+        }
+    }
+
+    fn record(seq: u64) -> Vec<u8> {
+        let h = RecordHeader {
+            kind: RecordKind::Write,
+            generation: 2,
+            seq,
+            volume_id: VOL,
+            offset: seq * 4096,
+            length: 64,
+            payload_bytes: 64,
+        };
+        encode_record(&h, &[seq as u8; 64])
+    }
+
+    /// FETCH_BEGIN for seqs 5..=7 at log offset 0, then the given (offset, seq, bytes) records.
+    fn reply(store_id: [u8; 16], records: &[(u64, u64, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Message::FetchBegin(FetchBegin {
+            volume: VOL,
+            store_id,
+            generation: 2,
+            tail_offset: 0,
+            tail_seq: 5,
+            last_seq: 7,
+        })
+        .encode(&mut out);
+        for (log_offset, seq, bytes) in records {
+            Message::FetchRecord(RecordFrame {
+                volume: VOL,
+                log_offset: *log_offset,
+                seq: *seq,
+                record: bytes.clone(),
+            })
+            .encode(&mut out);
+        }
+        out
+    }
+
+    fn good_records() -> Vec<(u64, u64, Vec<u8>)> {
+        (5..=7).map(|s| ((s - 5) * 128, s, record(s))).collect()
+    }
+
+    /// Serves `bytes` to one client, then reads what the client makes of them.
+    async fn fetch_from(bytes: Vec<u8>) -> Result<FetchedLog, FetchError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = s.write_all(&bytes).await;
+        });
+        let mut frames = Frames {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+            start: 0,
+        };
+        let log = receive_copy(&mut frames, &target()).await?;
+        check_fetched(&target(), &log)?;
+        Ok(log)
+    }
+
+    #[tokio::test]
+    async fn whole_reply_is_accepted() {
+        let log = fetch_from(reply(STORE, &good_records())).await.unwrap();
+        assert_eq!(log.records.len(), 3);
+        assert_eq!(log.last_seq, 7);
+    }
+
+    #[tokio::test]
+    async fn reply_with_a_gap_is_refused() {
+        let mut r = good_records();
+        r.remove(1);
+        let e = fetch_from(reply(STORE, &r)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FetchError::Refused(FetchRefusal::Gap {
+                    expected: 6,
+                    found: 7
+                })
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reply_with_a_bad_crc_is_refused() {
+        let mut r = good_records();
+        r[2].2[70] ^= 1;
+        let e = fetch_from(reply(STORE, &r)).await.unwrap_err();
+        assert!(e.to_string().contains("CRC"), "{e}");
+        assert!(
+            matches!(
+                e,
+                FetchError::Refused(FetchRefusal::BadRecord { seq: 7, .. })
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reply_for_another_store_is_refused_before_any_record() {
+        let e = fetch_from(reply([9; 16], &good_records()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, FetchError::Refused(FetchRefusal::WrongStore { .. })),
+            "{e}"
+        );
+        let e = fetch_from(reply([0; 16], &[])).await.unwrap_err();
+        assert!(
+            matches!(e, FetchError::Refused(FetchRefusal::NoCopy)),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reply_cut_short_is_an_error() {
+        let mut r = good_records();
+        r.pop();
+        let e = fetch_from(reply(STORE, &r)).await.unwrap_err();
+        assert!(matches!(e, FetchError::Closed), "{e}");
+    }
+}
