@@ -42,16 +42,12 @@ pub struct HeldVolume {
     pub remedy: String,
 }
 
-/// The journal's `WritesLost` refusal anywhere in `e`'s chain, if that is what `e` is.
+/// The [`HeldError`] anywhere in `e`'s chain, if that is what `e` is: the loss and what the
+/// partner said.
 pub fn lost_writes(e: &anyhow::Error) -> Option<(LostWrites, Option<String>)> {
     e.chain().find_map(|c| {
-        if let Some(h) = c.downcast_ref::<HeldError>() {
-            return Some((h.loss.clone(), h.partner_fetch_error.clone()));
-        }
-        match c.downcast_ref::<JournalError>() {
-            Some(JournalError::WritesLost(l)) => Some(((**l).clone(), None)),
-            _ => None,
-        }
+        let h = c.downcast_ref::<HeldError>()?;
+        Some((h.loss.clone(), h.partner_fetch_error.clone()))
     })
 }
 

@@ -314,7 +314,11 @@ fn lost_nvram_is_fetched_back_from_the_partner_and_nothing_acknowledged_is_lost(
         model.write_batch(&pair.nodes[0].uri(), 32, round).unwrap();
     }
     let own = assert_copy_complete(&pair, 0);
-    let applied = pair.nodes[0].admin("status")["pair"]["mirrors"][0].clone();
+    let before = pair.nodes[0].admin("volume_list")[0]["journal"].clone();
+    assert!(
+        before["dirty_bytes"].as_u64().unwrap() > 0,
+        "the writes should be only in the logs: {before}"
+    );
     // The power cut of node 0: the process dies and its NVRAM file (RAM) is gone.
     pair.nodes[0].kill9();
     let nvram = pair.nodes[0].dir.join("r0.nvram");
@@ -329,10 +333,19 @@ fn lost_nvram_is_fetched_back_from_the_partner_and_nothing_acknowledged_is_lost(
     );
     let status = n0.admin("status");
     assert!(status.get("volumes_held").is_none(), "{status}");
-    let history = n0.admin("volume_list")[0]["history"].to_string();
+    let volume = n0.admin("volume_list")[0].clone();
     assert!(
-        history.contains("nvram-restored-from-partner"),
-        "{history} (mirror before: {applied})"
+        volume["history"]
+            .to_string()
+            .contains("nvram-restored-from-partner"),
+        "{volume}"
+    );
+    assert!(
+        volume["journal_recovery"]["scan"]["records_valid"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "recovery found no restored record: {volume}"
     );
     // The partner's copy accepts the restarted log (same generation line) and is whole again.
     n0.wait_mirror("in sync after the restore", SYNC_TIMEOUT, |m| {

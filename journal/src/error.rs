@@ -87,8 +87,6 @@ pub enum JournalError {
         found: u64,
         expected: u64,
     },
-    #[error("{}; the volume does not serve until the loss is accepted (`twinctl journal accept-loss VOLUME`, or accept_nvram_loss = true in the volume's config)", .0.describe())]
-    WritesLost(Box<crate::loss::LostWrites>),
     #[error("invalid journal config: {0}")]
     Config(String),
     #[error("{region} region: corrupt record at log offset {offset} (seq {expected_seq}) with valid newer records after it (seq {later_seq} at {later_offset}); acknowledged writes would be lost, refusing to start (set discard_corrupt_log to start anyway)")]
