@@ -228,13 +228,22 @@ impl Node {
         for site in self.sites() {
             if site.held().iter().any(|h| h.name == name) {
                 let info = site.accept_loss(name).await.map_err(|e| format!("{e:#}"))?;
-                return Ok(serde_json::json!({
-                    "message": format!(
+                // With a partner, opening tries its copy again first: it may have come back.
+                let restored = crate::history::read(&site.config().data_dir(), name)
+                    .last()
+                    .is_some_and(|e| e.event == "nvram-restored-from-partner");
+                let message = if restored {
+                    format!(
+                        "volume `{name}` serves again: its NVRAM log was restored from the \
+                         partner's copy, nothing was lost"
+                    )
+                } else {
+                    format!(
                         "volume `{name}` serves again on a new NVRAM log; the writes acknowledged \
                          after its last consistency point are lost (kept in `twinctl volume show {name}`)"
-                    ),
-                    "volume": info,
-                }));
+                    )
+                };
+                return Ok(serde_json::json!({ "message": message, "volume": info }));
             }
         }
         Err(format!(
