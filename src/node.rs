@@ -170,6 +170,7 @@ impl Node {
                 persistence: n.persistence,
             }),
             pair: self.pair.as_ref().map(|p| p.status_json()),
+            volumes_held: self.sites().iter().flat_map(|s| s.held()).collect(),
         }
     }
 
@@ -205,7 +206,50 @@ impl Node {
                 .server()
                 .and_then(|srv| srv.export_stats(&v.name))
                 .map(ExportCounters::from),
+            history: crate::history::read(&site.config().data_dir(), &v.name),
         })
+    }
+
+    /// A held volume's admin reply (not served: its NVRAM log was lost).
+    fn held_json(&self, name: &str) -> Option<serde_json::Value> {
+        self.sites().into_iter().find_map(|site| {
+            let held = site.held().into_iter().find(|h| h.name == name)?;
+            Some(serde_json::json!({
+                "name": name,
+                "state": "held",
+                "held": held,
+                "history": crate::history::read(&site.config().data_dir(), name),
+            }))
+        })
+    }
+
+    /// `twinctl journal accept-loss`: serves a held volume on a new log.
+    async fn accept_loss(&self, name: &str) -> Result<serde_json::Value, String> {
+        for site in self.sites() {
+            if site.held().iter().any(|h| h.name == name) {
+                let info = site.accept_loss(name).await.map_err(|e| format!("{e:#}"))?;
+                // With a partner, opening tries its copy again first: it may have come back.
+                let restored = crate::history::read(&site.config().data_dir(), name)
+                    .last()
+                    .is_some_and(|e| e.event == "nvram-restored-from-partner");
+                let message = if restored {
+                    format!(
+                        "volume `{name}` serves again: its NVRAM log was restored from the \
+                         partner's copy, nothing was lost"
+                    )
+                } else {
+                    format!(
+                        "volume `{name}` serves again on a new NVRAM log; the writes acknowledged \
+                         after its last consistency point are lost (kept in `twinctl volume show {name}`)"
+                    )
+                };
+                return Ok(serde_json::json!({ "message": message, "volume": info }));
+            }
+        }
+        Err(format!(
+            "volume `{name}` is not waiting for an NVRAM loss to be accepted (only volumes listed \
+             as held by `twinctl status` are); nothing was changed"
+        ))
     }
 }
 
@@ -271,8 +315,11 @@ impl AdminHandler for Node {
             )),
             Request::VolumeShow { name } => match self.volumes().iter().find(|v| v.name == name) {
                 Some(v) => self.volume_json(v),
-                None => Err(format!("no volume named `{name}`")),
+                None => self
+                    .held_json(&name)
+                    .ok_or_else(|| format!("no volume named `{name}`")),
             },
+            Request::JournalAcceptLoss { name } => self.accept_loss(&name).await,
             Request::DiskFail { array, disk } => self.array(&array)?.fail(&disk).await,
             Request::DiskRemove { array, disk } => self.array(&array)?.remove(&disk).await,
             Request::DiskAdd { array, path } => self.array(&array)?.add(&path).await,

@@ -86,6 +86,8 @@ struct Parts {
     server: Option<Server>,
     volumes: Vec<VolumeInfo>,
     journaled: BTreeMap<String, Arc<JournaledDevice>>,
+    /// Journaled volumes not served because their NVRAM log was lost (see `nvram_loss`).
+    held: BTreeMap<String, crate::nvram_loss::HeldVolume>,
     listeners: Option<Listeners>,
     /// Partner copies taken from the mirror receiver by this site (takeover), by volume name:
     /// (journal volume id, array name). Given back to the receiver by [`Site::stop`].
@@ -232,8 +234,9 @@ impl Site {
         };
         let mut volumes = Vec::new();
         let mut journaled = BTreeMap::new();
+        let mut held = BTreeMap::new();
         for v in &config.volumes {
-            let (device, info) = match &v.array {
+            let opened = match &v.array {
                 None => open_volume(config, v).await,
                 Some(a) => {
                     let Some(entry) = arrays.get(a.as_str()) else {
@@ -261,7 +264,27 @@ impl Site {
                     .await
                 }
             }
-            .with_context(|| format!("volume `{}`", v.name))?;
+            .with_context(|| format!("volume `{}`", v.name));
+            let (device, info) = match opened {
+                Ok(x) => x,
+                Err(e) => match crate::nvram_loss::lost_writes(&e) {
+                    // Held, not fatal: the other volumes serve, the operator decides.
+                    Some((loss, partner_fetch_error)) => {
+                        tracing::error!(volume = %v.name, "{e:#}");
+                        held.insert(
+                            v.name.clone(),
+                            crate::nvram_loss::HeldVolume {
+                                name: v.name.clone(),
+                                remedy: format!("twinctl journal accept-loss {}", v.name),
+                                loss,
+                                partner_fetch_error,
+                            },
+                        );
+                        continue;
+                    }
+                    None => return Err(e),
+                },
+            };
             let access = v
                 .nbd_access()
                 .map_err(anyhow::Error::msg)
@@ -296,7 +319,81 @@ impl Site {
         p.server = Some(server);
         p.volumes = volumes;
         p.journaled = journaled;
+        p.held = held;
         Ok(())
+    }
+
+    /// Journaled volumes held (not served) because their NVRAM log was lost.
+    pub fn held(&self) -> Vec<crate::nvram_loss::HeldVolume> {
+        self.parts().held.values().cloned().collect()
+    }
+
+    /// `twinctl journal accept-loss`: serves held volume `name` on a new, empty log (the writes
+    /// acknowledged after its last CP are gone; the event goes into its history). Refused, with
+    /// nothing changed, for a volume that is not held.
+    pub async fn accept_loss(&self, name: &str) -> Result<VolumeInfo> {
+        if !self.parts().held.contains_key(name) {
+            bail!(
+                "volume `{name}` is not waiting for an NVRAM loss to be accepted (only volumes \
+                 listed as held by `twinctl status` are); nothing was changed"
+            );
+        }
+        let Some(server) = self.server() else {
+            bail!("volume `{name}`: the site's volumes are not open; nothing was changed");
+        };
+        let Some(v) = self.config.volumes.iter().find(|v| v.name == name) else {
+            bail!("volume `{name}` is not in this node's config; nothing was changed");
+        };
+        let Some(array_name) = &v.array else {
+            bail!("volume `{name}` is not on an array; nothing was changed");
+        };
+        let (entry, gate) = {
+            let p = self.parts();
+            (
+                p.arrays.get(array_name.as_str()).cloned(),
+                p.array_gates.get(array_name.as_str()).cloned(),
+            )
+        };
+        let Some(entry) = entry else {
+            bail!("volume `{name}`: array `{array_name}` is not assembled; nothing was changed");
+        };
+        let accepted = VolumeConfig {
+            accept_nvram_loss: true,
+            ..v.clone()
+        };
+        let mut journaled = BTreeMap::new();
+        let (device, info) = open_array_volume(
+            &self.config,
+            &accepted,
+            &entry,
+            gate,
+            self.bind_retry_ms,
+            &mut journaled,
+            self.pair.get().map(|p| &**p),
+            None,
+        )
+        .await
+        .with_context(|| format!("volume `{name}`"))?;
+        let access = v
+            .nbd_access()
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("volume `{name}`"))?;
+        server
+            .add_export_with_access(
+                Export {
+                    name: v.name.clone(),
+                    description: info.description.clone(),
+                    device,
+                },
+                access,
+            )
+            .with_context(|| format!("volume `{name}`"))?;
+        tracing::warn!(volume = %name, "NVRAM loss accepted by the operator; volume ready");
+        let mut p = self.parts();
+        p.held.remove(name);
+        p.journaled.extend(journaled);
+        p.volumes.push(info.clone());
+        Ok(info)
     }
 
     /// Binds the NBD listen addresses (and the Unix socket) and serves the exports. Returns the
@@ -390,6 +487,7 @@ impl Site {
         let (listeners, server, journaled, arrays, gates, seized) = {
             let mut p = self.parts();
             p.volumes.clear();
+            p.held.clear();
             (
                 p.listeners.take(),
                 p.server.take(),
@@ -427,9 +525,14 @@ impl Site {
         drop(server);
         let mut applied = std::collections::BTreeSet::new();
         for (name, dev) in &journaled {
-            match dev.volume().checkpoint().await {
-                Ok(_) => {
+            // A clean stop also tells the array that nothing is left in the log, so a start
+            // that finds the NVRAM file gone (RAM after a power cut) knows nothing was lost.
+            match dev.volume().stop_clean().await {
+                Ok(true) => {
                     applied.insert(name.clone());
+                }
+                Ok(false) => {
+                    tracing::warn!(volume = %name, "writes arrived during the final consistency point; the journal will be replayed at next start")
                 }
                 Err(e) => {
                     tracing::warn!(volume = %name, "final consistency point failed (the journal will be replayed at next start): {e}")
@@ -511,6 +614,19 @@ async fn open_array_volume(
     };
     let nvram = open_nvram_waiting(&nvram_config, lock_wait_ms).await?;
     let volume_id = journal_volume_id(&v.name);
+    let backing = ArrayBacking { array, gate };
+    // A lost log (tmpfs after a power cut): fetched back from the partner, or held until accepted.
+    let nvram = crate::nvram_loss::resolve(
+        nvram,
+        &nvram_config,
+        &backing,
+        &v.name,
+        volume_id,
+        pair,
+        v.accept_nvram_loss,
+        &config.data_dir(),
+    )
+    .await?;
     let mirror = pair.map(|p| p.add_volume(&v.name, volume_id));
     let hook: Arc<dyn MirrorHook> = match &mirror {
         Some(m) => m.clone(),
@@ -518,7 +634,7 @@ async fn open_array_volume(
     };
     let volume = JournaledVolume::open_with_mirror(
         nvram,
-        ArrayBacking { array, gate },
+        backing,
         volume_id,
         twinblock_journal::VolumeConfig {
             cp_interval_ms: nv.cp_interval_ms,

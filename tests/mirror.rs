@@ -298,6 +298,102 @@ fn stopped_partner_holds_writes_for_the_bounded_wait_only() {
     assert_copy_complete(&pair, 0);
 }
 
+#[test]
+fn lost_nvram_is_fetched_back_from_the_partner_and_nothing_acknowledged_is_lost() {
+    if !common::require_tool("qemu-io") {
+        return;
+    }
+    // CPs an hour apart: every acknowledged write stays only in the logs (own and copy).
+    let mut pair = start_pair(PairSpec {
+        cp_interval_ms: 3_600_000,
+        ..PairSpec::default()
+    });
+    pair.wait_in_sync(SYNC_TIMEOUT);
+    let model = Model::default();
+    for round in 0..4 {
+        model.write_batch(&pair.nodes[0].uri(), 32, round).unwrap();
+    }
+    let own = assert_copy_complete(&pair, 0);
+    let before = pair.nodes[0].admin("volume_list")[0]["journal"].clone();
+    assert!(
+        before["dirty_bytes"].as_u64().unwrap() > 0,
+        "the writes should be only in the logs: {before}"
+    );
+    // The power cut of node 0: the process dies and its NVRAM file (RAM) is gone.
+    pair.nodes[0].kill9();
+    let nvram = pair.nodes[0].dir.join("r0.nvram");
+    std::fs::remove_file(&nvram).unwrap();
+    pair.nodes[0].start();
+    let n0 = &pair.nodes[0];
+    model.verify(&n0.uri());
+    let log = n0.log();
+    assert!(
+        log.contains("own NVRAM log restored from the partner's copy"),
+        "log:\n{log}"
+    );
+    let status = n0.admin("status");
+    assert!(status.get("volumes_held").is_none(), "{status}");
+    let volume = n0.admin("volume_list")[0].clone();
+    assert!(
+        volume["history"]
+            .to_string()
+            .contains("nvram-restored-from-partner"),
+        "{volume}"
+    );
+    assert!(
+        volume["journal_recovery"]["scan"]["records_valid"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "recovery found no restored record: {volume}"
+    );
+    // The partner's copy accepts the restarted log (same generation line) and is whole again.
+    n0.wait_mirror("in sync after the restore", SYNC_TIMEOUT, |m| {
+        m["in_sync"] == true
+    });
+    let after = assert_copy_complete(&pair, 0);
+    assert!(
+        own.iter().all(|r| r.0 < after[0].0 || after.contains(r)),
+        "records lost from the copy after the restore"
+    );
+    // New writes mirror as before.
+    model.write_batch(&n0.uri(), 8, 99).unwrap();
+    model.verify(&n0.uri());
+}
+
+#[test]
+fn lost_nvram_with_the_partner_unreachable_holds_the_volume() {
+    if !common::require_tool("qemu-io") {
+        return;
+    }
+    let mut pair = start_pair(PairSpec {
+        cp_interval_ms: 3_600_000,
+        ..PairSpec::default()
+    });
+    pair.wait_in_sync(SYNC_TIMEOUT);
+    let model = Model::default();
+    model.write_batch(&pair.nodes[0].uri(), 16, 0).unwrap();
+    assert_copy_complete(&pair, 0);
+    pair.nodes[0].kill9();
+    std::fs::remove_file(pair.nodes[0].dir.join("r0.nvram")).unwrap();
+    pair.proxy.cut();
+    // The NBD listener is up even with the only volume held.
+    pair.nodes[0].start();
+    let status = pair.nodes[0].admin("status");
+    let held = &status["volumes_held"][0];
+    assert_eq!(held["name"], "r0", "{status}");
+    assert!(
+        held["partner_fetch_error"].is_string(),
+        "the fetch failure is reported: {status}"
+    );
+    // Once the partner is reachable again, a restart fetches the copy (still whole: the held
+    // volume never wrote) and nothing is lost.
+    pair.proxy.restore();
+    pair.nodes[0].kill9();
+    pair.nodes[0].start();
+    model.verify(&pair.nodes[0].uri());
+}
+
 /// Reads one frame; `None` when the peer closed the connection.
 /// The journal status of node `n`'s own journaled volume.
 fn journal_status(n: &harness::Node) -> serde_json::Value {

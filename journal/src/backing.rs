@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::BackingError;
+use crate::loss::StoreMark;
 
 /// The store under a journal (a RAID array). Offsets and lengths are bytes; the journal never
 /// calls outside `0..size()`.
@@ -43,6 +44,19 @@ pub trait Backing: Send + Sync + 'static {
     /// Durably records `seq` as applied (the RAID array stores it in its member superblocks).
     /// Called only after [`Backing::flush`] made the writes it covers durable.
     async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError>;
+    /// What the store records about the NVRAM log journaling it (see [`crate::loss`]); `None`:
+    /// the store keeps no such record, and a lost log cannot be detected.
+    async fn journal_mark(&self) -> Result<Option<StoreMark>, BackingError> {
+        Ok(None)
+    }
+    /// Durably records that log `log_id` journals the store, and whether it stopped cleanly.
+    async fn set_journal_mark(
+        &self,
+        _log_id: [u8; 16],
+        _stopped_clean: bool,
+    ) -> Result<(), BackingError> {
+        Ok(())
+    }
 }
 
 /// A shared store is a store (the node keeps the array in an `Arc`).
@@ -81,6 +95,16 @@ impl<T: Backing> Backing for Arc<T> {
     async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
         (**self).set_applied_seq(seq).await
     }
+    async fn journal_mark(&self) -> Result<Option<StoreMark>, BackingError> {
+        (**self).journal_mark().await
+    }
+    async fn set_journal_mark(
+        &self,
+        log_id: [u8; 16],
+        stopped_clean: bool,
+    ) -> Result<(), BackingError> {
+        (**self).set_journal_mark(log_id, stopped_clean).await
+    }
 }
 
 /// Counters of a [`MemBacking`], for tests.
@@ -103,6 +127,8 @@ struct MemState {
     /// What survives a crash.
     durable: Vec<u8>,
     applied_seq: u64,
+    /// The journal mark, kept durably like `applied_seq` (a crash keeps it).
+    mark: StoreMark,
     stats: MemStats,
     fail_writes: bool,
 }
@@ -127,6 +153,7 @@ impl MemBacking {
                 current: vec![0; size as usize],
                 durable: vec![0; size as usize],
                 applied_seq: 0,
+                mark: StoreMark::default(),
                 stats: MemStats::default(),
                 fail_writes: false,
             })),
@@ -272,7 +299,25 @@ impl Backing for MemBacking {
         Ok(self.lock().applied_seq)
     }
 
+    async fn journal_mark(&self) -> Result<Option<StoreMark>, BackingError> {
+        Ok(Some(self.lock().mark))
+    }
+
+    async fn set_journal_mark(
+        &self,
+        log_id: [u8; 16],
+        stopped_clean: bool,
+    ) -> Result<(), BackingError> {
+        let mut s = self.lock();
+        s.mark.log_id = log_id;
+        s.mark.stopped_clean = stopped_clean;
+        Ok(())
+    }
+
     async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
+        self.lock().mark.last_cp_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.lock().applied_seq = seq;
         Ok(())
     }

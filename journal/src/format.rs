@@ -81,6 +81,11 @@ pub struct FileHeader {
     pub partner_region_offset: u64,
     pub partner_region_bytes: u64,
     pub file_bytes: u64,
+    /// Identity of the own log, random at format time (all zero in files formatted before it
+    /// existed: [`crate::nvram::Nvram::open`] assigns one). The array's superblocks record it,
+    /// so a start with another log (a lost, blank or foreign file) is recognised.
+    #[serde(serialize_with = "serialize_store_id")]
+    pub log_id: [u8; 16],
 }
 
 impl FileHeader {
@@ -97,6 +102,7 @@ impl FileHeader {
             partner_region_offset: HEADER_AREA_BYTES + region_bytes,
             partner_region_bytes: region_bytes,
             file_bytes: HEADER_AREA_BYTES + 2 * region_bytes,
+            log_id: [0; 16],
         }
     }
 
@@ -116,6 +122,7 @@ impl FileHeader {
         put(&mut b, 80, &(RECORD_ALIGN_BYTES as u32).to_le_bytes());
         put(&mut b, 84, &(CONTROL_AREA_BYTES as u32).to_le_bytes());
         put(&mut b, 88, &self.file_bytes.to_le_bytes());
+        put(&mut b, 96, &self.log_id);
         let crc = crc32c::crc32c(&b[..124]);
         put(&mut b, 124, &crc.to_le_bytes());
         b
@@ -157,6 +164,8 @@ impl FileHeader {
         }
         let mut pair_id = [0u8; 16];
         pair_id.copy_from_slice(&b[24..40]);
+        let mut log_id = [0u8; 16];
+        log_id.copy_from_slice(&b[96..112]);
         Ok(FileHeader {
             version,
             node_id: get_u32(b, 16),
@@ -167,6 +176,7 @@ impl FileHeader {
             partner_region_offset: get_u64(b, 64),
             partner_region_bytes: get_u64(b, 72),
             file_bytes: get_u64(b, 88),
+            log_id,
         })
     }
 
@@ -217,7 +227,7 @@ pub struct ControlSlot {
     pub store_id: [u8; 16],
 }
 
-/// A store id as UUID text in JSON (`null` when unbound).
+/// A store id (or log id) as UUID text in JSON (`null` when unbound).
 fn serialize_store_id<S: serde::Serializer>(id: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
     if *id == [0; 16] {
         s.serialize_none()

@@ -14,6 +14,9 @@
 //! - [`nvram`]: opening, identity checks, generation bump, own and partner regions;
 //! - [`recover`]: checking a region's log and turning its unretired records into a dirty index
 //!   (serve at once) or redoing them through the store;
+//! - [`loss`]: knowing that acknowledged writes were lost with the NVRAM log (missing, blank or
+//!   foreign file after an unclean stop);
+//! - [`restore`]: checking the partner's copy of a lost own log and writing it back;
 //! - [`backing`]: the [`Backing`] trait the array implements, and an in-memory backing;
 //! - [`volume`]: [`JournaledVolume`]: write/read/flush/trim, CPs, back-pressure, recovery;
 //! - [`takeover`]: giveback's fence against replaying the returning node's superseded log;
@@ -25,11 +28,13 @@ pub mod error;
 pub mod format;
 pub mod index;
 pub mod log;
+pub mod loss;
 pub mod nvram;
 pub mod pmem;
 pub mod power;
 pub mod prefault;
 pub mod recover;
+pub mod restore;
 pub mod scan;
 pub mod takeover;
 pub mod verify;
@@ -37,6 +42,7 @@ pub mod volume;
 
 pub use backing::{Backing, MemBacking};
 pub use error::{BackingError, FormatError, JournalError};
+pub use loss::{check_log_continuity, LossCause, LostWrites, StoreMark};
 pub use nvram::{Nvram, NvramConfig, PartnerRegion, Region};
 pub use pmem::{PersistMethod, PersistenceMode};
 pub use recover::{apply_plan, plan_recovery, replay_region, RecoveryPlan, RecoveryReport};

@@ -456,8 +456,16 @@ impl Nvram {
         let last_used = current
             .generation
             .max(own.control().map_or(0, |c| c.generation));
+        // A file formatted now, or before log ids existed, gets its log id with this header
+        // update; it never changes afterwards.
+        let log_id = if current.log_id == [0; 16] {
+            *Uuid::new_v4().as_bytes()
+        } else {
+            current.log_id
+        };
         let header = FileHeader {
             generation: last_used + 1,
+            log_id,
             ..current
         };
         let at = (1 - slot) as u64 * HEADER_SLOT_B_OFFSET;
@@ -488,6 +496,11 @@ impl Nvram {
         &self.header
     }
 
+    /// The identity of the own log (see [`FileHeader::log_id`]).
+    pub fn log_id(&self) -> [u8; 16] {
+        self.header.log_id
+    }
+
     /// This open's generation G.
     pub fn generation(&self) -> u64 {
         self.header.generation
@@ -514,6 +527,12 @@ impl Nvram {
     /// mode on a medium that is not RAM. False for mode `none` and for any file on tmpfs/ramfs.
     pub fn survives_power_loss(&self) -> bool {
         self.survives_power_loss
+    }
+
+    /// True when the own log was never used (no control slot written): the file is new or was
+    /// blank, even if an earlier start formatted it. False once the own region was taken.
+    pub fn own_log_unused(&self) -> bool {
+        self.own.as_ref().is_some_and(|r| r.control().is_none())
     }
 
     /// Takes the own region (once; the journaled volume owns it).

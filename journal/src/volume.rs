@@ -580,6 +580,8 @@ struct Shared<B: Backing> {
     cp_lock: tokio::sync::Mutex<()>,
     mirror: Arc<dyn MirrorHook>,
     closed: AtomicBool,
+    /// The own log's id (NVRAM file header), recorded in the store's journal mark.
+    log_id: [u8; 16],
 }
 
 impl<B: Backing> Shared<B> {
@@ -1260,6 +1262,13 @@ impl<B: Backing> JournaledVolume<B> {
             scan_micros,
             ..recovery
         };
+        // From here on the store names this log as its journal, not cleanly stopped: a start that
+        // finds another log knows the records newer than `applied_seq` went with this one.
+        let log_id = nvram.log_id();
+        backing
+            .set_journal_mark(log_id, false)
+            .await
+            .map_err(backing_err("set_journal_mark", 0))?;
         if recovery.damaged_tail_discarded {
             tracing::warn!(
                 path = %nvram.path().display(),
@@ -1318,6 +1327,7 @@ impl<B: Backing> JournaledVolume<B> {
             mirror,
             closed: AtomicBool::new(false),
             config,
+            log_id,
         });
         let flusher = tokio::spawn(flusher_loop(
             Arc::downgrade(&shared),
@@ -1451,6 +1461,28 @@ impl<B: Backing> JournaledVolume<B> {
             writer_waits: st.writer_waits,
             last_cp_error: st.last_cp_error.clone(),
         }
+    }
+
+    /// A clean stop, for a caller that no longer writes (its clients are gone): a final CP
+    /// applies every record, then the store records that the journal stopped cleanly, so a later
+    /// start that finds the NVRAM file lost knows nothing was lost. Returns false (and marks
+    /// nothing) when records were journaled during the CP and remain unapplied.
+    pub async fn stop_clean(&self) -> Result<bool, JournalError> {
+        let guard = self.shared.cp_lock.lock().await;
+        self.shared.run_cp_locked(&guard).await?;
+        let pending = {
+            let st = self.shared.lock();
+            st.last_data_seq > st.applied_seq
+        };
+        if pending {
+            return Ok(false);
+        }
+        self.shared
+            .backing
+            .set_journal_mark(self.shared.log_id, true)
+            .await
+            .map_err(backing_err("set_journal_mark", 0))?;
+        Ok(true)
     }
 
     /// Applies everything (a final CP) and stops the flusher.

@@ -282,6 +282,7 @@ mod tests {
                     left_events: 0,
                 })
                 .collect(),
+            journal: Default::default(),
         }
     }
 

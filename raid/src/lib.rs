@@ -21,4 +21,4 @@ pub use array::{
     ScrubMode, ScrubReport,
 };
 pub use layout::Level;
-pub use superblock::MemberState;
+pub use superblock::{JournalMark, MemberState};

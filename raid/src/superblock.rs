@@ -28,8 +28,11 @@ pub const MAILBOX_BYTES: u64 = 64 << 10;
 pub const DATA_OFFSET_BYTES: u64 = 4 << 20;
 /// Magic at byte 0.
 pub const MAGIC: [u8; 8] = *b"TWBRAID\x01";
-/// Format version written by this code.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version written by this code. Version 2 adds the journal mark (bytes 176..204);
+/// version 1 superblocks (those bytes zero) are still read, as "no journal mark recorded".
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this code reads.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Bytes of the array name field.
 pub const NAME_BYTES: usize = 32;
 const HEADER_BYTES: usize = 256;
@@ -40,6 +43,8 @@ const ROLE_SPARE: u32 = u32::MAX;
 /// `rebuild_slot` value meaning "no rebuild in progress".
 const NO_REBUILD: u32 = u32::MAX;
 const FLAG_CLEAN: u32 = 1;
+/// Journal flag: the journal stopped cleanly (its final CP applied every record it held).
+const JOURNAL_FLAG_STOPPED_CLEAN: u32 = 1;
 
 /// The state of one member slot as the array sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +113,21 @@ pub struct BitmapGeometry {
     pub bits: u64,
 }
 
+/// What the array knows about the NVRAM log that journals it, so that a start with a lost or
+/// foreign log can tell whether acknowledged writes were lost (see docs/FORMATS.md).
+///
+/// The log's head seq as of each CP is the superblock's `applied_seq`: a CP applies every
+/// record up to the head it snapshotted and stores that seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct JournalMark {
+    /// Identity of the NVRAM log journaling this array; nil when none was recorded.
+    pub log_id: Uuid,
+    /// The journal stopped cleanly: every record of its log is in the array.
+    pub stopped_clean: bool,
+    /// Wall-clock time (Unix milliseconds) of the newest CP (`applied_seq` update); 0: unknown.
+    pub last_cp_unix_ms: u64,
+}
+
 /// A decoded superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
@@ -128,6 +148,8 @@ pub struct Superblock {
     pub rebuild: Option<RebuildCheckpoint>,
     pub bitmap: BitmapGeometry,
     pub members: Vec<MemberEntry>,
+    /// The journal mark (version 2; all default in a version 1 superblock).
+    pub journal: JournalMark,
 }
 
 /// Why bytes are not a valid superblock.
@@ -139,7 +161,7 @@ pub enum SuperblockError {
         "superblock checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupt"
     )]
     BadChecksum { stored: u32, computed: u32 },
-    #[error("superblock format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error("superblock format version {0} is not supported (this build reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})")]
     Version(u32),
     #[error("superblock field {field} holds an invalid value {value}")]
     Invalid { field: &'static str, value: u64 },
@@ -210,6 +232,17 @@ impl Superblock {
         put_u64(&mut b, 152, self.bitmap.offset);
         put_u64(&mut b, 160, self.bitmap.region_bytes);
         put_u64(&mut b, 168, self.bitmap.bits);
+        b[176..192].copy_from_slice(self.journal.log_id.as_bytes());
+        put_u64(&mut b, 192, self.journal.last_cp_unix_ms);
+        put_u32(
+            &mut b,
+            200,
+            if self.journal.stopped_clean {
+                JOURNAL_FLAG_STOPPED_CLEAN
+            } else {
+                0
+            },
+        );
         for (i, e) in self.members.iter().enumerate() {
             let at = HEADER_BYTES + i * ENTRY_BYTES;
             b[at..at + 16].copy_from_slice(e.dev_uuid.as_bytes());
@@ -240,7 +273,7 @@ impl Superblock {
             return Err(SuperblockError::BadChecksum { stored, computed });
         }
         let version = get_u32(b, 8);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(SuperblockError::Version(version));
         }
         let invalid = |field, value| SuperblockError::Invalid { field, value };
@@ -298,6 +331,12 @@ impl Superblock {
                 bits: get_u64(b, 168),
             },
             members,
+            // Version 1 wrote zeros here: a nil log id, no clean stop recorded, time unknown.
+            journal: JournalMark {
+                log_id: get_uuid(b, 176),
+                stopped_clean: get_u32(b, 200) & JOURNAL_FLAG_STOPPED_CLEAN != 0,
+                last_cp_unix_ms: get_u64(b, 192),
+            },
         };
         if !sb.chunk_bytes.is_power_of_two() {
             return Err(invalid("chunk_bytes", sb.chunk_bytes));
@@ -354,6 +393,11 @@ mod tests {
                     left_events: 0,
                 })
                 .collect(),
+            journal: JournalMark {
+                log_id: Uuid::from_u128(0xabc),
+                stopped_clean: true,
+                last_cp_unix_ms: 1_700_000_000_000,
+            },
         }
     }
 
@@ -363,6 +407,29 @@ mod tests {
         let bytes = sb.encode();
         assert_eq!(bytes.len(), SUPERBLOCK_BYTES);
         assert_eq!(Superblock::decode(&bytes), Ok(sb));
+    }
+
+    #[test]
+    fn version_1_superblock_reads_with_no_journal_mark() {
+        let mut sb = sample();
+        sb.journal = JournalMark::default();
+        let mut bytes = sb.encode();
+        put_u32(&mut bytes, 8, 1);
+        let crc = crc32c::crc32c(&bytes[..CRC_OFFSET]);
+        put_u32(&mut bytes, CRC_OFFSET, crc);
+        assert_eq!(Superblock::decode(&bytes), Ok(sb));
+    }
+
+    #[test]
+    fn newer_superblock_version_is_refused() {
+        let mut bytes = sample().encode();
+        put_u32(&mut bytes, 8, FORMAT_VERSION + 1);
+        let crc = crc32c::crc32c(&bytes[..CRC_OFFSET]);
+        put_u32(&mut bytes, CRC_OFFSET, crc);
+        assert_eq!(
+            Superblock::decode(&bytes),
+            Err(SuperblockError::Version(FORMAT_VERSION + 1))
+        );
     }
 
     #[test]

@@ -61,6 +61,11 @@ pub enum Request {
     /// The journal records the mirror covers: this node's unretired records per journaled volume
     /// and its copies of the partner's, each as (seq, log offset, CRC).
     MirrorRecords,
+    /// Serve a journaled volume held because its NVRAM log was lost after an unclean stop,
+    /// accepting that the writes after its last consistency point are gone.
+    JournalAcceptLoss {
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

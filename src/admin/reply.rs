@@ -26,6 +26,10 @@ pub struct NodeStatus {
     /// The HA pair: partner, interconnect, per-volume mirror state (absent without `[pair]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pair: Option<serde_json::Value>,
+    /// Journaled volumes not served because their NVRAM log was lost (what, since when, why,
+    /// and the command that serves them anyway).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volumes_held: Vec<crate::nvram_loss::HeldVolume>,
 }
 
 /// The NVRAM file of [`NodeStatus`].
@@ -50,6 +54,9 @@ pub struct VolumeReply<'a> {
     pub journal_recovery: Option<&'a RecoveryReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<ExportCounters>,
+    /// Events kept for the operator (NVRAM loss, its acceptance, a log restored from the partner).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<crate::history::HistoryEvent>,
 }
 
 /// NBD traffic of one export since the daemon started.

@@ -191,6 +191,12 @@ pub struct VolumeConfig {
     /// common name is listed may use the volume (needs `nbd.tls_client_ca`).
     #[serde(default)]
     pub allow_cert_names: Vec<String>,
+    /// Serve a journaled volume even when its NVRAM log was lost after an unclean stop (the
+    /// writes acknowledged after the last consistency point are gone). Without it such a volume
+    /// waits for `twinctl journal accept-loss`. For unattended test setups; the loss is still
+    /// logged and kept in the volume's history.
+    #[serde(default)]
+    pub accept_nvram_loss: bool,
 }
 
 impl VolumeConfig {
@@ -518,6 +524,12 @@ impl Config {
                 return Err(self.invalid(
                     key("nvram"),
                     "an NVRAM file is only used by a journaled volume (journal = true)",
+                ));
+            }
+            if v.accept_nvram_loss && !v.journal {
+                return Err(self.invalid(
+                    key("accept_nvram_loss"),
+                    "only a journaled volume (journal = true) has an NVRAM log to lose",
                 ));
             }
         }

@@ -9,7 +9,7 @@ use crate::ha::gate::{FenceError, WriteGate};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
-use twinblock_journal::{Backing, BackingError};
+use twinblock_journal::{Backing, BackingError, StoreMark};
 use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, ZeroFlags};
 use twinblock_raid::array::{Array, ArrayError};
 
@@ -210,5 +210,26 @@ impl Backing for ArrayBacking {
     async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
         self.check()?;
         self.array.set_applied_seq(seq).await.map_err(backing_err)
+    }
+
+    async fn journal_mark(&self) -> Result<Option<StoreMark>, BackingError> {
+        let m = self.array.journal_mark();
+        Ok(Some(StoreMark {
+            log_id: *m.log_id.as_bytes(),
+            stopped_clean: m.stopped_clean,
+            last_cp_unix_ms: m.last_cp_unix_ms,
+        }))
+    }
+
+    async fn set_journal_mark(
+        &self,
+        log_id: [u8; 16],
+        stopped_clean: bool,
+    ) -> Result<(), BackingError> {
+        self.check()?;
+        self.array
+            .set_journal_mark(uuid::Uuid::from_bytes(log_id), stopped_clean)
+            .await
+            .map_err(backing_err)
     }
 }

@@ -249,6 +249,7 @@ fn kind_of(m: &Message) -> FrameKind {
         Message::ResyncEnd { .. } => FrameKind::ResyncEnd,
         Message::FetchRequest { .. } => FrameKind::FetchRequest,
         Message::FetchRecord(_) => FrameKind::FetchRecord,
+        Message::FetchBegin(_) => FrameKind::FetchBegin,
     }
 }
 
@@ -408,6 +409,12 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
             let mut touched = BTreeMap::new();
             while let Some((k, range)) = fb.next()? {
                 let msg = Message::decode(k, fb.body(range))?;
+                if let Message::FetchRequest { volume, from_seq } = msg {
+                    // The owner lost its NVRAM and asks for its records back (see `fetch`).
+                    let reply = pair.receiver.fetch_reply(volume, from_seq, &announced)?;
+                    write_all(&mut wr, &reply).await?;
+                    continue;
+                }
                 pair.receiver.apply(msg, &announced, &mut touched)?;
             }
             for (volume, seq) in touched {

@@ -5,11 +5,13 @@
 //! | [`mirror`] | the owner's side: the journal's `MirrorHook`, the send queue, the ACK gate, in/out of sync |
 //! | [`receiver`] | the partner's side: this node's copies of the partner's journals |
 //! | [`interconnect`] | the TCP connections: dialing with backoff, accepting, handshake, sender and receiver loops |
+//! | [`fetch`] | NVRAM-loss recovery: fetching this node's own log back from the partner's copy |
 //!
 //! [`Pair`] ties them together: built from the `[pair]` config before the volumes open (each
 //! journaled volume gets its [`VolumeMirror`] as its hook), started by `Node::run`, and asked for
 //! status by the admin API. The wire format lives in `twinblock_pair::wire`.
 
+pub mod fetch;
 pub mod interconnect;
 pub mod mirror;
 pub mod receiver;

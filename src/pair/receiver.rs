@@ -25,9 +25,9 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use twinblock_journal::format::{RecordHeader, RecordKind};
+use twinblock_journal::format::{RecordHeader, RecordKind, RECORD_HEADER_BYTES};
 use twinblock_journal::{JournalError, Nvram, NvramConfig, PartnerRegion, PersistenceMode};
-use twinblock_pair::wire::{format_id, LogReset, Message, RecordFrame, VolumeAnnounce};
+use twinblock_pair::wire::{format_id, FetchBegin, LogReset, Message, RecordFrame, VolumeAnnounce};
 
 /// A frame the receiver refuses (the connection is dropped; nothing of it was stored).
 #[derive(Debug, thiserror::Error)]
@@ -261,8 +261,10 @@ impl Receiver {
                 return Ok(());
             }
             Message::Ack { .. } => return Err(ReceiveError::Unsupported("ACK")),
+            // FETCH_REQUEST is answered by `fetch_reply` (the connection writes the reply).
             Message::FetchRequest { .. } => return Err(ReceiveError::Unsupported("FETCH_REQUEST")),
             Message::FetchRecord(_) => return Err(ReceiveError::Unsupported("FETCH_RECORD")),
+            Message::FetchBegin(_) => return Err(ReceiveError::Unsupported("FETCH_BEGIN")),
             Message::Record(r) => r.volume,
             Message::LogReset(r) => r.volume,
             Message::ResyncBegin { volume, .. } | Message::ResyncEnd { volume, .. } => *volume,
@@ -298,6 +300,65 @@ impl Receiver {
             touched.insert(volume, s.next_seq - 1);
         }
         Ok(())
+    }
+
+    /// The reply to the partner's FETCH_REQUEST (NVRAM-loss recovery): FETCH_BEGIN (the copy's
+    /// store, generation, tail and last seq) then every record of the copy's live log as
+    /// FETCH_RECORDs, in seq order. A copy never bound to a store answers with an all-zero store
+    /// id and no records. Read-only: the copy stays as it is until the owner's next LOG_RESET.
+    pub fn fetch_reply(
+        &self,
+        volume: u64,
+        from_seq: u64,
+        announced: &HashSet<u64>,
+    ) -> Result<Vec<u8>, ReceiveError> {
+        let copies = self.lock();
+        let copy = match copies.get(&volume) {
+            Some(c) if announced.contains(&volume) => c,
+            _ => return Err(ReceiveError::UnknownVolume(volume)),
+        };
+        let region = copy.region.region();
+        let scan = copy.region.scan();
+        if scan.report.corrupt_mid_region() {
+            return Err(ReceiveError::BadRecord {
+                volume: copy.name.clone(),
+                seq: scan.report.last_seq + 1,
+                detail: format!(
+                    "the copy is damaged in the middle ({:?} at log offset {}); not sent",
+                    scan.report.stop, scan.report.stop_offset
+                ),
+            });
+        }
+        let start = scan.report.start;
+        let mut out = Vec::new();
+        Message::FetchBegin(FetchBegin {
+            volume,
+            store_id: region.store_id(),
+            generation: start.generation,
+            tail_offset: start.tail_offset,
+            tail_seq: start.tail_seq,
+            last_seq: scan.report.last_seq,
+        })
+        .encode(&mut out);
+        if region.store_id() != [0; 16] {
+            for r in &scan.records {
+                let len = if r.header.kind == RecordKind::Pad {
+                    RECORD_HEADER_BYTES as u64
+                } else {
+                    r.header.total_bytes()
+                };
+                Message::FetchRecord(RecordFrame {
+                    volume,
+                    log_offset: r.log_offset,
+                    seq: r.header.seq,
+                    record: region.log_slice(r.log_offset, len).to_vec(),
+                })
+                .encode(&mut out);
+            }
+        }
+        tracing::info!(volume = %copy.name, records = scan.records.len(), tail_seq = start.tail_seq,
+            last_seq = scan.report.last_seq, from_seq, "sending the partner its log back (NVRAM-loss recovery)");
+        Ok(out)
     }
 
     /// Status of every copy (for `twinctl status`).

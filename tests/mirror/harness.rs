@@ -96,6 +96,23 @@ pub struct Node {
 
 impl Node {
     pub fn start(&mut self) {
+        self.spawn();
+        let start = Instant::now();
+        while TcpStream::connect_timeout(&self.nbd, Duration::from_millis(100)).is_err() {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("node {} exited with {st}; log:\n{}", self.id, self.log());
+            }
+            assert!(
+                start.elapsed() < READY_TIMEOUT,
+                "node {} not serving; log:\n{}",
+                self.id,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -113,19 +130,6 @@ impl Node {
             .spawn()
             .expect("spawn twinblockd");
         self.child = Some(child);
-        let start = Instant::now();
-        while TcpStream::connect_timeout(&self.nbd, Duration::from_millis(100)).is_err() {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("node {} exited with {st}; log:\n{}", self.id, self.log());
-            }
-            assert!(
-                start.elapsed() < READY_TIMEOUT,
-                "node {} not serving; log:\n{}",
-                self.id,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     pub fn kill9(&mut self) {

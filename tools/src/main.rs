@@ -95,6 +95,13 @@ enum JournalCmd {
         /// The NVRAM file (e.g. /dev/shm/twinblock-demo-node0.nvram).
         file: PathBuf,
     },
+    /// Serve a volume held because its NVRAM log was lost after an unclean stop (a power cut
+    /// with the NVRAM in RAM), accepting that the writes after its last consistency point are
+    /// gone. `twinctl status` lists held volumes and what they lost.
+    AcceptLoss {
+        /// The held volume.
+        volume: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -264,6 +271,17 @@ async fn run(cli: Cli) -> Result<()> {
                 out.rebuild(&call(&cli, Request::RebuildStatus).await?)
             }
         }
+        Command::Journal {
+            cmd: JournalCmd::AcceptLoss { volume },
+        } => out.done(
+            &call(
+                &cli,
+                Request::JournalAcceptLoss {
+                    name: volume.clone(),
+                },
+            )
+            .await?,
+        ),
         Command::Journal {
             cmd: JournalCmd::Dump { file },
         } => {

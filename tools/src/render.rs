@@ -131,12 +131,29 @@ impl Output {
                 .as_object()
                 .map(|m| {
                     m.keys()
-                        .filter(|k| *k != "pair")
+                        .filter(|k| *k != "pair" && *k != "volumes_held")
                         .map(|k| vec![k.clone(), s(v, k)])
                         .collect()
                 })
                 .unwrap_or_default();
             print!("{}", table(&["FIELD", "VALUE"], &rows));
+            for h in items(v.get("volumes_held").unwrap_or(&Value::Null)) {
+                println!(
+                    "\nHELD: volume {} does not serve: {}",
+                    s(h, "name"),
+                    h.get("loss")
+                        .map(|l| format!(
+                            "acknowledged writes from seq {} may be lost (NVRAM log {} is gone)",
+                            s(l, "first_lost_seq"),
+                            s(l, "recorded_log_id")
+                        ))
+                        .unwrap_or_default()
+                );
+                if let Some(e) = h.get("partner_fetch_error").and_then(Value::as_str) {
+                    println!("  partner's copy not usable: {e}");
+                }
+                println!("  to serve it anyway: {}", s(h, "remedy"));
+            }
             if let Some(p) = v.get("pair").filter(|p| !p.is_null()) {
                 print!("{}", crate::pair_status::render(p));
             }

@@ -35,10 +35,13 @@ pub enum FrameKind {
     Status = 19,
     ResyncBegin = 20,
     ResyncEnd = 21,
-    /// Reserved for NVRAM-loss recovery: a node asks for the partner's copy of its own log.
+    /// NVRAM-loss recovery: a node asks for the partner's copy of its own log.
     FetchRequest = 22,
-    /// Reserved for NVRAM-loss recovery: one record of the copy, sent back to its owner.
+    /// NVRAM-loss recovery: one record of the copy, sent back to its owner.
     FetchRecord = 23,
+    /// NVRAM-loss recovery: what the copy holds (store, generation, tail, last seq), sent before
+    /// its FETCH_RECORDs.
+    FetchBegin = 24,
 }
 
 impl FrameKind {
@@ -57,6 +60,7 @@ impl FrameKind {
             21 => FrameKind::ResyncEnd,
             22 => FrameKind::FetchRequest,
             23 => FrameKind::FetchRecord,
+            24 => FrameKind::FetchBegin,
             _ => return None,
         })
     }

@@ -10,7 +10,8 @@
 //! | STATUS | opaque status record (1..=MAX_STATUS_BYTES), defined by `crate::status` |
 //! | RESYNC_BEGIN | volume u64, first_seq u64, last_seq u64 (the records the resync sends) |
 //! | RESYNC_END | volume u64, last_seq u64 |
-//! | FETCH_REQUEST | volume u64, from_seq u64 (reserved: NVRAM-loss recovery) |
+//! | FETCH_REQUEST | volume u64, from_seq u64: the owner asks for the partner's copy of its log |
+//! | FETCH_BEGIN | volume u64, store_id [16], generation u64, tail_offset u64, tail_seq u64, last_seq u64: what the copy holds (store all zero: no copy); its records follow as FETCH_RECORDs, tail_seq..=last_seq |
 //!
 //! Decoding checks sizes and bounds only; what a value means for the receiver's state (order,
 //! known volume, generation) is checked by the receiver.
@@ -41,6 +42,22 @@ pub struct LogReset {
     pub tail_seq: u64,
 }
 
+/// The header of a fetched copy (NVRAM-loss recovery): the partner's copy of the asking node's
+/// log is bound to `store_id`, its live part starts at `tail_offset` with `tail_seq`, and it
+/// holds every seq up to `last_seq`, all in `generation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchBegin {
+    pub volume: u64,
+    pub store_id: [u8; 16],
+    pub generation: u64,
+    pub tail_offset: u64,
+    pub tail_seq: u64,
+    pub last_seq: u64,
+}
+
+/// Bytes of a FETCH_BEGIN body.
+const FETCH_BEGIN_BYTES: usize = 56;
+
 /// A decoded post-handshake frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -65,6 +82,7 @@ pub enum Message {
         from_seq: u64,
     },
     FetchRecord(RecordFrame),
+    FetchBegin(FetchBegin),
 }
 
 fn malformed(what: &'static str, detail: impl Into<String>) -> WireError {
@@ -166,6 +184,15 @@ impl Message {
                 FrameKind::FetchRequest,
                 &[&words(&[*volume, *from_seq])],
             ),
+            Message::FetchBegin(b) => encode_frame(
+                out,
+                FrameKind::FetchBegin,
+                &[
+                    &b.volume.to_le_bytes(),
+                    &b.store_id,
+                    &words(&[b.generation, b.tail_offset, b.tail_seq, b.last_seq]),
+                ],
+            ),
         }
     }
 
@@ -248,6 +275,27 @@ impl Message {
                     from_seq: get_u64(body, 8),
                 }
             }
+            FrameKind::FetchBegin => {
+                exact("FETCH_BEGIN", body, FETCH_BEGIN_BYTES)?;
+                let mut store_id = [0u8; 16];
+                store_id.copy_from_slice(&body[8..24]);
+                let (tail_offset, tail_seq, last_seq) =
+                    (get_u64(body, 32), get_u64(body, 40), get_u64(body, 48));
+                if !tail_offset.is_multiple_of(RECORD_ALIGN_BYTES as u64) {
+                    return Err(malformed("FETCH_BEGIN", "tail offset is unaligned"));
+                }
+                if last_seq.saturating_add(1) < tail_seq {
+                    return Err(malformed("FETCH_BEGIN", "last seq before tail seq"));
+                }
+                Message::FetchBegin(FetchBegin {
+                    volume: get_u64(body, 0),
+                    store_id,
+                    generation: get_u64(body, 24),
+                    tail_offset,
+                    tail_seq,
+                    last_seq,
+                })
+            }
             FrameKind::Hello
             | FrameKind::Challenge
             | FrameKind::Auth
@@ -308,6 +356,14 @@ mod tests {
                 volume: 7,
                 from_seq: 1,
             },
+            Message::FetchBegin(FetchBegin {
+                volume: 7,
+                store_id: [4; 16],
+                generation: 3,
+                tail_offset: 128,
+                tail_seq: 10,
+                last_seq: 42,
+            }),
         ];
         for m in &all {
             assert_eq!(&round_trip(m), m);

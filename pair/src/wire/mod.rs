@@ -29,7 +29,7 @@ pub use handshake::{
     Acceptor, AcceptorAwaitAuth, Dialer, DialerAwaitAccept, HandshakeFailure, Identity, PairKey,
     PeerSession, RejectReason, SeenNonces, VolumeAnnounce, NONCE_BYTES,
 };
-pub use messages::{LogReset, Message, RecordFrame};
+pub use messages::{FetchBegin, LogReset, Message, RecordFrame};
 
 /// Version of the interconnect protocol described here; both ends must speak the same one.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -40,6 +40,7 @@ impl Inner {
                     left_events: s.left_events,
                 })
                 .collect(),
+            journal: m.journal,
         }
     }
 

@@ -43,8 +43,8 @@ use crate::layout::{ChunkRole, Extent, Geometry, LayoutError, Level};
 use crate::parity::{self, RowBufs};
 use crate::rowplan::{self, Piece, RowPlan, COLUMN_BYTES};
 use crate::superblock::{
-    BitmapGeometry, MemberEntry, MemberState, RebuildCheckpoint, Role, Superblock, SuperblockError,
-    DATA_OFFSET_BYTES, NAME_BYTES, SUPERBLOCK_BYTES,
+    BitmapGeometry, JournalMark, MemberEntry, MemberState, RebuildCheckpoint, Role, Superblock,
+    SuperblockError, DATA_OFFSET_BYTES, NAME_BYTES, SUPERBLOCK_BYTES,
 };
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{join_all, try_join_all};
@@ -181,6 +181,8 @@ struct Meta {
     events: u64,
     applied_seq: u64,
     clean: bool,
+    /// The NVRAM log journaling the array, kept in every superblock (see [`JournalMark`]).
+    journal: JournalMark,
     rebuild: Option<RebuildCheckpoint>,
     failed: Option<String>,
 }
@@ -215,6 +217,13 @@ struct Inner {
     bitmap_resync_regions: AtomicU64,
     unclean_resync_regions: AtomicU64,
     read_rr: AtomicUsize,
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -307,7 +316,29 @@ impl Array {
     /// Records `seq` as applied in every member's superblock (durably) before returning. Call
     /// after [`Array::flush`].
     pub async fn set_applied_seq(&self, seq: u64) -> Result<()> {
-        lock(&self.inner.meta).applied_seq = seq;
+        {
+            let mut m = lock(&self.inner.meta);
+            m.applied_seq = seq;
+            m.journal.last_cp_unix_ms = unix_now_ms();
+        }
+        self.inner.write_superblocks().await;
+        self.inner.check_failed()
+    }
+
+    /// What the superblocks record about the NVRAM log journaling this array.
+    pub fn journal_mark(&self) -> JournalMark {
+        lock(&self.inner.meta).journal
+    }
+
+    /// Records (durably, in every member's superblock) the NVRAM log journaling this array and
+    /// whether it stopped cleanly. The journal calls it when it starts (not clean) and after its
+    /// final CP at a clean stop (clean).
+    pub async fn set_journal_mark(&self, log_id: Uuid, stopped_clean: bool) -> Result<()> {
+        {
+            let mut m = lock(&self.inner.meta);
+            m.journal.log_id = log_id;
+            m.journal.stopped_clean = stopped_clean;
+        }
         self.inner.write_superblocks().await;
         self.inner.check_failed()
     }

@@ -102,6 +102,7 @@ impl Array {
             events: 1,
             applied_seq: 0,
             clean: false,
+            journal: JournalMark::default(),
             rebuild: None,
             failed: None,
         };
@@ -204,6 +205,7 @@ impl Array {
             events: sb.events + u64::from(changed),
             applied_seq,
             clean: false,
+            journal: sb.journal,
             rebuild: sb.rebuild,
             failed: None,
         };
