@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod arrays;
+pub mod candidates;
 pub mod config;
 pub mod device;
 pub mod disk_check;

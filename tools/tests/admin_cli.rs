@@ -54,6 +54,7 @@ name = "md0"
 level = 5
 chunk = "64KiB"
 disks = ["d0.img", "d1.img", "d2.img", "d3.img"]
+create = true
 disk_size = "40MiB"
 [[volume]]
 name = "r5"
