@@ -56,6 +56,9 @@ pub struct Config {
     /// The HA pair (partner, interconnect, key, mirror wait); absent on a single node.
     #[serde(default)]
     pub pair: Option<PairConfig>,
+    /// Prometheus metrics over HTTP (absent: not served).
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     /// Where the file was read from; relative paths resolve against `node.data_dir`.
     #[serde(skip)]
     pub source: PathBuf,
@@ -126,6 +129,22 @@ impl Default for NbdConfig {
             tls_client_ca: None,
         }
     }
+}
+
+/// `[metrics]`: where the Prometheus text is served (`GET /metrics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address; loopback by default, so nothing is exposed unless asked for.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+/// The default metrics address (the port commonly left free for exporters' use).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+fn default_metrics_listen() -> String {
+    DEFAULT_METRICS_LISTEN.to_string()
 }
 
 /// `nbd.tls`.
@@ -362,6 +381,17 @@ impl Config {
             }
             if nv.cp_interval_ms == 0 {
                 return Err(self.invalid("nvram.cp_interval_ms", "must be greater than 0"));
+            }
+        }
+        if let Some(m) = &self.metrics {
+            if m.listen.parse::<SocketAddr>().is_err() {
+                return Err(self.invalid(
+                    "metrics.listen",
+                    format!(
+                        "`{}` is not an IP address with a port (e.g. {DEFAULT_METRICS_LISTEN})",
+                        m.listen
+                    ),
+                ));
             }
         }
         if let Some(p) = &self.pair {
