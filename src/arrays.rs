@@ -22,6 +22,8 @@ use twinblock_raid::Level;
 #[derive(Default)]
 struct ScrubState {
     mode: Option<ScrubMode>,
+    /// When the running (or last) scrub started, for its rate.
+    started: Option<std::time::Instant>,
     task: Option<tokio::task::JoinHandle<twinblock_raid::array::Result<ScrubReport>>>,
     last: Option<Result<ScrubReport, String>>,
 }
@@ -253,6 +255,23 @@ async fn create_new(
     )
     .await?;
     Ok((array, io))
+}
+
+/// A running scrub's rate (bytes of stripes per second) and time left, from the rows done so
+/// far and the time since it started; `None` until it has run a moment.
+fn scrub_rate_eta(
+    done_rows: u64,
+    total_rows: u64,
+    stripe_bytes: u64,
+    elapsed: std::time::Duration,
+) -> (Option<u64>, Option<u64>) {
+    let secs = elapsed.as_secs_f64();
+    if secs < 0.1 || done_rows == 0 {
+        return (None, None);
+    }
+    let rate = done_rows as f64 * stripe_bytes as f64 / secs;
+    let left = total_rows.saturating_sub(done_rows) as f64 * stripe_bytes as f64;
+    (Some(rate as u64), Some((left / rate).ceil() as u64))
 }
 
 /// A member state as a word for messages (`active`, `spare`, ...).
@@ -587,6 +606,7 @@ impl ArrayEntry {
             ScrubMode::Check
         };
         s.mode = Some(mode);
+        s.started = Some(std::time::Instant::now());
         s.last = None;
         s.task = Some(self.array.start_scrub(mode));
         to_result(&CommandReply::message(format!(
@@ -626,13 +646,31 @@ impl ArrayEntry {
             (Some(Err(e)), false) => ("failed", None, Some(e.clone())),
             (None, false) => ("idle", None, None),
         };
+        let rows_checked = match (running, report) {
+            (true, _) => Some(st.scrub_rows_checked),
+            (false, Some(r)) => Some(r.rows_checked),
+            (false, None) => None,
+        };
+        let percent = rows_checked
+            .filter(|_| st.scrub_rows_total > 0)
+            .map(|r| (r as f64 * 1000.0 / st.scrub_rows_total as f64).round() / 10.0);
+        let (rate, eta) = match (running, s.started, rows_checked) {
+            (true, Some(t), Some(done)) => {
+                scrub_rate_eta(done, st.scrub_rows_total, st.stripe_bytes, t.elapsed())
+            }
+            _ => (None, None),
+        };
         ScrubLine {
             array: self.name.clone(),
             state,
             mode: s.mode,
             mismatches: report.map(|r| r.mismatches).unwrap_or(st.mismatch_count),
             repaired: report.map(|r| r.repaired),
-            rows_checked: report.map(|r| r.rows_checked),
+            rows_checked,
+            rows_total: st.scrub_rows_total,
+            percent,
+            rate_bytes_per_s: rate,
+            eta_s: eta,
             error,
         }
     }

@@ -6,6 +6,7 @@ mod ha;
 mod pair_status;
 mod render;
 mod reservation;
+mod views;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
