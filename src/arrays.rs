@@ -139,6 +139,17 @@ async fn probe_candidates(opened: &[(PathBuf, Arc<dyn Member>)]) -> Result<Vec<F
     Ok(found)
 }
 
+/// "disk X holds array `md0`" for the first candidate holding another twinblock array.
+pub fn other_array(found: &[Found]) -> Option<String> {
+    found.iter().find_map(|f| match &f.superblock {
+        Some(Ok(sb)) => Some(format!(
+            "disk {} holds another array, `{}` ({})",
+            f.name, sb.name, sb.array_uuid
+        )),
+        _ => None,
+    })
+}
+
 /// "d0.img is blank, d1.img does not exist, ..." for the refusal when an array is not found.
 fn describe_found(
     config: &Config,
@@ -345,6 +356,14 @@ impl ArrayEntry {
                 describe_found(config, a, &found, &opened)
             ),
             Selection::Absent => {
+                if let Some(other) = other_array(&found) {
+                    bail!(
+                        "array `{}`: {other}; creating `{}` would destroy it: correct the \
+                         array's `name` or `disks`",
+                        a.name,
+                        a.name
+                    );
+                }
                 let (array, engine) = create_new(config, a, level, &wrapped).await?;
                 io = engine;
                 array

@@ -100,14 +100,20 @@ pub fn matches(pattern: &str, name: &str) -> bool {
 }
 
 /// The files in `dir_resolved` whose names match `pattern`, sorted, joined onto `dir_as_written`
-/// (so relative paths stay relative). Hidden files match only a pattern starting with `.`.
+/// (so relative paths stay relative). Hidden files match only a pattern starting with `.`. A
+/// directory that does not exist matches nothing (an unmounted disk directory then shows as
+/// "no candidate holds the array", and a new array's images as being in a missing directory).
 pub fn expand(
     dir_as_written: &Path,
     dir_resolved: &Path,
     pattern: &str,
 ) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir_resolved)? {
+    let entries = match std::fs::read_dir(dir_resolved) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        other => other?,
+    };
+    for entry in entries {
         let entry = entry?;
         let Some(name) = entry.file_name().to_str().map(str::to_string) else {
             continue;

@@ -111,6 +111,16 @@ impl Config {
                     .collect();
                 inspect_assembly(a, &chosen, out);
             }
+            Ok(Selection::Absent) if crate::arrays::other_array(&found).is_some() => {
+                if let Some(other) = crate::arrays::other_array(&found) {
+                    out.errors.push(format!(
+                        "{}: {other}, not `{}`: the node would not start; correct the array's \
+                         `name` or `disks`",
+                        key("disks".into()),
+                        a.name
+                    ));
+                }
+            }
             Ok(Selection::Absent) if !a.create => out.errors.push(format!(
                 "{}: none of the {} candidate disks holds array `{}`, so the node would not \
                  start; to create it on blank disks set `create = true` (and `disk_size` to \

@@ -336,7 +336,7 @@ mod tests {
         assert!(t.contains("spare  spare    /d/d4.img"), "{t}");
         assert!(t.contains("(no disk)"), "{t}");
         assert!(
-            t.contains("rebuild of slot 1 onto /d/d5.img: 41.7% (40 MiB of 96 MiB), 204 MiB/s, about 12 s left"),
+            t.contains("rebuild of slot 1 onto /d/d5.img: 41.7% (40 MiB of 96 MiB), 204.1 MiB/s, about 12 s left"),
             "{t}"
         );
         assert!(t.contains("12 MiB of 64 MiB log in use (19%)"), "{t}");
