@@ -114,6 +114,9 @@ fn check_blank_for_create(
     Ok(())
 }
 
+/// A borrowed member wrapper (the HA fence, or none) as the creation path takes it.
+type WrapRef<'a> = dyn Fn(&Path, Arc<dyn Member>) -> Arc<dyn Member> + Sync + 'a;
+
 /// Reads what each opened candidate holds (contents and, for ours, the superblock).
 async fn probe_candidates(opened: &[(PathBuf, Arc<dyn Member>)]) -> Result<Vec<Found>> {
     let mut found = Vec::with_capacity(opened.len());
@@ -209,7 +212,7 @@ async fn create_new(
     config: &Config,
     a: &ArrayConfig,
     level: Level,
-    wrapped: &(dyn Fn(&Path, Arc<dyn Member>) -> Arc<dyn Member> + Sync),
+    wrapped: &WrapRef<'_>,
 ) -> Result<(Array, (&'static str, bool))> {
     let create = a.disk_size.map(|s| s.bytes());
     if let Some(why) = create
