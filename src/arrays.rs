@@ -2,6 +2,8 @@
 //! assembling it from their superblocks, and the operator's member and scrub commands.
 
 use crate::admin::reply::{to_result, CommandReply, RebuildLine, RebuildProgress, ScrubLine};
+use crate::candidates::{self, Found, Selection};
+use crate::config::disks::{matches as matches_pattern, DiskEntry};
 use crate::config::{format_bytes, ArrayConfig, Config};
 use crate::disk_check;
 use anyhow::{anyhow, bail, Context, Result};
@@ -13,12 +15,15 @@ use twinblock_io::Member;
 use twinblock_raid::array::{
     Array, ArrayStatus, AssembleOptions, CreateOptions, ScrubMode, ScrubReport,
 };
+use twinblock_raid::superblock::{Superblock, SUPERBLOCK_BYTES};
 use twinblock_raid::Level;
 
 /// The last scrub of an array, for `scrub status`.
 #[derive(Default)]
 struct ScrubState {
     mode: Option<ScrubMode>,
+    /// When the running (or last) scrub started, for its rate.
+    started: Option<std::time::Instant>,
     task: Option<tokio::task::JoinHandle<twinblock_raid::array::Result<ScrubReport>>>,
     last: Option<Result<ScrubReport, String>>,
 }
@@ -109,6 +114,192 @@ fn check_blank_for_create(
     Ok(())
 }
 
+/// A borrowed member wrapper (the HA fence, or none) as the creation path takes it.
+type WrapRef<'a> = dyn Fn(&Path, Arc<dyn Member>) -> Arc<dyn Member> + Sync + 'a;
+
+/// Reads what each opened candidate holds (contents and, for ours, the superblock).
+async fn probe_candidates(opened: &[(PathBuf, Arc<dyn Member>)]) -> Result<Vec<Found>> {
+    let mut found = Vec::with_capacity(opened.len());
+    for (path, m) in opened {
+        let contents = disk_check::probe_member(m)
+            .await
+            .with_context(|| format!("cannot read the start and end of {}", path.display()))?;
+        let superblock = if contents == disk_check::Contents::Twinblock {
+            let head = m
+                .read_at(0, SUPERBLOCK_BYTES)
+                .await
+                .with_context(|| format!("cannot read the superblock of {}", path.display()))?;
+            Some(Superblock::decode(&head).map_err(|e| e.to_string()))
+        } else {
+            None
+        };
+        found.push(Found {
+            name: path.display().to_string(),
+            contents,
+            superblock,
+        });
+    }
+    Ok(found)
+}
+
+/// "disk X holds array `md0`" for the first candidate holding another twinblock array.
+pub fn other_array(found: &[Found]) -> Option<String> {
+    found.iter().find_map(|f| match &f.superblock {
+        Some(Ok(sb)) => Some(format!(
+            "disk {} holds another array, `{}` ({})",
+            f.name, sb.name, sb.array_uuid
+        )),
+        _ => None,
+    })
+}
+
+/// "d0.img is blank, d1.img does not exist, ..." for the refusal when an array is not found.
+fn describe_found(
+    config: &Config,
+    a: &ArrayConfig,
+    found: &[Found],
+    opened: &[(PathBuf, Arc<dyn Member>)],
+) -> String {
+    let mut parts = Vec::new();
+    for p in a.disks.iter().chain(a.spares.iter()) {
+        let path = config.resolve(p);
+        match opened.iter().position(|(o, _)| *o == path) {
+            Some(i) => parts.push(format!(
+                "{} {}",
+                path.display(),
+                match &found[i].superblock {
+                    Some(Ok(sb)) => format!("holds array `{}`", sb.name),
+                    _ => found[i].contents.describe(),
+                }
+            )),
+            None => parts.push(format!("{} does not exist", path.display())),
+        }
+    }
+    if parts.is_empty() {
+        return "no disk matches".into();
+    }
+    parts.join("; ")
+}
+
+/// Assembles from the chosen members and checks the result against the config.
+async fn assemble_checked(
+    a: &ArrayConfig,
+    level: Level,
+    members: Vec<Arc<dyn Member>>,
+) -> Result<Array> {
+    let array = Array::assemble_with(
+        members,
+        AssembleOptions {
+            start_dirty_degraded: a.start_dirty_degraded,
+        },
+    )
+    .await?;
+    if array.level() != level {
+        bail!(
+            "array `{}`: the disks hold a RAID {} array, but the config says level = {}",
+            a.name,
+            array.level().code(),
+            a.level
+        );
+    }
+    Ok(array)
+}
+
+/// Creates the array (`create = true`, no candidate holds it) over its new members and the
+/// spares, creating missing images at `disk_size`; every disk must be blank. Returns the array
+/// and the member I/O engine.
+async fn create_new(
+    config: &Config,
+    a: &ArrayConfig,
+    level: Level,
+    wrapped: &WrapRef<'_>,
+) -> Result<(Array, (&'static str, bool))> {
+    let create = a.disk_size.map(|s| s.bytes());
+    if let Some(why) = create
+        .and_then(|s| disk_check::too_small("images created from `disk_size`", s, a.chunk.bytes()))
+    {
+        bail!("array `{}`: {why}", a.name);
+    }
+    let mut created_all = true;
+    let mut io = ("", false);
+    let mut open = |paths: &[PathBuf]| -> Result<Vec<Arc<dyn Member>>> {
+        let mut out = Vec::new();
+        for p in paths {
+            let path = config.resolve(p);
+            let (m, created) = open_disk(&path, create, a.direct_io)?;
+            created_all &= created;
+            io = (m.engine(), m.direct());
+            out.push(wrapped(&path, m));
+        }
+        Ok(out)
+    };
+    let disks = open(a.new_members())?;
+    let spares = open(&a.spares)?;
+    let all: Vec<Arc<dyn Member>> = disks.iter().chain(spares.iter()).cloned().collect();
+    let mut contents = Vec::with_capacity(all.len());
+    for m in &all {
+        if let Some(why) = disk_check::too_small(m.name(), m.size(), a.chunk.bytes()) {
+            bail!("array `{}`: {why}", a.name);
+        }
+        contents.push(
+            disk_check::probe_member(m)
+                .await
+                .with_context(|| format!("cannot read the start and end of {}", m.name()))?,
+        );
+    }
+    check_blank_for_create(a, &all, &contents)?;
+    tracing::info!(
+        array = %a.name,
+        level = a.level,
+        disks = disks.len(),
+        chunk = %format_bytes(a.chunk.bytes()),
+        "creating array on blank disks"
+    );
+    let array = Array::create_with(
+        &a.name,
+        level,
+        a.chunk.bytes(),
+        disks,
+        spares,
+        CreateOptions {
+            // Images created just now are sparse and read as zeroes: nothing to discard.
+            assume_clean: created_all,
+            ..CreateOptions::default()
+        },
+    )
+    .await?;
+    Ok((array, io))
+}
+
+/// A running scrub's rate (bytes of stripes per second) and time left, from the rows done so
+/// far and the time since it started; `None` until it has run a moment.
+fn scrub_rate_eta(
+    done_rows: u64,
+    total_rows: u64,
+    stripe_bytes: u64,
+    elapsed: std::time::Duration,
+) -> (Option<u64>, Option<u64>) {
+    let secs = elapsed.as_secs_f64();
+    if secs < 0.1 || done_rows == 0 {
+        return (None, None);
+    }
+    let rate = done_rows as f64 * stripe_bytes as f64 / secs;
+    let left = total_rows.saturating_sub(done_rows) as f64 * stripe_bytes as f64;
+    (Some(rate as u64), Some((left / rate).ceil() as u64))
+}
+
+/// A member state as a word for messages (`active`, `spare`, ...).
+pub fn state_word(s: twinblock_raid::MemberState) -> &'static str {
+    use twinblock_raid::MemberState as S;
+    match s {
+        S::Active => "active",
+        S::Spare => "spare",
+        S::Rebuilding => "rebuilding",
+        S::Faulty => "faulty",
+        S::Missing => "missing",
+    }
+}
+
 /// Wraps each opened disk before the array sees it (the HA member fence); gets the disk's path.
 pub type MemberWrap = Arc<dyn Fn(&Path, Arc<dyn Member>) -> Arc<dyn Member> + Send + Sync>;
 
@@ -125,91 +316,61 @@ impl ArrayEntry {
         wrap: Option<&MemberWrap>,
     ) -> Result<ArrayEntry> {
         let level = level_of(a.level)?;
-        let create = a.disk_size.map(|s| s.bytes());
-        if let Some(why) = create.and_then(|s| {
-            disk_check::too_small("images created from `disk_size`", s, a.chunk.bytes())
-        }) {
-            bail!("array `{}`: {why}", a.name);
-        }
-        let mut created_all = true;
-        let mut io = ("", false);
-        let mut open = |paths: &[PathBuf]| -> Result<Vec<Arc<dyn Member>>> {
-            let mut out: Vec<Arc<dyn Member>> = Vec::new();
-            for p in paths {
-                let path = config.resolve(p);
-                created_all &= !path.exists();
-                let (m, _) = open_disk(&path, create, a.direct_io)?;
-                io = (m.engine(), m.direct());
-                out.push(match wrap {
-                    Some(w) => w(&path, m),
-                    None => m,
-                });
-            }
-            Ok(out)
+        let wrapped = |path: &Path, m: Arc<dyn Member>| match wrap {
+            Some(w) => w(path, m),
+            None => m,
         };
-        let disks = open(&a.disks)?;
-        let spares = open(&a.spares)?;
-
-        let all: Vec<Arc<dyn Member>> = disks.iter().chain(spares.iter()).cloned().collect();
-        for m in &all {
-            if let Some(why) = disk_check::too_small(m.name(), m.size(), a.chunk.bytes()) {
-                bail!("array `{}`: {why}", a.name);
+        let mut io = ("", false);
+        let mut opened: Vec<(PathBuf, Arc<dyn Member>)> = Vec::new();
+        for p in a.disks.iter().chain(a.spares.iter()) {
+            let path = config.resolve(p);
+            if !path.exists() {
+                continue; // Judged below: created with a new array, else reported missing.
             }
+            let (m, _) = open_disk(&path, None, a.direct_io)?;
+            io = (m.engine(), m.direct());
+            opened.push((path, m));
         }
-        let mut contents = Vec::with_capacity(all.len());
-        for m in &all {
-            contents.push(
-                disk_check::probe_member(m)
-                    .await
-                    .with_context(|| format!("cannot read the start and end of {}", m.name()))?,
-            );
-        }
-        let ours = contents.contains(&disk_check::Contents::Twinblock);
-        let array = if !ours {
-            check_blank_for_create(a, &all, &contents)?;
-            tracing::info!(
-                array = %a.name,
-                level = a.level,
-                disks = disks.len(),
-                chunk = %format_bytes(a.chunk.bytes()),
-                "creating array on blank disks"
-            );
-            Array::create_with(
-                &a.name,
-                level,
-                a.chunk.bytes(),
-                disks,
-                spares,
-                CreateOptions {
-                    // Images created just now are sparse and read as zeroes: nothing to discard.
-                    assume_clean: created_all,
-                    ..CreateOptions::default()
-                },
-            )
-            .await?
-        } else {
-            let array = Array::assemble_with(
-                all,
-                AssembleOptions {
-                    start_dirty_degraded: a.start_dirty_degraded,
-                },
-            )
-            .await?;
-            if array.name() != a.name {
-                bail!(
-                    "the disks hold array `{}`, but the config calls it `{}`; check the disks list",
-                    array.name(),
-                    a.name
-                );
+        let found = probe_candidates(&opened).await?;
+        let selection = candidates::select(&a.name, a.uuid, &found)?;
+        let array = match selection {
+            Selection::Assemble { members, skipped } => {
+                for (i, why) in skipped {
+                    tracing::info!(array = %a.name, disk = %found[i].name, "candidate not used: {why}");
+                }
+                for p in a.disks.iter().chain(a.spares.iter()) {
+                    let path = config.resolve(p);
+                    if !path.exists() && !a.new_members().contains(p) {
+                        tracing::warn!(array = %a.name, disk = %path.display(), "candidate disk does not exist");
+                    }
+                }
+                let chosen: Vec<Arc<dyn Member>> = members
+                    .iter()
+                    .map(|&i| wrapped(&opened[i].0, opened[i].1.clone()))
+                    .collect();
+                assemble_checked(a, level, chosen).await?
             }
-            if array.level() != level {
-                bail!(
-                    "the disks hold a RAID {} array, but the config says level = {}",
-                    array.level().code(),
-                    a.level
-                );
+            Selection::Absent if !a.create => bail!(
+                "array `{}`: none of its {} candidate disks holds it ({}); to create it on blank \
+                 disks, set `create = true` (and `disk_size` to create the images), or correct \
+                 `disks`",
+                a.name,
+                a.disks.len() + a.spares.len(),
+                describe_found(config, a, &found, &opened)
+            ),
+            Selection::Absent => {
+                if let Some(other) = other_array(&found) {
+                    bail!(
+                        "array `{}`: {other}; creating `{}` would destroy it: correct the \
+                         array's `name` or `disks`",
+                        a.name,
+                        a.name
+                    );
+                }
+                let (array, engine) = create_new(config, a, level, &wrapped).await?;
+                io = engine;
+                array
             }
-            array
         };
         if let Some(rate) = a.rebuild_rate {
             array.set_rebuild_rate(rate.bytes());
@@ -313,11 +474,36 @@ impl ArrayEntry {
         }
     }
 
-    fn keep_note(&self) -> String {
-        format!(
-            "update the disks/spares of array `{}` in the config file to keep this after a restart",
-            self.name
-        )
+    /// What the operator must do for a disk added or swapped in to be found at the next start:
+    /// nothing when a `disks`/`spares` entry names or matches it.
+    fn keep_note(&self, disk: &str) -> String {
+        let path = self.resolve(disk);
+        let listed = self
+            .config
+            .disk_entries
+            .iter()
+            .chain(self.config.spare_entries.iter())
+            .filter_map(|t| DiskEntry::parse(t).ok())
+            .any(|e| match e {
+                DiskEntry::Path(p) => self.resolve(&p.to_string_lossy()) == path,
+                DiskEntry::Pattern { dir, name } => {
+                    path.parent() == Some(self.resolve(&dir.to_string_lossy()).as_path())
+                        && path
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| matches_pattern(&name, n))
+                }
+            });
+        if listed {
+            String::new()
+        } else {
+            format!(
+                "; {} is not among the candidate disks of array `{}` in the config: add it to \
+                 `disks` (or use a pattern that matches it) so the next start finds it",
+                path.display(),
+                self.name
+            )
+        }
     }
 
     pub async fn fail(&self, disk: &str) -> Result<Value, String> {
@@ -348,9 +534,9 @@ impl ArrayEntry {
             }
         }
         to_result(&CommandReply::message(format!(
-            "array {}: {disk} removed; {}",
-            self.name,
-            self.keep_note()
+            "array {}: {disk} removed (its superblock stays: while it matches the config's \
+             `disks`, the next start finds it again; move or wipe it to keep it out)",
+            self.name
         )))
     }
 
@@ -373,11 +559,11 @@ impl ArrayEntry {
         })?;
         to_result(&CommandReply {
             message: format!(
-                "array {}: {path} added as {:?}{}; {}",
+                "array {}: {path} added as {}{}{}",
                 self.name,
-                st.state,
+                state_word(st.state),
                 st.slot.map(|s| format!(" in slot {s}")).unwrap_or_default(),
-                self.keep_note()
+                self.keep_note(path)
             ),
             member: Some(st),
         })
@@ -392,9 +578,9 @@ impl ArrayEntry {
         })?;
         to_result(&CommandReply {
             message: format!(
-                "array {}: rebuilding slot {slot} onto {new}, {old} retires when it completes; {}",
+                "array {}: rebuilding slot {slot} onto {new}, {old} retires when it completes{}",
                 self.name,
-                self.keep_note()
+                self.keep_note(new)
             ),
             member: Some(st),
         })
@@ -442,11 +628,17 @@ impl ArrayEntry {
             ScrubMode::Check
         };
         s.mode = Some(mode);
+        s.started = Some(std::time::Instant::now());
         s.last = None;
         s.task = Some(self.array.start_scrub(mode));
         to_result(&CommandReply::message(format!(
-            "array {}: scrub ({mode:?}) started",
-            self.name
+            "array {}: scrub ({}) started",
+            self.name,
+            if repair {
+                "check and repair"
+            } else {
+                "check only"
+            }
         )))
     }
 
@@ -476,13 +668,31 @@ impl ArrayEntry {
             (Some(Err(e)), false) => ("failed", None, Some(e.clone())),
             (None, false) => ("idle", None, None),
         };
+        let rows_checked = match (running, report) {
+            (true, _) => Some(st.scrub_rows_checked),
+            (false, Some(r)) => Some(r.rows_checked),
+            (false, None) => None,
+        };
+        let percent = rows_checked
+            .filter(|_| st.scrub_rows_total > 0)
+            .map(|r| (r as f64 * 1000.0 / st.scrub_rows_total as f64).round() / 10.0);
+        let (rate, eta) = match (running, s.started, rows_checked) {
+            (true, Some(t), Some(done)) => {
+                scrub_rate_eta(done, st.scrub_rows_total, st.stripe_bytes, t.elapsed())
+            }
+            _ => (None, None),
+        };
         ScrubLine {
             array: self.name.clone(),
             state,
             mode: s.mode,
             mismatches: report.map(|r| r.mismatches).unwrap_or(st.mismatch_count),
             repaired: report.map(|r| r.repaired),
-            rows_checked: report.map(|r| r.rows_checked),
+            rows_checked,
+            rows_total: st.scrub_rows_total,
+            percent,
+            rate_bytes_per_s: rate,
+            eta_s: eta,
             error,
         }
     }

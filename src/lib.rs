@@ -2,14 +2,17 @@
 
 pub mod admin;
 pub mod arrays;
+pub mod candidates;
 pub mod config;
 pub mod device;
 pub mod disk_check;
 pub mod ha;
 pub mod history;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod nvram_loss;
 pub mod pair;
+pub mod sd_notify;
 pub mod signals;
 pub mod site;

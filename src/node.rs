@@ -130,11 +130,30 @@ impl Node {
             None => Vec::new(),
         };
 
+        let metrics_task = match &self.config.metrics {
+            Some(m) => {
+                let listener = tokio::net::TcpListener::bind(&m.listen)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {}", m.listen))?;
+                tracing::info!("metrics on http://{}/metrics", m.listen);
+                let node = self.clone();
+                let source: crate::metrics::http::Source = Arc::new(move || {
+                    let node = node.clone();
+                    Box::pin(async move { node.metrics_text().await })
+                });
+                Some(tokio::spawn(crate::metrics::http::serve(listener, source)))
+            }
+            None => None,
+        };
+
         on_ready(&bound);
         shutdown.await;
         tracing::info!("shutting down");
         let _ = pair_stop_tx.send(true);
         admin_task.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         for t in pair_tasks {
             t.abort();
         }
@@ -153,6 +172,32 @@ impl Node {
         if let Some(ha) = &self.ha {
             ha.stop().await;
         }
+    }
+
+    /// The Prometheus exposition text: NBD counters of every serving site, then the node's own.
+    pub async fn metrics_text(&self) -> String {
+        let mut texts = Vec::new();
+        let mut sample = crate::metrics::NodeSample {
+            node_id: self.config.node.id,
+            uptime_s: self.started.elapsed().as_secs(),
+            arrays: self.arrays().values().map(|a| a.status()).collect(),
+            pair: self.pair.as_ref().map(|p| p.status_json()),
+            ..Default::default()
+        };
+        for site in self.sites() {
+            if let Some(srv) = site.server() {
+                texts.push(srv.metrics_text());
+            }
+            for (name, dev) in site.journaled() {
+                sample.journals.push((name, dev.volume().status()));
+            }
+        }
+        if self.ha.is_some() {
+            // Skipped (not an error) while the HA controller is still starting.
+            sample.ha = crate::ha::admin::status(self.ha.as_ref()).await.ok();
+        }
+        texts.push(crate::metrics::render(&sample));
+        crate::metrics::merge(&texts)
     }
 
     fn status(&self) -> NodeStatus {

@@ -78,6 +78,7 @@ name = "md0"
 level = 5
 chunk = "64KiB"
 disks = ["d0.img", "d1.img", "d2.img", "d3.img"]
+create = true
 disk_size = "48MiB"
 
 [[volume]]
@@ -404,6 +405,7 @@ fn two_journaled_volumes_each_with_its_own_nvram_survive_kill_9() {
 name = "md1"
 level = 1
 disks = ["m0.img", "m1.img"]
+create = true
 disk_size = "40MiB"
 
 [[volume]]

@@ -29,6 +29,7 @@ level = 5
 chunk = "64KiB"
 disks = ["d0.img", "d1.img", "d2.img", "d3.img"]
 disk_size = "32MiB"
+create = true
 
 [[volume]]
 name = "{JOURNALED}"

@@ -101,6 +101,7 @@ listen = ["{nbd}"]
 name = "md{id}"
 level = 1
 disks = ["{shared}/d{id}a.img", "{shared}/d{id}b.img"]
+create = true
 
 [[volume]]
 name = "vol{id}"

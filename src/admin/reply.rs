@@ -150,7 +150,14 @@ pub struct ScrubLine {
     /// Mismatching rows found by the last (or running) scrub.
     pub mismatches: u64,
     pub repaired: Option<u64>,
+    /// Rows checked by the running or last scrub, of `rows_total` (a row is one stripe).
     pub rows_checked: Option<u64>,
+    pub rows_total: u64,
+    /// `rows_checked` of `rows_total`, in percent (one decimal).
+    pub percent: Option<f64>,
+    /// While running: bytes of stripes checked per second since the start, and the time left.
+    pub rate_bytes_per_s: Option<u64>,
+    pub eta_s: Option<u64>,
     pub error: Option<String>,
 }
 

@@ -101,7 +101,11 @@ fn check_partner(config: &Config, partner: &std::path::Path) -> ExitCode {
 
 async fn run(config: Config) -> Result<()> {
     let node = Node::open(config).await?;
-    node.run(twinblock::signals::shutdown_signal(), |_| {})
+    let shutdown = async {
+        twinblock::signals::shutdown_signal().await;
+        twinblock::sd_notify::notify("STOPPING=1");
+    };
+    node.run(shutdown, |_| twinblock::sd_notify::notify("READY=1"))
         .await
 }
 

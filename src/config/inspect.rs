@@ -10,6 +10,7 @@
 //! starts (`crate::disk_check`).
 
 use super::{format_bytes, ArrayConfig, Config};
+use crate::candidates::{self, Found, Selection};
 use crate::disk_check::{self, Contents};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -55,35 +56,97 @@ impl Config {
     fn inspect_array(&self, i: usize, a: &ArrayConfig, out: &mut Inspection) {
         let chunk = a.chunk.bytes();
         let key = |k: String| format!("array[{i}].{k}");
-        if let Some(ds) = a.disk_size {
+        if let Some(ds) = a.disk_size.filter(|_| a.create) {
             if let Some(why) = disk_check::too_small("images created from it", ds.bytes(), chunk) {
                 out.errors
                     .push(format!("{}: {why}", key("disk_size".into())));
             }
         }
-        let named = a.disks.iter().map(|d| (d, "disks")).enumerate();
-        let spares = a.spares.iter().map(|d| (d, "spares")).enumerate();
+        // Every candidate that exists, as the node would read it.
         let mut disks = Vec::new();
-        for (j, (d, list)) in named.chain(spares) {
-            let disk = Disk {
-                key: key(format!("{list}[{j}]")),
-                path: self.resolve(d),
-                found: None,
-            };
-            if let Some(d) = self.inspect_disk(disk, a, out) {
-                disks.push(d);
+        let mut found = Vec::new();
+        for p in a.disks.iter().chain(a.spares.iter()) {
+            let path = self.resolve(p);
+            if !path.exists() {
+                continue;
+            }
+            match disk_check::probe_path(&path) {
+                Ok((size, contents)) => {
+                    let superblock =
+                        (contents == Contents::Twinblock).then(|| read_superblock(&path));
+                    found.push(Found {
+                        name: path.display().to_string(),
+                        contents: contents.clone(),
+                        superblock,
+                    });
+                    disks.push(Disk {
+                        key: key("disks".into()),
+                        path,
+                        found: Some((size, contents)),
+                    });
+                }
+                Err(e) => out.errors.push(format!(
+                    "{}: cannot read disk {}: {e}",
+                    key("disks".into()),
+                    path.display()
+                )),
             }
         }
-        if disks.len() != a.disks.len() + a.spares.len() {
-            return; // Errors already reported; the array as a whole cannot be judged.
-        }
-        let ours = disks
-            .iter()
-            .any(|d| matches!(d.found, Some((_, Contents::Twinblock))));
-        if ours {
-            inspect_assembly(a, &disks, out);
-        } else {
-            inspect_creation(a, &disks, out);
+        match candidates::select(&a.name, a.uuid, &found) {
+            Err(e) => out.errors.push(format!("{}: {e}", key("disks".into()))),
+            Ok(Selection::Assemble { members, skipped }) => {
+                for (j, why) in skipped {
+                    out.notes.push(format!(
+                        "array `{}`: candidate {} not used: {why}",
+                        a.name, found[j].name
+                    ));
+                }
+                let chosen: Vec<Disk> = members
+                    .into_iter()
+                    .map(|j| Disk {
+                        key: disks[j].key.clone(),
+                        path: disks[j].path.clone(),
+                        found: disks[j].found.clone(),
+                    })
+                    .collect();
+                inspect_assembly(a, &chosen, out);
+            }
+            Ok(Selection::Absent) if crate::arrays::other_array(&found).is_some() => {
+                if let Some(other) = crate::arrays::other_array(&found) {
+                    out.errors.push(format!(
+                        "{}: {other}, not `{}`: the node would not start; correct the array's \
+                         `name` or `disks`",
+                        key("disks".into()),
+                        a.name
+                    ));
+                }
+            }
+            Ok(Selection::Absent) if !a.create => out.errors.push(format!(
+                "{}: none of the {} candidate disks holds array `{}`, so the node would not \
+                 start; to create it on blank disks set `create = true` (and `disk_size` to \
+                 create the images), or correct `disks`",
+                key("disks".into()),
+                found.len(),
+                a.name
+            )),
+            Ok(Selection::Absent) => {
+                let mut new = Vec::new();
+                let named = a.new_members().iter().map(|d| (d, "disks")).enumerate();
+                let spares = a.spares.iter().map(|d| (d, "spares")).enumerate();
+                for (j, (d, list)) in named.chain(spares) {
+                    let disk = Disk {
+                        key: key(format!("{list}[{j}]")),
+                        path: self.resolve(d),
+                        found: None,
+                    };
+                    if let Some(d) = self.inspect_disk(disk, a, out) {
+                        new.push(d);
+                    }
+                }
+                if new.len() == a.new_members().len() + a.spares.len() {
+                    inspect_creation(a, &new, out);
+                }
+            }
         }
     }
 

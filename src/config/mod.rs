@@ -4,6 +4,7 @@
 //! the types cannot (unique names, references between tables, sane ranges). Every error names the
 //! file, the key and what is wrong, so an operator can fix it without reading code.
 
+pub mod disks;
 pub mod ha;
 mod inspect;
 mod pair;
@@ -55,6 +56,9 @@ pub struct Config {
     /// The HA pair (partner, interconnect, key, mirror wait); absent on a single node.
     #[serde(default)]
     pub pair: Option<PairConfig>,
+    /// Prometheus metrics over HTTP (absent: not served).
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     /// Where the file was read from; relative paths resolve against `node.data_dir`.
     #[serde(skip)]
     pub source: PathBuf,
@@ -125,6 +129,22 @@ impl Default for NbdConfig {
             tls_client_ca: None,
         }
     }
+}
+
+/// `[metrics]`: where the Prometheus text is served (`GET /metrics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address; loopback by default, so nothing is exposed unless asked for.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+/// The default metrics address (the port commonly left free for exporters' use).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+fn default_metrics_listen() -> String {
+    DEFAULT_METRICS_LISTEN.to_string()
 }
 
 /// `nbd.tls`.
@@ -225,10 +245,31 @@ pub struct ArrayConfig {
     pub level: u8,
     #[serde(default = "default_chunk")]
     pub chunk: ByteSize,
+    /// The candidate disks as written: paths and file-name patterns (`disks/n0-*.img`); one
+    /// string or a list. Which candidate is which member is read from the superblocks.
+    #[serde(rename = "disks", deserialize_with = "one_or_many")]
+    pub disk_entries: Vec<String>,
+    /// More candidates, used as the new array's spares when it is created.
+    #[serde(default, rename = "spares", deserialize_with = "one_or_many")]
+    pub spare_entries: Vec<String>,
+    /// `disk_entries` expanded when the config is loaded: every candidate path (the members of a
+    /// new array first).
+    #[serde(skip)]
     pub disks: Vec<PathBuf>,
-    #[serde(default)]
+    /// `spare_entries` expanded.
+    #[serde(skip)]
     pub spares: Vec<PathBuf>,
-    /// Create missing disk images at this size.
+    /// Create the array when no candidate holds it (every candidate must then be blank). Off:
+    /// a node whose disks do not hold the array refuses to start.
+    #[serde(default)]
+    pub create: bool,
+    /// Members of a new array created over a pattern (`n0-*.img` gives `n0-0.img` ...).
+    #[serde(default)]
+    pub members: Option<u32>,
+    /// The array's UUID; picks the array when the disks hold two arrays of this name.
+    #[serde(default)]
+    pub uuid: Option<uuid::Uuid>,
+    /// Create missing disk images at this size (only when the array is created).
     #[serde(default)]
     pub disk_size: Option<ByteSize>,
     /// Rebuild rate limit in bytes per second; 0 = unlimited.
@@ -240,6 +281,23 @@ pub struct ArrayConfig {
     /// (their parity cannot be checked; md's `start_dirty_degraded`). Off: such a start fails.
     #[serde(default)]
     pub start_dirty_degraded: bool,
+}
+
+/// `disks = "a.img"` or `disks = ["a.img", "b.img"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(s)) => Ok(vec![s]),
+        Ok(OneOrMany::Many(v)) => Ok(v),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a path or pattern (\"disks/n0-*.img\") or a list of them",
+        )),
+    }
 }
 
 fn default_chunk() -> ByteSize {
@@ -294,6 +352,7 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         cfg.source = path.to_path_buf();
+        cfg.expand_disks()?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -328,6 +387,17 @@ impl Config {
             }
             if nv.cp_interval_ms == 0 {
                 return Err(self.invalid("nvram.cp_interval_ms", "must be greater than 0"));
+            }
+        }
+        if let Some(m) = &self.metrics {
+            if m.listen.parse::<SocketAddr>().is_err() {
+                return Err(self.invalid(
+                    "metrics.listen",
+                    format!(
+                        "`{}` is not an IP address with a port (e.g. {DEFAULT_METRICS_LISTEN})",
+                        m.listen
+                    ),
+                ));
             }
         }
         if let Some(p) = &self.pair {
@@ -402,23 +472,21 @@ impl Config {
                     ))
                 }
             };
-            if a.disks.len() < min_disks {
+            // A new array's member count; an existing array's comes from its superblocks.
+            let count = a.new_member_count();
+            if a.create && count < min_disks {
                 return Err(self.invalid(
                     key("disks"),
                     format!(
-                        "RAID {} needs at least {min_disks} disks, {} given",
-                        a.level,
-                        a.disks.len()
+                        "RAID {} needs at least {min_disks} disks, {count} given",
+                        a.level
                     ),
                 ));
             }
-            if a.level == 10 && !a.disks.len().is_multiple_of(2) {
+            if a.create && a.level == 10 && !count.is_multiple_of(2) {
                 return Err(self.invalid(
                     key("disks"),
-                    format!(
-                        "RAID 10 needs an even number of disks, {} given",
-                        a.disks.len()
-                    ),
+                    format!("RAID 10 needs an even number of disks, {count} given"),
                 ));
             }
             let chunk = a.chunk.bytes();
@@ -808,7 +876,8 @@ disks = ["a.img", "b.img", "a.img"]
 
     #[test]
     fn raid_level_and_disk_count_checked() {
-        let base = "[node]\nid=0\n[[array]]\nname=\"m\"\nlevel=LEVEL\ndisks=[\"a\",\"b\",\"c\"]\n";
+        let base = "[node]\nid=0\n[[array]]\nname=\"m\"\nlevel=LEVEL\ndisks=[\"a\",\"b\",\"c\"]\n\
+                    create=true\n";
         assert!(parse(&base.replace("LEVEL", "4"))
             .unwrap_err()
             .to_string()
@@ -818,6 +887,44 @@ disks = ["a.img", "b.img", "a.img"]
             .to_string()
             .contains("at least 4"));
         assert!(parse(&base.replace("LEVEL", "5")).is_ok());
+        // Without `create` the disks say how many members there are.
+        assert!(parse(&base.replace("LEVEL", "6").replace("create=true", "")).is_ok());
+    }
+
+    #[test]
+    fn disk_pattern_expands_to_matching_files_and_numbered_new_members() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("disks")).unwrap();
+        for f in ["n0-0.img", "n0-1.img", "n0-spare.img", "n1-0.img"] {
+            std::fs::write(d.path().join("disks").join(f), b"").unwrap();
+        }
+        let text = "[node]\nid=0\n[[array]]\nname=\"m\"\nlevel=5\ndisks=\"disks/n0-*.img\"\n";
+        let c = Config::parse(text, &d.path().join("n.toml")).unwrap();
+        let want: Vec<PathBuf> = ["n0-0.img", "n0-1.img", "n0-spare.img"]
+            .iter()
+            .map(|f| Path::new("disks").join(f))
+            .collect();
+        assert_eq!(c.arrays[0].disks, want);
+        let create = format!("{text}create=true\nmembers=3\n");
+        let c = Config::parse(&create, &d.path().join("n.toml")).unwrap();
+        assert_eq!(c.arrays[0].new_members().len(), 3);
+        assert_eq!(c.arrays[0].new_members()[2], Path::new("disks/n0-2.img"));
+        assert_eq!(c.arrays[0].disks.len(), 4, "{:?}", c.arrays[0].disks);
+    }
+
+    #[test]
+    fn create_over_a_pattern_needs_members() {
+        let d = tempfile::tempdir().unwrap();
+        let text =
+            "[node]\nid=0\n[[array]]\nname=\"m\"\nlevel=5\ndisks=\"n0-*.img\"\ncreate=true\n";
+        let e = Config::parse(text, &d.path().join("n.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("array[0].members"), "{e}");
+        let e = parse("[node]\nid=0\n[[array]]\nname=\"m\"\nlevel=5\ndisks=\"x*/a.img\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("file name only"), "{e}");
     }
 
     #[test]

@@ -289,6 +289,7 @@ name = "md{id}"
 level = 5
 chunk = "64KiB"
 disks = [{disks}]
+create = true
 disk_size = "32MiB"
 
 [[volume]]

@@ -9,6 +9,7 @@ mod pair_status;
 mod render;
 mod reservation;
 mod takeover_timing;
+mod views;
 mod write_ledger;
 
 use anyhow::{Context, Result};

@@ -127,16 +127,7 @@ impl Output {
 
     pub fn status(&self, v: &Value) -> Result<()> {
         self.show(v, |v| {
-            let rows: Vec<Vec<String>> = v
-                .as_object()
-                .map(|m| {
-                    m.keys()
-                        .filter(|k| *k != "pair" && *k != "volumes_held")
-                        .map(|k| vec![k.clone(), s(v, k)])
-                        .collect()
-                })
-                .unwrap_or_default();
-            print!("{}", table(&["FIELD", "VALUE"], &rows));
+            print!("{}", crate::views::node(v));
             for h in items(v.get("volumes_held").unwrap_or(&Value::Null)) {
                 println!(
                     "\nHELD: volume {} does not serve: {}",
@@ -189,11 +180,7 @@ impl Output {
     }
 
     pub fn volume_show(&self, v: &Value) -> Result<()> {
-        self.show(v, |v| {
-            let mut rows = Vec::new();
-            flatten("", v, &mut rows);
-            print!("{}", table(&["FIELD", "VALUE"], &rows));
-        })
+        self.show(v, |v| print!("{}", crate::views::volume(v)))
     }
 
     pub fn done(&self, v: &Value) -> Result<()> {
@@ -216,23 +203,7 @@ impl Output {
 
     pub fn scrub(&self, v: &Value) -> Result<()> {
         self.show(v, |v| {
-            let rows: Vec<Vec<String>> = items(v)
-                .iter()
-                .map(|r| {
-                    vec![
-                        s(r, "array"),
-                        s(r, "state"),
-                        s(r, "mode"),
-                        r.get("percent")
-                            .and_then(Value::as_f64)
-                            .map(|p| format!("{p:.1}%"))
-                            .unwrap_or_else(|| "-".into()),
-                        s(r, "mismatches"),
-                        s(r, "repaired"),
-                        s(r, "error"),
-                    ]
-                })
-                .collect();
+            let rows: Vec<Vec<String>> = items(v).iter().map(scrub_row).collect();
             print!(
                 "{}",
                 table(
@@ -240,39 +211,55 @@ impl Output {
                         "ARRAY",
                         "STATE",
                         "MODE",
-                        "DONE",
+                        "CHECKED",
+                        "RATE",
+                        "ETA",
                         "MISMATCHES",
-                        "REPAIRED",
-                        "ERROR"
+                        "REPAIRED"
                     ],
                     &rows
                 )
             );
+            for r in items(v) {
+                if let Some(e) = r.get("error").and_then(Value::as_str) {
+                    println!("{}: scrub failed: {e}", s(r, "array"));
+                }
+            }
         })
     }
 }
 
-/// `a.b.c = value` rows from nested JSON, for `volume show`.
-fn flatten(prefix: &str, v: &Value, rows: &mut Vec<Vec<String>>) {
-    match v {
-        Value::Object(m) => {
-            for (k, val) in m {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(&key, val, rows);
-            }
-        }
-        Value::Array(a) if a.iter().any(|x| x.is_object()) => {
-            for (i, val) in a.iter().enumerate() {
-                flatten(&format!("{prefix}[{i}]"), val, rows);
-            }
-        }
-        Value::String(x) => rows.push(vec![prefix.to_string(), x.clone()]),
-        other => rows.push(vec![prefix.to_string(), other.to_string()]),
-    }
+/// One `scrub status` row: rows checked of the total with the percentage, rate and time left.
+pub fn scrub_row(r: &Value) -> Vec<String> {
+    let checked = match (
+        r.get("rows_checked").and_then(Value::as_u64),
+        r.get("rows_total").and_then(Value::as_u64),
+    ) {
+        (Some(c), Some(t)) => format!(
+            "{c}/{t} rows ({:.1}%)",
+            r.get("percent").and_then(Value::as_f64).unwrap_or(0.0)
+        ),
+        _ => "-".into(),
+    };
+    let mode = match r.get("mode").and_then(Value::as_str) {
+        Some("repair") => "repair",
+        Some("check") => "check only",
+        _ => "-",
+    };
+    vec![
+        s(r, "array"),
+        s(r, "state"),
+        mode.into(),
+        checked,
+        r.get("rate_bytes_per_s")
+            .and_then(Value::as_u64)
+            .map_or("-".into(), |b| format!("{}/s", format_bytes(b))),
+        r.get("eta_s")
+            .and_then(Value::as_u64)
+            .map_or("-".into(), crate::views::duration),
+        s(r, "mismatches"),
+        s(r, "repaired"),
+    ]
 }
 
 /// Poll rebuild status once a second until nothing is rebuilding: a live bar per array on a
@@ -345,25 +332,32 @@ mod tests {
     }
 
     #[test]
+    fn scrub_row_shows_rows_rate_and_time_left() {
+        let v = serde_json::json!({"array":"md0","state":"running","mode":"check",
+            "rows_checked":250,"rows_total":1000,"percent":25.0,"rate_bytes_per_s":104857600u64,
+            "eta_s":75,"mismatches":0,"repaired":null});
+        assert_eq!(
+            scrub_row(&v),
+            [
+                "md0",
+                "running",
+                "check only",
+                "250/1000 rows (25.0%)",
+                "100 MiB/s",
+                "1 min 15 s",
+                "0",
+                "-"
+            ]
+        );
+    }
+
+    #[test]
     fn progress_line_reads_rebuild_fields() {
         let v = serde_json::json!({"array":"md0","state":"rebuilding","target":"d3.img",
             "percent":42.0,"rate_bytes_per_s":188743680u64,"eta_s":12});
         assert_eq!(
             progress_line(&v),
             "md0  rebuilding d3.img  42.0%  180 MiB/s  ETA 12s"
-        );
-    }
-
-    #[test]
-    fn flatten_names_nested_fields() {
-        let mut rows = Vec::new();
-        flatten("", &serde_json::json!({"a":{"b":1},"c":"x"}), &mut rows);
-        assert_eq!(
-            rows,
-            vec![
-                vec!["a.b".to_string(), "1".into()],
-                vec!["c".into(), "x".into()]
-            ]
         );
     }
 }

@@ -54,6 +54,7 @@ name = "md0"
 level = 5
 chunk = "64KiB"
 disks = ["d0.img", "d1.img", "d2.img", "d3.img"]
+create = true
 disk_size = "40MiB"
 [[volume]]
 name = "r5"
@@ -194,7 +195,7 @@ fn operator_fails_replaces_rebuilds_and_scrubs_without_losing_data() {
     // A disk added to an array with a faulty member is rebuilt into its place, as md does.
     ctl_ok(&sock, &["disk", "fail", "md0", "d2.img"]);
     let added = ctl_ok(&sock, &["disk", "add", "md0", "d5.img"]);
-    assert!(added.contains("Rebuilding"), "{added}");
+    assert!(added.contains("added as rebuilding in slot 2"), "{added}");
     ctl_ok(&sock, &["rebuild", "status", "--watch"]);
     let show = ctl_json(&sock, &["volume", "show", "r5"]);
     assert_eq!(show["state"], "optimal", "{show}");

@@ -64,7 +64,7 @@ fn raid5_config(dir: &Path, addr: &str, disks: &[&str], extra: &str) -> PathBuf 
         .join(", ");
     let config = format!(
         "[node]\nid = 0\ndata_dir = \"{dir}\"\n[nbd]\nlisten = [\"{addr}\"]\n\
-         [[array]]\nname = \"md0\"\nlevel = 5\nchunk = \"64KiB\"\ndisks = [{list}]\n{extra}\n\
+         [[array]]\nname = \"md0\"\nlevel = 5\nchunk = \"64KiB\"\ndisks = [{list}]\ncreate = true\n{extra}\n\
          [[volume]]\nname = \"r5\"\narray = \"md0\"\n",
         dir = dir.display()
     );

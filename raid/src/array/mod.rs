@@ -211,6 +211,8 @@ struct Inner {
     rebuild_running: AtomicBool,
     rebuild_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     scrub_running: AtomicBool,
+    /// Rows the running (or last) scrub has checked, for progress.
+    scrub_rows_done: AtomicU64,
     stop: AtomicBool,
     rate_limit_bytes_per_sec: AtomicU64,
     mismatches: AtomicU64,
@@ -424,6 +426,7 @@ impl Inner {
             rebuild_running: AtomicBool::new(false),
             rebuild_task: Mutex::new(None),
             scrub_running: AtomicBool::new(false),
+            scrub_rows_done: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             rate_limit_bytes_per_sec: AtomicU64::new(0),
             mismatches: AtomicU64::new(0),

@@ -40,6 +40,7 @@ impl Inner {
             return Err(self.invalid("a scrub is already running".into()));
         }
         self.mismatches.store(0, Ordering::SeqCst);
+        self.scrub_rows_done.store(0, Ordering::SeqCst);
         let batch = (REBUILD_BATCH_BYTES / self.geo.chunk_bytes).clamp(1, ROW_LOCK_SHARDS);
         let mut report = ScrubReport {
             rows_checked: 0,
@@ -55,6 +56,8 @@ impl Inner {
                     report.mismatches += mm;
                     report.repaired += rep;
                     report.rows_checked += r1 - r0;
+                    self.scrub_rows_done
+                        .store(report.rows_checked, Ordering::SeqCst);
                     self.mismatches.fetch_add(mm, Ordering::SeqCst);
                 }
                 Err(e) => {

@@ -51,6 +51,11 @@ pub struct ArrayStatus {
     #[serde(rename = "mismatches")]
     pub mismatch_count: u64,
     pub scrub_running: bool,
+    /// Rows the running (or last) scrub has checked, of `scrub_rows_total`.
+    #[serde(default)]
+    pub scrub_rows_checked: u64,
+    #[serde(default)]
+    pub scrub_rows_total: u64,
     /// Regions resynchronised from the bitmap for returning members (cumulative).
     pub bitmap_resync_regions: u64,
     /// Regions resynchronised at assembly after an unclean shutdown.
@@ -104,6 +109,8 @@ impl Inner {
             rebuild: lock(&self.progress).clone(),
             mismatch_count: self.mismatches.load(Ordering::SeqCst),
             scrub_running: self.scrub_running.load(Ordering::SeqCst),
+            scrub_rows_checked: self.scrub_rows_done.load(Ordering::SeqCst),
+            scrub_rows_total: self.geo.rows,
             bitmap_resync_regions: self.bitmap_resync_regions.load(Ordering::SeqCst),
             unclean_resync_regions: self.unclean_resync_regions.load(Ordering::SeqCst),
             bitmap_dirty_regions: dirty,
