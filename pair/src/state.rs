@@ -499,6 +499,9 @@ impl Node {
 
     /// Feeds one event; returns what to do, in order.
     pub fn step(&mut self, event: Event, now_ms: u64) -> Vec<Action> {
+        // First: a long gap since the previous step is this node's own stall, not partner
+        // silence (the events queued meanwhile are still to come).
+        self.hb.observe(now_ms);
         let mut out = Vec::new();
         if self.phase == Phase::Stopped {
             self.maybe_send(now_ms, &mut out);
@@ -542,6 +545,7 @@ impl Node {
 
     /// Carries out an operator command, or refuses it with the reasons.
     pub fn operator(&mut self, cmd: Command, now_ms: u64) -> Result<Vec<Action>, CommandRefused> {
+        self.hb.observe(now_ms);
         if self.phase == Phase::Stopped {
             return Err(CommandRefused::Stopped);
         }
@@ -1221,6 +1225,60 @@ mod tests {
         assert!(steps[0].1 >= last_heard + 400 + 50);
         assert!(steps[0].1 >= announce.1 + 200);
         assert!(a.node.may_write(DiskSet::Partner, a.now));
+    }
+
+    /// The node was not scheduled for `ms` (SIGSTOP, CPU starvation): no step at all.
+    fn stall(a: &mut Alone, ms: u64) {
+        a.now += ms;
+    }
+
+    fn announced(a: &Alone) -> bool {
+        a.first(|x| matches!(x, Action::SendStatus(r) if r.state == WireState::Takeover))
+            .is_some()
+    }
+
+    #[test]
+    fn observer_stalled_longer_than_the_window_does_not_take_over_a_live_partner() {
+        let mut a = Alone::new();
+        for s in 1..=10 {
+            a.partner(s);
+            a.run(100);
+        }
+        assert_eq!(a.node.state(), NodeState::Normal);
+        stall(&mut a, 1_000);
+        // Worst order after the stall: ticks (and mailbox results queued before it) come first;
+        // the partner's records, queued in the sockets meanwhile, are read 250 ms later.
+        a.run(250);
+        assert!(!announced(&a), "announced TAKEOVER against a live partner");
+        assert_eq!(a.node.state(), NodeState::Normal);
+        for s in 11..=20 {
+            a.partner(s);
+            a.run(100);
+        }
+        assert_eq!(a.node.state(), NodeState::Normal);
+        assert!(!a.node.holds(DiskSet::Partner));
+        assert!(a
+            .first(|x| *x == Action::Start(Op::Preempt(DiskSet::Partner)))
+            .is_none());
+    }
+
+    #[test]
+    fn partner_dead_during_own_stall_is_taken_over_after_the_rest_of_the_window() {
+        let mut a = Alone::new();
+        for s in 1..=10 {
+            a.partner(s);
+            a.run(100);
+        }
+        stall(&mut a, 1_000);
+        let resumed = a.now;
+        a.run(2_000);
+        assert_eq!(a.node.state(), NodeState::Takeover);
+        let (_, announce) = a
+            .first(|x| matches!(x, Action::SendStatus(r) if r.state == WireState::Takeover))
+            .unwrap();
+        // Heard 100 ms before the stall; the allowance of one interval counts: 300 ms remain.
+        assert!(announce >= resumed + 250, "announced at {announce}");
+        assert!(announce <= resumed + 400, "announced at {announce}");
     }
 
     #[test]
