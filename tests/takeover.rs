@@ -917,3 +917,40 @@ fn udp_and_interconnect_cut_while_mailboxes_work_causes_no_takeover() {
     assert!(serving(pair.nodes[0].nbd) && serving(pair.nodes[1].nbd));
     assert_eq!(pair.ha(1)["node"]["holds_partner_disks"], false);
 }
+
+/// How long the observer is stopped: longer than the 500 ms silence window, shorter than the
+/// partner's own takeover of the stopped node (lease wait and announce delay: about 700 ms).
+const OBSERVER_STOP: Duration = Duration::from_millis(620);
+
+#[test]
+fn observer_paused_longer_than_the_silence_window_does_not_take_over_a_live_partner() {
+    let mut pair = Pair::new(Opts::default());
+    pair.start_both();
+    // Node 1 observes; node 0 runs on and keeps sending on every path. Several rounds, since a
+    // resumed node that decides on time before reading its queued records does so only when
+    // its tick wins the race.
+    for round in 0..6 {
+        pair.signal(1, "STOP");
+        thread::sleep(OBSERVER_STOP);
+        pair.signal(1, "CONT");
+        thread::sleep(Duration::from_millis(1_500));
+        let log1 = std::fs::read_to_string(&pair.nodes[1].log).unwrap();
+        assert!(
+            !log1
+                .lines()
+                .any(|l| l.contains("HA state changed") && l.contains("TakingOver")),
+            "round {round}: the resumed observer suspected its live partner:\n{}",
+            pair.logs()
+        );
+    }
+    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(0), "Normal", "{}", pair.logs());
+    assert_eq!(pair.ha(1)["node"]["holds_partner_disks"], false);
+    assert_eq!(pair.ha(0)["node"]["holds_partner_disks"], false);
+    assert!(serving(pair.nodes[0].nbd) && serving(pair.nodes[1].nbd));
+    let log1 = std::fs::read_to_string(&pair.nodes[1].log).unwrap();
+    assert!(
+        log1.contains("HA controller ran late"),
+        "the observer logged its own stall:\n{log1}"
+    );
+}
