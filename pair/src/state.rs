@@ -162,10 +162,15 @@ pub enum Event {
     },
     /// A read of the partner's mailbox slot finished: `ok` if at least one mailbox disk yielded a
     /// valid slot or a never-written (all-zero) one; send its record as [`Event::Status`] first.
-    /// A takeover preempts only after such a read at or after its lease deadline.
+    /// A takeover preempts only after such a read that *started* at or after its lease
+    /// deadline: a read started earlier may have missed a record written just after it began,
+    /// however late its result is delivered (a stalled node delivers it late).
     MailboxRead {
         /// Whether the read succeeded.
         ok: bool,
+        /// When the read began, on the caller's monotonic clock (a time after the step's
+        /// `now_ms` is taken as `now_ms`).
+        started_ms: u64,
     },
     /// The mailbox write of the record with `stamp` finished: `ok` only if it reached every
     /// mailbox disk in use. Renews the lease.
@@ -519,9 +524,13 @@ impl Node {
                     self.partner_version_mismatch = Some(record.version);
                 }
             }
-            Event::MailboxRead { ok } => {
+            Event::MailboxRead { ok, started_ms } => {
                 if ok {
-                    self.last_mailbox_read_ok_ms = Some(now_ms);
+                    let started = started_ms.min(now_ms);
+                    self.last_mailbox_read_ok_ms = Some(
+                        self.last_mailbox_read_ok_ms
+                            .map_or(started, |t| t.max(started)),
+                    );
                 }
             }
             Event::MailboxWritten { stamp, ok } => {
@@ -1180,7 +1189,10 @@ mod tests {
             for _ in 0..ms / 10 {
                 self.now += 10;
                 if self.now.is_multiple_of(100) {
-                    self.feed(Event::MailboxRead { ok: true });
+                    self.feed(Event::MailboxRead {
+                        ok: true,
+                        started_ms: self.now,
+                    });
                 }
                 self.feed(Event::Tick);
             }
@@ -1279,6 +1291,42 @@ mod tests {
         // Heard 100 ms before the stall; the allowance of one interval counts: 300 ms remain.
         assert!(announce >= resumed + 250, "announced at {announce}");
         assert!(announce <= resumed + 400, "announced at {announce}");
+    }
+
+    #[test]
+    fn mailbox_read_started_before_the_lease_deadline_does_not_allow_the_preempt() {
+        let mut a = Alone::new();
+        for s in 1..=5 {
+            a.partner(s);
+            a.run(100);
+        }
+        // Heard last at 400; the partner dies. Announced at 900, preempt not before 1100.
+        a.run(500);
+        assert!(announced(&a));
+        let preempt = |a: &Alone| {
+            a.first(|x| *x == Action::Start(Op::Preempt(DiskSet::Partner)))
+                .is_some()
+        };
+        for _ in 0..20 {
+            a.now += 10;
+            a.feed(Event::Tick);
+            if a.now == 1200 {
+                // Started at 1050 (before the deadline), delivered late.
+                a.feed(Event::MailboxRead {
+                    ok: true,
+                    started_ms: 1050,
+                });
+            }
+        }
+        assert!(
+            !preempt(&a),
+            "a read begun before the deadline proved nothing"
+        );
+        a.feed(Event::MailboxRead {
+            ok: true,
+            started_ms: a.now,
+        });
+        assert!(preempt(&a));
     }
 
     #[test]
