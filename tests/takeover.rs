@@ -56,6 +56,8 @@ struct Opts {
     node0_interconnect_to_dead_port: bool,
     /// Node 1 likewise.
     node1_interconnect_to_dead_port: bool,
+    /// Node 0's `ha.silence_intervals` (default: the daemon's, 5).
+    node0_silence_intervals: Option<u32>,
 }
 
 /// The `[pair]` section of node `id` (interconnect ports `ic`, partner dialed at `dial`).
@@ -179,6 +181,9 @@ impl Pair {
                 &partner.config,
                 nvram_dir,
             );
+            if let (0, Some(k)) = (id, opts.node0_silence_intervals) {
+                text.push_str(&format!("silence_intervals = {k}\n"));
+            }
             if opts.mirror {
                 let mut dial = ic[1 - id];
                 if (id == 0 && opts.node0_interconnect_to_dead_port)
@@ -209,7 +214,12 @@ impl Pair {
             .append(true)
             .open(&node.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_twinblockd"))
+        // TWINBLOCK_TEST_DAEMON runs the suite against another build (e.g. to show that a test
+        // fails on an older daemon).
+        let daemon = std::env::var_os("TWINBLOCK_TEST_DAEMON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_twinblockd")));
+        let child = Command::new(daemon)
             .arg("--config")
             .arg(&node.config)
             .env("RUST_LOG", "info")
@@ -917,4 +927,45 @@ fn udp_and_interconnect_cut_while_mailboxes_work_causes_no_takeover() {
     );
     assert!(serving(pair.nodes[0].nbd) && serving(pair.nodes[1].nbd));
     assert_eq!(pair.ha(1)["node"]["holds_partner_disks"], false);
+}
+
+/// How long the observer is stopped: longer than its 500 ms silence window.
+const OBSERVER_STOP: Duration = Duration::from_millis(800);
+
+#[test]
+fn observer_paused_longer_than_the_silence_window_does_not_take_over_a_live_partner() {
+    // Node 0 (the partner that keeps running) gets a 3 s window so that it does not, rightly,
+    // take over the stopped observer; node 1 keeps the default 500 ms.
+    let mut pair = Pair::new(Opts {
+        node0_silence_intervals: Some(30),
+        ..Opts::default()
+    });
+    pair.start_both();
+    // Node 1 observes; node 0 runs on and keeps sending on every path. Several rounds, since a
+    // resumed node that decides on time before reading its queued records does so only when
+    // its tick wins the race.
+    for round in 0..6 {
+        pair.signal(1, "STOP");
+        thread::sleep(OBSERVER_STOP);
+        pair.signal(1, "CONT");
+        thread::sleep(Duration::from_millis(1_500));
+        let log1 = std::fs::read_to_string(&pair.nodes[1].log).unwrap();
+        assert!(
+            !log1
+                .lines()
+                .any(|l| l.contains("HA state changed") && l.contains("TakingOver")),
+            "round {round}: the resumed observer suspected its live partner:\n{}",
+            pair.logs()
+        );
+    }
+    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(0), "Normal", "{}", pair.logs());
+    assert_eq!(pair.ha(1)["node"]["holds_partner_disks"], false);
+    assert_eq!(pair.ha(0)["node"]["holds_partner_disks"], false);
+    assert!(serving(pair.nodes[0].nbd) && serving(pair.nodes[1].nbd));
+    let log1 = std::fs::read_to_string(&pair.nodes[1].log).unwrap();
+    assert!(
+        log1.contains("HA controller ran late"),
+        "the observer logged its own stall:\n{log1}"
+    );
 }

@@ -26,6 +26,20 @@
 //! of a monotonic clock chosen by the caller), so the module has no clock and the simulator can
 //! drive it.
 //!
+//! # The observer's own stalls
+//!
+//! Silence is only evidence while this node was running to hear. A node that was not scheduled
+//! (SIGSTOP, a stalled VM, CPU starvation of its runtime) has records queued in its sockets and
+//! channels that it has not read yet, so the wall-clock time of its own stall says nothing about
+//! the partner. The caller reports every step with [`Heartbeat::observe`]; a gap between two
+//! steps longer than [`STALL_GAP_INTERVALS`] intervals is a stall of this node, and the part of
+//! the gap beyond that allowance is not counted as partner silence (until the next new record
+//! starts a new silence period). The partner therefore gets the rest of its silence window, after
+//! this node resumes, for its queued and fresh records to arrive. Discounting (rather than
+//! restarting the window) keeps a chronically late node able to take over: each late step
+//! only adds its excess. The partner's lease is not discounted: it runs on the partner's clock,
+//! which did not stop.
+//!
 //! Defaults: `interval_ms = 100`, `silence_intervals = 5`, so the partner is declared failed 500 ms
 //! after the last record heard. The takeover then waits out the partner's lease (400 ms by
 //! default, counted from the same last record, so already over) and an announcement delay of two
@@ -73,6 +87,11 @@ impl Path {
 pub const DEFAULT_INTERVAL_MS: u64 = 100;
 /// Default number of silent intervals (on every path) before the partner is declared failed.
 pub const DEFAULT_SILENCE_INTERVALS: u32 = 5;
+
+/// A gap between two observed steps longer than this many heartbeat intervals is a stall of this
+/// node (steps come at least every half interval when it runs); the excess does not count as
+/// partner silence.
+pub const STALL_GAP_INTERVALS: u64 = 1;
 
 /// Timer settings of the failure detector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +152,13 @@ pub struct Heartbeat {
     /// When the first copy of the newest record arrived.
     last_new_ms: Option<u64>,
     paths: [PathState; 3],
+    /// When [`Heartbeat::observe`] was last called.
+    last_observed_ms: Option<u64>,
+    /// Milliseconds of this node's own stalls since the current silence period began (the last
+    /// new record, or the start): not counted as partner silence.
+    stalled_ms: u64,
+    /// The longest single stall seen since start, for status and logs.
+    longest_stall_ms: u64,
 }
 
 impl Heartbeat {
@@ -147,7 +173,40 @@ impl Heartbeat {
             newest_record: None,
             last_new_ms: None,
             paths: [PathState::default(); 3],
+            last_observed_ms: Some(now_ms),
+            stalled_ms: 0,
+            longest_stall_ms: 0,
         }
+    }
+
+    /// Reports that this node is running at `now_ms` (call at every step, before its event).
+    /// Returns the length of the stall that just ended, if the gap since the previous call was
+    /// one: longer than [`STALL_GAP_INTERVALS`] intervals. The excess of the gap over that
+    /// allowance is not counted as partner silence.
+    pub fn observe(&mut self, now_ms: u64) -> Option<u64> {
+        let prev = self.last_observed_ms.replace(now_ms)?;
+        let gap = now_ms.saturating_sub(prev);
+        let allowed = self.stall_allowance_ms();
+        if gap <= allowed {
+            return None;
+        }
+        self.stalled_ms = self.stalled_ms.saturating_add(gap - allowed);
+        self.longest_stall_ms = self.longest_stall_ms.max(gap);
+        Some(gap)
+    }
+
+    fn stall_allowance_ms(&self) -> u64 {
+        self.config.interval_ms.saturating_mul(STALL_GAP_INTERVALS)
+    }
+
+    /// Milliseconds of this node's own stalls not counted in the current silence period.
+    pub fn stalled_ms(&self) -> u64 {
+        self.stalled_ms
+    }
+
+    /// The longest gap between two steps since start (0: none longer than the allowance).
+    pub fn longest_stall_ms(&self) -> u64 {
+        self.longest_stall_ms
     }
 
     /// The timer settings.
@@ -182,6 +241,8 @@ impl Heartbeat {
         if newer_than_all {
             self.newest = Some(stamp);
             self.last_new_ms = Some(now_ms);
+            // A new silence period begins: earlier stalls are behind the evidence.
+            self.stalled_ms = 0;
             Delivery::New
         } else {
             Delivery::Duplicate
@@ -231,12 +292,19 @@ impl Heartbeat {
         self.silent_for(now_ms, self.config.silence_window_ms())
     }
 
-    /// True when no path has delivered a new record for `window_ms` (counting from the
-    /// detector's start if none ever did).
+    /// True when no path has delivered a new record for `window_ms` of time this node was
+    /// running (counting from the detector's start if none ever did; this node's own stalls,
+    /// see [`Heartbeat::observe`], do not count).
     pub fn silent_for(&self, now_ms: u64, window_ms: u64) -> bool {
+        self.silence_ms(now_ms) >= window_ms
+    }
+
+    /// How long the partner has been silent at `now_ms`, in time this node was running: since
+    /// the last new record (or the start), minus this node's own stalls since then.
+    pub fn silence_ms(&self, now_ms: u64) -> u64 {
         let since = self.last_heard_ms().unwrap_or(self.started_ms);
         let since = since.max(self.started_ms);
-        now_ms.saturating_sub(since) >= window_ms
+        now_ms.saturating_sub(since).saturating_sub(self.stalled_ms)
     }
 }
 
@@ -314,6 +382,71 @@ mod tests {
         assert_eq!(h.last_heard_ms(), Some(0));
         assert!(h.partner_silent(500));
         assert_eq!(h.path_age_ms(Path::Mailbox, 500), Some(50));
+    }
+
+    /// Steps every 50 ms from `from` to `to` (inclusive), as a running node does.
+    fn run(h: &mut Heartbeat, from: u64, to: u64) {
+        for t in (from..=to).step_by(50) {
+            h.observe(t);
+        }
+    }
+
+    #[test]
+    fn own_stall_does_not_count_as_partner_silence() {
+        let mut h = Heartbeat::new(HeartbeatConfig::default(), 0);
+        run(&mut h, 0, 1000);
+        h.receive(Path::Udp, &rec(1, 1), 1000);
+        run(&mut h, 1000, 1100);
+        // Not scheduled from 1100 to 2100 (SIGSTOP): the first step after it sees the gap.
+        assert_eq!(h.observe(2100), Some(1000));
+        assert_eq!(h.stalled_ms(), 900);
+        assert!(!h.partner_silent(2100), "only 200 ms of observed silence");
+        run(&mut h, 2100, 2350);
+        assert!(!h.partner_silent(2350));
+        // Still nothing heard: the partner is silent once 500 ms of running time passed.
+        run(&mut h, 2350, 2400);
+        assert!(h.partner_silent(2400));
+    }
+
+    #[test]
+    fn new_record_after_a_stall_starts_a_fresh_silence_period() {
+        let mut h = Heartbeat::new(HeartbeatConfig::default(), 0);
+        run(&mut h, 0, 200);
+        h.observe(1200);
+        // The records queued during the stall are read right after it.
+        assert_eq!(h.receive(Path::Udp, &rec(1, 1), 1200), Delivery::New);
+        assert_eq!(h.stalled_ms(), 0);
+        run(&mut h, 1200, 1650);
+        assert!(!h.partner_silent(1650));
+        assert!(h.partner_silent(1700));
+        assert_eq!(h.longest_stall_ms(), 1000);
+    }
+
+    #[test]
+    fn late_steps_within_the_allowance_count_in_full() {
+        let mut h = Heartbeat::new(HeartbeatConfig::default(), 0);
+        h.receive(Path::Udp, &rec(1, 1), 0);
+        for t in (100..=500).step_by(100) {
+            assert_eq!(h.observe(t), None, "a 100 ms gap is no stall");
+        }
+        assert!(h.partner_silent(500));
+    }
+
+    #[test]
+    fn chronically_late_steps_only_stretch_the_window() {
+        let mut h = Heartbeat::new(HeartbeatConfig::default(), 0);
+        h.receive(Path::Udp, &rec(1, 1), 0);
+        // Every step 150 ms late: 50 ms of each gap is discounted, 100 ms counts.
+        let mut t = 0;
+        while !h.partner_silent(t) {
+            t += 150;
+            h.observe(t);
+            assert!(
+                t < 2_000,
+                "a chronically late node must still detect silence"
+            );
+        }
+        assert_eq!(t, 750);
     }
 
     #[test]

@@ -162,10 +162,15 @@ pub enum Event {
     },
     /// A read of the partner's mailbox slot finished: `ok` if at least one mailbox disk yielded a
     /// valid slot or a never-written (all-zero) one; send its record as [`Event::Status`] first.
-    /// A takeover preempts only after such a read at or after its lease deadline.
+    /// A takeover preempts only after such a read that *started* at or after its lease
+    /// deadline: a read started earlier may have missed a record written just after it began,
+    /// however late its result is delivered (a stalled node delivers it late).
     MailboxRead {
         /// Whether the read succeeded.
         ok: bool,
+        /// When the read began, on the caller's monotonic clock (a time after the step's
+        /// `now_ms` is taken as `now_ms`).
+        started_ms: u64,
     },
     /// The mailbox write of the record with `stamp` finished: `ok` only if it reached every
     /// mailbox disk in use. Renews the lease.
@@ -499,6 +504,9 @@ impl Node {
 
     /// Feeds one event; returns what to do, in order.
     pub fn step(&mut self, event: Event, now_ms: u64) -> Vec<Action> {
+        // First: a long gap since the previous step is this node's own stall, not partner
+        // silence (the events queued meanwhile are still to come).
+        self.hb.observe(now_ms);
         let mut out = Vec::new();
         if self.phase == Phase::Stopped {
             self.maybe_send(now_ms, &mut out);
@@ -516,9 +524,13 @@ impl Node {
                     self.partner_version_mismatch = Some(record.version);
                 }
             }
-            Event::MailboxRead { ok } => {
+            Event::MailboxRead { ok, started_ms } => {
                 if ok {
-                    self.last_mailbox_read_ok_ms = Some(now_ms);
+                    let started = started_ms.min(now_ms);
+                    self.last_mailbox_read_ok_ms = Some(
+                        self.last_mailbox_read_ok_ms
+                            .map_or(started, |t| t.max(started)),
+                    );
                 }
             }
             Event::MailboxWritten { stamp, ok } => {
@@ -542,6 +554,7 @@ impl Node {
 
     /// Carries out an operator command, or refuses it with the reasons.
     pub fn operator(&mut self, cmd: Command, now_ms: u64) -> Result<Vec<Action>, CommandRefused> {
+        self.hb.observe(now_ms);
         if self.phase == Phase::Stopped {
             return Err(CommandRefused::Stopped);
         }
@@ -1176,7 +1189,10 @@ mod tests {
             for _ in 0..ms / 10 {
                 self.now += 10;
                 if self.now.is_multiple_of(100) {
-                    self.feed(Event::MailboxRead { ok: true });
+                    self.feed(Event::MailboxRead {
+                        ok: true,
+                        started_ms: self.now,
+                    });
                 }
                 self.feed(Event::Tick);
             }
@@ -1221,6 +1237,96 @@ mod tests {
         assert!(steps[0].1 >= last_heard + 400 + 50);
         assert!(steps[0].1 >= announce.1 + 200);
         assert!(a.node.may_write(DiskSet::Partner, a.now));
+    }
+
+    /// The node was not scheduled for `ms` (SIGSTOP, CPU starvation): no step at all.
+    fn stall(a: &mut Alone, ms: u64) {
+        a.now += ms;
+    }
+
+    fn announced(a: &Alone) -> bool {
+        a.first(|x| matches!(x, Action::SendStatus(r) if r.state == WireState::Takeover))
+            .is_some()
+    }
+
+    #[test]
+    fn observer_stalled_longer_than_the_window_does_not_take_over_a_live_partner() {
+        let mut a = Alone::new();
+        for s in 1..=10 {
+            a.partner(s);
+            a.run(100);
+        }
+        assert_eq!(a.node.state(), NodeState::Normal);
+        stall(&mut a, 1_000);
+        // Worst order after the stall: ticks (and mailbox results queued before it) come first;
+        // the partner's records, queued in the sockets meanwhile, are read 250 ms later.
+        a.run(250);
+        assert!(!announced(&a), "announced TAKEOVER against a live partner");
+        assert_eq!(a.node.state(), NodeState::Normal);
+        for s in 11..=20 {
+            a.partner(s);
+            a.run(100);
+        }
+        assert_eq!(a.node.state(), NodeState::Normal);
+        assert!(!a.node.holds(DiskSet::Partner));
+        assert!(a
+            .first(|x| *x == Action::Start(Op::Preempt(DiskSet::Partner)))
+            .is_none());
+    }
+
+    #[test]
+    fn partner_dead_during_own_stall_is_taken_over_after_the_rest_of_the_window() {
+        let mut a = Alone::new();
+        for s in 1..=10 {
+            a.partner(s);
+            a.run(100);
+        }
+        stall(&mut a, 1_000);
+        let resumed = a.now;
+        a.run(2_000);
+        assert_eq!(a.node.state(), NodeState::Takeover);
+        let (_, announce) = a
+            .first(|x| matches!(x, Action::SendStatus(r) if r.state == WireState::Takeover))
+            .unwrap();
+        // Heard 100 ms before the stall; the allowance of one interval counts: 300 ms remain.
+        assert!(announce >= resumed + 250, "announced at {announce}");
+        assert!(announce <= resumed + 400, "announced at {announce}");
+    }
+
+    #[test]
+    fn mailbox_read_started_before_the_lease_deadline_does_not_allow_the_preempt() {
+        let mut a = Alone::new();
+        for s in 1..=5 {
+            a.partner(s);
+            a.run(100);
+        }
+        // Heard last at 400; the partner dies. Announced at 900, preempt not before 1100.
+        a.run(500);
+        assert!(announced(&a));
+        let preempt = |a: &Alone| {
+            a.first(|x| *x == Action::Start(Op::Preempt(DiskSet::Partner)))
+                .is_some()
+        };
+        for _ in 0..20 {
+            a.now += 10;
+            a.feed(Event::Tick);
+            if a.now == 1200 {
+                // Started at 1050 (before the deadline), delivered late.
+                a.feed(Event::MailboxRead {
+                    ok: true,
+                    started_ms: 1050,
+                });
+            }
+        }
+        assert!(
+            !preempt(&a),
+            "a read begun before the deadline proved nothing"
+        );
+        a.feed(Event::MailboxRead {
+            ok: true,
+            started_ms: a.now,
+        });
+        assert!(preempt(&a));
     }
 
     #[test]

@@ -110,9 +110,13 @@ fn node_that_cannot_read_the_mailbox_never_takes_over() {
     assert_clean(&w);
 }
 
+/// Both nodes paused (so each would have suspected the other on resume before a node's own
+/// stall stopped counting as partner silence), resumed at staggered moments: the one resumed
+/// first sees the other silent in its running time and may announce or take over; the one
+/// resumed later must not suspect a partner that kept running.
 #[test]
-fn both_suspecting_at_once_at_most_one_takes_over() {
-    let mut both_announced = 0;
+fn both_paused_and_resumed_at_most_one_takes_over() {
+    let mut announced = 0;
     for seed in 0..40 {
         let mut w = World::new(seed, World::default_config());
         w.run_for(1_000);
@@ -121,11 +125,12 @@ fn both_suspecting_at_once_at_most_one_takes_over() {
         w.pause(0);
         w.pause(1);
         w.run_for(2_000 + seed * 7);
-        w.resume(0);
         w.resume(1);
+        w.run_for(seed * 23 % 1_200);
+        w.resume(0);
         w.run_for(3_000);
-        if w.stats.announces >= 2 {
-            both_announced += 1;
+        if w.stats.announces >= 1 {
+            announced += 1;
         }
         let takeovers = (0..2)
             .filter(|&i| w.node(i).is_some_and(|n| n.holds(DiskSet::Partner)))
@@ -150,10 +155,10 @@ fn both_suspecting_at_once_at_most_one_takes_over() {
         }
         assert_clean(&w);
     }
-    println!("both nodes announced TAKEOVER at once in {both_announced} of 40 schedules");
+    println!("a node announced TAKEOVER in {announced} of 40 schedules");
     assert!(
-        both_announced > 0,
-        "the scenario never made both nodes suspect each other"
+        announced > 0 && announced < 40,
+        "the staggered resumes must sometimes, not always, lead to a takeover: {announced}"
     );
 }
 

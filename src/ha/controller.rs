@@ -3,7 +3,11 @@
 //!
 //! Inputs, all funnelled into [`Node::step`] / [`Node::operator`] in one task so the machine
 //! needs no lock:
-//! - a tick every `interval_ms / 2`;
+//! - a tick every `interval_ms / 2`; before a tick is fed, every input already queued is fed
+//!   (bounded, so a flood cannot hold the tick back), so after a stall of this task (CPU starvation,
+//!   SIGSTOP) the partner's records queued meanwhile are seen before the machine looks at the
+//!   time. The machine itself discounts the stall from the partner's silence
+//!   (`Heartbeat::observe`); a long gap between ticks is logged;
 //! - datagram-like [`Link`]s (UDP today; the interconnect joins as one more link), whose bytes
 //!   are decoded and checked here (`decode_for`: pair id, sender, CRC, version) before they
 //!   become [`Event::Status`] or [`Event::ForeignStatus`]; anything else is counted and dropped;
@@ -12,7 +16,8 @@
 //! - operator requests from the admin socket (with a reply channel).
 //!
 //! Outputs: [`Action::SendStatus`] goes to every link and to the mailbox loop (which reports
-//! [`Event::MailboxWritten`]); [`Action::Start`] runs on the [`Executor`] in its own task and is
+//! [`Event::MailboxWritten`]); [`Action::Start`] runs on the [`Executor`] in its own task (on the
+//! `ops` runtime, so assembly and journal recovery never delay the heartbeats) and is
 //! answered by [`Event::Completed`]; [`Action::Fence`] clears the set's write permit at once and
 //! asks the executor to tear the set down. After every step the controller republishes each
 //! set's [`Permit`]: "writes allowed until" the lease end while the machine holds the set, else 0.
@@ -92,6 +97,14 @@ pub struct Handle {
     permits: Permits,
 }
 
+/// A gap between two ticks longer than this many heartbeat intervals is logged as a stall of
+/// this node (ticks come every half interval when the task runs).
+const STALL_LOG_INTERVALS: u64 = 2;
+
+/// At most this many queued inputs are fed before a tick (a flood must not hold the tick back;
+/// the paths queue far fewer: 64 datagrams, 256 in the merged queue).
+const DRAIN_MAX_ITEMS: usize = 1024;
+
 /// Admin requests wait at most this long for the controller (it never blocks; this only guards
 /// against a stopped task).
 const REQUEST_TIMEOUT_MS: u64 = 5_000;
@@ -135,6 +148,10 @@ pub struct Parts {
     pub executor: Arc<dyn Executor>,
     pub links: Vec<Link>,
     pub mailbox: Option<MailboxLoop>,
+    /// The runtime the executor's operations run on (the data path's). The controller itself,
+    /// its links and the mailbox loop run on the runtime `spawn` is called on, which the node
+    /// keeps free of blocking work (`super::runtime`).
+    pub ops: tokio::runtime::Handle,
 }
 
 /// The event channel, created before the controller so gates can be built first.
@@ -176,6 +193,7 @@ pub fn spawn(
     let ctl = Controller {
         machine: Machine::new(parts.machine, parts.boot, now_ms()),
         executor: parts.executor,
+        ops: parts.ops,
         senders,
         records: records_tx,
         permits: permits.clone(),
@@ -197,6 +215,7 @@ pub fn spawn(
 struct Controller {
     machine: Machine,
     executor: Arc<dyn Executor>,
+    ops: tokio::runtime::Handle,
     senders: Vec<Box<dyn Fn(Vec<u8>) + Send + Sync>>,
     records: watch::Sender<Option<StatusRecord>>,
     permits: Permits,
@@ -218,16 +237,50 @@ impl Controller {
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis((interval_ms / 2).max(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick_ms = now_ms();
         loop {
+            // Not biased: a flood of datagrams must not starve the ticks (the status this node
+            // sends). Queued inputs are drained before each tick instead.
             tokio::select! {
-                _ = tick.tick() => self.step(Event::Tick),
-                Some(ev) = events.recv() => self.step(ev),
                 Some((path, bytes)) = incoming.recv() => self.receive(path, &bytes),
+                Some(ev) = events.recv() => self.step(ev),
+                _ = tick.tick() => {
+                    self.drain(&mut events, &mut incoming);
+                    let now = now_ms();
+                    let gap = now.saturating_sub(last_tick_ms);
+                    last_tick_ms = now;
+                    if gap > interval_ms.saturating_mul(STALL_LOG_INTERVALS) {
+                        tracing::warn!(
+                            gap_ms = gap,
+                            "HA controller ran late (host overloaded or process paused); the \
+                             stall does not count as partner silence"
+                        );
+                    }
+                    self.step(Event::Tick);
+                }
                 req = requests.recv() => match req {
                     Some(r) => self.request(r),
                     // The node dropped its handle: shutting down.
                     None => return,
                 },
+            }
+        }
+    }
+
+    /// Feeds every input already queued (received records, mailbox results, completions)
+    /// without waiting, so a tick after a stall decides on everything that arrived meanwhile.
+    fn drain(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        incoming: &mut mpsc::Receiver<(HbPath, Vec<u8>)>,
+    ) {
+        for _ in 0..DRAIN_MAX_ITEMS {
+            if let Ok((path, bytes)) = incoming.try_recv() {
+                self.receive(path, &bytes);
+            } else if let Ok(ev) = events.try_recv() {
+                self.step(ev);
+            } else {
+                return;
             }
         }
     }
@@ -303,7 +356,7 @@ impl Controller {
                     tracing::info!(?op, "HA operation started");
                     let exec = self.executor.clone();
                     let events = self.events.clone();
-                    tokio::spawn(async move {
+                    self.ops.spawn(async move {
                         let outcome = exec.run(op).await;
                         let _ = events.send(Event::Completed { op, outcome });
                     });

@@ -26,6 +26,9 @@ pub struct SiteExecutor {
     own_key: Key,
     partner_key: Key,
     serial: [Arc<tokio::sync::Mutex<()>>; 2],
+    /// The data path's runtime: fences (and every op, spawned there by the controller) run on
+    /// it, never on the HA control plane's thread.
+    runtime: tokio::runtime::Handle,
 }
 
 /// What a reservation step found.
@@ -35,13 +38,21 @@ enum Resv {
 }
 
 impl SiteExecutor {
-    pub fn new(own: Arc<Site>, partner: Arc<Site>, own_key: Key, partner_key: Key) -> Self {
+    /// `runtime`: where the sites' work runs (the node's main runtime).
+    pub fn new(
+        own: Arc<Site>,
+        partner: Arc<Site>,
+        own_key: Key,
+        partner_key: Key,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
         SiteExecutor {
             own,
             partner,
             own_key,
             partner_key,
             serial: [Arc::default(), Arc::default()],
+            runtime,
         }
     }
 
@@ -209,7 +220,7 @@ impl Executor for SiteExecutor {
     fn fence(&self, set: DiskSet) {
         let site = self.site(set).clone();
         let lock = self.lock(set);
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let _serial = lock.lock_owned().await;
             site.stop(Teardown::Fenced).await;
             tracing::warn!(?set, "fenced: stopped serving, connections dropped");

@@ -122,6 +122,8 @@ impl MailboxLoop {
         disks: &mut [Disk],
         events: &mpsc::UnboundedSender<Event>,
     ) -> bool {
+        // Taken before the first read: the machine trusts a quiet read only from its start.
+        let started_ms = super::now_ms();
         let mut newest: Option<StatusRecord> = None;
         let mut foreign = None;
         let mut any_ok = false;
@@ -152,7 +154,10 @@ impl MailboxLoop {
                 record,
             });
         }
-        out.push(Event::MailboxRead { ok: any_ok });
+        out.push(Event::MailboxRead {
+            ok: any_ok,
+            started_ms,
+        });
         out.into_iter().all(|e| events.send(e).is_ok())
     }
 

@@ -5,7 +5,9 @@
 //! checks that the two configs describe one pair, and builds both [`Site`]s with write gates.
 //! [`HaNode::start`] increases the persisted generation, binds the UDP path, starts the mailbox
 //! loop and the controller with the real [`SiteExecutor`], and from then on the controller
-//! decides what is assembled and served.
+//! decides what is assembled and served. The controller, the UDP path and the mailbox loop run
+//! on a thread of their own ([`spawn_control_plane`]), so the data path's blocking work never
+//! delays a heartbeat.
 
 use super::controller::{self, Handle, Link, Parts, Permits};
 use super::executor::{holds_all, SiteExecutor};
@@ -23,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use twinblock_pair::heartbeat::{HeartbeatConfig, Path as HbPath};
 use twinblock_pair::reservation::{node_key, Key};
 use twinblock_pair::state::{Boot, Command, Config as MachineConfig, DiskSet, Event};
@@ -52,6 +54,8 @@ pub struct HaNode {
     handle: OnceLock<Handle>,
     /// Why the mirror blocks a takeover, when it does (for `twinctl status`).
     mirror_detail: Arc<Mutex<Option<String>>>,
+    /// Dropping it ends the HA control plane's thread.
+    control_plane_stop: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 fn fences(
@@ -161,6 +165,7 @@ impl HaNode {
                 events: Mutex::new(Some((tx, rx))),
                 handle: OnceLock::new(),
                 mirror_detail: Arc::default(),
+                control_plane_stop: Mutex::new(None),
             },
         ))
     }
@@ -231,10 +236,7 @@ impl HaNode {
         );
         let listen: SocketAddr = self.ha.udp_listen.parse().context("ha.udp_listen")?;
         let partner_udp: SocketAddr = self.ha.partner_udp.parse().context("ha.partner_udp")?;
-        let udp = UdpPath::bind(listen, partner_udp)
-            .await
-            .with_context(|| format!("cannot bind the UDP heartbeat address {listen}"))?;
-        let mut links = vec![udp_link(udp)];
+        let mut links = Vec::new();
         if let Some(p) = &pair {
             links.push(interconnect_link(p.clone()));
             self.partner.set_partner_copies(Some(p.clone()));
@@ -250,26 +252,31 @@ impl HaNode {
             partner: self.node_id.partner(),
             interval_ms: self.ha.heartbeat_interval_ms,
         };
+        let ops = tokio::runtime::Handle::current();
         let executor = Arc::new(SiteExecutor::new(
             own,
             self.partner.clone(),
             self.own_key,
             self.partner_key,
+            ops.clone(),
         ));
-        let handle = controller::spawn(
-            Parts {
-                machine: self.machine_config(),
-                boot: Boot {
-                    generation,
-                    holds_partner_disks,
-                },
-                executor,
-                links,
-                mailbox: Some(mailbox),
+        let parts = Parts {
+            machine: self.machine_config(),
+            boot: Boot {
+                generation,
+                holds_partner_disks,
             },
-            events,
-            self.permits.clone(),
-        );
+            executor,
+            links,
+            mailbox: Some(mailbox),
+            ops,
+        };
+        let (handle, stop) =
+            spawn_control_plane(listen, partner_udp, parts, events, self.permits.clone()).await?;
+        *self
+            .control_plane_stop
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(stop);
         if self.ha.takeover_disabled {
             if let Err(e) = handle.operator(Command::DisableTakeover).await {
                 tracing::warn!("cannot disable takeover at start: {e}");
@@ -315,6 +322,62 @@ impl HaNode {
             tokio::time::sleep(Duration::from_millis(self.ha.heartbeat_interval_ms)).await;
         }
     }
+}
+
+/// Starts the HA control plane (controller, UDP path, mailbox loop) on a thread of its own with
+/// a single-threaded runtime, and returns its handle and the sender whose drop ends the thread.
+///
+/// Why a thread of its own: the data path's runtime runs blocking work on its workers (array
+/// assembly, journal recovery, NVRAM persistence, file I/O). A heartbeat task queued behind such
+/// work on a busy host sends nothing and reads nothing meanwhile, and the partner, or this node,
+/// then sees silence from a node that is alive. Here nothing else runs: the executor's operations
+/// go to the data path's runtime (`Parts::ops`) and mailbox I/O to this runtime's blocking pool.
+async fn spawn_control_plane(
+    listen: SocketAddr,
+    partner_udp: SocketAddr,
+    mut parts: Parts,
+    events: (mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>),
+    permits: Permits,
+) -> Result<(Handle, oneshot::Sender<()>)> {
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<Handle>>();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("twinblockd-ha".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::Error::new(e)
+                        .context("cannot start the HA control plane's runtime")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let udp = match UdpPath::bind(listen, partner_udp).await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::Error::new(e)
+                            .context(format!("cannot bind the UDP heartbeat address {listen}"))));
+                        return;
+                    }
+                };
+                parts.links.insert(0, udp_link(udp));
+                let handle = controller::spawn(parts, events, permits);
+                if ready_tx.send(Ok(handle)).is_err() {
+                    return;
+                }
+                // Runs until the node lets go of the stop sender (or the process exits).
+                let _ = stop_rx.await;
+            });
+        })
+        .context("cannot start the HA control plane's thread")?;
+    let handle = ready_rx
+        .await
+        .context("the HA control plane's thread ended before it started")??;
+    Ok((handle, stop_tx))
 }
 
 /// The UDP path as a controller link: a sender task with a short queue, a receiver task.

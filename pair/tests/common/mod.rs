@@ -502,9 +502,21 @@ impl World {
                         },
                     );
                 }
-                self.feed(i, Event::MailboxRead { ok: true });
+                self.feed(
+                    i,
+                    Event::MailboxRead {
+                        ok: true,
+                        started_ms: self.now,
+                    },
+                );
             } else {
-                self.feed(i, Event::MailboxRead { ok: false });
+                self.feed(
+                    i,
+                    Event::MailboxRead {
+                        ok: false,
+                        started_ms: self.now,
+                    },
+                );
             }
         }
         self.writes(i);

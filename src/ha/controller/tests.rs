@@ -70,6 +70,7 @@ fn start(id: NodeId, disks: &[PathBuf], link: Link) -> TestNode {
                 partner: id.partner(),
                 interval_ms: INTERVAL_MS,
             }),
+            ops: tokio::runtime::Handle::current(),
         },
         event_channel(),
         Permits::default(),
