@@ -152,8 +152,12 @@ enum ScrubCmd {
         #[arg(long)]
         repair: bool,
     },
-    /// Scrub progress and mismatch counts.
-    Status,
+    /// Scrub progress and mismatch counts (a live bar on a terminal with --watch).
+    Status {
+        /// Keep watching until no scrub is running.
+        #[arg(long, short)]
+        watch: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -267,7 +271,10 @@ async fn run(cli: Cli) -> Result<()> {
             cmd: RebuildCmd::Status { watch },
         } => {
             if *watch {
-                render::watch_rebuild(&out, || call(&cli, Request::RebuildStatus)).await
+                render::watch(&out, &render::REBUILD, || {
+                    call(&cli, Request::RebuildStatus)
+                })
+                .await
             } else {
                 out.rebuild(&call(&cli, Request::RebuildStatus).await?)
             }
@@ -305,7 +312,12 @@ async fn run(cli: Cli) -> Result<()> {
                 )
                 .await?,
             ),
-            ScrubCmd::Status => out.scrub(&call(&cli, Request::ScrubStatus).await?),
+            ScrubCmd::Status { watch: true } => {
+                render::watch(&out, &render::SCRUB, || call(&cli, Request::ScrubStatus)).await
+            }
+            ScrubCmd::Status { watch: false } => {
+                out.scrub(&call(&cli, Request::ScrubStatus).await?)
+            }
         },
     }
 }

@@ -262,9 +262,43 @@ pub fn scrub_row(r: &Value) -> Vec<String> {
     ]
 }
 
-/// Poll rebuild status once a second until nothing is rebuilding: a live bar per array on a
-/// terminal, a plain line per poll otherwise (logs, pipes).
-pub async fn watch_rebuild<F, Fut>(out: &Output, mut poll: F) -> Result<()>
+/// What a `--watch` follows: the state that means "still running" and how a running entry is
+/// described on a line.
+pub struct Watched {
+    /// `rebuild` or `scrub`, for the closing line.
+    pub what: &'static str,
+    /// The `state` value of an entry that is still running.
+    pub running_state: &'static str,
+    /// One line of progress for a running entry (rate, ETA, counts).
+    pub line: fn(&Value) -> String,
+}
+
+/// The rebuild watcher: `rebuild status --watch`.
+pub const REBUILD: Watched = Watched {
+    what: "rebuild",
+    running_state: "rebuilding",
+    line: progress_line,
+};
+
+/// The scrub watcher: `scrub status --watch`.
+pub const SCRUB: Watched = Watched {
+    what: "scrub",
+    running_state: "running",
+    line: scrub_line,
+};
+
+/// A running scrub on one line: rows checked, rate, time left, mismatches so far.
+fn scrub_line(r: &Value) -> String {
+    let row = scrub_row(r);
+    format!(
+        "{}: {} at {}, {} left, {} mismatches",
+        row[0], row[3], row[4], row[5], row[6]
+    )
+}
+
+/// Poll a status once a second until nothing is running: a live bar per array on a terminal, a
+/// plain line per poll otherwise (logs, pipes), the raw reply per poll with `--json`.
+pub async fn watch<F, Fut>(out: &Output, watched: &Watched, mut poll: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Value>>,
@@ -276,7 +310,7 @@ where
         let v = poll().await?;
         let running: Vec<&Value> = items(&v)
             .iter()
-            .filter(|r| r.get("state").and_then(Value::as_str) == Some("rebuilding"))
+            .filter(|r| r.get("state").and_then(Value::as_str) == Some(watched.running_state))
             .collect();
         if tty {
             for r in &running {
@@ -293,13 +327,13 @@ where
                 });
                 let pct = r.get("percent").and_then(Value::as_f64).unwrap_or(0.0);
                 bar.set_position((pct * 10.0) as u64);
-                bar.set_message(progress_line(r));
+                bar.set_message((watched.line)(r));
             }
         } else if out.json {
             println!("{}", v);
         } else {
             for r in &running {
-                println!("{}", progress_line(r));
+                println!("{}", (watched.line)(r));
             }
         }
         if running.is_empty() {
@@ -307,7 +341,7 @@ where
                 b.finish_with_message("done");
             }
             if !out.json {
-                println!("no rebuild running");
+                println!("no {} running", watched.what);
             }
             return Ok(());
         }
@@ -349,6 +383,20 @@ mod tests {
                 "-"
             ]
         );
+    }
+
+    #[test]
+    fn scrub_line_names_rows_rate_time_left_and_mismatches() {
+        let r = serde_json::json!({
+            "array": "md0", "state": "running", "mode": "check", "mismatches": 2,
+            "rows_checked": 50, "rows_total": 200, "percent": 25.0,
+            "rate_bytes_per_s": 1048576, "eta_s": 90
+        });
+        let line = scrub_line(&r);
+        assert!(line.starts_with("md0: 50/200 rows (25.0%) at "), "{line}");
+        assert!(line.contains("/s"), "{line}");
+        assert!(line.ends_with(", 2 mismatches"), "{line}");
+        assert!(!line.contains('{') && !line.contains("null"), "{line}");
     }
 
     #[test]
