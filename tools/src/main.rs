@@ -193,14 +193,30 @@ async fn call(cli: &Cli, req: Request) -> Result<serde_json::Value> {
     let path = socket_path(cli)?;
     client::call(&path, &req)
         .await
-        .with_context(|| format!("{} request", op_name(&req)))
+        .with_context(|| command_name(&req).to_string())
 }
 
-fn op_name(req: &Request) -> String {
-    serde_json::to_value(req)
-        .ok()
-        .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "admin".into())
+/// The `twinctl` command that sends `req`, to prefix its errors with (`twinctl: disk fail: ...`):
+/// people typed the command, not the protocol's op name.
+fn command_name(req: &Request) -> &'static str {
+    match req {
+        Request::Status | Request::HaStatus => "status",
+        Request::VolumeList => "volume list",
+        Request::VolumeShow { .. } => "volume show",
+        Request::DiskFail { .. } => "disk fail",
+        Request::DiskRemove { .. } => "disk remove",
+        Request::DiskAdd { .. } => "disk add",
+        Request::DiskReplace { .. } => "disk replace",
+        Request::RebuildStatus => "rebuild status",
+        Request::ScrubStart { .. } => "scrub start",
+        Request::ScrubStatus => "scrub status",
+        Request::HaTakeover => "takeover",
+        Request::HaGiveback => "giveback",
+        Request::HaTakeoverDisable => "takeover-disable",
+        Request::HaTakeoverEnable => "takeover-enable",
+        Request::MirrorRecords => "mirror records",
+        Request::JournalAcceptLoss { .. } => "journal accept-loss",
+    }
 }
 
 async fn run(cli: Cli) -> Result<()> {

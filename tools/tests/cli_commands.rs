@@ -387,8 +387,12 @@ fn ha_commands_on_a_node_without_a_pair_are_refused_and_change_nothing() {
 fn accept_loss_of_a_volume_that_is_not_held_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (_d, _addr, sock) = start_raid5(dir.path(), "");
-    refused(&sock, &["journal", "accept-loss", "r5"], "r5");
-    refused(&sock, &["journal", "accept-loss", "nosuch"], "nosuch");
+    refused(
+        &sock,
+        &["journal", "accept-loss", "r5"],
+        "volume `r5` is not waiting for an NVRAM loss to be accepted",
+    );
+    refused(&sock, &["journal", "accept-loss", "nosuch"], "`nosuch`");
 }
 
 #[test]

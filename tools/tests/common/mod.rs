@@ -225,23 +225,21 @@ pub fn assert_keys(v: &serde_json::Value, keys: &[&str], what: &str) {
 }
 
 /// Fields that change on their own while nothing is done to the node: clocks, heartbeat
-/// counters, traffic counters.
+/// counters, traffic counters (and every `*age_ms`).
 const VOLATILE_KEYS: &[&str] = &[
     "uptime_s",
     "lease_left_ms",
-    "age_ms",
     "sequence",
     "stats",
     "rate_bytes_per_s",
     "eta_s",
+    "sends",
 ];
 
 fn strip_volatile(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
-            for k in VOLATILE_KEYS {
-                m.remove(*k);
-            }
+            m.retain(|k, _| !VOLATILE_KEYS.contains(&k.as_str()) && !k.ends_with("age_ms"));
             m.values_mut().for_each(strip_volatile);
         }
         serde_json::Value::Array(a) => a.iter_mut().for_each(strip_volatile),
@@ -286,6 +284,15 @@ pub fn refused(sock: &Path, args: &[&str], why: &str) {
         );
         assert!(err.contains(why), "twinctl {a:?}: {err}");
         assert_human(&err, &format!("twinctl {a:?} (stderr)"));
+        // Prefixed with the command as typed, not the protocol's op name (`disk_fail request`).
+        let command = err
+            .strip_prefix("twinctl: ")
+            .and_then(|rest| rest.split(": ").next())
+            .unwrap_or_else(|| panic!("twinctl {a:?}: no `twinctl: ` prefix: {err}"));
+        assert!(
+            !command.contains('_') && !command.contains("request"),
+            "twinctl {a:?}: {err}"
+        );
         assert_eq!(snapshot(sock), before, "twinctl {a:?} changed the node");
     }
 }
