@@ -94,6 +94,16 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
     );
     assert_eq!(json["ha"]["takeover_possible"], false, "{json}");
     assert_eq!(blocker_codes(&json), ["PartnerHeard"], "{json}");
+    // The pair node's volumes (a mirrored journaled RAID volume and a plain image) read the
+    // same way as a single node's.
+    let list = ctl_human(&sock, &["volume", "list"]);
+    for v in json["volumes"].as_array().unwrap() {
+        let name = v.as_str().unwrap();
+        assert!(list.contains(name), "{list}");
+        let show = ctl_human(&sock, &["volume", "show", name]);
+        assert!(show.contains(&format!("volume {name}")), "{show}");
+        assert_eq!(ctl_json(&sock, &["volume", "show", name])["name"], name);
+    }
     let before = snapshot(&sock);
 
     // The partner is heard: a takeover now would run both nodes on one set of disks.
