@@ -158,7 +158,23 @@ enum ScrubCmd {
 
 fn main() -> ExitCode {
     twinblock::logging::init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version: clap prints them and they succeed.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        // `twinctl` or `twinctl volume` alone: the list of commands is the useful answer.
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(USAGE_ERROR_EXIT_CODE);
+        }
+        Err(e) => {
+            eprintln!("twinctl: {}", usage_error_line(&e.render().to_string()));
+            return ExitCode::from(USAGE_ERROR_EXIT_CODE);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -176,6 +192,34 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exit status for malformed arguments (as clap and the BSD `EX_USAGE` convention use: 2).
+const USAGE_ERROR_EXIT_CODE: u8 = 2;
+
+/// clap's multi-line argument error as one line: the error itself, a "similar name" tip if
+/// there is one, and the usage of the command that was mistyped, so every refusal of twinctl is
+/// one line on stderr (scripts and logs keep it whole).
+fn usage_error_line(rendered: &str) -> String {
+    let mut lines = rendered.lines();
+    let message: Vec<&str> = lines
+        .by_ref()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let mut out = message.join(" ");
+    if let Some(rest) = out.strip_prefix("error: ") {
+        out = rest.to_string();
+    }
+    for l in lines.map(str::trim) {
+        if let Some(tip) = l.strip_prefix("tip: ").filter(|t| t.contains("similar")) {
+            out.push_str("; ");
+            out.push_str(tip);
+        } else if let Some(usage) = l.strip_prefix("Usage: ") {
+            out.push_str(&format!(" (usage: {usage})"));
+        }
+    }
+    out
 }
 
 fn socket_path(cli: &Cli) -> Result<PathBuf> {
@@ -323,5 +367,39 @@ async fn run(cli: Cli) -> Result<()> {
             ),
             ScrubCmd::Status => out.scrub(&call(&cli, Request::ScrubStatus).await?),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_error_is_one_line_with_the_missing_argument_and_usage() {
+        let rendered = "error: the following required arguments were not provided:\n  <DISK>\n\n\
+                        Usage: twinctl disk fail <ARRAY> <DISK>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_error_line(rendered),
+            "the following required arguments were not provided: <DISK> \
+             (usage: twinctl disk fail <ARRAY> <DISK>)"
+        );
+    }
+
+    #[test]
+    fn usage_error_keeps_a_similar_name_tip() {
+        let rendered = "error: unrecognized subcommand 'lst'\n\n  tip: a similar subcommand exists: \
+                        'list'\n\nUsage: twinctl volume [OPTIONS] <COMMAND>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_error_line(rendered),
+            "unrecognized subcommand 'lst'; a similar subcommand exists: 'list' \
+             (usage: twinctl volume [OPTIONS] <COMMAND>)"
+        );
+    }
+
+    #[test]
+    fn every_command_parses_its_documented_form() {
+        // The clap definition itself is consistent (no duplicate names, valid defaults).
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -435,8 +435,8 @@ fn unknown_volume_disk_or_array_is_refused_in_one_line_and_changes_nothing() {
     );
 }
 
-/// Malformed arguments never reach the daemon: clap's error names what is wrong on its first
-/// line, the exit code is non-zero, and the node is unchanged.
+/// Malformed arguments never reach the daemon: one line names what is wrong and the usage, the
+/// exit code is 2, and the node is unchanged.
 #[test]
 fn malformed_arguments_are_refused_before_reaching_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
@@ -450,6 +450,7 @@ fn malformed_arguments_are_refused_before_reaching_the_daemon() {
         ),
         (&["volume", "show"], "required"),
         (&["volume", "frobnicate"], "unrecognized subcommand"),
+        (&["volume", "lst"], "a similar subcommand exists: 'list'"),
         (&["scrub", "start", "md0", "--fix"], "unexpected argument"),
         (&["rebuild", "status", "--wach"], "unexpected argument"),
         (&["journal", "accept-loss"], "required"),
@@ -460,12 +461,22 @@ fn malformed_arguments_are_refused_before_reaching_the_daemon() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "twinctl {args:?} was accepted");
         assert!(out.stdout.is_empty(), "twinctl {args:?}: {}", text(&out));
-        let first = err.lines().next().unwrap_or_default();
+        assert_eq!(out.status.code(), Some(2), "twinctl {args:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "twinctl {args:?}: not one line: {err}"
+        );
         assert!(
-            first.starts_with("error: ") && first.contains(why),
+            err.starts_with("twinctl: ") && err.contains(why) && err.contains("(usage: twinctl "),
             "twinctl {args:?}: {err}"
         );
     }
+    // A command group alone lists its commands (several lines, on stderr, exit 2).
+    let out = ctl(&sock, &["volume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("list") && err.contains("show"), "{err}");
     assert_eq!(snapshot(&sock), before);
 }
 
