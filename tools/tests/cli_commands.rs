@@ -45,6 +45,8 @@ const ARRAY_FIELDS: &[&str] = &[
     "rebuild",
     "mismatches",
     "scrub_running",
+    "scrub_rows_checked",
+    "scrub_rows_total",
     "bitmap_resync_regions",
     "unclean_resync_regions",
     "bitmap_dirty_regions",
@@ -69,6 +71,10 @@ const SCRUB_FIELDS: &[&str] = &[
     "mismatches",
     "repaired",
     "rows_checked",
+    "rows_total",
+    "percent",
+    "rate_bytes_per_s",
+    "eta_s",
     "error",
 ];
 const REBUILD_FIELDS: &[&str] = &[
