@@ -12,6 +12,35 @@ fn s(v: &Value, key: &str) -> String {
     }
 }
 
+/// The node states as `docs/OPERATIONS.md` names them. The daemon spells this node's state in
+/// these words but the partner's (decoded from its status record) in capitals; people get one
+/// spelling for both.
+const STATE_NAMES: [&str; 7] = [
+    "Rebooting",
+    "WaitingForGiveback",
+    "Normal",
+    "TakingOver",
+    "Takeover",
+    "GivingBack",
+    "Stopped",
+];
+
+fn state_name(v: &Value) -> String {
+    let raw = s(v, "state");
+    STATE_NAMES
+        .iter()
+        .find(|n| n.eq_ignore_ascii_case(&raw))
+        .map_or(raw, |n| n.to_string())
+}
+
+fn yes_no(v: &Value, key: &str) -> &'static str {
+    match v.get(key).and_then(Value::as_bool) {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    }
+}
+
 /// The HA section of `twinctl status` as text; empty for a node without HA (`null`).
 pub fn render_status(ha: &Value) -> String {
     if ha.is_null() {
@@ -25,13 +54,13 @@ pub fn render_status(ha: &Value) -> String {
         "  this node {}: {}  (generation {}, lease left {} ms, holds own/partner disks: {}/{}, \
          serving own/partner: {}/{})",
         s(node, "node_id"),
-        s(node, "state"),
+        state_name(node),
         s(node, "generation"),
         s(node, "lease_left_ms"),
-        s(node, "holds_own_disks"),
-        s(node, "holds_partner_disks"),
-        s(node, "serving_own"),
-        s(node, "serving_partner"),
+        yes_no(node, "holds_own_disks"),
+        yes_no(node, "holds_partner_disks"),
+        yes_no(node, "serving_own"),
+        yes_no(node, "serving_partner"),
     );
     match ha.get("partner").filter(|p| !p.is_null()) {
         Some(p) => {
@@ -47,7 +76,7 @@ pub fn render_status(ha: &Value) -> String {
                 out,
                 "  partner node {}: {}  (generation {}, sequence {}{})",
                 s(p, "node_id"),
-                s(p, "state"),
+                state_name(p),
                 s(p, "generation"),
                 s(p, "sequence"),
                 if flags.is_empty() {
@@ -126,6 +155,26 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("never heard"), "{text}");
+        assert!(
+            text.contains("this node 1: Normal  (generation 3, lease left 350 ms, holds own/partner disks: yes/no, serving own/partner: yes/no)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn partner_state_is_spelled_like_this_nodes() {
+        let ha = json!({
+            "node": {"node_id": 0, "state": "Takeover"},
+            "partner": {"node_id": 1, "state": "WAITINGFORGIVEBACK", "generation": 2,
+                        "sequence": 9, "flags": []},
+            "takeover_possible": true, "takeover_blockers": [], "paths": [], "disks": [],
+        });
+        let text = render_status(&ha);
+        assert!(text.contains("this node 0: Takeover  ("), "{text}");
+        assert!(
+            text.contains("partner node 1: WaitingForGiveback  (generation 2, sequence 9)"),
+            "{text}"
+        );
     }
 
     #[test]

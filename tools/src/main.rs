@@ -162,7 +162,23 @@ enum ScrubCmd {
 
 fn main() -> ExitCode {
     twinblock::logging::init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version: clap prints them and they succeed.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        // `twinctl` or `twinctl volume` alone: the list of commands is the useful answer.
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(USAGE_ERROR_EXIT_CODE);
+        }
+        Err(e) => {
+            eprintln!("twinctl: {}", usage_error_line(&e.render().to_string()));
+            return ExitCode::from(USAGE_ERROR_EXIT_CODE);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -182,6 +198,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// Exit status for malformed arguments (as clap and the BSD `EX_USAGE` convention use: 2).
+const USAGE_ERROR_EXIT_CODE: u8 = 2;
+
+/// clap's multi-line argument error as one line: the error itself, a "similar name" tip if
+/// there is one, and the usage of the command that was mistyped, so every refusal of twinctl is
+/// one line on stderr (scripts and logs keep it whole).
+fn usage_error_line(rendered: &str) -> String {
+    let mut lines = rendered.lines();
+    let message: Vec<&str> = lines
+        .by_ref()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let mut out = message.join(" ");
+    if let Some(rest) = out.strip_prefix("error: ") {
+        out = rest.to_string();
+    }
+    for l in lines.map(str::trim) {
+        if let Some(tip) = l.strip_prefix("tip: ").filter(|t| t.contains("similar")) {
+            out.push_str("; ");
+            out.push_str(tip);
+        } else if let Some(usage) = l.strip_prefix("Usage: ") {
+            out.push_str(&format!(" (usage: {usage})"));
+        }
+    }
+    out
+}
+
 fn socket_path(cli: &Cli) -> Result<PathBuf> {
     if let Some(s) = &cli.socket {
         return Ok(s.clone());
@@ -197,14 +241,30 @@ async fn call(cli: &Cli, req: Request) -> Result<serde_json::Value> {
     let path = socket_path(cli)?;
     client::call(&path, &req)
         .await
-        .with_context(|| format!("{} request", op_name(&req)))
+        .with_context(|| command_name(&req).to_string())
 }
 
-fn op_name(req: &Request) -> String {
-    serde_json::to_value(req)
-        .ok()
-        .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "admin".into())
+/// The `twinctl` command that sends `req`, to prefix its errors with (`twinctl: disk fail: ...`):
+/// people typed the command, not the protocol's op name.
+fn command_name(req: &Request) -> &'static str {
+    match req {
+        Request::Status | Request::HaStatus => "status",
+        Request::VolumeList => "volume list",
+        Request::VolumeShow { .. } => "volume show",
+        Request::DiskFail { .. } => "disk fail",
+        Request::DiskRemove { .. } => "disk remove",
+        Request::DiskAdd { .. } => "disk add",
+        Request::DiskReplace { .. } => "disk replace",
+        Request::RebuildStatus => "rebuild status",
+        Request::ScrubStart { .. } => "scrub start",
+        Request::ScrubStatus => "scrub status",
+        Request::HaTakeover => "takeover",
+        Request::HaGiveback => "giveback",
+        Request::HaTakeoverDisable => "takeover-disable",
+        Request::HaTakeoverEnable => "takeover-enable",
+        Request::MirrorRecords => "mirror records",
+        Request::JournalAcceptLoss { .. } => "journal accept-loss",
+    }
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -319,5 +379,39 @@ async fn run(cli: Cli) -> Result<()> {
                 out.scrub(&call(&cli, Request::ScrubStatus).await?)
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_error_is_one_line_with_the_missing_argument_and_usage() {
+        let rendered = "error: the following required arguments were not provided:\n  <DISK>\n\n\
+                        Usage: twinctl disk fail <ARRAY> <DISK>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_error_line(rendered),
+            "the following required arguments were not provided: <DISK> \
+             (usage: twinctl disk fail <ARRAY> <DISK>)"
+        );
+    }
+
+    #[test]
+    fn usage_error_keeps_a_similar_name_tip() {
+        let rendered = "error: unrecognized subcommand 'lst'\n\n  tip: a similar subcommand exists: \
+                        'list'\n\nUsage: twinctl volume [OPTIONS] <COMMAND>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_error_line(rendered),
+            "unrecognized subcommand 'lst'; a similar subcommand exists: 'list' \
+             (usage: twinctl volume [OPTIONS] <COMMAND>)"
+        );
+    }
+
+    #[test]
+    fn every_command_parses_its_documented_form() {
+        // The clap definition itself is consistent (no duplicate names, valid defaults).
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

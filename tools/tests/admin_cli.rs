@@ -5,119 +5,20 @@
 #[path = "../../tests/support/nbd_client.rs"]
 mod nbd_client;
 
+mod common;
+
+use common::{ctl, ctl_json, ctl_ok, start_raid5, twinctl, Daemon};
 use nbd_client::Client;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const DATA_BYTES: usize = 8 << 20;
 
-fn twinctl() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_twinctl"))
-}
-
-/// `cargo test --workspace` builds every binary before running tests; twinblockd sits beside twinctl.
-fn twinblockd() -> PathBuf {
-    let p = twinctl().with_file_name("twinblockd");
-    assert!(
-        p.exists(),
-        "{} not built: run the tests with `cargo test --workspace`",
-        p.display()
-    );
-    p
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start(dir: &Path) -> (Daemon, SocketAddr, PathBuf) {
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let config = format!(
-        r#"[node]
-id = 0
-data_dir = "{dir}"
-[nbd]
-listen = ["{addr}"]
-[[array]]
-name = "md0"
-level = 5
-chunk = "64KiB"
-disks = ["d0.img", "d1.img", "d2.img", "d3.img"]
-create = true
-disk_size = "40MiB"
-[[volume]]
-name = "r5"
-array = "md0"
-journal = true
-[nvram]
-path = "{dir}/node0.nvram"
-size = "8MiB"
-persistence = "msync"
-cp_interval_ms = 100
-"#,
-        dir = dir.display()
-    );
-    let cfg = dir.join("node0.toml");
-    std::fs::write(&cfg, config).unwrap();
-    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    let child = Command::new(twinblockd())
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut d = Daemon(child);
-    let sock = dir.join("admin.sock");
-    let t = Instant::now();
-    while !(sock.exists() && TcpStream::connect(addr).is_ok()) {
-        if let Ok(Some(s)) = d.0.try_wait() {
-            panic!(
-                "twinblockd exited with {s}: {}",
-                std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
-            );
-        }
-        assert!(t.elapsed() < READY_TIMEOUT, "twinblockd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (d, addr, sock)
-}
-
-fn ctl(sock: &Path, args: &[&str]) -> Output {
-    Command::new(twinctl())
-        .arg("--socket")
-        .arg(sock)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ctl_ok(sock: &Path, args: &[&str]) -> String {
-    let out = ctl(sock, args);
-    assert!(
-        out.status.success(),
-        "twinctl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn ctl_json(sock: &Path, args: &[&str]) -> serde_json::Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    serde_json::from_str(&ctl_ok(sock, &a)).expect("twinctl --json prints JSON")
+    let (d, addr, sock) = start_raid5(dir, "");
+    (d, addr.parse().unwrap(), sock)
 }
 
 fn pattern() -> Vec<u8> {

@@ -4,55 +4,25 @@
 //! are never turned into an array; paths never create directories; `--check` opens the files a
 //! config names and only approves configs that start.
 
+mod common;
+
+use common::{ctl, free_addr, start_daemon, text, twinblockd, Daemon, READY_TIMEOUT};
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const DISK_BYTES: u64 = 40 << 20;
 const SUPERBLOCK_BYTES: usize = 4096;
-
-fn twinctl() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_twinctl"))
-}
-
-/// `cargo test --workspace` builds every binary before running tests; twinblockd sits beside twinctl.
-fn twinblockd() -> PathBuf {
-    let p = twinctl().with_file_name("twinblockd");
-    assert!(
-        p.exists(),
-        "{} not built: run the tests with `cargo test --workspace`",
-        p.display()
-    );
-    p
-}
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf()
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
 }
 
 /// A node config serving RAID 5 array `md0` over `disks` (relative to `dir`) as volume `r5`.
@@ -91,20 +61,8 @@ fn start(dir: &Path) -> (Daemon, PathBuf) {
         &["d0.img", "d1.img", "d2.img", "d3.img"],
         "disk_size = \"40MiB\"",
     );
-    let mut d = Daemon(run_daemon(&cfg, &dir.join("daemon.log")));
-    let sock = dir.join("admin.sock");
-    let t = Instant::now();
-    while !(sock.exists() && TcpStream::connect(&addr).is_ok()) {
-        if let Ok(Some(s)) = d.0.try_wait() {
-            panic!(
-                "twinblockd exited with {s}: {}",
-                std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
-            );
-        }
-        assert!(t.elapsed() < READY_TIMEOUT, "twinblockd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (d, sock)
+    let d = start_daemon(&cfg, &addr, &dir.join("daemon.log"));
+    (d, dir.join("admin.sock"))
 }
 
 /// Runs a daemon that must refuse to start; returns its log.
@@ -127,15 +85,6 @@ fn start_refused(cfg: &Path, dir: &Path) -> String {
     std::fs::read_to_string(&log).unwrap()
 }
 
-fn ctl(sock: &Path, args: &[&str]) -> Output {
-    Command::new(twinctl())
-        .arg("--socket")
-        .arg(sock)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn check(cfg: &Path) -> Output {
     Command::new(twinblockd())
         .arg("--config")
@@ -143,14 +92,6 @@ fn check(cfg: &Path) -> Output {
         .arg("--check")
         .output()
         .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Everything a refused command must leave as it was.

@@ -3,64 +3,15 @@
 //! slot, a `disk replace`) across a restart with the config unchanged; a config without
 //! `create = true` never creates an array.
 
+mod common;
+
+use common::{free_addr, start_daemon as start, twinblockd, twinctl};
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const REBUILD_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn twinctl() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_twinctl"))
-}
-
-/// twinblockd sits beside twinctl once `cargo build --bins` (or `cargo test --workspace`) ran.
-fn twinblockd() -> PathBuf {
-    let p = twinctl().with_file_name("twinblockd");
-    assert!(
-        p.exists(),
-        "{} not built: run the tests with `cargo test --workspace`",
-        p.display()
-    );
-    p
-}
-
-struct Daemon(Child);
-
-impl Daemon {
-    /// SIGTERM, then wait: the node closes its arrays cleanly.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .status();
-        let t = Instant::now();
-        while t.elapsed() < READY_TIMEOUT {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("twinblockd did not stop after SIGTERM");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
 
 /// RAID 5 `md0` over the candidates `disks/n0-*.img`; `create` adds `create = true` (four
 /// members, images created at 40 MiB).
@@ -78,31 +29,6 @@ fn config(dir: &Path, addr: &str, create: bool) -> PathBuf {
     let cfg = dir.join("node0.toml");
     std::fs::write(&cfg, text).unwrap();
     cfg
-}
-
-fn start(cfg: &Path, addr: &str, log: &Path) -> Daemon {
-    let mut d = Daemon(
-        Command::new(twinblockd())
-            .arg("--config")
-            .arg(cfg)
-            .stdout(Stdio::null())
-            .stderr(File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let sock = cfg.with_file_name("admin.sock");
-    let t = Instant::now();
-    while !(sock.exists() && TcpStream::connect(addr).is_ok()) {
-        if let Ok(Some(s)) = d.0.try_wait() {
-            panic!(
-                "twinblockd exited with {s}: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        assert!(t.elapsed() < READY_TIMEOUT, "twinblockd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    d
 }
 
 fn ctl(sock: &Path, args: &[&str]) -> Output {

@@ -5,32 +5,15 @@
 //! Needs no external client (the writer speaks NBD itself) and keeps its NVRAM files in its
 //! temporary directory; its ports lie below the ephemeral range, probed free first.
 
-use std::net::{TcpListener, UdpSocket};
+mod common;
+
+use common::free_demo_base_port as free_base_port;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The whole run: two node starts, a takeover, a restart and a giveback.
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
-/// The demo's port layout: NBD base and base+1, interconnect +1000, HA datagrams +2000.
-const PORT_OFFSETS: [u16; 3] = [0, 1000, 2000];
-
-/// A base port whose demo ports (TCP and UDP) are all free now.
-fn free_base_port() -> u16 {
-    let start = 20_000 + (std::process::id() % 5_000) as u16 * 2;
-    (0..400u16)
-        .map(|i| 20_000 + (start - 20_000 + i * 2) % 9_000)
-        .find(|&base| {
-            PORT_OFFSETS.iter().all(|off| {
-                (0..2).all(|n| {
-                    let p = base + off + n;
-                    TcpListener::bind(("127.0.0.1", p)).is_ok()
-                        && UdpSocket::bind(("127.0.0.1", p)).is_ok()
-                })
-            })
-        })
-        .expect("no free demo port range between 20000 and 29000")
-}
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
