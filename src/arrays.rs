@@ -509,7 +509,7 @@ impl ArrayEntry {
     pub async fn fail(&self, disk: &str) -> Result<Value, String> {
         let slot = self.slot_of(disk)?;
         self.array
-            .fail_member(slot)
+            .operator_fail_member(slot)
             .await
             .map_err(|e| e.to_string())?;
         to_result(&CommandReply::message(format!(

@@ -285,20 +285,7 @@ impl Site {
                     None => return Err(e),
                 },
             };
-            let access = v
-                .nbd_access()
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("volume `{}`", v.name))?;
-            server
-                .add_export_with_access(
-                    Export {
-                        name: v.name.clone(),
-                        description: info.description.clone(),
-                        device,
-                    },
-                    access,
-                )
-                .with_context(|| format!("volume `{}`", v.name))?;
+            export(&server, v, &info, device)?;
             tracing::info!(
                 volume = %v.name,
                 size = %format_bytes(info.size),
@@ -374,20 +361,7 @@ impl Site {
         )
         .await
         .with_context(|| format!("volume `{name}`"))?;
-        let access = v
-            .nbd_access()
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("volume `{name}`"))?;
-        server
-            .add_export_with_access(
-                Export {
-                    name: v.name.clone(),
-                    description: info.description.clone(),
-                    device,
-                },
-                access,
-            )
-            .with_context(|| format!("volume `{name}`"))?;
+        export(&server, v, &info, device)?;
         tracing::warn!(volume = %name, "NVRAM loss accepted by the operator; volume ready");
         let mut p = self.parts();
         p.held.remove(name);
@@ -548,6 +522,29 @@ impl Site {
             }
         }
     }
+}
+
+/// Exports an opened volume under its name, with the volume's client allow-list.
+fn export(
+    server: &Server,
+    v: &VolumeConfig,
+    info: &VolumeInfo,
+    device: Arc<dyn BlockDevice>,
+) -> Result<()> {
+    let access = v
+        .nbd_access()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("volume `{}`", v.name))?;
+    server
+        .add_export_with_access(
+            Export {
+                name: v.name.clone(),
+                description: info.description.clone(),
+                device,
+            },
+            access,
+        )
+        .with_context(|| format!("volume `{}`", v.name))
 }
 
 /// A volume on an array, through the journal when the config says so.

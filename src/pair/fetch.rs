@@ -143,7 +143,7 @@ async fn receive_copy(
             Message::FetchBegin(b) => break b,
             // The partner may send its HA status on any connection.
             Message::Status(_) => continue,
-            other => return Err(FetchError::Unexpected(kind_of(&other))),
+            other => return Err(FetchError::Unexpected(other.kind())),
         }
     };
     if begin.volume != target.volume_id {
@@ -180,7 +180,7 @@ async fn receive_copy(
         let r = match Message::decode(k, &body)? {
             Message::FetchRecord(r) => r,
             Message::Status(_) => continue,
-            other => return Err(FetchError::Unexpected(kind_of(&other))),
+            other => return Err(FetchError::Unexpected(other.kind())),
         };
         if r.volume != target.volume_id {
             return Err(FetchError::WrongVolume {
@@ -207,20 +207,6 @@ async fn receive_copy(
         seq += 1;
     }
     Ok(log)
-}
-
-fn kind_of(m: &Message) -> FrameKind {
-    match m {
-        Message::Record(_) => FrameKind::Record,
-        Message::Ack { .. } => FrameKind::Ack,
-        Message::LogReset(_) => FrameKind::LogReset,
-        Message::Status(_) => FrameKind::Status,
-        Message::ResyncBegin { .. } => FrameKind::ResyncBegin,
-        Message::ResyncEnd { .. } => FrameKind::ResyncEnd,
-        Message::FetchRequest { .. } => FrameKind::FetchRequest,
-        Message::FetchRecord(_) => FrameKind::FetchRecord,
-        Message::FetchBegin(_) => FrameKind::FetchBegin,
-    }
 }
 
 #[cfg(test)]

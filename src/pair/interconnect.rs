@@ -222,7 +222,7 @@ async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
                     Message::Status(bytes) => pair.receiver.note_status(bytes),
                     other => {
                         return Err(LinkError::Wire(WireError::Unexpected {
-                            got: kind_of(&other),
+                            got: other.kind(),
                             state: "receiving ACKs",
                         }))
                     }
@@ -236,20 +236,6 @@ async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
         r = reader => r,
         r = sender => r,
         _ = kill.changed() => Err(LinkError::Dropped("the partner did not acknowledge in time".into())),
-    }
-}
-
-fn kind_of(m: &Message) -> FrameKind {
-    match m {
-        Message::Record(_) => FrameKind::Record,
-        Message::Ack { .. } => FrameKind::Ack,
-        Message::LogReset(_) => FrameKind::LogReset,
-        Message::Status(_) => FrameKind::Status,
-        Message::ResyncBegin { .. } => FrameKind::ResyncBegin,
-        Message::ResyncEnd { .. } => FrameKind::ResyncEnd,
-        Message::FetchRequest { .. } => FrameKind::FetchRequest,
-        Message::FetchRecord(_) => FrameKind::FetchRecord,
-        Message::FetchBegin(_) => FrameKind::FetchBegin,
     }
 }
 

@@ -595,8 +595,6 @@ fn every_twinctl_command_has_a_test() {
 /// Failing a disk the degraded array cannot lose would stop the volume: refused like a replace
 /// that would fail the array (`admin_safety.rs`).
 #[test]
-#[ignore = "known bug in twinblockd: `disk fail` of a second member of a degraded RAID 5 is \
-            accepted and the array fails; run with --ignored once the daemon refuses it"]
 fn failing_a_member_the_degraded_array_cannot_lose_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (_d, _addr, sock) = start_raid5(dir.path(), "");

@@ -139,6 +139,21 @@ fn words(vals: &[u64]) -> Vec<u8> {
 }
 
 impl Message {
+    /// The frame kind this message travels as (for error messages about unexpected frames).
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Message::Record(_) => FrameKind::Record,
+            Message::Ack { .. } => FrameKind::Ack,
+            Message::LogReset(_) => FrameKind::LogReset,
+            Message::Status(_) => FrameKind::Status,
+            Message::ResyncBegin { .. } => FrameKind::ResyncBegin,
+            Message::ResyncEnd { .. } => FrameKind::ResyncEnd,
+            Message::FetchRequest { .. } => FrameKind::FetchRequest,
+            Message::FetchRecord(_) => FrameKind::FetchRecord,
+            Message::FetchBegin(_) => FrameKind::FetchBegin,
+        }
+    }
+
     /// Appends this message as one frame to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {

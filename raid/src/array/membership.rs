@@ -15,6 +15,19 @@ impl Array {
         Ok(())
     }
 
+    /// The operator's `disk fail`: like [`Array::fail_member`], but refused (nothing changed) when
+    /// the array could not lose that member, as md refuses to fail the last device that holds
+    /// the data. An I/O error still fails whatever it must.
+    pub async fn operator_fail_member(&self, slot: usize) -> Result<()> {
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
+        self.inner.check_slot(slot)?;
+        self.inner.check_replace_survives(slot)?;
+        self.inner
+            .member_failed(slot, "operator fail", None, true)
+            .await;
+        Ok(())
+    }
+
     /// Detaches the device of a faulty (or rebuilding) slot, which becomes missing.
     pub async fn remove_member(&self, slot: usize) -> Result<()> {
         let _one_at_a_time = self.inner.membership_lock.lock().await;
