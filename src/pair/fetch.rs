@@ -17,7 +17,9 @@ use twinblock_journal::restore::{
     check_fetched, check_fetched_record, FetchRefusal, FetchedLog, RestoreTarget,
 };
 use twinblock_journal::UnretiredRecord;
-use twinblock_pair::wire::{split_frame, Dialer, FrameKind, Message, VolumeAnnounce, WireError};
+use twinblock_pair::wire::{
+    split_frame, Dialer, FrameKind, FrameOpener, Message, VolumeAnnounce, WireError,
+};
 
 use super::Pair;
 
@@ -53,17 +55,27 @@ pub enum FetchError {
     Refused(#[from] FetchRefusal),
 }
 
-/// Reads whole frames from a stream.
+/// Reads whole frames from a stream: unsealed during the handshake, then (with `opener`) only
+/// frames sealed for this connection, in order.
 struct Frames {
     stream: TcpStream,
     buf: Vec<u8>,
     start: usize,
+    opener: Option<FrameOpener>,
 }
 
 impl Frames {
     async fn next(&mut self) -> Result<(FrameKind, Vec<u8>), FetchError> {
         loop {
-            if let Some(f) = split_frame(&self.buf[self.start..])? {
+            let rest = &self.buf[self.start..];
+            let found = match &mut self.opener {
+                Some(o) => o.open(rest)?,
+                None => match split_frame(rest)? {
+                    Some(f) if f.flags != 0 => return Err(WireError::BadFlags(f.flags).into()),
+                    f => f,
+                },
+            };
+            if let Some(f) = found {
                 let body = self.buf[self.start + f.body_start..self.start + f.total].to_vec();
                 self.start += f.total;
                 return Ok((f.kind, body));
@@ -96,6 +108,7 @@ pub async fn fetch_own_log(
         stream,
         buf: Vec::new(),
         start: 0,
+        opener: None,
     };
     let announce = [VolumeAnnounce {
         volume: target.volume_id,
@@ -105,24 +118,25 @@ pub async fn fetch_own_log(
         // All zero: the partner must not rebind its copy to what this node claims.
         store_id: [0; 16],
     }];
-    tokio::time::timeout(connect, async {
+    let peer = tokio::time::timeout(connect, async {
         let (dialer, hello) = Dialer::start(pair.identity(), pair.key.clone(), rand::random());
         frames.stream.write_all(&hello).await?;
         let (k, body) = frames.next().await?;
         let (dialer, auth) = dialer.on_challenge(k, &body, &announce)?;
         frames.stream.write_all(&auth).await?;
         let (k, body) = frames.next().await?;
-        dialer.on_reply(k, &body)?;
-        Ok::<_, FetchError>(())
+        Ok::<_, FetchError>(dialer.on_reply(k, &body)?)
     })
     .await
     .map_err(|_| FetchError::Timeout("the fetch handshake"))??;
+    let (mut seal, opener) = peer.keys.dialer();
+    frames.opener = Some(opener);
     let mut request = Vec::new();
     Message::FetchRequest {
         volume: target.volume_id,
         from_seq: target.from_seq,
     }
-    .encode(&mut request);
+    .encode_with(&mut seal, &mut request);
     frames.stream.write_all(&request).await?;
     let transfer = Duration::from_millis(FETCH_TRANSFER_TIMEOUT_MS);
     let log = tokio::time::timeout(transfer, receive_copy(&mut frames, target))
@@ -214,7 +228,12 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
     use twinblock_journal::format::{encode_record, RecordHeader, RecordKind};
-    use twinblock_pair::wire::{FetchBegin, RecordFrame};
+    use twinblock_pair::wire::{FetchBegin, RecordFrame, SessionKeys};
+
+    /// The keys of the test connection (both ends derive them from one made-up transcript).
+    fn keys() -> SessionKeys {
+        SessionKeys::derive(b"0123456789abcdef", b"hello", b"challenge", b"auth")
+    }
 
     const STORE: [u8; 16] = [8; 16];
     const VOL: u64 = 77;
@@ -244,6 +263,7 @@ mod tests {
 
     /// FETCH_BEGIN for seqs 5..=7 at log offset 0, then the given (offset, seq, bytes) records.
     fn reply(store_id: [u8; 16], records: &[(u64, u64, Vec<u8>)]) -> Vec<u8> {
+        let (mut seal, _) = keys().acceptor();
         let mut out = Vec::new();
         Message::FetchBegin(FetchBegin {
             volume: VOL,
@@ -253,7 +273,7 @@ mod tests {
             tail_seq: 5,
             last_seq: 7,
         })
-        .encode(&mut out);
+        .encode_with(&mut seal, &mut out);
         for (log_offset, seq, bytes) in records {
             Message::FetchRecord(RecordFrame {
                 volume: VOL,
@@ -261,7 +281,7 @@ mod tests {
                 seq: *seq,
                 record: bytes.clone(),
             })
-            .encode(&mut out);
+            .encode_with(&mut seal, &mut out);
         }
         out
     }
@@ -282,6 +302,7 @@ mod tests {
             stream: TcpStream::connect(addr).await.unwrap(),
             buf: Vec::new(),
             start: 0,
+            opener: Some(keys().dialer().1),
         };
         let log = receive_copy(&mut frames, &target()).await?;
         check_fetched(&target(), &log)?;
@@ -339,6 +360,23 @@ mod tests {
         let e = fetch_from(reply([0; 16], &[])).await.unwrap_err();
         assert!(
             matches!(e, FetchError::Refused(FetchRefusal::NoCopy)),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reply_sealed_for_another_connection_is_refused() {
+        let other = SessionKeys::derive(b"0123456789abcdef", b"hello2", b"challenge", b"auth");
+        let (mut seal, _) = other.acceptor();
+        let mut out = Vec::new();
+        Message::FetchRequest {
+            volume: VOL,
+            from_seq: 5,
+        }
+        .encode_with(&mut seal, &mut out);
+        let e = fetch_from(out).await.unwrap_err();
+        assert!(
+            matches!(e, FetchError::Wire(WireError::BadFrameMac { seq: 0, .. })),
             "{e}"
         );
     }

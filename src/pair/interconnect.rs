@@ -11,8 +11,12 @@
 //! records may travel on either. A new authenticated inbound connection replaces the previous
 //! one (the partner only redials once it gave the old one up).
 //!
-//! Sends are tokio TCP writes of one buffer holding every record queued at that moment (several
-//! records per send under load); io_uring is not used for the interconnect yet.
+//! Sends are vectored: every frame queued while the previous send was in flight goes in one
+//! [`SendBatch`] (several records per send under load), with the record bytes sent from the
+//! journal's copy. The outgoing connection sends through io_uring when the kernel allows it
+//! ([`super::uring_send`]) and through tokio otherwise; `status` names which
+//! (`interconnect.sender`). Every frame after the handshake is sealed with a MAC of this
+//! connection and direction and checked in order (`twinblock_pair::wire::session`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -25,12 +29,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use twinblock_pair::wire::{
     handshake::{encode_accept, encode_reject},
-    messages::encode_record,
-    split_frame, Acceptor, Dialer, FrameKind, LogReset, Message, RejectReason, WireError,
+    split_frame, Acceptor, Dialer, FrameKind, FrameOpener, FrameSealer, LogReset, Message,
+    RejectReason, WireError,
 };
 
 use super::mirror::VolumeMirror;
 use super::receiver::ReceiveError;
+use super::send_batch::{SendBatch, Transport};
 use super::{LinkPhase, Pair};
 
 /// How long a handshake may take before the attempt is abandoned.
@@ -59,10 +64,12 @@ pub enum LinkError {
     Dropped(String),
 }
 
-/// A receive buffer that yields whole frames.
+/// A receive buffer that yields whole frames: unsealed ones during the handshake, then (once
+/// `opener` is set) only frames sealed for this connection, in order.
 struct FrameBuf {
     buf: Vec<u8>,
     start: usize,
+    opener: Option<FrameOpener>,
 }
 
 impl FrameBuf {
@@ -70,6 +77,7 @@ impl FrameBuf {
         FrameBuf {
             buf: Vec::new(),
             start: 0,
+            opener: None,
         }
     }
 
@@ -88,9 +96,17 @@ impl FrameBuf {
 
     /// The next whole frame already buffered (its body's range), if any.
     fn next(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, WireError> {
-        let Some(f) = split_frame(&self.buf[self.start..])? else {
+        let rest = &self.buf[self.start..];
+        let found = match &mut self.opener {
+            Some(o) => o.open(rest)?,
+            None => split_frame(rest)?,
+        };
+        let Some(f) = found else {
             return Ok(None);
         };
+        if self.opener.is_none() && f.flags != 0 {
+            return Err(WireError::BadFlags(f.flags));
+        }
         let body = self.start + f.body_start..self.start + f.total;
         self.start += f.total;
         Ok(Some((f.kind, body)))
@@ -203,8 +219,12 @@ async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
     })
     .await
     .map_err(|_| LinkError::Timeout("handshake"))??;
-    pair.link.connected(peer.generation);
+    let (sealer, opener) = peer.keys.dialer();
+    fb.opener = Some(opener);
+    let (mut transport, sender) = Transport::new(wr);
+    pair.link.connected(peer.generation, &sender);
     tracing::info!(partner = %pair.partner_address, peer_generation = peer.generation, "interconnect up; resynchronising the partner's copy");
+    tracing::info!("interconnect sender: {sender}");
     let mut kill = pair.kill.subscribe();
     kill.borrow_and_update();
     let by_id: BTreeMap<u64, Arc<VolumeMirror>> = mirrors
@@ -231,7 +251,7 @@ async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
             fb.fill(&mut rd).await?;
         }
     };
-    let sender = send_loop(pair, &mirrors, &mut wr);
+    let sender = send_loop(pair, &mirrors, &mut transport, sealer);
     tokio::select! {
         r = reader => r,
         r = sender => r,
@@ -240,49 +260,54 @@ async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
 }
 
 /// Resyncs every volume (LOG_RESET, the unretired records, RESYNC_END), then streams queued
-/// records, several per write.
-async fn send_loop<W: AsyncWrite + Unpin>(
+/// records, several per send.
+async fn send_loop(
     pair: &Pair,
     mirrors: &[Arc<VolumeMirror>],
-    wr: &mut W,
+    tx: &mut Transport,
+    mut seal: FrameSealer,
 ) -> Result<(), LinkError> {
     // Queue first on every volume, so no record appended after its snapshot is missed.
     for m in mirrors {
         m.start_queueing();
     }
-    let mut buf = Vec::with_capacity(SEND_BATCH_MAX_BYTES + 64 * 1024);
+    let mut batch = SendBatch::new();
     for m in mirrors {
         let Some(snap) = m.snapshot() else {
             continue;
         };
-        Message::LogReset(LogReset {
-            volume: m.volume_id,
-            generation: snap.generation,
-            tail_offset: snap.tail_offset,
-            tail_seq: snap.tail_seq,
-        })
-        .encode(&mut buf);
         let last_seq = snap.next_seq - 1;
-        Message::ResyncBegin {
-            volume: m.volume_id,
-            first_seq: snap.tail_seq,
-            last_seq,
-        }
-        .encode(&mut buf);
+        batch.message(
+            &mut seal,
+            &Message::LogReset(LogReset {
+                volume: m.volume_id,
+                generation: snap.generation,
+                tail_offset: snap.tail_offset,
+                tail_seq: snap.tail_seq,
+            }),
+        );
+        batch.message(
+            &mut seal,
+            &Message::ResyncBegin {
+                volume: m.volume_id,
+                first_seq: snap.tail_seq,
+                last_seq,
+            },
+        );
         for r in &snap.records {
-            encode_record(&mut buf, m.volume_id, r.log_offset, r.seq, &r.bytes);
-            if buf.len() >= SEND_BATCH_MAX_BYTES {
-                write_all(wr, &buf).await?;
-                buf.clear();
+            batch.record(&mut seal, m.volume_id, r.log_offset, r.seq, &r.bytes);
+            if batch.bytes() >= SEND_BATCH_MAX_BYTES {
+                batch = tx.send(batch).await?;
+                batch.clear();
             }
         }
-        Message::ResyncEnd {
+        let end = Message::ResyncEnd {
             volume: m.volume_id,
             last_seq,
-        }
-        .encode(&mut buf);
-        write_all(wr, &buf).await?;
-        buf.clear();
+        };
+        batch.message(&mut seal, &end);
+        batch = tx.send(batch).await?;
+        batch.clear();
         tracing::info!(volume = %m.name, records = snap.records.len(), through_seq = last_seq, "resync sent");
     }
     pair.link.set(LinkPhase::Up, None);
@@ -292,26 +317,26 @@ async fn send_loop<W: AsyncWrite + Unpin>(
         tokio::pin!(wake);
         wake.as_mut().enable();
         if let Some(status) = pair.take_status() {
-            Message::Status(status).encode(&mut buf);
+            batch.message(&mut seal, &Message::Status(status));
         }
         for m in mirrors {
-            let room = SEND_BATCH_MAX_BYTES.saturating_sub(buf.len());
+            let room = SEND_BATCH_MAX_BYTES.saturating_sub(batch.bytes());
             if room == 0 {
                 break;
             }
             m.take_batch(room, &mut taken);
             for (seq, off, bytes) in taken.drain(..) {
-                encode_record(&mut buf, m.volume_id, off, seq, &bytes);
-                pair.link.count_record();
+                batch.record(&mut seal, m.volume_id, off, seq, &bytes);
             }
         }
-        if buf.is_empty() {
+        if batch.is_empty() {
             wake.await;
             continue;
         }
-        write_all(wr, &buf).await?;
-        pair.link.count_send();
-        buf.clear();
+        let records = batch.records();
+        batch = tx.send(batch).await?;
+        pair.link.count_send(records);
+        batch.clear();
     }
 }
 
@@ -384,6 +409,8 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
     let mut accept = Vec::new();
     encode_accept(&mut accept);
     write_all(&mut wr, &accept).await?;
+    let (mut seal, opener) = session.keys.acceptor();
+    fb.opener = Some(opener);
     let epoch = pair.inbound.connected(peer, session.generation);
     let mut replaced = pair.inbound.subscribe();
     tracing::info!(%peer, volumes = session.volumes.len(), "partner connected; storing its journal records");
@@ -397,14 +424,16 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
                 let msg = Message::decode(k, fb.body(range))?;
                 if let Message::FetchRequest { volume, from_seq } = msg {
                     // The owner lost its NVRAM and asks for its records back (see `fetch`).
-                    let reply = pair.receiver.fetch_reply(volume, from_seq, &announced)?;
+                    let reply = pair
+                        .receiver
+                        .fetch_reply(volume, from_seq, &announced, &mut seal)?;
                     write_all(&mut wr, &reply).await?;
                     continue;
                 }
                 pair.receiver.apply(msg, &announced, &mut touched)?;
             }
             for (volume, seq) in touched {
-                Message::Ack { volume, seq }.encode(&mut out);
+                Message::Ack { volume, seq }.encode_with(&mut seal, &mut out);
             }
             if !out.is_empty() {
                 write_all(&mut wr, &out).await?;

@@ -6,6 +6,8 @@
 //! | [`receiver`] | the partner's side: this node's copies of the partner's journals |
 //! | [`interconnect`] | the TCP connections: dialing with backoff, accepting, handshake, sender and receiver loops |
 //! | [`fetch`] | NVRAM-loss recovery: fetching this node's own log back from the partner's copy |
+//! | [`send_batch`] | the frames of one vectored send, and the transport (io_uring, or tokio as the fallback) |
+//! | `uring_send` | the io_uring SENDMSG sender: the mirror's only `unsafe`, its invariant documented there |
 //!
 //! [`Pair`] ties them together: built from the `[pair]` config before the volumes open (each
 //! journaled volume gets its [`VolumeMirror`] as its hook), started by `Node::run`, and asked for
@@ -15,6 +17,8 @@ pub mod fetch;
 pub mod interconnect;
 pub mod mirror;
 pub mod receiver;
+pub mod send_batch;
+mod uring_send;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -54,6 +58,8 @@ struct LinkInfo {
     peer_generation: Option<u64>,
     sends: u64,
     records: u64,
+    /// What the outgoing connection sends with: `io_uring`, or `tokio (io_uring unavailable: ...)`.
+    sender: Option<String>,
 }
 
 /// State of the outgoing connection, for status and the watchdog.
@@ -77,11 +83,12 @@ impl LinkShared {
         }
     }
 
-    pub fn connected(&self, peer_generation: u64) {
+    pub fn connected(&self, peer_generation: u64, sender: &str) {
         self.set(LinkPhase::Resyncing, None);
         let mut l = self.lock();
         l.connections += 1;
         l.peer_generation = Some(peer_generation);
+        l.sender = Some(sender.to_string());
     }
 
     pub fn phase(&self) -> LinkPhase {
@@ -92,12 +99,11 @@ impl LinkShared {
         self.lock().epoch
     }
 
-    pub fn count_record(&self) {
-        self.lock().records += 1;
-    }
-
-    pub fn count_send(&self) {
-        self.lock().sends += 1;
+    /// One send of `records` streamed records went out.
+    pub fn count_send(&self, records: u64) {
+        let mut l = self.lock();
+        l.sends += 1;
+        l.records += records;
     }
 
     fn json(&self) -> serde_json::Value {
@@ -110,6 +116,7 @@ impl LinkShared {
             "peer_generation": l.peer_generation,
             "sends": l.sends,
             "records_streamed": l.records,
+            "sender": l.sender,
         })
     }
 }
@@ -280,6 +287,7 @@ impl Pair {
                 peer_generation: None,
                 sends: 0,
                 records: 0,
+                sender: None,
             })),
             inbound: InboundShared {
                 info: Mutex::new(InboundInfo::default()),

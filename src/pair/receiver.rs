@@ -27,7 +27,9 @@ use std::time::Instant;
 
 use twinblock_journal::format::{RecordHeader, RecordKind, RECORD_HEADER_BYTES};
 use twinblock_journal::{JournalError, Nvram, NvramConfig, PartnerRegion, PersistenceMode};
-use twinblock_pair::wire::{format_id, FetchBegin, LogReset, Message, RecordFrame, VolumeAnnounce};
+use twinblock_pair::wire::{
+    format_id, FetchBegin, FrameWriter, LogReset, Message, RecordFrame, VolumeAnnounce,
+};
 
 /// A frame the receiver refuses (the connection is dropped; nothing of it was stored).
 #[derive(Debug, thiserror::Error)]
@@ -311,6 +313,7 @@ impl Receiver {
         volume: u64,
         from_seq: u64,
         announced: &HashSet<u64>,
+        seal: &mut impl FrameWriter,
     ) -> Result<Vec<u8>, ReceiveError> {
         let copies = self.lock();
         let copy = match copies.get(&volume) {
@@ -339,7 +342,7 @@ impl Receiver {
             tail_seq: start.tail_seq,
             last_seq: scan.report.last_seq,
         })
-        .encode(&mut out);
+        .encode_with(seal, &mut out);
         if region.store_id() != [0; 16] {
             for r in &scan.records {
                 let len = if r.header.kind == RecordKind::Pad {
@@ -353,7 +356,7 @@ impl Receiver {
                     seq: r.header.seq,
                     record: region.log_slice(r.log_offset, len).to_vec(),
                 })
-                .encode(&mut out);
+                .encode_with(seal, &mut out);
             }
         }
         tracing::info!(volume = %copy.name, records = scan.records.len(), tail_seq = start.tail_seq,

@@ -4,7 +4,7 @@
 //! offset  size  field
 //!   0      4    body_bytes  (u32 LE, at most MAX_FRAME_BODY_BYTES)
 //!   4      2    kind        (u16 LE, see FrameKind)
-//!   6      2    flags       (u16 LE, must be 0 in version 1)
+//!   6      2    flags       (u16 LE: 0, or FLAG_MAC = 1 on every frame after the handshake)
 //!   8      4    crc32c      (u32 LE, CRC32C of bytes 0..8 followed by the body)
 //!  12      -    body
 //! ```
@@ -13,12 +13,13 @@
 //! asks for more bytes; it refuses an oversized length as soon as the header is in, so a peer
 //! can never make the receiver buffer more than one maximal frame.
 
+use super::session::{FLAG_MAC, FRAME_MAC_BYTES};
 use super::{get_u16, get_u32, WireError, MAX_RECORD_BYTES};
 
 /// Bytes of the frame header.
 pub const FRAME_HEADER_BYTES: usize = 12;
-/// Largest frame body: a maximal RECORD (24 bytes of fields plus the record).
-pub const MAX_FRAME_BODY_BYTES: usize = MAX_RECORD_BYTES + 64;
+/// Largest frame body: a maximal RECORD (its tag, 24 bytes of fields, the record).
+pub const MAX_FRAME_BODY_BYTES: usize = MAX_RECORD_BYTES + 64 + FRAME_MAC_BYTES;
 
 /// What a frame holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,35 +67,29 @@ impl FrameKind {
     }
 }
 
-fn header(kind: FrameKind, body_len: usize) -> [u8; 8] {
+/// The first 8 header bytes (the CRC follows them).
+pub(crate) fn frame_header(kind: FrameKind, flags: u16, body_len: usize) -> [u8; 8] {
     let mut h = [0u8; 8];
     h[..4].copy_from_slice(&(body_len as u32).to_le_bytes());
     h[4..6].copy_from_slice(&(kind as u16).to_le_bytes());
+    h[6..8].copy_from_slice(&flags.to_le_bytes());
     h
 }
 
 /// Appends one frame whose body is the concatenation of `parts` to `out` (the parts are not
 /// joined first: a RECORD's record bytes are copied once, straight into the send buffer).
+/// Unsealed (flags 0): handshake frames; after the handshake frames are sealed, see
+/// [`super::session`].
 pub fn encode_frame(out: &mut Vec<u8>, kind: FrameKind, parts: &[&[u8]]) {
-    let body_len: usize = parts.iter().map(|p| p.len()).sum();
-    debug_assert!(body_len <= MAX_FRAME_BODY_BYTES);
-    let h = header(kind, body_len);
-    let mut crc = crc32c::crc32c(&h);
-    for p in parts {
-        crc = crc32c::crc32c_append(crc, p);
-    }
-    out.reserve(FRAME_HEADER_BYTES + body_len);
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&crc.to_le_bytes());
-    for p in parts {
-        out.extend_from_slice(p);
-    }
+    super::session::FrameWriter::frame(&mut super::session::Plain, out, kind, parts);
 }
 
 /// One frame found at the front of a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameAt {
     pub kind: FrameKind,
+    /// 0, or [`FLAG_MAC`] (the body starts with a tag: see [`super::session`]).
+    pub flags: u16,
     /// Offset of the body in the buffer.
     pub body_start: usize,
     /// Bytes of the frame (header and body): consume this many.
@@ -117,7 +112,7 @@ pub fn split_frame(buf: &[u8]) -> Result<Option<FrameAt>, WireError> {
     let raw_kind = get_u16(buf, 4);
     let kind = FrameKind::from_u16(raw_kind).ok_or(WireError::UnknownKind(raw_kind))?;
     let flags = get_u16(buf, 6);
-    if flags != 0 {
+    if flags & !FLAG_MAC != 0 {
         return Err(WireError::BadFlags(flags));
     }
     let total = FRAME_HEADER_BYTES + body_bytes;
@@ -132,6 +127,7 @@ pub fn split_frame(buf: &[u8]) -> Result<Option<FrameAt>, WireError> {
     }
     Ok(Some(FrameAt {
         kind,
+        flags,
         body_start: FRAME_HEADER_BYTES,
         total,
     }))
@@ -188,8 +184,8 @@ mod tests {
         k[4] = 99;
         assert_eq!(split_frame(&k), Err(WireError::UnknownKind(99)));
         let mut f = out.clone();
-        f[6] = 1;
-        assert_eq!(split_frame(&f), Err(WireError::BadFlags(1)));
+        f[6] = 2;
+        assert_eq!(split_frame(&f), Err(WireError::BadFlags(2)));
     }
 
     proptest! {

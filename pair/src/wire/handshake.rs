@@ -23,6 +23,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::frame::{encode_frame, FrameKind};
+use super::session::SessionKeys;
 use super::{
     format_id, get_u16, get_u32, get_u64, WireError, HANDSHAKE_MAGIC, MAX_REJECT_TEXT_BYTES,
     MAX_VOLUMES, MAX_VOLUME_NAME_BYTES, PROTOCOL_VERSION,
@@ -135,6 +136,8 @@ pub struct PeerSession {
     pub generation: u64,
     /// The dialer's volumes (empty on the dialer's side).
     pub volumes: Vec<VolumeAnnounce>,
+    /// The keys that seal the frames after the handshake (see [`super::session`]).
+    pub keys: SessionKeys,
 }
 
 /// Why an acceptor refuses a dialer.
@@ -427,10 +430,13 @@ impl Dialer {
         let mac = self.key.tag(&[LABEL_DIALER, &self.hello, body, &vols]);
         let mut out = Vec::new();
         encode_frame(&mut out, FrameKind::Auth, &[&mac, &vols]);
+        let mut auth = mac.to_vec();
+        auth.extend_from_slice(&vols);
         let peer = PeerSession {
             node_id: self.me.partner_id,
             generation,
             volumes: Vec::new(),
+            keys: SessionKeys::derive(&self.key.0, &self.hello, body, &auth),
         };
         Ok((DialerAwaitAccept { peer }, out))
     }
@@ -572,6 +578,7 @@ impl AcceptorAwaitAuth {
             node_id: self.peer_id,
             generation: self.peer_generation,
             volumes,
+            keys: SessionKeys::derive(&self.key.0, &self.hello, &self.challenge, body),
         })
     }
 }

@@ -16,7 +16,8 @@
 //! Decoding checks sizes and bounds only; what a value means for the receiver's state (order,
 //! known volume, generation) is checked by the receiver.
 
-use super::frame::{encode_frame, FrameKind};
+use super::frame::FrameKind;
+use super::session::{FrameWriter, Plain};
 use super::{get_u64, WireError, MAX_RECORD_BYTES, MAX_STATUS_BYTES};
 
 /// Records are stored at cache-line granularity, like the journal lays them out.
@@ -114,24 +115,35 @@ fn check_record_bytes(what: &'static str, n: usize) -> Result<(), WireError> {
     Ok(())
 }
 
-/// Appends a RECORD frame for `record` (copied once, into `out`).
+/// Appends an unsealed RECORD frame for `record` (copied once, into `out`).
 pub fn encode_record(out: &mut Vec<u8>, volume: u64, log_offset: u64, seq: u64, record: &[u8]) {
-    encode_record_kind(out, FrameKind::Record, volume, log_offset, seq, record);
+    let f = record_fields(volume, log_offset, seq);
+    Plain.frame(out, FrameKind::Record, &[&f, record]);
 }
 
-fn encode_record_kind(
+/// The fixed fields in front of a RECORD's record bytes.
+fn record_fields(volume: u64, log_offset: u64, seq: u64) -> [u8; RECORD_FIELDS_BYTES] {
+    let mut f = [0u8; RECORD_FIELDS_BYTES];
+    f[..8].copy_from_slice(&volume.to_le_bytes());
+    f[8..16].copy_from_slice(&log_offset.to_le_bytes());
+    f[16..].copy_from_slice(&seq.to_le_bytes());
+    f
+}
+
+/// Appends a RECORD frame's head (header, tag when sealed, and the fixed fields) to `out`; the
+/// record bytes themselves must follow it on the wire. The sender hands them to the kernel from
+/// the journal's copy instead of copying them into a send buffer.
+pub fn encode_record_head<W: FrameWriter>(
+    w: &mut W,
     out: &mut Vec<u8>,
-    kind: FrameKind,
     volume: u64,
     log_offset: u64,
     seq: u64,
     record: &[u8],
 ) {
-    let mut f = [0u8; RECORD_FIELDS_BYTES];
-    f[..8].copy_from_slice(&volume.to_le_bytes());
-    f[8..16].copy_from_slice(&log_offset.to_le_bytes());
-    f[16..].copy_from_slice(&seq.to_le_bytes());
-    encode_frame(out, kind, &[&f, record]);
+    let f = record_fields(volume, log_offset, seq);
+    w.frame_head(out, FrameKind::Record, &[&f, record]);
+    out.extend_from_slice(&f);
 }
 
 fn words(vals: &[u64]) -> Vec<u8> {
@@ -154,25 +166,19 @@ impl Message {
         }
     }
 
-    /// Appends this message as one frame to `out`.
+    /// Appends this message as one unsealed frame to `out` (tests, tools).
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_with(&mut Plain, out);
+    }
+
+    /// Appends this message as one frame to `out`, sealed by `w` after the handshake.
+    pub fn encode_with<W: FrameWriter>(&self, w: &mut W, out: &mut Vec<u8>) {
+        let mut encode_frame = |out: &mut Vec<u8>, kind, parts: &[&[u8]]| w.frame(out, kind, parts);
         match self {
-            Message::Record(r) => encode_record_kind(
-                out,
-                FrameKind::Record,
-                r.volume,
-                r.log_offset,
-                r.seq,
-                &r.record,
-            ),
-            Message::FetchRecord(r) => encode_record_kind(
-                out,
-                FrameKind::FetchRecord,
-                r.volume,
-                r.log_offset,
-                r.seq,
-                &r.record,
-            ),
+            Message::Record(r) | Message::FetchRecord(r) => {
+                let f = record_fields(r.volume, r.log_offset, r.seq);
+                encode_frame(out, self.kind(), &[&f, &r.record])
+            }
             Message::Ack { volume, seq } => {
                 encode_frame(out, FrameKind::Ack, &[&words(&[*volume, *seq])])
             }

@@ -11,18 +11,20 @@
 //! | [`frame`] | the frame envelope: length, kind, flags, CRC32C; splitting a byte stream into frames |
 //! | [`messages`] | the frames exchanged after the handshake (RECORD, ACK, LOG_RESET, STATUS, ...) |
 //! | [`handshake`] | HELLO / CHALLENGE / AUTH / ACCEPT / REJECT, the HMAC challenge-response and the two state machines |
+//! | [`session`] | per-frame MACs after the handshake: session keys from the transcript, sealing and opening with an implicit sequence number |
 //!
 //! The handshake authenticates both ends with a pre-shared key: each side sends a fresh random
 //! nonce and proves knowledge of the key with an HMAC-SHA256 over the whole exchange so far,
 //! which includes the other side's nonce. A recorded handshake therefore cannot be replayed (the
 //! fresh nonce of the live side is not in the recording), and the acceptor also remembers recent
 //! dialer nonces to name a replayed HELLO as such. Frames after the handshake carry a CRC32C
-//! against corruption; the link is expected to be private (a crossover cable or a VLAN), so frames
-//! are not individually authenticated.
+//! against corruption and, from version 2, a MAC under a key derived from the handshake with an
+//! implicit sequence number ([`session`]), so a frame cannot be injected, replayed or reordered.
 
 pub mod frame;
 pub mod handshake;
 pub mod messages;
+pub mod session;
 
 pub use frame::{encode_frame, split_frame, FrameKind, FRAME_HEADER_BYTES, MAX_FRAME_BODY_BYTES};
 pub use handshake::{
@@ -30,9 +32,13 @@ pub use handshake::{
     PeerSession, RejectReason, SeenNonces, VolumeAnnounce, NONCE_BYTES,
 };
 pub use messages::{FetchBegin, LogReset, Message, RecordFrame};
+pub use session::{
+    FrameOpener, FrameSealer, FrameWriter, Plain, SessionKeys, FLAG_MAC, FRAME_MAC_BYTES,
+};
 
 /// Version of the interconnect protocol described here; both ends must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: frames after the handshake are sealed (flag `FLAG_MAC`, a tag in front of the body).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First bytes of a HELLO and a CHALLENGE body.
 pub const HANDSHAKE_MAGIC: [u8; 8] = *b"TWBLPAIR";
 /// Largest journal record a RECORD frame carries (header, payload, padding, trailing zero header).
@@ -53,9 +59,15 @@ pub enum WireError {
     TooLarge { body_bytes: u64, max: u64 },
     #[error("frame CRC mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupted on the link")]
     BadCrc { stored: u32, computed: u32 },
+    #[error("{kind:?} frame number {seq} of this connection failed its MAC: injected, replayed or reordered on the link; dropping the connection")]
+    BadFrameMac { kind: FrameKind, seq: u64 },
+    #[error(
+        "unsealed {kind:?} frame after the handshake (a peer of protocol version 1, or injected)"
+    )]
+    Unsealed { kind: FrameKind },
     #[error("unknown frame kind {0}")]
     UnknownKind(u16),
-    #[error("frame flags {0:#06x} are not supported (must be 0)")]
+    #[error("frame flags {0:#06x} are not supported (0 or 1)")]
     BadFlags(u16),
     #[error("malformed {what} frame: {detail}")]
     Malformed { what: &'static str, detail: String },

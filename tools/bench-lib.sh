@@ -1,0 +1,67 @@
+# tools/bench-lib.sh: helpers shared by tools/bench and tools/bench-mirror (sourced, not run).
+# Each caller defines `die` before sourcing.
+
+# A TCP port free on loopback right now.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits until `port` accepts connections, failing early (with the log) when `pid` exits.
+wait_port() { # port pid name log
+    local port=$1 pid=$2 name=$3 log=$4 i
+    for ((i = 0; i < 150; i++)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "--- $name log ---" >&2; cat "$log" >&2
+            echo "$name exited before serving" >&2
+            return 1
+        fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "--- $name log ---" >&2; cat "$log" >&2
+    echo "$name did not accept connections on port $port within 15 s" >&2
+    return 1
+}
+
+# Member size in MiB for a RAID-5 of four members (three data) exporting `size` (e.g. 1G).
+raid5_member_mib() {
+    python3 -c "
+import re,sys
+s='$1'; m=re.fullmatch(r'(\d+)([KMGT]?)(iB)?', s)
+if not m: sys.exit('bad image size: ' + s)
+n=int(m.group(1))*{'':1,'K':2**10,'M':2**20,'G':2**30,'T':2**40}[m.group(2)]
+print(-(-n // (3*2**20)) + 16)"
+}
+
+# The [[array]] + journaled [[volume]] + [nvram] sections of a RAID-5 journaled bench volume.
+raid5_journal_sections() { # member_mib nvram_file persistence
+    echo "[[array]]"
+    echo "name = \"md0\""
+    echo "level = 5"
+    echo "chunk = \"64KiB\""
+    echo "disks = [\"disks/d0.img\", \"disks/d1.img\", \"disks/d2.img\", \"disks/d3.img\"]"
+    echo "disk_size = \"$1MiB\""
+    echo "create = true"
+    echo
+    echo "[[volume]]"
+    echo "name = \"bench\""
+    echo "description = \"tools/bench RAID-5 journaled\""
+    echo "array = \"md0\""
+    echo "journal = true"
+    echo
+    echo "[nvram]"
+    echo "path = \"$2\""
+    echo "size = \"256MiB\""
+    echo "persistence = \"$3\""
+}
+
+# Builds twinblockd (release) unless TWINBLOCKD names a binary; prints the binary's path.
+find_twinblockd() { # repo
+    if [[ -n ${TWINBLOCKD:-} ]]; then
+        echo "$TWINBLOCKD"
+        return
+    fi
+    echo "building twinblockd (cargo build --release)" >&2
+    (cd "$1" && cargo build --release --bin twinblockd >&2) || return 1
+    echo "${CARGO_TARGET_DIR:-$1/target}/release/twinblockd"
+}
