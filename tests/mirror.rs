@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use twinblock_pair::wire::{
-    encode_frame, split_frame, Dialer, FrameKind, Identity, LogReset, Message, PairKey,
-    RecordFrame, VolumeAnnounce,
+    encode_frame, split_frame, Dialer, FrameKind, FrameOpener, FrameSealer, Identity, LogReset,
+    Message, PairKey, RecordFrame, SessionKeys, VolumeAnnounce,
 };
 
 const BLOCK: u64 = 4096;
@@ -197,6 +197,17 @@ fn partner_copy_holds_every_unretired_record() {
         link["records_streamed"].as_u64().unwrap(),
     );
     eprintln!("node 0 streamed {records} records in {sends} sends");
+    // io_uring carries the records wherever the kernel allows it (the tokio path otherwise).
+    let sender = link["sender"].as_str().unwrap_or_default().to_string();
+    eprintln!("node 0's interconnect sender: {sender}");
+    let uring_allowed = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map(|v| v.trim() == "0")
+        .unwrap_or(false);
+    if uring_allowed {
+        assert_eq!(sender, "io_uring", "{link}");
+    } else {
+        assert!(sender.starts_with("tokio (io_uring unavailable"), "{link}");
+    }
     assert!(
         records > sends,
         "concurrent writes never shared a send: {link}"
@@ -515,8 +526,37 @@ fn evil_volume() -> Vec<VolumeAnnounce> {
     }]
 }
 
-/// A complete handshake as node 0; returns the stream and the frames it sent.
-fn handshake(pair: &TestPair, nonce: [u8; 32]) -> (TcpStream, Vec<u8>, Vec<u8>) {
+/// Reads one frame sealed for this connection (after the handshake).
+fn read_sealed(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    opener: &mut FrameOpener,
+) -> Option<(FrameKind, Vec<u8>)> {
+    loop {
+        if let Some(f) = opener.open(buf).expect("the node's frames are sealed") {
+            let body = buf[f.body_start..f.total].to_vec();
+            buf.drain(..f.total);
+            return Some((f.kind, body));
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Sealed frames a test sends after the handshake.
+fn sealed(seal: &mut FrameSealer, msgs: &[&Message]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in msgs {
+        m.encode_with(seal, &mut out);
+    }
+    out
+}
+
+/// A complete handshake as node 0; returns the stream, the frames it sent, and the keys.
+fn handshake(pair: &TestPair, nonce: [u8; 32]) -> (TcpStream, Vec<u8>, Vec<u8>, SessionKeys) {
     let pair_id = *uuid::Uuid::parse_str(harness::PAIR_ID).unwrap().as_bytes();
     let key = PairKey::new(pair.key().trim_ascii_end().to_vec()).unwrap();
     let mut s = connect(pair);
@@ -527,8 +567,8 @@ fn handshake(pair: &TestPair, nonce: [u8; 32]) -> (TcpStream, Vec<u8>, Vec<u8>) 
     let (d, auth) = d.on_challenge(k, &body, &evil_volume()).unwrap();
     s.write_all(&auth).unwrap();
     let (k, body) = read_frame(&mut s, &mut buf).expect("accept");
-    d.on_reply(k, &body).unwrap();
-    (s, hello, auth)
+    let peer = d.on_reply(k, &body).unwrap();
+    (s, hello, auth, peer.keys)
 }
 
 fn evil_record(seq: u64, corrupt: bool) -> Vec<u8> {
@@ -606,7 +646,7 @@ fn bad_interconnect_input_is_refused_and_nothing_stored() {
     assert_eq!(until_closed(&mut s, &mut buf), vec![FrameKind::Reject]);
 
     // A recorded handshake replayed.
-    let (s1, hello, auth) = handshake(&pair, [0x33; 32]);
+    let (s1, hello, auth, _) = handshake(&pair, [0x33; 32]);
     drop(s1);
     let mut s = connect(&pair);
     s.write_all(&hello).unwrap();
@@ -630,46 +670,98 @@ fn bad_interconnect_input_is_refused_and_nothing_stored() {
             record: evil_record(1, corrupt),
         })
     };
-    let mut bad_frame = Vec::new();
-    record(EVIL, false).encode(&mut bad_frame);
-    let last = bad_frame.len() - 1;
-    bad_frame[last] ^= 1;
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("bad record CRC", {
-            let mut b = Vec::new();
-            record(EVIL, true).encode(&mut b);
-            b
-        }),
-        ("bad frame CRC", bad_frame),
-        ("unknown volume", {
-            let mut b = Vec::new();
-            record(12345, false).encode(&mut b);
-            b
-        }),
+    // Each case: the frames after LOG_RESET, made with the connection's sealer.
+    type Case = (&'static str, Box<dyn Fn(&mut FrameSealer) -> Vec<u8>>);
+    let cases: Vec<Case> = vec![
+        (
+            "bad record CRC",
+            Box::new(|w| sealed(w, &[&record(EVIL, true)])),
+        ),
+        (
+            "bad frame CRC",
+            Box::new(|w| {
+                let mut b = sealed(w, &[&record(EVIL, false)]);
+                let last = b.len() - 1;
+                b[last] ^= 1;
+                b
+            }),
+        ),
+        (
+            "unknown volume",
+            Box::new(|w| sealed(w, &[&record(12345, false)])),
+        ),
+        (
+            // The frame CRC is recomputed, as anyone on the link could: only the MAC tells.
+            "tampered frame",
+            Box::new(|w| {
+                let mut b = sealed(w, &[&record(EVIL, false)]);
+                let last = b.len() - 1;
+                b[last] ^= 1;
+                let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..8]), &b[12..]);
+                b[8..12].copy_from_slice(&crc.to_le_bytes());
+                b
+            }),
+        ),
+        (
+            // The LOG_RESET frame sent again, byte for byte, instead of a record.
+            "replayed frame",
+            Box::new(|_| Vec::new()),
+        ),
+        (
+            "unsealed frame",
+            Box::new(|_| {
+                let mut b = Vec::new();
+                record(EVIL, false).encode(&mut b);
+                b
+            }),
+        ),
     ];
-    for (what, bytes) in cases {
-        let (mut s, _, _) = handshake(&pair, rand::random());
-        let mut out = Vec::new();
-        reset.encode(&mut out);
-        s.write_all(&out).unwrap();
-        s.write_all(&bytes).unwrap();
+    for (what, frames) in cases {
+        let (mut s, _, _, keys) = handshake(&pair, rand::random());
+        let (mut seal, mut open) = keys.dialer();
+        let first = sealed(&mut seal, &[&reset]);
+        s.write_all(&first).unwrap();
+        let rest = frames(&mut seal);
+        s.write_all(if rest.is_empty() { &first } else { &rest })
+            .unwrap();
         buf.clear();
-        let kinds = until_closed(&mut s, &mut buf);
+        let mut kinds = Vec::new();
+        while let Some((k, _)) = read_sealed(&mut s, &mut buf, &mut open) {
+            kinds.push(k);
+            assert!(kinds.len() < 100, "the node keeps talking to a bad peer");
+        }
         assert!(
             kinds.iter().all(|k| *k == FrameKind::Ack),
             "{what}: {kinds:?}"
         );
         let stored = record_list(&pair.nodes[1].admin("mirror_records")["partner"]["evil"]);
         assert!(stored.is_empty(), "{what}: stored {stored:?}");
+        let named = match what {
+            "tampered frame" | "replayed frame" => Some("failed its MAC"),
+            "unsealed frame" => Some("unsealed"),
+            _ => None,
+        };
+        if let Some(named) = named {
+            // The node records why it dropped the connection right after closing it.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let status = pair.nodes[1].admin("status");
+                let err = status["pair"]["interconnect"]["inbound"]["last_error"].to_string();
+                if err.contains(named) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{what}: last error {err}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
     // The connection survives nothing bad; a good record is stored (the test can tell).
-    let (mut s, _, _) = handshake(&pair, rand::random());
-    let mut out = Vec::new();
-    reset.encode(&mut out);
-    record(EVIL, false).encode(&mut out);
-    s.write_all(&out).unwrap();
+    let (mut s, _, _, keys) = handshake(&pair, rand::random());
+    let (mut seal, mut open) = keys.dialer();
+    s.write_all(&sealed(&mut seal, &[&reset, &record(EVIL, false)]))
+        .unwrap();
     buf.clear();
-    let (k, body) = read_frame(&mut s, &mut buf).unwrap();
+    let (k, body) = read_sealed(&mut s, &mut buf, &mut open).unwrap();
     assert_eq!(
         Message::decode(k, &body).unwrap(),
         Message::Ack {

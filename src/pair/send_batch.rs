@@ -229,6 +229,71 @@ mod tests {
         assert!(split_frame(&flat).unwrap().is_some());
     }
 
+    /// A connected pair of sockets: our write half (its read half kept open), the peer's stream.
+    async fn socket_pair() -> (
+        OwnedWriteHalf,
+        tokio::net::tcp::OwnedReadHalf,
+        tokio::net::TcpStream,
+    ) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = tokio::net::TcpStream::connect(l.local_addr().unwrap());
+        let (a, b) = tokio::join!(a, l.accept());
+        let (rd, wr) = a.unwrap().into_split();
+        (wr, rd, b.unwrap().0)
+    }
+
+    /// Sends 3 batches of 2000 records (24 MiB, far beyond the socket buffers) while the peer
+    /// reads slowly: every byte arrives once and in order.
+    async fn large_batches_arrive_whole(mut tx: Transport, mut peer: tokio::net::TcpStream) {
+        use tokio::io::AsyncReadExt;
+        let mut expect = Vec::new();
+        let mut batches = Vec::new();
+        for round in 0..3u64 {
+            let mut b = SendBatch::new();
+            for i in 0..2000u64 {
+                let rec = Bytes::from(vec![(round * 7 + i) as u8; 4096]);
+                b.record(&mut Plain, 1, i * 4096, round * 2000 + i, &rec);
+            }
+            expect.extend(b.concat());
+            batches.push(b);
+        }
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                let n = peer.read(&mut chunk).await.unwrap();
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&chunk[..n]);
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            }
+        });
+        for b in batches {
+            let back = tx.send(b).await.unwrap();
+            assert!(back.bytes() > 0, "the batch comes back for reuse");
+        }
+        drop(tx);
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), expect.len());
+        assert!(got == expect, "bytes differ");
+    }
+
+    #[tokio::test]
+    async fn uring_transport_sends_large_batches_whole_and_in_order() {
+        let (wr, _rd, peer) = socket_pair().await;
+        match UringSender::new(wr) {
+            Ok(u) => large_batches_arrive_whole(Transport::Uring(Box::new(u)), peer).await,
+            Err((_, why)) => eprintln!("skipped: io_uring unavailable here: {why}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn tokio_transport_sends_large_batches_whole_and_in_order() {
+        let (wr, _rd, peer) = socket_pair().await;
+        large_batches_arrive_whole(Transport::Tokio(wr), peer).await;
+    }
+
     #[test]
     fn advancing_by_partial_sends_covers_every_byte_once() {
         let b = batch();

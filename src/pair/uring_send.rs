@@ -130,18 +130,14 @@ impl UringSender {
         });
         let mut at = Cursor::default();
         while !op.batch.done(at) {
-            op.iov.clear();
-            let iovs: Vec<libc::iovec> = op
-                .batch
-                .slices_from(at)
-                .map(|s| libc::iovec {
-                    iov_base: s.as_ptr() as *mut libc::c_void,
-                    iov_len: s.len(),
-                })
-                .collect();
-            op.iov.extend(iovs);
-            op.msg.msg_iov = op.iov.as_mut_ptr();
-            op.msg.msg_iovlen = op.iov.len() as _;
+            let InFlight { batch, iov, msg } = &mut *op;
+            iov.clear();
+            iov.extend(batch.slices_from(at).map(|s| libc::iovec {
+                iov_base: s.as_ptr() as *mut libc::c_void,
+                iov_len: s.len(),
+            }));
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = iov.len() as _;
             let entry = opcode::SendMsg::new(types::Fd(self.wr.as_ref().as_raw_fd()), &op.msg)
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build()
@@ -158,8 +154,13 @@ impl UringSender {
             let res = self.wait_send().await?;
             op = self.take_inflight()?;
             if res == -libc::EAGAIN || res == -libc::EINTR {
-                // A non-blocking socket with a full send buffer: wait until it drains.
-                self.wr.as_ref().writable().await?;
+                // A non-blocking socket with a full send buffer: wait until it drains. tokio
+                // never saw this socket block, so clear its cached readiness first.
+                let tcp = self.wr.as_ref();
+                let _ = tcp.try_io(Interest::WRITABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+                tcp.writable().await?;
                 continue;
             }
             if res < 0 {
