@@ -671,8 +671,8 @@ fn bad_interconnect_input_is_refused_and_nothing_stored() {
         })
     };
     // Each case: the frames after LOG_RESET, made with the connection's sealer.
-    type Case = (&'static str, Box<dyn Fn(&mut FrameSealer) -> Vec<u8>>);
-    let cases: Vec<Case> = vec![
+    type Case<'a> = (&'static str, Box<dyn Fn(&mut FrameSealer) -> Vec<u8> + 'a>);
+    let cases: Vec<Case<'_>> = vec![
         (
             "bad record CRC",
             Box::new(|w| sealed(w, &[&record(EVIL, true)])),
