@@ -146,8 +146,8 @@ impl SendBatch {
     /// The whole batch as one buffer (tests).
     #[cfg(test)]
     pub fn concat(&self) -> Vec<u8> {
-        self.slices_from(Cursor::default())
-            .flatten()
+        (0..self.segs.len())
+            .flat_map(|i| self.seg(i))
             .copied()
             .collect()
     }
