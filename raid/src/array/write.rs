@@ -12,6 +12,7 @@ impl Inner {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
         self.check_failed()?;
+        self.check_ppl_replayed()?;
         if len == 0 {
             return Ok(());
         }
@@ -73,6 +74,7 @@ impl Inner {
             )));
         }
         self.check_failed()?;
+        self.check_ppl_replayed()?;
         if self.geo.level.parity_chunks() == 0 {
             return try_join_all(writes.into_iter().map(|(o, d)| self.write(o, d)))
                 .await
@@ -152,6 +154,9 @@ impl Inner {
                 continue;
             };
             let writes = self.row_writes(row, &plan, &pieces, &old)?;
+            // Degraded: the partial parity is persisted before any member write (see `ppl`).
+            self.log_row_ppl(row, &plan, &pieces, &writes, &readable)
+                .await?;
             // Members may have failed (or a spare arrived) during the reads: write to what is
             // writable now; the blocks computed are right for any of them.
             let now = self.view();
@@ -368,6 +373,7 @@ impl Inner {
     pub(super) async fn discard(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.check_failed()?;
+        self.check_ppl_replayed()?;
         let geo = self.geo;
         let row_bytes = match geo.level {
             Level::Raid10 if geo.members % 2 == 1 => 0,
