@@ -125,9 +125,37 @@ impl Inner {
         Ok(())
     }
 
+    /// A member of `row` failed while the row was being written without partial parity: the
+    /// survivors' writes are not durable yet, and the failed member's blocks now live only in
+    /// the parity. Logs the row's partial parity at once (best effort: a failure is logged and
+    /// the write goes on as it would have without PPL). The cut between the failure and this
+    /// record, and rows written before the failure and not flushed yet, stay exposed.
+    pub(super) async fn log_ppl_after_failure(
+        &self,
+        row: u64,
+        plan: &RowPlan,
+        pieces: &[(Piece, Bytes)],
+        writes: &[(usize, u64, Bytes)],
+        planned: &[bool],
+    ) {
+        if lock(&self.ppl).is_none() || self.geo.level.parity_chunks() == 0 {
+            return;
+        }
+        let view = self.view();
+        let readable: Vec<bool> = (0..planned.len())
+            .map(|r| view.readable[self.role_member(row, r)])
+            .collect();
+        if readable == planned {
+            return;
+        }
+        if let Err(e) = self.log_row_ppl(row, plan, pieces, writes, &readable).await {
+            tracing::warn!(array = %self.name, row, error = %e, "partial parity of a row whose member failed mid-write could not be logged");
+        }
+    }
+
     /// Persists the entries of an update of `row` (planned as `plan`, member writes `writes` in
     /// role order, `readable` per role at planning) when the row lacks a member the parity must
-    /// stand in for. RAID 5 rows whose only absent chunk is P need none.
+    /// stand in for (RAID 5 rows whose only absent chunk is P need none). True when it logged.
     pub(super) async fn log_row_ppl(
         &self,
         row: u64,
@@ -135,17 +163,17 @@ impl Inner {
         pieces: &[(Piece, Bytes)],
         writes: &[(usize, u64, Bytes)],
         readable: &[bool],
-    ) -> Result<()> {
-        let Some(log) = self.ppl_needed() else {
-            return Ok(());
-        };
+    ) -> Result<bool> {
         let d = self.geo.data_per_row();
         let absent: Vec<bool> = readable[..d].iter().map(|r| !r).collect();
         // RAID 6 also logs a row missing only a parity chunk: the other one must be recomputed.
         let parity_absent = readable.len() > d + 1 && readable[d..].iter().any(|r| !r);
         if !absent.iter().any(|a| *a) && !parity_absent {
-            return Ok(());
+            return Ok(false);
         }
+        let Some(log) = lock(&self.ppl).clone() else {
+            return Ok(false);
+        };
         let before: usize = plan.writes[..d].iter().map(Vec::len).sum();
         let p_new: Vec<&[u8]> = writes[before..before + plan.writes[d].len()]
             .iter()
@@ -154,7 +182,7 @@ impl Inner {
         let ps: Vec<(Piece, &[u8])> = pieces.iter().map(|(p, b)| (*p, b.as_ref())).collect();
         let entries = ppl::entries_for_row(row, &plan.writes[d], &p_new, &ps, &absent);
         if entries.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         log.persist(ppl::encode(0, &entries))
             .await
@@ -162,7 +190,8 @@ impl Inner {
                 array: self.name.clone(),
                 row,
                 source,
-            })
+            })?;
+        Ok(true)
     }
 
     /// Rewrites the parity of one logged run from the data on the members now.
