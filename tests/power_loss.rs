@@ -324,7 +324,7 @@ async fn run_seed(seed: u64) -> Outcome {
         !pending || failed.is_some(),
         "seed {seed}: only a degraded array waits for a partial-parity replay"
     );
-    let nv = Nvram::open(&nvram(dir.path())).unwrap();
+    let nv = reopen_nvram(dir.path()).await;
     let vol = match JournaledVolume::open(nv, ArrayBacking { array, gate: None }, 1, vol_cfg())
         .await
     {
@@ -376,6 +376,18 @@ async fn run_seed(seed: u64) -> Outcome {
          TWINBLOCK_POWER_SEED_BASE={seed} TWINBLOCK_POWER_SEEDS=1"
     );
     out
+}
+
+/// Opens the NVRAM file of the next boot. The first life's tasks (a CP the cut interrupted) may
+/// still hold the file until the runtime drops them: yield until its lock is free.
+async fn reopen_nvram(dir: &std::path::Path) -> Nvram {
+    for _ in 0..10_000 {
+        match Nvram::open(&nvram(dir)) {
+            Err(twinblock_journal::JournalError::Locked { .. }) => tokio::task::yield_now().await,
+            other => return other.unwrap(),
+        }
+    }
+    panic!("the first life never released the NVRAM file");
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
