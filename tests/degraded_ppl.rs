@@ -23,9 +23,7 @@ use twinblock_io::Member;
 use twinblock_journal::power::{NvramCut, NvramPowerModel};
 use twinblock_journal::{JournaledVolume, Nvram, NvramConfig, PersistenceMode, VolumeConfig};
 use twinblock_raid::superblock::DATA_OFFSET_BYTES;
-use twinblock_raid::{
-    Array, AssembleOptions, CreateOptions, Level, PartialParityLog, ScrubMode,
-};
+use twinblock_raid::{Array, AssembleOptions, CreateOptions, Level, PartialParityLog, ScrubMode};
 
 const BLOCK_BYTES: u64 = 4096;
 const CHUNK_BYTES: u64 = 4096;
@@ -184,7 +182,10 @@ async fn run_cut(budget: u64, ppl: bool, policies: (CutPolicy, CutPolicy)) -> Op
     )
     .await
     .expect("a journaled degraded array starts after an unclean stop");
-    assert!(array.ppl_pending(), "the array waits for the journal's replay");
+    assert!(
+        array.ppl_pending(),
+        "the array waits for the journal's replay"
+    );
     let vol = JournaledVolume::open(
         Nvram::open(&nvram_cfg(dir.path())).unwrap(),
         ArrayBacking { array, gate: None },
@@ -194,10 +195,7 @@ async fn run_cut(budget: u64, ppl: bool, policies: (CutPolicy, CutPolicy)) -> Op
     .await
     .unwrap();
     assert!(!vol.backing().array.ppl_pending());
-    Some(Cut {
-        vol,
-        _dir: dir,
-    })
+    Some(Cut { vol, _dir: dir })
 }
 
 /// The first budget that cuts the power between the CP's member writes and its flush.
@@ -244,7 +242,10 @@ async fn degraded_crash_mid_stripe_update_recovers_the_lost_chunk() {
         // Apply the journal, rebuild onto a fresh member, and check every stripe.
         assert!(c.vol.checkpoint().await.unwrap());
         let array = &c.vol.backing().array;
-        let fresh = Arc::new(MemMember::new("fresh", DATA_OFFSET_BYTES + MEMBER_DATA_BYTES));
+        let fresh = Arc::new(MemMember::new(
+            "fresh",
+            DATA_OFFSET_BYTES + MEMBER_DATA_BYTES,
+        ));
         array.add_member(fresh as Arc<dyn Member>).await.unwrap();
         array.wait_rebuild().await;
         assert!(!array.status().degraded, "{policies:?}: rebuilt");
@@ -256,7 +257,10 @@ async fn degraded_crash_mid_stripe_update_recovers_the_lost_chunk() {
                 .read(b * BLOCK_BYTES, BLOCK_BYTES as usize)
                 .await
                 .unwrap();
-            assert!(got.as_ref() == &want[..], "{policies:?}: block {b} after rebuild");
+            assert!(
+                got.as_ref() == &want[..],
+                "{policies:?}: block {b} after rebuild"
+            );
         }
     }
 }

@@ -325,23 +325,22 @@ async fn run_seed(seed: u64) -> Outcome {
         "seed {seed}: only a degraded array waits for a partial-parity replay"
     );
     let nv = reopen_nvram(dir.path()).await;
-    let vol = match JournaledVolume::open(nv, ArrayBacking { array, gate: None }, 1, vol_cfg())
-        .await
-    {
-        Ok(v) => v,
-        Err(e) if pending && !nvram_survives => {
-            // The partial parity went with the NVRAM: the start must be refused, and say why.
-            assert!(
-                e.to_string().contains("stopped uncleanly while degraded"),
-                "seed {seed}: {e}"
-            );
-            return Outcome {
-                refused_dirty_degraded: true,
-                ..Outcome::default()
-            };
-        }
-        Err(e) => panic!("seed {seed}: journal open after the power cut failed: {e}"),
-    };
+    let vol =
+        match JournaledVolume::open(nv, ArrayBacking { array, gate: None }, 1, vol_cfg()).await {
+            Ok(v) => v,
+            Err(e) if pending && !nvram_survives => {
+                // The partial parity went with the NVRAM: the start must be refused, and say why.
+                assert!(
+                    e.to_string().contains("stopped uncleanly while degraded"),
+                    "seed {seed}: {e}"
+                );
+                return Outcome {
+                    refused_dirty_degraded: true,
+                    ..Outcome::default()
+                };
+            }
+            Err(e) => panic!("seed {seed}: journal open after the power cut failed: {e}"),
+        };
     let mut out = Outcome {
         ppl_replayed: pending,
         ..Outcome::default()

@@ -1171,7 +1171,10 @@ impl<B: Backing> Shared<B> {
         ppl::cut(
             |at| {
                 (at + RECORD_HEADER_BYTES as u64 <= log_bytes)
-                    .then(|| RecordHeader::decode(st.region.log_slice(at, RECORD_HEADER_BYTES as u64)).ok())
+                    .then(|| {
+                        RecordHeader::decode(st.region.log_slice(at, RECORD_HEADER_BYTES as u64))
+                            .ok()
+                    })
                     .flatten()
             },
             log_bytes,
@@ -1652,7 +1655,11 @@ fn ppl_reserve_bytes<B: Backing>(backing: &B, config: &VolumeConfig) -> u64 {
 }
 
 /// Refuses a config the log cannot hold or that makes no sense.
-fn check_config(config: &VolumeConfig, log_bytes: u64, ppl_reserve: u64) -> Result<(), JournalError> {
+fn check_config(
+    config: &VolumeConfig,
+    log_bytes: u64,
+    ppl_reserve: u64,
+) -> Result<(), JournalError> {
     let max_total = RECORD_HEADER_BYTES as u64 + align_up(config.max_record_payload_bytes);
     if config.max_record_payload_bytes == 0
         || config.max_record_payload_bytes > u64::from(u32::MAX)

@@ -18,8 +18,8 @@ mod simd;
 pub mod superblock;
 
 pub use array::{
-    Array, ArrayError, ArrayStatus, AssembleOptions, CreateOptions, MemberStatus,
-    PartialParityLog, RebuildStatus, ScrubMode, ScrubReport,
+    Array, ArrayError, ArrayStatus, AssembleOptions, CreateOptions, MemberStatus, PartialParityLog,
+    RebuildStatus, ScrubMode, ScrubReport,
 };
 pub use layout::Level;
 pub use superblock::{JournalMark, MemberState};

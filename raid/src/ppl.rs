@@ -77,7 +77,9 @@ impl PplEntry {
 pub enum PplError {
     #[error("partial-parity payload: {0}")]
     Malformed(String),
-    #[error("partial-parity payload version {found} is not supported (this build reads {supported})")]
+    #[error(
+        "partial-parity payload version {found} is not supported (this build reads {supported})"
+    )]
     Version { found: u16, supported: u16 },
     #[error("partial-parity entry of row {row}: {what}")]
     Entry { row: u64, what: String },
@@ -305,7 +307,10 @@ pub fn repair(
             )));
         };
         let at = (t.start - lo) as usize;
-        parity::xor_into(&mut p[at..at + t.len as usize], &block[at..at + t.len as usize]);
+        parity::xor_into(
+            &mut p[at..at + t.len as usize],
+            &block[at..at + t.len as usize],
+        );
     }
     if !with_q {
         return Ok((p, None));
@@ -356,7 +361,11 @@ mod tests {
     /// reconstruct the absent block as the update meant it.
     fn cut_and_repair(d: usize, absent: usize, pieces: &[(Piece, Vec<u8>)], state: u64) {
         let old: Vec<Vec<u8>> = (0..d)
-            .map(|i| (0..C).map(|x| (x as u8).wrapping_mul(7) ^ i as u8).collect())
+            .map(|i| {
+                (0..C)
+                    .map(|x| (x as u8).wrapping_mul(7) ^ i as u8)
+                    .collect()
+            })
             .collect();
         let mut new = old.clone();
         for (p, b) in pieces {
@@ -417,16 +426,28 @@ mod tests {
     #[test]
     fn raid6_repair_recomputes_q_from_recovered_data() {
         let d = 3;
-        let old: Vec<Vec<u8>> = (0..d).map(|i| vec![i as u8 + 1; COLUMN_BYTES as usize]).collect();
+        let old: Vec<Vec<u8>> = (0..d)
+            .map(|i| vec![i as u8 + 1; COLUMN_BYTES as usize])
+            .collect();
         let mut new = old.clone();
-        let piece = Piece { data: 0, start: 512, len: 1024 };
+        let piece = Piece {
+            data: 0,
+            start: 512,
+            len: 1024,
+        };
         new[0][512..1536].fill(0xAB);
         let refs: Vec<&[u8]> = new.iter().map(Vec::as_slice).collect();
         let (mut p_new, mut q_new) = (vec![0u8; 4096], vec![0u8; 4096]);
         parity::gen_pq(&refs, &mut p_new, Some(&mut q_new));
         let run = Run { first: 0, end: 1 };
         let piece_bytes = new[0][512..1536].to_vec();
-        let e = &entries_for_row(0, &[run], &[&p_new], &[(piece, &piece_bytes)], &[false, true, false])[0];
+        let e = &entries_for_row(
+            0,
+            &[run],
+            &[&p_new],
+            &[(piece, &piece_bytes)],
+            &[false, true, false],
+        )[0];
         // The cut left data 0 old: parity must now describe the old block 0 and block 1 intact.
         let disk = vec![Some(old[0].clone()), None, Some(old[2].clone())];
         let (p, q) = repair(e, &disk, true).unwrap();
@@ -443,20 +464,33 @@ mod tests {
             row: 1,
             first_column: 0,
             columns: 1,
-            touched: vec![Piece { data: 0, start: 0, len: 10 }],
+            touched: vec![Piece {
+                data: 0,
+                start: 0,
+                len: 10,
+            }],
             partial: vec![1; COLUMN_BYTES as usize],
         };
-        let good = encode(0, &[e.clone()]);
+        let good = encode(0, std::slice::from_ref(&e));
         for cut in 0..good.len() {
             assert!(decode(&good[..cut]).is_err(), "truncated at {cut}");
         }
         let mut bad = good.clone();
         bad[4] = 9;
-        assert!(matches!(decode(&bad), Err(PplError::Version { found: 9, .. })));
+        assert!(matches!(
+            decode(&bad),
+            Err(PplError::Version { found: 9, .. })
+        ));
         assert!(check_entry(&e, 1, 2, C).is_err(), "row beyond the array");
         assert!(check_entry(&e, 2, 2, C).is_ok());
-        let far = PplEntry { first_column: 4, ..e };
-        assert!(check_entry(&far, 2, 2, C).is_err(), "columns beyond the chunk");
+        let far = PplEntry {
+            first_column: 4,
+            ..e
+        };
+        assert!(
+            check_entry(&far, 2, 2, C).is_err(),
+            "columns beyond the chunk"
+        );
     }
 
     #[test]
@@ -464,8 +498,23 @@ mod tests {
         // 512 bytes cost a whole column, and an update crossing a row boundary two payloads.
         let b = bound_bytes(512, 2 * C, C, 128);
         assert!(b >= COLUMN_BYTES + 128 + PPL_HEADER_BYTES as u64);
-        let one = encode(0, &entries_for_row(0, &[Run { first: 0, end: 4 }], &[&vec![0u8; C as usize]],
-            &[(Piece { data: 0, start: 0, len: C }, &vec![0u8; C as usize])], &[false, false]));
+        let one = encode(
+            0,
+            &entries_for_row(
+                0,
+                &[Run { first: 0, end: 4 }],
+                &[&vec![0u8; C as usize]],
+                &[(
+                    Piece {
+                        data: 0,
+                        start: 0,
+                        len: C,
+                    },
+                    &vec![0u8; C as usize],
+                )],
+                &[false, false],
+            ),
+        );
         assert!(bound_bytes(C, 2 * C, C, 128) >= one.len() as u64 + 128);
     }
 }

@@ -148,7 +148,10 @@ struct JournalPpl(PplLog);
 #[async_trait]
 impl PartialParityLog for JournalPpl {
     async fn persist(&self, payload: Vec<u8>) -> std::io::Result<()> {
-        self.0.persist(&payload).await.map_err(std::io::Error::other)
+        self.0
+            .persist(&payload)
+            .await
+            .map_err(std::io::Error::other)
     }
 }
 

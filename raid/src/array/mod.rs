@@ -33,8 +33,8 @@ mod scrub;
 mod status;
 mod write;
 
-use rebuild::BatchOutcome;
 pub use self::ppl::PartialParityLog;
+use rebuild::BatchOutcome;
 pub use resync::ResyncKind;
 pub use scrub::{ScrubMode, ScrubReport};
 pub use status::{ArrayStatus, MemberStatus, RebuildStatus};

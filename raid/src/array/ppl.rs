@@ -88,7 +88,9 @@ impl Array {
             inner.repair_row(e).await?;
         }
         if !entries.is_empty() {
-            inner.sync_writable("sync after partial-parity replay").await;
+            inner
+                .sync_writable("sync after partial-parity replay")
+                .await;
         }
         inner.check_failed()?;
         tracing::info!(array = %inner.name, entries = entries.len(), complete, "partial-parity log replayed; the degraded array starts");
@@ -218,7 +220,10 @@ impl Inner {
             let Some(block) = r else {
                 return Err(ArrayError::Failed {
                     array: self.name.clone(),
-                    detail: format!("row {}: a member failed during partial-parity replay", e.row),
+                    detail: format!(
+                        "row {}: a member failed during partial-parity replay",
+                        e.row
+                    ),
                 });
             };
             data.push(block.map(|b| b.to_vec()));
