@@ -17,6 +17,9 @@ const STRIPE_BYTES: u64 = 8 * 1024;
 const COLUMN_BYTES: u64 = 4096;
 const LOG_BYTES: u64 = 128 * 1024;
 
+/// What recovery handed to the store: the PPL payloads and whether the log was complete.
+type Replayed = (Vec<Vec<u8>>, bool);
+
 /// A store that, while `active`, persists one PPL record per write (as many bytes as the write
 /// covers columns) before writing, and records what recovery hands back.
 #[derive(Clone)]
@@ -25,7 +28,7 @@ struct PplStore {
     active: Arc<AtomicBool>,
     log: Arc<Mutex<Option<PplLog>>>,
     logged: Arc<AtomicU64>,
-    replayed: Arc<Mutex<Option<(Vec<Vec<u8>>, bool)>>>,
+    replayed: Arc<Mutex<Option<Replayed>>>,
 }
 
 impl PplStore {
