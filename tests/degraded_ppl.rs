@@ -27,9 +27,10 @@ use twinblock_raid::{Array, AssembleOptions, CreateOptions, Level, PartialParity
 
 const BLOCK_BYTES: u64 = 4096;
 const CHUNK_BYTES: u64 = 4096;
-const MEMBERS: usize = 3;
 const MEMBER_DATA_BYTES: u64 = 16 * CHUNK_BYTES;
-const BLOCKS: u64 = (MEMBERS as u64 - 1) * MEMBER_DATA_BYTES / BLOCK_BYTES;
+/// Data chunks per row: RAID 5 over 3 members, RAID 6 over 4.
+const DATA_PER_ROW: u64 = 2;
+const BLOCKS: u64 = DATA_PER_ROW * MEMBER_DATA_BYTES / BLOCK_BYTES;
 /// Most member operations a CP of one block takes before its flush (searched upwards).
 const MAX_POWER_BUDGET: u64 = 200;
 
@@ -81,9 +82,15 @@ struct Cut {
 /// Runs the scenario with `budget` member operations of power for the CP; `None` when the power
 /// did not go off between the CP's member writes and its flush (the caller tries another
 /// budget). `policies`: what the data member and the parity member of row 0 keep.
-async fn run_cut(budget: u64, ppl: bool, policies: (CutPolicy, CutPolicy)) -> Option<Cut> {
+async fn run_cut(
+    level: Level,
+    budget: u64,
+    ppl: bool,
+    policies: (CutPolicy, CutPolicy),
+) -> Option<Cut> {
     let dir = tempfile::tempdir().unwrap();
-    let members: Vec<Arc<MemMember>> = (0..MEMBERS)
+    let count = DATA_PER_ROW as usize + level.parity_chunks();
+    let members: Vec<Arc<MemMember>> = (0..count)
         .map(|i| {
             let m = Arc::new(MemMember::new(
                 format!("m{i}"),
@@ -95,7 +102,7 @@ async fn run_cut(budget: u64, ppl: bool, policies: (CutPolicy, CutPolicy)) -> Op
         .collect();
     let array = Array::create_with(
         "ppl",
-        Level::Raid5,
+        level,
         CHUNK_BYTES,
         dyns(&members),
         Vec::new(),
@@ -166,10 +173,13 @@ async fn run_cut(budget: u64, ppl: bool, policies: (CutPolicy, CutPolicy)) -> Op
     std::fs::write(&path, nv_power.file_after_cut(&memory, NvramCut::LoseAll)).unwrap();
     members[data0].power_cut(policies.0);
     members[parity].power_cut(policies.1);
+    if level == Level::Raid6 {
+        members[geo.q_member(0)].power_cut(policies.1);
+    }
     for m in &members {
         m.attach_power(Arc::new(PowerSupply::new(u64::MAX)));
     }
-    let present: Vec<Arc<MemMember>> = (0..MEMBERS)
+    let present: Vec<Arc<MemMember>> = (0..count)
         .filter(|&i| i != lost)
         .map(|i| members[i].clone())
         .collect();
@@ -199,9 +209,9 @@ async fn run_cut(budget: u64, ppl: bool, policies: (CutPolicy, CutPolicy)) -> Op
 }
 
 /// The first budget that cuts the power between the CP's member writes and its flush.
-async fn cut(ppl: bool, policies: (CutPolicy, CutPolicy)) -> Cut {
+async fn cut(level: Level, ppl: bool, policies: (CutPolicy, CutPolicy)) -> Cut {
     for budget in 1..MAX_POWER_BUDGET {
-        if let Some(c) = run_cut(budget, ppl, policies).await {
+        if let Some(c) = run_cut(level, budget, ppl, policies).await {
             return c;
         }
     }
@@ -228,8 +238,18 @@ const POLICIES: [(CutPolicy, CutPolicy); 4] = [
 
 #[tokio::test]
 async fn degraded_crash_mid_stripe_update_recovers_the_lost_chunk() {
+    recovers_the_lost_chunk(Level::Raid5).await;
+}
+
+/// RAID 6 missing one member: P from the partial parity, Q recomputed from the data.
+#[tokio::test]
+async fn degraded_raid6_crash_mid_stripe_update_recovers_the_lost_chunk() {
+    recovers_the_lost_chunk(Level::Raid6).await;
+}
+
+async fn recovers_the_lost_chunk(level: Level) {
     for policies in POLICIES {
-        let c = cut(true, policies).await;
+        let c = cut(level, true, policies).await;
         assert!(
             lost_chunk(&c).await == block(1, 1),
             "{policies:?}: the lost member's chunk reconstructs as written"
@@ -269,7 +289,12 @@ async fn degraded_crash_mid_stripe_update_recovers_the_lost_chunk() {
 async fn without_ppl_the_lost_chunk_reads_wrong() {
     // Data reached its member, parity did not: without partial parity the lost chunk is
     // reconstructed from new data and old parity.
-    let c = cut(false, (CutPolicy::KeepAll, CutPolicy::LoseAll)).await;
+    let c = cut(
+        Level::Raid5,
+        false,
+        (CutPolicy::KeepAll, CutPolicy::LoseAll),
+    )
+    .await;
     assert!(
         lost_chunk(&c).await != block(1, 1),
         "without PPL the cut must corrupt the lost member's chunk (else the PPL test proves nothing)"

@@ -127,6 +127,21 @@ impl Inner {
         Ok(())
     }
 
+    /// The array is whole again (a rebuild finished): later row updates log nothing, so the
+    /// partial parity logged so far must never be replayed over them. Logs a RESET payload that
+    /// voids every earlier entry (best effort: a failure is logged).
+    pub(super) async fn ppl_whole_again(&self) {
+        if self.geo.level.parity_chunks() == 0 || self.is_degraded() {
+            return;
+        }
+        let Some(log) = lock(&self.ppl).clone() else {
+            return;
+        };
+        if let Err(e) = log.persist(ppl::encode(ppl::PPL_FLAG_RESET, &[])).await {
+            tracing::warn!(array = %self.name, error = %e, "could not log the end of degraded operation in the partial-parity log");
+        }
+    }
+
     /// A member of `row` failed while the row was being written without partial parity: the
     /// survivors' writes are not durable yet, and the failed member's blocks now live only in
     /// the parity. Logs the row's partial parity at once (best effort: a failure is logged and

@@ -213,6 +213,7 @@ impl Inner {
         set_progress(done_rows, false, None);
         tracing::info!(array = %self.name, slot, ?kind, "resync complete");
         self.write_superblocks().await;
+        self.ppl_whole_again().await;
         true
     }
 
