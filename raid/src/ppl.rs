@@ -287,6 +287,28 @@ pub fn bound_bytes(len: u64, stripe_bytes: u64, chunk_bytes: u64, framing_bytes:
     rows * (framing_bytes + PPL_HEADER_BYTES as u64) + columns * per_column
 }
 
+/// [`bound_bytes`] for a zeroing or discard of `len` bytes: whole rows are discarded on the
+/// members without partial parity; the partial rows at its head and tail (each inside one row,
+/// at most a stripe) are written as zeroes in calls of at most `zero_write_bytes`, each call one
+/// payload of at most its columns plus two, and at most a chunk's columns.
+pub fn zeroing_bound_bytes(
+    len: u64,
+    stripe_bytes: u64,
+    chunk_bytes: u64,
+    zero_write_bytes: u64,
+    framing_bytes: u64,
+) -> u64 {
+    if len == 0 {
+        return 0;
+    }
+    let side = len.min(stripe_bytes.max(1));
+    let calls = side.div_ceil(zero_write_bytes.max(1)).max(1);
+    let chunk_columns = chunk_bytes.div_ceil(COLUMN_BYTES).max(1);
+    let columns = (side.div_ceil(COLUMN_BYTES) + 2 * calls).min(calls * chunk_columns);
+    let per_column = COLUMN_BYTES + (PPL_ENTRY_HEADER_BYTES + 2 * PPL_TOUCHED_BYTES) as u64;
+    2 * (calls * (framing_bytes + PPL_HEADER_BYTES as u64) + columns * per_column)
+}
+
 /// Recovery of one entry: the parity the run must hold now. `data[i]` holds the run's current
 /// bytes of data role `i` read from its member, `None` when the member is absent. Returns P and,
 /// when `with_q`, Q. Fails when a touched member is absent now, or (with Q) more than one data
@@ -491,6 +513,19 @@ mod tests {
             check_entry(&far, 2, 2, C).is_err(),
             "columns beyond the chunk"
         );
+    }
+
+    #[test]
+    fn zeroing_bound_covers_both_partial_rows() {
+        // Stripe of 4 chunks of 1 MiB, zeroes written in 1 MiB calls: each side up to 4 calls
+        // of a whole chunk's columns.
+        let chunk = 1 << 20;
+        let b = zeroing_bound_bytes(64 << 20, 4 * chunk, chunk, 1 << 20, 128);
+        assert!(b >= 2 * 4 * (chunk / COLUMN_BYTES) * COLUMN_BYTES);
+        // One column per side for a tiny chunk.
+        let b = zeroing_bound_bytes(1 << 20, 2 * COLUMN_BYTES, COLUMN_BYTES, 1 << 20, 128);
+        assert!(b >= 2 * (COLUMN_BYTES + 128) && b < 3 * (COLUMN_BYTES + 256));
+        assert_eq!(zeroing_bound_bytes(0, 8192, 4096, 1 << 20, 128), 0);
     }
 
     #[test]

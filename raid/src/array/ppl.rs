@@ -41,12 +41,16 @@ impl Array {
             return 0;
         }
         let stripe = geo.stripe_bytes();
-        let len = if whole_rows { len.min(stripe) } else { len };
-        let one = ppl::bound_bytes(len, stripe, geo.chunk_bytes, framing_bytes);
         if whole_rows {
-            2 * one
+            ppl::zeroing_bound_bytes(
+                len,
+                stripe,
+                geo.chunk_bytes,
+                ZERO_WRITE_BYTES,
+                framing_bytes,
+            )
         } else {
-            one
+            ppl::bound_bytes(len, stripe, geo.chunk_bytes, framing_bytes)
         }
     }
 
