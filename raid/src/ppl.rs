@@ -524,7 +524,7 @@ mod tests {
         assert!(b >= 2 * 4 * (chunk / COLUMN_BYTES) * COLUMN_BYTES);
         // One column per side for a tiny chunk.
         let b = zeroing_bound_bytes(1 << 20, 2 * COLUMN_BYTES, COLUMN_BYTES, 1 << 20, 128);
-        assert!(b >= 2 * (COLUMN_BYTES + 128) && b < 3 * (COLUMN_BYTES + 256));
+        assert!((2 * (COLUMN_BYTES + 128)..3 * (COLUMN_BYTES + 256)).contains(&b));
         assert_eq!(zeroing_bound_bytes(0, 8192, 4096, 1 << 20, 128), 0);
     }
 
