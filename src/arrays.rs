@@ -186,11 +186,13 @@ async fn assemble_checked(
     a: &ArrayConfig,
     level: Level,
     members: Vec<Arc<dyn Member>>,
+    journaled: bool,
 ) -> Result<Array> {
     let array = Array::assemble_with(
         members,
         AssembleOptions {
             start_dirty_degraded: a.start_dirty_degraded,
+            journaled,
         },
     )
     .await?;
@@ -348,7 +350,13 @@ impl ArrayEntry {
                     .iter()
                     .map(|&i| wrapped(&opened[i].0, opened[i].1.clone()))
                     .collect();
-                assemble_checked(a, level, chosen).await?
+                // A journaled volume on the array replays the journal's partial-parity log
+                // before any write: an unclean degraded start waits for it instead of failing.
+                let journaled = config
+                    .volumes
+                    .iter()
+                    .any(|v| v.journal && v.array.as_deref() == Some(a.name.as_str()));
+                assemble_checked(a, level, chosen, journaled).await?
             }
             Selection::Absent if !a.create => bail!(
                 "array `{}`: none of its {} candidate disks holds it ({}); to create it on blank \

@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use crate::error::BackingError;
 use crate::loss::StoreMark;
+use crate::ppl::PplLog;
 
 /// The store under a journal (a RAID array). Offsets and lengths are bytes; the journal never
 /// calls outside `0..size()`.
@@ -54,6 +55,30 @@ pub trait Backing: Send + Sync + 'static {
         &self,
         _log_id: [u8; 16],
         _stopped_clean: bool,
+    ) -> Result<(), BackingError> {
+        Ok(())
+    }
+    /// Partial parity (see [`crate::ppl`]): the journal hands the store the log it persists its
+    /// PPL records through, once at open, before any write. The default keeps none.
+    fn attach_ppl(&self, _log: PplLog) {}
+    /// Whether the store logs partial parity before its stripe updates now (a degraded RAID 5/6
+    /// array); CPs then stay within the PPL reserve.
+    fn ppl_active(&self) -> bool {
+        false
+    }
+    /// Log bytes the PPL records of one store update of `len` bytes can take at most, each
+    /// framed in at most `framing_bytes`; `whole_rows`: a zeroing or discard. 0: the store
+    /// never logs partial parity.
+    fn ppl_bound_bytes(&self, _len: u64, _whole_rows: bool, _framing_bytes: u64) -> u64 {
+        0
+    }
+    /// After an unclean stop, before any other I/O: the store's bytes of the unretired PPL
+    /// records, oldest first. `complete`: they come from the log that journaled the store
+    /// (false when that log was lost). The store repairs the stripes they cover, or refuses.
+    async fn replay_ppl(
+        &self,
+        _payloads: Vec<Vec<u8>>,
+        _complete: bool,
     ) -> Result<(), BackingError> {
         Ok(())
     }
@@ -104,6 +129,18 @@ impl<T: Backing> Backing for Arc<T> {
         stopped_clean: bool,
     ) -> Result<(), BackingError> {
         (**self).set_journal_mark(log_id, stopped_clean).await
+    }
+    fn attach_ppl(&self, log: PplLog) {
+        (**self).attach_ppl(log)
+    }
+    fn ppl_active(&self) -> bool {
+        (**self).ppl_active()
+    }
+    fn ppl_bound_bytes(&self, len: u64, whole_rows: bool, framing_bytes: u64) -> u64 {
+        (**self).ppl_bound_bytes(len, whole_rows, framing_bytes)
+    }
+    async fn replay_ppl(&self, payloads: Vec<Vec<u8>>, complete: bool) -> Result<(), BackingError> {
+        (**self).replay_ppl(payloads, complete).await
     }
 }
 

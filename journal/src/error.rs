@@ -139,6 +139,14 @@ pub enum JournalError {
         "NVRAM log is full and consistency points fail ({message}); the write was not journaled"
     )]
     CpFailed { message: String },
+    #[error("{region} region: no log space for a partial-parity record of {bytes} bytes (the consistency point that needs it stops and is retried with fewer records)")]
+    PplLogFull { region: &'static str, bytes: u64 },
+    #[error("{region} region: partial-parity record seq {seq} is malformed: {detail}")]
+    BadPplRecord {
+        region: &'static str,
+        seq: u64,
+        detail: String,
+    },
     #[error("journal is shut down")]
     ShutDown,
 }

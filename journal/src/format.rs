@@ -323,6 +323,9 @@ pub enum RecordKind {
     Transition = 5,
     /// Filler up to the end of the log; the next record is at log offset 0.
     Pad = 6,
+    /// Partial parity the store persisted before a stripe update (see [`crate::ppl`]); the
+    /// payload is the CP's seq then the store's own bytes.
+    Ppl = 7,
 }
 
 impl RecordKind {
@@ -334,6 +337,7 @@ impl RecordKind {
             4 => RecordKind::Cp,
             5 => RecordKind::Transition,
             6 => RecordKind::Pad,
+            7 => RecordKind::Ppl,
             _ => return None,
         })
     }
@@ -558,6 +562,7 @@ mod tests {
             Just(RecordKind::Trim),
             Just(RecordKind::Cp),
             Just(RecordKind::Transition),
+            Just(RecordKind::Ppl),
         ]
     }
 

@@ -10,6 +10,7 @@
 //! - [`scan`]: walking a region's log, stopping at (and reporting) the first torn/corrupt record;
 //! - [`log`]: circular-log space accounting; [`index`]: the dirty index;
 //! - [`pmem`]: the mapping and persistence modes (the only `unsafe` code);
+//! - [`ppl`]: partial-parity records a degraded RAID store persists before stripe updates;
 //! - [`power`]: a power-loss model of the NVRAM medium for tests of `msync` mode;
 //! - [`nvram`]: opening, identity checks, generation bump, own and partner regions;
 //! - [`recover`]: checking a region's log and turning its unretired records into a dirty index
@@ -32,6 +33,7 @@ pub mod loss;
 pub mod nvram;
 pub mod pmem;
 pub mod power;
+pub mod ppl;
 pub mod prefault;
 pub mod recover;
 pub mod restore;
@@ -45,6 +47,7 @@ pub use error::{BackingError, FormatError, JournalError};
 pub use loss::{check_log_continuity, LossCause, LostWrites, StoreMark};
 pub use nvram::{Nvram, NvramConfig, PartnerRegion, Region};
 pub use pmem::{PersistMethod, PersistenceMode};
+pub use ppl::PplLog;
 pub use recover::{apply_plan, plan_recovery, replay_region, RecoveryPlan, RecoveryReport};
 pub use scan::{Scan, ScanReport, StopReason};
 pub use volume::{

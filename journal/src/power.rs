@@ -36,10 +36,24 @@ struct State {
     torn: Option<(usize, usize)>,
 }
 
+/// Tells whether the power of the rest of the machine is off (see
+/// [`NvramPowerModel::cut_with`]).
+pub type PowerProbe = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// The medium behind one NVRAM file.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct NvramPowerModel {
     state: Mutex<State>,
+    /// Goes off with another power model (the member disks'): checked at every persist.
+    linked: Mutex<Option<PowerProbe>>,
+}
+
+impl std::fmt::Debug for NvramPowerModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvramPowerModel")
+            .field("state", &self.state)
+            .finish()
+    }
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -68,6 +82,14 @@ impl NvramPowerModel {
         self.lock().persists_left = Some(n);
     }
 
+    /// The power goes when `probe` says the rest of the machine lost it: the first persist that
+    /// finds it true does not reach the medium, nor does any later one. Links the NVRAM to the
+    /// member disks' power supply, so that a CP whose member flush was cut cannot persist its
+    /// CP record.
+    pub fn cut_with(&self, probe: PowerProbe) {
+        *self.linked.lock().unwrap_or_else(|e| e.into_inner()) = Some(probe);
+    }
+
     /// True once the power is off: nothing persisted since reached the medium.
     pub fn is_off(&self) -> bool {
         self.lock().off
@@ -75,8 +97,19 @@ impl NvramPowerModel {
 
     /// `bytes` (now in memory at file offset `at`) were persisted.
     pub(crate) fn persisted(&self, at: usize, bytes: &[u8]) {
+        let linked_off = self
+            .linked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|probe| probe());
         let mut s = self.lock();
         if s.off {
+            return;
+        }
+        if linked_off {
+            s.off = true;
+            s.torn = Some((at, bytes.len()));
             return;
         }
         if let Some(left) = s.persists_left.as_mut() {

@@ -84,6 +84,7 @@ use crate::index::{DirtyIndex, Extent, ExtentData};
 use crate::log::LogCursor;
 use crate::nvram::{Nvram, Region};
 use crate::pmem::{PersistMethod, PersistenceMode};
+use crate::ppl::{self, PplAppend, PplLog, PPL_FRAMING_BYTES};
 use crate::recover::{apply_plan, backing_err, plan_recovery, RecoveryReport};
 use crate::verify::{DamagedRecord, Unverified};
 
@@ -383,6 +384,8 @@ struct State {
     unverified: Option<Unverified>,
     /// A recovered record failed its CRC check: all I/O and CPs are refused.
     damaged: Option<DamagedRecord>,
+    /// The seq the running (or last) CP applies up to: PPL records appended now carry it.
+    ppl_cp_seq: u64,
 }
 
 impl State {
@@ -582,6 +585,9 @@ struct Shared<B: Backing> {
     closed: AtomicBool,
     /// The own log's id (NVRAM file header), recorded in the store's journal mark.
     log_id: [u8; 16],
+    /// Log bytes writers leave free (beyond the control reserve) for the PPL records of a CP;
+    /// 0 when the store never logs partial parity (see [`crate::ppl`]).
+    ppl_reserve: u64,
 }
 
 impl<B: Backing> Shared<B> {
@@ -628,7 +634,7 @@ impl<B: Backing> Shared<B> {
                     offset,
                     length,
                     payload,
-                    CONTROL_RESERVE_BYTES,
+                    CONTROL_RESERVE_BYTES + self.ppl_reserve,
                     copy,
                     ship,
                 )?;
@@ -1073,20 +1079,25 @@ impl<B: Backing> Shared<B> {
         _cp_lock_held: &tokio::sync::MutexGuard<'_, ()>,
     ) -> Result<bool, JournalError> {
         self.wait_verified().await?;
-        let (cp_seq, head, used, snapshot) = {
-            let st = self.lock();
+        let (cp_seq, head, used, snapshot, partial) = {
+            let mut st = self.lock();
             let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
             let pending_data = st.last_data_seq > st.applied_seq;
             let wanted = st.space_wanted || fill_percent >= u64::from(self.config.cp_fill_percent);
             if st.cursor.used == 0 || (!pending_data && !wanted) {
                 return Ok(false);
             }
-            (
-                st.cursor.next_seq - 1,
-                st.cursor.head,
-                st.cursor.used,
-                st.index.snapshot(),
-            )
+            let cut = self.ppl_cut(&st);
+            let (cp_seq, head, used) = match cut {
+                Some(c) => (c.cp_seq, c.head, c.used),
+                None => (st.cursor.next_seq - 1, st.cursor.head, st.cursor.used),
+            };
+            let mut snapshot = st.index.snapshot();
+            if cut.is_some() {
+                snapshot.retain(|(_, e)| e.seq <= cp_seq);
+            }
+            st.ppl_cp_seq = cp_seq;
+            (cp_seq, head, used, snapshot, cut.is_some())
         };
         self.apply_snapshot(&snapshot).await?;
         self.backing
@@ -1140,7 +1151,74 @@ impl<B: Backing> Shared<B> {
         }
         self.space_freed.notify_waiters();
         ship.send().await;
+        if partial {
+            // The records this CP left for the next one.
+            self.cp_wanted.notify_one();
+        }
         Ok(true)
+    }
+
+    /// While the store logs partial parity: where this CP stops so that its PPL records fit
+    /// what writers left free ([`crate::ppl::cut`]); `None`: it applies everything.
+    fn ppl_cut(&self, st: &State) -> Option<ppl::Cut> {
+        if self.ppl_reserve == 0 || !self.backing.ppl_active() {
+            return None;
+        }
+        let budget = self
+            .ppl_reserve
+            .min(st.cursor.free().saturating_sub(CONTROL_RESERVE_BYTES));
+        let log_bytes = st.cursor.log_bytes;
+        ppl::cut(
+            |at| {
+                (at + RECORD_HEADER_BYTES as u64 <= log_bytes)
+                    .then(|| {
+                        RecordHeader::decode(st.region.log_slice(at, RECORD_HEADER_BYTES as u64))
+                            .ok()
+                    })
+                    .flatten()
+            },
+            log_bytes,
+            st.cursor.tail,
+            st.cursor.used,
+            budget,
+            |h| {
+                let whole_rows = h.kind != RecordKind::Write;
+                self.backing
+                    .ppl_bound_bytes(h.length, whole_rows, PPL_FRAMING_BYTES)
+            },
+        )
+    }
+}
+
+#[async_trait]
+impl<B: Backing> PplAppend for Shared<B> {
+    async fn append_ppl(&self, store_bytes: &[u8]) -> Result<(), JournalError> {
+        let copy = self.mirror.enabled();
+        let mut ship = ShipList::new(self);
+        {
+            let mut st = self.lock();
+            st.check_not_damaged()?;
+            let payload = ppl::encode_payload(st.ppl_cp_seq, store_bytes);
+            // Leaves the control reserve: the CP record that retires this one must still fit.
+            let appended = st.append(
+                RecordKind::Ppl,
+                self.volume_id,
+                0,
+                store_bytes.len() as u64,
+                &payload,
+                CONTROL_RESERVE_BYTES,
+                copy,
+                &mut ship.items,
+            )?;
+            if appended.is_none() {
+                return Err(JournalError::PplLogFull {
+                    region: st.region.name(),
+                    bytes: payload.len() as u64,
+                });
+            }
+        }
+        ship.send().await;
+        Ok(())
     }
 }
 
@@ -1193,7 +1271,7 @@ impl<B: Backing> JournaledVolume<B> {
         let region = nvram
             .take_own()
             .ok_or_else(|| JournalError::Config("the own region is already in use".into()))?;
-        Self::open_on_region(nvram, region, backing, volume_id, config, mirror).await
+        Self::open_on_region(nvram, region, backing, volume_id, config, mirror, true).await
     }
 
     /// Takeover: recovers and serves the partner's volume from this node's *copy* of the
@@ -1213,9 +1291,13 @@ impl<B: Backing> JournaledVolume<B> {
             .take_partner()
             .ok_or_else(|| JournalError::Config("the partner region is already in use".into()))?
             .into_region();
-        Self::open_on_region(nvram, region, backing, volume_id, config, mirror).await
+        Self::open_on_region(nvram, region, backing, volume_id, config, mirror, false).await
     }
 
+    /// `own_region`: the region is the own log (its continuity with the store is checked before
+    /// partial parity is replayed); false for the partner's copy at takeover, whose records the
+    /// mirror shipped before each stripe update.
+    #[allow(clippy::too_many_arguments)]
     async fn open_on_region(
         nvram: Nvram,
         mut region: crate::nvram::Region,
@@ -1223,9 +1305,11 @@ impl<B: Backing> JournaledVolume<B> {
         volume_id: u64,
         config: VolumeConfig,
         mirror: Arc<dyn MirrorHook>,
+        own_region: bool,
     ) -> Result<JournaledVolume<B>, JournalError> {
         let log_bytes = region.log_bytes();
-        check_config(&config, log_bytes)?;
+        let ppl_reserve = ppl_reserve_bytes(&backing, &config);
+        check_config(&config, log_bytes, ppl_reserve)?;
         let generation = nvram.generation();
         let scan_started = std::time::Instant::now();
         let plan = plan_recovery(&region, &backing, volume_id, config.discard_corrupt_log).await?;
@@ -1235,6 +1319,17 @@ impl<B: Backing> JournaledVolume<B> {
                 region.bind_store(id)?;
             }
         }
+        // Before anything writes to the store: the partial parity of stripe updates a cut
+        // interrupted (a degraded array repairs those stripes, or refuses to start).
+        let ppl_payloads = ppl::live_payloads(&region, &plan.scan, plan.applied_seq)?;
+        let complete = !own_region
+            || crate::loss::check_log_continuity(&nvram, &backing)
+                .await?
+                .is_none();
+        backing
+            .replay_ppl(ppl_payloads, complete)
+            .await
+            .map_err(backing_err("replay_ppl", 0))?;
         let in_place = plan.continues_in_place();
         let (recovery, log_generation, cursor, index) = if in_place {
             // Serve at once: the records stay live in the log, in the log's generation, and the
@@ -1318,6 +1413,7 @@ impl<B: Backing> JournaledVolume<B> {
                 last_cp_error: None,
                 unverified,
                 damaged: None,
+                ppl_cp_seq: plan.applied_seq,
             }),
             space_freed: Notify::new(),
             shipped: Notify::new(),
@@ -1328,7 +1424,11 @@ impl<B: Backing> JournaledVolume<B> {
             closed: AtomicBool::new(false),
             config,
             log_id,
+            ppl_reserve,
         });
+        // Before the flusher's first CP: degraded stripe updates persist partial parity here.
+        let target: std::sync::Weak<dyn PplAppend> = Arc::downgrade(&shared) as _;
+        shared.backing.attach_ppl(PplLog { target });
         let flusher = tokio::spawn(flusher_loop(
             Arc::downgrade(&shared),
             Arc::clone(&shared.cp_wanted),
@@ -1544,18 +1644,33 @@ pub struct UnretiredRecords {
     pub records: Vec<UnretiredRecord>,
 }
 
+/// Log bytes writers leave free for the partial parity of one CP: the bound of the largest
+/// record, data or zeroing (0 when the store never logs partial parity).
+fn ppl_reserve_bytes<B: Backing>(backing: &B, config: &VolumeConfig) -> u64 {
+    let write = backing.ppl_bound_bytes(config.max_record_payload_bytes, false, PPL_FRAMING_BYTES);
+    if write == 0 {
+        return 0;
+    }
+    write.max(backing.ppl_bound_bytes(u64::MAX, true, PPL_FRAMING_BYTES))
+}
+
 /// Refuses a config the log cannot hold or that makes no sense.
-fn check_config(config: &VolumeConfig, log_bytes: u64) -> Result<(), JournalError> {
+fn check_config(
+    config: &VolumeConfig,
+    log_bytes: u64,
+    ppl_reserve: u64,
+) -> Result<(), JournalError> {
     let max_total = RECORD_HEADER_BYTES as u64 + align_up(config.max_record_payload_bytes);
     if config.max_record_payload_bytes == 0
         || config.max_record_payload_bytes > u64::from(u32::MAX)
-        || 2 * max_total + 2 * CONTROL_RESERVE_BYTES > log_bytes
+        || (2 * max_total + 2 * CONTROL_RESERVE_BYTES).saturating_add(ppl_reserve) > log_bytes
     {
         return Err(JournalError::Config(format!(
             "max_record_payload_bytes {} does not fit a log of {log_bytes} bytes \
-             (needs log >= 2 x record + {} bytes)",
+             (needs log >= 2 x record + {} bytes, {ppl_reserve} of them kept for the \
+             partial-parity records of a degraded RAID 5/6 array)",
             config.max_record_payload_bytes,
-            2 * CONTROL_RESERVE_BYTES
+            2 * CONTROL_RESERVE_BYTES + ppl_reserve
         )));
     }
     if config.cp_fill_percent == 0 || config.cp_fill_percent > 100 {

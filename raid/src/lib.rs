@@ -11,14 +11,15 @@ pub mod assemble;
 pub mod bitmap;
 pub mod layout;
 pub mod parity;
+pub mod ppl;
 pub mod rowplan;
 pub mod signature;
 mod simd;
 pub mod superblock;
 
 pub use array::{
-    Array, ArrayError, ArrayStatus, AssembleOptions, CreateOptions, MemberStatus, RebuildStatus,
-    ScrubMode, ScrubReport,
+    Array, ArrayError, ArrayStatus, AssembleOptions, CreateOptions, MemberStatus, PartialParityLog,
+    RebuildStatus, ScrubMode, ScrubReport,
 };
 pub use layout::Level;
 pub use superblock::{JournalMark, MemberState};

@@ -101,6 +101,7 @@ async fn unclean_degraded_start_is_refused_without_the_override() {
         two.iter().map(|m| m.clone() as Arc<dyn Member>).collect(),
         twinblock_raid::AssembleOptions {
             start_dirty_degraded: true,
+            ..Default::default()
         },
     )
     .await

@@ -9,9 +9,9 @@ use crate::ha::gate::{FenceError, WriteGate};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
-use twinblock_journal::{Backing, BackingError, StoreMark};
+use twinblock_journal::{Backing, BackingError, PplLog, StoreMark};
 use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, ZeroFlags};
-use twinblock_raid::array::{Array, ArrayError};
+use twinblock_raid::array::{Array, ArrayError, PartialParityLog};
 
 /// A write refused by the HA fence, as the I/O error clients and the journal see
 /// (`PermissionDenied`: "reservation lost" or "lease expired", never retried on this node).
@@ -141,6 +141,20 @@ fn backing_err(e: ArrayError) -> BackingError {
     BackingError(e.to_string())
 }
 
+/// The journal's log as the array's partial-parity log: a degraded row update persists its
+/// partial parity as a PPL record in NVRAM before any member write.
+struct JournalPpl(PplLog);
+
+#[async_trait]
+impl PartialParityLog for JournalPpl {
+    async fn persist(&self, payload: Vec<u8>) -> std::io::Result<()> {
+        self.0
+            .persist(&payload)
+            .await
+            .map_err(std::io::Error::other)
+    }
+}
+
 /// The array as the journal's store.
 pub struct ArrayBacking {
     pub array: Array,
@@ -230,6 +244,26 @@ impl Backing for ArrayBacking {
         self.array
             .set_journal_mark(uuid::Uuid::from_bytes(log_id), stopped_clean)
             .await
+            .map_err(backing_err)
+    }
+
+    fn attach_ppl(&self, log: PplLog) {
+        self.array.attach_ppl(Arc::new(JournalPpl(log)));
+    }
+
+    fn ppl_active(&self) -> bool {
+        self.array.ppl_active()
+    }
+
+    fn ppl_bound_bytes(&self, len: u64, whole_rows: bool, framing_bytes: u64) -> u64 {
+        self.array.ppl_bound_bytes(len, whole_rows, framing_bytes)
+    }
+
+    async fn replay_ppl(&self, payloads: Vec<Vec<u8>>, complete: bool) -> Result<(), BackingError> {
+        self.array
+            .replay_ppl(payloads, complete)
+            .await
+            .map(|_| ())
             .map_err(backing_err)
     }
 }

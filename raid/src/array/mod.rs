@@ -25,6 +25,7 @@
 mod membership;
 mod metadata;
 mod open;
+mod ppl;
 mod read;
 mod rebuild;
 mod resync;
@@ -32,6 +33,7 @@ mod scrub;
 mod status;
 mod write;
 
+pub use self::ppl::PartialParityLog;
 use rebuild::BatchOutcome;
 pub use resync::ResyncKind;
 pub use scrub::{ScrubMode, ScrubReport};
@@ -107,6 +109,12 @@ pub enum ArrayError {
     Invalid { array: String, what: String },
     #[error("array {array} stopped uncleanly while degraded, with {regions} bitmap region(s) being written: parity there may not match the data, and the missing member's chunks cannot be recomputed from it (the RAID write hole); refusing to start. Bring the missing member back, or set start_dirty_degraded = true for this array to start anyway (chunks of the missing member in those regions may then read wrong)")]
     DirtyDegraded { array: String, regions: usize },
+    #[error("array {array}: row {row}: the partial-parity record could not be persisted before the stripe update ({source}); nothing was written, the update can be retried")]
+    PartialParityLog {
+        array: String,
+        row: u64,
+        source: io::Error,
+    },
     #[error(
         "array {array}: member {member} has {size_bytes} bytes, at least {need_bytes} are needed"
     )]
@@ -146,6 +154,11 @@ pub struct AssembleOptions {
     /// reconstructed there may be wrong. Off: such a start is refused with
     /// [`ArrayError::DirtyDegraded`].
     pub start_dirty_degraded: bool,
+    /// A journal opens on the array and replays its partial-parity log
+    /// ([`Array::replay_ppl`]) before any write. An unclean, degraded start with dirty regions
+    /// then waits for that replay instead of being refused (RAID 5, and RAID 6 missing one
+    /// member: what partial parity can protect).
+    pub journaled: bool,
 }
 
 /// Options for [`Array::create`].
@@ -219,6 +232,12 @@ struct Inner {
     bitmap_resync_regions: AtomicU64,
     unclean_resync_regions: AtomicU64,
     read_rr: AtomicUsize,
+    /// Where degraded row updates persist partial parity (see `ppl`).
+    ppl: Mutex<Option<Arc<dyn PartialParityLog>>>,
+    /// Assembled after an unclean degraded stop: waits for `Array::replay_ppl`.
+    ppl_pending: AtomicBool,
+    /// The operator's `start_dirty_degraded`, for a replay without the log that protected it.
+    start_dirty_degraded: AtomicBool,
 }
 
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
@@ -433,6 +452,9 @@ impl Inner {
             bitmap_resync_regions: AtomicU64::new(0),
             unclean_resync_regions: AtomicU64::new(0),
             read_rr: AtomicUsize::new(0),
+            ppl: Mutex::new(None),
+            ppl_pending: AtomicBool::new(false),
+            start_dirty_degraded: AtomicBool::new(false),
         }
     }
 
@@ -493,6 +515,18 @@ impl Inner {
         lock(&self.meta).slots.iter().any(|s| {
             s.member.is_none() || !matches!(s.state, MemberState::Active | MemberState::Rebuilding)
         })
+    }
+
+    /// Slots with no device to read or write (missing or faulty).
+    fn absent_slots(&self) -> usize {
+        lock(&self.meta)
+            .slots
+            .iter()
+            .filter(|s| {
+                s.member.is_none()
+                    || !matches!(s.state, MemberState::Active | MemberState::Rebuilding)
+            })
+            .count()
     }
 
     fn is_degraded(&self) -> bool {

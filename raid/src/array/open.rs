@@ -222,13 +222,22 @@ impl Array {
             && geo.level.parity_chunks() > 0
             && inner.has_absent_slot()
             && inner.with_bitmap(|b| !b.dirty_regions().is_empty());
-        if dirty_degraded && !opts.start_dirty_degraded {
+        // Partial parity recovers one absent block per column: RAID 5, or RAID 6 missing one
+        // member. A journaled array it can protect waits for the journal's replay instead.
+        let absent = inner.absent_slots();
+        let ppl_can_protect = absent <= 1 && geo.level.parity_chunks() > 0;
+        let wait_for_ppl = dirty_degraded && opts.journaled && ppl_can_protect;
+        if dirty_degraded && !wait_for_ppl && !opts.start_dirty_degraded {
             // Before anything is written: the operator may still bring the member back.
             return Err(ArrayError::DirtyDegraded {
                 array: sb.name.clone(),
                 regions: inner.with_bitmap(|b| b.dirty_regions().len()),
             });
         }
+        inner
+            .start_dirty_degraded
+            .store(opts.start_dirty_degraded, Ordering::SeqCst);
+        inner.ppl_pending.store(wait_for_ppl, Ordering::SeqCst);
         inner.write_superblocks().await;
         inner.check_failed()?;
         if plan.unclean && geo.level != Level::Raid0 {
@@ -348,7 +357,11 @@ impl Inner {
     /// its data again (a degraded array cannot check it and relies on the journal).
     async fn resync_after_unclean_shutdown(self: &Arc<Self>, dirty_degraded: bool) -> Result<()> {
         if self.is_degraded() {
-            tracing::warn!(array = %self.name, dirty_degraded, "unclean shutdown of a degraded array: parity of dirty regions cannot be checked; started because start_dirty_degraded is set (or nothing was being written)");
+            if self.ppl_pending.load(Ordering::SeqCst) {
+                tracing::info!(array = %self.name, "unclean shutdown of a degraded array: its journal's partial-parity log repairs the interrupted rows before any write");
+            } else {
+                tracing::warn!(array = %self.name, dirty_degraded, "unclean shutdown of a degraded array: parity of dirty regions cannot be checked; started because start_dirty_degraded is set (or nothing was being written)");
+            }
             return Ok(());
         }
         let regions = self.with_bitmap(|b| b.dirty_regions());

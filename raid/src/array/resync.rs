@@ -60,7 +60,12 @@ impl Inner {
     }
 
     pub(super) fn kick_rebuild(self: &Arc<Self>) {
-        if self.stop.load(Ordering::SeqCst) || self.next_resync_slot().is_none() {
+        // A pending array rebuilds nothing before its partial-parity replay: the rebuild would
+        // copy blocks reconstructed from parity the replay has not repaired yet.
+        if self.stop.load(Ordering::SeqCst)
+            || self.ppl_pending.load(Ordering::SeqCst)
+            || self.next_resync_slot().is_none()
+        {
             return;
         }
         if self.rebuild_running.swap(true, Ordering::SeqCst) {
@@ -208,6 +213,7 @@ impl Inner {
         set_progress(done_rows, false, None);
         tracing::info!(array = %self.name, slot, ?kind, "resync complete");
         self.write_superblocks().await;
+        self.ppl_whole_again().await;
         true
     }
 

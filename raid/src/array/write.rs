@@ -12,6 +12,7 @@ impl Inner {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
         self.check_failed()?;
+        self.check_ppl_replayed()?;
         if len == 0 {
             return Ok(());
         }
@@ -73,6 +74,7 @@ impl Inner {
             )));
         }
         self.check_failed()?;
+        self.check_ppl_replayed()?;
         if self.geo.level.parity_chunks() == 0 {
             return try_join_all(writes.into_iter().map(|(o, d)| self.write(o, d)))
                 .await
@@ -152,14 +154,23 @@ impl Inner {
                 continue;
             };
             let writes = self.row_writes(row, &plan, &pieces, &old)?;
+            // Degraded: the partial parity is persisted before any member write (see `ppl`).
+            let logged = self
+                .log_row_ppl(row, &plan, &pieces, &writes, &readable)
+                .await?;
             // Members may have failed (or a spare arrived) during the reads: write to what is
             // writable now; the blocks computed are right for any of them.
             let now = self.view();
-            let writes = writes
-                .into_iter()
+            let chosen = writes
+                .iter()
                 .filter(|(m, _, _)| now.writable[*m])
+                .cloned()
                 .collect();
-            self.write_members(&now, writes).await;
+            self.write_members(&now, chosen).await;
+            if !logged {
+                self.log_ppl_after_failure(row, &plan, &pieces, &writes, &readable)
+                    .await;
+            }
             return self.check_failed();
         }
         self.check_failed()?;
@@ -170,7 +181,7 @@ impl Inner {
     }
 
     /// The member holding chunk role `role` of `row` (`0..d` data, `d` P, `d + 1` Q).
-    fn role_member(&self, row: u64, role: usize) -> usize {
+    pub(super) fn role_member(&self, row: u64, role: usize) -> usize {
         let d = self.geo.data_per_row();
         match role {
             r if r < d => self.geo.data_member(row, r),
@@ -368,6 +379,7 @@ impl Inner {
     pub(super) async fn discard(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.check_failed()?;
+        self.check_ppl_replayed()?;
         let geo = self.geo;
         let row_bytes = match geo.level {
             Level::Raid10 if geo.members % 2 == 1 => 0,

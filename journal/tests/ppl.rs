@@ -1,0 +1,248 @@
+//! Partial-parity records through the journal, over a store that logs them like a degraded RAID
+//! 5 array would: a CP stays within the log's PPL reserve (and later CPs apply the rest), PPL
+//! records of an interrupted CP are handed back at the next open, and those of a finished CP are
+//! not.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use twinblock_journal::{
+    Backing, BackingError, JournaledVolume, MemBacking, Nvram, NvramConfig, PplLog, VolumeConfig,
+};
+
+const VOLUME_BYTES: u64 = 1024 * 1024;
+const STRIPE_BYTES: u64 = 8 * 1024;
+const COLUMN_BYTES: u64 = 4096;
+const LOG_BYTES: u64 = 128 * 1024;
+
+/// What recovery handed to the store: the PPL payloads and whether the log was complete.
+type Replayed = (Vec<Vec<u8>>, bool);
+
+/// A store that, while `active`, persists one PPL record per write (as many bytes as the write
+/// covers columns) before writing, and records what recovery hands back.
+#[derive(Clone)]
+struct PplStore {
+    mem: MemBacking,
+    active: Arc<AtomicBool>,
+    log: Arc<Mutex<Option<PplLog>>>,
+    logged: Arc<AtomicU64>,
+    replayed: Arc<Mutex<Option<Replayed>>>,
+}
+
+impl PplStore {
+    fn new(mem: MemBacking) -> PplStore {
+        PplStore {
+            mem,
+            active: Arc::new(AtomicBool::new(true)),
+            log: Arc::new(Mutex::new(None)),
+            logged: Arc::new(AtomicU64::new(0)),
+            replayed: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    async fn log_before(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        if !self.active.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let log = self.log.lock().unwrap().clone();
+        let Some(log) = log else {
+            return Err(BackingError("no PPL log attached".into()));
+        };
+        let columns = (offset + len).div_ceil(COLUMN_BYTES) - offset / COLUMN_BYTES;
+        let payload = vec![(offset / COLUMN_BYTES) as u8 + 1; (columns * COLUMN_BYTES) as usize];
+        log.persist(&payload)
+            .await
+            .map_err(|e| BackingError(e.to_string()))?;
+        self.logged.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backing for PplStore {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    fn stripe_bytes(&self) -> u64 {
+        STRIPE_BYTES
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
+        self.mem.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
+        self.log_before(offset, data.len() as u64).await?;
+        self.mem.write(offset, data).await
+    }
+    async fn write_scattered(&self, writes: Vec<(u64, Bytes)>) -> Result<(), BackingError> {
+        for (offset, data) in writes {
+            self.write(offset, data).await?;
+        }
+        Ok(())
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.mem.write_zeroes(offset, len).await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.mem.discard(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BackingError> {
+        self.mem.flush().await
+    }
+    async fn applied_seq(&self) -> Result<u64, BackingError> {
+        self.mem.applied_seq().await
+    }
+    async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
+        self.mem.set_applied_seq(seq).await
+    }
+    fn attach_ppl(&self, log: PplLog) {
+        *self.log.lock().unwrap() = Some(log);
+    }
+    fn ppl_active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+    }
+    fn ppl_bound_bytes(&self, len: u64, whole_rows: bool, framing_bytes: u64) -> u64 {
+        let len = if whole_rows { 0 } else { len };
+        // One record per write, each covering its columns plus one partial column.
+        (len.div_ceil(COLUMN_BYTES) + 1) * COLUMN_BYTES + framing_bytes
+    }
+    async fn replay_ppl(&self, payloads: Vec<Vec<u8>>, complete: bool) -> Result<(), BackingError> {
+        *self.replayed.lock().unwrap() = Some((payloads, complete));
+        Ok(())
+    }
+}
+
+fn nvram_cfg(dir: &std::path::Path) -> NvramConfig {
+    NvramConfig {
+        path: dir.join("nvram.img"),
+        log_bytes_per_region: LOG_BYTES,
+        ..NvramConfig::new(0, [5; 16])
+    }
+}
+
+fn cfg() -> VolumeConfig {
+    VolumeConfig {
+        cp_interval_ms: 3_600_000,
+        cp_fill_percent: 100,
+        max_record_payload_bytes: 8 * 1024,
+        // Small batches: every 4 KiB block is its own store write (and PPL record).
+        cp_batch_bytes: STRIPE_BYTES,
+        ..VolumeConfig::default()
+    }
+}
+
+fn block(b: u64, v: u8) -> Bytes {
+    Bytes::from(vec![v ^ (b as u8); 4096])
+}
+
+#[tokio::test]
+async fn degraded_cps_stay_within_the_ppl_reserve_and_apply_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    let store = PplStore::new(mem.clone());
+    let vol = JournaledVolume::open(
+        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
+        store.clone(),
+        1,
+        cfg(),
+    )
+    .await
+    .unwrap();
+    // Scattered blocks (no two adjacent: each its own store write), more than the log holds
+    // at once: writers wait for CPs, and every CP must fit its PPL records.
+    let blocks: Vec<u64> = (0..100u64).map(|i| (i * 37) % 128 * 2).collect();
+    for (i, &b) in blocks.iter().enumerate() {
+        vol.write(b * 4096, block(b, i as u8)).await.unwrap();
+    }
+    let before = vol.status().cps_done;
+    vol.flush().await.unwrap();
+    let status = vol.status();
+    assert_eq!(status.last_cp_error, None);
+    assert!(
+        status.cps_done > before + 1,
+        "the log's records needed several CPs of the reserve's size ({} before, {} after)",
+        before,
+        status.cps_done
+    );
+    assert!(store.logged.load(Ordering::SeqCst) >= blocks.len() as u64 / 2);
+    let contents = mem.contents();
+    let mut last = std::collections::HashMap::new();
+    for (i, &b) in blocks.iter().enumerate() {
+        last.insert(b, i as u8);
+    }
+    for (b, v) in last {
+        let at = (b * 4096) as usize;
+        assert!(
+            contents[at..at + 4096] == block(b, v)[..],
+            "block {b} applied"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ppl_records_of_an_interrupted_cp_come_back_and_finished_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    let store = PplStore::new(mem.clone());
+    let vol = JournaledVolume::open(
+        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
+        store.clone(),
+        1,
+        cfg(),
+    )
+    .await
+    .unwrap();
+    vol.write(0, block(0, 1)).await.unwrap();
+    vol.write(3 * 4096, block(3, 1)).await.unwrap();
+    // The store logs its partial parity, then its writes fail: the CP stops after its PPL
+    // records, as a power cut would.
+    mem.set_fail_writes(true);
+    assert!(vol.checkpoint().await.is_err());
+    let logged = store.logged.load(Ordering::SeqCst);
+    assert!(logged >= 1);
+    drop(vol);
+    tokio::task::yield_now().await;
+    mem.set_fail_writes(false);
+    let store2 = PplStore::new(mem.clone());
+    let vol = JournaledVolume::open(
+        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
+        store2.clone(),
+        1,
+        cfg(),
+    )
+    .await
+    .unwrap();
+    let (payloads, complete) = store2.replayed.lock().unwrap().clone().unwrap();
+    assert!(complete);
+    assert_eq!(
+        payloads.len() as u64,
+        logged,
+        "every PPL record of the interrupted CP"
+    );
+    for p in &payloads {
+        assert!(
+            (p[0] == 1 || p[0] == 4) && p.iter().all(|&b| b == p[0]),
+            "the store's bytes as persisted"
+        );
+    }
+    // A CP that finishes retires its PPL records.
+    assert!(vol.checkpoint().await.unwrap());
+    drop(vol);
+    tokio::task::yield_now().await;
+    let store3 = PplStore::new(mem.clone());
+    let _vol = JournaledVolume::open(
+        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
+        store3.clone(),
+        1,
+        cfg(),
+    )
+    .await
+    .unwrap();
+    let (payloads, _) = store3.replayed.lock().unwrap().clone().unwrap();
+    assert!(
+        payloads.is_empty(),
+        "retired by the finished CP: {}",
+        payloads.len()
+    );
+}
