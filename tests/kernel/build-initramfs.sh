@@ -5,8 +5,11 @@
 # Usage: build-initramfs.sh OUTPUT.cpio.gz [KERNEL_VERSION]
 #
 # The guest's /init reads the server from the kernel command line:
-#   twb.port=PORT twb.export=NAME [twb.host=10.0.2.2]
-# so one image serves any port and export. It prints "TWB-PASS: <step>" / "TWB-FAIL: <step>" lines
+#   twb.port=PORT twb.export=NAME [twb.host=10.0.2.2] [twb.mode=failover twb.files=N]
+# so one image serves any port and export. twb.mode=failover (the HA takeover test) attaches with
+# `nbd-client -persist`, makes an ext4, and writes N files with a `sync` after every fourth,
+# printing "TWB-SYNCED: n" after each; the host kills the serving node meanwhile. Then every file
+# is checked against the checksum taken when it was written, and e2fsck -fn must be clean. It prints "TWB-PASS: <step>" / "TWB-FAIL: <step>" lines
 # and finishes with "TWB-RESULT: PASS" or "TWB-RESULT: FAIL", then powers off.
 set -euo pipefail
 
@@ -40,7 +43,7 @@ trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,lib/modules,usr/bin,usr/sbin}
 cp "$busybox_path" "$root/bin/busybox"
 for applet in sh mount umount insmod ip dd cmp cat echo sleep poweroff mkdir head sync \
-              grep sed tr cut ls rm md5sum hexdump uname; do
+              grep sed tr cut ls rm md5sum hexdump uname cp; do
     ln -sf busybox "$root/bin/$applet"
 done
 
@@ -116,12 +119,14 @@ fail() {
 }
 pass() { echo "TWB-PASS: $1"; }
 
-host=10.0.2.2; port=10809; export=vol0
+host=10.0.2.2; port=10809; export=vol0; mode=basic; files=40
 for arg in $(cat /proc/cmdline); do
     case $arg in
         twb.host=*) host=${arg#twb.host=} ;;
         twb.port=*) port=${arg#twb.port=} ;;
         twb.export=*) export=${arg#twb.export=} ;;
+        twb.mode=*) mode=${arg#twb.mode=} ;;
+        twb.files=*) files=${arg#twb.files=} ;;
     esac
 done
 echo "TWB-INFO: kernel $(uname -r), server $host:$port export $export"
@@ -138,6 +143,54 @@ ip route add default via 10.0.2.2 || fail "default route"
 pass "network up"
 
 [ -b /dev/nbd0 ] || fail "/dev/nbd0 exists"
+
+# Every file 1..$1 reads back with the checksum taken when it was written.
+check_files() {
+    i=1
+    while [ $i -le $1 ]; do
+        [ "$(md5sum /mnt/file.$i | cut -d' ' -f1)" = "$(cat /tmp/sum.$i)" ] || fail "file $i intact"
+        i=$((i + 1))
+    done
+}
+
+if [ "$mode" = failover ]; then
+    # -persist: when the server goes away, nbd-client reconnects to the same address (now
+    # served by the survivor) and the kernel's queued requests go there.
+    nbd-client "$host" "$port" /dev/nbd0 -N "$export" -b 4096 -persist -nonetlink -timeout 60 \
+        || fail "nbd-client attach (persistent)"
+    pass "attached /dev/nbd0 (persistent)"
+    mkfs.ext4 -q -F /dev/nbd0 || fail "mkfs.ext4"
+    mount -t ext4 /dev/nbd0 /mnt || fail "mount ext4"
+    pass "mkfs.ext4 and mount"
+    n=0
+    while [ $n -lt $files ]; do
+        n=$((n + 1))
+        dd if=/dev/urandom of=/tmp/f bs=4096 count=8 2>/dev/null || fail "make file $n"
+        md5sum /tmp/f | cut -d' ' -f1 >/tmp/sum.$n
+        cp /tmp/f /mnt/file.$n || fail "write file $n"
+        if [ $((n % 4)) -eq 0 ]; then
+            sync || fail "sync after file $n"
+            echo "TWB-SYNCED: $n"
+        fi
+    done
+    sync || fail "final sync"
+    pass "wrote and synced $files files"
+    check_files $files
+    umount /mnt || fail "umount"
+    echo 3 > /proc/sys/vm/drop_caches
+    e2fsck -fn /dev/nbd0 || fail "e2fsck -fn"
+    pass "e2fsck clean"
+    mount -t ext4 -o ro /dev/nbd0 /mnt || fail "remount ro"
+    check_files $files
+    umount /mnt
+    pass "files intact after remount"
+    nbd-client -d /dev/nbd0
+    echo "TWB-RESULT: PASS"
+    sync
+    poweroff -f
+    sleep 5
+fi
+
 nbd-client "$host" "$port" /dev/nbd0 -N "$export" -b 4096 || fail "nbd-client attach"
 size=$(cat /sys/block/nbd0/size)
 [ "$size" -gt 0 ] || fail "nbd0 has a size ($size sectors)"
