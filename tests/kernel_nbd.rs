@@ -47,6 +47,8 @@ fn kernel_nbd_attaches_and_runs_mkfs_ext4() {
         "cpio",
         "modinfo",
         "nbdcopy",
+        // The initramfs build compiles the failover test's client too.
+        "gcc",
     ];
     if !require_tools(&tools) {
         return;

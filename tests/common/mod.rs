@@ -635,8 +635,13 @@ pub fn find_kernel() -> Option<(String, PathBuf)> {
 /// Builds the initramfs once per (kernel version, script content) and caches it in the target dir.
 pub fn initramfs_for(kernel_version: &str) -> PathBuf {
     let script = tests_path("kernel/build-initramfs.sh");
-    let script_text =
+    let mut script_text =
         std::fs::read(&script).unwrap_or_else(|err| panic!("read {}: {err}", script.display()));
+    // The guest's reconnecting client is compiled into the image too.
+    let helper = tests_path("kernel/nbd-reconnect.c");
+    script_text.extend(
+        std::fs::read(&helper).unwrap_or_else(|err| panic!("read {}: {err}", helper.display())),
+    );
     let stamp = {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();

@@ -7,7 +7,8 @@
 # The guest's /init reads the server from the kernel command line:
 #   twb.port=PORT twb.export=NAME [twb.host=10.0.2.2] [twb.mode=failover twb.files=N]
 # so one image serves any port and export. twb.mode=failover (the HA takeover test) attaches with
-# `nbd-client -persist`, makes an ext4, and writes N files with a `sync` after every fourth,
+# nbd-reconnect (nbd-reconnect.c beside this script, compiled here with gcc: it reconnects to the
+# same address when the server dies, and the kernel holds the requests meanwhile), makes an ext4, and writes N files with a `sync` after every fourth,
 # printing "TWB-SYNCED: n" after each; the host kills the serving node meanwhile. Then every file
 # is checked against the checksum taken when it was written, and e2fsck -fn must be clean. It prints "TWB-PASS: <step>" / "TWB-FAIL: <step>" lines
 # and finishes with "TWB-RESULT: PASS" or "TWB-RESULT: FAIL", then powers off.
@@ -29,7 +30,7 @@ wanted_modules=(virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio v
                 failover net_failover virtio_net nbd ext4 crc32c_generic)
 guest_tools=(nbd-client mkfs.ext4 e2fsck)
 
-for tool in busybox cpio gzip modinfo ldd; do
+for tool in busybox cpio gzip modinfo ldd gcc; do
     command -v "$tool" >/dev/null || { echo "build-initramfs: missing tool: $tool" >&2; exit 1; }
 done
 busybox_path=$(command -v busybox)
@@ -46,6 +47,9 @@ for applet in sh mount umount insmod ip dd cmp cat echo sleep poweroff mkdir hea
               grep sed tr cut ls rm md5sum hexdump uname cp; do
     ln -sf busybox "$root/bin/$applet"
 done
+
+gcc -static -O2 -o "$root/bin/nbd-reconnect" "$(dirname "$0")/nbd-reconnect.c" \
+    || { echo "build-initramfs: cannot compile nbd-reconnect.c (needs gcc and libc6-dev)" >&2; exit 1; }
 
 # Copy a binary and every shared library ldd reports for it, keeping their paths.
 copy_with_libs() {
@@ -154,11 +158,17 @@ check_files() {
 }
 
 if [ "$mode" = failover ]; then
-    # -persist: when the server goes away, nbd-client reconnects to the same address (now
-    # served by the survivor) and the kernel's queued requests go there.
-    nbd-client "$host" "$port" /dev/nbd0 -N "$export" -b 4096 -persist -nonetlink -timeout 60 \
-        || fail "nbd-client attach (persistent)"
-    pass "attached /dev/nbd0 (persistent)"
+    # When the server goes away the kernel holds the requests (requeued after 5 s unanswered,
+    # kept up to 120 s without a connection) and nbd-reconnect dials the same address again,
+    # now served by the survivor.
+    nbd-reconnect "$host" "$port" "$export" 0 5 120 &
+    i=0
+    while [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
+        i=$((i + 1))
+        [ $i -le 100 ] || fail "nbd-reconnect attach"
+        sleep 0.1
+    done
+    pass "attached /dev/nbd0 (reconnecting)"
     mkfs.ext4 -q -F /dev/nbd0 || fail "mkfs.ext4"
     mount -t ext4 /dev/nbd0 /mnt || fail "mount ext4"
     pass "mkfs.ext4 and mount"
