@@ -1378,6 +1378,27 @@ fn address_hook_moves_the_service_addresses_at_takeover_and_giveback() {
         "the survivor removed node 0's address at giveback"
     );
     assert_eq!(pair.hook_calls(0), vec![call("add", 0), call("add", 0)]);
+
+    // A clean stop lets go of the address too, so the partner can take it.
+    pair.signal(1, "TERM");
+    let t0 = Instant::now();
+    while pair.nodes[1]
+        .child
+        .as_mut()
+        .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "node 1 did not stop"
+        );
+        thread::sleep(POLL);
+    }
+    assert_eq!(
+        pair.hook_calls(1).last(),
+        Some(&call("del", 1)),
+        "{}",
+        pair.logs()
+    );
 }
 
 /// The guest's console lines, read as qemu prints them; the guest is killed on drop.

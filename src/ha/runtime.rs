@@ -357,10 +357,31 @@ impl HaNode {
     /// out on every path.
     pub async fn stop(&self) {
         if let Some(h) = self.handle.get() {
+            // What was served before the stop: those sets' service addresses go too.
+            let served = match h.snapshot().await {
+                Ok(s) => s.view.serving,
+                Err(_) => (true, true),
+            };
             if let Err(e) = h.operator(Command::Stop).await {
                 tracing::warn!("HA stop: {e}");
             }
+            self.remove_addresses(served).await;
             tokio::time::sleep(Duration::from_millis(self.ha.heartbeat_interval_ms)).await;
+        }
+    }
+
+    /// Runs the address hook's `del` for the sets in `served` (own, partner): a node that stops
+    /// must let go of the addresses, or the partner's takeover would add an address this host
+    /// still answers for.
+    async fn remove_addresses(&self, served: (bool, bool)) {
+        let (own, partner) = self.address_hooks();
+        for (hook, was_served) in [(own, served.0), (partner, served.1)] {
+            let Some(hook) = hook.filter(|_| was_served) else {
+                continue;
+            };
+            if let Err(e) = hook.run(super::address_hook::Verb::Del).await {
+                tracing::error!("{e}");
+            }
         }
     }
 }
