@@ -167,7 +167,16 @@ impl Node {
     /// only reported. In an HA pair the controller then announces STOPPED.
     pub async fn close(&self) {
         for site in self.sites() {
-            site.stop(Teardown::Clean).await;
+            let stopped = site.stop(Teardown::Clean).await;
+            if !stopped.unfenced.is_empty() {
+                // The reservation stays with this node (shutdown releases nothing), so the
+                // next start resumes serving them from the copies.
+                tracing::error!(
+                    arrays = ?stopped.unfenced,
+                    "shutdown left partner arrays unfenced: their reservation is kept; the next \
+                     start serves them again and a giveback must fence them"
+                );
+            }
         }
         if let Some(ha) = &self.ha {
             ha.stop().await;

@@ -77,6 +77,21 @@ pub struct Site {
     /// [`Site::set_partner_copies`]).
     copies: OnceLock<Arc<Pair>>,
     parts: Mutex<Parts>,
+    /// Arrays served from partner copies whose last clean stop could not fence the partner's
+    /// old log (see [`Stopped`]). Remembered across stops: a later stop of a site that no
+    /// longer has them open still reports them until a stop fences them.
+    unfenced: Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// What [`Site::stop`] left behind.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[must_use = "a clean stop that left arrays unfenced must not be followed by a release"]
+pub struct Stopped {
+    /// Arrays served from this node's copies of the partner's journals (a takeover) whose final
+    /// consistency point or log fence did not complete: their disks may lack writes only the
+    /// copies hold, and the partner's old log is not fenced, so releasing them would let the
+    /// partner replay superseded records over newer data.
+    pub unfenced: Vec<String>,
 }
 
 #[derive(Default)]
@@ -111,6 +126,7 @@ impl Site {
             pair: OnceLock::new(),
             copies: OnceLock::new(),
             parts: Mutex::new(Parts::default()),
+            unfenced: Mutex::default(),
         }
     }
 
@@ -457,7 +473,8 @@ impl Site {
 
     /// Stops serving: listeners closed, client connections closed (after in-flight requests
     /// are answered), exports dropped; with [`Teardown::Clean`] a final CP and array close.
-    pub async fn stop(&self, how: Teardown) {
+    /// The result names arrays a clean stop left unfenced (always empty for `Fenced`).
+    pub async fn stop(&self, how: Teardown) -> Stopped {
         let (listeners, server, journaled, arrays, gates, seized) = {
             let mut p = self.parts();
             p.volumes.clear();
@@ -493,12 +510,16 @@ impl Site {
             // as it is (it may hold writes the disks do not have yet).
             drop(journaled);
             self.release_copies(&seized, &BTreeMap::new());
-            return;
+            return Stopped::default();
         }
         // The exports hold the devices: let them go before the journals are closed.
         drop(server);
         let mut applied = std::collections::BTreeSet::new();
         for (name, dev) in &journaled {
+            if crate::ha::fault::active(crate::ha::fault::Fault::FinalCheckpoint) {
+                tracing::warn!(volume = %name, "final consistency point skipped: injected fault");
+                continue;
+            }
             // A clean stop also tells the array that nothing is left in the log, so a start
             // that finds the NVRAM file gone (RAM after a power cut) knows nothing was lost.
             match dev.volume().stop_clean().await {
@@ -520,6 +541,28 @@ impl Site {
             if let Err(e) = a.array.close().await {
                 tracing::warn!(array = %name, "array close failed: {e}");
             }
+        }
+        self.note_unfenced(&fenced, &arrays)
+    }
+
+    /// Updates the remembered unfenced arrays with this stop's outcome and returns them: an
+    /// array this stop fenced is forgotten; one served from a copy (assembled) but not fenced
+    /// is added.
+    fn note_unfenced(
+        &self,
+        fenced: &BTreeMap<String, bool>,
+        arrays: &BTreeMap<String, Arc<ArrayEntry>>,
+    ) -> Stopped {
+        let mut unfenced = self.unfenced.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, ok) in fenced {
+            if *ok {
+                unfenced.remove(name);
+            } else if arrays.contains_key(name) {
+                unfenced.insert(name.clone());
+            }
+        }
+        Stopped {
+            unfenced: unfenced.iter().cloned().collect(),
         }
     }
 }

@@ -9,17 +9,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{require_tools, run_ok, run_with_timeout, tests_path, Daemon, DaemonSpec, VolumeSpec};
+use common::{
+    find_kernel, initramfs_for, require_tools, run_ok, run_with_timeout, Daemon, DaemonSpec,
+    VolumeSpec,
+};
 
 /// Whole guest run: boot, attach, I/O, mkfs, fsck, power off. Measured ~10 s; TCG is slow on
 /// a busy 2-core machine, so allow generously but stay under the 3-minute budget.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(170);
-/// Building the initramfs (copying binaries and modules, gzip).
-const BUILD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Size of the export the guest formats.
 const KERNEL_VOLUME_BYTES: u64 = 256 * 1024 * 1024;
 /// Guest memory for qemu.
@@ -36,54 +36,6 @@ const GUEST_STEPS: [&str; 8] = [
     "file intact after remount",
 ];
 
-/// The newest kernel with both an image in /boot and a module tree.
-fn find_kernel() -> Option<(String, PathBuf)> {
-    let mut versions: Vec<String> = std::fs::read_dir("/boot")
-        .ok()?
-        .filter_map(|entry| entry.ok())
-        .filter_map(|entry| {
-            entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("vmlinuz-"))
-                .map(String::from)
-        })
-        .filter(|version| Path::new("/lib/modules").join(version).is_dir())
-        .collect();
-    versions.sort();
-    let version = versions.pop()?;
-    let image = PathBuf::from(format!("/boot/vmlinuz-{version}"));
-    Some((version, image))
-}
-
-/// Builds the initramfs once per (kernel version, script content) and caches it in the target dir.
-fn initramfs_for(kernel_version: &str) -> PathBuf {
-    let script = tests_path("kernel/build-initramfs.sh");
-    let script_text =
-        std::fs::read(&script).unwrap_or_else(|err| panic!("read {}: {err}", script.display()));
-    let stamp = {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        script_text.hash(&mut hasher);
-        hasher.finish()
-    };
-    let cache_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-initramfs");
-    let image = cache_dir.join(format!("initrd-{kernel_version}-{stamp:016x}.gz"));
-    if image.is_file() {
-        return image;
-    }
-    std::fs::create_dir_all(&cache_dir)
-        .unwrap_or_else(|err| panic!("create {}: {err}", cache_dir.display()));
-    run_ok(
-        Command::new("bash")
-            .arg(&script)
-            .arg(&image)
-            .arg(kernel_version),
-        BUILD_TIMEOUT,
-    );
-    image
-}
-
 #[test]
 fn kernel_nbd_attaches_and_runs_mkfs_ext4() {
     let tools = [
@@ -95,6 +47,8 @@ fn kernel_nbd_attaches_and_runs_mkfs_ext4() {
         "cpio",
         "modinfo",
         "nbdcopy",
+        // The initramfs build compiles the failover test's client too.
+        "gcc",
     ];
     if !require_tools(&tools) {
         return;

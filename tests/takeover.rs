@@ -58,6 +58,18 @@ struct Opts {
     node1_interconnect_to_dead_port: bool,
     /// Node 0's `ha.silence_intervals` (default: the daemon's, 5).
     node0_silence_intervals: Option<u32>,
+    /// Each node gets a fault-injection directory (`Pair::fault` switches faults on and off).
+    faults: bool,
+    /// Each node runs a fake `ha.address_hook` that records its calls (`Pair::hook_calls`).
+    address_hook: bool,
+}
+
+/// The fake address hook's network device.
+const HOOK_DEVICE: &str = "twbtest0";
+
+/// Node `id`'s service address (as the fake address hook gets it).
+fn service_address(id: usize) -> String {
+    format!("192.0.2.{}/24", 10 + id)
 }
 
 /// The `[pair]` section of node `id` (interconnect ports `ic`, partner dialed at `dial`).
@@ -184,6 +196,28 @@ impl Pair {
             if let (0, Some(k)) = (id, opts.node0_silence_intervals) {
                 text.push_str(&format!("silence_intervals = {k}\n"));
             }
+            if opts.address_hook {
+                let dir = &nodes[id].dir;
+                let script = dir.join("address-hook.sh");
+                std::fs::write(
+                    &script,
+                    format!(
+                        "#!/bin/sh\necho \"$@\" >> {}\n",
+                        dir.join("hook-calls.log").display()
+                    ),
+                )
+                .unwrap();
+                std::fs::set_permissions(
+                    &script,
+                    <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+                )
+                .unwrap();
+                text.push_str(&format!(
+                    "address_hook = \"{}\"\nservice_address = \"{}\"\nservice_device = \"{HOOK_DEVICE}\"\n",
+                    script.display(),
+                    service_address(id)
+                ));
+            }
             if opts.mirror {
                 let mut dial = ic[1 - id];
                 if (id == 0 && opts.node0_interconnect_to_dead_port)
@@ -219,7 +253,13 @@ impl Pair {
         let daemon = std::env::var_os("TWINBLOCK_TEST_DAEMON")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_twinblockd")));
-        let child = Command::new(daemon)
+        let mut cmd = Command::new(daemon);
+        if self.opts.faults {
+            let dir = node.dir.join("faults");
+            std::fs::create_dir_all(&dir).unwrap();
+            cmd.env("TWINBLOCK_FAULT_DIR", dir);
+        }
+        let child = cmd
             .arg("--config")
             .arg(&node.config)
             .env("RUST_LOG", "info")
@@ -264,6 +304,29 @@ impl Pair {
             .status()
             .unwrap();
         assert!(st.success());
+    }
+
+    /// Switches fault `name` (a file name of `twinblock::ha::fault`) on or off for node `id`.
+    fn fault(&self, id: usize, name: &str, on: bool) {
+        assert!(
+            self.opts.faults,
+            "the pair was built without fault injection"
+        );
+        let path = self.nodes[id].dir.join("faults").join(name);
+        if on {
+            std::fs::write(&path, b"").unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    /// The calls node `id`'s fake address hook recorded, one `VERB ADDRESS DEVICE` each.
+    fn hook_calls(&self, id: usize) -> Vec<String> {
+        std::fs::read_to_string(self.nodes[id].dir.join("hook-calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     fn kill(&mut self, id: usize) {
@@ -897,10 +960,13 @@ fn partner_mirror_out_of_sync_and_partner_killed_means_no_takeover_and_the_reaso
 
 #[test]
 fn udp_and_interconnect_cut_while_mailboxes_work_causes_no_takeover() {
+    // The interconnect is cut in both directions (either node's connection carries both
+    // nodes' status).
     let mut pair = Pair::new(Opts {
         mirror: true,
         node0_udp_to_dead_port: true,
         node0_interconnect_to_dead_port: true,
+        node1_interconnect_to_dead_port: true,
         ..Opts::default()
     });
     pair.start_both();
@@ -919,14 +985,35 @@ fn udp_and_interconnect_cut_while_mailboxes_work_causes_no_takeover() {
         "the mailbox alone proves node 0 alive: {}",
         pair.ha(1)
     );
-    // Node 0 hears node 1 on all three paths (node 1's outgoing interconnect works).
+    assert_eq!(pair.path_age(0, "interconnect"), None, "{}", pair.ha(0));
+    assert!(serving(pair.nodes[0].nbd) && serving(pair.nodes[1].nbd));
+    assert_eq!(pair.ha(1)["node"]["holds_partner_disks"], false);
+}
+
+#[test]
+fn status_reaches_the_partner_on_its_connection_when_this_nodes_own_is_down() {
+    // Node 0 cannot connect to node 1 (and its UDP goes nowhere); node 1's connection to node 0
+    // works and carries node 0's status back.
+    let mut pair = Pair::new(Opts {
+        mirror: true,
+        node0_udp_to_dead_port: true,
+        node0_interconnect_to_dead_port: true,
+        ..Opts::default()
+    });
+    pair.start_both();
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(pair.path_age(1, "udp"), None, "{}", pair.ha(1));
+    assert!(
+        pair.path_age(1, "interconnect").is_some_and(|a| a < 1000),
+        "node 1 hears node 0 on node 1's own connection: {}\n{}",
+        pair.ha(1),
+        pair.logs()
+    );
     assert!(
         pair.path_age(0, "interconnect").is_some_and(|a| a < 1000),
         "{}",
         pair.ha(0)
     );
-    assert!(serving(pair.nodes[0].nbd) && serving(pair.nodes[1].nbd));
-    assert_eq!(pair.ha(1)["node"]["holds_partner_disks"], false);
 }
 
 /// How long the observer is stopped: longer than its 500 ms silence window.
@@ -968,4 +1055,621 @@ fn observer_paused_longer_than_the_silence_window_does_not_take_over_a_live_part
         log1.contains("HA controller ran late"),
         "the observer logged its own stall:\n{log1}"
     );
+}
+
+/// Writes a pattern through `uri` and reads it back in one client session; true if both worked.
+fn write_and_read_back(uri: &str, fill: u8) -> (bool, String) {
+    let out = qemu_io(
+        uri,
+        &[
+            format!("write -P {fill} 0 {BLOCK}"),
+            "flush".into(),
+            format!("read -P {fill} 0 {BLOCK}"),
+        ],
+        CLIENT_TIMEOUT,
+    );
+    let ok = out.contains("wrote 4096/4096")
+        && out.contains("read 4096/4096")
+        && !out.contains("verification failed");
+    (ok, out)
+}
+
+#[test]
+fn mailbox_disks_unreadable_while_network_works_causes_no_takeover() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut pair = Pair::new(Opts {
+        faults: true,
+        ..Opts::default()
+    });
+    pair.start_both();
+    // Reads of the mailbox area fail on every mailbox disk, on both nodes; writes still work
+    // (so each node's lease is renewed) and so do UDP and RAID.
+    for id in 0..2 {
+        pair.fault(id, "mailbox-read", true);
+    }
+    thread::sleep(QUIET_WATCH);
+    for id in 0..2 {
+        let ha = pair.ha(id);
+        assert_eq!(pair.state(id), "Normal", "{ha}\n{}", pair.logs());
+        let codes = pair.blockers(id);
+        assert!(
+            codes.iter().any(|c| c == "MailboxUnreadable")
+                && codes.iter().any(|c| c == "PartnerHeard"),
+            "node {id} shows why it could not take over: {ha}"
+        );
+        let mailbox = ha["mailbox_disks"].as_array().cloned().unwrap_or_default();
+        assert_eq!(mailbox.len(), 2, "both mailbox disks listed: {ha}");
+        for d in &mailbox {
+            let e = d["error"].as_str().unwrap_or("");
+            assert!(
+                e.contains("read") && e.contains("mailbox-read"),
+                "node {id} names each disk's read failure: {ha}"
+            );
+        }
+        assert!(
+            pair.path_age(id, "udp").is_some_and(|a| a < 1000),
+            "node {id} still hears its partner on UDP: {ha}"
+        );
+        assert!(
+            pair.path_age(id, "mailbox").is_none_or(|a| a >= 2000),
+            "node {id} hears nothing through the mailbox: {ha}"
+        );
+        assert_eq!(ha["node"]["holds_partner_disks"], false, "{ha}");
+    }
+    // Both keep serving their own volumes, writes included.
+    for id in 0..2 {
+        let (ok, out) = write_and_read_back(&pair.uri(id, &format!("vol{id}")), 0x5a);
+        assert!(
+            ok,
+            "node {id} serves writes and reads:\n{out}\n{}",
+            pair.logs()
+        );
+    }
+    // Even with the partner dead, a node that cannot read the mailbox cannot check that the
+    // partner's lease ran out, so it does not take over.
+    pair.kill(0);
+    thread::sleep(QUIET_WATCH);
+    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    assert!(
+        pair.blockers(1).iter().any(|c| c == "MailboxUnreadable"),
+        "{}",
+        pair.ha(1)
+    );
+    assert!(
+        !serving(pair.nodes[0].nbd),
+        "nobody serves node 0's address"
+    );
+    assert_eq!(pair.ha(1)["node"]["holds_partner_disks"], false);
+    // Once the mailbox reads again, the takeover goes ahead: the blocker was what held it.
+    pair.fault(1, "mailbox-read", false);
+    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    let ha = pair.ha(1);
+    assert!(
+        ha["mailbox_disks"]
+            .as_array()
+            .is_some_and(|v| v.iter().all(|d| d["error"].is_null())),
+        "the disks read again: {ha}"
+    );
+}
+
+/// Node `node`'s reservation key in this test's pair.
+fn key_of(node: u8) -> u64 {
+    let pair = uuid::Uuid::parse_str(PAIR_ID).unwrap();
+    twinblock_pair::reservation::node_key(pair.as_bytes(), node)
+}
+
+/// The reservation holder of each of `disks` (None: unreadable or not reserved).
+fn holders(disks: &[PathBuf]) -> Vec<Option<u64>> {
+    disks
+        .iter()
+        .map(|d| {
+            twinblock_pair::reservation::ReservationFile::for_disk(d)
+                .read()
+                .ok()
+                .and_then(|s| s.state.holder())
+        })
+        .collect()
+}
+
+#[test]
+fn crash_looping_node_causes_no_back_and_forth_seizing() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut pair = Pair::new(Opts::default());
+    pair.start_both();
+    pair.kill(0);
+    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    wait_serving(pair.nodes[0].nbd, TAKEOVER_BUDGET).expect("survivor serves node 0's address");
+    let uri = pair.uri(0, "vol0");
+    // Acknowledged writes made through the survivor before the crash loop.
+    let writes: Vec<String> = (0..64u64)
+        .map(|i| format!("write -P {} {} {BLOCK}", pattern(i), i * BLOCK))
+        .chain(std::iter::once("flush".to_string()))
+        .collect();
+    let out = qemu_io(&uri, &writes, CLIENT_TIMEOUT);
+    let acked = acknowledged(&out);
+    assert_eq!(acked.len(), 64, "{out}");
+
+    let disks0: Vec<PathBuf> = ["d0a", "d0b"]
+        .iter()
+        .map(|n| pair.shared.join(format!("{n}.img")))
+        .collect();
+    let survivor = key_of(1);
+    assert_eq!(
+        holders(&disks0),
+        vec![Some(survivor); 2],
+        "after the takeover"
+    );
+    // Node 0 starts and dies again and again, at different moments of its start (before and
+    // after it finds its disks held and settles to wait).
+    let lifetimes_ms = [150u64, 400, 900, 1500, 250, 2500];
+    for (round, life) in lifetimes_ms.iter().enumerate() {
+        pair.start(0);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(*life) {
+            assert_eq!(
+                holders(&disks0),
+                vec![Some(survivor); 2],
+                "round {round}: the reservation never leaves the survivor\n{}",
+                pair.logs()
+            );
+            let state1 = pair.state(1);
+            assert_eq!(state1, "Takeover", "round {round}\n{}", pair.logs());
+            thread::sleep(Duration::from_millis(20));
+        }
+        pair.kill(0);
+    }
+    // After the loop the survivor still serves node 0's volume with every acknowledged write.
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(pair.state(1), "Takeover", "{}", pair.logs());
+    assert_eq!(holders(&disks0), vec![Some(survivor); 2]);
+    let list: Vec<(u64, u8)> = acked.iter().map(|o| (*o, pattern(o / BLOCK))).collect();
+    let (ok, out) = verify(&uri, &list);
+    assert_eq!(ok, list.len(), "{out}\n{}", pair.logs());
+    let log1 = std::fs::read_to_string(&pair.nodes[1].log).unwrap();
+    assert!(
+        !log1.contains("fencing: no longer holding these disks"),
+        "the survivor was never fenced:\n{log1}"
+    );
+    // A node 0 that stays up waits for the giveback and gets its volume back.
+    pair.start(0);
+    pair.wait_state(0, "WaitingForGiveback", Duration::from_secs(10));
+    pair.admin(1, Request::HaGiveback).unwrap();
+    pair.wait_state(0, "Normal", Duration::from_secs(10));
+    assert_eq!(holders(&disks0), vec![Some(key_of(0)); 2]);
+    wait_serving(pair.nodes[0].nbd, Duration::from_secs(10)).expect("node 0 serves again");
+    let (ok, out) = verify(&uri, &list);
+    assert_eq!(ok, list.len(), "{out}\n{}", pair.logs());
+}
+
+#[test]
+fn giveback_whose_final_checkpoint_fails_keeps_the_disks_and_serves_them_again() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut pair = Pair::new(Opts {
+        mirror: true,
+        faults: true,
+        ..Opts::default()
+    });
+    pair.start_both();
+    pair.wait_mirror_ready(0, Duration::from_secs(15));
+    let uri = pair.uri(1, "vol1");
+    let out = qemu_io(
+        &uri,
+        &["write -P 0x31 0 4096".into(), "flush".into()],
+        CLIENT_TIMEOUT,
+    );
+    assert!(out.contains("wrote 4096/4096"), "{out}");
+    pair.kill(1);
+    pair.wait_state(0, "Takeover", TAKEOVER_BUDGET);
+    wait_serving(pair.nodes[1].nbd, TAKEOVER_BUDGET).expect("survivor serves node 1's address");
+    // Written during the takeover: only the survivor's copy of node 1's journal and the disks
+    // have it; node 1's own NVRAM still holds 0x31 for this block.
+    let out = qemu_io(
+        &uri,
+        &["write -P 0x32 0 4096".into(), "flush".into()],
+        CLIENT_TIMEOUT,
+    );
+    assert!(out.contains("wrote 4096/4096"), "{out}");
+    pair.start(1);
+    pair.wait_state(1, "WaitingForGiveback", Duration::from_secs(10));
+
+    let disks1: Vec<PathBuf> = ["d1a", "d1b"]
+        .iter()
+        .map(|n| pair.shared.join(format!("{n}.img")))
+        .collect();
+    pair.fault(0, "final-checkpoint", true);
+    pair.admin(0, Request::HaGiveback).unwrap();
+    // The giveback stops the volume, finds its array unfenced, and serves it again.
+    let t0 = Instant::now();
+    loop {
+        let ha0 = pair.ha(0);
+        assert_eq!(
+            holders(&disks1),
+            vec![Some(key_of(0)); 2],
+            "the reservation stays with the survivor: {ha0}\n{}",
+            pair.logs()
+        );
+        if ha0["node"]["state"] == "Takeover"
+            && ha0["node"]["serving_partner"] == true
+            && ha0["node"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("giveback aborted"))
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the survivor did not go back to serving node 1's volume: {ha0}\n{}",
+            pair.logs()
+        );
+        thread::sleep(POLL);
+    }
+    let reason = pair.ha(0)["node"]["last_error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains("unfenced") || reason.contains("fence"),
+        "{reason}"
+    );
+    assert_eq!(pair.state(1), "WaitingForGiveback", "{}", pair.logs());
+    wait_serving(pair.nodes[1].nbd, Duration::from_secs(10)).expect("served again");
+    let (ok, out) = verify(&uri, &[(0, 0x32)]);
+    assert_eq!(
+        ok,
+        1,
+        "the takeover's write is served again:\n{out}\n{}",
+        pair.logs()
+    );
+
+    // With the cause gone, the giveback goes through and node 1 serves the newer data.
+    pair.fault(0, "final-checkpoint", false);
+    pair.admin(0, Request::HaGiveback).unwrap();
+    pair.wait_state(1, "Normal", Duration::from_secs(15));
+    assert_eq!(holders(&disks1), vec![Some(key_of(1)); 2]);
+    wait_serving(pair.nodes[1].nbd, Duration::from_secs(10)).expect("node 1 serves again");
+    let (ok, out) = verify(&uri, &[(0, 0x32)]);
+    assert_eq!(
+        ok,
+        1,
+        "node 1 did not replay its superseded log:\n{out}\n{}",
+        pair.logs()
+    );
+}
+
+#[test]
+fn address_hook_moves_the_service_addresses_at_takeover_and_giveback() {
+    let mut pair = Pair::new(Opts {
+        address_hook: true,
+        ..Opts::default()
+    });
+    pair.start_both();
+    let call = |verb: &str, id: usize| format!("{verb} {} {HOOK_DEVICE}", service_address(id));
+    assert_eq!(pair.hook_calls(0), vec![call("add", 0)], "{}", pair.logs());
+    assert_eq!(pair.hook_calls(1), vec![call("add", 1)], "{}", pair.logs());
+
+    pair.kill(0);
+    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    wait_serving(pair.nodes[0].nbd, TAKEOVER_BUDGET).expect("survivor serves node 0's address");
+    assert_eq!(
+        pair.hook_calls(1),
+        vec![call("add", 1), call("add", 0)],
+        "the survivor added node 0's address"
+    );
+
+    pair.start(0);
+    pair.wait_state(0, "WaitingForGiveback", Duration::from_secs(10));
+    assert_eq!(
+        pair.hook_calls(0),
+        vec![call("add", 0)],
+        "a node waiting for giveback adds nothing"
+    );
+    pair.admin(1, Request::HaGiveback).unwrap();
+    pair.wait_state(0, "Normal", Duration::from_secs(10));
+    pair.wait_state(1, "Normal", Duration::from_secs(10));
+    assert_eq!(
+        pair.hook_calls(1),
+        vec![call("add", 1), call("add", 0), call("del", 0)],
+        "the survivor removed node 0's address at giveback"
+    );
+    assert_eq!(pair.hook_calls(0), vec![call("add", 0), call("add", 0)]);
+
+    // A clean stop lets go of the address too, so the partner can take it.
+    pair.signal(1, "TERM");
+    let t0 = Instant::now();
+    while pair.nodes[1]
+        .child
+        .as_mut()
+        .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "node 1 did not stop"
+        );
+        thread::sleep(POLL);
+    }
+    assert_eq!(
+        pair.hook_calls(1).last(),
+        Some(&call("del", 1)),
+        "{}",
+        pair.logs()
+    );
+}
+
+/// The guest's console lines, read as qemu prints them; the guest is killed on drop.
+struct Guest {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    console: String,
+}
+
+impl Guest {
+    /// Waits for a console line containing `marker`; false at `deadline` or when qemu exits.
+    fn wait_for(&mut self, marker: &str, deadline: Instant) -> bool {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let line = line.replace('\r', "");
+                    self.console.push_str(&line);
+                    self.console.push('\n');
+                    if line.contains(marker) {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Files the guest writes (32 KiB each, a `sync` after every fourth).
+const GUEST_FILES: u32 = 60;
+/// Boot, mkfs, the writes before and after the kill, fsck: TCG on a busy 2-core host.
+const GUEST_RUN_BUDGET: Duration = Duration::from_secs(240);
+
+/// 27 to 60 s here (TCG guest: boot, mkfs, 60 files written across the kill, fsck); skipped
+/// with a message where qemu, the tools or a kernel image are missing.
+#[test]
+fn kernel_client_ext4_keeps_synced_files_across_sigkill_of_the_serving_node() {
+    let tools = [
+        "qemu-system-x86_64",
+        "nbd-client",
+        "mkfs.ext4",
+        "e2fsck",
+        "busybox",
+        "cpio",
+        "modinfo",
+        "nbdcopy",
+        "gcc",
+    ];
+    if !common::require_tools(&tools) {
+        return;
+    }
+    let Some((version, kernel)) = common::find_kernel() else {
+        eprintln!("SKIP: no kernel image with modules in /boot (install linux-image-cloud-amd64)");
+        return;
+    };
+    let initrd = common::initramfs_for(&version);
+    let mut pair = Pair::new(Opts::default());
+    pair.start_both();
+    let append = format!(
+        "console=ttyS0 quiet panic=-1 twb.host=10.0.2.2 twb.port={} twb.export=vol0 \
+         twb.mode=failover twb.files={GUEST_FILES}",
+        pair.nodes[0].nbd.port()
+    );
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "768"])
+        .args(["-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", &append])
+        .args([
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu");
+    let stdout = child.stdout.take().expect("qemu stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut guest = Guest {
+        child,
+        lines,
+        console: String::new(),
+    };
+    let deadline = Instant::now() + GUEST_RUN_BUDGET;
+    // Killed while the guest writes: after its second sync, with more files to come.
+    assert!(
+        guest.wait_for("TWB-SYNCED: 8", deadline),
+        "the guest never synced its first files:\n{}",
+        guest.console
+    );
+    pair.kill(0);
+    let killed = Instant::now();
+    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    assert!(
+        guest.wait_for("nbd-reconnect: reconnected", deadline),
+        "the guest's client reconnected to the survivor:\n{}\n{}",
+        guest.console,
+        pair.logs()
+    );
+    eprintln!(
+        "kernel client: reconnected to the survivor {:?} after SIGKILL",
+        killed.elapsed()
+    );
+    let finished = guest.wait_for("TWB-RESULT:", deadline);
+    assert!(
+        finished && guest.console.contains("TWB-RESULT: PASS"),
+        "the guest's I/O resumed on the survivor and every synced file is intact:\n{}\n{}",
+        guest.console,
+        pair.logs()
+    );
+    assert!(guest
+        .console
+        .contains(&format!("TWB-SYNCED: {GUEST_FILES}")));
+    // The survivor's copy of the volume is a clean file system, seen from the host.
+    let copy = pair.nodes[1].dir.join("vol0-from-survivor.img");
+    common::run_ok(
+        Command::new("nbdcopy").arg(pair.uri(0, "vol0")).arg(&copy),
+        Duration::from_secs(60),
+    );
+    common::run_ok(
+        Command::new("e2fsck").args(["-fn"]).arg(&copy),
+        Duration::from_secs(60),
+    );
+}
+
+/// How many times node `id`'s log shows it entering `Takeover`.
+fn takeovers_logged(pair: &Pair, id: usize) -> usize {
+    std::fs::read_to_string(&pair.nodes[id].log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("HA state changed") && l.contains("to=Takeover"))
+        .count()
+}
+
+#[test]
+fn both_nodes_paused_and_resumed_together_at_most_one_takes_over() {
+    let mut pair = Pair::new(Opts::default());
+    pair.start_both();
+    let disks = |id: usize| -> Vec<PathBuf> {
+        ["a", "b"]
+            .iter()
+            .map(|s| pair.shared.join(format!("d{id}{s}.img")))
+            .collect()
+    };
+    let sets = [disks(0), disks(1)];
+    // Both stop longer than the silence window and resume together: on resuming, each has
+    // heard nothing from the other for longer than the window.
+    for round in 0..3 {
+        pair.signal(0, "STOP");
+        pair.signal(1, "STOP");
+        thread::sleep(OBSERVER_STOP);
+        pair.signal(0, "CONT");
+        pair.signal(1, "CONT");
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(2000) {
+            let states = [pair.state(0), pair.state(1)];
+            assert!(
+                !states.iter().all(|s| s == "Takeover" || s == "TakingOver"),
+                "round {round}: both nodes took over: {states:?}\n{}",
+                pair.logs()
+            );
+            for set in &sets {
+                let h = holders(set);
+                assert!(
+                    h.windows(2).all(|w| w[0] == w[1]),
+                    "round {round}: the disks of one set have one holder: {h:?}"
+                );
+            }
+            thread::sleep(POLL);
+        }
+    }
+    assert!(
+        takeovers_logged(&pair, 0) == 0 || takeovers_logged(&pair, 1) == 0,
+        "at most one node ever reached Takeover:\n{}",
+        pair.logs()
+    );
+}
+
+/// Runs `deploy/twinblock-address-hook` with fake `ip` and `arping` that record their
+/// arguments; `present` is what the fake `ip -o addr show` prints.
+fn run_example_hook(args: &[&str], present: &str) -> (bool, Vec<String>) {
+    let dir = temp_dir("address-hook");
+    let log = dir.path().join("calls");
+    for tool in ["ip", "arping"] {
+        let fake = dir.path().join(tool);
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\necho \"{tool} $*\" >> {log}\n[ \"$1\" = -o ] && printf '%s\\n' '{present}'\nexit 0\n",
+                log = log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &fake,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+        )
+        .unwrap();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/twinblock-address-hook");
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let st = Command::new("sh")
+        .arg(&script)
+        .args(args)
+        .env("PATH", path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    let calls = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    (st.success(), calls)
+}
+
+#[test]
+fn example_address_hook_adds_announces_and_removes_the_address() {
+    let (ok, calls) = run_example_hook(&["add", "192.0.2.10/24", "eth0"], "");
+    assert!(ok);
+    assert_eq!(
+        calls,
+        vec![
+            "ip addr replace 192.0.2.10/24 dev eth0",
+            "arping -q -U -c 3 -I eth0 192.0.2.10"
+        ]
+    );
+    let present = "2: eth0    inet 192.0.2.10/24 scope global eth0";
+    let (ok, calls) = run_example_hook(&["del", "192.0.2.10/24", "eth0"], present);
+    assert!(ok);
+    assert_eq!(
+        calls,
+        vec![
+            "ip -o addr show dev eth0",
+            "ip addr del 192.0.2.10/24 dev eth0"
+        ]
+    );
+    // Removing an address that is not there succeeds without touching anything.
+    let (ok, calls) = run_example_hook(&["del", "192.0.2.10/24", "eth0"], "");
+    assert!(ok);
+    assert_eq!(calls, vec!["ip -o addr show dev eth0"]);
+    let (ok, _) = run_example_hook(&["move", "192.0.2.10/24", "eth0"], "");
+    assert!(!ok, "an unknown verb fails");
 }

@@ -44,7 +44,9 @@
 //! | TAKEOVER | own + partner | operator giveback, or auto giveback and partner waits for giveback | GIVEBACK | Checkpoint, StopServing, Release (partner) |
 //! | GIVEBACK (TAKEOVER) | own + partner | all done | NORMAL, giveback pending | status NORMAL |
 //! | GIVEBACK | own + partner | Checkpoint fails | TAKEOVER (no more auto giveback; the operator retries) | |
-//! | GIVEBACK | own + partner | StopServing or Release fails | GIVEBACK | the same op again after `retry_ms` |
+//! | GIVEBACK | own + partner | StopServing fails (final CP or the partner's log fence failed: arrays left unfenced) | TAKEOVER: resuming, reason kept in `last_error` (no more auto giveback) | Assemble, Replay, Serve (partner); no Release |
+//! | TAKEOVER: resuming after a failed giveback | own + partner | an op fails | TAKEOVER, the partner's volumes unserved but still reserved (operator needed) | |
+//! | GIVEBACK | own + partner | Release fails | GIVEBACK | the same op again after `retry_ms` |
 //! | any | any | reservation conflict on a set, or partner's newer record holds our disks | own lost: waiting for giveback; partner lost: NORMAL | Fence (set) |
 //! | any | any | operator stop | STOPPED | Fence (every served set) |
 //!
@@ -454,6 +456,10 @@ pub struct Node {
     previous_attempt_failed: bool,
     last_auto_giveback_ms: Option<u64>,
     auto_giveback_suppressed: bool,
+    /// A giveback's StopServing failed: the partner's disks stay here, the reason stays in
+    /// `last_error` through the resume, and a failed resume holds them unserved instead of
+    /// backing out (a Release).
+    giveback_aborted: bool,
     last_error: Option<String>,
     rejected_records: u64,
 }
@@ -487,6 +493,7 @@ impl Node {
             previous_attempt_failed: false,
             last_auto_giveback_ms: None,
             auto_giveback_suppressed: false,
+            giveback_aborted: false,
             last_error: None,
             rejected_records: 0,
         }
@@ -861,7 +868,10 @@ impl Node {
             }
             Chain::ResumePartner | Chain::TakeOver => {
                 self.phase = Phase::Takeover;
-                self.last_error = None;
+                if !self.giveback_aborted {
+                    self.last_error = None;
+                }
+                self.giveback_aborted = false;
             }
             Chain::Backout => {
                 self.phase = Phase::Normal;
@@ -902,11 +912,37 @@ impl Node {
                 self.phase = Phase::Normal;
                 self.previous_attempt_failed = true;
             }
+            Chain::ResumePartner if self.giveback_aborted => {
+                // Backing out would release arrays the failed giveback left unfenced: hold the
+                // disks, unserved, until an operator sorts out the cause.
+                self.phase = Phase::Takeover;
+                self.giveback_aborted = false;
+                self.last_error = Some(format!(
+                    "giveback aborted and the partner's volumes could not be served again ({}); \
+                     their disks stay reserved by this node: fix the cause, then run \
+                     `twinctl giveback` again",
+                    self.last_error.as_deref().unwrap_or("no detail")
+                ));
+            }
             Chain::TakeOver | Chain::ResumePartner => self.run(Chain::Backout, out),
             Chain::GiveBack if op == Op::Checkpoint(DiskSet::Partner) => {
                 // Keep serving; no automatic retry (an operator giveback tries again).
                 self.phase = Phase::Takeover;
                 self.auto_giveback_suppressed = true;
+            }
+            Chain::GiveBack if op == Op::StopServing(DiskSet::Partner) => {
+                // The volumes are down, but their arrays may hold writes that only this node's
+                // journal copies have (the final CP or the fence of the partner's old log
+                // failed): a release would let the partner replay superseded records over
+                // them. Keep the reservation, serve them again, leave the retry to an operator.
+                self.serving_partner = false;
+                self.auto_giveback_suppressed = true;
+                self.giveback_aborted = true;
+                self.last_error = Some(format!(
+                    "giveback aborted, the partner's disks stay reserved by this node: {}",
+                    self.last_error.as_deref().unwrap_or("StopServing failed")
+                ));
+                self.run(Chain::ResumePartner, out);
             }
             Chain::Backout | Chain::GiveBack => {
                 self.phase = Phase::Running {
@@ -1122,6 +1158,8 @@ mod tests {
         node: Node,
         now: u64,
         log: Vec<(u64, Action)>,
+        /// Ops answered with `Outcome::Failed`.
+        failing: Vec<Op>,
     }
 
     impl Alone {
@@ -1138,6 +1176,7 @@ mod tests {
                 node,
                 now: 0,
                 log: Vec::new(),
+                failing: Vec::new(),
             };
             a.feed(Event::MirrorSync { in_sync: true });
             a
@@ -1154,7 +1193,11 @@ mod tests {
                         }),
                         Action::Start(op) => queue.push_back(Event::Completed {
                             op: *op,
-                            outcome: Outcome::Done,
+                            outcome: if self.failing.contains(op) {
+                                Outcome::Failed("injected".into())
+                            } else {
+                                Outcome::Done
+                            },
                         }),
                         Action::Fence(_) => {}
                     }
@@ -1237,6 +1280,76 @@ mod tests {
         assert!(steps[0].1 >= last_heard + 400 + 50);
         assert!(steps[0].1 >= announce.1 + 200);
         assert!(a.node.may_write(DiskSet::Partner, a.now));
+    }
+
+    /// Takes a silent partner over (see `takeover_steps_come_in_order_after_the_waits`).
+    fn taken_over() -> Alone {
+        let mut a = Alone::new();
+        a.partner(1);
+        a.run(2_000);
+        assert_eq!(a.node.state(), NodeState::Takeover);
+        a
+    }
+
+    fn releases(a: &Alone) -> usize {
+        a.log
+            .iter()
+            .filter(|(_, x)| *x == Action::Start(Op::Release(DiskSet::Partner)))
+            .count()
+    }
+
+    #[test]
+    fn giveback_whose_stop_leaves_arrays_unfenced_keeps_the_disks_and_serves_them_again() {
+        let mut a = taken_over();
+        a.failing = vec![Op::StopServing(DiskSet::Partner)];
+        a.node.operator(Command::Giveback, a.now).unwrap();
+        // The operator call returns the first action; feed it like the driver would.
+        a.feed(Event::Completed {
+            op: Op::Checkpoint(DiskSet::Partner),
+            outcome: Outcome::Done,
+        });
+        a.run(100);
+        assert_eq!(a.node.state(), NodeState::Takeover);
+        assert_eq!(releases(&a), 0, "no release after the failed stop");
+        assert!(a.node.holds(DiskSet::Partner));
+        assert!(a.node.serving(DiskSet::Partner), "served again");
+        let err = a.node.view(a.now).last_error.unwrap_or_default();
+        assert!(err.contains("giveback aborted"), "{err}");
+        // A later giveback that fences releases as usual.
+        a.failing.clear();
+        a.node.operator(Command::Giveback, a.now).unwrap();
+        a.feed(Event::Completed {
+            op: Op::Checkpoint(DiskSet::Partner),
+            outcome: Outcome::Done,
+        });
+        a.run(100);
+        assert_eq!(releases(&a), 1);
+        assert!(!a.node.holds(DiskSet::Partner));
+    }
+
+    #[test]
+    fn failed_resume_after_an_aborted_giveback_holds_the_disks_instead_of_backing_out() {
+        let mut a = taken_over();
+        a.failing = vec![
+            Op::StopServing(DiskSet::Partner),
+            Op::Replay(DiskSet::Partner),
+        ];
+        a.node.operator(Command::Giveback, a.now).unwrap();
+        a.feed(Event::Completed {
+            op: Op::Checkpoint(DiskSet::Partner),
+            outcome: Outcome::Done,
+        });
+        a.run(3_000);
+        assert_eq!(a.node.state(), NodeState::Takeover);
+        assert_eq!(releases(&a), 0, "never released: {:?}", a.log);
+        assert!(a.node.holds(DiskSet::Partner) && !a.node.serving(DiskSet::Partner));
+        let err = a.node.view(a.now).last_error.unwrap_or_default();
+        assert!(err.contains("could not be served again"), "{err}");
+        // The partner's newer records do not take the disks from it either.
+        a.partner(100);
+        a.run(500);
+        assert!(a.node.holds(DiskSet::Partner));
+        assert_eq!(releases(&a), 0);
     }
 
     /// The node was not scheduled for `ms` (SIGSTOP, CPU starvation): no step at all.

@@ -45,6 +45,17 @@ pub struct HaConfig {
     /// Start with takeover disabled (the operator enables it with `twinctl takeover-enable`).
     #[serde(default)]
     pub takeover_disabled: bool,
+    /// LAN address takeover: a program run as `PROGRAM add|del IP/PREFIX DEVICE` when this node
+    /// starts or stops serving a disk set (see `crate::ha::address_hook`).
+    #[serde(default)]
+    pub address_hook: Option<PathBuf>,
+    /// This node's service address as `IP/PREFIX`, moved by `address_hook`; the partner's
+    /// config names its own, which the survivor adds at takeover.
+    #[serde(default)]
+    pub service_address: Option<String>,
+    /// The network interface `address_hook` adds both nodes' service addresses on.
+    #[serde(default)]
+    pub service_device: Option<String>,
 }
 
 fn default_interval() -> u64 {
@@ -76,6 +87,22 @@ impl HaConfig {
                     format!("`{addr}` is not an IP address with a port (e.g. 127.0.0.1:10900)"),
                 );
             }
+        }
+        if let Some(a) = &self.service_address {
+            crate::ha::address_hook::check_address(a).or_else(|m| bad("service_address", m))?;
+        }
+        if let Some(d) = &self.service_device {
+            crate::ha::address_hook::check_device(d).or_else(|m| bad("service_device", m))?;
+        }
+        if self.address_hook.is_some()
+            && (self.service_address.is_none() || self.service_device.is_none())
+        {
+            return bad(
+                "address_hook",
+                "needs ha.service_address (this node's IP/PREFIX) and ha.service_device (the \
+                 interface to add the addresses on)"
+                    .into(),
+            );
         }
         if self.udp_listen == self.partner_udp {
             return bad(
@@ -150,6 +177,12 @@ pub fn check_ha_partner(own: &super::Config, partner: &super::Config) -> HaPartn
                     a.udp_listen, a.partner_udp, b.udp_listen, b.partner_udp
                 ));
             }
+            if a.address_hook.is_some() && b.service_address.is_none() {
+                out.fatal.push(format!(
+                    "{on} has ha.address_hook but {pn} names no ha.service_address: the \
+                     survivor could not move the partner's address at takeover"
+                ));
+            }
             if a.heartbeat_interval_ms != b.heartbeat_interval_ms
                 || a.silence_intervals != b.silence_intervals
             {
@@ -194,6 +227,22 @@ mod tests {
             "#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn address_hook_needs_a_valid_address_and_device() {
+        let mut c = sample();
+        c.address_hook = Some("/usr/local/sbin/hook".into());
+        let (key, msg) = c.check().unwrap_err();
+        assert_eq!(key, "ha.address_hook");
+        assert!(msg.contains("service_address"), "{msg}");
+        c.service_address = Some("192.168.10.11".into());
+        c.service_device = Some("eth0".into());
+        assert_eq!(c.check().unwrap_err().0, "ha.service_address");
+        c.service_address = Some("192.168.10.11/24".into());
+        assert!(c.check().is_ok());
+        c.service_device = Some("eth 0".into());
+        assert_eq!(c.check().unwrap_err().0, "ha.service_device");
     }
 
     #[test]

@@ -51,6 +51,11 @@ pub async fn status(ha: Option<&HaNode>) -> Result<Value, String> {
         }
     }
     let mut out = snapshot_json(&snap, node.node_id(), disks);
+    out["mailbox_disks"] = node
+        .mailbox_health()
+        .into_iter()
+        .map(|(disk, error)| json!({ "disk": disk.display().to_string(), "error": error }))
+        .collect();
     explain_mirror(&mut out, &snap, node.mirror_detail());
     Ok(out)
 }

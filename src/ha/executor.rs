@@ -7,6 +7,7 @@
 //! nothing is written meanwhile. Reservation updates (file lock, fsync, rename) run on the
 //! blocking pool.
 
+use super::address_hook::{AddressHook, Verb};
 use super::controller::Executor;
 use crate::site::{Site, Teardown};
 use async_trait::async_trait;
@@ -29,6 +30,8 @@ pub struct SiteExecutor {
     /// The data path's runtime: fences (and every op, spawned there by the controller) run on
     /// it, never on the HA control plane's thread.
     runtime: tokio::runtime::Handle,
+    /// The address-takeover hook of each set (own, partner), when `ha.address_hook` is set.
+    hooks: [Option<Arc<AddressHook>>; 2],
 }
 
 /// What a reservation step found.
@@ -53,7 +56,22 @@ impl SiteExecutor {
             partner_key,
             serial: [Arc::default(), Arc::default()],
             runtime,
+            hooks: [None, None],
         }
+    }
+
+    /// Moves the sets' service addresses with `own` and `partner` hooks (LAN takeover).
+    pub fn with_address_hooks(
+        mut self,
+        own: Option<AddressHook>,
+        partner: Option<AddressHook>,
+    ) -> Self {
+        self.hooks = [own.map(Arc::new), partner.map(Arc::new)];
+        self
+    }
+
+    fn hook(&self, set: DiskSet) -> Option<Arc<AddressHook>> {
+        self.hooks[usize::from(set == DiskSet::Partner)].clone()
     }
 
     fn site(&self, set: DiskSet) -> &Arc<Site> {
@@ -107,6 +125,10 @@ impl SiteExecutor {
                 Outcome::Done
             }
             Op::Serve(set) => {
+                // The address must be on the interface before the bind.
+                if let Some(hook) = self.hook(set) {
+                    hook.run(Verb::Add).await?;
+                }
                 let bound = self.site(set).serve().await?;
                 tracing::info!(?set, ?bound, "HA: serving");
                 Outcome::Done
@@ -116,10 +138,28 @@ impl SiteExecutor {
                 Outcome::Done
             }
             Op::StopServing(set) => {
-                self.site(set).stop(Teardown::Clean).await;
-                Outcome::Done
+                let stopped = self.site(set).stop(Teardown::Clean).await;
+                remove_address(self.hook(set)).await;
+                if stopped.unfenced.is_empty() {
+                    Outcome::Done
+                } else {
+                    // The state machine keeps the reservation and serves the set again.
+                    Outcome::Failed(format!(
+                        "the final consistency point or the fence of the partner's old log did                          not complete for array(s) {}; keeping their reservation (releasing                          would let the partner replay superseded records): fix the cause (see                          the log), then run `twinctl giveback` again",
+                        stopped.unfenced.join(", ")
+                    ))
+                }
             }
         })
+    }
+}
+
+/// Runs the hook's `del` (if any); a failure is logged: the stop itself is done.
+async fn remove_address(hook: Option<Arc<AddressHook>>) {
+    if let Some(hook) = hook {
+        if let Err(e) = hook.run(Verb::Del).await {
+            tracing::error!("{e}");
+        }
     }
 }
 
@@ -210,7 +250,10 @@ impl Executor for SiteExecutor {
                 // A half-done bring-up must not stay half up: the machine retries from the
                 // start of its chain.
                 if matches!(op, Op::Assemble(_) | Op::Replay(_) | Op::Serve(_)) {
-                    self.site(set).stop(Teardown::Clean).await;
+                    // Any array left unfenced is remembered by the site and reported by the
+                    // next StopServing, which keeps the reservation then.
+                    let _ = self.site(set).stop(Teardown::Clean).await;
+                    remove_address(self.hook(set)).await;
                 }
                 Outcome::Failed(format!("{e:#}"))
             }
@@ -220,9 +263,12 @@ impl Executor for SiteExecutor {
     fn fence(&self, set: DiskSet) {
         let site = self.site(set).clone();
         let lock = self.lock(set);
+        let hook = self.hook(set);
         self.runtime.spawn(async move {
             let _serial = lock.lock_owned().await;
-            site.stop(Teardown::Fenced).await;
+            let _ = site.stop(Teardown::Fenced).await;
+            // The set's new holder adds the address: this node must not answer for it.
+            remove_address(hook).await;
             tracing::warn!(?set, "fenced: stopped serving, connections dropped");
         });
     }

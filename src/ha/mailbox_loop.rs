@@ -6,10 +6,19 @@
 //! every disk took the record: that renews the lease), [`Event::Status`] with the newest valid
 //! record found on any disk, and [`Event::MailboxRead`] (ok if at least one disk yielded a valid
 //! slot). A disk that cannot be opened (not created yet, unplugged) is retried every round; it
-//! counts as a failed write and read meanwhile.
+//! counts as a failed write and read meanwhile. A read or write that fails closes the disk's
+//! file, so the next round opens the path again: a disk replaced or re-attached under the same
+//! path is picked up without a restart.
+//!
+//! Each disk's latest failure (or none) is kept in a [`MailboxHealth`] that `twinctl status`
+//! shows next to the `MailboxUnreadable` takeover blocker, so the operator sees which disk and
+//! why.
 
-use super::mailbox_io::MailboxDisk;
+use super::fault::{self, Fault};
+use super::mailbox_io::{MailboxDisk, MailboxIoError};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use twinblock_pair::heartbeat::Path as HbPath;
@@ -23,12 +32,40 @@ pub struct MailboxLoop {
     pub pair_id: [u8; 16],
     pub partner: NodeId,
     pub interval_ms: u64,
+    /// Where each disk's latest failure is published.
+    pub health: MailboxHealth,
+}
+
+/// Per mailbox disk: the latest failure of a write or read (`None`: the last round worked).
+#[derive(Clone, Debug, Default)]
+pub struct MailboxHealth(Arc<Mutex<BTreeMap<PathBuf, Option<String>>>>);
+
+impl MailboxHealth {
+    /// Every disk with its latest failure, in path order.
+    pub fn snapshot(&self) -> Vec<(PathBuf, Option<String>)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect()
+    }
+
+    fn set(&self, path: &std::path::Path, error: Option<String>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_path_buf(), error);
+    }
 }
 
 struct Disk {
     path: PathBuf,
     open: Option<MailboxDisk>,
-    last_error: Option<String>,
+    /// This round's failure (published at the end of the round).
+    failed: Option<String>,
+    /// The failure last logged (a dead disk is logged once, not every interval).
+    logged: Option<String>,
 }
 
 impl Disk {
@@ -36,18 +73,45 @@ impl Disk {
         if self.open.is_none() {
             match MailboxDisk::open(&self.path) {
                 Ok(d) => self.open = Some(d),
-                Err(e) => self.note(e.to_string()),
+                Err(e) => self.fail(e.to_string()),
             }
         }
         self.open.clone()
     }
 
-    /// Logs a failure once per distinct message, so a dead disk does not flood the log.
-    fn note(&mut self, msg: String) {
-        if self.last_error.as_deref() != Some(msg.as_str()) {
-            tracing::warn!(disk = %self.path.display(), "mailbox: {msg}");
-            self.last_error = Some(msg);
+    /// Records a failure of this round; an I/O error also closes the file so the next round
+    /// opens the path again.
+    fn io_failed(&mut self, e: &MailboxIoError) {
+        if matches!(e, MailboxIoError::Io { .. }) {
+            self.open = None;
         }
+        self.fail(e.to_string());
+    }
+
+    fn fail(&mut self, msg: String) {
+        if self.logged.as_deref() != Some(msg.as_str()) {
+            tracing::warn!(disk = %self.path.display(), "mailbox: {msg}");
+            self.logged = Some(msg.clone());
+        }
+        self.failed.get_or_insert(msg);
+    }
+
+    /// Ends a round: publishes its outcome and logs a recovery.
+    fn end_round(&mut self, health: &MailboxHealth) {
+        let failed = self.failed.take();
+        if failed.is_none() && self.logged.take().is_some() {
+            tracing::info!(disk = %self.path.display(), "mailbox: disk works again");
+        }
+        health.set(&self.path, failed);
+    }
+}
+
+/// A mailbox I/O error made up by an injected fault (see [`fault`]).
+fn injected(disk: &MailboxDisk, fault: Fault, op: &'static str) -> MailboxIoError {
+    MailboxIoError::Io {
+        path: disk.path().to_path_buf(),
+        op,
+        source: fault::injected_error(fault),
     }
 }
 
@@ -71,7 +135,8 @@ impl MailboxLoop {
             .map(|p| Disk {
                 path: p.clone(),
                 open: None,
-                last_error: None,
+                failed: None,
+                logged: None,
             })
             .collect();
         let interval = Duration::from_millis(self.interval_ms);
@@ -91,6 +156,9 @@ impl MailboxLoop {
             if !self.read_partner(&mut disks, &events).await {
                 return;
             }
+            for d in &mut disks {
+                d.end_round(&self.health);
+            }
             tokio::select! {
                 changed = records.changed() => if changed.is_err() { return },
                 () = tokio::time::sleep(interval) => {}
@@ -107,8 +175,13 @@ impl MailboxLoop {
                 ok = false;
                 continue;
             };
-            if let Err(e) = disk.write(offset, &block).await {
-                d.note(e.to_string());
+            let result = if fault::active(Fault::MailboxWrite) {
+                Err(injected(&disk, Fault::MailboxWrite, "write"))
+            } else {
+                disk.write(offset, &block).await
+            };
+            if let Err(e) = result {
+                d.io_failed(&e);
                 ok = false;
             }
         }
@@ -163,20 +236,23 @@ impl MailboxLoop {
 
     async fn read_one(&self, d: &mut Disk) -> Option<SlotRead> {
         let disk = d.get()?;
-        let bytes = match disk
-            .read(mailbox::slot_offset(self.partner), SLOT_BYTES)
-            .await
-        {
+        let result = if fault::active(Fault::MailboxRead) {
+            Err(injected(&disk, Fault::MailboxRead, "read"))
+        } else {
+            disk.read(mailbox::slot_offset(self.partner), SLOT_BYTES)
+                .await
+        };
+        let bytes = match result {
             Ok(b) => b,
             Err(e) => {
-                d.note(e.to_string());
+                d.io_failed(&e);
                 return None;
             }
         };
         match mailbox::decode_slot(&bytes, self.partner) {
             Ok(r) if r.pair_id == self.pair_id => Some(SlotRead::Record(r)),
             Ok(_) => {
-                d.note("the partner's slot holds a record of another pair".into());
+                d.fail("the partner's slot holds a record of another pair".into());
                 Some(SlotRead::Nothing)
             }
             Err(MailboxError::Status(StatusError::VersionMismatch(f)))
@@ -187,7 +263,7 @@ impl MailboxLoop {
             // Never written: the read worked but proves nothing about the partner.
             Err(MailboxError::Empty) => Some(SlotRead::Nothing),
             Err(e) => {
-                d.note(format!("the partner's slot is unreadable: {e}"));
+                d.fail(format!("the partner's slot is unreadable: {e}"));
                 Some(SlotRead::Nothing)
             }
         }

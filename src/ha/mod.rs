@@ -4,6 +4,7 @@
 //!
 //! | module | holds |
 //! | --- | --- |
+//! | [`address_hook`] | the LAN address-takeover program run when a set's service address moves |
 //! | [`admin`] | the HA admin requests (takeover, giveback, enable/disable, status) |
 //! | [`controller`] | the task owning the state machine: ticks, paths, operator, actions |
 //! | [`executor`] | carrying out the machine's operations on reservations and sites |
@@ -14,10 +15,13 @@
 //! | [`generation`] | the persisted generation number, increased at every start |
 //! | [`udp`] | the datagram heartbeat path |
 //! | [`mailbox_io`] | `O_DIRECT` reads and writes of the mailbox area on the shared disks |
+//! | [`fault`] | fault injection switches for end-to-end tests (off unless an env var is set) |
 
+pub mod address_hook;
 pub mod admin;
 pub mod controller;
 pub mod executor;
+pub mod fault;
 pub mod fenced_member;
 pub mod gate;
 pub mod generation;

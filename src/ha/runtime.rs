@@ -9,12 +9,13 @@
 //! on a thread of their own ([`spawn_control_plane`]), so the data path's blocking work never
 //! delays a heartbeat.
 
+use super::address_hook::AddressHook;
 use super::controller::{self, Handle, Link, Parts, Permits};
 use super::executor::{holds_all, SiteExecutor};
 use super::fenced_member::FencedMember;
 use super::gate::WriteGate;
 use super::generation;
-use super::mailbox_loop::MailboxLoop;
+use super::mailbox_loop::{MailboxHealth, MailboxLoop};
 use super::udp::UdpPath;
 use crate::config::ha::HaConfig;
 use crate::config::Config;
@@ -54,6 +55,8 @@ pub struct HaNode {
     handle: OnceLock<Handle>,
     /// Why the mirror blocks a takeover, when it does (for `twinctl status`).
     mirror_detail: Arc<Mutex<Option<String>>>,
+    /// Each mailbox disk's latest failure (for `twinctl status`).
+    mailbox_health: MailboxHealth,
     /// Dropping it ends the HA control plane's thread.
     control_plane_stop: Mutex<Option<oneshot::Sender<()>>>,
 }
@@ -165,6 +168,7 @@ impl HaNode {
                 events: Mutex::new(Some((tx, rx))),
                 handle: OnceLock::new(),
                 mirror_detail: Arc::default(),
+                mailbox_health: MailboxHealth::default(),
                 control_plane_stop: Mutex::new(None),
             },
         ))
@@ -208,6 +212,37 @@ impl HaNode {
             .clone()
     }
 
+    /// Each mailbox disk with its latest failure (`None`: the last round worked).
+    pub fn mailbox_health(&self) -> Vec<(PathBuf, Option<String>)> {
+        self.mailbox_health.snapshot()
+    }
+
+    /// The address-takeover hooks of the own and the partner's set (`ha.address_hook`): this
+    /// node's service address and the partner config's, both on this node's device.
+    fn address_hooks(&self) -> (Option<AddressHook>, Option<AddressHook>) {
+        let (Some(program), Some(device)) = (&self.ha.address_hook, &self.ha.service_device) else {
+            return (None, None);
+        };
+        let program = self.config.resolve(program);
+        let hook = |address: Option<&String>| {
+            address.map(|a| AddressHook {
+                program: program.clone(),
+                address: a.clone(),
+                device: device.clone(),
+            })
+        };
+        let partner_address = self
+            .partner
+            .config()
+            .ha
+            .as_ref()
+            .and_then(|h| h.service_address.as_ref());
+        (
+            hook(self.ha.service_address.as_ref()),
+            hook(partner_address),
+        )
+    }
+
     fn machine_config(&self) -> MachineConfig {
         let mut m = MachineConfig::new(self.pair_id, self.node_id);
         m.heartbeat = HeartbeatConfig {
@@ -226,6 +261,7 @@ impl HaNode {
         let Some(events) = self.events.lock().ok().and_then(|mut e| e.take()) else {
             bail!("the HA controller was already started");
         };
+        super::fault::announce();
         let generation = generation::next(&self.config.data_dir())?;
         let holds_partner_disks = holds_all(&self.partner.disks(), self.own_key);
         tracing::info!(
@@ -251,15 +287,20 @@ impl HaNode {
             pair_id: self.pair_id,
             partner: self.node_id.partner(),
             interval_ms: self.ha.heartbeat_interval_ms,
+            health: self.mailbox_health.clone(),
         };
         let ops = tokio::runtime::Handle::current();
-        let executor = Arc::new(SiteExecutor::new(
-            own,
-            self.partner.clone(),
-            self.own_key,
-            self.partner_key,
-            ops.clone(),
-        ));
+        let (own_hook, partner_hook) = self.address_hooks();
+        let executor = Arc::new(
+            SiteExecutor::new(
+                own,
+                self.partner.clone(),
+                self.own_key,
+                self.partner_key,
+                ops.clone(),
+            )
+            .with_address_hooks(own_hook, partner_hook),
+        );
         let parts = Parts {
             machine: self.machine_config(),
             boot: Boot {
@@ -316,10 +357,31 @@ impl HaNode {
     /// out on every path.
     pub async fn stop(&self) {
         if let Some(h) = self.handle.get() {
+            // What was served before the stop: those sets' service addresses go too.
+            let served = match h.snapshot().await {
+                Ok(s) => s.view.serving,
+                Err(_) => (true, true),
+            };
             if let Err(e) = h.operator(Command::Stop).await {
                 tracing::warn!("HA stop: {e}");
             }
+            self.remove_addresses(served).await;
             tokio::time::sleep(Duration::from_millis(self.ha.heartbeat_interval_ms)).await;
+        }
+    }
+
+    /// Runs the address hook's `del` for the sets in `served` (own, partner): a node that stops
+    /// must let go of the addresses, or the partner's takeover would add an address this host
+    /// still answers for.
+    async fn remove_addresses(&self, served: (bool, bool)) {
+        let (own, partner) = self.address_hooks();
+        for (hook, was_served) in [(own, served.0), (partner, served.1)] {
+            let Some(hook) = hook.filter(|_| was_served) else {
+                continue;
+            };
+            if let Err(e) = hook.run(super::address_hook::Verb::Del).await {
+                tracing::error!("{e}");
+            }
         }
     }
 }

@@ -415,10 +415,25 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
     let mut replaced = pair.inbound.subscribe();
     tracing::info!(%peer, volumes = session.volumes.len(), "partner connected; storing its journal records");
     let announced: HashSet<u64> = session.volumes.iter().map(|v| v.volume).collect();
+    let mut status = pair.status_updates();
     let serve = async {
         let mut out = Vec::new();
         loop {
-            fb.fill(&mut rd).await?;
+            // This node's status goes back on the partner's connection too, so the
+            // interconnect path works while only the partner can connect (`Pair::send_status`).
+            // `fill` is cancel-safe: it only awaits one `read_buf`.
+            tokio::select! {
+                r = fb.fill(&mut rd) => r?,
+                Ok(()) = status.changed() => {
+                    let record = status.borrow_and_update().clone();
+                    if let Some(record) = record {
+                        Message::Status(record).encode(&mut out);
+                        write_all(&mut wr, &out).await?;
+                        out.clear();
+                    }
+                    continue;
+                }
+            }
             let mut touched = BTreeMap::new();
             while let Some((k, range)) = fb.next()? {
                 let msg = Message::decode(k, fb.body(range))?;

@@ -236,6 +236,9 @@ pub struct Pair {
     log: RateLimitedLog,
     /// The newest status record to send to the partner (see [`Pair::send_status`]).
     status_out: Mutex<Option<Vec<u8>>>,
+    /// The same record for the partner's connection to this node (see
+    /// `interconnect::inbound`), which has no send loop to take it from `status_out`.
+    status_watch: watch::Sender<Option<Vec<u8>>>,
 }
 
 impl Pair {
@@ -298,6 +301,7 @@ impl Pair {
             seen_nonces: Mutex::new(SeenNonces::default()),
             log: RateLimitedLog::default(),
             status_out: Mutex::new(None),
+            status_watch: watch::channel(None).0,
         })))
     }
 
@@ -417,6 +421,11 @@ impl Pair {
 
     /// Sends an opaque status record (the HA controller's) to the partner on the interconnect
     /// with the next send; a newer one replaces one not yet sent. Refused when too large.
+    ///
+    /// It goes on both connections that are up: this node's own (outgoing, with the next batch
+    /// of journal records) and the partner's connection to this node (beside its ACKs). So the
+    /// path works while either direction can connect, and the partner's heartbeat merge drops
+    /// the duplicate when both do.
     pub fn send_status(&self, record: Vec<u8>) -> Result<()> {
         let max = twinblock_pair::wire::MAX_STATUS_BYTES;
         if record.is_empty() || record.len() > max {
@@ -425,9 +434,17 @@ impl Pair {
                 record.len()
             );
         }
-        *self.status_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        *self.status_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(record.clone());
+        self.status_watch.send_replace(Some(record));
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Status records for a connection the partner made to this node: the newest from now on.
+    pub(crate) fn status_updates(&self) -> watch::Receiver<Option<Vec<u8>>> {
+        let mut rx = self.status_watch.subscribe();
+        rx.mark_unchanged();
+        rx
     }
 
     fn take_status(&self) -> Option<Vec<u8>> {

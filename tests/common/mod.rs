@@ -608,3 +608,59 @@ pub fn tests_path(relative: &str) -> PathBuf {
         .join("tests")
         .join(relative)
 }
+
+/// Building the guest initramfs (copying binaries and modules, gzip).
+const INITRAMFS_BUILD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The newest kernel with both an image in /boot and a module tree.
+pub fn find_kernel() -> Option<(String, PathBuf)> {
+    let mut versions: Vec<String> = std::fs::read_dir("/boot")
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(String::from)
+        })
+        .filter(|version| Path::new("/lib/modules").join(version).is_dir())
+        .collect();
+    versions.sort();
+    let version = versions.pop()?;
+    let image = PathBuf::from(format!("/boot/vmlinuz-{version}"));
+    Some((version, image))
+}
+
+/// Builds the initramfs once per (kernel version, script content) and caches it in the target dir.
+pub fn initramfs_for(kernel_version: &str) -> PathBuf {
+    let script = tests_path("kernel/build-initramfs.sh");
+    let mut script_text =
+        std::fs::read(&script).unwrap_or_else(|err| panic!("read {}: {err}", script.display()));
+    // The guest's reconnecting client is compiled into the image too.
+    let helper = tests_path("kernel/nbd-reconnect.c");
+    script_text.extend(
+        std::fs::read(&helper).unwrap_or_else(|err| panic!("read {}: {err}", helper.display())),
+    );
+    let stamp = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        script_text.hash(&mut hasher);
+        hasher.finish()
+    };
+    let cache_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-initramfs");
+    let image = cache_dir.join(format!("initrd-{kernel_version}-{stamp:016x}.gz"));
+    if image.is_file() {
+        return image;
+    }
+    std::fs::create_dir_all(&cache_dir)
+        .unwrap_or_else(|err| panic!("create {}: {err}", cache_dir.display()));
+    run_ok(
+        Command::new("bash")
+            .arg(&script)
+            .arg(&image)
+            .arg(kernel_version),
+        INITRAMFS_BUILD_TIMEOUT,
+    );
+    image
+}

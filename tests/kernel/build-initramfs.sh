@@ -5,8 +5,12 @@
 # Usage: build-initramfs.sh OUTPUT.cpio.gz [KERNEL_VERSION]
 #
 # The guest's /init reads the server from the kernel command line:
-#   twb.port=PORT twb.export=NAME [twb.host=10.0.2.2]
-# so one image serves any port and export. It prints "TWB-PASS: <step>" / "TWB-FAIL: <step>" lines
+#   twb.port=PORT twb.export=NAME [twb.host=10.0.2.2] [twb.mode=failover twb.files=N]
+# so one image serves any port and export. twb.mode=failover (the HA takeover test) attaches with
+# nbd-reconnect (nbd-reconnect.c beside this script, compiled here with gcc: it reconnects to the
+# same address when the server dies, and the kernel holds the requests meanwhile), makes an ext4, and writes N files with a `sync` after every fourth,
+# printing "TWB-SYNCED: n" after each; the host kills the serving node meanwhile. Then every file
+# is checked against the checksum taken when it was written, and e2fsck -fn must be clean. It prints "TWB-PASS: <step>" / "TWB-FAIL: <step>" lines
 # and finishes with "TWB-RESULT: PASS" or "TWB-RESULT: FAIL", then powers off.
 set -euo pipefail
 
@@ -26,7 +30,7 @@ wanted_modules=(virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio v
                 failover net_failover virtio_net nbd ext4 crc32c_generic)
 guest_tools=(nbd-client mkfs.ext4 e2fsck)
 
-for tool in busybox cpio gzip modinfo ldd; do
+for tool in busybox cpio gzip modinfo ldd gcc; do
     command -v "$tool" >/dev/null || { echo "build-initramfs: missing tool: $tool" >&2; exit 1; }
 done
 busybox_path=$(command -v busybox)
@@ -40,9 +44,12 @@ trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,lib/modules,usr/bin,usr/sbin}
 cp "$busybox_path" "$root/bin/busybox"
 for applet in sh mount umount insmod ip dd cmp cat echo sleep poweroff mkdir head sync \
-              grep sed tr cut ls rm md5sum hexdump uname; do
+              grep sed tr cut ls rm md5sum hexdump uname cp; do
     ln -sf busybox "$root/bin/$applet"
 done
+
+gcc -static -O2 -o "$root/bin/nbd-reconnect" "$(dirname "$0")/nbd-reconnect.c" \
+    || { echo "build-initramfs: cannot compile nbd-reconnect.c (needs gcc and libc6-dev)" >&2; exit 1; }
 
 # Copy a binary and every shared library ldd reports for it, keeping their paths.
 copy_with_libs() {
@@ -116,12 +123,14 @@ fail() {
 }
 pass() { echo "TWB-PASS: $1"; }
 
-host=10.0.2.2; port=10809; export=vol0
+host=10.0.2.2; port=10809; export=vol0; mode=basic; files=40
 for arg in $(cat /proc/cmdline); do
     case $arg in
         twb.host=*) host=${arg#twb.host=} ;;
         twb.port=*) port=${arg#twb.port=} ;;
         twb.export=*) export=${arg#twb.export=} ;;
+        twb.mode=*) mode=${arg#twb.mode=} ;;
+        twb.files=*) files=${arg#twb.files=} ;;
     esac
 done
 echo "TWB-INFO: kernel $(uname -r), server $host:$port export $export"
@@ -138,6 +147,60 @@ ip route add default via 10.0.2.2 || fail "default route"
 pass "network up"
 
 [ -b /dev/nbd0 ] || fail "/dev/nbd0 exists"
+
+# Every file 1..$1 reads back with the checksum taken when it was written.
+check_files() {
+    i=1
+    while [ $i -le $1 ]; do
+        [ "$(md5sum /mnt/file.$i | cut -d' ' -f1)" = "$(cat /tmp/sum.$i)" ] || fail "file $i intact"
+        i=$((i + 1))
+    done
+}
+
+if [ "$mode" = failover ]; then
+    # When the server goes away the kernel holds the requests (requeued after 5 s unanswered,
+    # kept up to 120 s without a connection) and nbd-reconnect dials the same address again,
+    # now served by the survivor.
+    nbd-reconnect "$host" "$port" "$export" 0 5 120 &
+    i=0
+    while [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
+        i=$((i + 1))
+        [ $i -le 100 ] || fail "nbd-reconnect attach"
+        sleep 0.1
+    done
+    pass "attached /dev/nbd0 (reconnecting)"
+    mkfs.ext4 -q -F /dev/nbd0 || fail "mkfs.ext4"
+    mount -t ext4 /dev/nbd0 /mnt || fail "mount ext4"
+    pass "mkfs.ext4 and mount"
+    n=0
+    while [ $n -lt $files ]; do
+        n=$((n + 1))
+        dd if=/dev/urandom of=/tmp/f bs=4096 count=8 2>/dev/null || fail "make file $n"
+        md5sum /tmp/f | cut -d' ' -f1 >/tmp/sum.$n
+        cp /tmp/f /mnt/file.$n || fail "write file $n"
+        if [ $((n % 4)) -eq 0 ]; then
+            sync || fail "sync after file $n"
+            echo "TWB-SYNCED: $n"
+        fi
+    done
+    sync || fail "final sync"
+    pass "wrote and synced $files files"
+    check_files $files
+    umount /mnt || fail "umount"
+    echo 3 > /proc/sys/vm/drop_caches
+    e2fsck -fn /dev/nbd0 || fail "e2fsck -fn"
+    pass "e2fsck clean"
+    mount -t ext4 -o ro /dev/nbd0 /mnt || fail "remount ro"
+    check_files $files
+    umount /mnt
+    pass "files intact after remount"
+    nbd-client -d /dev/nbd0
+    echo "TWB-RESULT: PASS"
+    sync
+    poweroff -f
+    sleep 5
+fi
+
 nbd-client "$host" "$port" /dev/nbd0 -N "$export" -b 4096 || fail "nbd-client attach"
 size=$(cat /sys/block/nbd0/size)
 [ "$size" -gt 0 ] || fail "nbd0 has a size ($size sectors)"

@@ -69,6 +69,7 @@ fn start(id: NodeId, disks: &[PathBuf], link: Link) -> TestNode {
                 pair_id: PAIR,
                 partner: id.partner(),
                 interval_ms: INTERVAL_MS,
+                health: Default::default(),
             }),
             ops: tokio::runtime::Handle::current(),
         },
