@@ -427,7 +427,7 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
                 Ok(()) = status.changed() => {
                     let record = status.borrow_and_update().clone();
                     if let Some(record) = record {
-                        Message::Status(record).encode(&mut out);
+                        Message::Status(record).encode_with(&mut seal, &mut out);
                         write_all(&mut wr, &out).await?;
                         out.clear();
                     }
