@@ -104,6 +104,18 @@ fn dyns(ms: &[Arc<MemMember>]) -> Vec<Arc<dyn Member>> {
     ms.iter().map(|m| m.clone() as Arc<dyn Member>).collect()
 }
 
+/// The array as the journal's store, with a small read cache (one block per shard; evictions
+/// happen): the cache must not change what survives a power cut.
+fn cached_backing(array: Array) -> ArrayBacking {
+    let cache =
+        twinblock::cache::ReadCache::new(twinblock::cache::READ_CACHE_MIN_BYTES * 2, array.size());
+    ArrayBacking {
+        array,
+        gate: None,
+        cache: cache.map(Arc::new),
+    }
+}
+
 fn vol_cfg() -> VolumeConfig {
     VolumeConfig {
         cp_interval_ms: 3_600_000,
@@ -159,7 +171,7 @@ async fn run_seed(seed: u64) -> Outcome {
         m.sync().await.unwrap();
     }
     let nv = Nvram::open(&nvram(dir.path())).unwrap();
-    let vol = JournaledVolume::open(nv, ArrayBacking { array, gate: None }, 1, vol_cfg())
+    let vol = JournaledVolume::open(nv, cached_backing(array), 1, vol_cfg())
         .await
         .unwrap();
     let budget = rng.gen_range(1..=1500u64);
@@ -298,7 +310,7 @@ async fn run_seed(seed: u64) -> Outcome {
     };
     array.wait_rebuild().await;
     let nv = Nvram::open(&nvram(dir.path())).unwrap();
-    let vol = JournaledVolume::open(nv, ArrayBacking { array, gate: None }, 1, vol_cfg())
+    let vol = JournaledVolume::open(nv, cached_backing(array), 1, vol_cfg())
         .await
         .unwrap();
     let mut out = Outcome::default();

@@ -49,6 +49,8 @@ pub const CACHE_BLOCK_BYTES: u64 = 4096;
 const CACHE_SHARD_COUNT: usize = 16;
 /// Default `read_cache` of a volume, in bytes.
 pub const DEFAULT_READ_CACHE_BYTES: u64 = 256 << 20;
+/// Smallest cache that holds anything: one block per shard.
+pub const READ_CACHE_MIN_BYTES: u64 = CACHE_BLOCK_BYTES * CACHE_SHARD_COUNT as u64;
 
 struct Shard {
     /// Bumped (under `policy`'s lock) by every write's begin and end; read without the lock by
@@ -96,6 +98,14 @@ pub struct ReadCache {
     /// End of the last whole block: bytes past it are never cached.
     cached_end: u64,
     counters: Counters,
+}
+
+impl std::fmt::Debug for ReadCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadCache")
+            .field("stats", &self.stats())
+            .finish()
+    }
 }
 
 fn lock(m: &Mutex<S3Fifo<Bytes>>) -> MutexGuard<'_, S3Fifo<Bytes>> {
