@@ -14,6 +14,33 @@
 //! stale slots outnumber the live ones), so `remove` is O(1) too.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hashes block numbers with one multiplication (Fibonacci hashing): keys are block numbers
+/// chosen by clients, not secrets, and SipHash's resistance to chosen keys cost more than the
+/// rest of a cache hit. Keys of one shard share their low bits (block % shards), which the
+/// multiplication spreads into the high bits, folded back into the low ones.
+#[derive(Default)]
+pub struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        let x = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // The product's low bits depend only on the key's low bits; fold the well-mixed high
+        // half into them (hashbrown takes the bucket from the low bits, the tag from the top).
+        self.0 = x ^ (x >> 32);
+    }
+}
+
+type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
 
 /// Highest access count kept per entry (2 bits, as in the paper).
 const FREQ_MAX: u8 = 3;
@@ -31,12 +58,12 @@ struct Entry<V> {
 pub struct S3Fifo<V> {
     capacity: usize,
     small_target: usize,
-    entries: HashMap<u64, Entry<V>>,
+    entries: BlockMap<Entry<V>>,
     small: VecDeque<(u64, u64)>,
     main: VecDeque<(u64, u64)>,
     small_live: usize,
     ghost: VecDeque<(u64, u64)>,
-    ghost_keys: HashMap<u64, u64>,
+    ghost_keys: BlockMap<u64>,
     next_stamp: u64,
 }
 
@@ -46,12 +73,12 @@ impl<V> S3Fifo<V> {
         S3Fifo {
             capacity,
             small_target: (capacity * SMALL_SHARE_PERCENT / 100).max(1),
-            entries: HashMap::new(),
+            entries: BlockMap::default(),
             small: VecDeque::new(),
             main: VecDeque::new(),
             small_live: 0,
             ghost: VecDeque::new(),
-            ghost_keys: HashMap::new(),
+            ghost_keys: BlockMap::default(),
             next_stamp: 0,
         }
     }
