@@ -493,6 +493,43 @@ mod tests {
     }
 
     #[test]
+    fn read_cache_counters_are_labelled_by_volume() {
+        let s = NodeSample {
+            read_caches: vec![(
+                "vol0".to_string(),
+                crate::cache::CacheStats {
+                    hits: 9,
+                    misses: 2,
+                    evictions: 1,
+                    blocks: 5,
+                    ..Default::default()
+                },
+            )],
+            ..Default::default()
+        };
+        let t = render(&s);
+        assert!(
+            t.contains(
+                "# TYPE twinblock_read_cache_hits_total counter\n\
+                 twinblock_read_cache_hits_total{volume=\"vol0\"} 9\n"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("twinblock_read_cache_misses_total{volume=\"vol0\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("twinblock_read_cache_evictions_total{volume=\"vol0\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("twinblock_read_cache_blocks{volume=\"vol0\"} 5\n"),
+            "{t}"
+        );
+    }
+
+    #[test]
     fn label_values_are_escaped() {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
