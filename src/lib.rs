@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod arrays;
+pub mod cache;
 pub mod candidates;
 pub mod config;
 pub mod device;

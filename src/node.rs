@@ -37,6 +37,10 @@ pub struct VolumeInfo {
     /// The NVRAM file of a journaled volume.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nvram: Option<String>,
+    /// The volume's read cache (None: `read_cache = 0`); its counters are in the reply's
+    /// `read_cache`.
+    #[serde(skip)]
+    pub cache: Option<Arc<crate::cache::ReadCache>>,
 }
 
 pub struct Node {
@@ -200,6 +204,11 @@ impl Node {
             for (name, dev) in site.journaled() {
                 sample.journals.push((name, dev.volume().status()));
             }
+            for v in site.volumes() {
+                if let Some(c) = &v.cache {
+                    sample.read_caches.push((v.name.clone(), c.stats()));
+                }
+            }
         }
         if self.ha.is_some() {
             // Skipped (not an error) while the HA controller is still starting.
@@ -256,6 +265,7 @@ impl Node {
             array,
             journal: journal.map(|j| j.status()),
             journal_recovery: journal.map(|j| j.recovery()),
+            read_cache: v.cache.as_ref().map(|c| c.stats()),
             stats: site
                 .server()
                 .and_then(|srv| srv.export_stats(&v.name))

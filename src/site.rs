@@ -20,6 +20,7 @@
 
 use crate::admin;
 use crate::arrays::{ArrayEntry, MemberWrap};
+use crate::cache::ReadCache;
 use crate::config::{format_bytes, Config, VolumeConfig};
 use crate::device::{ArrayBacking, ArrayDevice, JournaledDevice, MemberDevice};
 use crate::ha::gate::WriteGate;
@@ -620,10 +621,17 @@ async fn open_array_volume(
         io_engine: entry.io_engine.to_string(),
         direct_io: entry.direct_io,
         nvram: None,
+        cache: None,
     };
     if !v.journal {
+        let cache = volume_cache(v, array.size());
+        info.cache = cache.clone();
         return Ok((
-            Arc::new(ArrayDevice::new(array, v.read_only).with_gate(gate)),
+            Arc::new(
+                ArrayDevice::new(array, v.read_only)
+                    .with_gate(gate)
+                    .with_cache(cache),
+            ),
             info,
         ));
     }
@@ -639,6 +647,7 @@ async fn open_array_volume(
         journaled.insert(v.name.clone(), dev.clone());
         info.kind = "journaled-array";
         info.nvram = Some(log.display().to_string());
+        info.cache = dev.volume().backing().cache.clone();
         return Ok((dev, info));
     }
     // Without `[pair]` the partner's site (a takeover) opens the partner's own NVRAM file as its
@@ -654,7 +663,9 @@ async fn open_array_volume(
     };
     let nvram = open_nvram_waiting(&nvram_config, lock_wait_ms).await?;
     let volume_id = journal_volume_id(&v.name);
-    let backing = ArrayBacking { array, gate };
+    let cache = volume_cache(v, array.size());
+    info.cache = cache.clone();
+    let backing = ArrayBacking { array, gate, cache };
     // A lost log (tmpfs after a power cut): fetched back from the partner, or held until accepted.
     let nvram = crate::nvram_loss::resolve(
         nvram,
@@ -794,11 +805,13 @@ async fn open_from_partner_copy(
         );
     }
     let nv = copy.site.config.nvram.as_ref();
+    // A cold cache: takeover never inherits what the partner's memory held.
     let volume = JournaledVolume::open_partner_copy(
         nvram,
         ArrayBacking {
             array: array.clone(),
             gate,
+            cache: volume_cache(v, array.size()),
         },
         volume_id,
         twinblock_journal::VolumeConfig {
@@ -855,10 +868,7 @@ async fn fence_given_back_arrays(
             }
             continue;
         };
-        let backing = ArrayBacking {
-            array: entry.array.clone(),
-            gate: gates.get(name).cloned(),
-        };
+        let backing = ArrayBacking::new(entry.array.clone(), gates.get(name).cloned());
         match twinblock_journal::takeover::fence_superseded_log(&backing).await {
             Ok(seq) => {
                 tracing::info!(array = %name, applied_seq = seq, "giveback: the partner's old log is fenced (its records are never replayed)")
@@ -888,6 +898,11 @@ impl Site {
             pair.release_copy(volume, *id, discard);
         }
     }
+}
+
+/// The read cache `v.read_cache` asks for over a store of `store_bytes` (None: turned off).
+fn volume_cache(v: &VolumeConfig, store_bytes: u64) -> Option<Arc<ReadCache>> {
+    ReadCache::new(v.read_cache.bytes(), store_bytes).map(Arc::new)
 }
 
 /// A stable 64-bit id for a volume's journal records, from its name.
@@ -923,8 +938,10 @@ async fn open_volume(
         io_engine: member.engine().to_string(),
         direct_io: member.direct(),
         nvram: None,
+        cache: volume_cache(v, member.size()),
     };
-    let device = MemberDevice::new(member, v.read_only, map);
+    let cache = info.cache.clone();
+    let device = MemberDevice::new(member, v.read_only, map).with_cache(cache);
     Ok((Arc::new(device), info))
 }
 

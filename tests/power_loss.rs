@@ -111,6 +111,18 @@ fn dyns(ms: &[Arc<MemMember>]) -> Vec<Arc<dyn Member>> {
     ms.iter().map(|m| m.clone() as Arc<dyn Member>).collect()
 }
 
+/// The array as the journal's store, with a small read cache (one block per shard; evictions
+/// happen): the cache must not change what survives a power cut.
+fn cached_backing(array: Array) -> ArrayBacking {
+    let cache =
+        twinblock::cache::ReadCache::new(twinblock::cache::READ_CACHE_MIN_BYTES * 2, array.size());
+    ArrayBacking {
+        array,
+        gate: None,
+        cache: cache.map(Arc::new),
+    }
+}
+
 fn vol_cfg() -> VolumeConfig {
     VolumeConfig {
         cp_interval_ms: 3_600_000,
@@ -170,7 +182,7 @@ async fn run_seed(seed: u64) -> Outcome {
     let nvram_survives = seed % 4 != 3;
     let nv_power = Arc::new(NvramPowerModel::new());
     let nv = Nvram::open_with_power_model(&nvram(dir.path()), nv_power.clone()).unwrap();
-    let vol = JournaledVolume::open(nv, ArrayBacking { array, gate: None }, 1, vol_cfg())
+    let vol = JournaledVolume::open(nv, cached_backing(array), 1, vol_cfg())
         .await
         .unwrap();
     let budget = rng.gen_range(1..=1500u64);
@@ -326,7 +338,7 @@ async fn run_seed(seed: u64) -> Outcome {
     );
     let nv = reopen_nvram(dir.path()).await;
     let vol =
-        match JournaledVolume::open(nv, ArrayBacking { array, gate: None }, 1, vol_cfg()).await {
+        match JournaledVolume::open(nv, cached_backing(array), 1, vol_cfg()).await {
             Ok(v) => v,
             Err(e) if pending && !nvram_survives => {
                 // The partial parity went with the NVRAM: the start must be refused, and say why.

@@ -34,7 +34,7 @@ print(-(-n // (3*2**20)) + 16)"
 }
 
 # The [[array]] + journaled [[volume]] + [nvram] sections of a RAID-5 journaled bench volume.
-raid5_journal_sections() { # member_mib nvram_file persistence
+raid5_journal_sections() { # member_mib nvram_file persistence [read_cache]
     echo "[[array]]"
     echo "name = \"md0\""
     echo "level = 5"
@@ -48,6 +48,7 @@ raid5_journal_sections() { # member_mib nvram_file persistence
     echo "description = \"tools/bench RAID-5 journaled\""
     echo "array = \"md0\""
     echo "journal = true"
+    [[ -z ${4:-} ]] || echo "read_cache = \"$4\""
     echo
     echo "[nvram]"
     echo "path = \"$2\""

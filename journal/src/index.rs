@@ -154,6 +154,18 @@ impl DirtyIndex {
     }
 
     /// Splits `[offset, offset+len)` into pieces from extents and gaps, in order.
+    /// True when no extent overlaps `offset..offset+len`: the read path's allocation-free
+    /// check before [`DirtyIndex::lookup`].
+    pub fn is_clean(&self, offset: u64, len: u64) -> bool {
+        let end = offset + len;
+        let before = self
+            .map
+            .range(..offset)
+            .next_back()
+            .is_some_and(|(&k, e)| k + e.len > offset);
+        !before && self.map.range(offset..end).next().is_none()
+    }
+
     pub fn lookup(&self, offset: u64, len: u64) -> Vec<Piece> {
         let end = offset + len;
         let mut pieces = Vec::new();
@@ -369,6 +381,21 @@ mod tests {
                 }
             }
             prop_assert_eq!(ix.dirty_bytes(), covered);
+        }
+
+        /// `is_clean` says exactly whether `lookup` finds no dirty piece in the range.
+        #[test]
+        fn is_clean_agrees_with_lookup(
+            ops in proptest::collection::vec((0u64..200, 1u64..60), 0..20),
+            off in 0u64..260,
+            len in 1u64..80,
+        ) {
+            let mut ix = DirtyIndex::new();
+            for (i, &(o, l)) in ops.iter().enumerate() {
+                ix.insert(o, data(i as u64 * 1000, l, i as u64 + 1));
+            }
+            let clean = ix.lookup(off, len).iter().all(|p| p.data.is_none());
+            prop_assert_eq!(ix.is_clean(off, len), clean);
         }
     }
 }

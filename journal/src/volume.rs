@@ -750,14 +750,17 @@ impl<B: Backing> Shared<B> {
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, JournalError> {
         self.check_range(offset, len)?;
-        let mut out = BytesMut::zeroed(len as usize);
+        // Allocated only when the index holds part of the range: a clean read returns the
+        // store's buffer as it is.
+        let mut out = BytesMut::new();
         let mut gaps = Vec::new();
         let all_clean = {
             let mut st = self.lock();
             st.check_not_damaged()?;
-            let pieces = st.index.lookup(offset, len);
-            let all_clean = matches!(pieces.as_slice(), [only] if only.data.is_none());
+            let all_clean = st.index.is_clean(offset, len);
             if !all_clean {
+                let pieces = st.index.lookup(offset, len);
+                out = BytesMut::zeroed(len as usize);
                 for p in pieces {
                     let at = (p.offset - offset) as usize;
                     match p.data {

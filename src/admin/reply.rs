@@ -52,6 +52,9 @@ pub struct VolumeReply<'a> {
     pub journal: Option<VolumeStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal_recovery: Option<&'a RecoveryReport>,
+    /// Read cache counters (absent when the cache is off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_cache: Option<crate::cache::CacheStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<ExportCounters>,
     /// Events kept for the operator (NVRAM loss, its acceptance, a log restored from the partner).

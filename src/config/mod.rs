@@ -201,8 +201,15 @@ pub struct VolumeConfig {
     pub nvram: Option<PathBuf>,
     #[serde(default)]
     pub read_only: bool,
-    #[serde(default = "default_true")]
+    /// `O_DIRECT` on a plain image. Off by default: the image goes through the page cache,
+    /// FLUSH is an `fdatasync` of the image and FUA a write followed by one, so what they
+    /// acknowledge is on the medium either way (docs/CONFIG.md). Not used by array volumes
+    /// (their members follow the array's `direct_io`).
+    #[serde(default)]
     pub direct_io: bool,
+    /// Bytes of memory for the volume's read cache (see `crate::cache`); 0 turns it off.
+    #[serde(default = "default_read_cache")]
+    pub read_cache: ByteSize,
     /// NBD allow-list: when not empty, only TCP clients from these addresses or networks
     /// (`10.0.0.0/8`, `192.168.1.7`, `fd00::/8`) may use the volume.
     #[serde(default)]
@@ -237,6 +244,15 @@ impl VolumeConfig {
 fn default_true() -> bool {
     true
 }
+
+fn default_read_cache() -> ByteSize {
+    ByteSize(crate::cache::DEFAULT_READ_CACHE_BYTES)
+}
+
+/// Smallest `read_cache` other than 0 (one block per lock shard of the cache).
+const READ_CACHE_MIN_BYTES: u64 = crate::cache::READ_CACHE_MIN_BYTES;
+/// Largest `read_cache`: a typo (`read_cache = "1T"`) must not take the host's memory.
+const READ_CACHE_MAX_BYTES: u64 = 256 << 30;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -576,6 +592,18 @@ impl Config {
                     ));
                 }
             }
+            let cache = v.read_cache.bytes();
+            if cache != 0 && !(READ_CACHE_MIN_BYTES..=READ_CACHE_MAX_BYTES).contains(&cache) {
+                return Err(self.invalid(
+                    key("read_cache"),
+                    format!(
+                        "{} is outside {} to {} (0 turns the read cache off)",
+                        v.read_cache,
+                        ByteSize(READ_CACHE_MIN_BYTES),
+                        ByteSize(READ_CACHE_MAX_BYTES)
+                    ),
+                ));
+            }
             if v.journal && self.nvram.is_none() {
                 return Err(self.invalid(key("journal"), "journal = true needs an [nvram] section"));
             }
@@ -812,8 +840,27 @@ size = "1GiB"
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.nbd.listen, vec!["127.0.0.1:10809"]);
         assert_eq!(c.volumes[0].size, Some(ByteSize(1 << 30)));
-        assert!(c.volumes[0].direct_io);
+        assert!(!c.volumes[0].direct_io);
+        assert_eq!(
+            c.volumes[0].read_cache.bytes(),
+            crate::cache::DEFAULT_READ_CACHE_BYTES
+        );
         assert_eq!(c.admin_socket(), PathBuf::from("/etc/twinblock/admin.sock"));
+    }
+
+    #[test]
+    fn read_cache_zero_is_off_and_tiny_or_huge_is_refused() {
+        let with = |v: &str| parse(&format!("{MINIMAL}read_cache = \"{v}\"\n"));
+        assert_eq!(with("0").unwrap().volumes[0].read_cache.bytes(), 0);
+        assert_eq!(
+            with("64MiB").unwrap().volumes[0].read_cache.bytes(),
+            64 << 20
+        );
+        for bad in ["4KiB", "300GiB"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("volume[0].read_cache"), "{e}");
+            assert!(e.contains("0 turns the read cache off"), "{e}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! consistency point and applied-sequence update checks it first (lease fresh, reservations
 //! held) and is refused with [`fence_error`] before anything reaches a member.
 
+use crate::cache::ReadCache;
 use crate::ha::gate::{FenceError, WriteGate};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -36,6 +37,7 @@ pub struct ArrayDevice {
     array: Array,
     read_only: bool,
     gate: Option<Arc<WriteGate>>,
+    cache: Option<Arc<ReadCache>>,
 }
 
 impl ArrayDevice {
@@ -44,6 +46,7 @@ impl ArrayDevice {
             array,
             read_only,
             gate: None,
+            cache: None,
         }
     }
 
@@ -51,6 +54,16 @@ impl ArrayDevice {
     pub fn with_gate(mut self, gate: Option<Arc<WriteGate>>) -> Self {
         self.gate = gate;
         self
+    }
+
+    /// Serves re-reads from `cache` (see [`crate::cache`]); None: every read goes to the array.
+    pub fn with_cache(mut self, cache: Option<Arc<ReadCache>>) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    pub fn cache(&self) -> Option<&Arc<ReadCache>> {
+        self.cache.as_ref()
     }
 }
 
@@ -83,7 +96,13 @@ impl BlockDevice for ArrayDevice {
     }
 
     async fn read(&self, offset: u64, len: u32) -> DeviceResult<Bytes> {
-        self.array.read(offset, len as usize).await.map_err(dev_err)
+        let Some(cache) = &self.cache else {
+            return self.array.read(offset, len as usize).await.map_err(dev_err);
+        };
+        cache
+            .read(offset, u64::from(len), |o, l| array_read(&self.array, o, l))
+            .await
+            .map_err(dev_err)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
@@ -91,7 +110,14 @@ impl BlockDevice for ArrayDevice {
             return Err(DeviceError::ReadOnly);
         }
         check_gate(&self.gate)?;
-        self.array.write(offset, data).await.map_err(dev_err)?;
+        match &self.cache {
+            Some(c) => {
+                c.write(offset, &data, self.array.write(offset, data.clone()))
+                    .await
+            }
+            None => self.array.write(offset, data).await,
+        }
+        .map_err(dev_err)?;
         if fua {
             self.array.flush().await.map_err(dev_err)?;
         }
@@ -107,8 +133,8 @@ impl BlockDevice for ArrayDevice {
             return Err(DeviceError::ReadOnly);
         }
         check_gate(&self.gate)?;
-        self.array
-            .discard(offset, u64::from(len))
+        let len = u64::from(len);
+        invalidating(&self.cache, offset, len, self.array.discard(offset, len))
             .await
             .map_err(dev_err)?;
         if fua {
@@ -126,14 +152,41 @@ impl BlockDevice for ArrayDevice {
             return Err(DeviceError::NotFast);
         }
         check_gate(&self.gate)?;
-        self.array
-            .write_zeroes(offset, u64::from(len))
-            .await
-            .map_err(dev_err)?;
+        let len = u64::from(len);
+        invalidating(
+            &self.cache,
+            offset,
+            len,
+            self.array.write_zeroes(offset, len),
+        )
+        .await
+        .map_err(dev_err)?;
         if flags.fua {
             self.array.flush().await.map_err(dev_err)?;
         }
         Ok(())
+    }
+}
+
+/// An array read as the cache's fetch (lengths are at most a request's, so they fit in usize).
+async fn array_read(array: &Array, offset: u64, len: u64) -> Result<Bytes, ArrayError> {
+    array.read(offset, len as usize).await
+}
+
+/// Runs `op` (a zeroing or discard of `offset..offset+len`) with the cache's blocks of the range
+/// invalidated around it (see [`crate::cache`]'s ordering argument).
+async fn invalidating<Fut, T, E>(
+    cache: &Option<Arc<ReadCache>>,
+    offset: u64,
+    len: u64,
+    op: Fut,
+) -> Result<T, E>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    match cache {
+        Some(c) => c.invalidate_around(offset, len, op).await,
+        None => op.await,
     }
 }
 
@@ -160,9 +213,22 @@ pub struct ArrayBacking {
     pub array: Array,
     /// The HA fence of the array's disks (None: not HA-managed).
     pub gate: Option<Arc<WriteGate>>,
+    /// The read cache of the array's bytes, under the journal's dirty index (the journal asks
+    /// the store only for ranges its index does not hold; see [`crate::cache`]). Every store
+    /// write below (CP write-back, replay, zeroing, discard) keeps it equal to the array.
+    pub cache: Option<Arc<ReadCache>>,
 }
 
 impl ArrayBacking {
+    /// The array as a store, without a read cache.
+    pub fn new(array: Array, gate: Option<Arc<WriteGate>>) -> Self {
+        ArrayBacking {
+            array,
+            gate,
+            cache: None,
+        }
+    }
+
     fn check(&self) -> Result<(), BackingError> {
         check_gate(&self.gate).map_err(|e| BackingError(e.to_string()))
     }
@@ -183,34 +249,66 @@ impl Backing for ArrayBacking {
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
-        let len = usize::try_from(len).map_err(|_| BackingError(format!("read of {len} bytes")))?;
-        self.array.read(offset, len).await.map_err(backing_err)
+        usize::try_from(len).map_err(|_| BackingError(format!("read of {len} bytes")))?;
+        match &self.cache {
+            Some(c) => {
+                c.read(offset, len, |o, l| array_read(&self.array, o, l))
+                    .await
+            }
+            None => array_read(&self.array, offset, len).await,
+        }
+        .map_err(backing_err)
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
         self.check()?;
-        self.array.write(offset, data).await.map_err(backing_err)
+        match &self.cache {
+            Some(c) => {
+                c.write(offset, &data, self.array.write(offset, data.clone()))
+                    .await
+            }
+            None => self.array.write(offset, data).await,
+        }
+        .map_err(backing_err)
     }
 
+    /// A CP's write-back: its data is installed in the cache once the array holds it.
     async fn write_scattered(&self, writes: Vec<(u64, Bytes)>) -> Result<(), BackingError> {
         self.check()?;
-        self.array
-            .write_scattered(writes)
-            .await
-            .map_err(backing_err)
+        let Some(c) = &self.cache else {
+            return self
+                .array
+                .write_scattered(writes)
+                .await
+                .map_err(backing_err);
+        };
+        let ranges: Vec<(u64, u64)> = writes.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
+        // Bytes clones are reference counts: the pieces stay readable for the install.
+        let kept = writes.clone();
+        let ticket = c.begin_write(&ranges);
+        let r = self.array.write_scattered(writes).await;
+        let pieces: Vec<(u64, &[u8])> = kept.iter().map(|(o, d)| (*o, &d[..])).collect();
+        c.end_write(ticket, &ranges, r.is_ok().then_some(&pieces[..]));
+        r.map_err(backing_err)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
         self.check()?;
-        self.array
-            .write_zeroes(offset, len)
-            .await
-            .map_err(backing_err)
+        invalidating(
+            &self.cache,
+            offset,
+            len,
+            self.array.write_zeroes(offset, len),
+        )
+        .await
+        .map_err(backing_err)
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
         self.check()?;
-        self.array.discard(offset, len).await.map_err(backing_err)
+        invalidating(&self.cache, offset, len, self.array.discard(offset, len))
+            .await
+            .map_err(backing_err)
     }
 
     async fn flush(&self) -> Result<(), BackingError> {

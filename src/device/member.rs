@@ -2,6 +2,7 @@
 //! `BlockDevice` for `[[volume]] file = ...`, with no RAID and no journal.
 
 use super::holes;
+use crate::cache::ReadCache;
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::fs::File;
@@ -18,6 +19,9 @@ pub struct MemberDevice {
     read_only: bool,
     /// A plain descriptor on the image for `SEEK_DATA`/`SEEK_HOLE`; `None` for block devices.
     map: Option<Arc<File>>,
+    /// Re-reads from memory (see [`crate::cache`]); every write, trim and zeroing below keeps
+    /// it equal to the image.
+    cache: Option<Arc<ReadCache>>,
 }
 
 impl MemberDevice {
@@ -26,12 +30,44 @@ impl MemberDevice {
             member,
             read_only,
             map: map.map(Arc::new),
+            cache: None,
+        }
+    }
+
+    /// Serves re-reads from `cache`; None: every read goes to the image.
+    pub fn with_cache(mut self, cache: Option<Arc<ReadCache>>) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    pub fn cache(&self) -> Option<&Arc<ReadCache>> {
+        self.cache.as_ref()
+    }
+
+    /// Discards (punches) a range, the cache's blocks of it invalidated around the punch.
+    async fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match &self.cache {
+            Some(c) => {
+                c.invalidate_around(offset, len, self.member.discard(offset, len))
+                    .await
+            }
+            None => self.member.discard(offset, len).await,
         }
     }
 
     /// Writes zeroes from the shared zero buffer: nothing is allocated per request, so the
     /// device reports no zero scratch memory (`DeviceCaps::zero_scratch_bytes` stays 0).
     async fn write_zero_pieces(&self, offset: u64, len: u64) -> DeviceResult<()> {
+        match &self.cache {
+            Some(c) => {
+                c.invalidate_around(offset, len, self.write_zero_pieces_uncached(offset, len))
+                    .await
+            }
+            None => self.write_zero_pieces_uncached(offset, len).await,
+        }
+    }
+
+    async fn write_zero_pieces_uncached(&self, offset: u64, len: u64) -> DeviceResult<()> {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(ZERO_WRITE_BYTES_MAX);
@@ -62,14 +98,27 @@ impl BlockDevice for MemberDevice {
     }
 
     async fn read(&self, offset: u64, len: u32) -> DeviceResult<Bytes> {
-        Ok(self.member.read_at(offset, len as usize).await?)
+        let member = &self.member;
+        Ok(match &self.cache {
+            Some(c) => {
+                c.read(offset, u64::from(len), |o, l| member.read_at(o, l as usize))
+                    .await?
+            }
+            None => member.read_at(offset, len as usize).await?,
+        })
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
-        self.member.write_at(offset, data).await?;
+        match &self.cache {
+            Some(c) => {
+                c.write(offset, &data, self.member.write_at(offset, data.clone()))
+                    .await?
+            }
+            None => self.member.write_at(offset, data).await?,
+        }
         if fua {
             self.member.sync().await?;
         }
@@ -84,7 +133,7 @@ impl BlockDevice for MemberDevice {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
-        self.member.discard(offset, u64::from(len)).await?;
+        self.discard(offset, u64::from(len)).await?;
         if fua {
             self.member.sync().await?;
         }
@@ -97,7 +146,7 @@ impl BlockDevice for MemberDevice {
         }
         if flags.may_trim {
             // Punching a hole is fast and reads back as zeroes.
-            self.member.discard(offset, u64::from(len)).await?;
+            self.discard(offset, u64::from(len)).await?;
         } else if flags.fast {
             return Err(DeviceError::NotFast);
         } else {

@@ -26,6 +26,8 @@ pub struct NodeSample {
     pub arrays: Vec<ArrayStatus>,
     /// (volume name, journal status) of every journaled volume.
     pub journals: Vec<(String, VolumeStatus)>,
+    /// (volume name, read cache counters) of every volume with a read cache.
+    pub read_caches: Vec<(String, crate::cache::CacheStats)>,
     /// `Pair::status_json()` when the node has a `[pair]` section.
     pub pair: Option<Value>,
     /// The HA status JSON (`twinctl status`'s `ha`) when the node has an `[ha]` section.
@@ -115,6 +117,7 @@ pub fn render(s: &NodeSample) -> String {
     up.write(&mut out);
     render_arrays(&s.arrays, &mut out);
     render_journals(&s.journals, &mut out);
+    render_read_caches(&s.read_caches, &mut out);
     if let Some(p) = &s.pair {
         render_mirrors(p, &mut out);
     }
@@ -242,6 +245,39 @@ fn render_journals(journals: &[(String, VolumeStatus)], out: &mut String) {
         cp_error.add(l(), flag(j.last_cp_error.is_some()));
     }
     for f in [size, used, dirty, cps, waits, cp_error] {
+        f.write(out);
+    }
+}
+
+fn render_read_caches(caches: &[(String, crate::cache::CacheStats)], out: &mut String) {
+    let mut hits = Family::new(
+        "twinblock_read_cache_hits_total",
+        "counter",
+        "Reads answered entirely from the volume's read cache.",
+    );
+    let mut misses = Family::new(
+        "twinblock_read_cache_misses_total",
+        "counter",
+        "Reads that went to the store.",
+    );
+    let mut evictions = Family::new(
+        "twinblock_read_cache_evictions_total",
+        "counter",
+        "Cached 4 KiB blocks dropped to make room.",
+    );
+    let mut blocks = Family::new(
+        "twinblock_read_cache_blocks",
+        "gauge",
+        "4 KiB blocks held by the read cache.",
+    );
+    for (name, c) in caches {
+        let l = || vec![("volume", name.clone())];
+        hits.add(l(), c.hits as f64);
+        misses.add(l(), c.misses as f64);
+        evictions.add(l(), c.evictions as f64);
+        blocks.add(l(), c.blocks as f64);
+    }
+    for f in [hits, misses, evictions, blocks] {
         f.write(out);
     }
 }
@@ -454,6 +490,43 @@ mod tests {
         assert!(t.contains("twinblock_ha_takeover_possible 0\n"), "{t}");
         // No arrays, no journals: those families are left out rather than written empty.
         assert!(!t.contains("twinblock_array_degraded"), "{t}");
+    }
+
+    #[test]
+    fn read_cache_counters_are_labelled_by_volume() {
+        let s = NodeSample {
+            read_caches: vec![(
+                "vol0".to_string(),
+                crate::cache::CacheStats {
+                    hits: 9,
+                    misses: 2,
+                    evictions: 1,
+                    blocks: 5,
+                    ..Default::default()
+                },
+            )],
+            ..Default::default()
+        };
+        let t = render(&s);
+        assert!(
+            t.contains(
+                "# TYPE twinblock_read_cache_hits_total counter\n\
+                 twinblock_read_cache_hits_total{volume=\"vol0\"} 9\n"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("twinblock_read_cache_misses_total{volume=\"vol0\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("twinblock_read_cache_evictions_total{volume=\"vol0\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("twinblock_read_cache_blocks{volume=\"vol0\"} 5\n"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -225,12 +225,14 @@ pub fn assert_keys(v: &serde_json::Value, keys: &[&str], what: &str) {
 }
 
 /// Fields that change on their own while nothing is done to the node: clocks, heartbeat
-/// counters, traffic counters (and every `*age_ms`).
+/// counters, traffic counters, read cache counters (a background CP fills the cache), and every
+/// `*age_ms`.
 const VOLATILE_KEYS: &[&str] = &[
     "uptime_s",
     "lease_left_ms",
     "sequence",
     "stats",
+    "read_cache",
     "rate_bytes_per_s",
     "eta_s",
     "sends",

@@ -1,0 +1,384 @@
+//! The volume read cache: 4 KiB blocks of what the store (an array or an image) holds, kept in
+//! memory under an S3-FIFO policy ([`s3fifo`]), so re-read data does not go back to the disks.
+//!
+//! Where it sits: directly over the store, under everything else. For a journaled volume that
+//! is under the NVRAM dirty index: the journal answers a read from the index first and asks the
+//! store (through this cache) only for ranges the index does not hold, so the cache never hides
+//! a write that is still only in NVRAM. For plain volumes and unjournaled arrays it is the
+//! store's front. It caches the *store's* bytes, not the volume's, which is why it stays right
+//! whatever the journal does above it.
+//!
+//! # Staying equal to the store (the ordering argument)
+//!
+//! Every write that reaches the store (a client write on a plain volume, a consistency point's
+//! write-back, a zeroing or trim, a journal replay) calls [`ReadCache::begin_write`] before it is
+//! issued and [`ReadCache::end_write`] after it returned (failed or not). Each shard has a
+//! generation; `begin_write` and `end_write` bump it under the shard's lock. A read miss reads
+//! the shard generations before it asks the store and installs a block only if its shard's
+//! generation is still the same, under the lock. Take any write W and any fill F of a block W
+//! touches:
+//! - F read its generation after W's `end_write`: F's store read started after W completed, so
+//!   it saw W's data (or a later write's, which has its own begin/end).
+//! - F read it before W's `end_write` and installs after it: the generation changed, F is
+//!   dropped.
+//! - F installs before W's `end_write`: `end_write` then replaces or removes the block, so what
+//!   F put there does not outlive W.
+//!
+//! `end_write` installs the written bytes (whole blocks only) when no other write began or
+//! ended in the shard since its own `begin_write`, else removes the blocks: with two
+//! overlapping writes in flight, which one the store kept is unknown, and the next read asks the
+//! store. Skipping a fill or removing a block only costs a later miss.
+//!
+//! A block straddling the store's end (a size not a multiple of 4 KiB) is never cached; reads
+//! touching it go to the store.
+//!
+//! Cold start on takeover and drop at giveback need nothing here: the cache belongs to the
+//! volume's device, which takeover creates and giveback drops.
+
+pub mod s3fifo;
+
+use bytes::{Bytes, BytesMut};
+use s3fifo::S3Fifo;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// Bytes of one cached block; requests are widened to whole blocks on a miss.
+pub const CACHE_BLOCK_BYTES: u64 = 4096;
+/// Independent lock domains; block `b` lives in shard `b % CACHE_SHARD_COUNT`.
+const CACHE_SHARD_COUNT: usize = 16;
+/// Default `read_cache` of a volume, in bytes.
+pub const DEFAULT_READ_CACHE_BYTES: u64 = 256 << 20;
+/// Smallest cache that holds anything: one block per shard.
+pub const READ_CACHE_MIN_BYTES: u64 = CACHE_BLOCK_BYTES * CACHE_SHARD_COUNT as u64;
+
+struct Shard {
+    /// Bumped (under `policy`'s lock) by every write's begin and end; read without the lock by
+    /// a miss before it asks the store.
+    gen: AtomicU64,
+    policy: Mutex<S3Fifo<Bytes>>,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    fills_dropped: AtomicU64,
+}
+
+/// A snapshot of the cache's counters and size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    /// Reads answered entirely from memory.
+    pub hits: u64,
+    /// Reads that went to the store.
+    pub misses: u64,
+    /// Blocks dropped to make room.
+    pub evictions: u64,
+    /// Blocks read from the store but not kept because a write touched their shard meanwhile.
+    pub fills_dropped: u64,
+    /// Blocks held now.
+    pub blocks: u64,
+    /// Most blocks held.
+    pub capacity_blocks: u64,
+}
+
+/// What `begin_write` saw, for `end_write`.
+#[must_use = "every begin_write needs its end_write"]
+pub struct WriteTicket {
+    gens: [u64; CACHE_SHARD_COUNT],
+    touched: [bool; CACHE_SHARD_COUNT],
+}
+
+/// A read cache of one store of `size` bytes.
+pub struct ReadCache {
+    shards: Box<[Shard]>,
+    /// End of the last whole block: bytes past it are never cached.
+    cached_end: u64,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for ReadCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadCache")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+fn lock(m: &Mutex<S3Fifo<Bytes>>) -> MutexGuard<'_, S3Fifo<Bytes>> {
+    // A panic while holding the lock cannot leave a block disagreeing with the store (a block
+    // is replaced in one assignment), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn shard_of(block: u64) -> usize {
+    (block % CACHE_SHARD_COUNT as u64) as usize
+}
+
+impl ReadCache {
+    /// A cache of at most `capacity_bytes` (rounded down to blocks) over a store of
+    /// `store_bytes`; `None` when that is less than one block per shard (disabled).
+    pub fn new(capacity_bytes: u64, store_bytes: u64) -> Option<ReadCache> {
+        let blocks = capacity_bytes / CACHE_BLOCK_BYTES;
+        let per_shard = usize::try_from(blocks / CACHE_SHARD_COUNT as u64).ok()?;
+        if per_shard == 0 {
+            return None;
+        }
+        let shards = (0..CACHE_SHARD_COUNT)
+            .map(|_| Shard {
+                gen: AtomicU64::new(0),
+                policy: Mutex::new(S3Fifo::new(per_shard)),
+            })
+            .collect();
+        Some(ReadCache {
+            shards,
+            cached_end: store_bytes - store_bytes % CACHE_BLOCK_BYTES,
+            counters: Counters::default(),
+        })
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let (mut blocks, mut capacity) = (0, 0);
+        for s in self.shards.iter() {
+            let p = lock(&s.policy);
+            blocks += p.len() as u64;
+            capacity += p.capacity() as u64;
+        }
+        let c = &self.counters;
+        CacheStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            fills_dropped: c.fills_dropped.load(Ordering::Relaxed),
+            blocks,
+            capacity_blocks: capacity,
+        }
+    }
+
+    /// Blocks `first..=last` covering `offset..offset+len` (len > 0), when all are cacheable.
+    fn blocks(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let end = offset.checked_add(len)?;
+        if len == 0 || end > self.cached_end {
+            return None;
+        }
+        Some((offset / CACHE_BLOCK_BYTES, (end - 1) / CACHE_BLOCK_BYTES))
+    }
+
+    /// `len` bytes at `offset`, from memory when every block is cached, else from
+    /// `fetch(offset, len)` widened to whole blocks (the blocks are then kept).
+    pub async fn read<F, Fut, E>(&self, offset: u64, len: u64, fetch: F) -> Result<Bytes, E>
+    where
+        F: FnOnce(u64, u64) -> Fut,
+        Fut: Future<Output = Result<Bytes, E>>,
+    {
+        let Some((first, last)) = self.blocks(offset, len) else {
+            return fetch(offset, len).await;
+        };
+        if let Some(hit) = self.lookup(offset, len, first, last) {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(hit);
+        }
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let gens: [u64; CACHE_SHARD_COUNT] =
+            std::array::from_fn(|i| self.shards[i].gen.load(Ordering::Acquire));
+        let cover_offset = first * CACHE_BLOCK_BYTES;
+        let cover_len = (last - first + 1) * CACHE_BLOCK_BYTES;
+        let data = fetch(cover_offset, cover_len).await?;
+        if data.len() as u64 != cover_len {
+            // The store broke its contract; hand back what it gave without keeping any of it
+            // (the caller checks lengths and reports the store).
+            return Ok(data);
+        }
+        self.fill(first, &data, &gens);
+        let at = (offset - cover_offset) as usize;
+        Ok(data.slice(at..at + len as usize))
+    }
+
+    /// The whole range from memory, or None at the first missing block.
+    fn lookup(&self, offset: u64, len: u64, first: u64, last: u64) -> Option<Bytes> {
+        let at = (offset - first * CACHE_BLOCK_BYTES) as usize;
+        if first == last {
+            // One block: a slice of the cached buffer, no copy.
+            let block = lock(&self.shards[shard_of(first)].policy)
+                .get(first)?
+                .clone();
+            return Some(block.slice(at..at + len as usize));
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        let mut skip = at;
+        for b in first..=last {
+            let block = lock(&self.shards[shard_of(b)].policy).get(b)?.clone();
+            let want = (len as usize - out.len()).min(block.len() - skip);
+            out.extend_from_slice(&block[skip..skip + want]);
+            skip = 0;
+        }
+        Some(out.freeze())
+    }
+
+    /// Keeps the blocks of `data` (starting at block `first`) whose shard saw no write since
+    /// `gens` were read.
+    fn fill(&self, first: u64, data: &Bytes, gens: &[u64; CACHE_SHARD_COUNT]) {
+        let block_len = CACHE_BLOCK_BYTES as usize;
+        let one_block = data.len() == block_len;
+        for (i, chunk) in data.chunks(block_len).enumerate() {
+            let b = first + i as u64;
+            let shard = &self.shards[shard_of(b)];
+            let mut p = lock(&shard.policy);
+            if shard.gen.load(Ordering::Acquire) != gens[shard_of(b)] {
+                self.counters.fills_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if p.contains(b) {
+                continue;
+            }
+            // A whole-buffer block is kept as it is; pieces of a larger read get their own
+            // buffer so one cached block does not pin the whole read's memory.
+            let value = if one_block {
+                data.clone()
+            } else {
+                Bytes::copy_from_slice(chunk)
+            };
+            let evicted = p.insert(b, value);
+            self.counters
+                .evictions
+                .fetch_add(evicted as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Before a write (or zeroing, trim) of each `(offset, len)` in `ranges` is issued.
+    pub fn begin_write(&self, ranges: &[(u64, u64)]) -> WriteTicket {
+        let mut touched = [false; CACHE_SHARD_COUNT];
+        for &(offset, len) in ranges {
+            mark_touched(&mut touched, offset, len);
+        }
+        let mut gens = [0; CACHE_SHARD_COUNT];
+        for (i, shard) in self.shards.iter().enumerate() {
+            if touched[i] {
+                let _p = lock(&shard.policy);
+                gens[i] = shard.gen.fetch_add(1, Ordering::AcqRel) + 1;
+            }
+        }
+        WriteTicket { gens, touched }
+    }
+
+    /// After the writes of `begin_write` returned. `written` holds, for a successful write of
+    /// data, each `(offset, bytes)` written (then whole blocks are installed when no other write
+    /// raced them); `None` for zeroing, trims and failed writes (the blocks are removed).
+    pub fn end_write(
+        &self,
+        ticket: WriteTicket,
+        ranges: &[(u64, u64)],
+        written: Option<&[(u64, &[u8])]>,
+    ) {
+        for (i, shard) in self.shards.iter().enumerate() {
+            if !ticket.touched[i] {
+                continue;
+            }
+            let mut p = lock(&shard.policy);
+            let unraced = shard.gen.load(Ordering::Acquire) == ticket.gens[i];
+            match written.filter(|_| unraced) {
+                Some(pieces) => {
+                    for &(offset, bytes) in pieces {
+                        self.install(&mut p, i, offset, bytes);
+                    }
+                }
+                None => {
+                    for &(offset, len) in ranges {
+                        remove_in_shard(&mut p, i, offset, len);
+                    }
+                }
+            }
+            shard.gen.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Installs the whole blocks of `bytes` at `offset` that belong to shard `shard`; removes
+    /// its partly covered ones.
+    fn install(&self, p: &mut S3Fifo<Bytes>, shard: usize, offset: u64, bytes: &[u8]) {
+        let len = bytes.len() as u64;
+        if len == 0 {
+            return;
+        }
+        let end = offset + len;
+        let first = offset / CACHE_BLOCK_BYTES;
+        let last = (end - 1) / CACHE_BLOCK_BYTES;
+        for b in (first..=last).filter(|&b| shard_of(b) == shard) {
+            let start = b * CACHE_BLOCK_BYTES;
+            let whole = start >= offset && start + CACHE_BLOCK_BYTES <= end;
+            if whole && start + CACHE_BLOCK_BYTES <= self.cached_end {
+                let at = (start - offset) as usize;
+                let block = Bytes::copy_from_slice(&bytes[at..at + CACHE_BLOCK_BYTES as usize]);
+                let evicted = p.insert(b, block);
+                self.counters
+                    .evictions
+                    .fetch_add(evicted as u64, Ordering::Relaxed);
+            } else {
+                p.remove(b);
+            }
+        }
+    }
+
+    /// Runs `write` between `begin_write` and `end_write` for one data write.
+    pub async fn write<Fut, T, E>(&self, offset: u64, data: &Bytes, write: Fut) -> Result<T, E>
+    where
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let ranges = [(offset, data.len() as u64)];
+        let ticket = self.begin_write(&ranges);
+        let r = write.await;
+        let pieces = [(offset, &data[..])];
+        self.end_write(ticket, &ranges, r.is_ok().then_some(&pieces[..]));
+        r
+    }
+
+    /// Runs `op` between `begin_write` and `end_write` for a range whose new contents are not
+    /// data (zeroing, trim): the range's blocks are removed.
+    pub async fn invalidate_around<Fut, T, E>(&self, offset: u64, len: u64, op: Fut) -> Result<T, E>
+    where
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let ranges = [(offset, len)];
+        let ticket = self.begin_write(&ranges);
+        let r = op.await;
+        self.end_write(ticket, &ranges, None);
+        r
+    }
+}
+
+fn mark_touched(touched: &mut [bool; CACHE_SHARD_COUNT], offset: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    let first = offset / CACHE_BLOCK_BYTES;
+    let last = offset.saturating_add(len - 1) / CACHE_BLOCK_BYTES;
+    if last - first >= CACHE_SHARD_COUNT as u64 {
+        *touched = [true; CACHE_SHARD_COUNT];
+        return;
+    }
+    for b in first..=last {
+        touched[shard_of(b)] = true;
+    }
+}
+
+/// Removes shard `shard`'s blocks in `offset..offset+len`.
+fn remove_in_shard(p: &mut S3Fifo<Bytes>, shard: usize, offset: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    let first = offset / CACHE_BLOCK_BYTES;
+    let last = offset.saturating_add(len - 1) / CACHE_BLOCK_BYTES;
+    if last - first < 4 * p.len() as u64 {
+        for b in (first..=last).filter(|&b| shard_of(b) == shard) {
+            p.remove(b);
+        }
+    } else {
+        // A huge range (a whole-device trim): cheaper to walk the cached keys.
+        p.remove_range(first, last);
+    }
+}
+
+#[cfg(test)]
+mod tests;

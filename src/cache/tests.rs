@@ -1,0 +1,299 @@
+//! The read cache against a model store: the ordering rules of the module doc, one interleaving
+//! at a time, then every interleaving a proptest finds.
+
+use super::*;
+use proptest::prelude::*;
+use std::sync::Mutex as StdMutex;
+
+const B: u64 = CACHE_BLOCK_BYTES;
+
+/// A store of `blocks` blocks in memory.
+struct Store(StdMutex<Vec<u8>>);
+
+impl Store {
+    fn new(blocks: u64) -> Store {
+        Store(StdMutex::new(vec![0; (blocks * B) as usize]))
+    }
+    fn read(&self, offset: u64, len: u64) -> Bytes {
+        let v = self.0.lock().unwrap();
+        Bytes::copy_from_slice(&v[offset as usize..(offset + len) as usize])
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        let mut v = self.0.lock().unwrap();
+        v[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    }
+}
+
+fn filled(byte: u8, len: u64) -> Bytes {
+    Bytes::from(vec![byte; len as usize])
+}
+
+fn cache(blocks: u64, store_blocks: u64) -> ReadCache {
+    ReadCache::new(blocks * B, store_blocks * B).unwrap()
+}
+
+async fn read(c: &ReadCache, s: &Store, offset: u64, len: u64) -> Bytes {
+    c.read(offset, len, |o, l| async move { Ok::<_, ()>(s.read(o, l)) })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn second_read_is_a_hit_with_the_same_bytes() {
+    let s = Store::new(64);
+    s.write(5 * B, &[7; 4096]);
+    let c = cache(256, 64);
+    assert_eq!(read(&c, &s, 5 * B + 100, 200).await, filled(7, 200));
+    assert_eq!(read(&c, &s, 5 * B + 100, 200).await, filled(7, 200));
+    let st = c.stats();
+    assert_eq!((st.hits, st.misses), (1, 1));
+}
+
+#[tokio::test]
+async fn multi_block_read_hits_after_fill() {
+    let s = Store::new(64);
+    s.write(3 * B, &[1; 4096]);
+    s.write(4 * B, &[2; 4096]);
+    let c = cache(256, 64);
+    let first = read(&c, &s, 3 * B + 10, B).await;
+    let again = read(&c, &s, 3 * B + 10, B).await;
+    assert_eq!(first, again);
+    assert_eq!(c.stats().hits, 1);
+    assert_eq!(&again[..B as usize - 10], &[1; 4086][..]);
+    assert_eq!(again[B as usize - 10..], [2; 10]);
+}
+
+#[tokio::test]
+async fn write_replaces_cached_block() {
+    let s = Store::new(64);
+    let c = cache(256, 64);
+    assert_eq!(read(&c, &s, 0, B).await, filled(0, B));
+    let new = filled(9, B);
+    c.write(0, &new, async {
+        s.write(0, &new);
+        Ok::<_, ()>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(read(&c, &s, 0, B).await, new);
+    assert_eq!(c.stats().hits, 1, "the written block is served from memory");
+}
+
+#[tokio::test]
+async fn partial_block_write_removes_the_block() {
+    let s = Store::new(64);
+    let c = cache(256, 64);
+    read(&c, &s, 0, B).await;
+    let new = filled(3, 512);
+    c.write(512, &new, async {
+        s.write(512, &new);
+        Ok::<_, ()>(())
+    })
+    .await
+    .unwrap();
+    let got = read(&c, &s, 0, B).await;
+    assert_eq!(got[512..1024], [3; 512]);
+    assert_eq!(c.stats().misses, 2);
+}
+
+#[tokio::test]
+async fn failed_write_leaves_nothing_cached_for_its_range() {
+    let s = Store::new(64);
+    let c = cache(256, 64);
+    read(&c, &s, 0, B).await;
+    let new = filled(4, B);
+    let r = c
+        .write(0, &new, async {
+            // Half the write landed before the error.
+            s.write(0, &new[..2048]);
+            Err::<(), _>("member failed")
+        })
+        .await;
+    assert!(r.is_err());
+    assert_eq!(read(&c, &s, 0, B).await, s.read(0, B));
+}
+
+#[tokio::test]
+async fn zeroing_invalidates() {
+    let s = Store::new(64);
+    s.write(0, &[5; 8192]);
+    let c = cache(256, 64);
+    read(&c, &s, 0, 2 * B).await;
+    c.invalidate_around(0, 2 * B, async {
+        s.write(0, &[0; 8192]);
+        Ok::<_, ()>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(read(&c, &s, 0, 2 * B).await, filled(0, 2 * B));
+}
+
+#[tokio::test]
+async fn fill_racing_a_write_is_dropped() {
+    let s = Store::new(64);
+    let c = cache(256, 64);
+    let new = filled(8, B);
+    // The store is read (old data), then a whole write runs, then the fill arrives.
+    let got = c
+        .read(0, B, |o, l| {
+            let old = s.read(o, l);
+            let (c, s, new) = (&c, &s, new.clone());
+            async move {
+                c.write(0, &new, async {
+                    s.write(0, &new);
+                    Ok::<_, ()>(())
+                })
+                .await?;
+                Ok::<_, ()>(old)
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, filled(0, B), "the racing read may return the old data");
+    assert_eq!(read(&c, &s, 0, B).await, new, "but must not keep it");
+    assert_eq!(c.stats().fills_dropped, 1);
+}
+
+#[tokio::test]
+async fn fill_before_write_end_is_replaced() {
+    let s = Store::new(64);
+    let c = cache(256, 64);
+    let ranges = [(0, B)];
+    let ticket = c.begin_write(&ranges);
+    // A read between begin and the store update installs the old data ...
+    assert_eq!(read(&c, &s, 0, B).await, filled(0, B));
+    let new = filled(6, B);
+    s.write(0, &new);
+    // ... and end_write replaces it (here, as a trim would, by removing it).
+    c.end_write(ticket, &ranges, None);
+    assert_eq!(read(&c, &s, 0, B).await, new);
+}
+
+#[tokio::test]
+async fn overlapping_writes_leave_the_block_uncached() {
+    let s = Store::new(64);
+    let c = cache(256, 64);
+    let r = [(0, B)];
+    let (a, b) = (filled(1, B), filled(2, B));
+    let ta = c.begin_write(&r);
+    let tb = c.begin_write(&r);
+    s.write(0, &b);
+    c.end_write(tb, &r, Some(&[(0, &b[..])]));
+    // A landed last on the store.
+    s.write(0, &a);
+    c.end_write(ta, &r, Some(&[(0, &a[..])]));
+    assert_eq!(read(&c, &s, 0, B).await, a);
+}
+
+#[tokio::test]
+async fn tail_block_past_a_whole_block_end_is_never_cached() {
+    let c = ReadCache::new(256 * B, 10 * B + 512).unwrap();
+    let s = Store::new(11);
+    read(&c, &s, 10 * B, 512).await;
+    read(&c, &s, 10 * B, 512).await;
+    assert_eq!(c.stats().hits, 0);
+    assert_eq!(c.stats().blocks, 0);
+}
+
+#[test]
+fn capacity_below_one_block_per_shard_disables() {
+    assert!(ReadCache::new(0, 1 << 30).is_none());
+    assert!(ReadCache::new(B * CACHE_SHARD_COUNT as u64 - 1, 1 << 30).is_none());
+    assert!(ReadCache::new(B * CACHE_SHARD_COUNT as u64, 1 << 30).is_some());
+}
+
+/// One step of an interleaving of reads and writes on a few blocks.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A read miss takes its generations and reads the store (as `read` does before the fill).
+    ReadStart { block: u64 },
+    /// The oldest started read installs what it read.
+    ReadFill,
+    /// A write begins (its data not yet on the store).
+    WriteBegin {
+        block: u64,
+        len_blocks: u64,
+        byte: u8,
+    },
+    /// The oldest begun write lands on the store.
+    WriteLand,
+    /// The oldest landed write ends (trims: `data` is None).
+    WriteEnd { as_trim: bool },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (0..6u64).prop_map(|block| Step::ReadStart { block }),
+        Just(Step::ReadFill),
+        (0..6u64, 1..3u64, any::<u8>()).prop_map(|(block, len_blocks, byte)| Step::WriteBegin {
+            block,
+            len_blocks,
+            byte
+        }),
+        Just(Step::WriteLand),
+        any::<bool>().prop_map(|as_trim| Step::WriteEnd { as_trim }),
+    ]
+}
+
+struct Pending {
+    offset: u64,
+    data: Bytes,
+    ticket: WriteTicket,
+}
+
+proptest! {
+    /// Whatever the interleaving of fills and writes, once no write is in flight every cached
+    /// block equals the store.
+    #[test]
+    fn quiescent_cache_always_equals_the_store(steps in proptest::collection::vec(step(), 0..80)) {
+        let s = Store::new(8);
+        // Two blocks per shard: small enough that evictions happen too.
+        let c = cache(2 * CACHE_SHARD_COUNT as u64, 8);
+        let mut reads: Vec<(u64, [u64; CACHE_SHARD_COUNT], Bytes)> = Vec::new();
+        let mut begun: Vec<Pending> = Vec::new();
+        let mut landed: Vec<Pending> = Vec::new();
+        for st in steps {
+            match st {
+                Step::ReadStart { block } => {
+                    let gens = std::array::from_fn(|i| c.shards[i].gen.load(Ordering::Acquire));
+                    reads.push((block, gens, s.read(block * B, B)));
+                }
+                Step::ReadFill => {
+                    if !reads.is_empty() {
+                        let (block, gens, data) = reads.remove(0);
+                        c.fill(block, &data, &gens);
+                    }
+                }
+                Step::WriteBegin { block, len_blocks, byte } => {
+                    let len = len_blocks.min(8 - block) * B;
+                    let ticket = c.begin_write(&[(block * B, len)]);
+                    begun.push(Pending { offset: block * B, data: filled(byte, len), ticket });
+                }
+                Step::WriteLand => {
+                    if !begun.is_empty() {
+                        let w = begun.remove(0);
+                        s.write(w.offset, &w.data);
+                        landed.push(w);
+                    }
+                }
+                Step::WriteEnd { as_trim } => {
+                    if !landed.is_empty() {
+                        let w = landed.remove(0);
+                        let r = [(w.offset, w.data.len() as u64)];
+                        let pieces = [(w.offset, &w.data[..])];
+                        c.end_write(w.ticket, &r, (!as_trim).then_some(&pieces[..]));
+                    }
+                }
+            }
+            if begun.is_empty() && landed.is_empty() {
+                for b in 0..8u64 {
+                    let shard = &c.shards[shard_of(b)];
+                    let cached = lock(&shard.policy).get(b).cloned();
+                    if let Some(v) = cached {
+                        prop_assert_eq!(v, s.read(b * B, B), "block {} stale", b);
+                    }
+                }
+            }
+        }
+    }
+}
