@@ -10,6 +10,7 @@
 //! - [`scan`]: walking a region's log, stopping at (and reporting) the first torn/corrupt record;
 //! - [`log`]: circular-log space accounting; [`index`]: the dirty index;
 //! - [`pmem`]: the mapping and persistence modes (the only `unsafe` code);
+//! - [`group_commit`]: `msync` mode's group-commit thread (one `msync` for many records);
 //! - [`power`]: a power-loss model of the NVRAM medium for tests of `msync` mode;
 //! - [`nvram`]: opening, identity checks, generation bump, own and partner regions;
 //! - [`recover`]: checking a region's log and turning its unretired records into a dirty index
@@ -26,6 +27,7 @@ pub mod backing;
 pub mod dump;
 pub mod error;
 pub mod format;
+pub mod group_commit;
 pub mod index;
 pub mod log;
 pub mod loss;

@@ -107,17 +107,12 @@ async fn run_seed(seed: u64) {
     drop(vol);
     tokio::task::yield_now().await;
     mem.crash();
-    let memory = std::fs::read(dir.path().join("nvram.img")).unwrap();
     let cut = match rng.gen_range(0..3) {
         0 => NvramCut::LoseAll,
         1 => NvramCut::KeepAll,
         _ => NvramCut::Torn { seed },
     };
-    std::fs::write(
-        dir.path().join("nvram.img"),
-        power.file_after_cut(&memory, cut),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("nvram.img"), power.file_after_cut(cut)).unwrap();
     let nv = Nvram::open(&cfg(dir.path())).unwrap();
     let vol = match JournaledVolume::open(nv, mem.clone(), 1, vcfg()).await {
         Ok(v) => v,
