@@ -48,6 +48,8 @@ struct State {
     persists: u64,
     /// Every persist from now on fails with this OS error number.
     fail_with: Option<i32>,
+    /// Every persist takes this long (a slow medium).
+    persist_delay: Option<std::time::Duration>,
 }
 
 /// The medium behind one NVRAM file.
@@ -101,6 +103,11 @@ impl NvramPowerModel {
         self.lock().fail_with = errno;
     }
 
+    /// Every later persist takes `delay` (as `msync` to a slow disk), outside the model's lock.
+    pub fn slow_persists(&self, delay: std::time::Duration) {
+        self.lock().persist_delay = Some(delay);
+    }
+
     /// Persists that reached the medium so far.
     pub fn persists(&self) -> u64 {
         self.lock().persists
@@ -121,6 +128,10 @@ impl NvramPowerModel {
     /// File bytes `[at, at+len)` were persisted: the stores inside the range reach the medium,
     /// oldest first; what lies outside it stays pending.
     pub(crate) fn persisted(&self, at: usize, len: usize) -> std::io::Result<()> {
+        let delay = self.lock().persist_delay;
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         let mut s = self.lock();
         if let Some(errno) = s.fail_with {
             return Err(std::io::Error::from_raw_os_error(errno));

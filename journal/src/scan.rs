@@ -615,6 +615,50 @@ mod tests {
     }
 
     #[test]
+    fn damage_within_the_group_commit_window_is_a_torn_group_not_mid_log_damage() {
+        let payloads = vec![100; 80];
+        let (full, offsets) = build_log(64 * 1024, START, &payloads);
+        let mut log = full.clone();
+        // Record seq 12 torn, the records after it (a group never persisted) intact.
+        log[offsets[2] as usize + 70] ^= 0x40;
+        let mut s = scan_log(&log, START);
+        assert_eq!(s.report.last_seq, 11);
+        assert_eq!(
+            s.report.later_valid_record,
+            Some((offsets[79], 89)),
+            "the newest later record is reported"
+        );
+        assert!(s.report.corrupt_mid_region(), "one at a time: damage");
+        // 89 - 12 = 77 >= 64: too far ahead to have been unpersisted with seq 12.
+        s.report.unpersisted_window_records = UNPERSISTED_MAX_RECORDS;
+        assert!(s.report.corrupt_mid_region());
+        // Only records within the window after the damage: a torn group.
+        let (short, offsets) = build_log(64 * 1024, START, &payloads[..40]);
+        let mut log = short.clone();
+        log[offsets[2] as usize + 70] ^= 0x40;
+        let mut s = scan_log(&log, START);
+        assert!(s.report.corrupt_mid_region());
+        s.report.unpersisted_window_records = UNPERSISTED_MAX_RECORDS;
+        assert!(!s.report.corrupt_mid_region());
+    }
+
+    #[test]
+    fn leftovers_beyond_the_end_are_found_and_live_or_stale_records_are_not() {
+        let (log, offsets) = build_log(16384, START, &[100, 100, 100, 100, 100]);
+        // The log ends after seq 11 (offsets[2] is where seq 12 was stored, never persisted).
+        let found = unpersisted_leftovers(&log, offsets[2], 16384, START.generation, 12);
+        assert_eq!(found, offsets[2..].to_vec());
+        // Records older than the end (live or stale) and other generations are left alone.
+        assert!(unpersisted_leftovers(&log, 0, 16384, START.generation, 15).is_empty());
+        assert!(unpersisted_leftovers(&log, 0, 16384, START.generation + 1, 0).is_empty());
+        // The window bounds the search, wrapping at the end of the log.
+        let found = unpersisted_leftovers(&log, offsets[3], 16384 - offsets[3], 3, 12);
+        assert_eq!(found, offsets[3..].to_vec());
+        let found = unpersisted_leftovers(&log, offsets[3], 16384, 3, 12);
+        assert_eq!(found, vec![offsets[3], offsets[4], offsets[2]]);
+    }
+
+    #[test]
     fn stale_records_from_earlier_lap_end_scan_cleanly() {
         // Old lap: seqs 10..; new lap starts at 0 with seq 20, covering only the first record.
         let (mut log, _) = build_log(16384, START, &[300, 200, 1000]);

@@ -471,7 +471,9 @@ impl State {
             }),
             None => {
                 self.region.persist_log(at, len)?;
-                self.inline_persists += 1;
+                if self.region.persist_method() != PersistMethod::Nothing {
+                    self.inline_persists += 1;
+                }
             }
         }
         Ok(())
