@@ -671,6 +671,56 @@ mod tests {
         }
     }
 
+    /// Measures what `pmem` mode pays per 4 KiB record for cache-line write-back and a fence
+    /// (on a DRAM mapping: the instructions' own cost) against a round trip through a group-commit
+    /// thread with nothing to persist (what handing records to a thread would add). Prints
+    /// numbers; run with `cargo test -p twinblock-journal --release -- --ignored --nocapture
+    /// pmem_write_back_costs_less_than_a_thread_handoff`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[ignore = "a measurement: prints numbers, asserts the decision it supports"]
+    fn pmem_write_back_costs_less_than_a_thread_handoff() {
+        const RECORD_BYTES: usize = 4096 + 64;
+        const ROUNDS: u32 = 20_000;
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let m = Mapping::open(&dir.path().join("nv"), PersistenceMode::None, true, 1 << 20)
+            .unwrap();
+        let method = detect_cache_flush();
+        let mut spans = m.split(&[(0, 1 << 20)]).unwrap();
+        let span = &mut spans[0];
+        let start = std::time::Instant::now();
+        for i in 0..ROUNDS {
+            let at = (i as usize * RECORD_BYTES) % ((1 << 20) - RECORD_BYTES);
+            span.write(at as u64, &[i as u8; RECORD_BYTES]);
+            // SAFETY: the range is inside the span, which is inside the live mapping.
+            unsafe { write_back_lines(method, span.map.map.ptr.add(at), RECORD_BYTES) };
+        }
+        let write_back_ns = start.elapsed().as_nanos() as f64 / f64::from(ROUNDS);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let group = crate::group_commit::GroupCommit::start(
+            0,
+            Box::new(|_, _| Ok(())),
+            dir.path().join("nv"),
+        )
+        .unwrap();
+        let start = std::time::Instant::now();
+        for seq in 1..=u64::from(ROUNDS) {
+            group.submit(crate::group_commit::PendingRecord {
+                seq,
+                at: 0,
+                len: 64,
+                consumed: 64,
+            });
+            rt.block_on(group.wait_persisted(seq)).unwrap();
+        }
+        let handoff_ns = start.elapsed().as_nanos() as f64 / f64::from(ROUNDS);
+        println!(
+            "pmem ({method:?}): store + write-back of a {RECORD_BYTES}-byte record {write_back_ns:.0} ns; \
+             group-commit thread round trip {handoff_ns:.0} ns"
+        );
+        assert!(write_back_ns < handoff_ns);
+    }
+
     /// Mounts a 1 MiB tmpfs (needs root; skips visibly otherwise) and asks for a 4 MiB file.
     #[test]
     fn full_medium_is_refused_with_the_space_needed() {
