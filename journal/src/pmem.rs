@@ -683,8 +683,8 @@ mod tests {
         const RECORD_BYTES: usize = 4096 + 64;
         const ROUNDS: u32 = 20_000;
         let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-        let m = Mapping::open(&dir.path().join("nv"), PersistenceMode::None, true, 1 << 20)
-            .unwrap();
+        let m =
+            Mapping::open(&dir.path().join("nv"), PersistenceMode::None, true, 1 << 20).unwrap();
         let method = detect_cache_flush();
         let mut spans = m.split(&[(0, 1 << 20)]).unwrap();
         let span = &mut spans[0];
@@ -696,7 +696,9 @@ mod tests {
             unsafe { write_back_lines(method, span.map.map.ptr.add(at), RECORD_BYTES) };
         }
         let write_back_ns = start.elapsed().as_nanos() as f64 / f64::from(ROUNDS);
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let group = crate::group_commit::GroupCommit::start(
             0,
             Box::new(|_, _| Ok(())),

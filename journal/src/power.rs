@@ -83,9 +83,20 @@ impl NvramPowerModel {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The file as mapped at open: all of it on the medium.
+    /// The file as mapped at open. A new model, or one whose power was cut (a new boot), takes
+    /// all of it as on the medium. A model already attached to this file whose power is on keeps
+    /// its medium image and pending stores: the daemon restarted after a crash of its own, and
+    /// what it had stored without persisting is still in the page cache only.
     pub(crate) fn start(&self, file: &[u8]) {
-        self.lock().durable = file.to_vec();
+        let mut s = self.lock();
+        if s.off || s.durable.len() != file.len() {
+            *s = State {
+                durable: file.to_vec(),
+                fail_with: s.fail_with,
+                persist_delay: s.persist_delay,
+                ..State::default()
+            };
+        }
     }
 
     /// The power goes after `n` more persists (the n-th persist does not reach the medium).

@@ -1397,14 +1397,7 @@ impl<B: Backing> JournaledVolume<B> {
             None
         };
         let size = backing.size();
-        let group = if region.persist_method() == PersistMethod::Msync {
-            let persisted = cursor.next_seq - 1;
-            let persist = region.log_persister();
-            let path = nvram.path().to_path_buf();
-            Some(Arc::new(GroupCommit::start(persisted, persist, path)?))
-        } else {
-            None
-        };
+        let group = start_group_commit(&region, &cursor, nvram.path())?;
         let shared = Arc::new(Shared {
             backing,
             volume_id,
@@ -1668,6 +1661,29 @@ pub struct UnretiredRecords {
     /// The seq the next appended record gets.
     pub next_seq: u64,
     pub records: Vec<UnretiredRecord>,
+}
+
+/// `msync` mode: persists the whole log, then starts the log's group-commit thread with every
+/// record before the cursor's next seq persistent. Other modes persist inline.
+///
+/// Why the whole log first: after a crash of the daemon (not of the host) the records it had
+/// stored but not yet persisted are intact in the page cache, so recovery accepted them, and
+/// the group commit's later rounds cover only newer ranges. Were they left to the kernel's
+/// write-back, a power cut could tear one of them under newer acknowledged records, and the scan
+/// would take those for the leftovers of a torn group. `msync` writes only dirty pages: nothing
+/// after a clean stop or a power cut, the few unpersisted records after a crash.
+fn start_group_commit(
+    region: &Region,
+    cursor: &LogCursor,
+    path: &std::path::Path,
+) -> Result<Option<Arc<GroupCommit>>, JournalError> {
+    if region.persist_method() != PersistMethod::Msync {
+        return Ok(None);
+    }
+    region.persist_log(0, region.log_bytes())?;
+    let persist = region.log_persister();
+    let group = GroupCommit::start(cursor.next_seq - 1, persist, path.to_path_buf())?;
+    Ok(Some(Arc::new(group)))
 }
 
 /// Before a log continues in place: blanks the records a torn group commit may have left beyond

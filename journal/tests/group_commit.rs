@@ -37,12 +37,25 @@ async fn open(
     mode: PersistenceMode,
     power: Option<Arc<NvramPowerModel>>,
 ) -> Arc<JournaledVolume<MemBacking>> {
+    open_on(dir, mode, power, store()).await
+}
+
+fn store() -> MemBacking {
+    MemBacking::new(1024 * BLOCK_BYTES, 64 * 1024)
+}
+
+/// Opens the volume over `mem` (one store across the lives of a test).
+async fn open_on(
+    dir: &std::path::Path,
+    mode: PersistenceMode,
+    power: Option<Arc<NvramPowerModel>>,
+    mem: MemBacking,
+) -> Arc<JournaledVolume<MemBacking>> {
     let c = cfg(dir, mode);
     let nv = match power {
         Some(p) => Nvram::open_with_power_model(&c, p).unwrap(),
         None => Nvram::open(&c).unwrap(),
     };
-    let mem = MemBacking::new(1024 * BLOCK_BYTES, 64 * 1024);
     Arc::new(JournaledVolume::open(nv, mem, 1, vcfg()).await.unwrap())
 }
 
@@ -186,5 +199,55 @@ async fn records_a_torn_group_left_beyond_the_end_are_blanked_before_the_log_con
             vol.read(i * BLOCK_BYTES, BLOCK_BYTES).await.unwrap(),
             block(i)
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_a_crash_left_unpersisted_are_persisted_before_new_ones_are_acknowledged() {
+    use twinblock_journal::power::NvramCut;
+    let dir = tempfile::tempdir().unwrap();
+    let power = Arc::new(NvramPowerModel::new());
+    let mem = store();
+    let vol = open_on(
+        dir.path(),
+        PersistenceMode::Msync,
+        Some(power.clone()),
+        mem.clone(),
+    )
+    .await;
+    for i in 0..4 {
+        vol.write(i * BLOCK_BYTES, block(i)).await.unwrap();
+    }
+    // The daemon dies with records stored in the mapping (the page cache) and not persisted: here
+    // their msync fails, so they never reach the medium; the host keeps running.
+    power.fail_persists(Some(libc::EIO));
+    for i in 10..14u64 {
+        assert!(vol.write(i * BLOCK_BYTES, block(i)).await.is_err());
+    }
+    drop(vol);
+    power.fail_persists(None);
+    // The restart recovers them from the page cache and continues the log after them; the
+    // writes it acknowledges must survive a power cut that follows. (The store fails writes, so
+    // no CP moves the log's tail past them meanwhile.)
+    mem.set_fail_writes(true);
+    let vol = open_on(
+        dir.path(),
+        PersistenceMode::Msync,
+        Some(power.clone()),
+        mem.clone(),
+    )
+    .await;
+    for i in 20..24u64 {
+        vol.write(i * BLOCK_BYTES, block(i)).await.unwrap();
+    }
+    drop(vol);
+    let path = cfg(dir.path(), PersistenceMode::Msync).path;
+    std::fs::write(&path, power.file_after_cut(NvramCut::LoseAll)).unwrap();
+    mem.crash();
+    mem.set_fail_writes(false);
+    let vol = open_on(dir.path(), PersistenceMode::Msync, None, mem).await;
+    for i in (0..4).chain(20..24) {
+        let got = vol.read(i * BLOCK_BYTES, BLOCK_BYTES).await.unwrap();
+        assert!(got == block(i), "acknowledged block {i} lost");
     }
 }
