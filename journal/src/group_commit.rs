@@ -17,8 +17,8 @@
 //! Records stored but not persisted can now be several at once, and a power cut can leave any of
 //! them torn or on the medium (the kernel writes dirty pages back on its own). The number of such
 //! records and the log bytes they span are bounded ([`UNPERSISTED_MAX_RECORDS`],
-//! [`UNPERSISTED_MAX_LOG_BYTES`]; appenders wait for room), which is what recovery relies on to tell
-//! a torn group from damage in the middle of the log (see `scan`).
+//! [`UNPERSISTED_MAX_LOG_BYTES`]; appenders wait for room), which is what recovery relies on to
+//! tell a torn group from damage in the middle of the log (see `scan`).
 //!
 //! A failed `msync` fails every waiter of its round and every later one (sticky): Linux reports a
 //! write-back error once and may drop the pages, so a later successful `msync` would not prove that

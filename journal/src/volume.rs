@@ -47,8 +47,9 @@
 //! # Durability: what an acknowledgement survives
 //!
 //! A write is acknowledged once its record is persisted in NVRAM (and shipped to the partner when
-//! a mirror is configured; the two happen at the same time). FLUSH and FUA promise more, as the NBD specification says: the covered
-//! writes survive the loss of this host's power. The volume tracks the *durable seq*, the highest
+//! a mirror is configured; in `msync` mode the group commit persists while the record is
+//! shipped). FLUSH and FUA promise more, as the NBD specification says: the covered writes survive
+//! the loss of this host's power. The volume tracks the *durable seq*, the highest
 //! seq known to survive power loss, as the largest of
 //! - the newest persisted seq, when the NVRAM medium survives power loss (`msync` on a persistent
 //!   file, `pmem` on DAX: [`Nvram::survives_power_loss`]);
