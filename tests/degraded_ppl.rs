@@ -120,7 +120,7 @@ async fn run_cut(
     let nv_power = Arc::new(NvramPowerModel::new());
     let vol = JournaledVolume::open(
         Nvram::open_with_power_model(&nvram_cfg(dir.path()), nv_power.clone()).unwrap(),
-        ArrayBacking { array, gate: None },
+        ArrayBacking::new(array, None),
         1,
         vol_cfg(),
     )
@@ -169,8 +169,7 @@ async fn run_cut(
         return None;
     }
     let path = dir.path().join("nvram.img");
-    let memory = std::fs::read(&path).unwrap();
-    std::fs::write(&path, nv_power.file_after_cut(&memory, NvramCut::LoseAll)).unwrap();
+    std::fs::write(&path, nv_power.file_after_cut(NvramCut::LoseAll)).unwrap();
     members[data0].power_cut(policies.0);
     members[parity].power_cut(policies.1);
     if level == Level::Raid6 {
@@ -198,7 +197,7 @@ async fn run_cut(
     );
     let vol = JournaledVolume::open(
         Nvram::open(&nvram_cfg(dir.path())).unwrap(),
-        ArrayBacking { array, gate: None },
+        ArrayBacking::new(array, None),
         1,
         vol_cfg(),
     )

@@ -287,8 +287,7 @@ async fn run_seed(seed: u64) -> Outcome {
             1 => NvramCut::KeepAll,
             _ => NvramCut::Torn { seed },
         };
-        let memory = std::fs::read(&nv_path).unwrap();
-        std::fs::write(&nv_path, nv_power.file_after_cut(&memory, cut)).unwrap();
+        std::fs::write(&nv_path, nv_power.file_after_cut(cut)).unwrap();
     } else {
         std::fs::remove_file(&nv_path).unwrap();
     }
@@ -337,22 +336,21 @@ async fn run_seed(seed: u64) -> Outcome {
         "seed {seed}: only a degraded array waits for a partial-parity replay"
     );
     let nv = reopen_nvram(dir.path()).await;
-    let vol =
-        match JournaledVolume::open(nv, cached_backing(array), 1, vol_cfg()).await {
-            Ok(v) => v,
-            Err(e) if pending && !nvram_survives => {
-                // The partial parity went with the NVRAM: the start must be refused, and say why.
-                assert!(
-                    e.to_string().contains("stopped uncleanly while degraded"),
-                    "seed {seed}: {e}"
-                );
-                return Outcome {
-                    refused_dirty_degraded: true,
-                    ..Outcome::default()
-                };
-            }
-            Err(e) => panic!("seed {seed}: journal open after the power cut failed: {e}"),
-        };
+    let vol = match JournaledVolume::open(nv, cached_backing(array), 1, vol_cfg()).await {
+        Ok(v) => v,
+        Err(e) if pending && !nvram_survives => {
+            // The partial parity went with the NVRAM: the start must be refused, and say why.
+            assert!(
+                e.to_string().contains("stopped uncleanly while degraded"),
+                "seed {seed}: {e}"
+            );
+            return Outcome {
+                refused_dirty_degraded: true,
+                ..Outcome::default()
+            };
+        }
+        Err(e) => panic!("seed {seed}: journal open after the power cut failed: {e}"),
+    };
     let mut out = Outcome {
         ppl_replayed: pending,
         ..Outcome::default()

@@ -11,6 +11,7 @@
 //! - [`log`]: circular-log space accounting; [`index`]: the dirty index;
 //! - [`pmem`]: the mapping and persistence modes (the only `unsafe` code);
 //! - [`ppl`]: partial-parity records a degraded RAID store persists before stripe updates;
+//! - [`group_commit`]: `msync` mode's group-commit thread (one `msync` for many records);
 //! - [`power`]: a power-loss model of the NVRAM medium for tests of `msync` mode;
 //! - [`nvram`]: opening, identity checks, generation bump, own and partner regions;
 //! - [`recover`]: checking a region's log and turning its unretired records into a dirty index
@@ -27,6 +28,7 @@ pub mod backing;
 pub mod dump;
 pub mod error;
 pub mod format;
+pub mod group_commit;
 pub mod index;
 pub mod log;
 pub mod loss;

@@ -139,7 +139,16 @@ impl Region {
 
     /// Scans the log from the control slot's tail.
     pub fn scan(&self) -> Scan {
-        scan_log(self.log(), self.scan_start())
+        self.with_window(scan_log(self.log(), self.scan_start()))
+    }
+
+    /// Records of a log persisted by `msync` may have been stored and not persisted several at a
+    /// time (group commit): the scan's report says so (see [`crate::scan`]).
+    fn with_window(&self, mut scan: Scan) -> Scan {
+        if self.span.method() == PersistMethod::Msync {
+            scan.report.unpersisted_window_records = crate::scan::UNPERSISTED_MAX_RECORDS;
+        }
+        scan
     }
 
     /// [`Region::scan`] leaving the CRCs of older WRITE records to the caller
@@ -147,7 +156,10 @@ impl Region {
     /// of the walk ([`crate::prefault`]).
     pub fn scan_deferred(&self) -> Scan {
         let (log, start) = (self.log(), self.scan_start());
-        crate::prefault::while_walking(log, start.tail_offset, || scan_log_deferred(log, start))
+        let scan = crate::prefault::while_walking(log, start.tail_offset, || {
+            scan_log_deferred(log, start)
+        });
+        self.with_window(scan)
     }
 
     /// Writes and persists a new control slot (into the slot not holding the current one).
@@ -210,6 +222,30 @@ impl Region {
     /// Persists `len` log bytes at `log_offset`.
     pub fn persist_log(&self, log_offset: u64, len: u64) -> Result<(), JournalError> {
         self.span.persist(CONTROL_AREA_BYTES + log_offset, len)
+    }
+
+    /// A function persisting `len` log bytes at `log_offset` from another thread (the group
+    /// commit of `msync` mode), while this region keeps storing into the log.
+    pub fn log_persister(&self) -> crate::group_commit::PersistFn {
+        let persister = self.span.persister();
+        Box::new(move |log_offset, len| persister.persist(CONTROL_AREA_BYTES + log_offset, len))
+    }
+
+    /// Blanks (zeroes and persists) the record headers at `log_offsets`: leftovers of a torn
+    /// group commit beyond the log's end (see [`crate::scan::unpersisted_leftovers`]).
+    pub fn blank_log_headers(&mut self, log_offsets: &[u64]) -> Result<(), JournalError> {
+        let header = RECORD_HEADER_BYTES as u64;
+        for &at in log_offsets {
+            if at
+                .checked_add(header)
+                .is_none_or(|end| end > self.log_bytes())
+            {
+                continue;
+            }
+            self.zero_log(at, header);
+            self.persist_log(at, header)?;
+        }
+        Ok(())
     }
 
     /// `len` log bytes at `log_offset`.

@@ -1,13 +1,16 @@
 //! A power-loss model of the NVRAM, for tests of `msync` mode.
 //!
 //! In `msync` mode a store into the mapping reaches the file's page cache at once and the medium
-//! only when it is persisted (`msync`). When the power goes, bytes persisted before the cut are on
-//! the medium; bytes stored but not yet persisted may or may not be, cache line by cache line.
-//! [`NvramPowerModel`] keeps the image the medium holds (updated on every persist until the cut),
-//! can cut the power after a given number of persists, and builds the file the next boot finds:
-//! each 64-byte line of the store whose persist the cut interrupted is kept or lost by a seed.
+//! only when it is persisted (`msync`), or earlier whenever the kernel writes the page back on its
+//! own. [`NvramPowerModel`] keeps the image the medium holds and the stores not persisted yet
+//! (in store order); a persist moves the stored bytes of its range onto the medium. The power can
+//! be cut after a given number of persists; the file the next boot finds is the medium's image
+//! with each 64-byte line touched by a store not persisted by then kept or lost, chosen by a seed
+//! (the kernel may have written any dirty page back before the cut). With the group commit of
+//! `msync` mode many records can be stored and not persisted at once, and any of them may be
+//! torn this way. A persist can also be made to fail (as `msync` does on a failing disk).
 //! Attach one with [`crate::Nvram::open_with_power_model`]. Pure bookkeeping; the mapping calls
-//! [`NvramPowerModel::persisted`] from `pmem`.
+//! [`NvramPowerModel::stored`] and [`NvramPowerModel::persisted`] from `pmem`.
 
 use std::sync::Mutex;
 
@@ -25,15 +28,28 @@ pub enum NvramCut {
     },
 }
 
+/// Bytes stored at file offset `at` and not persisted yet.
+#[derive(Debug, Clone)]
+struct Stored {
+    at: usize,
+    bytes: Vec<u8>,
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// What the medium holds.
     durable: Vec<u8>,
+    /// Stores not persisted yet, oldest first.
+    stored: Vec<Stored>,
     /// Persists left before the power goes (`None`: never).
     persists_left: Option<u64>,
     off: bool,
-    /// The range whose persist the power cut interrupted: stored, maybe on the medium.
-    torn: Option<(usize, usize)>,
+    /// Persists that reached the medium (counted until the cut).
+    persists: u64,
+    /// Every persist from now on fails with this OS error number.
+    fail_with: Option<i32>,
+    /// Every persist takes this long (a slow medium).
+    persist_delay: Option<std::time::Duration>,
 }
 
 /// Tells whether the power of the rest of the machine is off (see
@@ -63,6 +79,15 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// Copies the part of `s` inside `[lo, hi)` onto `image`.
+fn apply(image: &mut [u8], s: &Stored, lo: usize, hi: usize) {
+    let from = s.at.max(lo);
+    let to = (s.at + s.bytes.len()).min(hi).min(image.len());
+    if from < to {
+        image[from..to].copy_from_slice(&s.bytes[from - s.at..to - s.at]);
+    }
+}
+
 impl NvramPowerModel {
     pub fn new() -> NvramPowerModel {
         NvramPowerModel::default()
@@ -72,9 +97,20 @@ impl NvramPowerModel {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The file as mapped at open: all of it on the medium.
+    /// The file as mapped at open. A new model, or one whose power was cut (a new boot), takes
+    /// all of it as on the medium. A model already attached to this file whose power is on keeps
+    /// its medium image and pending stores: the daemon restarted after a crash of its own, and
+    /// what it had stored without persisting is still in the page cache only.
     pub(crate) fn start(&self, file: &[u8]) {
-        self.lock().durable = file.to_vec();
+        let mut s = self.lock();
+        if s.off || s.durable.len() != file.len() {
+            *s = State {
+                durable: file.to_vec(),
+                fail_with: s.fail_with,
+                persist_delay: s.persist_delay,
+                ..State::default()
+            };
+        }
     }
 
     /// The power goes after `n` more persists (the n-th persist does not reach the medium).
@@ -95,8 +131,40 @@ impl NvramPowerModel {
         self.lock().off
     }
 
-    /// `bytes` (now in memory at file offset `at`) were persisted.
-    pub(crate) fn persisted(&self, at: usize, bytes: &[u8]) {
+    /// Every later persist fails with OS error `errno` (`None`: they succeed again).
+    pub fn fail_persists(&self, errno: Option<i32>) {
+        self.lock().fail_with = errno;
+    }
+
+    /// Every later persist takes `delay` (as `msync` to a slow disk), outside the model's lock.
+    pub fn slow_persists(&self, delay: std::time::Duration) {
+        self.lock().persist_delay = Some(delay);
+    }
+
+    /// Persists that reached the medium so far.
+    pub fn persists(&self) -> u64 {
+        self.lock().persists
+    }
+
+    /// `bytes` were stored at file offset `at` (in memory, not persisted yet). Stores made after
+    /// the cut never happened (the machine stopped).
+    pub(crate) fn stored(&self, at: usize, bytes: &[u8]) {
+        let mut s = self.lock();
+        if !s.off {
+            s.stored.push(Stored {
+                at,
+                bytes: bytes.to_vec(),
+            });
+        }
+    }
+
+    /// File bytes `[at, at+len)` were persisted: the stores inside the range reach the medium,
+    /// oldest first; what lies outside it stays pending.
+    pub(crate) fn persisted(&self, at: usize, len: usize) -> std::io::Result<()> {
+        let delay = self.lock().persist_delay;
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         let linked_off = self
             .linked
             .lock()
@@ -104,47 +172,75 @@ impl NvramPowerModel {
             .as_ref()
             .is_some_and(|probe| probe());
         let mut s = self.lock();
+        if let Some(errno) = s.fail_with {
+            return Err(std::io::Error::from_raw_os_error(errno));
+        }
         if s.off {
-            return;
+            return Ok(());
         }
         if linked_off {
+            // The rest of the machine lost power first: this persist never reached the medium.
             s.off = true;
-            s.torn = Some((at, bytes.len()));
-            return;
+            return Ok(());
         }
         if let Some(left) = s.persists_left.as_mut() {
             if *left == 0 {
                 s.off = true;
-                s.torn = Some((at, bytes.len()));
-                return;
+                return Ok(());
             }
             *left -= 1;
         }
-        if let Some(dst) = s.durable.get_mut(at..at + bytes.len()) {
-            dst.copy_from_slice(bytes);
+        s.persists += 1;
+        let (lo, hi) = (at, at + len);
+        let stored = std::mem::take(&mut s.stored);
+        let mut left = Vec::with_capacity(stored.len());
+        for st in stored {
+            let end = st.at + st.bytes.len();
+            if end <= lo || st.at >= hi {
+                left.push(st);
+                continue;
+            }
+            apply(&mut s.durable, &st, lo, hi);
+            if st.at < lo {
+                left.push(Stored {
+                    at: st.at,
+                    bytes: st.bytes[..lo - st.at].to_vec(),
+                });
+            }
+            if end > hi {
+                left.push(Stored {
+                    at: hi,
+                    bytes: st.bytes[hi - st.at..].to_vec(),
+                });
+            }
         }
+        // The pieces kept their relative order except where one store was split in two; a
+        // store's two pieces never overlap each other, so their order does not matter.
+        s.stored = left;
+        Ok(())
     }
 
-    /// The file the next boot finds, given what memory holds now (`memory`, the whole file):
-    /// the medium's image, with each line of the store the cut interrupted kept or lost per
-    /// `cut`. Stores made after the cut never happened (the machine stopped), so they are lost.
-    pub fn file_after_cut(&self, memory: &[u8], cut: NvramCut) -> Vec<u8> {
+    /// The file the next boot finds: the medium's image, with each line touched by a store not
+    /// persisted before the cut kept (all such stores to it applied, in order) or lost, per `cut`.
+    pub fn file_after_cut(&self, cut: NvramCut) -> Vec<u8> {
         let s = self.lock();
         let mut out = s.durable.clone();
-        let Some((at, len)) = s.torn else {
-            return out;
-        };
-        let first = at / LINE_BYTES;
-        let end = (at + len).div_ceil(LINE_BYTES);
-        for i in first..end {
+        let mut lines = std::collections::BTreeSet::new();
+        for st in &s.stored {
+            let first = st.at / LINE_BYTES;
+            let end = (st.at + st.bytes.len()).div_ceil(LINE_BYTES);
+            lines.extend(first..end);
+        }
+        for i in lines {
             let keep = match cut {
                 NvramCut::LoseAll => false,
                 NvramCut::KeepAll => true,
                 NvramCut::Torn { seed } => mix(seed ^ mix(i as u64)) & 1 == 1,
             };
-            let r = i * LINE_BYTES..((i + 1) * LINE_BYTES).min(out.len()).min(memory.len());
-            if keep && !r.is_empty() {
-                out[r.clone()].copy_from_slice(&memory[r]);
+            if keep {
+                for st in &s.stored {
+                    apply(&mut out, st, i * LINE_BYTES, (i + 1) * LINE_BYTES);
+                }
             }
         }
         out
@@ -158,24 +254,60 @@ mod tests {
     #[test]
     fn only_persisted_bytes_survive_a_lose_all_cut() {
         let m = NvramPowerModel::new();
-        let mut mem = vec![0u8; 256];
-        m.start(&mem);
-        mem[0..64].fill(1);
-        m.persisted(0, &mem[0..64]);
+        m.start(&[0u8; 256]);
+        m.stored(0, &[1; 64]);
+        m.persisted(0, 64).unwrap();
         m.cut_after_persists(0);
-        mem[64..128].fill(2);
-        m.persisted(64, &mem[64..128]);
+        m.stored(64, &[2; 64]);
+        m.persisted(64, 64).unwrap();
         assert!(m.is_off());
-        let after = m.file_after_cut(&mem, NvramCut::LoseAll);
+        let after = m.file_after_cut(NvramCut::LoseAll);
         assert!(after[..64].iter().all(|&b| b == 1));
         assert!(after[64..].iter().all(|&b| b == 0));
-        assert_eq!(m.file_after_cut(&mem, NvramCut::KeepAll), mem);
-        mem[192..256].fill(3);
-        m.persisted(192, &mem[192..256]);
-        let kept = m.file_after_cut(&mem, NvramCut::KeepAll);
+        let kept = m.file_after_cut(NvramCut::KeepAll);
+        assert!(kept[64..128].iter().all(|&b| b == 2));
+        m.stored(192, &[3; 64]);
+        let kept = m.file_after_cut(NvramCut::KeepAll);
         assert!(
             kept[192..].iter().all(|&b| b == 0),
             "a store after the cut never happened"
         );
+    }
+
+    #[test]
+    fn a_persist_moves_only_its_range_and_keeps_store_order() {
+        let m = NvramPowerModel::new();
+        m.start(&[0u8; 256]);
+        m.stored(0, &[1; 128]);
+        m.stored(64, &[2; 64]);
+        m.persisted(64, 64).unwrap();
+        m.cut_after_persists(0);
+        m.persisted(0, 64).unwrap();
+        let after = m.file_after_cut(NvramCut::LoseAll);
+        assert!(after[..64].iter().all(|&b| b == 0), "not persisted");
+        assert!(
+            after[64..128].iter().all(|&b| b == 2),
+            "the newer store wins"
+        );
+        let kept = m.file_after_cut(NvramCut::KeepAll);
+        assert!(kept[..64].iter().all(|&b| b == 1));
+        assert!(
+            kept[64..128].iter().all(|&b| b == 2),
+            "an older piece never overwrites"
+        );
+    }
+
+    #[test]
+    fn failing_persists_report_the_os_error() {
+        let m = NvramPowerModel::new();
+        m.start(&[0u8; 64]);
+        m.stored(0, &[1; 64]);
+        m.fail_persists(Some(libc::EIO));
+        let e = m.persisted(0, 64).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(m.file_after_cut(NvramCut::LoseAll).iter().all(|&b| b == 0));
+        m.fail_persists(None);
+        m.persisted(0, 64).unwrap();
+        assert_eq!(m.persists(), 1);
     }
 }

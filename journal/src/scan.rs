@@ -6,10 +6,18 @@
 //! previous record, and it ends inside the log. The first record that fails any check ends the
 //! scan; it is *reported* in the [`ScanReport`] (reason and log offset), never returned for apply.
 //!
-//! Records are appended and persisted strictly in seq order under one lock, so a crash can tear
-//! only the newest record: a scan that stops at a torn or stale record has found the true end of
-//! the log. A stop followed by intact newer records of the same generation (found by
-//! [`probe_beyond`]) means damage in the middle of the log, which the caller treats as an error.
+//! Records are appended in seq order under one lock. In `none` and `pmem` mode they are also
+//! persisted one at a time under it, so a crash can tear only the newest record. In `msync` mode a
+//! group-commit thread persists them in rounds (see `group_commit`): up to
+//! [`UNPERSISTED_MAX_RECORDS`] newest records, spanning at most [`UNPERSISTED_MAX_LOG_BYTES`] of
+//! log, may be stored and not persisted at once, and a power cut may leave any of them torn or
+//! intact; none of them was acknowledged. Either way a scan that stops at a torn or stale record
+//! has found the true end of what was acknowledged. A stop followed by an intact record of the same
+//! generation too new to have been unpersisted with the stopping one (found by [`probe_beyond`];
+//! the window is [`ScanReport::unpersisted_window_records`], set by the region for `msync` mode)
+//! means damage in the middle of the log, which the caller treats as an error. Intact newer records
+//! inside the window are the leftovers of a torn group: never applied, and blanked before the log
+//! continues in place ([`unpersisted_leftovers`]).
 
 use crate::error::FormatError;
 use crate::format::{CpPayload, RecordHeader, RecordKind, RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES};
@@ -86,16 +94,34 @@ pub struct ScanReport {
     pub stop: StopReason,
     /// Largest `applied_seq` of the CP records seen, if any.
     pub cp_applied_seq: Option<u64>,
-    /// An intact newer record of the same generation found after a damaged stop: `(offset, seq)`.
+    /// The newest intact record of the same generation found after a damaged stop:
+    /// `(offset, seq)`.
     pub later_valid_record: Option<(u64, u64)>,
+    /// How many records may have been stored and not persisted at once when the log was written
+    /// (0: one at a time; [`UNPERSISTED_MAX_RECORDS`] for a region in `msync` mode). A later
+    /// record within this many seqs of the stop may be a leftover of a torn group commit.
+    pub unpersisted_window_records: u64,
 }
 
 impl ScanReport {
-    /// True when the scan ended on damage with intact newer records after it.
+    /// True when the scan ended on damage with an intact newer record after it that cannot be a
+    /// leftover of a torn group commit (see the module doc).
     pub fn corrupt_mid_region(&self) -> bool {
-        !self.stop.is_clean_end() && self.later_valid_record.is_some()
+        let stop_seq = self.last_seq.wrapping_add(1);
+        !self.stop.is_clean_end()
+            && self.later_valid_record.is_some_and(|(_, seq)| {
+                seq >= stop_seq.saturating_add(self.unpersisted_window_records)
+            })
     }
 }
+
+/// At most this many log records are stored and not yet persisted at any time (`msync` mode's
+/// group commit; appenders wait for room). Equal to [`DEFERRED_SCAN_VERIFIED_TAIL_RECORDS`], so a
+/// deferred scan checks the CRC of every record a power cut may have torn.
+pub const UNPERSISTED_MAX_RECORDS: u64 = DEFERRED_SCAN_VERIFIED_TAIL_RECORDS as u64;
+/// ...and the records stored and not yet persisted span at most this many log bytes (PADs
+/// included), unless a single record is larger. Equal to [`DEFERRED_SCAN_VERIFIED_TAIL_BYTES`].
+pub const UNPERSISTED_MAX_LOG_BYTES: u64 = DEFERRED_SCAN_VERIFIED_TAIL_BYTES;
 
 /// The result of a scan: intact records in log order, and the report.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -381,15 +407,17 @@ fn scan_log_with(log: &[u8], start: ScanStart, window: Option<TailWindow>) -> Sc
             stop,
             cp_applied_seq,
             later_valid_record,
+            unpersisted_window_records: 0,
         },
         records: w.records,
         crc_deferred: w.deferred,
     }
 }
 
-/// Looks for any intact record of `generation` with seq greater than `damaged_seq` anywhere in
-/// the log except the damaged position itself. Such a record proves the damage is not a torn
-/// final append. Returns the first found as `(offset, seq)`.
+/// Looks for intact records of `generation` with seq greater than `damaged_seq` anywhere in the
+/// log except the damaged position itself. Such a record proves the damage is not a torn final
+/// append (or, if its seq is far enough ahead, not a torn group commit). Returns the one with the
+/// highest seq as `(offset, seq)`.
 pub fn probe_beyond(
     log: &[u8],
     damaged_offset: u64,
@@ -397,22 +425,60 @@ pub fn probe_beyond(
     damaged_seq: u64,
 ) -> Option<(u64, u64)> {
     let log_bytes = log.len() as u64;
+    let mut best: Option<(u64, u64)> = None;
     let mut at = 0;
     while at + RECORD_HEADER_BYTES as u64 <= log_bytes {
         if at != damaged_offset {
             // The cheap checks first: only a newer record of this generation needs its CRC.
-            let newer = check_header(log, at)
-                .ok()
-                .filter(|h| h.generation == generation && h.seq > damaged_seq);
+            let newer = check_header(log, at).ok().filter(|h| {
+                h.generation == generation
+                    && h.seq > damaged_seq
+                    && best.is_none_or(|(_, s)| h.seq > s)
+            });
             if let Some(h) = newer {
                 if check_crc(log, at, &h).is_ok() {
-                    return Some((at, h.seq));
+                    best = Some((at, h.seq));
                 }
             }
         }
         at += RECORD_ALIGN_BYTES;
     }
-    None
+    best
+}
+
+/// Log offsets, in the `window_bytes` of `log` from `from` on (wrapping at the end), that hold a
+/// record header of `generation` with seq >= `next_seq`: records stored and never persisted
+/// before a crash (a torn group commit leaves them beyond the log's end). A log continuing in
+/// place must blank them before appending: the record it appends with seq `next_seq - 1` could
+/// end exactly where one of them starts, and a later scan would accept that never-acknowledged
+/// record as its successor. Only the header is looked at (torn payloads included); a slot of free
+/// space that merely looks like such a header is blanked too, which costs nothing. Pure.
+pub fn unpersisted_leftovers(
+    log: &[u8],
+    from: u64,
+    window_bytes: u64,
+    generation: u64,
+    next_seq: u64,
+) -> Vec<u64> {
+    let log_bytes = log.len() as u64;
+    if log_bytes == 0 || !from.is_multiple_of(RECORD_ALIGN_BYTES) {
+        return Vec::new();
+    }
+    let mut found = Vec::new();
+    let mut walked = 0;
+    while walked < window_bytes.min(log_bytes) {
+        let at = (from + walked) % log_bytes;
+        let slot = &log[at as usize..];
+        if slot.len() >= RECORD_HEADER_BYTES {
+            let leftover = RecordHeader::decode(slot)
+                .is_ok_and(|h| h.generation == generation && h.seq >= next_seq);
+            if leftover {
+                found.push(at);
+            }
+        }
+        walked += RECORD_ALIGN_BYTES;
+    }
+    found
 }
 
 #[cfg(test)]
@@ -546,6 +612,50 @@ mod tests {
                 assert!(s.report.corrupt_mid_region());
             }
         }
+    }
+
+    #[test]
+    fn damage_within_the_group_commit_window_is_a_torn_group_not_mid_log_damage() {
+        let payloads = vec![100; 80];
+        let (full, offsets) = build_log(64 * 1024, START, &payloads);
+        let mut log = full.clone();
+        // Record seq 12 torn, the records after it (a group never persisted) intact.
+        log[offsets[2] as usize + 70] ^= 0x40;
+        let mut s = scan_log(&log, START);
+        assert_eq!(s.report.last_seq, 11);
+        assert_eq!(
+            s.report.later_valid_record,
+            Some((offsets[79], 89)),
+            "the newest later record is reported"
+        );
+        assert!(s.report.corrupt_mid_region(), "one at a time: damage");
+        // 89 - 12 = 77 >= 64: too far ahead to have been unpersisted with seq 12.
+        s.report.unpersisted_window_records = UNPERSISTED_MAX_RECORDS;
+        assert!(s.report.corrupt_mid_region());
+        // Only records within the window after the damage: a torn group.
+        let (short, offsets) = build_log(64 * 1024, START, &payloads[..40]);
+        let mut log = short.clone();
+        log[offsets[2] as usize + 70] ^= 0x40;
+        let mut s = scan_log(&log, START);
+        assert!(s.report.corrupt_mid_region());
+        s.report.unpersisted_window_records = UNPERSISTED_MAX_RECORDS;
+        assert!(!s.report.corrupt_mid_region());
+    }
+
+    #[test]
+    fn leftovers_beyond_the_end_are_found_and_live_or_stale_records_are_not() {
+        let (log, offsets) = build_log(16384, START, &[100, 100, 100, 100, 100]);
+        // The log ends after seq 11 (offsets[2] is where seq 12 was stored, never persisted).
+        let found = unpersisted_leftovers(&log, offsets[2], 16384, START.generation, 12);
+        assert_eq!(found, offsets[2..].to_vec());
+        // Records older than the end (live or stale) and other generations are left alone.
+        assert!(unpersisted_leftovers(&log, 0, 16384, START.generation, 15).is_empty());
+        assert!(unpersisted_leftovers(&log, 0, 16384, START.generation + 1, 0).is_empty());
+        // The window bounds the search, wrapping at the end of the log.
+        let found = unpersisted_leftovers(&log, offsets[3], 16384 - offsets[3], 3, 12);
+        assert_eq!(found, offsets[3..].to_vec());
+        let found = unpersisted_leftovers(&log, offsets[3], 16384, 3, 12);
+        assert_eq!(found, vec![offsets[3], offsets[4], offsets[2]]);
     }
 
     #[test]

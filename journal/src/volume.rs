@@ -27,8 +27,14 @@
 //! # Concurrency
 //!
 //! One `std::sync::Mutex` guards the log cursor, the region and the dirty index; it is never held
-//! across an `.await`. Appends copy and persist under it, so records become persistent strictly in
-//! seq order and a crash can tear only the newest one (what the scan relies on). Reads copy dirty
+//! across an `.await`. Appends copy under it. In `none` and `pmem` mode they also persist under it
+//! (nothing, or cache-line write-back: far cheaper than handing the record to another thread), so
+//! records become persistent strictly in seq order and a crash can tear only the newest one. In
+//! `msync` mode the appender hands the record to the log's group-commit thread
+//! ([`crate::group_commit`]) and awaits its persistence with the lock released; the thread
+//! persists every record appended meanwhile with one `msync` per run of pages, so concurrent
+//! writers share one disk write. At most [`crate::scan::UNPERSISTED_MAX_RECORDS`] records are then
+//! unpersisted at once (appenders wait for room), which recovery relies on. Reads copy dirty
 //! bytes out of NVRAM under the lock and read the gaps from the store after releasing it.
 //!
 //! A CP (one at a time, `cp_lock`) snapshots the index and the head, writes the snapshot to the
@@ -41,10 +47,11 @@
 //! # Durability: what an acknowledgement survives
 //!
 //! A write is acknowledged once its record is persisted in NVRAM (and shipped to the partner when
-//! a mirror is configured). FLUSH and FUA promise more, as the NBD specification says: the covered
-//! writes survive the loss of this host's power. The volume tracks the *durable seq*, the highest
+//! a mirror is configured; in `msync` mode the group commit persists while the record is
+//! shipped). FLUSH and FUA promise more, as the NBD specification says: the covered writes survive
+//! the loss of this host's power. The volume tracks the *durable seq*, the highest
 //! seq known to survive power loss, as the largest of
-//! - the newest appended seq, when the NVRAM medium survives power loss (`msync` on a persistent
+//! - the newest persisted seq, when the NVRAM medium survives power loss (`msync` on a persistent
 //!   file, `pmem` on DAX: [`Nvram::survives_power_loss`]);
 //! - [`MirrorHook::partner_durable_seq`]: what an in-sync partner holds;
 //! - `applied_seq`: what a CP wrote to the store and flushed.
@@ -80,6 +87,7 @@ use crate::format::{
     align_up, encode_transitions, CpPayload, RecordHeader, RecordKind, TransitionEntry,
     TransitionState, RECORD_HEADER_BYTES, TRANSITION_ENTRY_BYTES, TRANSITION_MAX_ENTRIES,
 };
+use crate::group_commit::{GroupCommit, PendingRecord};
 use crate::index::{DirtyIndex, Extent, ExtentData};
 use crate::log::LogCursor;
 use crate::nvram::{Nvram, Region};
@@ -268,6 +276,11 @@ pub struct VolumeStatus {
     /// FLUSH / FUA requests that waited for a CP (tmpfs NVRAM and no in-sync partner).
     pub flushes_by_cp: u64,
     pub writer_waits: u64,
+    /// Persist calls made for log records: one per record in `pmem` mode (none in `none` mode),
+    /// one per run of pages per group-commit round in `msync` mode.
+    pub log_persists: u64,
+    /// Group-commit rounds in `msync` mode (each acknowledges every writer it covered).
+    pub group_commit_rounds: u64,
     pub last_cp_error: Option<String>,
     /// Records recovered at open whose CRC the background check has not verified yet.
     pub crc_unverified_records: u64,
@@ -360,8 +373,22 @@ impl<B: Backing> Drop for ShipList<'_, B> {
     }
 }
 
+/// What [`State::append`] did.
+enum Appended {
+    /// The record is in the log: its seq and log offset.
+    Done { seq: u64, at: u64 },
+    /// The log is full (leaving the reserve asked for).
+    LogFull,
+    /// Too many records wait for the group commit: wait for its progress, then retry.
+    PersistBehind,
+}
+
 struct State {
     region: Region,
+    /// `msync` mode: the log's group-commit thread (shared with [`Shared::group`]).
+    group: Option<Arc<GroupCommit>>,
+    /// Persist calls made under the lock (modes without a group commit).
+    inline_persists: u64,
     cursor: LogCursor,
     generation: u64,
     index: DirtyIndex,
@@ -430,8 +457,36 @@ impl State {
         self.damaged = Some(d);
         self.unverified = None;
     }
-    /// Appends one record (and a PAD first when it must wrap); `None` when it does not fit
-    /// leaving `reserve` bytes. Returns the record's seq and log offset, plus the copies to ship.
+    /// Makes stored log bytes persistent: at once (`pmem`, `none`), or by handing them to the
+    /// group commit (`msync`; the caller awaits [`Shared::wait_persisted`] before acknowledging).
+    fn persist_appended(
+        &mut self,
+        seq: u64,
+        at: u64,
+        len: u64,
+        consumed: u64,
+    ) -> Result<(), JournalError> {
+        match &self.group {
+            Some(group) => group.submit(PendingRecord {
+                seq,
+                at,
+                len,
+                consumed,
+            }),
+            None => {
+                self.region.persist_log(at, len)?;
+                if self.region.persist_method() != PersistMethod::Nothing {
+                    self.inline_persists += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends one record (and a PAD first when it must wrap), leaving `reserve` bytes free.
+    /// With a group commit that has too many records in flight, blocks until it has room when
+    /// `block_for_room` (records appended under the lock by CPs and flushes), else returns
+    /// [`Appended::PersistBehind`]. The copies to ship go to `ship`.
     #[allow(clippy::too_many_arguments)]
     fn append(
         &mut self,
@@ -441,13 +496,23 @@ impl State {
         length: u64,
         payload: &[u8],
         reserve: u64,
+        block_for_room: bool,
         copy: bool,
         ship: &mut Vec<Shipped>,
-    ) -> Result<Option<(u64, u64)>, JournalError> {
+    ) -> Result<Appended, JournalError> {
         let total = RECORD_HEADER_BYTES as u64 + align_up(payload.len() as u64);
         let Some(p) = self.cursor.place(total, reserve) else {
-            return Ok(None);
+            return Ok(Appended::LogFull);
         };
+        if let Some(group) = &self.group {
+            let records = 1 + u64::from(p.pad_bytes.is_some());
+            let bytes = p.consumed + RECORD_HEADER_BYTES as u64;
+            if block_for_room {
+                group.wait_room_blocking(records, bytes)?;
+            } else if !group.has_room(records, bytes)? {
+                return Ok(Appended::PersistBehind);
+            }
+        }
         let mut seq = self.cursor.next_seq;
         if let Some(pad_bytes) = p.pad_bytes {
             let pad = RecordHeader {
@@ -462,7 +527,7 @@ impl State {
             .encode(&[]);
             let at = self.cursor.head;
             self.region.write_log(at, &pad);
-            self.region.persist_log(at, pad.len() as u64)?;
+            self.persist_appended(seq, at, pad.len() as u64, pad_bytes)?;
             if copy {
                 self.shipping.insert(seq);
                 ship.push(Shipped {
@@ -499,7 +564,7 @@ impl State {
             total
         };
         self.region.zero_log(p.at + written, stored - written);
-        self.region.persist_log(p.at, stored)?;
+        self.persist_appended(seq, p.at, stored, total)?;
         let committed = self.cursor.commit(p, total);
         debug_assert_eq!(committed, seq);
         if copy {
@@ -510,7 +575,7 @@ impl State {
                 bytes: Bytes::copy_from_slice(self.region.log_slice(p.at, stored)),
             });
         }
-        Ok(Some((seq, p.at)))
+        Ok(Appended::Done { seq, at: p.at })
     }
 
     /// Appends TRANSITION records for the pending mirrored/acknowledged ranges (may use the
@@ -544,10 +609,11 @@ impl State {
             0,
             &payload,
             0,
+            true,
             copy,
             ship,
         )?;
-        if appended.is_none() {
+        if !matches!(appended, Appended::Done { .. }) {
             // Log completely full: put the ranges back in front (they were drained from the
             // front, nothing was added since); they go out after the next CP.
             let back = |state| {
@@ -574,6 +640,8 @@ struct Shared<B: Backing> {
     /// A record persisted in the own NVRAM survives the loss of this host's power.
     local_durable: bool,
     state: Mutex<State>,
+    /// `msync` mode: the log's group-commit thread.
+    group: Option<Arc<GroupCommit>>,
     space_freed: Notify,
     /// Signalled when records leave `State::shipping`.
     shipped: Notify,
@@ -625,7 +693,9 @@ impl<B: Backing> Shared<B> {
             let notified = self.space_freed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
+            // Subscribed before looking, so progress made after the look is not missed.
+            let progress = self.group.as_ref().map(|g| g.subscribe());
+            let persist_behind = {
                 let mut st = self.lock();
                 st.check_not_damaged()?;
                 let appended = st.append(
@@ -635,10 +705,15 @@ impl<B: Backing> Shared<B> {
                     length,
                     payload,
                     CONTROL_RESERVE_BYTES + self.ppl_reserve,
+                    false,
                     copy,
                     ship,
                 )?;
-                if let Some((seq, log_offset)) = appended {
+                if let Appended::Done {
+                    seq,
+                    at: log_offset,
+                } = appended
+                {
                     let data = match kind {
                         RecordKind::Write => ExtentData::Nvram {
                             log_offset: log_offset + RECORD_HEADER_BYTES as u64,
@@ -661,12 +736,22 @@ impl<B: Backing> Shared<B> {
                     }
                     return Ok(seq);
                 }
-                if let Some(e) = &st.last_cp_error {
-                    // The log is full and CPs fail: report instead of waiting indefinitely.
-                    return Err(JournalError::CpFailed { message: e.clone() });
+                if matches!(appended, Appended::LogFull) {
+                    if let Some(e) = &st.last_cp_error {
+                        // The log is full and CPs fail: report instead of waiting indefinitely.
+                        return Err(JournalError::CpFailed { message: e.clone() });
+                    }
+                    st.writer_waits += 1;
+                    st.space_wanted = true;
+                    None
+                } else {
+                    progress
                 }
-                st.writer_waits += 1;
-                st.space_wanted = true;
+            };
+            // Too many records wait for the group commit: retry once it made progress.
+            if let Some(mut rx) = persist_behind {
+                rx.changed().await.map_err(|_| JournalError::ShutDown)?;
+                continue;
             }
             self.cp_wanted.notify_one();
             notified.await;
@@ -692,7 +777,16 @@ impl<B: Backing> Shared<B> {
         Ok(())
     }
 
+    /// Returns once every record with seq <= `seq` is persistent in the own NVRAM per the mode.
+    async fn wait_persisted(&self, seq: u64) -> Result<(), JournalError> {
+        match &self.group {
+            Some(group) => group.wait_persisted(seq).await,
+            None => Ok(()),
+        }
+    }
+
     /// Journals one data record (waiting for space), then ships it; returns (seq, mirrored seqs).
+    /// The record may not be persistent yet: see [`Shared::wait_persisted`].
     async fn journal_and_ship(
         &self,
         kind: RecordKind,
@@ -728,6 +822,11 @@ impl<B: Backing> Shared<B> {
             mirrored.extend(m);
             at += n;
         }
+        // The group commit ran while the records were shipped; all of them are covered by the
+        // wait for the last (persisted seqs are a prefix).
+        if let Some(&last) = seqs.last() {
+            self.wait_persisted(last).await?;
+        }
         self.finish(&mirrored, &seqs).await?;
         Ok(seqs.last().copied().unwrap_or(0))
     }
@@ -744,6 +843,7 @@ impl<B: Backing> Shared<B> {
             return Ok(0);
         }
         let (seq, mirrored) = self.journal_and_ship(kind, offset, len, &[]).await?;
+        self.wait_persisted(seq).await?;
         self.finish(&mirrored, &[seq]).await?;
         Ok(seq)
     }
@@ -810,10 +910,10 @@ impl<B: Backing> Shared<B> {
 
     /// The durable seq this node guarantees by itself: its NVRAM medium, or the store after a CP.
     fn own_durable_seq(&self, st: &State) -> u64 {
-        let local = if self.local_durable {
-            st.cursor.next_seq - 1
-        } else {
-            0
+        let local = match (&self.group, self.local_durable) {
+            (_, false) => 0,
+            (Some(group), true) => group.persisted_seq(),
+            (None, true) => st.cursor.next_seq - 1,
         };
         local.max(st.applied_seq)
     }
@@ -824,6 +924,11 @@ impl<B: Backing> Shared<B> {
     async fn wait_durable(self: &Arc<Self>, target: u64) -> Result<(), JournalError> {
         if self.own_durable_seq(&self.lock()) >= target {
             return Ok(());
+        }
+        if let (Some(group), true) = (&self.group, self.local_durable) {
+            // The own NVRAM survives power loss: the records are durable once the group commit
+            // covers them (at once for every acknowledged write).
+            return group.wait_persisted(target).await;
         }
         // An in-sync partner that holds (or is about to acknowledge) the records makes them
         // survive this host's power loss without a CP. Not while the mirror is out of sync:
@@ -1148,6 +1253,7 @@ impl<B: Backing> Shared<B> {
                 0,
                 &cp,
                 0,
+                true,
                 copy,
                 &mut ship.items,
             )?;
@@ -1198,7 +1304,7 @@ impl<B: Backing> PplAppend for Shared<B> {
     async fn append_ppl(&self, store_bytes: &[u8]) -> Result<(), JournalError> {
         let copy = self.mirror.enabled();
         let mut ship = ShipList::new(self);
-        {
+        let seq = {
             let mut st = self.lock();
             st.check_not_damaged()?;
             let payload = ppl::encode_payload(st.ppl_cp_seq, store_bytes);
@@ -1210,18 +1316,23 @@ impl<B: Backing> PplAppend for Shared<B> {
                 store_bytes.len() as u64,
                 &payload,
                 CONTROL_RESERVE_BYTES,
+                true,
                 copy,
                 &mut ship.items,
             )?;
-            if appended.is_none() {
-                return Err(JournalError::PplLogFull {
-                    region: st.region.name(),
-                    bytes: payload.len() as u64,
-                });
+            match appended {
+                Appended::Done { seq, .. } => seq,
+                _ => {
+                    return Err(JournalError::PplLogFull {
+                        region: st.region.name(),
+                        bytes: payload.len() as u64,
+                    })
+                }
             }
-        }
+        };
         ship.send().await;
-        Ok(())
+        // The member writes this record protects start only once it is on the medium.
+        self.wait_persisted(seq).await
     }
 }
 
@@ -1343,7 +1454,9 @@ impl<B: Backing> JournaledVolume<B> {
             let index = plan.dirty_index();
             let mut report = plan.report(0, true);
             report.index_micros = index_started.elapsed().as_micros() as u64;
-            (report, start.generation, plan.cursor(log_bytes), index)
+            let cursor = plan.cursor(log_bytes);
+            blank_leftovers(&mut region, &cursor, start.generation, &config)?;
+            (report, start.generation, cursor, index)
         } else {
             let mut report = apply_plan(&region, &backing, &plan).await?;
             region.write_control(generation, 0, report.next_seq)?;
@@ -1388,15 +1501,19 @@ impl<B: Backing> JournaledVolume<B> {
             None
         };
         let size = backing.size();
+        let group = start_group_commit(&region, &cursor, nvram.path())?;
         let shared = Arc::new(Shared {
             backing,
             volume_id,
             size,
             persistence: nvram.persistence(),
             local_durable: nvram.survives_power_loss(),
+            group: group.clone(),
             state: Mutex::new(State {
                 cursor,
                 region,
+                group,
+                inline_persists: 0,
                 generation: log_generation,
                 index,
                 applied_seq: if in_place {
@@ -1543,6 +1660,12 @@ impl<B: Backing> JournaledVolume<B> {
 
     pub fn status(&self) -> VolumeStatus {
         let st = self.shared.lock();
+        let group = self
+            .shared
+            .group
+            .as_ref()
+            .map(|g| g.stats())
+            .unwrap_or_default();
         VolumeStatus {
             volume_id: self.shared.volume_id,
             persistence: self.shared.persistence,
@@ -1562,6 +1685,8 @@ impl<B: Backing> JournaledVolume<B> {
             flushes_by_partner: st.flushes_by_partner,
             flushes_by_cp: st.flushes_by_cp,
             writer_waits: st.writer_waits,
+            log_persists: st.inline_persists + group.persist_calls,
+            group_commit_rounds: group.rounds,
             last_cp_error: st.last_cp_error.clone(),
         }
     }
@@ -1655,6 +1780,61 @@ fn ppl_reserve_bytes<B: Backing>(backing: &B, config: &VolumeConfig) -> u64 {
         return 0;
     }
     write.max(backing.ppl_bound_bytes(u64::MAX, true, PPL_FRAMING_BYTES))
+}
+
+/// `msync` mode: persists the whole log, then starts the log's group-commit thread with every
+/// record before the cursor's next seq persistent. Other modes persist inline.
+///
+/// Why the whole log first: after a crash of the daemon (not of the host) the records it had
+/// stored but not yet persisted are intact in the page cache, so recovery accepted them, and
+/// the group commit's later rounds cover only newer ranges. Were they left to the kernel's
+/// write-back, a power cut could tear one of them under newer acknowledged records, and the scan
+/// would take those for the leftovers of a torn group. `msync` writes only dirty pages: nothing
+/// after a clean stop or a power cut, the few unpersisted records after a crash.
+fn start_group_commit(
+    region: &Region,
+    cursor: &LogCursor,
+    path: &std::path::Path,
+) -> Result<Option<Arc<GroupCommit>>, JournalError> {
+    if region.persist_method() != PersistMethod::Msync {
+        return Ok(None);
+    }
+    region.persist_log(0, region.log_bytes())?;
+    let persist = region.log_persister();
+    let group = GroupCommit::start(cursor.next_seq - 1, persist, path.to_path_buf())?;
+    Ok(Some(Arc::new(group)))
+}
+
+/// Before a log continues in place: blanks the records a torn group commit may have left beyond
+/// its end (see [`crate::scan::unpersisted_leftovers`]). They lie within the unpersisted bound of
+/// the end (or two of the largest records, when a single record is larger), in free space.
+fn blank_leftovers(
+    region: &mut Region,
+    cursor: &LogCursor,
+    generation: u64,
+    config: &VolumeConfig,
+) -> Result<(), JournalError> {
+    let largest = RECORD_HEADER_BYTES as u64 + align_up(config.max_record_payload_bytes);
+    let window = crate::scan::UNPERSISTED_MAX_LOG_BYTES
+        .max(2 * largest + RECORD_HEADER_BYTES as u64)
+        .min(cursor.free());
+    let leftovers = crate::scan::unpersisted_leftovers(
+        region.log(),
+        cursor.head,
+        window,
+        generation,
+        cursor.next_seq,
+    );
+    if !leftovers.is_empty() {
+        tracing::info!(
+            region = region.name(),
+            count = leftovers.len(),
+            from_offset = cursor.head,
+            "blanking never-acknowledged records a power cut left beyond the end of the NVRAM log"
+        );
+        region.blank_log_headers(&leftovers)?;
+    }
+    Ok(())
 }
 
 /// Refuses a config the log cannot hold or that makes no sense.
