@@ -4,6 +4,7 @@ pub mod admin;
 pub mod arrays;
 pub mod candidates;
 pub mod config;
+pub mod create;
 pub mod device;
 pub mod disk_check;
 pub mod ha;

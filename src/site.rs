@@ -594,7 +594,7 @@ async fn open_array_volume(
         let (dev, log) =
             open_from_partner_copy(copy, v, &array, gate, per_region, lock_wait_ms).await?;
         journaled.insert(v.name.clone(), dev.clone());
-        info.kind = "journaled-array";
+        info.kind = "journaled_array";
         info.nvram = Some(log.display().to_string());
         return Ok((dev, info));
     }
@@ -687,7 +687,7 @@ async fn open_array_volume(
         }
     }
     journaled.insert(v.name.clone(), dev.clone());
-    info.kind = "journaled-array";
+    info.kind = "journaled_array";
     info.nvram = Some(path.display().to_string());
     Ok((dev, info))
 }
@@ -885,7 +885,7 @@ async fn open_volume(
     Ok((Arc::new(device), info))
 }
 
-async fn open_image(path: &Path, v: &VolumeConfig) -> Result<Arc<FileMember>> {
+pub(crate) async fn open_image(path: &Path, v: &VolumeConfig) -> Result<Arc<FileMember>> {
     let exists = path.exists();
     if !exists && v.read_only {
         bail!(

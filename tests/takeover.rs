@@ -234,9 +234,9 @@ impl Pair {
     /// Starts node 0, waits until it serves, then node 1 likewise.
     fn start_both(&mut self) {
         self.start(0);
-        self.wait_state(0, "Normal", Duration::from_secs(15));
+        self.wait_state(0, "normal", Duration::from_secs(15));
         self.start(1);
-        self.wait_state(1, "Normal", Duration::from_secs(15));
+        self.wait_state(1, "normal", Duration::from_secs(15));
         assert!(serving(self.nodes[0].nbd) && serving(self.nodes[1].nbd));
         if self.opts.mirror {
             // The real mirror: tests wait for what they need (`wait_mirror_ready`).
@@ -247,7 +247,7 @@ impl Pair {
         while !(0..2).all(|id| {
             self.ha(id)["partner"]["flags"]
                 .as_array()
-                .is_some_and(|f| f.iter().any(|x| x == "mirror-in-sync"))
+                .is_some_and(|f| f.iter().any(|x| x == "mirror_in_sync"))
         }) {
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
@@ -346,7 +346,7 @@ impl Pair {
     /// of the partner's journal is complete and the partner reports its mirror in sync).
     fn wait_mirror_ready(&self, id: usize, within: Duration) {
         let t0 = Instant::now();
-        while self.blockers(id).iter().any(|c| c == "MirrorOutOfSync") {
+        while self.blockers(id).iter().any(|c| c == "mirror_out_of_sync") {
             assert!(
                 t0.elapsed() < within,
                 "node {id}'s mirror never became ready: {}\n{}",
@@ -447,7 +447,7 @@ fn sigkill_of_node0_under_writes_survivor_serves_its_volume_with_every_acknowled
         "the kill interrupted the writer:\n{out}"
     );
 
-    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(1, "takeover", TAKEOVER_BUDGET);
     let served = wait_serving(pair.nodes[0].nbd, TAKEOVER_BUDGET)
         .unwrap_or_else(|| panic!("node 0's address not served again\n{}", pair.logs()));
     let took = killed.elapsed();
@@ -491,8 +491,8 @@ fn udp_cut_while_mailboxes_work_causes_no_takeover() {
     });
     pair.start_both();
     thread::sleep(QUIET_WATCH);
-    assert_eq!(pair.state(0), "Normal", "{}", pair.logs());
-    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(0), "normal", "{}", pair.logs());
+    assert_eq!(pair.state(1), "normal", "{}", pair.logs());
     let ha = pair.ha(1);
     let paths = ha["paths"].as_array().unwrap();
     let age = |name: &str| {
@@ -522,7 +522,7 @@ fn takeover_disabled_and_partner_killed_means_no_takeover_and_the_reason_is_show
     assert_eq!(r["accepted"], "DisableTakeover");
     pair.kill(0);
     thread::sleep(QUIET_WATCH);
-    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(1), "normal", "{}", pair.logs());
     assert!(
         !serving(pair.nodes[0].nbd),
         "nobody serves node 0's address"
@@ -541,7 +541,7 @@ fn takeover_disabled_and_partner_killed_means_no_takeover_and_the_reason_is_show
     assert!(e.contains("disabled by the operator"), "{e}");
     // Enabling it lets the takeover happen.
     pair.admin(1, Request::HaTakeoverEnable).unwrap();
-    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(1, "takeover", TAKEOVER_BUDGET);
 }
 
 #[test]
@@ -552,7 +552,7 @@ fn restarted_node_waits_while_partner_holds_its_disks_and_giveback_returns_them(
     let mut pair = Pair::new(Opts::default());
     pair.start_both();
     pair.kill(0);
-    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(1, "takeover", TAKEOVER_BUDGET);
     wait_serving(pair.nodes[0].nbd, TAKEOVER_BUDGET).expect("survivor serves node 0's address");
     let uri = pair.uri(0, "vol0");
     let out = qemu_io(
@@ -563,7 +563,7 @@ fn restarted_node_waits_while_partner_holds_its_disks_and_giveback_returns_them(
     assert!(out.contains("wrote 4096/4096"), "{out}");
 
     pair.start(0);
-    pair.wait_state(0, "WaitingForGiveback", Duration::from_secs(10));
+    pair.wait_state(0, "waiting_for_giveback", Duration::from_secs(10));
     // For a while it seizes nothing: it only retries its reservation now and then (briefly
     // `Rebooting`), which the partner's hold refuses.
     let t0 = Instant::now();
@@ -571,18 +571,18 @@ fn restarted_node_waits_while_partner_holds_its_disks_and_giveback_returns_them(
         let ha0 = pair.ha(0);
         let state = ha0["node"]["state"].as_str().unwrap_or("unreachable");
         assert!(
-            state == "WaitingForGiveback" || state == "Rebooting",
+            state == "waiting_for_giveback" || state == "rebooting",
             "it seizes nothing: {ha0}"
         );
         assert_eq!(ha0["node"]["holds_own_disks"], false, "{ha0}");
         assert_eq!(ha0["node"]["serving_own"], false, "{ha0}");
         thread::sleep(POLL);
     }
-    assert_eq!(pair.state(1), "Takeover");
+    assert_eq!(pair.state(1), "takeover");
 
     pair.admin(1, Request::HaGiveback).unwrap();
-    pair.wait_state(1, "Normal", Duration::from_secs(10));
-    pair.wait_state(0, "Normal", Duration::from_secs(10));
+    pair.wait_state(1, "normal", Duration::from_secs(10));
+    pair.wait_state(0, "normal", Duration::from_secs(10));
     wait_serving(pair.nodes[0].nbd, Duration::from_secs(10)).expect("node 0 serves again");
     let out = qemu_io(&uri, &["read -P 0x77 65536 4096".into()], CLIENT_TIMEOUT);
     assert!(
@@ -635,14 +635,14 @@ fn paused_node_resumed_after_takeover_writes_nothing_and_stops_serving() {
     }
     thread::sleep(Duration::from_millis(500));
     pair.signal(0, "CONT");
-    pair.wait_state(1, "Takeover", Duration::from_secs(15));
+    pair.wait_state(1, "takeover", Duration::from_secs(15));
     let late_out = late.join().unwrap();
     assert!(
         !late_out.contains("wrote 4096/4096"),
         "the resumed node acknowledged nothing:\n{late_out}\n{}",
         pair.logs()
     );
-    pair.wait_state(0, "WaitingForGiveback", Duration::from_secs(10));
+    pair.wait_state(0, "waiting_for_giveback", Duration::from_secs(10));
     let ha0 = pair.ha(0);
     assert_eq!(ha0["node"]["serving_own"], false, "{ha0}");
     wait_serving(pair.nodes[0].nbd, Duration::from_secs(15))
@@ -722,7 +722,7 @@ fn kill_takeover_giveback_round(
     // have reached the journal; the ones after it never started.
     expect.remove(&(acked.len() as u64 * BLOCK));
 
-    pair.wait_state(0, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(0, "takeover", TAKEOVER_BUDGET);
     wait_serving(pair.nodes[1].nbd, TAKEOVER_BUDGET)
         .unwrap_or_else(|| panic!("node 1's address not served again\n{}", pair.logs()));
     eprintln!(
@@ -757,10 +757,10 @@ fn kill_takeover_giveback_round(
     // Node 1 comes back with its old NVRAM (records the survivor superseded) and waits.
     std::fs::rename(&hidden, &own_nvram).unwrap();
     pair.start(1);
-    pair.wait_state(1, "WaitingForGiveback", Duration::from_secs(10));
+    pair.wait_state(1, "waiting_for_giveback", Duration::from_secs(10));
     pair.admin(0, Request::HaGiveback).unwrap();
-    pair.wait_state(0, "Normal", Duration::from_secs(10));
-    pair.wait_state(1, "Normal", Duration::from_secs(10));
+    pair.wait_state(0, "normal", Duration::from_secs(10));
+    pair.wait_state(1, "normal", Duration::from_secs(10));
     wait_serving(pair.nodes[1].nbd, Duration::from_secs(10)).expect("node 1 serves again");
     let list: Vec<(u64, u8)> = expect.iter().map(|(o, p)| (*o, *p)).collect();
     let (ok, out) = verify(&uri, &list);
@@ -869,7 +869,7 @@ fn partner_mirror_out_of_sync_and_partner_killed_means_no_takeover_and_the_reaso
     thread::sleep(Duration::from_millis(1500));
     pair.kill(1);
     thread::sleep(QUIET_WATCH);
-    assert_eq!(pair.state(0), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(0), "normal", "{}", pair.logs());
     assert!(
         !serving(pair.nodes[1].nbd),
         "nobody serves node 1's address: {}",
@@ -882,7 +882,7 @@ fn partner_mirror_out_of_sync_and_partner_killed_means_no_takeover_and_the_reaso
         .as_array()
         .unwrap()
         .iter()
-        .find(|b| b["code"] == "MirrorOutOfSync")
+        .find(|b| b["code"] == "mirror_out_of_sync")
         .unwrap_or_else(|| panic!("the mirror blocks the takeover: {ha}"))
         .clone();
     let reason = mirror["reason"].as_str().unwrap();
@@ -905,8 +905,8 @@ fn udp_and_interconnect_cut_while_mailboxes_work_causes_no_takeover() {
     });
     pair.start_both();
     thread::sleep(QUIET_WATCH);
-    assert_eq!(pair.state(0), "Normal", "{}", pair.logs());
-    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(0), "normal", "{}", pair.logs());
+    assert_eq!(pair.state(1), "normal", "{}", pair.logs());
     assert_eq!(pair.path_age(1, "udp"), None, "{}", pair.ha(1));
     assert_eq!(pair.path_age(1, "interconnect"), None, "{}", pair.ha(1));
     assert!(
@@ -915,7 +915,7 @@ fn udp_and_interconnect_cut_while_mailboxes_work_causes_no_takeover() {
         pair.ha(1)
     );
     assert!(
-        pair.blockers(1).iter().any(|c| c == "PartnerHeard"),
+        pair.blockers(1).iter().any(|c| c == "partner_heard"),
         "the mailbox alone proves node 0 alive: {}",
         pair.ha(1)
     );
@@ -958,8 +958,8 @@ fn observer_paused_longer_than_the_silence_window_does_not_take_over_a_live_part
             pair.logs()
         );
     }
-    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
-    assert_eq!(pair.state(0), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(1), "normal", "{}", pair.logs());
+    assert_eq!(pair.state(0), "normal", "{}", pair.logs());
     assert_eq!(pair.ha(1)["node"]["holds_partner_disks"], false);
     assert_eq!(pair.ha(0)["node"]["holds_partner_disks"], false);
     assert!(serving(pair.nodes[0].nbd) && serving(pair.nodes[1].nbd));

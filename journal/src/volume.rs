@@ -268,6 +268,9 @@ pub struct VolumeStatus {
     pub flushes_by_cp: u64,
     pub writer_waits: u64,
     pub last_cp_error: Option<String>,
+    /// How long the CPs took (for the metrics; not in the admin replies).
+    #[serde(skip)]
+    pub cp_durations: crate::cp_timing::CpDurations,
     /// Records recovered at open whose CRC the background check has not verified yet.
     pub crc_unverified_records: u64,
     /// A recovered record failed its CRC check: the volume refuses I/O (the error).
@@ -369,6 +372,7 @@ struct State {
     acked: SeqRanges,
     mirrored: SeqRanges,
     cps_done: u64,
+    cp_durations: crate::cp_timing::CpDurations,
     flushes_by_partner: u64,
     flushes_by_cp: u64,
     writer_waits: u64,
@@ -1072,6 +1076,7 @@ impl<B: Backing> Shared<B> {
         self: &Arc<Self>,
         _cp_lock_held: &tokio::sync::MutexGuard<'_, ()>,
     ) -> Result<bool, JournalError> {
+        let started = std::time::Instant::now();
         self.wait_verified().await?;
         let (cp_seq, head, used, snapshot) = {
             let st = self.lock();
@@ -1119,6 +1124,7 @@ impl<B: Backing> Shared<B> {
             st.index.retire_through(cp_seq);
             st.applied_seq = cp_seq;
             st.cps_done += 1;
+            st.cp_durations.observe(started.elapsed());
             st.last_cp_error = None;
             st.emit_transitions(self.volume_id, copy, &mut ship.items)?;
             let cp = CpPayload {
@@ -1310,6 +1316,7 @@ impl<B: Backing> JournaledVolume<B> {
                 acked: SeqRanges::default(),
                 mirrored: SeqRanges::default(),
                 cps_done: 0,
+                cp_durations: Default::default(),
                 flushes_by_partner: 0,
                 flushes_by_cp: 0,
                 writer_waits: 0,
@@ -1460,6 +1467,7 @@ impl<B: Backing> JournaledVolume<B> {
             flushes_by_cp: st.flushes_by_cp,
             writer_waits: st.writer_waits,
             last_cp_error: st.last_cp_error.clone(),
+            cp_durations: st.cp_durations.clone(),
         }
     }
 

@@ -36,9 +36,9 @@ fn wait_settled(sock: &Path) -> serde_json::Value {
     loop {
         let status = ctl_json(sock, &["status"]);
         let partner = &status["ha"]["partner"];
-        if blocker_codes(&status) == ["PartnerHeard"]
+        if blocker_codes(&status) == ["partner_heard"]
             && !partner.is_null()
-            && codes(partner) == ["PartnerHeard"]
+            && codes(partner) == ["partner_heard"]
         {
             return status;
         }
@@ -74,7 +74,7 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
         "partner node 1",
         "partner node 1: Normal",
         "takeover: not possible",
-        "(PartnerHeard)",
+        "(partner_heard)",
         "heartbeat",
         "ms ago",
         "held by",
@@ -93,7 +93,7 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
         "status.ha.node",
     );
     assert_eq!(json["ha"]["takeover_possible"], false, "{json}");
-    assert_eq!(blocker_codes(&json), ["PartnerHeard"], "{json}");
+    assert_eq!(blocker_codes(&json), ["partner_heard"], "{json}");
     // The pair node's volumes (a mirrored journaled RAID volume and a plain image) read the
     // same way as a single node's.
     let list = ctl_human(&sock, &["volume", "list"]);
@@ -125,11 +125,11 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
     let disabled = ctl_human(&sock, &["takeover-disable"]);
     assert!(disabled.contains("disabled"), "{disabled}");
     let status = ctl_human(&sock, &["status"]);
-    assert!(status.contains("(DisabledByOperator)"), "{status}");
+    assert!(status.contains("(disabled_by_operator)"), "{status}");
     let json = ctl_json(&sock, &["status"]);
     let blockers = json["ha"]["takeover_blockers"].as_array().unwrap();
     assert!(
-        blockers.iter().any(|b| b["code"] == "DisabledByOperator"),
+        blockers.iter().any(|b| b["code"] == "disabled_by_operator"),
         "{json}"
     );
     for b in blockers {
@@ -137,7 +137,7 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
     }
     // Disabled in both directions: node 1 learns it from node 0's next status record, and node
     // 0 sees that in node 1's record after that.
-    let on_partner = "DisabledOnPartner".to_string();
+    let on_partner = "disabled_on_partner".to_string();
     let t = Instant::now();
     while !blocker_codes(&ctl_json(&pair.socket(1), &["status"])).contains(&on_partner)
         || !codes(&ctl_json(&sock, &["status"])["ha"]["partner"]).contains(&on_partner)
@@ -164,6 +164,7 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
     // The --json form of disable is accepted too, and enable in human form undoes it.
     let disabled = ctl_json(&sock, &["takeover-disable"]);
     assert_keys(&disabled, &["message"], "takeover-disable");
+    assert_eq!(disabled["accepted"], "takeover_disable", "{disabled}");
     let enabled = ctl_human(&sock, &["takeover-enable"]);
     assert!(
         enabled.contains("enabled") || enabled.contains("allowed"),
