@@ -211,7 +211,7 @@ fn journaled_node(dir: &Path, nbd: SocketAddr, metrics: SocketAddr) -> PathBuf {
              [[array]]\nname = \"md0\"\nlevel = 1\ndisks = [\"a.img\", \"b.img\"]\n\
              create = true\ndisk_size = \"16MiB\"\n\
              [[volume]]\nname = \"j\"\narray = \"md0\"\njournal = true\n\
-             [nvram]\npath = \"node.nvram\"\nsize = \"4MiB\"\npersistence = \"msync\"\n\
+             [nvram]\npath = \"node.nvram\"\nsize = \"8MiB\"\npersistence = \"msync\"\n\
              cp_interval_ms = 100\n"
         ),
     )

@@ -59,12 +59,49 @@ const HA_FIELDS: &[&str] = &[
     "disks",
 ];
 
+/// The demo's banner commands that only look (status, volume show, journal dump), run as printed:
+/// each must work when pasted.
+fn run_banner_commands(pair: &DemoPair) {
+    let banner = pair.banner();
+    let ctl = twinctl().display().to_string();
+    let mut ran = 0;
+    for line in banner.lines().map(str::trim) {
+        let Some(rest) = line.strip_prefix(&ctl) else {
+            continue;
+        };
+        let command = rest.split('#').next().unwrap_or_default();
+        let args: Vec<&str> = command.split_whitespace().collect();
+        let looks = args.contains(&"status")
+            || args
+                .windows(2)
+                .any(|w| w == ["volume", "show"] || w == ["journal", "dump"]);
+        if !looks {
+            continue;
+        }
+        let out = std::process::Command::new(twinctl())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pasted `{line}` failed: {}\n{banner}",
+            text(&out)
+        );
+        ran += 1;
+    }
+    assert!(
+        ran >= 5,
+        "only {ran} commands found in the banner:\n{banner}"
+    );
+}
+
 #[test]
 fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
     let tmp = tempfile::tempdir().unwrap();
     let pair = DemoPair::start(tmp.path());
     let sock = pair.socket(0);
     wait_settled(&sock);
+    run_banner_commands(&pair);
 
     let human = ctl_human(&sock, &["status"]);
     for want in [
@@ -85,7 +122,10 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
             pair.logs()
         );
     }
+    // Disk paths without detours (`node0/../node1/../disks/...` was shown before).
+    assert!(!human.contains("/../") && !human.contains("/./"), "{human}");
     let json = ctl_json(&sock, &["status"]);
+    assert!(!json.to_string().contains("/../"), "{json}");
     assert_keys(&json["ha"], HA_FIELDS, "status.ha");
     assert_keys(
         &json["ha"]["node"],

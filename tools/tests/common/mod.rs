@@ -446,6 +446,11 @@ impl DemoPair {
         }
     }
 
+    /// What the demo printed so far (its banner).
+    pub fn banner(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
     pub fn socket(&self, node: u8) -> PathBuf {
         self.dir.join(format!("node{node}/admin.sock"))
     }
