@@ -276,3 +276,74 @@ fn cp_duration_histogram_moves_after_a_consistency_point() {
     }
     c.disconnect();
 }
+
+/// A real client (fio's NBD engine) writes for a few seconds; metrics scraped during the run move.
+#[test]
+fn metrics_counters_move_during_a_fio_run() {
+    if Command::new("fio").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: fio is not installed (apt-get install fio)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (nbd, metrics) = (free_addr(), free_addr());
+    let cfg = plain_node(d.path(), nbd, metrics);
+    let log = d.path().join("daemon.log");
+    let mut daemon = Daemon(
+        Command::new(twinblockd())
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while TcpStream::connect(metrics).is_err() || TcpStream::connect(nbd).is_err() {
+        if let Ok(Some(s)) = daemon.0.try_wait() {
+            panic!(
+                "twinblockd exited {s}: {}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        assert!(t.elapsed() < READY_TIMEOUT, "node never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=metrics",
+            "--ioengine=nbd",
+            &format!("--uri=nbd://{nbd}/v"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=4",
+            "--size=8m",
+            "--runtime=8",
+            "--time_based",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let writes = r#"twinblock_nbd_requests_total{export="v",command="write"}"#;
+    let clients = "twinblock_nbd_clients";
+    // Scraped while fio runs: once its writes show, the counter grows between two scrapes and
+    // a client is connected.
+    let t = Instant::now();
+    let first = loop {
+        let now = scrape(metrics);
+        if value(&now, writes) > 0.0 {
+            break now;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "fio's writes never showed:\n{now}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let second = scrape(metrics);
+    let status = fio.wait().unwrap();
+    assert!(status.success(), "fio failed");
+    assert!(value(&second, writes) > value(&first, writes), "{second}");
+    assert!(value(&second, clients) >= 1.0, "{second}");
+}
