@@ -329,6 +329,10 @@ fn default_cp_interval() -> u64 {
     1000
 }
 
+/// Smallest NVRAM file: the file holds two regions (own log, partner's copy), and each log must
+/// hold two of the largest records (1 MiB payload) plus its control area, so a 4 MiB file fails
+/// at start; 8 MiB is the round size that starts.
+const NVRAM_BYTES_MIN: u64 = 8 << 20;
 /// Smallest image the node will create or serve; anything below is almost surely a typo.
 const MIN_VOLUME_BYTES: u64 = 4096;
 /// Chunk sizes outside this range are refused (md allows 4 KiB to several MiB).
@@ -395,8 +399,16 @@ impl Config {
             }
         }
         if let Some(nv) = &self.nvram {
-            if nv.size.bytes() < (1 << 20) {
-                return Err(self.invalid("nvram.size", "must be at least 1 MiB"));
+            if nv.size.bytes() < NVRAM_BYTES_MIN {
+                return Err(self.invalid(
+                    "nvram.size",
+                    format!(
+                        "{} is too small: at least {} (two regions, each with room for two of \
+                         the largest journal records, 1 MiB)",
+                        format_bytes(nv.size.bytes()),
+                        format_bytes(NVRAM_BYTES_MIN)
+                    ),
+                ));
             }
             if nv.cp_interval_ms == 0 {
                 return Err(self.invalid("nvram.cp_interval_ms", "must be greater than 0"));
@@ -887,6 +899,16 @@ size = "1GiB"
             c.resolve(c.volumes[0].file.as_ref().unwrap()),
             root.join("disks/v.img")
         );
+    }
+
+    #[test]
+    fn nvram_too_small_to_start_fails_the_config() {
+        let base = "[node]\nid = 0\n[nvram]\npath = \"n.nvram\"\nsize = \"SIZE\"\n";
+        let e = parse(&base.replace("SIZE", "4MiB"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nvram.size") && e.contains("8 MiB"), "{e}");
+        assert!(parse(&base.replace("SIZE", "8MiB")).is_ok());
     }
 
     #[test]
