@@ -519,7 +519,7 @@ fn takeover_disabled_and_partner_killed_means_no_takeover_and_the_reason_is_show
     let mut pair = Pair::new(Opts::default());
     pair.start_both();
     let r = pair.admin(1, Request::HaTakeoverDisable).unwrap();
-    assert_eq!(r["accepted"], "DisableTakeover");
+    assert_eq!(r["accepted"], "takeover_disable");
     pair.kill(0);
     thread::sleep(QUIET_WATCH);
     assert_eq!(pair.state(1), "normal", "{}", pair.logs());
@@ -535,7 +535,7 @@ fn takeover_disabled_and_partner_killed_means_no_takeover_and_the_reason_is_show
         .iter()
         .filter_map(|b| b["code"].as_str())
         .collect();
-    assert!(codes.contains(&"DisabledByOperator"), "{ha}");
+    assert!(codes.contains(&"disabled_by_operator"), "{ha}");
     // An operator takeover is refused too, naming the reason.
     let e = pair.admin(1, Request::HaTakeover).unwrap_err();
     assert!(e.contains("disabled by the operator"), "{e}");

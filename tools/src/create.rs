@@ -270,6 +270,19 @@ pub async fn run(a: &CreateArgs, config: Option<&Path>, json: bool) -> Result<()
             }
         }
     }
+    // Both nodes of a pair: they must describe one pair before anything is made for it.
+    if let [a, b] = configs.as_slice() {
+        let problems = twinblock::config::check_partner(a, b);
+        if !problems.is_empty() {
+            let _ = undo.undo();
+            bail!(
+                "{} and {} are not the two nodes of one pair: {}; nothing was created",
+                a.source.display(),
+                b.source.display(),
+                problems.join("; ")
+            );
+        }
+    }
     create::create(&configs, undo, &mut report).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -214,3 +214,23 @@ fn create_pair_refused_part_way_takes_its_config_files_back() {
     );
     assert_eq!(files(dir.path()), before, "configs or key left behind");
 }
+
+#[test]
+fn create_with_a_partner_config_of_no_pair_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let (cfg, _addr) = node_config(dir.path());
+    let (partner, _addr) = node_config(other.path());
+    let before = (files(dir.path()), files(other.path()));
+    create_refused(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "create",
+            "--partner",
+            partner.to_str().unwrap(),
+        ],
+        "not the two nodes of one pair",
+    );
+    assert_eq!((files(dir.path()), files(other.path())), before);
+}
