@@ -207,29 +207,118 @@ async fn assemble_checked(
     Ok(array)
 }
 
-/// Creates the array (`create = true`, no candidate holds it) over its new members and the
-/// spares, creating missing images at `disk_size`; every disk must be blank. Returns the array
-/// and the member I/O engine.
+/// An array made by [`create_array`]: the array (open, to be served or closed), the member I/O
+/// engine, and what the creation changed on disk, so a later failing step can undo it.
+pub struct Created {
+    pub array: Array,
+    pub io: (&'static str, bool),
+    /// Images that did not exist and were made for the array (removing them undoes that).
+    pub new_images: Vec<PathBuf>,
+    /// Disks that existed (blank) and now hold the array's metadata.
+    pub used_disks: Vec<PathBuf>,
+}
+
+/// Whether a candidate of array `a` holds it already (read-only).
+pub async fn array_exists(config: &Config, a: &ArrayConfig) -> Result<bool> {
+    let mut opened: Vec<(PathBuf, Arc<dyn Member>)> = Vec::new();
+    for p in a.disks.iter().chain(a.spares.iter()) {
+        let path = config.resolve(p);
+        if path.exists() {
+            let (m, _) = open_disk(&path, None, a.direct_io)?;
+            opened.push((path, m));
+        }
+    }
+    let found = probe_candidates(&opened).await?;
+    Ok(matches!(
+        candidates::select(&a.name, a.uuid, &found)?,
+        Selection::Assemble { .. }
+    ))
+}
+
+/// Creates array `a` over its new members and the spares (the path of `create = true` at start
+/// and of `twinctl create`): refuses when a candidate holds another twinblock array, creates
+/// missing images at `disk_size`, requires every disk to be blank and big enough. Images made
+/// here are removed again when the creation fails.
+pub async fn create_array(
+    config: &Config,
+    a: &ArrayConfig,
+    wrap: Option<&MemberWrap>,
+) -> Result<Created> {
+    let level = level_of(a.level)?;
+    let wrapped = |path: &Path, m: Arc<dyn Member>| match wrap {
+        Some(w) => w(path, m),
+        None => m,
+    };
+    let mut opened: Vec<(PathBuf, Arc<dyn Member>)> = Vec::new();
+    for p in a.disks.iter().chain(a.spares.iter()) {
+        let path = config.resolve(p);
+        if path.exists() {
+            let (m, _) = open_disk(&path, None, a.direct_io)?;
+            opened.push((path, m));
+        }
+    }
+    let found = probe_candidates(&opened).await?;
+    drop(opened);
+    if let Some(other) = other_array(&found) {
+        bail!(
+            "array `{}`: {other}; creating `{}` would destroy it: correct the array's `name` or \
+             `disks`",
+            a.name,
+            a.name
+        );
+    }
+    if let candidates::Selection::Assemble { .. } = candidates::select(&a.name, a.uuid, &found)? {
+        bail!(
+            "array `{}` exists already on its disks; it is assembled at start, not created",
+            a.name
+        );
+    }
+    let mut new_images = Vec::new();
+    let result = create_new(config, a, level, &wrapped, &mut new_images).await;
+    match result {
+        Ok((array, io, used_disks)) => Ok(Created {
+            array,
+            io,
+            new_images,
+            used_disks,
+        }),
+        Err(e) => {
+            for p in new_images {
+                forget_created(Some(p));
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Creates the array (no candidate holds it) over its new members and the spares, creating
+/// missing images at `disk_size` (each one pushed to `new_images` as soon as it exists); every
+/// disk must be blank. Returns the array, the member I/O engine and the disks that existed.
 async fn create_new(
     config: &Config,
     a: &ArrayConfig,
     level: Level,
     wrapped: &WrapRef<'_>,
-) -> Result<(Array, (&'static str, bool))> {
+    new_images: &mut Vec<PathBuf>,
+) -> Result<(Array, (&'static str, bool), Vec<PathBuf>)> {
     let create = a.disk_size.map(|s| s.bytes());
     if let Some(why) = create
         .and_then(|s| disk_check::too_small("images created from `disk_size`", s, a.chunk.bytes()))
     {
         bail!("array `{}`: {why}", a.name);
     }
-    let mut created_all = true;
     let mut io = ("", false);
+    let mut used_disks = Vec::new();
     let mut open = |paths: &[PathBuf]| -> Result<Vec<Arc<dyn Member>>> {
         let mut out = Vec::new();
         for p in paths {
             let path = config.resolve(p);
             let (m, created) = open_disk(&path, create, a.direct_io)?;
-            created_all &= created;
+            if created {
+                new_images.push(path.clone());
+            } else {
+                used_disks.push(path.clone());
+            }
             io = (m.engine(), m.direct());
             out.push(wrapped(&path, m));
         }
@@ -265,12 +354,12 @@ async fn create_new(
         spares,
         CreateOptions {
             // Images created just now are sparse and read as zeroes: nothing to discard.
-            assume_clean: created_all,
+            assume_clean: used_disks.is_empty(),
             ..CreateOptions::default()
         },
     )
     .await?;
-    Ok((array, io))
+    Ok((array, io, used_disks))
 }
 
 /// A running scrub's rate (bytes of stripes per second) and time left, from the rows done so
@@ -367,17 +456,10 @@ impl ArrayEntry {
                 describe_found(config, a, &found, &opened)
             ),
             Selection::Absent => {
-                if let Some(other) = other_array(&found) {
-                    bail!(
-                        "array `{}`: {other}; creating `{}` would destroy it: correct the \
-                         array's `name` or `disks`",
-                        a.name,
-                        a.name
-                    );
-                }
-                let (array, engine) = create_new(config, a, level, &wrapped).await?;
-                io = engine;
-                array
+                // Probes the candidates again: creation must judge what is on them now.
+                let created = create_array(config, a, wrap).await?;
+                io = created.io;
+                created.array
             }
         };
         if let Some(rate) = a.rebuild_rate {

@@ -5,6 +5,7 @@ pub mod arrays;
 pub mod cache;
 pub mod candidates;
 pub mod config;
+pub mod create;
 pub mod device;
 pub mod disk_check;
 pub mod ha;

@@ -25,7 +25,7 @@ use twinblock_pair::state::Command as PairCommand;
 pub struct VolumeInfo {
     pub name: String,
     pub description: String,
-    /// `file`, `array` or `journaled-array`.
+    /// `file`, `array` or `journaled_array`.
     pub kind: &'static str,
     pub size: u64,
     pub read_only: bool,
@@ -287,8 +287,36 @@ impl Node {
         })
     }
 
+    /// The volumes this node answers for: those it serves and those held after an NVRAM loss.
+    fn volume_names(&self) -> Vec<String> {
+        let held = self.sites().into_iter().flat_map(|s| s.held());
+        self.volumes()
+            .iter()
+            .map(|v| v.name.clone())
+            .chain(held.map(|h| h.name))
+            .collect()
+    }
+
+    /// The refusal for a volume name this node does not know, listing the ones it does.
+    fn unknown_volume(&self, name: &str) -> String {
+        let mut known = self.volume_names();
+        known.sort();
+        known.dedup();
+        format!(
+            "no volume named `{name}` (volumes: {}); nothing was changed",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        )
+    }
+
     /// `twinctl journal accept-loss`: serves a held volume on a new log.
     async fn accept_loss(&self, name: &str) -> Result<serde_json::Value, String> {
+        if !self.volume_names().iter().any(|v| v == name) {
+            return Err(self.unknown_volume(name));
+        }
         for site in self.sites() {
             if site.held().iter().any(|h| h.name == name) {
                 let info = site.accept_loss(name).await.map_err(|e| format!("{e:#}"))?;
@@ -381,7 +409,7 @@ impl AdminHandler for Node {
                 Some(v) => self.volume_json(v),
                 None => self
                     .held_json(&name)
-                    .ok_or_else(|| format!("no volume named `{name}`")),
+                    .ok_or_else(|| self.unknown_volume(&name)),
             },
             Request::JournalAcceptLoss { name } => self.accept_loss(&name).await,
             Request::DiskFail { array, disk } => self.array(&array)?.fail(&disk).await,

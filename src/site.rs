@@ -645,7 +645,7 @@ async fn open_array_volume(
         let (dev, log) =
             open_from_partner_copy(copy, v, &array, gate, per_region, lock_wait_ms).await?;
         journaled.insert(v.name.clone(), dev.clone());
-        info.kind = "journaled-array";
+        info.kind = "journaled_array";
         info.nvram = Some(log.display().to_string());
         info.cache = dev.volume().backing().cache.clone();
         return Ok((dev, info));
@@ -741,7 +741,7 @@ async fn open_array_volume(
         }
     }
     journaled.insert(v.name.clone(), dev.clone());
-    info.kind = "journaled-array";
+    info.kind = "journaled_array";
     info.nvram = Some(path.display().to_string());
     Ok((dev, info))
 }
@@ -945,7 +945,7 @@ async fn open_volume(
     Ok((Arc::new(device), info))
 }
 
-async fn open_image(path: &Path, v: &VolumeConfig) -> Result<Arc<FileMember>> {
+pub(crate) async fn open_image(path: &Path, v: &VolumeConfig) -> Result<Arc<FileMember>> {
     let exists = path.exists();
     if !exists && v.read_only {
         bail!(

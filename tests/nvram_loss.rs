@@ -118,7 +118,7 @@ fn lost_nvram_holds_the_volume_until_the_loss_is_accepted() {
     let held = &status["volumes_held"][0];
     assert_eq!(held["name"], JOURNALED, "{status}");
     assert_eq!(held["loss"]["first_lost_seq"], applied + 1, "{status}");
-    assert_eq!(held["loss"]["cause"], "missing-or-blank", "{status}");
+    assert_eq!(held["loss"]["cause"], "missing_or_blank", "{status}");
     assert_eq!(held["loss"]["medium_survives_power_loss"], false);
     assert!(held["remedy"]
         .as_str()

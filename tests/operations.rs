@@ -200,3 +200,150 @@ fn metrics_counters_move_during_io() {
     }
     c.disconnect();
 }
+
+/// A node serving journaled volume `j` on a RAID 1 array over two new images, a CP every 100 ms.
+fn journaled_node(dir: &Path, nbd: SocketAddr, metrics: SocketAddr) -> PathBuf {
+    let cfg = dir.join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nid = 0\n[nbd]\nlisten = [\"{nbd}\"]\n[metrics]\nlisten = \"{metrics}\"\n\
+             [[array]]\nname = \"md0\"\nlevel = 1\ndisks = [\"a.img\", \"b.img\"]\n\
+             create = true\ndisk_size = \"16MiB\"\n\
+             [[volume]]\nname = \"j\"\narray = \"md0\"\njournal = true\n\
+             [nvram]\npath = \"node.nvram\"\nsize = \"8MiB\"\npersistence = \"msync\"\n\
+             cp_interval_ms = 100\n"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn cp_duration_histogram_moves_after_a_consistency_point() {
+    let d = tempfile::tempdir().unwrap();
+    let (nbd, metrics) = (free_addr(), free_addr());
+    let cfg = journaled_node(d.path(), nbd, metrics);
+    let log = d.path().join("daemon.log");
+    let mut daemon = Daemon(
+        Command::new(twinblockd())
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while TcpStream::connect(metrics).is_err() || TcpStream::connect(nbd).is_err() {
+        if let Ok(Some(s)) = daemon.0.try_wait() {
+            panic!(
+                "twinblockd exited {s}: {}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        assert!(t.elapsed() < READY_TIMEOUT, "node never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let count = r#"twinblock_journal_cp_duration_seconds_count{volume="j"}"#;
+    let sum = r#"twinblock_journal_cp_duration_seconds_sum{volume="j"}"#;
+    let inf = r#"twinblock_journal_cp_duration_seconds_bucket{volume="j",le="+Inf"}"#;
+    let cps = r#"twinblock_journal_consistency_points_total{volume="j"}"#;
+    let before = scrape(metrics);
+    assert!(
+        before.contains("# TYPE twinblock_journal_cp_duration_seconds histogram"),
+        "{before}"
+    );
+    let mut c = Client::connect(nbd, "j").unwrap();
+    for i in 0..16u64 {
+        c.write(i * 65536, &[9u8; 65536], false).unwrap();
+    }
+    // The interval CP applies the writes; the histogram counts it with the CP counter.
+    let t = Instant::now();
+    loop {
+        let now = scrape(metrics);
+        if value(&now, count) > value(&before, count) {
+            assert!(value(&now, sum) > 0.0, "{now}");
+            assert_eq!(value(&now, inf), value(&now, count), "{now}");
+            assert_eq!(value(&now, cps), value(&now, count), "{now}");
+            break;
+        }
+        assert!(
+            t.elapsed() < READY_TIMEOUT,
+            "no CP counted in the histogram:\n{now}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.disconnect();
+}
+
+/// A real client (fio's NBD engine) writes for a few seconds; metrics scraped during the run move.
+#[test]
+fn metrics_counters_move_during_a_fio_run() {
+    if Command::new("fio").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: fio is not installed (apt-get install fio)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (nbd, metrics) = (free_addr(), free_addr());
+    let cfg = plain_node(d.path(), nbd, metrics);
+    let log = d.path().join("daemon.log");
+    let mut daemon = Daemon(
+        Command::new(twinblockd())
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while TcpStream::connect(metrics).is_err() || TcpStream::connect(nbd).is_err() {
+        if let Ok(Some(s)) = daemon.0.try_wait() {
+            panic!(
+                "twinblockd exited {s}: {}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        assert!(t.elapsed() < READY_TIMEOUT, "node never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=metrics",
+            "--ioengine=nbd",
+            &format!("--uri=nbd://{nbd}/v"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=4",
+            "--size=8m",
+            "--runtime=8",
+            "--time_based",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let writes = r#"twinblock_nbd_requests_total{export="v",command="write"}"#;
+    let clients = "twinblock_nbd_clients";
+    // Scraped while fio runs: once its writes show, the counter grows between two scrapes and
+    // a client is connected.
+    let t = Instant::now();
+    let first = loop {
+        let now = scrape(metrics);
+        if value(&now, writes) > 0.0 {
+            break now;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "fio's writes never showed:\n{now}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let second = scrape(metrics);
+    let status = fio.wait().unwrap();
+    assert!(status.success(), "fio failed");
+    assert!(value(&second, writes) > value(&first, writes), "{second}");
+    assert!(value(&second, clients) >= 1.0, "{second}");
+}

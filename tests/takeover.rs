@@ -274,9 +274,9 @@ impl Pair {
     /// Starts node 0, waits until it serves, then node 1 likewise.
     fn start_both(&mut self) {
         self.start(0);
-        self.wait_state(0, "Normal", Duration::from_secs(15));
+        self.wait_state(0, "normal", Duration::from_secs(15));
         self.start(1);
-        self.wait_state(1, "Normal", Duration::from_secs(15));
+        self.wait_state(1, "normal", Duration::from_secs(15));
         assert!(serving(self.nodes[0].nbd) && serving(self.nodes[1].nbd));
         if self.opts.mirror {
             // The real mirror: tests wait for what they need (`wait_mirror_ready`).
@@ -287,7 +287,7 @@ impl Pair {
         while !(0..2).all(|id| {
             self.ha(id)["partner"]["flags"]
                 .as_array()
-                .is_some_and(|f| f.iter().any(|x| x == "mirror-in-sync"))
+                .is_some_and(|f| f.iter().any(|x| x == "mirror_in_sync"))
         }) {
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
@@ -409,7 +409,7 @@ impl Pair {
     /// of the partner's journal is complete and the partner reports its mirror in sync).
     fn wait_mirror_ready(&self, id: usize, within: Duration) {
         let t0 = Instant::now();
-        while self.blockers(id).iter().any(|c| c == "MirrorOutOfSync") {
+        while self.blockers(id).iter().any(|c| c == "mirror_out_of_sync") {
             assert!(
                 t0.elapsed() < within,
                 "node {id}'s mirror never became ready: {}\n{}",
@@ -510,7 +510,7 @@ fn sigkill_of_node0_under_writes_survivor_serves_its_volume_with_every_acknowled
         "the kill interrupted the writer:\n{out}"
     );
 
-    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(1, "takeover", TAKEOVER_BUDGET);
     let served = wait_serving(pair.nodes[0].nbd, TAKEOVER_BUDGET)
         .unwrap_or_else(|| panic!("node 0's address not served again\n{}", pair.logs()));
     let took = killed.elapsed();
@@ -554,8 +554,8 @@ fn udp_cut_while_mailboxes_work_causes_no_takeover() {
     });
     pair.start_both();
     thread::sleep(QUIET_WATCH);
-    assert_eq!(pair.state(0), "Normal", "{}", pair.logs());
-    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(0), "normal", "{}", pair.logs());
+    assert_eq!(pair.state(1), "normal", "{}", pair.logs());
     let ha = pair.ha(1);
     let paths = ha["paths"].as_array().unwrap();
     let age = |name: &str| {
@@ -582,10 +582,10 @@ fn takeover_disabled_and_partner_killed_means_no_takeover_and_the_reason_is_show
     let mut pair = Pair::new(Opts::default());
     pair.start_both();
     let r = pair.admin(1, Request::HaTakeoverDisable).unwrap();
-    assert_eq!(r["accepted"], "DisableTakeover");
+    assert_eq!(r["accepted"], "takeover_disable");
     pair.kill(0);
     thread::sleep(QUIET_WATCH);
-    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(1), "normal", "{}", pair.logs());
     assert!(
         !serving(pair.nodes[0].nbd),
         "nobody serves node 0's address"
@@ -598,13 +598,13 @@ fn takeover_disabled_and_partner_killed_means_no_takeover_and_the_reason_is_show
         .iter()
         .filter_map(|b| b["code"].as_str())
         .collect();
-    assert!(codes.contains(&"DisabledByOperator"), "{ha}");
+    assert!(codes.contains(&"disabled_by_operator"), "{ha}");
     // An operator takeover is refused too, naming the reason.
     let e = pair.admin(1, Request::HaTakeover).unwrap_err();
     assert!(e.contains("disabled by the operator"), "{e}");
     // Enabling it lets the takeover happen.
     pair.admin(1, Request::HaTakeoverEnable).unwrap();
-    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(1, "takeover", TAKEOVER_BUDGET);
 }
 
 #[test]
@@ -615,7 +615,7 @@ fn restarted_node_waits_while_partner_holds_its_disks_and_giveback_returns_them(
     let mut pair = Pair::new(Opts::default());
     pair.start_both();
     pair.kill(0);
-    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(1, "takeover", TAKEOVER_BUDGET);
     wait_serving(pair.nodes[0].nbd, TAKEOVER_BUDGET).expect("survivor serves node 0's address");
     let uri = pair.uri(0, "vol0");
     let out = qemu_io(
@@ -626,7 +626,7 @@ fn restarted_node_waits_while_partner_holds_its_disks_and_giveback_returns_them(
     assert!(out.contains("wrote 4096/4096"), "{out}");
 
     pair.start(0);
-    pair.wait_state(0, "WaitingForGiveback", Duration::from_secs(10));
+    pair.wait_state(0, "waiting_for_giveback", Duration::from_secs(10));
     // For a while it seizes nothing: it only retries its reservation now and then (briefly
     // `Rebooting`), which the partner's hold refuses.
     let t0 = Instant::now();
@@ -634,18 +634,18 @@ fn restarted_node_waits_while_partner_holds_its_disks_and_giveback_returns_them(
         let ha0 = pair.ha(0);
         let state = ha0["node"]["state"].as_str().unwrap_or("unreachable");
         assert!(
-            state == "WaitingForGiveback" || state == "Rebooting",
+            state == "waiting_for_giveback" || state == "rebooting",
             "it seizes nothing: {ha0}"
         );
         assert_eq!(ha0["node"]["holds_own_disks"], false, "{ha0}");
         assert_eq!(ha0["node"]["serving_own"], false, "{ha0}");
         thread::sleep(POLL);
     }
-    assert_eq!(pair.state(1), "Takeover");
+    assert_eq!(pair.state(1), "takeover");
 
     pair.admin(1, Request::HaGiveback).unwrap();
-    pair.wait_state(1, "Normal", Duration::from_secs(10));
-    pair.wait_state(0, "Normal", Duration::from_secs(10));
+    pair.wait_state(1, "normal", Duration::from_secs(10));
+    pair.wait_state(0, "normal", Duration::from_secs(10));
     wait_serving(pair.nodes[0].nbd, Duration::from_secs(10)).expect("node 0 serves again");
     let out = qemu_io(&uri, &["read -P 0x77 65536 4096".into()], CLIENT_TIMEOUT);
     assert!(
@@ -698,14 +698,14 @@ fn paused_node_resumed_after_takeover_writes_nothing_and_stops_serving() {
     }
     thread::sleep(Duration::from_millis(500));
     pair.signal(0, "CONT");
-    pair.wait_state(1, "Takeover", Duration::from_secs(15));
+    pair.wait_state(1, "takeover", Duration::from_secs(15));
     let late_out = late.join().unwrap();
     assert!(
         !late_out.contains("wrote 4096/4096"),
         "the resumed node acknowledged nothing:\n{late_out}\n{}",
         pair.logs()
     );
-    pair.wait_state(0, "WaitingForGiveback", Duration::from_secs(10));
+    pair.wait_state(0, "waiting_for_giveback", Duration::from_secs(10));
     let ha0 = pair.ha(0);
     assert_eq!(ha0["node"]["serving_own"], false, "{ha0}");
     wait_serving(pair.nodes[0].nbd, Duration::from_secs(15))
@@ -785,7 +785,7 @@ fn kill_takeover_giveback_round(
     // have reached the journal; the ones after it never started.
     expect.remove(&(acked.len() as u64 * BLOCK));
 
-    pair.wait_state(0, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(0, "takeover", TAKEOVER_BUDGET);
     wait_serving(pair.nodes[1].nbd, TAKEOVER_BUDGET)
         .unwrap_or_else(|| panic!("node 1's address not served again\n{}", pair.logs()));
     eprintln!(
@@ -820,10 +820,10 @@ fn kill_takeover_giveback_round(
     // Node 1 comes back with its old NVRAM (records the survivor superseded) and waits.
     std::fs::rename(&hidden, &own_nvram).unwrap();
     pair.start(1);
-    pair.wait_state(1, "WaitingForGiveback", Duration::from_secs(10));
+    pair.wait_state(1, "waiting_for_giveback", Duration::from_secs(10));
     pair.admin(0, Request::HaGiveback).unwrap();
-    pair.wait_state(0, "Normal", Duration::from_secs(10));
-    pair.wait_state(1, "Normal", Duration::from_secs(10));
+    pair.wait_state(0, "normal", Duration::from_secs(10));
+    pair.wait_state(1, "normal", Duration::from_secs(10));
     wait_serving(pair.nodes[1].nbd, Duration::from_secs(10)).expect("node 1 serves again");
     let list: Vec<(u64, u8)> = expect.iter().map(|(o, p)| (*o, *p)).collect();
     let (ok, out) = verify(&uri, &list);
@@ -932,7 +932,7 @@ fn partner_mirror_out_of_sync_and_partner_killed_means_no_takeover_and_the_reaso
     thread::sleep(Duration::from_millis(1500));
     pair.kill(1);
     thread::sleep(QUIET_WATCH);
-    assert_eq!(pair.state(0), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(0), "normal", "{}", pair.logs());
     assert!(
         !serving(pair.nodes[1].nbd),
         "nobody serves node 1's address: {}",
@@ -945,7 +945,7 @@ fn partner_mirror_out_of_sync_and_partner_killed_means_no_takeover_and_the_reaso
         .as_array()
         .unwrap()
         .iter()
-        .find(|b| b["code"] == "MirrorOutOfSync")
+        .find(|b| b["code"] == "mirror_out_of_sync")
         .unwrap_or_else(|| panic!("the mirror blocks the takeover: {ha}"))
         .clone();
     let reason = mirror["reason"].as_str().unwrap();
@@ -971,8 +971,8 @@ fn udp_and_interconnect_cut_while_mailboxes_work_causes_no_takeover() {
     });
     pair.start_both();
     thread::sleep(QUIET_WATCH);
-    assert_eq!(pair.state(0), "Normal", "{}", pair.logs());
-    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(0), "normal", "{}", pair.logs());
+    assert_eq!(pair.state(1), "normal", "{}", pair.logs());
     assert_eq!(pair.path_age(1, "udp"), None, "{}", pair.ha(1));
     assert_eq!(pair.path_age(1, "interconnect"), None, "{}", pair.ha(1));
     assert!(
@@ -981,7 +981,7 @@ fn udp_and_interconnect_cut_while_mailboxes_work_causes_no_takeover() {
         pair.ha(1)
     );
     assert!(
-        pair.blockers(1).iter().any(|c| c == "PartnerHeard"),
+        pair.blockers(1).iter().any(|c| c == "partner_heard"),
         "the mailbox alone proves node 0 alive: {}",
         pair.ha(1)
     );
@@ -1040,13 +1040,13 @@ fn observer_paused_longer_than_the_silence_window_does_not_take_over_a_live_part
         assert!(
             !log1
                 .lines()
-                .any(|l| l.contains("HA state changed") && l.contains("TakingOver")),
+                .any(|l| l.contains("HA state changed") && l.contains("taking_over")),
             "round {round}: the resumed observer suspected its live partner:\n{}",
             pair.logs()
         );
     }
-    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
-    assert_eq!(pair.state(0), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(1), "normal", "{}", pair.logs());
+    assert_eq!(pair.state(0), "normal", "{}", pair.logs());
     assert_eq!(pair.ha(1)["node"]["holds_partner_disks"], false);
     assert_eq!(pair.ha(0)["node"]["holds_partner_disks"], false);
     assert!(serving(pair.nodes[0].nbd) && serving(pair.nodes[1].nbd));
@@ -1092,11 +1092,11 @@ fn mailbox_disks_unreadable_while_network_works_causes_no_takeover() {
     thread::sleep(QUIET_WATCH);
     for id in 0..2 {
         let ha = pair.ha(id);
-        assert_eq!(pair.state(id), "Normal", "{ha}\n{}", pair.logs());
+        assert_eq!(pair.state(id), "normal", "{ha}\n{}", pair.logs());
         let codes = pair.blockers(id);
         assert!(
-            codes.iter().any(|c| c == "MailboxUnreadable")
-                && codes.iter().any(|c| c == "PartnerHeard"),
+            codes.iter().any(|c| c == "mailbox_unreadable")
+                && codes.iter().any(|c| c == "partner_heard"),
             "node {id} shows why it could not take over: {ha}"
         );
         let mailbox = ha["mailbox_disks"].as_array().cloned().unwrap_or_default();
@@ -1131,9 +1131,9 @@ fn mailbox_disks_unreadable_while_network_works_causes_no_takeover() {
     // partner's lease ran out, so it does not take over.
     pair.kill(0);
     thread::sleep(QUIET_WATCH);
-    assert_eq!(pair.state(1), "Normal", "{}", pair.logs());
+    assert_eq!(pair.state(1), "normal", "{}", pair.logs());
     assert!(
-        pair.blockers(1).iter().any(|c| c == "MailboxUnreadable"),
+        pair.blockers(1).iter().any(|c| c == "mailbox_unreadable"),
         "{}",
         pair.ha(1)
     );
@@ -1144,7 +1144,7 @@ fn mailbox_disks_unreadable_while_network_works_causes_no_takeover() {
     assert_eq!(pair.ha(1)["node"]["holds_partner_disks"], false);
     // Once the mailbox reads again, the takeover goes ahead: the blocker was what held it.
     pair.fault(1, "mailbox-read", false);
-    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(1, "takeover", TAKEOVER_BUDGET);
     let ha = pair.ha(1);
     assert!(
         ha["mailbox_disks"]
@@ -1181,7 +1181,7 @@ fn crash_looping_node_causes_no_back_and_forth_seizing() {
     let mut pair = Pair::new(Opts::default());
     pair.start_both();
     pair.kill(0);
-    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(1, "takeover", TAKEOVER_BUDGET);
     wait_serving(pair.nodes[0].nbd, TAKEOVER_BUDGET).expect("survivor serves node 0's address");
     let uri = pair.uri(0, "vol0");
     // Acknowledged writes made through the survivor before the crash loop.
@@ -1217,14 +1217,14 @@ fn crash_looping_node_causes_no_back_and_forth_seizing() {
                 pair.logs()
             );
             let state1 = pair.state(1);
-            assert_eq!(state1, "Takeover", "round {round}\n{}", pair.logs());
+            assert_eq!(state1, "takeover", "round {round}\n{}", pair.logs());
             thread::sleep(Duration::from_millis(20));
         }
         pair.kill(0);
     }
     // After the loop the survivor still serves node 0's volume with every acknowledged write.
     thread::sleep(Duration::from_millis(500));
-    assert_eq!(pair.state(1), "Takeover", "{}", pair.logs());
+    assert_eq!(pair.state(1), "takeover", "{}", pair.logs());
     assert_eq!(holders(&disks0), vec![Some(survivor); 2]);
     let list: Vec<(u64, u8)> = acked.iter().map(|o| (*o, pattern(o / BLOCK))).collect();
     let (ok, out) = verify(&uri, &list);
@@ -1236,9 +1236,9 @@ fn crash_looping_node_causes_no_back_and_forth_seizing() {
     );
     // A node 0 that stays up waits for the giveback and gets its volume back.
     pair.start(0);
-    pair.wait_state(0, "WaitingForGiveback", Duration::from_secs(10));
+    pair.wait_state(0, "waiting_for_giveback", Duration::from_secs(10));
     pair.admin(1, Request::HaGiveback).unwrap();
-    pair.wait_state(0, "Normal", Duration::from_secs(10));
+    pair.wait_state(0, "normal", Duration::from_secs(10));
     assert_eq!(holders(&disks0), vec![Some(key_of(0)); 2]);
     wait_serving(pair.nodes[0].nbd, Duration::from_secs(10)).expect("node 0 serves again");
     let (ok, out) = verify(&uri, &list);
@@ -1265,7 +1265,7 @@ fn giveback_whose_final_checkpoint_fails_keeps_the_disks_and_serves_them_again()
     );
     assert!(out.contains("wrote 4096/4096"), "{out}");
     pair.kill(1);
-    pair.wait_state(0, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(0, "takeover", TAKEOVER_BUDGET);
     wait_serving(pair.nodes[1].nbd, TAKEOVER_BUDGET).expect("survivor serves node 1's address");
     // Written during the takeover: only the survivor's copy of node 1's journal and the disks
     // have it; node 1's own NVRAM still holds 0x31 for this block.
@@ -1276,7 +1276,7 @@ fn giveback_whose_final_checkpoint_fails_keeps_the_disks_and_serves_them_again()
     );
     assert!(out.contains("wrote 4096/4096"), "{out}");
     pair.start(1);
-    pair.wait_state(1, "WaitingForGiveback", Duration::from_secs(10));
+    pair.wait_state(1, "waiting_for_giveback", Duration::from_secs(10));
 
     let disks1: Vec<PathBuf> = ["d1a", "d1b"]
         .iter()
@@ -1294,7 +1294,7 @@ fn giveback_whose_final_checkpoint_fails_keeps_the_disks_and_serves_them_again()
             "the reservation stays with the survivor: {ha0}\n{}",
             pair.logs()
         );
-        if ha0["node"]["state"] == "Takeover"
+        if ha0["node"]["state"] == "takeover"
             && ha0["node"]["serving_partner"] == true
             && ha0["node"]["last_error"]
                 .as_str()
@@ -1317,7 +1317,7 @@ fn giveback_whose_final_checkpoint_fails_keeps_the_disks_and_serves_them_again()
         reason.contains("unfenced") || reason.contains("fence"),
         "{reason}"
     );
-    assert_eq!(pair.state(1), "WaitingForGiveback", "{}", pair.logs());
+    assert_eq!(pair.state(1), "waiting_for_giveback", "{}", pair.logs());
     wait_serving(pair.nodes[1].nbd, Duration::from_secs(10)).expect("served again");
     let (ok, out) = verify(&uri, &[(0, 0x32)]);
     assert_eq!(
@@ -1330,7 +1330,7 @@ fn giveback_whose_final_checkpoint_fails_keeps_the_disks_and_serves_them_again()
     // With the cause gone, the giveback goes through and node 1 serves the newer data.
     pair.fault(0, "final-checkpoint", false);
     pair.admin(0, Request::HaGiveback).unwrap();
-    pair.wait_state(1, "Normal", Duration::from_secs(15));
+    pair.wait_state(1, "normal", Duration::from_secs(15));
     assert_eq!(holders(&disks1), vec![Some(key_of(1)); 2]);
     wait_serving(pair.nodes[1].nbd, Duration::from_secs(10)).expect("node 1 serves again");
     let (ok, out) = verify(&uri, &[(0, 0x32)]);
@@ -1354,7 +1354,7 @@ fn address_hook_moves_the_service_addresses_at_takeover_and_giveback() {
     assert_eq!(pair.hook_calls(1), vec![call("add", 1)], "{}", pair.logs());
 
     pair.kill(0);
-    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(1, "takeover", TAKEOVER_BUDGET);
     wait_serving(pair.nodes[0].nbd, TAKEOVER_BUDGET).expect("survivor serves node 0's address");
     assert_eq!(
         pair.hook_calls(1),
@@ -1363,15 +1363,15 @@ fn address_hook_moves_the_service_addresses_at_takeover_and_giveback() {
     );
 
     pair.start(0);
-    pair.wait_state(0, "WaitingForGiveback", Duration::from_secs(10));
+    pair.wait_state(0, "waiting_for_giveback", Duration::from_secs(10));
     assert_eq!(
         pair.hook_calls(0),
         vec![call("add", 0)],
         "a node waiting for giveback adds nothing"
     );
     pair.admin(1, Request::HaGiveback).unwrap();
-    pair.wait_state(0, "Normal", Duration::from_secs(10));
-    pair.wait_state(1, "Normal", Duration::from_secs(10));
+    pair.wait_state(0, "normal", Duration::from_secs(10));
+    pair.wait_state(1, "normal", Duration::from_secs(10));
     assert_eq!(
         pair.hook_calls(1),
         vec![call("add", 1), call("add", 0), call("del", 0)],
@@ -1516,7 +1516,7 @@ fn kernel_client_ext4_keeps_synced_files_across_sigkill_of_the_serving_node() {
     );
     pair.kill(0);
     let killed = Instant::now();
-    pair.wait_state(1, "Takeover", TAKEOVER_BUDGET);
+    pair.wait_state(1, "takeover", TAKEOVER_BUDGET);
     assert!(
         guest.wait_for("nbd-reconnect: reconnected", deadline),
         "the guest's client reconnected to the survivor:\n{}\n{}",
@@ -1581,7 +1581,7 @@ fn both_nodes_paused_and_resumed_together_at_most_one_takes_over() {
         while t0.elapsed() < Duration::from_millis(2000) {
             let states = [pair.state(0), pair.state(1)];
             assert!(
-                !states.iter().all(|s| s == "Takeover" || s == "TakingOver"),
+                !states.iter().all(|s| s == "takeover" || s == "taking_over"),
                 "round {round}: both nodes took over: {states:?}\n{}",
                 pair.logs()
             );

@@ -10,7 +10,8 @@ use std::path::Path;
 use crate::error::JournalError;
 use crate::format::{
     decode_transitions, ControlSlot, CpPayload, FileHeader, RecordHeader, RecordKind,
-    CONTROL_AREA_BYTES, CONTROL_SLOT_BYTES, CONTROL_SLOT_B_OFFSET, RECORD_HEADER_BYTES,
+    TransitionState, CONTROL_AREA_BYTES, CONTROL_SLOT_BYTES, CONTROL_SLOT_B_OFFSET,
+    RECORD_HEADER_BYTES,
 };
 use crate::nvram::read_header;
 use crate::scan::{scan_log, ScanReport, ScanStart};
@@ -69,7 +70,13 @@ fn record_dump(log: &[u8], at: u64, h: &RecordHeader, crc_ok: bool) -> RecordDum
         }),
         (RecordKind::Transition, Some(p)) => decode_transitions(p).ok().map(|es| {
             es.iter()
-                .map(|e| format!("{:?} {}..={}", e.state, e.first_seq, e.last_seq))
+                .map(|e| {
+                    let state = match e.state {
+                        TransitionState::Mirrored => "mirrored",
+                        TransitionState::Acknowledged => "acknowledged",
+                    };
+                    format!("{state} {}..={}", e.first_seq, e.last_seq)
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         }),
@@ -212,6 +219,19 @@ impl Dump {
     }
 }
 
+/// A record kind as the human dump shows it.
+fn kind_word(k: RecordKind) -> &'static str {
+    match k {
+        RecordKind::Write => "WRITE",
+        RecordKind::Zero => "ZERO",
+        RecordKind::Trim => "TRIM",
+        RecordKind::Cp => "CP",
+        RecordKind::Transition => "TRANSITION",
+        RecordKind::Pad => "PAD",
+        RecordKind::Ppl => "PPL",
+    }
+}
+
 impl fmt::Display for RecordDump {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -220,7 +240,7 @@ impl fmt::Display for RecordDump {
             self.log_offset,
             self.seq,
             self.generation,
-            format!("{:?}", self.kind).to_uppercase(),
+            kind_word(self.kind),
             self.volume_id,
             self.offset,
             self.length,
@@ -291,8 +311,11 @@ impl fmt::Display for Dump {
             };
             writeln!(
                 f,
-                "  scan: {} intact records, last seq {}, stopped at log offset {}: {:?} ({verdict})",
-                s.records_valid, s.last_seq, s.stop_offset, s.stop
+                "  scan: {} intact records, last seq {}, stopped at log offset {}: {} ({verdict})",
+                s.records_valid,
+                s.last_seq,
+                s.stop_offset,
+                s.stop.describe()
             )?;
             if let Some(rec) = &r.stopped_at {
                 if !s.stop.is_clean_end() {

@@ -309,6 +309,7 @@ impl ControlSlot {
 
 /// What a record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 #[repr(u16)]
 pub enum RecordKind {
     /// Data written at `offset`; the payload holds `length` bytes. Its presence = "journaled".
@@ -490,6 +491,7 @@ impl CpPayload {
 
 /// A transaction state recorded by a TRANSITION record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 #[repr(u32)]
 pub enum TransitionState {
     /// The partner holds the records in its partner region.

@@ -25,6 +25,7 @@
 //! - [`dump`]: an offline, human- and JSON-readable dump of an NVRAM file.
 
 pub mod backing;
+pub mod cp_timing;
 pub mod dump;
 pub mod error;
 pub mod format;

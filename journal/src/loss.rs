@@ -38,7 +38,7 @@ pub struct StoreMark {
 
 /// Why the log found at start is not the one the store recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "snake_case")]
 pub enum LossCause {
     /// The NVRAM file was missing or blank and was formatted at this start (a power cut with the
     /// file in RAM, or the file deleted).

@@ -53,6 +53,7 @@ pub enum PersistenceMode {
 
 /// What is actually executed for a [`PersistenceMode`] on this machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PersistMethod {
     Clwb,
     ClflushOpt,

@@ -189,10 +189,10 @@ pub fn check_fetched(target: &RestoreTarget, log: &FetchedLog) -> Result<(), Fet
     if scan.records.len() != log.records.len() || !scan.report.stop.is_clean_end() {
         return Err(FetchRefusal::DoesNotScan {
             detail: format!(
-                "{} of {} records, stopped: {:?}",
+                "{} of {} records, stopped at {}",
                 scan.records.len(),
                 log.records.len(),
-                scan.report.stop
+                scan.report.stop.describe()
             ),
         });
     }

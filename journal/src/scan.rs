@@ -47,6 +47,7 @@ impl ScannedRecord {
 
 /// Why a scan stopped.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// Bytes never written (zero header): the clean end of a young log.
     Blank,
@@ -71,6 +72,36 @@ pub enum StopReason {
 }
 
 impl StopReason {
+    /// What the stop means, in words for people (`twinctl journal dump`).
+    pub fn describe(&self) -> String {
+        match self {
+            StopReason::Blank => "bytes never written (the end of a young log)".into(),
+            StopReason::Stale { seq, generation } => format!(
+                "an older record (seq {seq}, generation {generation}) from an earlier pass over \
+                 the log"
+            ),
+            StopReason::LogExhausted => "the whole log was read (it is full)".into(),
+            StopReason::BadMagic => {
+                "a record header with the wrong magic (torn or foreign bytes)".into()
+            }
+            StopReason::BadKind(k) => format!("a record of unknown kind {k}"),
+            StopReason::BadCrc { stored, computed } => format!(
+                "a record whose checksum does not match (stored {stored:#010x}, computed \
+                 {computed:#010x})"
+            ),
+            StopReason::UnexpectedSeq { expected, found } => {
+                format!("a record with seq {found} where seq {expected} was expected")
+            }
+            StopReason::GenerationAhead { expected, found } => format!(
+                "a record of generation {found}, newer than the log's generation {expected}"
+            ),
+            StopReason::BadLength { total_bytes } => {
+                format!("a record whose length ({total_bytes} bytes) runs past the end of the log")
+            }
+            StopReason::BadTail => "a recorded tail offset outside the log".into(),
+        }
+    }
+
     /// True when the stop is the normal end of the log rather than damage.
     pub fn is_clean_end(&self) -> bool {
         matches!(

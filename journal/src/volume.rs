@@ -282,6 +282,9 @@ pub struct VolumeStatus {
     /// Group-commit rounds in `msync` mode (each acknowledges every writer it covered).
     pub group_commit_rounds: u64,
     pub last_cp_error: Option<String>,
+    /// How long the CPs took (for the metrics; not in the admin replies).
+    #[serde(skip)]
+    pub cp_durations: crate::cp_timing::CpDurations,
     /// Records recovered at open whose CRC the background check has not verified yet.
     pub crc_unverified_records: u64,
     /// A recovered record failed its CRC check: the volume refuses I/O (the error).
@@ -397,6 +400,7 @@ struct State {
     acked: SeqRanges,
     mirrored: SeqRanges,
     cps_done: u64,
+    cp_durations: crate::cp_timing::CpDurations,
     flushes_by_partner: u64,
     flushes_by_cp: u64,
     writer_waits: u64,
@@ -1186,6 +1190,7 @@ impl<B: Backing> Shared<B> {
         self: &Arc<Self>,
         _cp_lock_held: &tokio::sync::MutexGuard<'_, ()>,
     ) -> Result<bool, JournalError> {
+        let started = std::time::Instant::now();
         self.wait_verified().await?;
         let (cp_seq, head, used, snapshot, partial) = {
             let mut st = self.lock();
@@ -1238,6 +1243,7 @@ impl<B: Backing> Shared<B> {
             st.index.retire_through(cp_seq);
             st.applied_seq = cp_seq;
             st.cps_done += 1;
+            st.cp_durations.observe(started.elapsed());
             st.last_cp_error = None;
             st.emit_transitions(self.volume_id, copy, &mut ship.items)?;
             let cp = CpPayload {
@@ -1525,6 +1531,7 @@ impl<B: Backing> JournaledVolume<B> {
                 acked: SeqRanges::default(),
                 mirrored: SeqRanges::default(),
                 cps_done: 0,
+                cp_durations: Default::default(),
                 flushes_by_partner: 0,
                 flushes_by_cp: 0,
                 writer_waits: 0,
@@ -1688,6 +1695,7 @@ impl<B: Backing> JournaledVolume<B> {
             log_persists: st.inline_persists + group.persist_calls,
             group_commit_rounds: group.rounds,
             last_cp_error: st.last_cp_error.clone(),
+            cp_durations: st.cp_durations.clone(),
         }
     }
 

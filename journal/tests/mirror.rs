@@ -123,7 +123,7 @@ async fn partner_region_mirrors_live_records() {
     );
     // The TRANSITION records carry the mirrored state.
     let text = own.to_string();
-    assert!(text.contains("Mirrored"), "{text}");
+    assert!(text.contains("mirrored"), "{text}");
 
     // Takeover: the owner dies (its array loses what was not flushed), the partner imports the
     // array and replays its mirrored copy: the array then reads as the owner's volume did.

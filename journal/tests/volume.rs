@@ -634,7 +634,7 @@ async fn dump_shows_records_cps_and_scan_end() {
     assert!(own.scan.stop.is_clean_end());
     let text = d.to_string();
     assert!(text.contains("CP: applied through seq 1"), "{text}");
-    assert!(text.contains("Acknowledged"), "{text}");
+    assert!(text.contains("acknowledged"), "{text}");
     assert!(d.to_json().contains("\"records_valid\": 4"));
     assert_eq!(d.header.unwrap().node_id, 0);
 }

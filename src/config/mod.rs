@@ -345,6 +345,10 @@ fn default_cp_interval() -> u64 {
     1000
 }
 
+/// Smallest NVRAM file: the file holds two regions (own log, partner's copy), and each log must
+/// hold two of the largest records (1 MiB payload) plus its control area, so a 4 MiB file fails
+/// at start; 8 MiB is the round size that starts.
+const NVRAM_BYTES_MIN: u64 = 8 << 20;
 /// Smallest image the node will create or serve; anything below is almost surely a typo.
 const MIN_VOLUME_BYTES: u64 = 4096;
 /// Chunk sizes outside this range are refused (md allows 4 KiB to several MiB).
@@ -373,6 +377,19 @@ impl Config {
         Ok(cfg)
     }
 
+    /// This config as `twinctl create` runs it: every array to be created when no candidate
+    /// holds it, as if it said `create = true` (the command is the operator's explicit request).
+    /// Checked again, as the member count of a new array is only checked for creation.
+    pub fn for_creation(&self) -> Result<Config, ConfigError> {
+        let mut c = self.clone();
+        for a in &mut c.arrays {
+            a.create = true;
+        }
+        c.expand_disks()?;
+        c.validate()?;
+        Ok(c)
+    }
+
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.source.clone(),
@@ -398,8 +415,16 @@ impl Config {
             }
         }
         if let Some(nv) = &self.nvram {
-            if nv.size.bytes() < (1 << 20) {
-                return Err(self.invalid("nvram.size", "must be at least 1 MiB"));
+            if nv.size.bytes() < NVRAM_BYTES_MIN {
+                return Err(self.invalid(
+                    "nvram.size",
+                    format!(
+                        "{} is too small: at least {} (two regions, each with room for two of \
+                         the largest journal records, 1 MiB)",
+                        format_bytes(nv.size.bytes()),
+                        format_bytes(NVRAM_BYTES_MIN)
+                    ),
+                ));
             }
             if nv.cp_interval_ms == 0 {
                 return Err(self.invalid("nvram.cp_interval_ms", "must be greater than 0"));
@@ -755,9 +780,9 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         match &self.node.data_dir {
-            Some(d) if d.is_absolute() => d.clone(),
-            Some(d) => base.join(d),
-            None => base,
+            Some(d) if d.is_absolute() => tidy_path(d),
+            Some(d) => tidy_path(&base.join(d)),
+            None => tidy_path(&base),
         }
     }
 
@@ -773,9 +798,9 @@ impl Config {
 
     pub fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
-            p.to_path_buf()
+            tidy_path(p)
         } else {
-            self.data_dir().join(p)
+            tidy_path(&self.data_dir().join(p))
         }
     }
 
@@ -792,6 +817,35 @@ impl Config {
     pub fn admin_socket(&self) -> PathBuf {
         self.resolve(&self.node.admin_socket)
     }
+}
+
+/// `p` without detours: `.` dropped, and `dir/..` folded where `dir` is a directory that is not a
+/// symbolic link, so `node0/../disks/d0.img` is shown (and compared) as `disks/d0.img`. That is
+/// the file the kernel reaches, so nothing changes but the spelling. A `..` after a symbolic link
+/// (whose `..` is the link target's parent) or after a missing directory (which the kernel would
+/// refuse to pass) is kept.
+pub fn tidy_path(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                let foldable = matches!(out.components().next_back(), Some(Component::Normal(_)))
+                    && std::fs::symlink_metadata(&out).is_ok_and(|m| m.file_type().is_dir());
+                if foldable {
+                    out.pop();
+                } else {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() && !p.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -861,6 +915,47 @@ size = "1GiB"
             assert!(e.contains("volume[0].read_cache"), "{e}");
             assert!(e.contains("0 turns the read cache off"), "{e}");
         }
+    }
+
+    #[test]
+    fn paths_are_resolved_without_detours_but_never_through_a_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("node0")).unwrap();
+        std::fs::create_dir_all(root.join("elsewhere/deep")).unwrap();
+        std::os::unix::fs::symlink(root.join("elsewhere/deep"), root.join("link")).unwrap();
+        assert_eq!(
+            tidy_path(&root.join("node0/../disks/./d0.img")),
+            root.join("disks/d0.img")
+        );
+        // `link/..` is `elsewhere`, not `root`: kept as written.
+        assert_eq!(tidy_path(&root.join("link/../x")), root.join("link/../x"));
+        // A missing directory is not folded away (the kernel would fail on it).
+        assert_eq!(
+            tidy_path(&root.join("nosuch/../x")),
+            root.join("nosuch/../x")
+        );
+        assert_eq!(tidy_path(Path::new("./a")), PathBuf::from("a"));
+        assert_eq!(tidy_path(Path::new(".")), PathBuf::from("."));
+        let c = Config::parse(
+            "[node]\nid = 0\n[[volume]]\nname = \"v\"\nfile = \"../disks/v.img\"\n",
+            &root.join("node0/n.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.resolve(c.volumes[0].file.as_ref().unwrap()),
+            root.join("disks/v.img")
+        );
+    }
+
+    #[test]
+    fn nvram_too_small_to_start_fails_the_config() {
+        let base = "[node]\nid = 0\n[nvram]\npath = \"n.nvram\"\nsize = \"SIZE\"\n";
+        let e = parse(&base.replace("SIZE", "4MiB"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nvram.size") && e.contains("8 MiB"), "{e}");
+        assert!(parse(&base.replace("SIZE", "8MiB")).is_ok());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Kept apart from `node.rs` so the node's admin dispatch only forwards here.
 
 use super::controller::Snapshot;
+use super::names;
 use super::runtime::HaNode;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -23,7 +24,7 @@ pub async fn operator(ha: Option<&HaNode>, cmd: Command) -> Result<Value, String
         Command::EnableTakeover => "takeover enabled",
         Command::Stop => "stopped",
     };
-    Ok(json!({ "accepted": format!("{cmd:?}"), "message": message }))
+    Ok(json!({ "accepted": names::command(cmd), "message": message }))
 }
 
 fn require(ha: Option<&HaNode>) -> Result<&super::controller::Handle, String> {
@@ -80,13 +81,13 @@ fn explain_mirror(out: &mut Value, snap: &Snapshot, local: Option<String>) {
     if why.is_empty() {
         return;
     }
-    let code = format!("{:?}", TakeoverBlocked::MirrorOutOfSync);
+    let code = names::blocker(TakeoverBlocked::MirrorOutOfSync);
     for b in out["takeover_blockers"]
         .as_array_mut()
         .into_iter()
         .flatten()
     {
-        if b["code"] == code.as_str() {
+        if b["code"] == code {
             b["reason"] = json!(format!(
                 "{}: {}",
                 TakeoverBlocked::MirrorOutOfSync.describe(),
@@ -100,17 +101,17 @@ fn explain_mirror(out: &mut Value, snap: &Snapshot, local: Option<String>) {
 fn blockers_json(reasons: &[TakeoverBlocked]) -> Vec<Value> {
     reasons
         .iter()
-        .map(|r| json!({ "code": format!("{r:?}"), "reason": r.describe() }))
+        .map(|r| json!({ "code": names::blocker(*r), "reason": r.describe() }))
         .collect()
 }
 
 fn flag_names(flags: StatusFlags) -> Vec<&'static str> {
     [
-        (StatusFlags::TAKEOVER_DISABLED, "takeover-disabled"),
-        (StatusFlags::MIRROR_IN_SYNC, "mirror-in-sync"),
-        (StatusFlags::WAITING_FOR_GIVEBACK, "waiting-for-giveback"),
-        (StatusFlags::HOLDS_PARTNER_DISKS, "holds-partner-disks"),
-        (StatusFlags::GIVEBACK_IN_PROGRESS, "giveback-in-progress"),
+        (StatusFlags::TAKEOVER_DISABLED, "takeover_disabled"),
+        (StatusFlags::MIRROR_IN_SYNC, "mirror_in_sync"),
+        (StatusFlags::WAITING_FOR_GIVEBACK, "waiting_for_giveback"),
+        (StatusFlags::HOLDS_PARTNER_DISKS, "holds_partner_disks"),
+        (StatusFlags::GIVEBACK_IN_PROGRESS, "giveback_in_progress"),
     ]
     .into_iter()
     .filter(|(f, _)| flags.contains(*f))
@@ -121,7 +122,7 @@ fn flag_names(flags: StatusFlags) -> Vec<&'static str> {
 fn partner_json(r: &StatusRecord) -> Value {
     json!({
         "node_id": r.node_id.get(),
-        "state": format!("{:?}", r.state).to_uppercase(),
+        "state": names::wire_state(r.state),
         "generation": r.stamp.generation,
         "sequence": r.stamp.sequence,
         "flags": flag_names(r.flags),
@@ -141,7 +142,7 @@ pub fn snapshot_json(
     json!({
         "node": {
             "node_id": node_id.get(),
-            "state": format!("{:?}", v.state),
+            "state": names::node_state(v.state),
             "generation": v.stamp.generation,
             "sequence": v.stamp.sequence,
             "lease_left_ms": v.lease_left_ms,

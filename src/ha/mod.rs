@@ -27,6 +27,7 @@ pub mod gate;
 pub mod generation;
 pub mod mailbox_io;
 pub mod mailbox_loop;
+pub mod names;
 pub mod runtime;
 pub mod udp;
 

@@ -52,6 +52,8 @@ struct LinkInfo {
     phase: LinkPhase,
     since: SystemTime,
     last_error: Option<String>,
+    /// When `last_error` happened (status tells a stale error from a current one by it).
+    last_error_at: Option<SystemTime>,
     /// Increases at every phase change (watchdogs compare it).
     epoch: u64,
     connections: u64,
@@ -80,6 +82,7 @@ impl LinkShared {
         l.phase = phase;
         if error.is_some() {
             l.last_error = error;
+            l.last_error_at = Some(SystemTime::now());
         }
     }
 
@@ -112,6 +115,7 @@ impl LinkShared {
             "state": l.phase,
             "since_unix_ms": unix_ms(l.since),
             "last_error": l.last_error,
+            "last_error_unix_ms": l.last_error_at.and_then(unix_ms),
             "connections": l.connections,
             "peer_generation": l.peer_generation,
             "sends": l.sends,
@@ -132,6 +136,7 @@ struct InboundInfo {
     peer: Option<SocketAddr>,
     since: Option<SystemTime>,
     last_error: Option<String>,
+    last_error_at: Option<SystemTime>,
     connections: u64,
     peer_generation: Option<u64>,
 }
@@ -177,7 +182,9 @@ impl InboundShared {
     }
 
     pub fn set_error(&self, peer: SocketAddr, e: &str) {
-        self.lock().last_error = Some(format!("{peer}: {e}"));
+        let mut i = self.lock();
+        i.last_error = Some(format!("{peer}: {e}"));
+        i.last_error_at = Some(SystemTime::now());
     }
 
     fn json(&self) -> serde_json::Value {
@@ -187,6 +194,7 @@ impl InboundShared {
             "peer": i.peer.map(|p| p.to_string()),
             "since_unix_ms": i.since.and_then(unix_ms),
             "last_error": i.last_error,
+            "last_error_unix_ms": i.last_error_at.and_then(unix_ms),
             "connections": i.connections,
             "peer_generation": i.peer_generation,
         })
@@ -285,6 +293,7 @@ impl Pair {
                 phase: LinkPhase::Down,
                 since: SystemTime::now(),
                 last_error: None,
+                last_error_at: None,
                 epoch: 0,
                 connections: 0,
                 peer_generation: None,

@@ -327,8 +327,9 @@ impl Receiver {
                 volume: copy.name.clone(),
                 seq: scan.report.last_seq + 1,
                 detail: format!(
-                    "the copy is damaged in the middle ({:?} at log offset {}); not sent",
-                    scan.report.stop, scan.report.stop_offset
+                    "the copy is damaged in the middle ({} at log offset {}); not sent",
+                    scan.report.stop.describe(),
+                    scan.report.stop_offset
                 ),
             });
         }

@@ -433,12 +433,12 @@ impl DemoPair {
             let nbd = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
             let state = ha_state(&self.admin_socket(id)).await;
             // Takeover: it also holds its partner's disks (an earlier run stopped that way).
-            if nbd && matches!(state.as_deref(), Some("Normal" | "Takeover")) {
+            if nbd && matches!(state.as_deref(), Some("normal" | "takeover")) {
                 return Ok(());
             }
             // Left over from an earlier run that stopped during a takeover: the partner still
             // holds this node's disks. The demo gives them back rather than wait forever.
-            if state.as_deref() == Some("WaitingForGiveback") && !gave_back {
+            if state.as_deref() == Some("waiting_for_giveback") && !gave_back {
                 println!(
                     "node {id}'s disks are still held by node {} from an earlier run: giving back",
                     1 - id
@@ -498,7 +498,7 @@ impl DemoPair {
                     .as_array()
                     .map(|b| {
                         b.iter()
-                            .filter(|b| b["code"] != "PartnerHeard")
+                            .filter(|b| b["code"] != "partner_heard")
                             .map(|b| b["reason"].as_str().unwrap_or("?").to_string())
                             .collect()
                     })
@@ -509,7 +509,7 @@ impl DemoPair {
                 Ok(v) => v["node"]["state"].as_str().unwrap_or("?").to_string(),
                 Err(_) => "unreachable".to_string(),
             };
-            if state == "Normal" && blockers.is_empty() {
+            if state == "normal" && blockers.is_empty() {
                 return Ok(());
             }
             if let Some(e) = self.exited(id) {

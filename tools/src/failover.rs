@@ -94,7 +94,7 @@ pub async fn run(pair: &mut DemoPair, repeat: u32, giveback: bool) -> Result<()>
     let mut failures = 0u32;
     for i in 1..=repeat {
         pair.wait_takeover_ready(0, READY_TIMEOUT).await?;
-        pair.wait_state(1, "Normal", READY_TIMEOUT).await?;
+        pair.wait_state(1, "normal", READY_TIMEOUT).await?;
         println!(
             "\n--- takeover {i}/{repeat}: SIGKILL to node 1 under a verifying writer on {EXPORT}"
         );
@@ -177,7 +177,7 @@ fn print_cycle(t: &Takeover, ledger: &Ledger, v: &Verification) {
 /// the region back from node 1. Returns whether that read-back passed.
 async fn restart_and_give_back(pair: &mut DemoPair, ledger: Arc<Ledger>) -> Result<bool> {
     pair.spawn(1, true)?;
-    pair.wait_state(1, "WaitingForGiveback", RESTART_TIMEOUT)
+    pair.wait_state(1, "waiting_for_giveback", RESTART_TIMEOUT)
         .await?;
     let t0 = Instant::now();
     twinblock::admin::client::call(
@@ -186,8 +186,8 @@ async fn restart_and_give_back(pair: &mut DemoPair, ledger: Arc<Ledger>) -> Resu
     )
     .await
     .context("giveback refused by node 0")?;
-    pair.wait_state(1, "Normal", RESTART_TIMEOUT).await?;
-    pair.wait_state(0, "Normal", RESTART_TIMEOUT).await?;
+    pair.wait_state(1, "normal", RESTART_TIMEOUT).await?;
+    pair.wait_state(0, "normal", RESTART_TIMEOUT).await?;
     let target = pair.address(1);
     let verified =
         tokio::task::spawn_blocking(move || verify(target, &ledger).map(|v| (v, ledger)))

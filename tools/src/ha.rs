@@ -12,25 +12,15 @@ fn s(v: &Value, key: &str) -> String {
     }
 }
 
-/// The node states as `docs/OPERATIONS.md` names them. The daemon spells this node's state in
-/// these words but the partner's (decoded from its status record) in capitals; people get one
-/// spelling for both.
-const STATE_NAMES: [&str; 7] = [
-    "Rebooting",
-    "WaitingForGiveback",
-    "Normal",
-    "TakingOver",
-    "Takeover",
-    "GivingBack",
-    "Stopped",
-];
-
+/// A state as people read it: the API's snake_case word as words, capitalised
+/// (`waiting_for_giveback` is "Waiting for giveback").
 fn state_name(v: &Value) -> String {
-    let raw = s(v, "state");
-    STATE_NAMES
-        .iter()
-        .find(|n| n.eq_ignore_ascii_case(&raw))
-        .map_or(raw, |n| n.to_string())
+    let raw = s(v, "state").replace('_', " ");
+    let mut c = raw.chars();
+    match c.next() {
+        Some(first) => first.to_uppercase().chain(c).collect(),
+        None => raw,
+    }
 }
 
 fn yes_no(v: &Value, key: &str) -> &'static str {
@@ -68,7 +58,7 @@ pub fn render_status(ha: &Value) -> String {
                 .as_array()
                 .map(|f| {
                     f.iter()
-                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .filter_map(|x| x.as_str().map(|f| f.replace('_', " ")))
                         .collect()
                 })
                 .unwrap_or_default();
@@ -131,12 +121,12 @@ mod tests {
     #[test]
     fn blockers_paths_and_holders_are_shown() {
         let ha = json!({
-            "node": {"node_id": 1, "state": "Normal", "generation": 3, "lease_left_ms": 350,
+            "node": {"node_id": 1, "state": "normal", "generation": 3, "lease_left_ms": 350,
                      "holds_own_disks": true, "holds_partner_disks": false,
                      "serving_own": true, "serving_partner": false},
             "partner": null,
             "takeover_possible": false,
-            "takeover_blockers": [{"code": "DisabledByOperator",
+            "takeover_blockers": [{"code": "disabled_by_operator",
                                    "reason": "takeover disabled by the operator on this node"}],
             "paths": [{"path": "udp", "age_ms": 40}, {"path": "mailbox", "age_ms": null}],
             "disks": [{"disk": "/d/a.img", "set": "own", "holder": "node 1 (this node)",
@@ -164,15 +154,17 @@ mod tests {
     #[test]
     fn partner_state_is_spelled_like_this_nodes() {
         let ha = json!({
-            "node": {"node_id": 0, "state": "Takeover"},
-            "partner": {"node_id": 1, "state": "WAITINGFORGIVEBACK", "generation": 2,
-                        "sequence": 9, "flags": []},
+            "node": {"node_id": 0, "state": "takeover"},
+            "partner": {"node_id": 1, "state": "waiting_for_giveback", "generation": 2,
+                        "sequence": 9, "flags": ["mirror_in_sync"]},
             "takeover_possible": true, "takeover_blockers": [], "paths": [], "disks": [],
         });
         let text = render_status(&ha);
         assert!(text.contains("this node 0: Takeover  ("), "{text}");
         assert!(
-            text.contains("partner node 1: WaitingForGiveback  (generation 2, sequence 9)"),
+            text.contains(
+                "partner node 1: Waiting for giveback  (generation 2, sequence 9, mirror in sync)"
+            ),
             "{text}"
         );
     }

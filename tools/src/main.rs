@@ -1,6 +1,7 @@
 //! twinctl: the twinblock admin tool. Talks to a running `twinblockd` over its admin socket,
 //! reads NVRAM files offline, and runs the quickstart demo.
 
+mod create;
 mod demo;
 mod failover;
 mod ha;
@@ -43,6 +44,11 @@ enum Command {
     /// Start a mirrored pair of nodes on local image files with no setup, print how to reach
     /// them, serve until Ctrl-C.
     Demo(demo::DemoArgs),
+    /// Make what a node's config names before its first start, in one step: disk images, arrays
+    /// (refused on disks holding any known signature), volume images. `--partner` adds the
+    /// partner's config; `--pair DIR` first writes a new pair's two configs. A refusal changes
+    /// nothing, a failure part way undoes what was made.
+    Create(create::CreateArgs),
     /// Run a node in this process (what `twinblockd --config` does; the demo uses it when the
     /// twinblockd binary is not built).
     #[command(hide = true)]
@@ -271,6 +277,9 @@ async fn run(cli: Cli) -> Result<()> {
     let out = render::Output { json: cli.json };
     match &cli.command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Create(args) => create::run(args, cli.config.as_deref(), cli.json)
+            .await
+            .context("create"),
         Command::Node { config } => {
             let cfg = twinblock::config::Config::load(config)?;
             let node = twinblock::node::Node::open(cfg).await?;

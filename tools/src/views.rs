@@ -51,7 +51,7 @@ fn kind(v: &Value) -> &'static str {
     match str_of(v, "kind") {
         Some("file") => "image file",
         Some("array") => "RAID volume",
-        Some("journaled-array") => "journaled RAID volume",
+        Some("journaled_array") => "journaled RAID volume",
         _ => "volume",
     }
 }
@@ -299,7 +299,7 @@ mod tests {
 
     fn sample() -> Value {
         json!({
-            "name": "r5", "description": "demo", "kind": "journaled-array", "size": 125829120u64,
+            "name": "r5", "description": "demo", "kind": "journaled_array", "size": 125829120u64,
             "read_only": false, "backing": "md0", "io_engine": "io_uring", "direct_io": true,
             "nvram": "/dev/shm/n0.nvram", "state": "degraded",
             "array": {"name": "md0", "level": "raid5", "size_bytes": 125829120u64,
@@ -313,7 +313,7 @@ mod tests {
                     "done_bytes": 41943040u64, "total_bytes": 100663296u64,
                     "percent": 41.66666, "rate_bytes_per_s": 213973278.63058615, "eta_s": 11.2,
                     "error": null}},
-            "journal": {"persistence": "none", "persist_method": "Nothing", "log_bytes": 67108864u64,
+            "journal": {"persistence": "none", "persist_method": "nothing", "log_bytes": 67108864u64,
                 "log_used_bytes": 12582912u64, "dirty_bytes": 4194304u64, "cps_done": 42,
                 "writer_waits": 1, "ack_survives_power_loss": false, "last_cp_error": null},
             "stats": {"connections_active": 1, "connections_total": 3, "read_ops": 10,

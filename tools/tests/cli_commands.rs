@@ -364,12 +364,12 @@ fn journal_dump_of_a_live_nodes_nvram_in_both_forms() {
     ] {
         assert!(human.contains(want), "no `{want}` in:\n{human}");
     }
-    // Not `assert_human`: the dump is a diagnostic that names the scan's stop reason as the
-    // journal crate spells it (`Blank`, `Stale { .. }`); it must still not be JSON.
-    assert!(
-        !human.contains("{\"") && !human.contains("Some("),
-        "{human}"
-    );
+    // Not `assert_human`: the dump is a diagnostic with the records' fields; but the scan's
+    // stop reason is in words, and nothing is JSON or Rust debug output.
+    assert!(human.contains("bytes never written"), "{human}");
+    for debug in ["{\"", "Some(", "Blank", "Stale {", "Mirrored"] {
+        assert!(!human.contains(debug), "`{debug}` in:\n{human}");
+    }
     let json = ctl_json(&none, &["journal", "dump", nvram]);
     assert!(json.is_object(), "{json}");
     assert!(!json.as_object().unwrap().is_empty(), "{json}");
@@ -398,7 +398,12 @@ fn accept_loss_of_a_volume_that_is_not_held_is_refused_and_changes_nothing() {
         &["journal", "accept-loss", "r5"],
         "volume `r5` is not waiting for an NVRAM loss to be accepted",
     );
-    refused(&sock, &["journal", "accept-loss", "nosuch"], "`nosuch`");
+    // An unknown name is named as unknown, with the volumes there are.
+    refused(
+        &sock,
+        &["journal", "accept-loss", "nosuch"],
+        "no volume named `nosuch` (volumes: r5)",
+    );
 }
 
 #[test]
@@ -537,6 +542,10 @@ const COVERED: &[(&str, &str)] = &[
         "journal_dump_of_a_live_nodes_nvram_in_both_forms",
     ),
     ("journal accept-loss", "accept_loss_..., cli_pair.rs"),
+    (
+        "create",
+        "cli_create.rs (then the daemon started on what it made)",
+    ),
 ];
 
 /// The subcommand names in a `--help` text's `Commands:` section (without `help`).

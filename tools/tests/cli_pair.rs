@@ -36,9 +36,9 @@ fn wait_settled(sock: &Path) -> serde_json::Value {
     loop {
         let status = ctl_json(sock, &["status"]);
         let partner = &status["ha"]["partner"];
-        if blocker_codes(&status) == ["PartnerHeard"]
+        if blocker_codes(&status) == ["partner_heard"]
             && !partner.is_null()
-            && codes(partner) == ["PartnerHeard"]
+            && codes(partner) == ["partner_heard"]
         {
             return status;
         }
@@ -59,12 +59,49 @@ const HA_FIELDS: &[&str] = &[
     "disks",
 ];
 
+/// The demo's banner commands that only look (status, volume show, journal dump), run as printed:
+/// each must work when pasted.
+fn run_banner_commands(pair: &DemoPair) {
+    let banner = pair.banner();
+    let ctl = twinctl().display().to_string();
+    let mut ran = 0;
+    for line in banner.lines().map(str::trim) {
+        let Some(rest) = line.strip_prefix(&ctl) else {
+            continue;
+        };
+        let command = rest.split('#').next().unwrap_or_default();
+        let args: Vec<&str> = command.split_whitespace().collect();
+        let looks = args.contains(&"status")
+            || args
+                .windows(2)
+                .any(|w| w == ["volume", "show"] || w == ["journal", "dump"]);
+        if !looks {
+            continue;
+        }
+        let out = std::process::Command::new(twinctl())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pasted `{line}` failed: {}\n{banner}",
+            text(&out)
+        );
+        ran += 1;
+    }
+    assert!(
+        ran >= 5,
+        "only {ran} commands found in the banner:\n{banner}"
+    );
+}
+
 #[test]
 fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
     let tmp = tempfile::tempdir().unwrap();
     let pair = DemoPair::start(tmp.path());
     let sock = pair.socket(0);
     wait_settled(&sock);
+    run_banner_commands(&pair);
 
     let human = ctl_human(&sock, &["status"]);
     for want in [
@@ -74,7 +111,7 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
         "partner node 1",
         "partner node 1: Normal",
         "takeover: not possible",
-        "(PartnerHeard)",
+        "(partner_heard)",
         "heartbeat",
         "ms ago",
         "held by",
@@ -85,7 +122,10 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
             pair.logs()
         );
     }
+    // Disk paths without detours (`node0/../node1/../disks/...` was shown before).
+    assert!(!human.contains("/../") && !human.contains("/./"), "{human}");
     let json = ctl_json(&sock, &["status"]);
+    assert!(!json.to_string().contains("/../"), "{json}");
     assert_keys(&json["ha"], HA_FIELDS, "status.ha");
     assert_keys(
         &json["ha"]["node"],
@@ -93,7 +133,7 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
         "status.ha.node",
     );
     assert_eq!(json["ha"]["takeover_possible"], false, "{json}");
-    assert_eq!(blocker_codes(&json), ["PartnerHeard"], "{json}");
+    assert_eq!(blocker_codes(&json), ["partner_heard"], "{json}");
     // The pair node's volumes (a mirrored journaled RAID volume and a plain image) read the
     // same way as a single node's.
     let list = ctl_human(&sock, &["volume", "list"]);
@@ -125,11 +165,11 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
     let disabled = ctl_human(&sock, &["takeover-disable"]);
     assert!(disabled.contains("disabled"), "{disabled}");
     let status = ctl_human(&sock, &["status"]);
-    assert!(status.contains("(DisabledByOperator)"), "{status}");
+    assert!(status.contains("(disabled_by_operator)"), "{status}");
     let json = ctl_json(&sock, &["status"]);
     let blockers = json["ha"]["takeover_blockers"].as_array().unwrap();
     assert!(
-        blockers.iter().any(|b| b["code"] == "DisabledByOperator"),
+        blockers.iter().any(|b| b["code"] == "disabled_by_operator"),
         "{json}"
     );
     for b in blockers {
@@ -137,7 +177,7 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
     }
     // Disabled in both directions: node 1 learns it from node 0's next status record, and node
     // 0 sees that in node 1's record after that.
-    let on_partner = "DisabledOnPartner".to_string();
+    let on_partner = "disabled_on_partner".to_string();
     let t = Instant::now();
     while !blocker_codes(&ctl_json(&pair.socket(1), &["status"])).contains(&on_partner)
         || !codes(&ctl_json(&sock, &["status"])["ha"]["partner"]).contains(&on_partner)
@@ -164,6 +204,7 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
     // The --json form of disable is accepted too, and enable in human form undoes it.
     let disabled = ctl_json(&sock, &["takeover-disable"]);
     assert_keys(&disabled, &["message"], "takeover-disable");
+    assert_eq!(disabled["accepted"], "takeover_disable", "{disabled}");
     let enabled = ctl_human(&sock, &["takeover-enable"]);
     assert!(
         enabled.contains("enabled") || enabled.contains("allowed"),

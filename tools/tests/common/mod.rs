@@ -170,13 +170,86 @@ pub fn ctl_ok(sock: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs a command with `--json` that must succeed and print one JSON document.
+/// Runs a command with `--json` that must succeed and print one JSON document, whose names
+/// of states, kinds and reasons are the API's snake_case words (`assert_stable_names`).
 pub fn ctl_json(sock: &Path, args: &[&str]) -> serde_json::Value {
     let mut a = vec!["--json"];
     a.extend_from_slice(args);
     let out = ctl_ok(sock, &a);
-    serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("twinctl {a:?} printed no JSON ({e}): {out}"))
+    let v = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("twinctl {a:?} printed no JSON ({e}): {out}"));
+    assert_stable_names(&v, &format!("twinctl {a:?}"));
+    v
+}
+
+/// Keys whose string values (or, for `stop`, the single key of an object value) name a state,
+/// kind, mode or reason: scripts compare them, so they must be snake_case words.
+const NAME_KEYS: &[&str] = &[
+    "state",
+    "code",
+    "accepted",
+    "kind",
+    "mode",
+    "level",
+    "persistence",
+    "persist_method",
+    "cause",
+    "stop",
+    "phase",
+    "flags",
+    "set",
+];
+
+fn is_snake_case(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('_')
+        && !s.ends_with('_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// A Rust variant name (`WaitingForGiveback`, `EnableTakeover`): two or more capitalised words
+/// run together.
+fn is_camel_case(s: &str) -> bool {
+    s.len() > 3
+        && s.chars().all(|c| c.is_ascii_alphanumeric())
+        && s.starts_with(|c: char| c.is_ascii_uppercase())
+        && s.chars().skip(1).any(|c| c.is_ascii_uppercase())
+        && s.chars().any(|c| c.is_ascii_lowercase())
+}
+
+/// Fails on a Rust `Debug` name anywhere in a `--json` answer: a name key whose value is not
+/// snake_case (`"Msync"`, `"NORMAL"`, `{"Blank": ..}`), or any string that is a CamelCase
+/// variant name.
+pub fn assert_stable_names(v: &serde_json::Value, what: &str) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if NAME_KEYS.contains(&k.as_str()) {
+                    let names: Vec<&str> = match x {
+                        Value::String(s) => vec![s.as_str()],
+                        Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+                        Value::Object(o) if k == "stop" => o.keys().map(String::as_str).collect(),
+                        _ => vec![],
+                    };
+                    for n in names {
+                        assert!(
+                            is_snake_case(n),
+                            "{what}: `{k}` is `{n}`, not a snake_case name:\n{v}"
+                        );
+                    }
+                }
+                assert_stable_names(x, what);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| assert_stable_names(x, what)),
+        Value::String(s) => assert!(
+            !is_camel_case(s),
+            "{what}: `{s}` looks like a Rust variant name"
+        ),
+        _ => {}
+    }
 }
 
 /// Runs a command in human form that must succeed, and checks it reads as text for people.
@@ -373,6 +446,11 @@ impl DemoPair {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// What the demo printed so far (its banner).
+    pub fn banner(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 
     pub fn socket(&self, node: u8) -> PathBuf {
