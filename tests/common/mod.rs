@@ -437,7 +437,13 @@ impl Daemon {
                     );
                 }
             }
-            if TcpStream::connect_timeout(&self.addr, READY_POLL_INTERVAL).is_ok() {
+            // twinblockd binds its admin socket just after the NBD listener: a test that
+            // talks to both must find both ready.
+            if TcpStream::connect_timeout(&self.addr, READY_POLL_INTERVAL).is_ok()
+                && (self.kind != ServerKind::Twinblockd
+                    || std::os::unix::net::UnixStream::connect(self.dir().join("admin.sock"))
+                        .is_ok())
+            {
                 return;
             }
             if Instant::now() >= deadline {
