@@ -218,8 +218,11 @@ pub struct Created {
     pub used_disks: Vec<PathBuf>,
 }
 
-/// Whether a candidate of array `a` holds it already (read-only).
-pub async fn array_exists(config: &Config, a: &ArrayConfig) -> Result<bool> {
+/// Opens the candidates of array `a` (members and spares) that exist; missing ones are left out.
+fn open_existing_candidates(
+    config: &Config,
+    a: &ArrayConfig,
+) -> Result<Vec<(PathBuf, Arc<dyn Member>)>> {
     let mut opened: Vec<(PathBuf, Arc<dyn Member>)> = Vec::new();
     for p in a.disks.iter().chain(a.spares.iter()) {
         let path = config.resolve(p);
@@ -228,6 +231,12 @@ pub async fn array_exists(config: &Config, a: &ArrayConfig) -> Result<bool> {
             opened.push((path, m));
         }
     }
+    Ok(opened)
+}
+
+/// Whether a candidate of array `a` holds it already (read-only).
+pub async fn array_exists(config: &Config, a: &ArrayConfig) -> Result<bool> {
+    let opened = open_existing_candidates(config, a)?;
     let found = probe_candidates(&opened).await?;
     Ok(matches!(
         candidates::select(&a.name, a.uuid, &found)?,
@@ -249,14 +258,7 @@ pub async fn create_array(
         Some(w) => w(path, m),
         None => m,
     };
-    let mut opened: Vec<(PathBuf, Arc<dyn Member>)> = Vec::new();
-    for p in a.disks.iter().chain(a.spares.iter()) {
-        let path = config.resolve(p);
-        if path.exists() {
-            let (m, _) = open_disk(&path, None, a.direct_io)?;
-            opened.push((path, m));
-        }
-    }
+    let opened = open_existing_candidates(config, a)?;
     let found = probe_candidates(&opened).await?;
     drop(opened);
     if let Some(other) = other_array(&found) {
