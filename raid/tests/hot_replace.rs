@@ -177,3 +177,23 @@ async fn failed_old_member_mid_copy_finishes_as_a_rebuild() {
     ms[1].fail_writes(true);
     assert_eq!(a.read(0, model.len()).await.unwrap()[..], model[..]);
 }
+
+#[tokio::test]
+async fn restart_during_the_copy_keeps_the_old_member_and_the_new_disk_as_a_spare() {
+    let (a, ms, new, model) = filled_raid5().await;
+    a.replace_member(0, new.clone()).await.unwrap();
+    mid_copy(&a).await;
+    a.abandon().await;
+    let mut all = dynv(&ms);
+    all.push(new.clone());
+    let b = Array::assemble(all).await.unwrap();
+    b.wait_rebuild().await;
+    let names = slot_names(&b);
+    assert_eq!(names[0], (Some(0), Some("d0".into()), MemberState::Active));
+    assert!(
+        names.contains(&(None, Some("n0".into()), MemberState::Spare)),
+        "{names:?}"
+    );
+    assert!(!b.status().degraded);
+    assert_eq!(b.read(0, model.len()).await.unwrap()[..], model[..]);
+}
