@@ -19,7 +19,8 @@
 //! `open` (create, assemble), `read` and `write` (the foreground I/O path, degraded reconstruct
 //! included), `membership` (failures, spares, add / remove / replace), `metadata` (superblocks and
 //! the write-intent bitmap on the members), `resync` (the background task and its pipeline),
-//! `rebuild` (one batch of a rebuild), `scrub`, `status`. This module holds the shared state
+//! `rebuild` (one batch of a rebuild), `hotreplace` (copying an active member onto its replacement),
+//! `scrub`, `status`. This module holds the shared state
 //! (`Inner`, `Meta`, `View`), the row locks and the small helpers every part uses.
 
 mod hotreplace;
