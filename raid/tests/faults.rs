@@ -174,6 +174,8 @@ async fn rebuild_resumes_from_checkpoint_after_restart() {
     a.write(0, Bytes::from(data.clone())).await.unwrap();
     a.set_rebuild_rate(2 << 20);
     let fresh = Arc::new(MemMember::new("new", DATA_OFFSET_BYTES + (4 << 20)));
+    // A faulty member is replaced by an ordinary rebuild (an active one would be hot-replaced).
+    a.fail_member(1).await.unwrap();
     a.replace_member(1, fresh.clone()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1300)).await;
     a.abandon().await;

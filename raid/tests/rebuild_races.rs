@@ -119,6 +119,8 @@ async fn a_replacement_does_not_inherit_the_previous_targets_checkpoint() {
     let data = pattern(a.size() as usize);
     a.write(0, Bytes::from(data.clone())).await.unwrap();
     a.set_rebuild_rate(2 << 20);
+    // Slot 1 faulty: the replace rebuilds (an active member would be hot-replaced).
+    a.fail_member(1).await.unwrap();
     a.replace_member(1, Arc::new(MemMember::new("first", bytes)))
         .await
         .unwrap();
@@ -146,18 +148,18 @@ async fn a_failing_rebuild_target_hands_over_to_the_spare_cleanly() {
     let bytes = DATA_OFFSET_BYTES + (4 << 20);
     let ms = members(3, bytes);
     let spare = Arc::new(MemMember::new("spare", bytes));
-    let a = Array::create(
-        "r5",
-        Level::Raid5,
-        CHUNK,
-        dynv(&ms),
-        vec![spare.clone() as Arc<dyn Member>],
-    )
-    .await
-    .unwrap();
+    let a = Array::create("r5", Level::Raid5, CHUNK, dynv(&ms), vec![])
+        .await
+        .unwrap();
     let data = pattern(a.size() as usize);
     a.write(0, Bytes::from(data.clone())).await.unwrap();
     a.set_rebuild_rate(2 << 20);
+    // Slot 1 faulty first, then the spare joins: the replace below is an ordinary rebuild (an
+    // active member would be hot-replaced) and the spare waits.
+    a.fail_member(1).await.unwrap();
+    a.add_member(spare.clone() as Arc<dyn Member>)
+        .await
+        .unwrap();
     let first = Arc::new(MemMember::new("first", bytes));
     a.replace_member(1, first.clone()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;

@@ -47,8 +47,9 @@ impl Array {
         self.inner.add_member(member, None).await
     }
 
-    /// Replaces the device of `slot` by `new`: the old device is failed and removed and `new`
-    /// is rebuilt in its place. Redundancy is reduced while the rebuild runs.
+    /// Replaces the device of `slot` by `new`. An active member is replaced hot (see
+    /// `hotreplace`): it stays active while its contents are copied onto `new`, so redundancy
+    /// is kept. A faulty or rebuilding slot's device is removed and `new` rebuilt in its place.
     ///
     /// Everything that can refuse the replacement is checked before the old device is touched
     /// (slot, size, `new` not already in the array nor the device it replaces, its superblock
@@ -59,6 +60,9 @@ impl Array {
         let existing = self.inner.admit(&new, Some(slot)).await?;
         self.inner.check_replace_survives(slot)?;
         let active = lock(&self.inner.meta).slots[slot].state == MemberState::Active;
+        if active && self.inner.geo.level != Level::Raid0 {
+            return self.inner.start_hot_replace(slot, new).await;
+        }
         if active {
             self.inner.member_failed(slot, "replace", None, false).await;
         }
@@ -137,6 +141,24 @@ impl Inner {
             );
             tracing::error!(array = %self.name, %detail, "array failed");
             m.failed = Some(detail);
+        }
+        // A hot replace of this slot goes on as an ordinary rebuild from where its copy got to:
+        // every write since it started reached the copy target too.
+        if m.failed.is_none() && m.replacement.as_ref().is_some_and(|r| r.slot == slot) {
+            if let Some(r) = m.replacement.take() {
+                tracing::info!(array = %self.name, slot, member = %r.member.name(), rows_done = r.rows_done, "hot replace continues as a rebuild");
+                let s = &mut m.slots[slot];
+                s.member = Some(r.member);
+                s.dev_uuid = r.dev_uuid;
+                s.state = MemberState::Rebuilding;
+                s.left_events = 0;
+                s.resync = Some((ResyncKind::Full, r.rows_done));
+                m.rebuild = Some(RebuildCheckpoint {
+                    slot: slot as u32,
+                    rows_done: r.rows_done,
+                });
+                return true;
+            }
         }
         if use_spare && m.failed.is_none() && !m.spares.is_empty() {
             let sp = m.spares.remove(0);

@@ -64,6 +64,11 @@ impl Inner {
                     let sb = self.superblock_for(&m, Role::Spare, sp.dev_uuid);
                     t.push((None, sp.member.clone(), Bytes::from(sb.encode())));
                 }
+                // A hot replace's copy target is a spare on disk until the copy completes.
+                if let Some(r) = &m.replacement {
+                    let sb = self.superblock_for(&m, Role::Spare, r.dev_uuid);
+                    t.push((None, r.member.clone(), Bytes::from(sb.encode())));
+                }
                 t
             };
             let results = join_all(targets.iter().map(|(_, d, b)| async move {
@@ -82,9 +87,15 @@ impl Inner {
                             self.mark_faulty_locked(&mut m, *i, true);
                         }
                         None => {
-                            lock(&self.meta)
-                                .spares
-                                .retain(|s| !Arc::ptr_eq(&s.member, d));
+                            let mut m = lock(&self.meta);
+                            m.spares.retain(|s| !Arc::ptr_eq(&s.member, d));
+                            if m.replacement
+                                .as_ref()
+                                .is_some_and(|r| Arc::ptr_eq(&r.member, d))
+                            {
+                                tracing::warn!(array = %self.name, member = %d.name(), "hot replace abandoned: its target failed");
+                                m.replacement = None;
+                            }
                         }
                     }
                 }
@@ -116,6 +127,12 @@ impl Inner {
                 t.push((
                     sp.member.clone(),
                     Bytes::from(self.superblock_for(&m, Role::Spare, sp.dev_uuid).encode()),
+                ));
+            }
+            if let Some(r) = &m.replacement {
+                t.push((
+                    r.member.clone(),
+                    Bytes::from(self.superblock_for(&m, Role::Spare, r.dev_uuid).encode()),
                 ));
             }
             t

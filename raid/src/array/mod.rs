@@ -19,9 +19,11 @@
 //! `open` (create, assemble), `read` and `write` (the foreground I/O path, degraded reconstruct
 //! included), `membership` (failures, spares, add / remove / replace), `metadata` (superblocks and
 //! the write-intent bitmap on the members), `resync` (the background task and its pipeline),
-//! `rebuild` (one batch of a rebuild), `scrub`, `status`. This module holds the shared state
+//! `rebuild` (one batch of a rebuild), `hotreplace` (copying an active member onto its replacement),
+//! `scrub`, `status`. This module holds the shared state
 //! (`Inner`, `Meta`, `View`), the row locks and the small helpers every part uses.
 
+mod hotreplace;
 mod membership;
 mod metadata;
 mod open;
@@ -198,6 +200,18 @@ struct Meta {
     journal: JournalMark,
     rebuild: Option<RebuildCheckpoint>,
     failed: Option<String>,
+    /// A hot replace in progress (see `hotreplace`): kept in memory only.
+    replacement: Option<Replacement>,
+}
+
+/// The device being copied onto for a hot replace of `slot`, whose device stays active.
+#[derive(Clone)]
+struct Replacement {
+    slot: usize,
+    member: Arc<dyn Member>,
+    dev_uuid: Uuid,
+    /// Rows before this one are copied (writes go to both devices, so they stay copied).
+    rows_done: u64,
 }
 
 /// Members as seen by one I/O.
@@ -545,6 +559,11 @@ impl Inner {
             .filter_map(|(i, s)| s.member.clone().map(|d| (d, Role::Slot(i as u32))))
             .collect();
         out.extend(m.spares.iter().map(|s| (s.member.clone(), Role::Spare)));
+        out.extend(
+            m.replacement
+                .iter()
+                .map(|r| (r.member.clone(), Role::Spare)),
+        );
         out
     }
 

@@ -105,6 +105,7 @@ impl Array {
             journal: JournalMark::default(),
             rebuild: None,
             failed: None,
+            replacement: None,
         };
         let inner = Arc::new(Inner::new(
             name.to_string(),
@@ -208,6 +209,7 @@ impl Array {
             journal: sb.journal,
             rebuild: sb.rebuild,
             failed: None,
+            replacement: None,
         };
         let inner = Arc::new(Inner::new(
             sb.name.clone(),

@@ -57,6 +57,7 @@ impl Inner {
         m.slots
             .iter()
             .position(|s| s.resync.is_some() && s.member.is_some())
+            .or_else(|| m.replacement.as_ref().map(|r| r.slot))
     }
 
     pub(super) fn kick_rebuild(self: &Arc<Self>) {
@@ -106,7 +107,7 @@ impl Inner {
     /// Rebuilds or resyncs `slot`; returns false when the task should stop.
     pub(super) async fn run_resync(self: &Arc<Self>, slot: usize) -> bool {
         let Some((kind, from_row, dev, name)) = self.resync_target(slot) else {
-            return true;
+            return self.run_hot_copy(slot).await;
         };
         let (ranges, regions) = self.resync_ranges(kind, from_row);
         let c = self.geo.chunk_bytes;

@@ -177,6 +177,18 @@ impl Inner {
             }
         }
         if mode == ScrubMode::Repair && !fixes.is_empty() {
+            // A hot replace's target gets the slot's fixes too (rows it has copied stay copied).
+            if let Some((slot, dev, d)) = self.replacement() {
+                for (m, r, b) in &fixes {
+                    if *m == slot {
+                        if let Err(e) = d.write_at(self.member_off(*r, 0), b.clone()).await {
+                            self.replacement_failed(slot, dev, "scrub repair write", &e)
+                                .await;
+                            break;
+                        }
+                    }
+                }
+            }
             let results = join_all(fixes.into_iter().map(|(m, r, b)| {
                 let d = view.members[m].clone();
                 async move {

@@ -86,6 +86,12 @@ impl Inner {
             name: Some(s.member.name().to_string()),
             state: MemberState::Spare,
         }));
+        // A hot replace's target: being filled, not yet in its slot.
+        members.extend(m.replacement.iter().map(|r| MemberStatus {
+            slot: None,
+            name: Some(r.member.name().to_string()),
+            state: MemberState::Rebuilding,
+        }));
         let degraded = m
             .slots
             .iter()

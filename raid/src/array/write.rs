@@ -346,14 +346,34 @@ impl Inner {
         view: &View,
         writes: Vec<(usize, u64, Bytes)>,
     ) {
-        let results = join_all(writes.into_iter().filter_map(|(m, off, b)| {
+        // A hot replace's target gets every write of its slot (copied rows stay copied).
+        let rep = self.replacement();
+        let extra: Vec<(u64, Bytes)> = match &rep {
+            Some((slot, _, _)) => writes
+                .iter()
+                .filter(|(m, _, _)| m == slot)
+                .map(|(_, off, b)| (*off, b.clone()))
+                .collect(),
+            None => Vec::new(),
+        };
+        let to_rep = async {
+            if let Some((slot, dev, d)) = &rep {
+                for (off, b) in extra {
+                    if let Err(e) = d.write_at(off, b).await {
+                        self.replacement_failed(*slot, *dev, "write", &e).await;
+                        break;
+                    }
+                }
+            }
+        };
+        let to_members = join_all(writes.into_iter().filter_map(|(m, off, b)| {
             let dv = view.members[m].clone()?;
             Some(async move {
                 let r = dv.write_at(off, b).await;
                 (m, dv, r)
             })
-        }))
-        .await;
+        }));
+        let (results, ()) = futures_util::future::join(to_members, to_rep).await;
         for (m, dv, r) in results {
             if let Err(e) = r {
                 self.device_failed(m, &dv, "write", &e).await;
@@ -418,6 +438,11 @@ impl Inner {
             for (m, r) in results {
                 if let Err(e) = r {
                     self.member_failed(m, "discard", Some(&e), true).await;
+                }
+            }
+            if let Some((slot, dev, d)) = self.replacement() {
+                if let Err(e) = d.discard(self.member_off(r0, 0), (r1 - r0) * c).await {
+                    self.replacement_failed(slot, dev, "discard", &e).await;
                 }
             }
         }
