@@ -65,19 +65,7 @@ impl Inner {
         op: &str,
         err: &io::Error,
     ) {
-        let dropped = {
-            let mut m = lock(&self.meta);
-            let ours = m
-                .replacement
-                .as_ref()
-                .is_some_and(|r| r.slot == slot && r.dev_uuid == dev);
-            if ours {
-                m.replacement = None;
-                m.events += 1;
-            }
-            ours
-        };
-        if dropped {
+        if self.drop_replacement(slot, dev) {
             tracing::error!(array = %self.name, slot, op, error = %err,
                 "hot replace target failed; replace abandoned, the old member stays");
             self.write_superblocks().await;
@@ -86,22 +74,25 @@ impl Inner {
 
     /// Drops the replace of `slot` onto `dev` if it is still registered.
     async fn abandon_replace(self: &Arc<Self>, slot: usize, dev: Uuid) {
-        let dropped = {
-            let mut m = lock(&self.meta);
-            let ours = m
-                .replacement
-                .as_ref()
-                .is_some_and(|r| r.slot == slot && r.dev_uuid == dev);
-            if ours {
-                m.replacement = None;
-                m.events += 1;
-            }
-            ours
-        };
-        if dropped {
+        if self.drop_replacement(slot, dev) {
             tracing::warn!(array = %self.name, slot, "hot replace abandoned");
             self.write_superblocks().await;
         }
+    }
+
+    /// Forgets the replace of `slot` onto `dev` if it is still the registered one (a newer
+    /// replace or a finished one is left alone); true when it was dropped.
+    fn drop_replacement(&self, slot: usize, dev: Uuid) -> bool {
+        let mut m = lock(&self.meta);
+        let ours = m
+            .replacement
+            .as_ref()
+            .is_some_and(|r| r.slot == slot && r.dev_uuid == dev);
+        if ours {
+            m.replacement = None;
+            m.events += 1;
+        }
+        ours
     }
 
     /// Whether `slot` is still being hot-replaced onto device `dev` in a working array.
