@@ -12,7 +12,8 @@
 //! - [`pmem`]: the mapping and persistence modes (the only `unsafe` code);
 //! - [`ppl`]: partial-parity records a degraded RAID store persists before stripe updates;
 //! - [`group_commit`]: `msync` mode's group-commit thread (one `msync` for many records);
-//! - [`power`]: a power-loss model of the NVRAM medium for tests of `msync` mode;
+//! - [`power`]: a power-loss model of the NVRAM medium for tests of `msync` and `pmem` mode;
+//! - [`write_back`]: what recovery persists before trusting a log a crashed process left;
 //! - [`nvram`]: opening, identity checks, generation bump, own and partner regions;
 //! - [`recover`]: checking a region's log and turning its unretired records into a dirty index
 //!   (serve at once) or redoing them through the store;
@@ -44,6 +45,7 @@ pub mod scan;
 pub mod takeover;
 pub mod verify;
 pub mod volume;
+pub mod write_back;
 
 pub use backing::{Backing, MemBacking};
 pub use error::{BackingError, FormatError, JournalError};

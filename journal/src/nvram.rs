@@ -17,7 +17,7 @@ use crate::format::{
     HEADER_SLOT_B_OFFSET, RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES,
 };
 use crate::pmem::{MapSpan, Mapping, PersistMethod, PersistenceMode};
-use crate::scan::{scan_log, scan_log_deferred, Scan, ScanStart};
+use crate::scan::{scan_log, scan_log_deferred, Scan, ScanReport, ScanStart};
 
 /// Default directory of NVRAM files (tmpfs).
 pub const DEFAULT_NVRAM_DIR: &str = "/dev/shm";
@@ -224,6 +224,21 @@ impl Region {
         self.span.persist(CONTROL_AREA_BYTES + log_offset, len)
     }
 
+    /// Persists what the scan in `report` read and recovery is about to trust (the control area
+    /// and the log from the tail through the header that ended the scan, or more: see
+    /// [`crate::write_back`]), in case a crashed process stored it without persisting it.
+    pub fn persist_after_crash(&self, report: &ScanReport) -> Result<(), JournalError> {
+        let ranges = crate::write_back::crash_write_back_ranges(
+            self.span.method(),
+            report,
+            self.log_bytes(),
+        );
+        for (at, len) in ranges {
+            self.span.persist(at, len)?;
+        }
+        Ok(())
+    }
+
     /// A function persisting `len` log bytes at `log_offset` from another thread (the group
     /// commit of `msync` mode), while this region keeps storing into the log.
     pub fn log_persister(&self) -> crate::group_commit::PersistFn {
@@ -393,7 +408,8 @@ impl Nvram {
         Self::open_inner(cfg, None)
     }
 
-    /// [`Nvram::open`] with a power-loss model told of every persist (tests of `msync` mode).
+    /// [`Nvram::open`] with a power-loss model told of every store and persist (tests of `msync`
+    /// and `pmem` mode; `pmem` then runs on any file system, see [`Mapping::open_modelled`]).
     pub fn open_with_power_model(
         cfg: &NvramConfig,
         model: std::sync::Arc<crate::power::NvramPowerModel>,
@@ -416,15 +432,11 @@ impl Nvram {
             )));
         }
         let fresh = FileHeader::new(cfg.node_id, cfg.pair_id, cfg.log_bytes_per_region);
-        let mut mapping = Mapping::open(
-            &path,
-            cfg.persistence,
-            cfg.create_if_missing,
-            fresh.file_bytes,
-        )?;
-        if let Some(m) = model {
-            mapping.set_power_model(m);
-        }
+        let (create, bytes) = (cfg.create_if_missing, fresh.file_bytes);
+        let mapping = match model {
+            None => Mapping::open(&path, cfg.persistence, create, bytes)?,
+            Some(m) => Mapping::open_modelled(&path, cfg.persistence, create, bytes, m)?,
+        };
         let method = mapping.method();
         let survives_power_loss = mapping.survives_power_loss();
         let file_bytes = mapping.len();

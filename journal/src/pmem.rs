@@ -18,6 +18,11 @@
 //! - `Msync`: `msync(MS_SYNC)` of the touched pages: an ordinary file on a disk.
 //! - `None`: nothing; `/dev/shm` (tmpfs) survives a process crash but not a power loss.
 //!
+//! What a killed process stored and never persisted is still only in the page cache or the CPU
+//! caches; recovery persists every byte it trusts before using it (`crate::write_back`).
+//! Tests of power loss open through [`Mapping::open_modelled`], where a model stands in for the
+//! medium and `Pmem` mode maps without `MAP_SYNC`, so its persist path runs without DAX.
+//!
 //! Invariants relied on by the `unsafe` blocks:
 //! 1. The mapping lives as long as any span (they share it through an `Arc`), and its length
 //!    never changes (the file is never truncated while mapped: we hold an exclusive `flock`, and
@@ -271,6 +276,35 @@ impl Mapping {
         create: bool,
         min_bytes: u64,
     ) -> Result<Mapping, JournalError> {
+        Self::open_mapped(path, mode, create, min_bytes, mode == PersistenceMode::Pmem)
+    }
+
+    /// Tests of power loss: [`Mapping::open`] with `model` standing in for the medium. It is told
+    /// of every store and persist and starts from the file as it is now. In `Pmem` mode the file
+    /// is mapped without `MAP_SYNC`, so it need not be on DAX: the model, not the file system,
+    /// decides what a power cut keeps, and the persist path (cache-line write-back and fence) runs
+    /// as on persistent memory. The daemon never attaches a model.
+    pub fn open_modelled(
+        path: &Path,
+        mode: PersistenceMode,
+        create: bool,
+        min_bytes: u64,
+        model: Arc<crate::power::NvramPowerModel>,
+    ) -> Result<Mapping, JournalError> {
+        let mut mapping = Self::open_mapped(path, mode, create, min_bytes, false)?;
+        model.start(mapping.bytes());
+        mapping.inner.model = Some(model);
+        Ok(mapping)
+    }
+
+    /// [`Mapping::open`]; `map_sync`: map with `MAP_SYNC`, refusing a file not on DAX.
+    fn open_mapped(
+        path: &Path,
+        mode: PersistenceMode,
+        create: bool,
+        min_bytes: u64,
+        map_sync: bool,
+    ) -> Result<Mapping, JournalError> {
         let io = |op: &'static str| {
             move |source: std::io::Error| JournalError::Io {
                 path: path.to_path_buf(),
@@ -348,10 +382,10 @@ impl Mapping {
                 path.display()
             ))
         })?;
-        let map = match RawMap::map(&file, map_len, mode == PersistenceMode::Pmem) {
+        let map = match RawMap::map(&file, map_len, map_sync) {
             Ok(m) => m,
             Err(e)
-                if mode == PersistenceMode::Pmem
+                if map_sync
                     && matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) =>
             {
                 return Err(JournalError::NotDax {
@@ -388,13 +422,6 @@ impl Mapping {
 
     pub fn method(&self) -> PersistMethod {
         self.inner.method
-    }
-
-    /// Tells `model` of every later persist (tests of power loss); it starts from the file as it
-    /// is now.
-    pub fn set_power_model(&mut self, model: Arc<crate::power::NvramPowerModel>) {
-        model.start(self.bytes());
-        self.inner.model = Some(model);
     }
 
     /// True when a record persisted by [`MapSpan::persist`] survives the loss of the host's

@@ -1,8 +1,9 @@
-//! A power-loss model of the NVRAM, for tests of `msync` mode.
+//! A power-loss model of the NVRAM, for tests of `msync` and `pmem` mode.
 //!
 //! In `msync` mode a store into the mapping reaches the file's page cache at once and the medium
 //! only when it is persisted (`msync`), or earlier whenever the kernel writes the page back on its
-//! own. [`NvramPowerModel`] keeps the image the medium holds and the stores not persisted yet
+//! own. In `pmem` mode a store sits in the CPU caches until its lines are written back (`clwb` and
+//! a fence), or until the CPU evicts them on its own: the same model, line by line. [`NvramPowerModel`] keeps the image the medium holds and the stores not persisted yet
 //! (in store order); a persist moves the stored bytes of its range onto the medium. The power can
 //! be cut after a given number of persists; the file the next boot finds is the medium's image
 //! with each 64-byte line touched by a store not persisted by then kept or lost, chosen by a seed

@@ -1790,15 +1790,9 @@ fn ppl_reserve_bytes<B: Backing>(backing: &B, config: &VolumeConfig) -> u64 {
     write.max(backing.ppl_bound_bytes(u64::MAX, true, PPL_FRAMING_BYTES))
 }
 
-/// `msync` mode: persists the whole log, then starts the log's group-commit thread with every
-/// record before the cursor's next seq persistent. Other modes persist inline.
-///
-/// Why the whole log first: after a crash of the daemon (not of the host) the records it had
-/// stored but not yet persisted are intact in the page cache, so recovery accepted them, and
-/// the group commit's later rounds cover only newer ranges. Were they left to the kernel's
-/// write-back, a power cut could tear one of them under newer acknowledged records, and the scan
-/// would take those for the leftovers of a torn group. `msync` writes only dirty pages: nothing
-/// after a clean stop or a power cut, the few unpersisted records after a crash.
+/// `msync` mode: starts the log's group-commit thread with every record before the cursor's next
+/// seq persistent (recovery persisted what a crashed process left unpersisted: see
+/// [`crate::write_back`]). Other modes persist inline.
 fn start_group_commit(
     region: &Region,
     cursor: &LogCursor,
@@ -1807,7 +1801,6 @@ fn start_group_commit(
     if region.persist_method() != PersistMethod::Msync {
         return Ok(None);
     }
-    region.persist_log(0, region.log_bytes())?;
     let persist = region.log_persister();
     let group = GroupCommit::start(cursor.next_seq - 1, persist, path.to_path_buf())?;
     Ok(Some(Arc::new(group)))
