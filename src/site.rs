@@ -703,30 +703,16 @@ async fn open_array_volume(
         damaged_tail_discarded = r.damaged_tail_discarded,
         "journal recovered"
     );
-    if volume.ack_survives_power_loss() {
-        tracing::info!(
-            volume = %v.name,
-            nvram = %path.display(),
-            "acknowledged writes survive a daemon crash and a loss of host power (NVRAM on a persistent medium)"
-        );
-    } else if pair.is_some_and(|p| p.partner_on_this_host()) {
-        tracing::warn!(
-            volume = %v.name,
-            nvram = %path.display(),
-            "acknowledged writes survive a daemon crash only, not a loss of host power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA complete once the in-sync partner acknowledges, else after a consistency point; the partner runs on THIS machine, so its copy does not survive this machine's power loss either"
-        );
-    } else if pair.is_some() {
-        tracing::warn!(
-            volume = %v.name,
-            nvram = %path.display(),
-            "acknowledged writes survive a daemon crash only, not a loss of this host's power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA complete once the in-sync partner (another host) holds the writes, else after a consistency point"
-        );
+    let copy = match pair {
+        None => AckCopy::NoPair,
+        Some(p) if p.partner_on_this_host() => AckCopy::PartnerOnThisHost,
+        Some(_) => AckCopy::PartnerOnAnotherHost,
+    };
+    let (warn, promise) = ack_promise(volume.ack_survives_power_loss(), copy);
+    if warn {
+        tracing::warn!(volume = %v.name, nvram = %path.display(), "{promise}");
     } else {
-        tracing::warn!(
-            volume = %v.name,
-            nvram = %path.display(),
-            "acknowledged writes survive a daemon crash only, not a loss of host power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA wait for a consistency point"
-        );
+        tracing::info!(volume = %v.name, nvram = %path.display(), "{promise}");
     }
     let meta = VolumeMeta {
         store_id: volume.backing().store_id().unwrap_or([0; 16]),
@@ -991,4 +977,66 @@ pub(crate) async fn open_image(path: &Path, v: &VolumeConfig) -> Result<Arc<File
         }
     }
     Ok(member)
+}
+
+/// Where a journaled volume's acknowledged writes are kept besides this node's NVRAM (for the
+/// start log line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckCopy {
+    NoPair,
+    PartnerOnAnotherHost,
+    /// The partner's address is a loopback address or this node's own (the demo, the tests).
+    PartnerOnThisHost,
+}
+
+/// The start log line saying what a journaled volume's acknowledgement survives, as
+/// docs/OPERATIONS.md says it per mode; `true` when it is a warning (a power cut of this host can
+/// lose acknowledged writes that no FLUSH covered).
+fn ack_promise(survives_power_loss: bool, copy: AckCopy) -> (bool, &'static str) {
+    if survives_power_loss {
+        return (
+            false,
+            "acknowledged writes survive a daemon crash and a loss of host power (NVRAM on a persistent medium)",
+        );
+    }
+    let line = match copy {
+        AckCopy::PartnerOnThisHost => "acknowledged writes survive a daemon crash only, not a loss of host power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA complete once the in-sync partner acknowledges, else after a consistency point; the partner runs on THIS machine, so its copy does not survive this machine's power loss either",
+        AckCopy::PartnerOnAnotherHost => "acknowledged writes survive a daemon crash only, not a loss of this host's power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA complete once the in-sync partner (another host) holds the writes, else after a consistency point",
+        AckCopy::NoPair => "acknowledged writes survive a daemon crash only, not a loss of host power (NVRAM in RAM: persistence \"none\" or a tmpfs file); FLUSH and FUA wait for a consistency point",
+    };
+    (true, line)
+}
+
+#[cfg(test)]
+mod ack_promise_tests {
+    use super::*;
+
+    #[test]
+    fn start_line_says_what_the_acknowledgement_survives_per_mode_and_pair() {
+        let (warn, line) = ack_promise(true, AckCopy::NoPair);
+        assert!(!warn && line.contains("and a loss of host power"), "{line}");
+        for copy in [
+            AckCopy::NoPair,
+            AckCopy::PartnerOnAnotherHost,
+            AckCopy::PartnerOnThisHost,
+        ] {
+            let (warn, line) = ack_promise(false, copy);
+            assert!(
+                warn && line.contains("daemon crash only"),
+                "{copy:?}: {line}"
+            );
+        }
+        let (_, alone) = ack_promise(false, AckCopy::NoPair);
+        assert!(
+            alone.contains("FLUSH and FUA wait for a consistency point"),
+            "{alone}"
+        );
+        let (_, remote) = ack_promise(false, AckCopy::PartnerOnAnotherHost);
+        assert!(
+            remote.contains("partner (another host) holds the writes"),
+            "{remote}"
+        );
+        let (_, local) = ack_promise(false, AckCopy::PartnerOnThisHost);
+        assert!(local.contains("THIS machine"), "{local}");
+    }
 }
