@@ -2,7 +2,9 @@
 //! model disks with volatile write caches, NVRAM in RAM (`persistence = "none"`, lost with the
 //! power).
 //!
-//! Each seed runs a random sequence of writes, WRITE_ZEROES, FLUSHes, FUA writes, consistency
+//! Each seed runs a random sequence of writes (a third of them large: their whole stripes go to
+//! the array directly and only a STORED record to NVRAM, see the journal's `volume::bypass`),
+//! WRITE_ZEROES, FLUSHes, FUA writes, consistency
 //! points, a member failure and its replacement (rebuild), and the power goes after a random
 //! number of member operations (anywhere inside a CP, a bitmap update or a rebuild): every member
 //! keeps, loses or tears (per sector, by seed) what it had not synced, and the NVRAM either
@@ -49,6 +51,8 @@ const MEMBERS: usize = 3;
 const MEMBER_DATA_BYTES: u64 = 16 * CHUNK_BYTES;
 const BLOCKS: u64 = (MEMBERS as u64 - 1) * MEMBER_DATA_BYTES / BLOCK_BYTES;
 const MAX_STEPS: u32 = 60;
+/// Largest write of the workload, in blocks (three stripes).
+const LARGE_WRITE_MAX_BLOCKS: u64 = 6;
 const DEFAULT_SEEDS: u64 = 400;
 
 /// Block contents: (block, version); version 0 (never written) and ZEROED read as zeroes.
@@ -210,6 +214,13 @@ async fn run_seed(seed: u64) -> Outcome {
         match rng.gen_range(0..100) {
             0..=64 => {
                 let fua = rng.gen_range(0..100) >= 55;
+                // A third of the writes are large: their whole stripes (two blocks) bypass the
+                // NVRAM data copy while the array is not degraded.
+                let count = if rng.gen_range(0..3) == 0 {
+                    rng.gen_range(2..=LARGE_WRITE_MAX_BLOCKS).min(BLOCKS - block)
+                } else {
+                    count
+                };
                 version += 1;
                 let mut data = Vec::new();
                 for b in block..block + count {

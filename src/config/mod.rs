@@ -937,6 +937,22 @@ size = "1GiB"
     }
 
     #[test]
+    fn large_write_bypass_is_on_by_default_and_reaches_the_journal_config() {
+        let c = parse(MINIMAL).unwrap();
+        let j = c.volumes[0].journal_config(250);
+        assert!(j.large_write_bypass);
+        assert_eq!(j.large_write_bypass_min_bytes, 0);
+        assert_eq!(j.cp_interval_ms, 250);
+        let off = parse(&format!(
+            "{MINIMAL}large_write_bypass = false\nlarge_write_bypass_min = \"1MiB\"\n"
+        ))
+        .unwrap();
+        let j = off.volumes[0].journal_config(1000);
+        assert!(!j.large_write_bypass);
+        assert_eq!(j.large_write_bypass_min_bytes, 1 << 20);
+    }
+
+    #[test]
     fn paths_are_resolved_without_detours_but_never_through_a_symlink() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
