@@ -318,6 +318,10 @@ async fn takeover_from_partner_copy_serves_stored_ranges_from_the_store() {
     )
     .await
     .unwrap();
+    // Journaled before the large writes: must not come back over them.
+    vol.write(STRIPE_BYTES + 8192, pattern(4, 4096))
+        .await
+        .unwrap();
     vol.write(0, pattern(5, 3 * STRIPE_BYTES)).await.unwrap();
     vol.write(STRIPE_BYTES, pattern(6, STRIPE_BYTES))
         .await
