@@ -41,12 +41,6 @@ pub trait Backing: Send + Sync + 'static {
     fn bypass_allowed(&self) -> bool {
         false
     }
-    /// Writes `data` at `offset` (whole stripes, through the normal write path) and returns
-    /// once it is durable. The default writes, then flushes the store.
-    async fn write_durable(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
-        self.write(offset, data).await?;
-        self.flush().await
-    }
     /// Makes `len` bytes at `offset` read as zero.
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError>;
     /// Discards `len` bytes at `offset`; their contents afterwards are unspecified.
@@ -120,9 +114,6 @@ impl<T: Backing> Backing for Arc<T> {
     }
     fn bypass_allowed(&self) -> bool {
         (**self).bypass_allowed()
-    }
-    async fn write_durable(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
-        (**self).write_durable(offset, data).await
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
         (**self).write_zeroes(offset, len).await

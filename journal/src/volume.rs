@@ -664,11 +664,9 @@ struct Shared<B: Backing> {
     verified: Notify,
     cp_wanted: Arc<Notify>,
     cp_lock: tokio::sync::Mutex<()>,
-    /// Large writes that bypass the log hold it shared from their store write until their
-    /// STORED record is in the log and the index forgot the older bytes of the range; a CP
-    /// holds it exclusively from its snapshot to the end of its store writes. So a CP never
-    /// writes bytes older than a bypass over the bypass's data (see `bypass`).
-    bypass_gate: tokio::sync::RwLock<()>,
+    /// Large writes that bypass the log: the gate that orders them against CPs, and their
+    /// shared store flushes (see `bypass`).
+    bypass: bypass::Bypasses,
     mirror: Arc<dyn MirrorHook>,
     closed: AtomicBool,
     /// The own log's id (NVRAM file header), recorded in the store's journal mark.
@@ -1222,7 +1220,7 @@ impl<B: Backing> Shared<B> {
         // Held until the snapshot is in the store: no large write bypasses the log meanwhile
         // (one in progress finishes first), so none is overwritten by the older bytes of this
         // snapshot, and every bypass after it finds an index without them.
-        let bypasses_held = self.bypass_gate.write().await;
+        let bypasses_held = self.bypass.gate.write().await;
         let (cp_seq, head, used, snapshot, partial) = {
             let mut st = self.lock();
             let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
@@ -1583,7 +1581,7 @@ impl<B: Backing> JournaledVolume<B> {
             verified: Notify::new(),
             cp_wanted: Arc::new(Notify::new()),
             cp_lock: tokio::sync::Mutex::new(()),
-            bypass_gate: tokio::sync::RwLock::new(()),
+            bypass: bypass::Bypasses::new(),
             mirror,
             closed: AtomicBool::new(false),
             config,

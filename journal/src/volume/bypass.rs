@@ -18,10 +18,10 @@
 //! - records newer than S (appended after it) stay in the index and are applied by CPs as usual.
 //!
 //! What must never happen is a CP writing bytes older than S over the range after the store
-//! write. A CP applies a snapshot of the index taken at its start; the volume's `bypass_gate`
-//! keeps the two apart: a bypass holds it shared from before its store write until its record
-//! is appended and the index forgot the range; a CP holds it exclusively from its snapshot
-//! until its store writes are done. So a CP that snapshotted older entries of the range finishes
+//! write. A CP applies a snapshot of the index taken at its start; [`Bypasses::gate`] keeps the
+//! two apart: a bypass holds it shared from before its store write until its record is appended
+//! and the index forgot the range; a CP holds it exclusively from its snapshot until its store
+//! writes are done. So a CP that snapshotted older entries of the range finishes
 //! its writes before the bypass writes the store, and a CP that starts afterwards snapshots an
 //! index without them. Small writes to the range during a bypass are ordered by their seq
 //! against S: in the index, in the store after CPs, and in recovery alike.
@@ -37,14 +37,61 @@
 //! Degraded arrays never take this path ([`crate::Backing::bypass_allowed`]): their stripe
 //! updates need the journal's partial-parity records.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
 
 use super::{Appended, Shared, ShipList, CONTROL_RESERVE_BYTES};
 use crate::backing::Backing;
-use crate::error::JournalError;
+use crate::error::{BackingError, JournalError};
 use crate::format::RecordKind;
 use crate::recover::backing_err;
-use std::sync::atomic::Ordering;
+
+/// What a volume keeps for its large writes.
+pub(super) struct Bypasses {
+    /// Held shared by a bypass from before its store write until its record is appended and
+    /// the index forgot the range; held exclusively by a CP from its snapshot to the end of
+    /// its store writes (module doc).
+    pub gate: tokio::sync::RwLock<()>,
+    /// Bypass store writes completed so far; each gets the next number.
+    writes_done: AtomicU64,
+    /// The highest write number a completed store flush covers. Held while flushing, so that
+    /// concurrent bypasses share flushes: one whose write a flush that started after it covers
+    /// waits for that flush instead of issuing its own.
+    flushed_through: tokio::sync::Mutex<u64>,
+}
+
+impl Bypasses {
+    pub(super) fn new() -> Bypasses {
+        Bypasses {
+            gate: tokio::sync::RwLock::new(()),
+            writes_done: AtomicU64::new(0),
+            flushed_through: tokio::sync::Mutex::new(0),
+        }
+    }
+
+    /// Writes `data` at `offset` through the store's normal write path, then returns once a
+    /// store flush that started after the write completed has finished (its own, or a
+    /// concurrent bypass's).
+    async fn write_durable<B: Backing>(
+        &self,
+        backing: &B,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), BackingError> {
+        backing.write(offset, data).await?;
+        let ticket = self.writes_done.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut flushed = self.flushed_through.lock().await;
+        if *flushed >= ticket {
+            return Ok(());
+        }
+        // Every write numbered up to here completed before this flush starts.
+        let upto = self.writes_done.load(Ordering::Acquire);
+        backing.flush().await?;
+        *flushed = upto;
+        Ok(())
+    }
+}
 
 /// How a write splits: `head` bytes journaled, `body` bytes (whole stripes) to the store, `tail`
 /// bytes journaled.
@@ -136,9 +183,9 @@ impl<B: Backing> Shared<B> {
             // is not missed.
             let space = self.space_freed.notified();
             tokio::pin!(space);
-            let gate = self.bypass_gate.read().await;
-            self.backing
-                .write_durable(offset, data.clone())
+            let gate = self.bypass.gate.read().await;
+            self.bypass
+                .write_durable(&self.backing, offset, data.clone())
                 .await
                 .map_err(backing_err("bypass write", offset))?;
             space.as_mut().enable();
@@ -218,6 +265,31 @@ mod tests {
     use super::*;
 
     const STRIPE: u64 = 192 * 1024;
+
+    #[tokio::test]
+    async fn durable_writes_survive_a_crash_and_concurrent_ones_share_flushes() {
+        let mem = crate::MemBacking::with_yields(1 << 20, 4096);
+        let b = Bypasses::new();
+        let w = |i: u8| b.write_durable(&mem, u64::from(i) * 4096, Bytes::from(vec![i + 1; 4096]));
+        let (r0, r1, r2, r3) = tokio::join!(w(0), w(1), w(2), w(3));
+        for r in [r0, r1, r2, r3] {
+            r.unwrap();
+        }
+        mem.crash();
+        let after = mem.contents();
+        for i in 0..4u8 {
+            let at = usize::from(i) * 4096;
+            assert!(
+                after[at..at + 4096].iter().all(|&x| x == i + 1),
+                "write {i} lost"
+            );
+        }
+        let flushes = mem.stats().flushes;
+        assert!(
+            (1..4).contains(&flushes),
+            "{flushes} flushes for 4 concurrent writes"
+        );
+    }
 
     #[test]
     fn aligned_whole_stripes_bypass_entirely() {
