@@ -347,3 +347,52 @@ async fn takeover_from_partner_copy_serves_stored_ranges_from_the_store() {
     taken.checkpoint().await.unwrap();
     assert_eq!(&mem.contents()[..view.len()], &view[..]);
 }
+
+/// Log bytes writers leave free for CP, TRANSITION and PAD records (`CONTROL_RESERVE_BYTES` of
+/// the volume): the test fills the log up to just below it.
+const CONTROL_RESERVE_BYTES: u64 = 4 * (64 + 8 + 64 * 24);
+
+/// A log too full for the STORED record: the large write lets the CP run (it needs the gate),
+/// writes the store again after it, and lands; older journaled bytes of the range stay
+/// superseded.
+#[tokio::test]
+async fn bypass_with_a_full_log_waits_for_a_cp_and_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::with_yields(VOLUME_BYTES, STRIPE_BYTES).with_bypass();
+    let nv = Nvram::open(&NvramConfig {
+        log_bytes_per_region: 64 * 1024,
+        ..nvram_cfg(dir.path(), 0)
+    })
+    .unwrap();
+    let vol = JournaledVolume::open(nv, mem.clone(), 1, quiet_cfg())
+        .await
+        .unwrap();
+    let range = 8 * STRIPE_BYTES;
+    // Journaled under the range, older than the large write.
+    vol.write(range, pattern(1, 4096)).await.unwrap();
+    // Fill the log with 4 KiB records elsewhere, then one sized to leave less than a header.
+    let mut at = 0;
+    loop {
+        let st = vol.status();
+        let room = st.log_bytes - st.log_used_bytes - CONTROL_RESERVE_BYTES;
+        if room < 64 + 4096 + 64 + 64 {
+            let payload = (room - 64 - 32) / 64 * 64;
+            vol.write(at, pattern(2, payload)).await.unwrap();
+            break;
+        }
+        vol.write(at, pattern(2, 4096)).await.unwrap();
+        at += 4096;
+    }
+    assert_eq!(vol.status().cps_done, 0);
+    let big = pattern(3, STRIPE_BYTES);
+    vol.write(range, big.clone()).await.unwrap();
+    let st = vol.status();
+    assert!(st.writer_waits >= 1, "the log was not full: {st:?}");
+    assert!(st.cps_done >= 1, "{st:?}");
+    assert_eq!(vol.read(range, STRIPE_BYTES).await.unwrap(), big);
+    vol.checkpoint().await.unwrap();
+    assert_eq!(
+        &mem.contents()[range as usize..(range + STRIPE_BYTES) as usize],
+        &big[..]
+    );
+}
