@@ -687,10 +687,7 @@ async fn open_array_volume(
         nvram,
         backing,
         volume_id,
-        twinblock_journal::VolumeConfig {
-            cp_interval_ms: nv.cp_interval_ms,
-            ..Default::default()
-        },
+        v.journal_config(nv.cp_interval_ms),
         hook,
     )
     .await
@@ -800,10 +797,7 @@ async fn open_from_partner_copy(
             cache: volume_cache(v, array.size()),
         },
         volume_id,
-        twinblock_journal::VolumeConfig {
-            cp_interval_ms: nv.map_or(1000, |n| n.cp_interval_ms),
-            ..Default::default()
-        },
+        v.journal_config(nv.map_or(1000, |n| n.cp_interval_ms)),
         Arc::new(NoMirror),
     )
     .await

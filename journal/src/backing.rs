@@ -34,6 +34,13 @@ pub trait Backing: Send + Sync + 'static {
         }
         Ok(())
     }
+    /// Whether a large write may go to the store now instead of through the log (see the
+    /// volume's `bypass` module): the store writes whole stripes without reading (parity
+    /// computed once) and is not degraded (a degraded RAID 5/6 store needs the partial-parity
+    /// records of the journal path). The default: never.
+    fn bypass_allowed(&self) -> bool {
+        false
+    }
     /// Makes `len` bytes at `offset` read as zero.
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError>;
     /// Discards `len` bytes at `offset`; their contents afterwards are unspecified.
@@ -104,6 +111,9 @@ impl<T: Backing> Backing for Arc<T> {
     }
     async fn write_scattered(&self, writes: Vec<(u64, Bytes)>) -> Result<(), BackingError> {
         (**self).write_scattered(writes).await
+    }
+    fn bypass_allowed(&self) -> bool {
+        (**self).bypass_allowed()
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
         (**self).write_zeroes(offset, len).await
@@ -181,6 +191,8 @@ pub struct MemBacking {
     yield_on_io: bool,
     /// What [`Backing::store_id`] reports.
     id: Option<[u8; 16]>,
+    /// What [`Backing::bypass_allowed`] reports.
+    bypass: bool,
 }
 
 impl MemBacking {
@@ -197,12 +209,19 @@ impl MemBacking {
             stripe_bytes: stripe_bytes.max(1),
             yield_on_io: false,
             id: None,
+            bypass: false,
         }
     }
 
     /// This backing (and clones made afterwards) report `id` as their store identity.
     pub fn with_store_id(mut self, id: [u8; 16]) -> MemBacking {
         self.id = Some(id);
+        self
+    }
+
+    /// This backing (and clones made afterwards) let large writes bypass the log.
+    pub fn with_bypass(mut self) -> MemBacking {
+        self.bypass = true;
         self
     }
 
@@ -271,6 +290,10 @@ impl Backing for MemBacking {
 
     fn store_id(&self) -> Option<[u8; 16]> {
         self.id
+    }
+
+    fn bypass_allowed(&self) -> bool {
+        self.bypass
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {

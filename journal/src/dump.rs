@@ -80,6 +80,11 @@ fn record_dump(log: &[u8], at: u64, h: &RecordHeader, crc_ok: bool) -> RecordDum
                 .collect::<Vec<_>>()
                 .join(", ")
         }),
+        (RecordKind::Stored, _) => Some(format!(
+            "store holds [{}, {}) as of this seq (large write, no payload)",
+            h.offset,
+            h.offset.saturating_add(h.length)
+        )),
         _ => None,
     };
     RecordDump {
@@ -229,6 +234,7 @@ fn kind_word(k: RecordKind) -> &'static str {
         RecordKind::Transition => "TRANSITION",
         RecordKind::Pad => "PAD",
         RecordKind::Ppl => "PPL",
+        RecordKind::Stored => "STORED",
     }
 }
 

@@ -327,6 +327,11 @@ pub enum RecordKind {
     /// Partial parity the store persisted before a stripe update (see [`crate::ppl`]); the
     /// payload is the CP's seq then the store's own bytes.
     Ppl = 7,
+    /// `length` bytes at `offset` hold their final data in the store as of this record's seq: a
+    /// large write that bypassed the log (see `volume::bypass`) wrote them to the store and made
+    /// them durable before this record was appended. No payload. Older records over the range
+    /// are superseded (recovery never redoes them there); nothing is applied for it.
+    Stored = 8,
 }
 
 impl RecordKind {
@@ -339,15 +344,17 @@ impl RecordKind {
             5 => RecordKind::Transition,
             6 => RecordKind::Pad,
             7 => RecordKind::Ppl,
+            8 => RecordKind::Stored,
             _ => return None,
         })
     }
 
-    /// Records that change the volume's contents and are redone by recovery.
+    /// Records that change the volume's contents: recovery redoes them (a STORED record by
+    /// trimming older records over its range; its data is already in the store).
     pub fn is_data(self) -> bool {
         matches!(
             self,
-            RecordKind::Write | RecordKind::Zero | RecordKind::Trim
+            RecordKind::Write | RecordKind::Zero | RecordKind::Trim | RecordKind::Stored
         )
     }
 }
@@ -565,6 +572,7 @@ mod tests {
             Just(RecordKind::Cp),
             Just(RecordKind::Transition),
             Just(RecordKind::Ppl),
+            Just(RecordKind::Stored),
         ]
     }
 

@@ -18,6 +18,11 @@ pub enum ExtentData {
     Zero,
     /// Discarded (TRIM); reads as zero until applied, unspecified after.
     Trim,
+    /// The store holds the final bytes (a STORED record: a large write that bypassed the log).
+    /// Only recovery builds these, to trim older records under them; it then drops them
+    /// ([`DirtyIndex::drop_stored`]), so a live index never holds one: reads treat one as a gap
+    /// and CPs skip it.
+    Stored,
 }
 
 /// One extent of the index.
@@ -205,6 +210,27 @@ impl DirtyIndex {
         pieces
     }
 
+    /// Removes `[offset, offset + len)` from the index (a large write that bypassed the log
+    /// made the store hold the range's final bytes: every extent there is older).
+    pub fn remove(&mut self, offset: u64, len: u64) {
+        if len > 0 {
+            self.punch(offset, offset.saturating_add(len));
+        }
+    }
+
+    /// Drops the [`ExtentData::Stored`] extents (what is left is what the store still lacks).
+    pub fn drop_stored(&mut self) {
+        let mut freed = 0;
+        self.map.retain(|_, e| {
+            let keep = e.data != ExtentData::Stored;
+            if !keep {
+                freed += e.len;
+            }
+            keep
+        });
+        self.bytes -= freed;
+    }
+
     /// All extents in offset order.
     pub fn snapshot(&self) -> Vec<(u64, Extent)> {
         self.map.iter().map(|(&k, &e)| (k, e)).collect()
@@ -310,6 +336,76 @@ mod tests {
             ]
         );
         assert_eq!(ix.dirty_bytes(), 100);
+    }
+
+    fn stored(len: u64, seq: u64) -> Extent {
+        Extent {
+            len,
+            seq,
+            data: ExtentData::Stored,
+        }
+    }
+
+    #[test]
+    fn recovery_trims_older_records_under_a_stored_range() {
+        // seq 1 straddles the start of the stored range, seq 2 lies inside it, seq 3 straddles
+        // its end; the STORED record (seq 4) covers [100, 300).
+        let mut ix = DirtyIndex::from_records(vec![
+            (0, data(1000, 150, 1)),
+            (120, data(2000, 50, 2)),
+            (250, data(3000, 100, 3)),
+            (100, stored(200, 4)),
+        ]);
+        ix.drop_stored();
+        assert_eq!(
+            ix.snapshot(),
+            vec![(0, data(1000, 100, 1)), (300, data(3050, 50, 3))]
+        );
+        assert_eq!(ix.dirty_bytes(), 150);
+    }
+
+    #[test]
+    fn recovery_keeps_newer_records_over_a_stored_range() {
+        let mut ix = DirtyIndex::from_records(vec![
+            (0, stored(4096, 7)),
+            (1024, data(500, 1024, 8)),
+            (
+                3072,
+                Extent {
+                    len: 2048,
+                    seq: 9,
+                    data: ExtentData::Zero,
+                },
+            ),
+        ]);
+        ix.drop_stored();
+        assert_eq!(
+            ix.snapshot(),
+            vec![
+                (1024, data(500, 1024, 8)),
+                (
+                    3072,
+                    Extent {
+                        len: 2048,
+                        seq: 9,
+                        data: ExtentData::Zero
+                    }
+                )
+            ]
+        );
+    }
+
+    #[test]
+    fn remove_forgets_a_range_and_splits_edges() {
+        let mut ix = DirtyIndex::new();
+        ix.insert(0, data(0, 4096, 1));
+        ix.remove(1024, 2048);
+        assert_eq!(
+            ix.snapshot(),
+            vec![(0, data(0, 1024, 1)), (3072, data(3072, 1024, 1))]
+        );
+        assert_eq!(ix.dirty_bytes(), 2048);
+        assert!(ix.is_clean(1024, 2048));
     }
 
     #[test]

@@ -249,6 +249,7 @@ impl RecoveryPlan {
                         log_offset: r.payload_offset(),
                     },
                     RecordKind::Zero => ExtentData::Zero,
+                    RecordKind::Stored => ExtentData::Stored,
                     _ => ExtentData::Trim,
                 };
                 let extent = Extent {
@@ -259,7 +260,11 @@ impl RecoveryPlan {
                 (h.offset, extent)
             })
             .collect();
-        DirtyIndex::from_records(records)
+        // Newest wins per byte: a STORED record hides the older records under its range (the
+        // store holds newer bytes there), then goes itself (there is nothing to apply for it).
+        let mut index = DirtyIndex::from_records(records);
+        index.drop_stored();
+        index
     }
 
     /// Seq of the newest unretired data record (0: none).
@@ -335,25 +340,27 @@ pub async fn apply_plan<B: Backing>(
 ) -> Result<RecoveryReport, JournalError> {
     plan.verify_deferred(region)?;
     let mut replayed_bytes = 0;
-    for r in &plan.redo {
-        let h = &r.header;
-        match h.kind {
-            RecordKind::Write => {
-                let data = Bytes::copy_from_slice(region.log_slice(r.payload_offset(), h.length));
+    // What the records make of each byte, newest first (the same as redoing them in seq order,
+    // except that a STORED record's range keeps the store's bytes instead of older records').
+    for (offset, e) in plan.dirty_index().snapshot() {
+        match e.data {
+            ExtentData::Nvram { log_offset } => {
+                let data = Bytes::copy_from_slice(region.log_slice(log_offset, e.len));
                 backing
-                    .write(h.offset, data)
+                    .write(offset, data)
                     .await
-                    .map_err(backing_err("replay write", h.offset))?;
-                replayed_bytes += h.length;
+                    .map_err(backing_err("replay write", offset))?;
+                replayed_bytes += e.len;
             }
-            RecordKind::Zero => backing
-                .write_zeroes(h.offset, h.length)
+            ExtentData::Zero => backing
+                .write_zeroes(offset, e.len)
                 .await
-                .map_err(backing_err("replay write_zeroes", h.offset))?,
-            _ => backing
-                .discard(h.offset, h.length)
+                .map_err(backing_err("replay write_zeroes", offset))?,
+            ExtentData::Trim => backing
+                .discard(offset, e.len)
                 .await
-                .map_err(backing_err("replay discard", h.offset))?,
+                .map_err(backing_err("replay discard", offset))?,
+            ExtentData::Stored => {}
         }
     }
     let last_seq = plan.scan.report.last_seq.max(plan.applied_seq);

@@ -96,6 +96,8 @@ use crate::ppl::{self, PplAppend, PplLog, PPL_FRAMING_BYTES};
 use crate::recover::{apply_plan, backing_err, plan_recovery, RecoveryReport};
 use crate::verify::{DamagedRecord, Unverified};
 
+mod bypass;
+
 /// Log bytes writers leave free so that CP, TRANSITION and PAD records always fit.
 const CONTROL_RESERVE_BYTES: u64 =
     4 * (RECORD_HEADER_BYTES as u64 + 8 + (TRANSITION_MAX_ENTRIES * TRANSITION_ENTRY_BYTES) as u64);
@@ -189,6 +191,13 @@ pub struct VolumeConfig {
     pub cp_batch_bytes: u64,
     /// Start even when the log is damaged in the middle (records after the damage are lost).
     pub discard_corrupt_log: bool,
+    /// Writes covering whole stripes of the store go to it directly (durable first), and only
+    /// a small STORED record goes to NVRAM (see `bypass`); when the store allows it (a RAID
+    /// array that is not degraded).
+    pub large_write_bypass: bool,
+    /// The whole-stripe part of a write bypasses the log only when it is at least this many
+    /// bytes (and always at least one full stripe); 0: one full stripe.
+    pub large_write_bypass_min_bytes: u64,
 }
 
 impl Default for VolumeConfig {
@@ -199,6 +208,8 @@ impl Default for VolumeConfig {
             max_record_payload_bytes: 1024 * 1024,
             cp_batch_bytes: 4 * 1024 * 1024,
             discard_corrupt_log: false,
+            large_write_bypass: true,
+            large_write_bypass_min_bytes: 0,
         }
     }
 }
@@ -653,6 +664,9 @@ struct Shared<B: Backing> {
     verified: Notify,
     cp_wanted: Arc<Notify>,
     cp_lock: tokio::sync::Mutex<()>,
+    /// Large writes that bypass the log: the gate that orders them against CPs, and their
+    /// shared store flushes (see `bypass`).
+    bypass: bypass::Bypasses,
     mirror: Arc<dyn MirrorHook>,
     closed: AtomicBool,
     /// The own log's id (NVRAM file header), recorded in the store's journal mark.
@@ -805,9 +819,18 @@ impl<B: Backing> Shared<B> {
         Ok((seq, ship.send().await))
     }
 
-    /// Journals `data`; returns the seq of its last record.
+    /// Journals `data` (its whole stripes may bypass the log: see `bypass`); returns the
+    /// newest seq of its records.
     async fn write(&self, offset: u64, data: Bytes) -> Result<u64, JournalError> {
         self.check_range(offset, data.len() as u64)?;
+        if let Some(split) = self.bypass_split(offset, data.len() as u64) {
+            return self.write_split(offset, data, split).await;
+        }
+        self.write_journaled(offset, data).await
+    }
+
+    /// Journals `data` record by record; returns the seq of its last record.
+    async fn write_journaled(&self, offset: u64, data: Bytes) -> Result<u64, JournalError> {
         let mut mirrored = Vec::new();
         let mut seqs = Vec::new();
         let chunk = self.config.max_record_payload_bytes as usize;
@@ -874,7 +897,7 @@ impl<B: Backing> Shared<B> {
                                 .copy_from_slice(st.region.log_slice(log_offset, p.len))
                         }
                         Some(ExtentData::Zero | ExtentData::Trim) => {}
-                        None => gaps.push(p),
+                        Some(ExtentData::Stored) | None => gaps.push(p),
                     }
                 }
             }
@@ -1005,6 +1028,8 @@ impl<B: Backing> Shared<B> {
                 j += 1;
             }
             match first.data {
+                // The store holds these bytes already (never in a live index: see `index`).
+                ExtentData::Stored => {}
                 ExtentData::Zero | ExtentData::Trim => {
                     let op = if matches!(first.data, ExtentData::Zero) {
                         CpOp::Zero(start, end - start)
@@ -1192,6 +1217,10 @@ impl<B: Backing> Shared<B> {
     ) -> Result<bool, JournalError> {
         let started = std::time::Instant::now();
         self.wait_verified().await?;
+        // Held until the snapshot is in the store: no large write bypasses the log meanwhile
+        // (one in progress finishes first), so none is overwritten by the older bytes of this
+        // snapshot, and every bypass after it finds an index without them.
+        let bypasses_held = self.bypass.gate.write().await;
         let (cp_seq, head, used, snapshot, partial) = {
             let mut st = self.lock();
             let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
@@ -1213,6 +1242,7 @@ impl<B: Backing> Shared<B> {
             (cp_seq, head, used, snapshot, cut.is_some())
         };
         self.apply_snapshot(&snapshot).await?;
+        drop(bypasses_held);
         self.backing
             .flush()
             .await
@@ -1297,6 +1327,10 @@ impl<B: Backing> Shared<B> {
             st.cursor.used,
             budget,
             |h| {
+                if h.kind == RecordKind::Stored {
+                    // Nothing of it is applied by a CP: no partial parity.
+                    return 0;
+                }
                 let whole_rows = h.kind != RecordKind::Write;
                 self.backing
                     .ppl_bound_bytes(h.length, whole_rows, PPL_FRAMING_BYTES)
@@ -1547,6 +1581,7 @@ impl<B: Backing> JournaledVolume<B> {
             verified: Notify::new(),
             cp_wanted: Arc::new(Notify::new()),
             cp_lock: tokio::sync::Mutex::new(()),
+            bypass: bypass::Bypasses::new(),
             mirror,
             closed: AtomicBool::new(false),
             config,

@@ -165,6 +165,7 @@ fn one_life(
             max_record_payload_bytes: 8192,
             cp_batch_bytes: 16 * 1024,
             discard_corrupt_log: false,
+            ..VolumeConfig::default()
         };
         let vol = match JournaledVolume::open(nv, backing.clone(), 7, cfg).await {
             Ok(v) => Arc::new(v),

@@ -224,9 +224,28 @@ pub struct VolumeConfig {
     /// logged and kept in the volume's history.
     #[serde(default)]
     pub accept_nvram_loss: bool,
+    /// Journaled array volumes: the whole stripes of a large write go to the array directly
+    /// (durable first) and only a small record goes to NVRAM, instead of the data (see
+    /// docs/CONFIG.md). Skipped while the array is degraded.
+    #[serde(default = "default_true")]
+    pub large_write_bypass: bool,
+    /// The whole-stripe part of a write bypasses NVRAM only when it is at least this large
+    /// (and at least one full stripe); 0: one full stripe.
+    #[serde(default)]
+    pub large_write_bypass_min: ByteSize,
 }
 
 impl VolumeConfig {
+    /// The journal's tuning of this volume (the CP interval comes from `[nvram]`).
+    pub fn journal_config(&self, cp_interval_ms: u64) -> twinblock_journal::VolumeConfig {
+        twinblock_journal::VolumeConfig {
+            cp_interval_ms,
+            large_write_bypass: self.large_write_bypass,
+            large_write_bypass_min_bytes: self.large_write_bypass_min.0,
+            ..Default::default()
+        }
+    }
+
     /// The volume's NBD allow-list; a message naming the bad entry when one does not parse.
     pub fn nbd_access(&self) -> Result<twinblock_nbd::Access, String> {
         let networks = self
@@ -915,6 +934,22 @@ size = "1GiB"
             assert!(e.contains("volume[0].read_cache"), "{e}");
             assert!(e.contains("0 turns the read cache off"), "{e}");
         }
+    }
+
+    #[test]
+    fn large_write_bypass_is_on_by_default_and_reaches_the_journal_config() {
+        let c = parse(MINIMAL).unwrap();
+        let j = c.volumes[0].journal_config(250);
+        assert!(j.large_write_bypass);
+        assert_eq!(j.large_write_bypass_min_bytes, 0);
+        assert_eq!(j.cp_interval_ms, 250);
+        let off = parse(&format!(
+            "{MINIMAL}large_write_bypass = false\nlarge_write_bypass_min = \"1MiB\"\n"
+        ))
+        .unwrap();
+        let j = off.volumes[0].journal_config(1000);
+        assert!(!j.large_write_bypass);
+        assert_eq!(j.large_write_bypass_min_bytes, 1 << 20);
     }
 
     #[test]

@@ -248,6 +248,12 @@ impl Backing for ArrayBacking {
         Some(*self.array.uuid().as_bytes())
     }
 
+    /// Whole stripes go straight to the members while every member is active: a degraded
+    /// array's stripe updates need the journal's partial-parity records (its logged path).
+    fn bypass_allowed(&self) -> bool {
+        !self.array.is_degraded() && !self.array.ppl_active()
+    }
+
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
         usize::try_from(len).map_err(|_| BackingError(format!("read of {len} bytes")))?;
         match &self.cache {

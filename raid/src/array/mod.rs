@@ -318,6 +318,13 @@ impl Array {
         self.inner.write(offset, data).await
     }
 
+    /// True while a member is missing, failed or rebuilding: writes then depend on
+    /// reconstruction (and, on RAID 5/6, on partial parity), so a journal keeps large writes on
+    /// its logged path.
+    pub fn is_degraded(&self) -> bool {
+        self.inner.is_degraded()
+    }
+
     /// Writes several non-overlapping (offset, data) pieces, for a flusher that gathered many
     /// writes at once. On RAID 5/6 the pieces that fall inside one row are planned together
     /// (see [`crate::rowplan`]): per 4 KiB column the cheaper of read-modify-write and
