@@ -6,7 +6,8 @@
 //! comparison): on the same traces (`cargo run --release --example cache_compare`) it kept more
 //! (hit ratio 0.562 against 0.500 on a scan-plus-hot-set trace, where its longer ghost memory
 //! keeps part of a repeating scan; 0.712 against 0.700 on a Zipf 0.9 trace) and cost less CPU per
-//! lookup-or-insert with two threads (90-124 ns against 180-209 ns). It is used single-threaded
+//! lookup-or-insert with two threads (90-124 ns against 118-209 ns, two runs on a loaded 2-core
+//! machine; its own sharded `sync` cache: 79-151 ns). It is used single-threaded
 //! (`unsync`) inside the shard's own mutex because the shard's write generations must change under
 //! the same lock as the policy (see the ordering argument in [`super`]).
 
