@@ -910,21 +910,32 @@ impl<B: Backing> Shared<B> {
                 .await
                 .map_err(backing_err("read", offset));
         }
+        // The gaps are read as one store read covering all of them (at most the request's
+        // length): one request the array splits into concurrent member reads, rather than one
+        // store round trip per gap in turn. The dirty bytes between gaps it also reads are
+        // ignored.
+        let (Some(lo), Some(hi)) = (
+            gaps.iter().map(|g| g.offset).min(),
+            gaps.iter().map(|g| g.offset + g.len).max(),
+        ) else {
+            return Ok(out.freeze());
+        };
+        let data = self
+            .backing
+            .read(lo, hi - lo)
+            .await
+            .map_err(backing_err("read", lo))?;
+        if data.len() as u64 != hi - lo {
+            return Err(JournalError::Backing {
+                op: "read",
+                offset: lo,
+                message: format!("returned {} bytes, asked {}", data.len(), hi - lo),
+            });
+        }
         for g in gaps {
-            let data = self
-                .backing
-                .read(g.offset, g.len)
-                .await
-                .map_err(backing_err("read", g.offset))?;
-            if data.len() as u64 != g.len {
-                return Err(JournalError::Backing {
-                    op: "read",
-                    offset: g.offset,
-                    message: format!("returned {} bytes, asked {}", data.len(), g.len),
-                });
-            }
             let at = (g.offset - offset) as usize;
-            out[at..at + data.len()].copy_from_slice(&data);
+            let from = (g.offset - lo) as usize;
+            out[at..at + g.len as usize].copy_from_slice(&data[from..from + g.len as usize]);
         }
         Ok(out.freeze())
     }

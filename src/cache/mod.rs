@@ -1,5 +1,6 @@
 //! The volume read cache: 4 KiB blocks of what the store (an array or an image) holds, kept in
-//! memory under an S3-FIFO policy ([`s3fifo`]), so re-read data does not go back to the disks.
+//! memory under quick_cache's S3-FIFO-like policy ([`policy`] says why that one), so re-read data
+//! does not go back to the disks.
 //!
 //! Where it sits: directly over the store, under everything else. For a journaled volume that
 //! is under the NVRAM dirty index: the journal answers a read from the index first and asks the
@@ -35,10 +36,12 @@
 //! Cold start on takeover and drop at giveback need nothing here: the cache belongs to the
 //! volume's device, which takeover creates and giveback drops.
 
+pub mod hasher;
+pub mod policy;
 pub mod s3fifo;
 
 use bytes::{Bytes, BytesMut};
-use s3fifo::S3Fifo;
+use policy::BlockPolicy;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -56,7 +59,7 @@ struct Shard {
     /// Bumped (under `policy`'s lock) by every write's begin and end; read without the lock by
     /// a miss before it asks the store.
     gen: AtomicU64,
-    policy: Mutex<S3Fifo<Bytes>>,
+    policy: Mutex<BlockPolicy>,
 }
 
 /// Counters for status and metrics.
@@ -108,7 +111,7 @@ impl std::fmt::Debug for ReadCache {
     }
 }
 
-fn lock(m: &Mutex<S3Fifo<Bytes>>) -> MutexGuard<'_, S3Fifo<Bytes>> {
+fn lock(m: &Mutex<BlockPolicy>) -> MutexGuard<'_, BlockPolicy> {
     // A panic while holding the lock cannot leave a block disagreeing with the store (a block
     // is replaced in one assignment), so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -124,15 +127,14 @@ impl ReadCache {
     pub fn new(capacity_bytes: u64, store_bytes: u64) -> Option<ReadCache> {
         let blocks = capacity_bytes / CACHE_BLOCK_BYTES;
         let per_shard = usize::try_from(blocks / CACHE_SHARD_COUNT as u64).ok()?;
-        if per_shard == 0 {
-            return None;
-        }
         let shards = (0..CACHE_SHARD_COUNT)
-            .map(|_| Shard {
-                gen: AtomicU64::new(0),
-                policy: Mutex::new(S3Fifo::new(per_shard)),
+            .map(|_| {
+                Some(Shard {
+                    gen: AtomicU64::new(0),
+                    policy: Mutex::new(BlockPolicy::new(per_shard)?),
+                })
             })
-            .collect();
+            .collect::<Option<_>>()?;
         Some(ReadCache {
             shards,
             cached_end: store_bytes - store_bytes % CACHE_BLOCK_BYTES,
@@ -207,10 +209,20 @@ impl ReadCache {
                 .clone();
             return Some(block.slice(at..at + len as usize));
         }
+        // Each shard's lock is taken once for all its blocks (a 1 MiB read is 256 blocks over
+        // 16 shards), and only to take a reference to each block: the copy into the reply
+        // happens after, without any lock.
+        let count = (last - first + 1) as usize;
+        let mut blocks: Vec<Option<Bytes>> = vec![None; count];
+        for lead in first..=last.min(first + CACHE_SHARD_COUNT as u64 - 1) {
+            let p = lock(&self.shards[shard_of(lead)].policy);
+            for b in (lead..=last).step_by(CACHE_SHARD_COUNT) {
+                blocks[(b - first) as usize] = Some(p.get(b)?.clone());
+            }
+        }
         let mut out = BytesMut::with_capacity(len as usize);
         let mut skip = at;
-        for b in first..=last {
-            let block = lock(&self.shards[shard_of(b)].policy).get(b)?.clone();
+        for block in blocks.iter().flatten() {
             let want = (len as usize - out.len()).min(block.len() - skip);
             out.extend_from_slice(&block[skip..skip + want]);
             skip = 0;
@@ -222,30 +234,56 @@ impl ReadCache {
     /// `gens` were read.
     fn fill(&self, first: u64, data: &Bytes, gens: &[u64; CACHE_SHARD_COUNT]) {
         let block_len = CACHE_BLOCK_BYTES as usize;
-        let one_block = data.len() == block_len;
-        for (i, chunk) in data.chunks(block_len).enumerate() {
-            let b = first + i as u64;
-            let shard = &self.shards[shard_of(b)];
-            let mut p = lock(&shard.policy);
-            if shard.gen.load(Ordering::Acquire) != gens[shard_of(b)] {
-                self.counters.fills_dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            if p.contains(b) {
-                continue;
-            }
-            // A whole-buffer block is kept as it is; pieces of a larger read get their own
-            // buffer so one cached block does not pin the whole read's memory.
-            let value = if one_block {
-                data.clone()
-            } else {
-                Bytes::copy_from_slice(chunk)
-            };
-            let evicted = p.insert(b, value);
-            self.counters
-                .evictions
-                .fetch_add(evicted as u64, Ordering::Relaxed);
+        if data.len() == block_len {
+            // A whole-buffer block is kept as it is.
+            self.fill_shard(
+                shard_of(first),
+                std::iter::once((first, data.clone())),
+                gens,
+            );
+            return;
         }
+        // Pieces of a larger read get their own buffers so one cached block does not pin the
+        // whole read's memory; they are copied before any lock is taken, then each shard's lock
+        // is taken once for all its blocks.
+        let count = data.len() / block_len;
+        let pieces: Vec<Bytes> = data
+            .chunks_exact(block_len)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        for lead in 0..count.min(CACHE_SHARD_COUNT) {
+            let mine = (lead..count)
+                .step_by(CACHE_SHARD_COUNT)
+                .map(|i| (first + i as u64, pieces[i].clone()));
+            self.fill_shard(shard_of(first + lead as u64), mine, gens);
+        }
+    }
+
+    /// Installs `blocks` (all of shard `shard`) unless the shard saw a write since `gens`.
+    fn fill_shard(
+        &self,
+        shard: usize,
+        blocks: impl Iterator<Item = (u64, Bytes)>,
+        gens: &[u64; CACHE_SHARD_COUNT],
+    ) {
+        let s = &self.shards[shard];
+        let mut p = lock(&s.policy);
+        if s.gen.load(Ordering::Acquire) != gens[shard] {
+            let dropped = blocks.count() as u64;
+            self.counters
+                .fills_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
+            return;
+        }
+        let mut evicted = 0;
+        for (b, value) in blocks {
+            if !p.contains(b) {
+                evicted += p.insert(b, value);
+            }
+        }
+        self.counters
+            .evictions
+            .fetch_add(evicted as u64, Ordering::Relaxed);
     }
 
     /// Before a write (or zeroing, trim) of each `(offset, len)` in `ranges` is issued.
@@ -297,7 +335,7 @@ impl ReadCache {
 
     /// Installs the whole blocks of `bytes` at `offset` that belong to shard `shard`; removes
     /// its partly covered ones.
-    fn install(&self, p: &mut S3Fifo<Bytes>, shard: usize, offset: u64, bytes: &[u8]) {
+    fn install(&self, p: &mut BlockPolicy, shard: usize, offset: u64, bytes: &[u8]) {
         let len = bytes.len() as u64;
         if len == 0 {
             return;
@@ -364,7 +402,7 @@ fn mark_touched(touched: &mut [bool; CACHE_SHARD_COUNT], offset: u64, len: u64) 
 }
 
 /// Removes shard `shard`'s blocks in `offset..offset+len`.
-fn remove_in_shard(p: &mut S3Fifo<Bytes>, shard: usize, offset: u64, len: u64) {
+fn remove_in_shard(p: &mut BlockPolicy, shard: usize, offset: u64, len: u64) {
     if len == 0 {
         return;
     }

@@ -1,5 +1,7 @@
-//! S3-FIFO: the replacement policy of the volume read cache, as pure data structure (no I/O, no
-//! locks, no clocks), so it can be tested on its own.
+//! S3-FIFO written here, as pure data structure (no I/O, no locks, no clocks): the volume read
+//! cache's first policy, now the baseline `examples/cache_compare.rs` measures the policy the
+//! cache uses ([`super::policy`], quick_cache) against. Kept so that comparison can be rerun when
+//! either side changes.
 //!
 //! Why S3-FIFO: a block cache sees scans (a backup, `dd`, a sequential benchmark) that touch each
 //! block once; LRU lets one scan flush the hot set. S3-FIFO (Yang et al., SOSP 2023) sends every
@@ -14,31 +16,9 @@
 //! stale slots outnumber the live ones), so `remove` is O(1) too.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 
-/// Hashes block numbers with one multiplication (Fibonacci hashing): keys are block numbers
-/// chosen by clients, not secrets, and SipHash's resistance to chosen keys cost more than the
-/// rest of a cache hit. Keys of one shard share their low bits (block % shards), which the
-/// multiplication spreads into the high bits, folded back into the low ones.
-#[derive(Default)]
-pub struct BlockHasher(u64);
-
-impl Hasher for BlockHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        let x = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        // The product's low bits depend only on the key's low bits; fold the well-mixed high
-        // half into them (hashbrown takes the bucket from the low bits, the tag from the top).
-        self.0 = x ^ (x >> 32);
-    }
-}
+pub use super::hasher::BlockHasher;
 
 type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
 
