@@ -59,6 +59,7 @@ fn vcfg() -> VolumeConfig {
         max_record_payload_bytes: 8192,
         cp_batch_bytes: 16 * 1024,
         discard_corrupt_log: false,
+        ..VolumeConfig::default()
     }
 }
 
