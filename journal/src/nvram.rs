@@ -289,6 +289,24 @@ impl PartnerRegion {
     /// the partner's own log) and persists it. A CP record also moves the partner region's tail.
     /// The record is checked (decode, CRC, bounds) before anything is written.
     pub fn receive(&mut self, log_offset: u64, record: &[u8]) -> Result<(), JournalError> {
+        if let Some((at, len)) = self.receive_unpersisted(log_offset, record)? {
+            self.region.persist_log(at, len)?;
+        }
+        Ok(())
+    }
+
+    /// [`PartnerRegion::receive`] leaving the persist of a data record to the caller: returns the
+    /// log range `(at, len)` still to persist, so the receiver persists a whole batch of records
+    /// with [`PartnerRegion::persist_received`] (one `msync` per run of pages, as the own log's
+    /// group commit does) before it acknowledges them. The caller keeps at most
+    /// [`crate::group_commit::UNPERSISTED_MAX_RECORDS`] records and
+    /// [`crate::group_commit::UNPERSISTED_MAX_LOG_BYTES`] unpersisted, the bound a scan of an
+    /// `msync` log relies on. A CP record is persisted here, before it moves the tail.
+    pub fn receive_unpersisted(
+        &mut self,
+        log_offset: u64,
+        record: &[u8],
+    ) -> Result<Option<(u64, u64)>, JournalError> {
         let bad = |detail: String| JournalError::PartnerRecord { log_offset, detail };
         let header = RecordHeader::decode(record).map_err(|e| bad(e.to_string()))?;
         let payload_end = RECORD_HEADER_BYTES + header.payload_bytes as usize;
@@ -321,7 +339,7 @@ impl PartnerRegion {
         if let Some(c) = self.region.control() {
             if order < (c.generation, c.tail_seq) {
                 // Already retired by a CP the partner told us about: its space may be reused.
-                return Ok(());
+                return Ok(None);
             }
         }
         self.region.write_log(log_offset, &record[..body as usize]);
@@ -337,8 +355,11 @@ impl PartnerRegion {
                 persist = total + RECORD_HEADER_BYTES as u64;
             }
         }
+        if header.kind != RecordKind::Cp {
+            return Ok(Some((log_offset, persist)));
+        }
         self.region.persist_log(log_offset, persist)?;
-        if header.kind == RecordKind::Cp {
+        {
             let cp = CpPayload::decode(&record[RECORD_HEADER_BYTES..payload_end])
                 .map_err(|e| bad(e.to_string()))?;
             let newer_tail = self
@@ -349,6 +370,15 @@ impl PartnerRegion {
                 self.region
                     .write_control(header.generation, cp.tail_offset, cp.tail_seq)?;
             }
+        }
+        Ok(None)
+    }
+
+    /// Persists the log ranges [`PartnerRegion::receive_unpersisted`] returned, with one persist
+    /// per run of adjacent pages.
+    pub fn persist_received(&self, ranges: &[(u64, u64)]) -> Result<(), JournalError> {
+        for (at, len) in crate::group_commit::coalesce(ranges) {
+            self.region.persist_log(at, len)?;
         }
         Ok(())
     }
