@@ -768,4 +768,46 @@ mod tests {
         assert_eq!(s.records.len(), 1);
         assert_eq!(s.records[0].header.kind, RecordKind::Cp);
     }
+
+    #[test]
+    fn unpersisted_receive_leaves_the_data_persist_to_the_caller_but_not_a_cp() {
+        use crate::format::{encode_record, CpPayload, RecordHeader, RecordKind};
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = Nvram::open(&cfg(dir.path())).unwrap();
+        let mut p = n.take_partner().unwrap();
+        p.reset(7, 0, 100).unwrap();
+        let w = RecordHeader {
+            kind: RecordKind::Write,
+            generation: 7,
+            seq: 100,
+            volume_id: 1,
+            offset: 0,
+            length: 5,
+            payload_bytes: 5,
+        };
+        let rec = encode_record(&w, b"hello");
+        let range = p.receive_unpersisted(0, &rec).unwrap();
+        assert_eq!(range, Some((0, rec.len() as u64)));
+        p.persist_received(&[range.unwrap()]).unwrap();
+        let cp = CpPayload {
+            applied_seq: 100,
+            tail_offset: 128,
+            tail_seq: 101,
+        }
+        .encode();
+        let h = RecordHeader {
+            kind: RecordKind::Cp,
+            seq: 101,
+            offset: 0,
+            length: 0,
+            payload_bytes: cp.len() as u32,
+            ..w
+        };
+        assert_eq!(
+            p.receive_unpersisted(128, &encode_record(&h, &cp)).unwrap(),
+            None,
+            "a CP is persisted before it moves the tail"
+        );
+        assert_eq!(p.scan().report.start.tail_offset, 128);
+    }
 }
