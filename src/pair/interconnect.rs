@@ -13,7 +13,9 @@
 //!
 //! Sends are vectored: every frame queued while the previous send was in flight goes in one
 //! [`SendBatch`] (several records per send under load), with the record bytes sent from the
-//! journal's copy. The outgoing connection sends through io_uring when the kernel allows it
+//! journal's copy. On an idle link the writer sends its own record instead of waking the send
+//! loop ([`super::outbox`]); the ACK reader completes the covered writers directly
+//! ([`VolumeMirror::on_ack`]). The outgoing connection sends through io_uring when the kernel allows it
 //! ([`super::uring_send`]) and through tokio otherwise; `status` names which
 //! (`interconnect.sender`). Every frame after the handshake is sealed with a MAC of this
 //! connection and direction and checked in order (`twinblock_pair::wire::session`).
