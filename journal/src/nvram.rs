@@ -304,6 +304,24 @@ impl PartnerRegion {
     /// the partner's own log) and persists it. A CP record also moves the partner region's tail.
     /// The record is checked (decode, CRC, bounds) before anything is written.
     pub fn receive(&mut self, log_offset: u64, record: &[u8]) -> Result<(), JournalError> {
+        if let Some((at, len)) = self.receive_unpersisted(log_offset, record)? {
+            self.region.persist_log(at, len)?;
+        }
+        Ok(())
+    }
+
+    /// [`PartnerRegion::receive`] leaving the persist of a data record to the caller: returns the
+    /// log range `(at, len)` still to persist, so the receiver persists a whole batch of records
+    /// with [`PartnerRegion::persist_received`] (one `msync` per run of pages, as the own log's
+    /// group commit does) before it acknowledges them. The caller keeps at most
+    /// [`crate::group_commit::UNPERSISTED_MAX_RECORDS`] records and
+    /// [`crate::group_commit::UNPERSISTED_MAX_LOG_BYTES`] unpersisted, the bound a scan of an
+    /// `msync` log relies on. A CP record is persisted here, before it moves the tail.
+    pub fn receive_unpersisted(
+        &mut self,
+        log_offset: u64,
+        record: &[u8],
+    ) -> Result<Option<(u64, u64)>, JournalError> {
         let bad = |detail: String| JournalError::PartnerRecord { log_offset, detail };
         let header = RecordHeader::decode(record).map_err(|e| bad(e.to_string()))?;
         let payload_end = RECORD_HEADER_BYTES + header.payload_bytes as usize;
@@ -336,7 +354,7 @@ impl PartnerRegion {
         if let Some(c) = self.region.control() {
             if order < (c.generation, c.tail_seq) {
                 // Already retired by a CP the partner told us about: its space may be reused.
-                return Ok(());
+                return Ok(None);
             }
         }
         self.region.write_log(log_offset, &record[..body as usize]);
@@ -352,8 +370,11 @@ impl PartnerRegion {
                 persist = total + RECORD_HEADER_BYTES as u64;
             }
         }
+        if header.kind != RecordKind::Cp {
+            return Ok(Some((log_offset, persist)));
+        }
         self.region.persist_log(log_offset, persist)?;
-        if header.kind == RecordKind::Cp {
+        {
             let cp = CpPayload::decode(&record[RECORD_HEADER_BYTES..payload_end])
                 .map_err(|e| bad(e.to_string()))?;
             let newer_tail = self
@@ -364,6 +385,15 @@ impl PartnerRegion {
                 self.region
                     .write_control(header.generation, cp.tail_offset, cp.tail_seq)?;
             }
+        }
+        Ok(None)
+    }
+
+    /// Persists the log ranges [`PartnerRegion::receive_unpersisted`] returned, with one persist
+    /// per run of adjacent pages.
+    pub fn persist_received(&self, ranges: &[(u64, u64)]) -> Result<(), JournalError> {
+        for (at, len) in crate::group_commit::coalesce(ranges) {
+            self.region.persist_log(at, len)?;
         }
         Ok(())
     }
@@ -749,5 +779,47 @@ mod tests {
         assert_eq!(s.report.start.tail_offset, 128);
         assert_eq!(s.records.len(), 1);
         assert_eq!(s.records[0].header.kind, RecordKind::Cp);
+    }
+
+    #[test]
+    fn unpersisted_receive_leaves_the_data_persist_to_the_caller_but_not_a_cp() {
+        use crate::format::{encode_record, CpPayload, RecordHeader, RecordKind};
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = Nvram::open(&cfg(dir.path())).unwrap();
+        let mut p = n.take_partner().unwrap();
+        p.reset(7, 0, 100).unwrap();
+        let w = RecordHeader {
+            kind: RecordKind::Write,
+            generation: 7,
+            seq: 100,
+            volume_id: 1,
+            offset: 0,
+            length: 5,
+            payload_bytes: 5,
+        };
+        let rec = encode_record(&w, b"hello");
+        let range = p.receive_unpersisted(0, &rec).unwrap();
+        assert_eq!(range, Some((0, rec.len() as u64)));
+        p.persist_received(&[range.unwrap()]).unwrap();
+        let cp = CpPayload {
+            applied_seq: 100,
+            tail_offset: 128,
+            tail_seq: 101,
+        }
+        .encode();
+        let h = RecordHeader {
+            kind: RecordKind::Cp,
+            seq: 101,
+            offset: 0,
+            length: 0,
+            payload_bytes: cp.len() as u32,
+            ..w
+        };
+        assert_eq!(
+            p.receive_unpersisted(128, &encode_record(&h, &cp)).unwrap(),
+            None,
+            "a CP is persisted before it moves the tail"
+        );
+        assert_eq!(p.scan().report.start.tail_offset, 128);
     }
 }

@@ -13,7 +13,9 @@
 //!
 //! Sends are vectored: every frame queued while the previous send was in flight goes in one
 //! [`SendBatch`] (several records per send under load), with the record bytes sent from the
-//! journal's copy. The outgoing connection sends through io_uring when the kernel allows it
+//! journal's copy. On an idle link the writer sends its own record instead of waking the send
+//! loop ([`super::outbox`]); the ACK reader completes the covered writers directly
+//! ([`VolumeMirror::on_ack`]). The outgoing connection sends through io_uring when the kernel allows it
 //! ([`super::uring_send`]) and through tokio otherwise; `status` names which
 //! (`interconnect.sender`). Every frame after the handshake is sealed with a MAC of this
 //! connection and direction and checked in order (`twinblock_pair::wire::session`).
@@ -29,11 +31,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use twinblock_pair::wire::{
     handshake::{encode_accept, encode_reject},
-    split_frame, Acceptor, Dialer, FrameKind, FrameOpener, FrameSealer, LogReset, Message,
-    RejectReason, WireError,
+    split_frame, Acceptor, Dialer, FrameKind, FrameOpener, LogReset, Message, RejectReason,
+    WireError,
 };
 
 use super::mirror::VolumeMirror;
+use super::outbox::{Outbox, Wire};
 use super::receiver::ReceiveError;
 use super::send_batch::{SendBatch, Transport};
 use super::{LinkPhase, Pair};
@@ -221,7 +224,7 @@ async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
     .map_err(|_| LinkError::Timeout("handshake"))??;
     let (sealer, opener) = peer.keys.dialer();
     fb.opener = Some(opener);
-    let (mut transport, sender) = Transport::new(wr);
+    let (transport, sender) = Transport::new(wr);
     pair.link.connected(peer.generation, &sender);
     tracing::info!(partner = %pair.partner_address, peer_generation = peer.generation, "interconnect up; resynchronising the partner's copy");
     tracing::info!("interconnect sender: {sender}");
@@ -251,7 +254,7 @@ async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
             fb.fill(&mut rd).await?;
         }
     };
-    let sender = send_loop(pair, &mirrors, &mut transport, sealer);
+    let sender = send_loop(pair, &mirrors, Wire::new(sealer, transport));
     tokio::select! {
         r = reader => r,
         r = sender => r,
@@ -259,13 +262,26 @@ async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
     }
 }
 
-/// Resyncs every volume (LOG_RESET, the unretired records, RESYNC_END), then streams queued
-/// records, several per send.
+/// Uninstalls the connection's wire from the outbox when the send loop ends (also when its
+/// future is dropped).
+struct Installed<'a> {
+    outbox: &'a Outbox,
+    epoch: u64,
+}
+
+impl Drop for Installed<'_> {
+    fn drop(&mut self) {
+        self.outbox.uninstall(self.epoch);
+    }
+}
+
+/// Resyncs every volume (LOG_RESET, the unretired records, RESYNC_END), then installs the wire
+/// in the outbox and streams: records writers did not send themselves, several per send (see
+/// [`super::outbox`]).
 async fn send_loop(
     pair: &Pair,
     mirrors: &[Arc<VolumeMirror>],
-    tx: &mut Transport,
-    mut seal: FrameSealer,
+    mut wire: Wire,
 ) -> Result<(), LinkError> {
     // Queue first on every volume, so no record appended after its snapshot is missed.
     for m in mirrors {
@@ -278,7 +294,7 @@ async fn send_loop(
         };
         let last_seq = snap.next_seq - 1;
         batch.message(
-            &mut seal,
+            &mut wire.seal,
             &Message::LogReset(LogReset {
                 volume: m.volume_id,
                 generation: snap.generation,
@@ -287,7 +303,7 @@ async fn send_loop(
             }),
         );
         batch.message(
-            &mut seal,
+            &mut wire.seal,
             &Message::ResyncBegin {
                 volume: m.volume_id,
                 first_seq: snap.tail_seq,
@@ -295,9 +311,9 @@ async fn send_loop(
             },
         );
         for r in &snap.records {
-            batch.record(&mut seal, m.volume_id, r.log_offset, r.seq, &r.bytes);
+            batch.record(&mut wire.seal, m.volume_id, r.log_offset, r.seq, &r.bytes);
             if batch.bytes() >= SEND_BATCH_MAX_BYTES {
-                batch = tx.send(batch).await?;
+                batch = wire.tx.send(batch).await?;
                 batch.clear();
             }
         }
@@ -305,39 +321,66 @@ async fn send_loop(
             volume: m.volume_id,
             last_seq,
         };
-        batch.message(&mut seal, &end);
-        batch = tx.send(batch).await?;
+        batch.message(&mut wire.seal, &end);
+        batch = wire.tx.send(batch).await?;
         batch.clear();
         tracing::info!(volume = %m.name, records = snap.records.len(), through_seq = last_seq, "resync sent");
     }
+    let installed = Installed {
+        outbox: &pair.outbox,
+        epoch: pair.outbox.install(wire),
+    };
     pair.link.set(LinkPhase::Up, None);
-    let mut taken = Vec::new();
     loop {
-        let wake = pair.wake.notified();
+        let wake = installed.outbox.wake().notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
-        if let Some(status) = pair.take_status() {
-            batch.message(&mut seal, &Message::Status(status));
-        }
-        for m in mirrors {
-            let room = SEND_BATCH_MAX_BYTES.saturating_sub(batch.bytes());
-            if room == 0 {
-                break;
-            }
-            m.take_batch(room, &mut taken);
-            for (seq, off, bytes) in taken.drain(..) {
-                batch.record(&mut seal, m.volume_id, off, seq, &bytes);
-            }
-        }
-        if batch.is_empty() {
+        let Some((mut wire, epoch)) = installed.outbox.take() else {
             wake.await;
             continue;
+        };
+        let sent = stream_once(pair, mirrors, &mut wire).await;
+        installed.outbox.put_back(wire, epoch);
+        if !sent? {
+            wake.await;
         }
-        let records = batch.records();
-        batch = tx.send(batch).await?;
-        pair.link.count_send(records);
-        batch.clear();
     }
+}
+
+/// One send of the send loop: a direct send's leftover, or the status record and every queued
+/// record (in seq order per volume). False when there was nothing to send.
+async fn stream_once(
+    pair: &Pair,
+    mirrors: &[Arc<VolumeMirror>],
+    wire: &mut Wire,
+) -> Result<bool, LinkError> {
+    if let Some(e) = wire.error.take() {
+        return Err(e.into());
+    }
+    if let Some((rest, at)) = wire.carry.take() {
+        wire.spare = wire.tx.send_from(rest, at).await?;
+        return Ok(true);
+    }
+    let mut batch = std::mem::take(&mut wire.spare);
+    batch.clear();
+    if let Some(status) = pair.take_status() {
+        batch.message(&mut wire.seal, &Message::Status(status));
+    }
+    for m in mirrors {
+        let room = SEND_BATCH_MAX_BYTES.saturating_sub(batch.bytes());
+        if room == 0 {
+            break;
+        }
+        m.seal_queued(&mut wire.seal, room, &mut batch);
+    }
+    if batch.is_empty() {
+        wire.spare = batch;
+        return Ok(false);
+    }
+    let records = batch.records();
+    wire.spare = wire.tx.send(batch).await?;
+    pair.link.count_send(records);
+    Ok(true)
 }
 
 /// Accepts the partner's connections until the node stops.
@@ -447,6 +490,8 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
                 }
                 pair.receiver.apply(msg, &announced, &mut touched)?;
             }
+            // Everything this read stored is persisted before it is acknowledged.
+            pair.receiver.persist_pending()?;
             for (volume, seq) in touched {
                 Message::Ack { volume, seq }.encode_with(&mut seal, &mut out);
             }

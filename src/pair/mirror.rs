@@ -31,8 +31,12 @@ use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch};
 use twinblock_journal::{MirrorHook, MirrorOutcome, UnretiredRecords};
+use twinblock_pair::wire::FrameWriter;
+
+use super::outbox::Outbox;
+use super::send_batch::SendBatch;
 
 /// Where the sender reads the own log for a resync (the journaled volume).
 pub trait LogSource: Send + Sync {
@@ -76,6 +80,10 @@ struct Inner {
     shipped_bytes: BTreeMap<u64, u64>,
     records_sent: u64,
     resyncs: u64,
+    /// Writers waiting for the ACK of a seq, by seq: an ACK completes exactly the ones it
+    /// covers (a watch channel would wake every waiting writer at every ACK). Dropping a sender
+    /// (out of sync, reconnection) tells its writer the record was not mirrored.
+    waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
 }
 
 /// The mirror of one journaled volume (one per volume; the journal holds it as its hook).
@@ -85,8 +93,9 @@ pub struct VolumeMirror {
     timeout: Duration,
     inner: Mutex<Inner>,
     acks: watch::Sender<AckView>,
-    /// Wakes the interconnect's sender.
-    wake: Arc<Notify>,
+    /// The outgoing connection's sending state: writers send their own records through it when
+    /// the link is idle, and wake its send loop otherwise.
+    outbox: Arc<Outbox>,
     /// Asks the interconnect to drop the connection (partner silent): a counter the connection
     /// watches, so a request never outlives the connection it was meant for.
     kill_link: Arc<watch::Sender<u64>>,
@@ -113,7 +122,7 @@ impl VolumeMirror {
         name: String,
         volume_id: u64,
         timeout: Duration,
-        wake: Arc<Notify>,
+        outbox: Arc<Outbox>,
         kill_link: Arc<watch::Sender<u64>>,
     ) -> VolumeMirror {
         let (acks, _) = watch::channel(AckView {
@@ -141,9 +150,10 @@ impl VolumeMirror {
                 shipped_bytes: BTreeMap::new(),
                 records_sent: 0,
                 resyncs: 0,
+                waiters: BTreeMap::new(),
             }),
             acks,
-            wake,
+            outbox,
             kill_link,
             source: OnceLock::new(),
             meta: OnceLock::new(),
@@ -176,7 +186,22 @@ impl VolumeMirror {
         self.lock().generation
     }
 
-    fn publish(&self, inner: &Inner) {
+    fn publish(&self, inner: &mut Inner) {
+        if !inner.in_sync {
+            // Their records are not mirrored: the writers see their senders dropped.
+            inner.waiters.clear();
+        } else if inner
+            .waiters
+            .first_key_value()
+            .is_some_and(|(s, _)| *s <= inner.acked)
+        {
+            let rest = inner.waiters.split_off(&(inner.acked + 1));
+            for (_, ws) in std::mem::replace(&mut inner.waiters, rest) {
+                for w in ws {
+                    let _ = w.send(());
+                }
+            }
+        }
         self.acks.send_replace(AckView {
             acked: inner.acked,
             in_sync: inner.in_sync,
@@ -193,7 +218,7 @@ impl VolumeMirror {
             inner.out_of_sync_since = Some(SystemTime::now());
             tracing::warn!(volume = %self.name, reason, "mirror out of sync; writes continue on local NVRAM alone");
         }
-        self.publish(&inner);
+        self.publish(&mut inner);
     }
 
     pub fn in_sync(&self) -> bool {
@@ -229,7 +254,7 @@ impl VolumeMirror {
                 Some("interconnect reconnected: resynchronising the partner's copy".into());
             inner.out_of_sync_since = Some(SystemTime::now());
         }
-        self.publish(&inner);
+        self.publish(&mut inner);
     }
 
     /// Takes the resync snapshot and sets the stream to continue right after it. `None` when
@@ -245,6 +270,32 @@ impl VolumeMirror {
         inner.pending_bytes = inner.pending.values().map(|(_, b)| b.len() as u64).sum();
         inner.resync_target = Some(snap.next_seq - 1);
         Some(snap)
+    }
+
+    /// Seals the queued records next in seq order (up to about `max_bytes`) as RECORD frames
+    /// into `batch`; returns how many.
+    pub fn seal_queued(
+        &self,
+        seal: &mut impl FrameWriter,
+        max_bytes: usize,
+        batch: &mut SendBatch,
+    ) -> u64 {
+        let mut inner = self.lock();
+        let mut records = 0;
+        let mut taken = 0;
+        while taken < max_bytes {
+            let seq = inner.next_send;
+            let Some((off, bytes)) = inner.pending.remove(&seq) else {
+                break;
+            };
+            inner.pending_bytes -= bytes.len() as u64;
+            taken += bytes.len();
+            inner.next_send += 1;
+            inner.records_sent += 1;
+            batch.record(seal, self.volume_id, off, seq, &bytes);
+            records += 1;
+        }
+        records
     }
 
     /// Takes queued records in seq order, from `next_send`, up to about `max_bytes`.
@@ -283,7 +334,7 @@ impl VolumeMirror {
             inner.out_of_sync_since = None;
             tracing::info!(volume = %self.name, acked = inner.acked, "mirror in sync: the partner holds every unretired record");
         }
-        self.publish(&inner);
+        self.publish(&mut inner);
     }
 
     /// Status for `twinctl status` and the HA controller.
@@ -319,14 +370,18 @@ impl MirrorHook for VolumeMirror {
     }
 
     async fn ship(&self, log_offset: u64, seq: u64, record: Bytes) -> MirrorOutcome {
-        let mut rx = {
+        let (send, acked) = {
             let mut inner = self.lock();
             inner.last_shipped = inner.last_shipped.max(seq);
             inner.shipped_bytes.insert(seq, record.len() as u64);
+            let mut send = None;
             if inner.queueing && seq >= inner.next_send {
                 inner.pending_bytes += record.len() as u64;
                 inner.pending.insert(seq, (log_offset, record));
-                self.wake.notify_one();
+                // An idle link (every record sent is acknowledged): this writer sends, saving
+                // the wake-up of the send loop. Otherwise records are in flight, and the send
+                // loop collects every record queued meanwhile into one send.
+                send = Some(inner.next_send.saturating_sub(1) <= inner.acked);
                 if inner.pending_bytes > self.pending_max_bytes() {
                     drop(inner);
                     self.declare_out_of_sync("the partner falls behind: send queue over its limit");
@@ -334,17 +389,32 @@ impl MirrorHook for VolumeMirror {
                     inner = self.lock();
                 }
             }
-            if !inner.in_sync {
+            let acked = if !inner.in_sync {
                 inner.unmirrored_high = inner.unmirrored_high.max(seq);
-                return MirrorOutcome::NotMirrored;
-            }
-            self.acks.subscribe()
+                None
+            } else if inner.acked >= seq {
+                Some(None)
+            } else {
+                let (tx, rx) = oneshot::channel();
+                inner.waiters.entry(seq).or_default().push(tx);
+                Some(Some(rx))
+            };
+            (send, acked)
         };
-        let waited =
-            tokio::time::timeout(self.timeout, rx.wait_for(|v| v.acked >= seq || !v.in_sync)).await;
-        let outcome = match waited {
-            Ok(Ok(v)) if v.acked >= seq => MirrorOutcome::Mirrored,
-            Ok(_) => MirrorOutcome::NotMirrored,
+        // Registered as a waiter first: the ACK may come before the send returns.
+        match send {
+            Some(true) => self.outbox.send_direct(self),
+            Some(false) => self.outbox.wake().notify_one(),
+            None => {}
+        }
+        let rx = match acked {
+            None => return MirrorOutcome::NotMirrored,
+            Some(None) => return MirrorOutcome::Mirrored,
+            Some(Some(rx)) => rx,
+        };
+        let outcome = match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(())) => MirrorOutcome::Mirrored,
+            Ok(Err(_)) => MirrorOutcome::NotMirrored,
             Err(_) => {
                 self.declare_out_of_sync(&format!(
                     "the partner did not acknowledge seq {seq} within {} ms",
@@ -403,7 +473,7 @@ mod tests {
             "v".into(),
             1,
             Duration::from_millis(timeout_ms),
-            Arc::new(Notify::new()),
+            Arc::new(Outbox::new()),
             Arc::new(watch::channel(0).0),
         ))
     }
@@ -442,6 +512,24 @@ mod tests {
         assert!(!w.is_finished(), "returned before the partner acknowledged");
         m.on_ack(1);
         assert_eq!(w.await.unwrap(), MirrorOutcome::Mirrored);
+    }
+
+    #[tokio::test]
+    async fn ack_completes_only_the_writers_it_covers() {
+        let m = mirror(10_000);
+        in_sync(&m, 1);
+        let (m1, m2) = (m.clone(), m.clone());
+        let w1 = tokio::spawn(async move { m1.ship(0, 1, rec(1)).await });
+        let w2 = tokio::spawn(async move { m2.ship(64, 2, rec(2)).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        m.on_ack(1);
+        assert_eq!(w1.await.unwrap(), MirrorOutcome::Mirrored);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!w2.is_finished(), "seq 2 returned on the ACK of seq 1");
+        assert_eq!(m.lock().waiters.len(), 1, "seq 1's waiter was not removed");
+        m.declare_out_of_sync("test: link cut");
+        assert_eq!(w2.await.unwrap(), MirrorOutcome::NotMirrored);
+        assert!(m.lock().waiters.is_empty());
     }
 
     #[tokio::test]
@@ -545,18 +633,20 @@ mod tests {
         /// A mirror whose sender `wake` the test holds, and a stand-in partner that stores
         /// nothing but acknowledges every record the sender takes, in seq order.
         fn mirror_with_partner() -> (Arc<VolumeMirror>, tokio::task::JoinHandle<()>) {
-            let wake = Arc::new(Notify::new());
+            let outbox = Arc::new(Outbox::new());
             let m = Arc::new(VolumeMirror::new(
                 "v".into(),
                 1,
                 Duration::from_secs(10),
-                wake.clone(),
+                outbox.clone(),
                 Arc::new(watch::channel(0).0),
             ));
             let m2 = m.clone();
             let partner = tokio::spawn(async move {
                 loop {
-                    let _ = tokio::time::timeout(Duration::from_millis(5), wake.notified()).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(5), outbox.wake().notified())
+                            .await;
                     let mut out = Vec::new();
                     m2.take_batch(1 << 20, &mut out);
                     if let Some((seq, _, _)) = out.last() {

@@ -3,6 +3,7 @@
 //! | module | holds |
 //! | --- | --- |
 //! | [`mirror`] | the owner's side: the journal's `MirrorHook`, the send queue, the ACK gate, in/out of sync |
+//! | [`outbox`] | who sends next on the outgoing connection: a writer itself on an idle link, the send loop under load |
 //! | [`receiver`] | the partner's side: this node's copies of the partner's journals |
 //! | [`interconnect`] | the TCP connections: dialing with backoff, accepting, handshake, sender and receiver loops |
 //! | [`fetch`] | NVRAM-loss recovery: fetching this node's own log back from the partner's copy |
@@ -16,6 +17,7 @@
 pub mod fetch;
 pub mod interconnect;
 pub mod mirror;
+pub mod outbox;
 pub mod receiver;
 pub mod send_batch;
 mod uring_send;
@@ -26,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use twinblock_pair::wire::{Identity, PairKey, SeenNonces, VolumeAnnounce, PROTOCOL_VERSION};
 
 use crate::config::{load_key, Config, PersistenceMode};
@@ -238,7 +240,7 @@ pub struct Pair {
     receiver: Receiver,
     link: LinkShared,
     inbound: InboundShared,
-    wake: Arc<Notify>,
+    outbox: Arc<outbox::Outbox>,
     kill: Arc<watch::Sender<u64>>,
     seen_nonces: Mutex<SeenNonces>,
     log: RateLimitedLog,
@@ -305,7 +307,7 @@ impl Pair {
                 info: Mutex::new(InboundInfo::default()),
                 epoch: watch::channel(0).0,
             },
-            wake: Arc::new(Notify::new()),
+            outbox: Arc::new(outbox::Outbox::new()),
             kill: Arc::new(watch::channel(0).0),
             seen_nonces: Mutex::new(SeenNonces::default()),
             log: RateLimitedLog::default(),
@@ -328,7 +330,7 @@ impl Pair {
             name.to_string(),
             volume_id,
             self.mirror_timeout,
-            Arc::clone(&self.wake),
+            Arc::clone(&self.outbox),
             Arc::clone(&self.kill),
         ));
         let mut mirrors = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
@@ -419,6 +421,7 @@ impl Pair {
                 "listen": self.listen.to_string(),
                 "partner_address": self.partner_address.to_string(),
                 "outbound": self.link.json(),
+                "direct_sends": self.outbox.stats_json(),
                 "inbound": self.inbound.json(),
             },
             "mirror_timeout_ms": self.mirror_timeout.as_millis() as u64,
@@ -445,7 +448,7 @@ impl Pair {
         }
         *self.status_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(record.clone());
         self.status_watch.send_replace(Some(record));
-        self.wake.notify_one();
+        self.outbox.wake().notify_one();
         Ok(())
     }
 

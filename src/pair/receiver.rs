@@ -19,6 +19,16 @@
 //! stored once); a gap, a record of another generation or volume, a bad CRC, an unknown volume,
 //! a generation older than the copy's, or any frame this side does not serve is an error: the
 //! connection is dropped and nothing of the offending frame is stored.
+//!
+//! # Persisting: one group per read
+//!
+//! The connection stores every frame it read at once ([`Receiver::apply`]) and then persists
+//! them together ([`Receiver::persist_pending`]) before it sends the ACKs: in `msync` mode one
+//! `msync` per run of adjacent pages instead of one per record, as the own log's group commit
+//! does. At most [`UNPERSISTED_MAX_RECORDS`] records and [`UNPERSISTED_MAX_LOG_BYTES`] of log
+//! are left unpersisted at a time (a larger read persists in several groups), which is the bound
+//! a scan of an `msync` log relies on to tell a torn group at the end from damage; a LOG_RESET
+//! or a CP record (both move the copy's tail) persists what is pending first.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -26,6 +36,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use twinblock_journal::format::{RecordHeader, RecordKind, RECORD_HEADER_BYTES};
+use twinblock_journal::group_commit::{UNPERSISTED_MAX_LOG_BYTES, UNPERSISTED_MAX_RECORDS};
 use twinblock_journal::{JournalError, Nvram, NvramConfig, PartnerRegion, PersistenceMode};
 use twinblock_pair::wire::{
     format_id, FetchBegin, FrameWriter, LogReset, Message, RecordFrame, VolumeAnnounce,
@@ -84,6 +95,11 @@ pub struct PartnerCopy {
     stream: Option<Stream>,
     records_stored: u64,
     last_record_at: Option<Instant>,
+    /// Log ranges stored and not yet persisted (see the module docs), and their bytes.
+    unpersisted: Vec<(u64, u64)>,
+    unpersisted_bytes: u64,
+    /// Persist calls made for groups of records (status).
+    persist_groups: u64,
     /// Holds the file's mapping and lock for as long as the copy is in use.
     _nvram: Nvram,
 }
@@ -245,12 +261,25 @@ impl Receiver {
             stream: None,
             records_stored: 0,
             last_record_at: None,
+            unpersisted: Vec::new(),
+            unpersisted_bytes: 0,
+            persist_groups: 0,
             _nvram: nvram,
         })
     }
 
+    /// Persists every record stored and not yet persisted (see the module docs): the seqs
+    /// `apply` put in `touched` may be acknowledged once this returned.
+    pub fn persist_pending(&self) -> Result<(), ReceiveError> {
+        for copy in self.lock().values_mut() {
+            copy.persist_pending()?;
+        }
+        Ok(())
+    }
+
     /// Applies one frame of the partner's stream; `touched` collects, per volume, the seq to
-    /// acknowledge (cumulative) once the batch is done.
+    /// acknowledge (cumulative) once the batch is done and persisted
+    /// ([`Receiver::persist_pending`]).
     pub fn apply(
         &self,
         msg: Message,
@@ -379,6 +408,7 @@ impl Receiver {
                     "tail_seq": ctl.map(|c| c.tail_seq),
                     "stored_through_seq": c.stream.map(|s| s.next_seq - 1),
                     "records_stored": c.records_stored,
+                    "persist_groups": c.persist_groups,
                     "last_record_age_ms": c.last_record_at.map(|t| t.elapsed().as_millis() as u64),
                 })
             })
@@ -444,6 +474,22 @@ pub fn record_json(seq: u64, log_offset: u64, header: &[u8]) -> serde_json::Valu
 }
 
 impl PartnerCopy {
+    fn persist_pending(&mut self) -> Result<(), ReceiveError> {
+        if self.unpersisted.is_empty() {
+            return Ok(());
+        }
+        self.region
+            .persist_received(&self.unpersisted)
+            .map_err(|source| ReceiveError::Journal {
+                volume: self.name.clone(),
+                source,
+            })?;
+        self.unpersisted.clear();
+        self.unpersisted_bytes = 0;
+        self.persist_groups += 1;
+        Ok(())
+    }
+
     fn expect_stream(&self) -> Result<Stream, ReceiveError> {
         self.stream.ok_or_else(|| ReceiveError::NoReset {
             volume: self.name.clone(),
@@ -459,6 +505,7 @@ impl PartnerCopy {
     }
 
     fn reset(&mut self, r: LogReset) -> Result<(), ReceiveError> {
+        self.persist_pending()?;
         let copy_gen = self.region.region().control().map_or(0, |c| c.generation);
         if r.generation < copy_gen {
             return Err(ReceiveError::GenerationBackwards {
@@ -488,25 +535,45 @@ impl PartnerCopy {
         if r.seq > stream.next_seq {
             return Err(self.gap(stream.next_seq, r.seq));
         }
-        let bad = |detail: String| ReceiveError::BadRecord {
-            volume: self.name.clone(),
+        let bad = |name: &str, detail: String| ReceiveError::BadRecord {
+            volume: name.to_string(),
             seq: r.seq,
             detail,
         };
-        let h = RecordHeader::decode(&r.record).map_err(|e| bad(e.to_string()))?;
+        let h = RecordHeader::decode(&r.record).map_err(|e| bad(&self.name, e.to_string()))?;
         if h.seq != r.seq || h.generation != stream.generation {
-            return Err(bad(format!(
-                "header says seq {} generation {}, the stream is at generation {}",
-                h.seq, h.generation, stream.generation
-            )));
+            return Err(bad(
+                &self.name,
+                format!(
+                    "header says seq {} generation {}, the stream is at generation {}",
+                    h.seq, h.generation, stream.generation
+                ),
+            ));
         }
         if h.kind != RecordKind::Pad && h.volume_id != r.volume {
-            return Err(bad(format!("header names volume {}", h.volume_id)));
+            return Err(bad(
+                &self.name,
+                format!("header names volume {}", h.volume_id),
+            ));
+        }
+        if h.kind == RecordKind::Cp {
+            // A CP moves the copy's tail: the records before it are persisted first.
+            self.persist_pending()?;
         }
         // Checks CRC and bounds before writing anything.
-        self.region
-            .receive(r.log_offset, &r.record)
-            .map_err(|e| bad(e.to_string()))?;
+        let range = self
+            .region
+            .receive_unpersisted(r.log_offset, &r.record)
+            .map_err(|e| bad(&self.name, e.to_string()))?;
+        if let Some((at, len)) = range {
+            self.unpersisted.push((at, len));
+            self.unpersisted_bytes += len;
+            if self.unpersisted.len() as u64 >= UNPERSISTED_MAX_RECORDS
+                || self.unpersisted_bytes >= UNPERSISTED_MAX_LOG_BYTES
+            {
+                self.persist_pending()?;
+            }
+        }
         stream.next_seq += 1;
         self.stream = Some(stream);
         self.records_stored += 1;
@@ -599,6 +666,44 @@ mod tests {
         }
         assert_eq!(t[&VOL], 14);
         assert_eq!(stored_seqs(&r), vec![10, 11, 12, 13, 14]);
+    }
+
+    #[test]
+    fn records_of_one_read_are_persisted_as_one_group() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, ann) = setup(d.path());
+        let mut t = BTreeMap::new();
+        r.apply(reset(), &ann, &mut t).unwrap();
+        for s in 10..15 {
+            r.apply(frame(s, s as u8), &ann, &mut t).unwrap();
+        }
+        let groups = |r: &Receiver| r.lock()[&VOL].persist_groups;
+        assert_eq!(groups(&r), 0, "persisted before the read was done");
+        assert_eq!(r.lock()[&VOL].unpersisted.len(), 5);
+        r.persist_pending().unwrap();
+        assert_eq!(groups(&r), 1);
+        assert!(r.lock()[&VOL].unpersisted.is_empty());
+        r.persist_pending().unwrap();
+        assert_eq!(groups(&r), 1, "nothing pending: no persist");
+    }
+
+    #[test]
+    fn unpersisted_records_stay_within_the_scan_window() {
+        let d = tempfile::tempdir().unwrap();
+        let r = receiver(d.path());
+        let mut big = announce();
+        big.log_bytes = 4 << 20;
+        r.open_copies(&[big]).unwrap();
+        let ann = HashSet::from([VOL]);
+        let mut t = BTreeMap::new();
+        r.apply(reset(), &ann, &mut t).unwrap();
+        let n = UNPERSISTED_MAX_RECORDS * 2 + 3;
+        for s in 10..10 + n {
+            r.apply(frame(s, 1), &ann, &mut t).unwrap();
+            assert!((r.lock()[&VOL].unpersisted.len() as u64) < UNPERSISTED_MAX_RECORDS);
+        }
+        assert_eq!(r.lock()[&VOL].persist_groups, 2);
+        assert_eq!(t[&VOL], 9 + n);
     }
 
     #[test]

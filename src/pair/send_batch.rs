@@ -182,10 +182,14 @@ impl Transport {
 
     /// Sends every byte of `batch`; hands it back for reuse.
     pub async fn send(&mut self, batch: SendBatch) -> io::Result<SendBatch> {
+        self.send_from(batch, Cursor::default()).await
+    }
+
+    /// Sends the bytes of `batch` from `at` on (the rest of a partly sent batch).
+    pub async fn send_from(&mut self, batch: SendBatch, mut at: Cursor) -> io::Result<SendBatch> {
         match self {
-            Transport::Uring(u) => u.send(batch).await,
+            Transport::Uring(u) => u.send(batch, at).await,
             Transport::Tokio(wr) => {
-                let mut at = Cursor::default();
                 while !batch.done(at) {
                     let slices: Vec<IoSlice<'_>> =
                         batch.slices_from(at).map(IoSlice::new).collect();
@@ -198,6 +202,32 @@ impl Transport {
                 Ok(batch)
             }
         }
+    }
+
+    /// Writes as much of `batch` from `at` as the socket takes now, with non-blocking
+    /// `sendmsg` calls from the calling thread, moving `at` on; never waits. A writer's direct
+    /// send on an idle link (see `outbox`): one syscall and no other task, where an io_uring
+    /// submission would cost the same syscall and its completion a wake-up of the send loop.
+    pub fn try_send_now(&mut self, batch: &SendBatch, at: &mut Cursor) -> io::Result<()> {
+        let wr = match self {
+            Transport::Uring(u) => match u.idle_socket() {
+                Some(wr) => wr,
+                // An io_uring send is still in flight: nothing may go before it.
+                None => return Ok(()),
+            },
+            Transport::Tokio(wr) => wr,
+        };
+        while !batch.done(*at) {
+            let slices: Vec<IoSlice<'_>> = batch.slices_from(*at).map(IoSlice::new).collect();
+            match wr.try_write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => batch.advance(at, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -114,8 +114,14 @@ impl UringSender {
         Ok((ring, completions))
     }
 
-    /// Sends every byte of `batch` (resubmitting after short sends); hands it back for reuse.
-    pub async fn send(&mut self, batch: SendBatch) -> io::Result<SendBatch> {
+    /// The socket, when no SENDMSG is in flight on it (a direct send may then write to it).
+    pub fn idle_socket(&self) -> Option<&OwnedWriteHalf> {
+        self.inflight.is_none().then_some(&self.wr)
+    }
+
+    /// Sends every byte of `batch` from `at` on (resubmitting after short sends); hands it back
+    /// for reuse.
+    pub async fn send(&mut self, batch: SendBatch, mut at: Cursor) -> io::Result<SendBatch> {
         if self.inflight.is_some() {
             // A previous send's future was dropped mid-flight: the stream position is unknown.
             return Err(io::Error::other(
@@ -128,7 +134,6 @@ impl UringSender {
             // SAFETY: `msghdr` is plain data; all zero is a valid empty header.
             msg: unsafe { std::mem::zeroed() },
         });
-        let mut at = Cursor::default();
         while !op.batch.done(at) {
             let InFlight { batch, iov, msg } = &mut *op;
             iov.clear();

@@ -110,6 +110,18 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The node binds its NBD listeners before its admin socket (and a killed node leaves
+        // its socket file behind): wait for the admin socket too, so a request right after
+        // `start` does not race the bind.
+        while UnixStream::connect(self.dir.join("admin.sock")).is_err() {
+            assert!(
+                start.elapsed() < READY_TIMEOUT,
+                "node {} admin socket not up; log:\n{}",
+                self.id,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn spawn(&mut self) {
