@@ -20,10 +20,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// arena chunks). The daemon's buffers come and go in bursts (a consistency point allocates
 /// every stripe's member reads and parity, then frees them all), so between bursts the pages
 /// were given back and the next burst faulted them in again, each fault clearing a 2 MiB
-/// transparent huge page: a fifth of the CPU of a 4 KiB random-write run went to
-/// `clear_page_erms` under `mi_page_fresh_alloc`. Never purging keeps the pages; what the
-/// process holds is then its high-water mark, which the daemon's own bounds already limit (the
-/// read cache size, each connection's in-flight bytes, the CP batch).
+/// transparent huge page: 8% of the samples of a 4 KiB random-write run (journaled RAID-5,
+/// depth 32) were `clear_page_erms` under `mi_page_fresh_alloc`, and the daemon's CPU time per
+/// write fell by about 15% with the pages kept (docs/BENCHMARKS.md). Never purging keeps them;
+/// what the process holds is then its high-water mark, which the daemon's own bounds already
+/// limit (the read cache size, each connection's in-flight bytes, the CP batch).
 mod allocator_tuning {
     use std::os::raw::{c_int, c_long};
 
