@@ -73,12 +73,14 @@
 //! takeover replay.
 
 use std::collections::BTreeSet;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 use crate::backing::Backing;
@@ -704,13 +706,13 @@ impl<B: Backing> Shared<B> {
         ship: &mut Vec<Shipped>,
     ) -> Result<u64, JournalError> {
         let copy = self.mirror.enabled();
+        // Armed only once the log was found full (registering with `space_freed` costs two
+        // lock round trips, paid per write when done up front); the look after arming decides.
+        let mut space_waiter: Option<Pin<Box<Notified<'_>>>> = None;
         loop {
             if self.closed.load(Ordering::Acquire) {
                 return Err(JournalError::ShutDown);
             }
-            let notified = self.space_freed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
             // Subscribed before looking, so progress made after the look is not missed.
             let progress = self.group.as_ref().map(|g| g.subscribe());
             let persist_behind = {
@@ -759,8 +761,10 @@ impl<B: Backing> Shared<B> {
                         // The log is full and CPs fail: report instead of waiting indefinitely.
                         return Err(JournalError::CpFailed { message: e.clone() });
                     }
-                    st.writer_waits += 1;
-                    st.space_wanted = true;
+                    if space_waiter.is_some() {
+                        st.writer_waits += 1;
+                        st.space_wanted = true;
+                    }
                     None
                 } else {
                     progress
@@ -771,8 +775,18 @@ impl<B: Backing> Shared<B> {
                 rx.changed().await.map_err(|_| JournalError::ShutDown)?;
                 continue;
             }
-            self.cp_wanted.notify_one();
-            notified.await;
+            match space_waiter.take() {
+                None => {
+                    // Subscribe, then look again: space freed after this point wakes us.
+                    let mut waiter = Box::pin(self.space_freed.notified());
+                    waiter.as_mut().enable();
+                    space_waiter = Some(waiter);
+                }
+                Some(waiter) => {
+                    self.cp_wanted.notify_one();
+                    waiter.await;
+                }
+            }
         }
     }
 
@@ -831,9 +845,18 @@ impl<B: Backing> Shared<B> {
 
     /// Journals `data` record by record; returns the seq of its last record.
     async fn write_journaled(&self, offset: u64, data: Bytes) -> Result<u64, JournalError> {
+        let chunk = self.config.max_record_payload_bytes as usize;
+        if !data.is_empty() && data.len() <= chunk {
+            // One record (every small write): the same steps without the per-write lists.
+            let (seq, mirrored) = self
+                .journal_and_ship(RecordKind::Write, offset, data.len() as u64, &data)
+                .await?;
+            self.wait_persisted(seq).await?;
+            self.finish(&mirrored, &[seq]).await?;
+            return Ok(seq);
+        }
         let mut mirrored = Vec::new();
         let mut seqs = Vec::new();
-        let chunk = self.config.max_record_payload_bytes as usize;
         let mut at = 0;
         while at < data.len() {
             let n = chunk.min(data.len() - at);

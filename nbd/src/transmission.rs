@@ -21,6 +21,7 @@
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -293,7 +294,22 @@ struct Conn {
     max_inflight: u32,
     zero_scratch_bytes: u32,
     replies: mpsc::UnboundedSender<Reply>,
+    /// Requests admitted whose reply the writer has not received yet (see [`writer_loop`]).
+    unanswered: Arc<AtomicUsize>,
     logs: Arc<RefusalLogs>,
+}
+
+impl Conn {
+    /// Hands a reply to the writer. Every reply sent this way was counted in `unanswered`
+    /// when its request was admitted ([`Conn::admit`]).
+    fn reply(&self, reply: Reply) {
+        let _ = self.replies.send(reply);
+    }
+
+    /// Counts a request whose reply will follow through [`Conn::reply`].
+    fn admit(&self) {
+        self.unanswered.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Per-connection bounds, from the server config.
@@ -336,7 +352,13 @@ where
     };
     let zero_scratch_bytes = negotiated.entry.export.device.caps().zero_scratch_bytes;
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut writer_task = tokio::spawn(writer_loop(writer, rx, negotiated.structured));
+    let unanswered = Arc::new(AtomicUsize::new(0));
+    let mut writer_task = tokio::spawn(writer_loop(
+        writer,
+        rx,
+        negotiated.structured,
+        Arc::clone(&unanswered),
+    ));
     let conn = Arc::new(Conn {
         entry: negotiated.entry,
         session,
@@ -344,6 +366,7 @@ where
         max_inflight: limits.max_inflight_bytes,
         zero_scratch_bytes,
         replies: tx,
+        unanswered,
         logs,
     });
     tokio::pin!(stop);
@@ -431,7 +454,8 @@ async fn reader_loop<R: AsyncRead + Unpin>(
                     .acquire_many_owned(REQUEST_OVERHEAD_BYTES)
                     .await
                     .ok();
-                let _ = conn.replies.send(Reply {
+                conn.admit();
+                conn.reply(Reply {
                     cookie: h.cookie,
                     command: h.command,
                     body: ReplyBody::Error {
@@ -456,10 +480,11 @@ async fn reader_loop<R: AsyncRead + Unpin>(
         } else {
             None
         };
+        conn.admit();
         let conn = Arc::clone(&conn);
         let mut request = Box::pin(async move {
             let body = execute(&conn, &h, cmd, data).await;
-            let _ = conn.replies.send(Reply {
+            conn.reply(Reply {
                 cookie: h.cookie,
                 command: h.command,
                 body,
@@ -713,39 +738,68 @@ impl Buf for OutQueue {
     }
 }
 
+/// Whether the writer, having taken every reply queued so far, lets the other ready tasks run
+/// once before writing: only when requests are still unanswered (their tasks may be about to
+/// reply: a batch of member completions wakes several at once), it has not done so for this
+/// batch yet, and the batch has room. One `writev` then carries several replies instead of one
+/// each; a lone request (depth 1) never waits, so its latency is unchanged.
+fn wait_for_more_replies(already_waited: bool, batch_bytes: usize, unanswered: usize) -> bool {
+    !already_waited && unanswered > 0 && batch_bytes < WRITE_BATCH_BYTES
+}
+
 /// Writes replies as they arrive, batching: replies that are already queued are gathered
 /// (headers and small payloads into one staging buffer, large payloads by reference) and sent
-/// with vectored writes once the queue is empty or the batch is large. Budget permits are held
-/// until their reply's bytes are in the socket.
+/// with vectored writes once the queue is empty (after one scheduler turn when more replies are
+/// due, see [`wait_for_more_replies`]) or the batch is large. Budget permits are held until their
+/// reply's bytes are in the socket. `unanswered` counts admitted requests whose reply has not
+/// been taken from `rx` yet; the writer takes one off per reply.
 async fn writer_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     structured: bool,
+    unanswered: Arc<AtomicUsize>,
 ) -> std::io::Result<()> {
     let mut staging = BytesMut::with_capacity(WRITE_BATCH_BYTES);
     let mut out = OutQueue::default();
     let mut permits = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(mut r) = next {
-            let payload = reply::encode(&r, structured, &mut staging);
-            if let Some(p) = payload {
-                if p.len() <= INLINE_PAYLOAD_BYTES {
-                    staging.extend_from_slice(&p);
-                } else {
-                    let head = staging.split().freeze();
-                    out.queued_bytes += head.len() + p.len();
-                    out.chunks.push_back(head);
-                    out.chunks.push_back(p);
+        let mut waited = false;
+        loop {
+            while let Some(mut r) = next.take() {
+                // Saturating: a refused reply sent before its count could be seen is harmless.
+                let _ = unanswered.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(1))
+                });
+                let payload = reply::encode(&r, structured, &mut staging);
+                if let Some(p) = payload {
+                    if p.len() <= INLINE_PAYLOAD_BYTES {
+                        staging.extend_from_slice(&p);
+                    } else {
+                        let head = staging.split().freeze();
+                        out.queued_bytes += head.len() + p.len();
+                        out.chunks.push_back(head);
+                        out.chunks.push_back(p);
+                    }
                 }
+                if let Some(p) = r.permit.take() {
+                    permits.push(p);
+                }
+                if out.queued_bytes + staging.len() >= WRITE_BATCH_BYTES {
+                    break;
+                }
+                next = rx.try_recv().ok();
             }
-            if let Some(p) = r.permit.take() {
-                permits.push(p);
-            }
-            if out.queued_bytes + staging.len() >= WRITE_BATCH_BYTES {
+            let batch_bytes = out.queued_bytes + staging.len();
+            if !wait_for_more_replies(waited, batch_bytes, unanswered.load(Ordering::Relaxed)) {
                 break;
             }
+            waited = true;
+            tokio::task::yield_now().await;
             next = rx.try_recv().ok();
+            if next.is_none() {
+                break;
+            }
         }
         if !staging.is_empty() {
             let tail = staging.split().freeze();
@@ -1029,6 +1083,23 @@ mod tests {
         assert_eq!(q.chunk(), b"ij");
         q.advance(2);
         assert_eq!((q.remaining(), q.chunk()), (0, &b""[..]));
+    }
+
+    #[test]
+    fn writer_waits_once_for_replies_still_due() {
+        assert!(wait_for_more_replies(false, 64, 3));
+        assert!(!wait_for_more_replies(true, 64, 3), "only once per batch");
+    }
+
+    #[test]
+    fn writer_never_waits_with_nothing_unanswered() {
+        // Depth 1: the only request has replied; waiting would only add latency.
+        assert!(!wait_for_more_replies(false, 64, 0));
+    }
+
+    #[test]
+    fn writer_does_not_wait_with_a_full_batch() {
+        assert!(!wait_for_more_replies(false, WRITE_BATCH_BYTES, 5));
     }
 
     #[test]
