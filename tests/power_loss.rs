@@ -28,7 +28,8 @@
 //! `TWINBLOCK_POWER_TRACE=1` prints each seed's operations, the cut, and the sectors of a block
 //! that fails the check (with `RUST_LOG`, the product's logs too).
 //!
-//! Seeds: `TWINBLOCK_POWER_SEEDS` (default 400) from `TWINBLOCK_POWER_SEED_BASE` (default 0); a
+//! Seeds: `TWINBLOCK_POWER_SEEDS` (default 1000, which includes seed 997) from
+//! `TWINBLOCK_POWER_SEED_BASE` (default 0); a
 //! failure names its seed, and `TWINBLOCK_POWER_SEED_BASE=<seed> TWINBLOCK_POWER_SEEDS=1` replays
 //! it. `many_seeds` (ignored by default) runs 20,000.
 
@@ -55,7 +56,7 @@ const MEMBERS: usize = 3;
 const MEMBER_DATA_BYTES: u64 = 16 * CHUNK_BYTES;
 const BLOCKS: u64 = (MEMBERS as u64 - 1) * MEMBER_DATA_BYTES / BLOCK_BYTES;
 const MAX_STEPS: u32 = 60;
-const DEFAULT_SEEDS: u64 = 400;
+const DEFAULT_SEEDS: u64 = 1000;
 
 /// Block contents: (block, version); version 0 (never written) and ZEROED read as zeroes.
 const ZEROED: u32 = u32::MAX;
@@ -243,10 +244,13 @@ async fn run_seed(seed: u64) -> Outcome {
                         block + count
                     );
                 }
-                if fua {
-                    vol.write_fua(at, Bytes::from(data)).await.unwrap();
+                let res = if fua {
+                    vol.write_fua(at, Bytes::from(data)).await
                 } else {
-                    vol.write(at, Bytes::from(data)).await.unwrap();
+                    vol.write(at, Bytes::from(data)).await
+                };
+                if let Err(e) = res {
+                    panic!("seed {seed}: write v{version} failed: {e}");
                 }
                 // A FUA that completed after the power went promised nothing.
                 let durable = fua && !power.is_off();
