@@ -226,8 +226,16 @@ impl Array {
             && inner.with_bitmap(|b| !b.dirty_regions().is_empty());
         // Partial parity recovers one absent block per column: RAID 5, or RAID 6 missing one
         // member. A journaled array it can protect waits for the journal's replay instead.
+        // Partial parity is logged only while the array is degraded: a member the superblocks
+        // record as active (in sync) when the array stopped, and absent now, was written without
+        // it, so the log cannot repair the rows it was part of (the write hole of an unclean stop
+        // and a lost member together).
         let absent = inner.absent_slots();
-        let ppl_can_protect = absent <= 1 && geo.level.parity_chunks() > 0;
+        let absent_was_in_sync = plan
+            .slots
+            .iter()
+            .any(|sp| matches!(sp.start, SlotStart::Absent) && sp.recorded == MemberState::Active);
+        let ppl_can_protect = absent <= 1 && geo.level.parity_chunks() > 0 && !absent_was_in_sync;
         let wait_for_ppl = dirty_degraded && opts.journaled && ppl_can_protect;
         if dirty_degraded && !wait_for_ppl && !opts.start_dirty_degraded {
             // Before anything is written: the operator may still bring the member back.
