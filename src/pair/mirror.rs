@@ -86,6 +86,18 @@ struct Inner {
     waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
 }
 
+impl Inner {
+    /// Takes the queued record that goes on the wire next (seq `next_send`), if it is queued.
+    fn take_next(&mut self) -> Option<(u64, u64, Bytes)> {
+        let seq = self.next_send;
+        let (off, bytes) = self.pending.remove(&seq)?;
+        self.pending_bytes -= bytes.len() as u64;
+        self.next_send += 1;
+        self.records_sent += 1;
+        Some((seq, off, bytes))
+    }
+}
+
 /// The mirror of one journaled volume (one per volume; the journal holds it as its hook).
 pub struct VolumeMirror {
     pub name: String,
@@ -284,14 +296,10 @@ impl VolumeMirror {
         let mut records = 0;
         let mut taken = 0;
         while taken < max_bytes {
-            let seq = inner.next_send;
-            let Some((off, bytes)) = inner.pending.remove(&seq) else {
+            let Some((seq, off, bytes)) = inner.take_next() else {
                 break;
             };
-            inner.pending_bytes -= bytes.len() as u64;
             taken += bytes.len();
-            inner.next_send += 1;
-            inner.records_sent += 1;
             batch.record(seal, self.volume_id, off, seq, &bytes);
             records += 1;
         }
@@ -303,14 +311,10 @@ impl VolumeMirror {
         let mut inner = self.lock();
         let mut taken = 0;
         while taken < max_bytes {
-            let seq = inner.next_send;
-            let Some((off, bytes)) = inner.pending.remove(&seq) else {
+            let Some((seq, off, bytes)) = inner.take_next() else {
                 break;
             };
-            inner.pending_bytes -= bytes.len() as u64;
             taken += bytes.len();
-            inner.next_send += 1;
-            inner.records_sent += 1;
             out.push((seq, off, bytes));
         }
         taken
