@@ -204,13 +204,31 @@ pub fn run_fails(cmd: &mut Command, timeout: Duration) -> CmdOutput {
     }
 }
 
-/// A loopback port that was free a moment ago (bind to port 0, read it, release it).
+/// A loopback port that was free for both TCP and UDP a moment ago, below the ephemeral range.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    listener
-        .local_addr()
-        .expect("local address of an ephemeral listener")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Outside the kernel's ephemeral range (32768-60999 by default): a port taken from that
+    // range by binding port 0 can be handed to any other socket (a daemon's UDP sender, a
+    // client connection) between this call and the daemon's bind. Each port is checked free
+    // for both TCP and UDP (the heartbeat listens on UDP), and a process-wide counter keeps
+    // concurrent tests of one binary on different ports.
+    const FIRST_PORT: u32 = 20_000;
+    const PORTS: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % PORTS;
+    for _ in 0..PORTS {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST_PORT + (start + n) % PORTS) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!(
+        "no loopback port free for both TCP and UDP in {FIRST_PORT}..{}",
+        FIRST_PORT + PORTS
+    );
 }
 
 /// A temp directory for one test, under the system temp dir (or `TWINBLOCK_E2E_TMP`).
