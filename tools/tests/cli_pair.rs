@@ -210,5 +210,7 @@ fn ha_status_disable_enable_and_refusals_on_a_running_pair() {
         enabled.contains("enabled") || enabled.contains("allowed"),
         "{enabled}"
     );
+    // As above: the partner's record of this node catches up within a heartbeat or two.
+    wait_settled(&sock);
     assert_eq!(snapshot(&sock), before);
 }
