@@ -22,6 +22,7 @@ use crate::admin;
 use crate::arrays::{ArrayEntry, MemberWrap};
 use crate::cache::ReadCache;
 use crate::config::{format_bytes, Config, VolumeConfig};
+use crate::device::member::CacheScope;
 use crate::device::{ArrayBacking, ArrayDevice, JournaledDevice, MemberDevice};
 use crate::ha::gate::WriteGate;
 use crate::node::VolumeInfo;
@@ -921,7 +922,10 @@ async fn open_volume(
         cache: volume_cache(v, member.size()),
     };
     let cache = info.cache.clone();
-    let device = MemberDevice::new(member, v.read_only, map).with_cache(cache);
+    let scope = CacheScope::for_member(member.direct());
+    let device = MemberDevice::new(member, v.read_only, map)
+        .with_cache(cache)
+        .with_cache_scope(scope);
     Ok((Arc::new(device), info))
 }
 

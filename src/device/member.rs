@@ -1,5 +1,15 @@
 //! A volume served straight from one member (a plain image file or block device): the NBD
 //! `BlockDevice` for `[[volume]] file = ...`, with no RAID and no journal.
+//!
+//! The read cache and the page cache: with `direct_io = false` the kernel's page cache already
+//! holds what the image holds, and a large request costs the same copy from either. The volume
+//! cache still pays for small random reads (a hit is a lookup and a slice, no syscall), but for
+//! a large request it only adds work: a miss copies the whole read again into 4 KiB blocks, and
+//! a write copies every written block into the cache besides the page cache. So a member on the
+//! page cache runs its cache in [`CacheScope::SmallRequests`]: requests larger than
+//! [`PAGE_CACHE_BYPASS_BYTES_MIN`] go to the member alone, a large write only removing the
+//! blocks it overlaps so the cache never serves older bytes. With `O_DIRECT` the volume cache is
+//! the only cache and sees every request.
 
 use super::holes;
 use crate::cache::ReadCache;
@@ -14,6 +24,42 @@ use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, Extent, 
 /// may not be deallocated.
 const ZERO_WRITE_BYTES_MAX: u64 = twinblock_nbd::zeroes::ZERO_BUFFER_BYTES as u64;
 
+/// With [`CacheScope::SmallRequests`], reads and writes longer than this many bytes bypass the
+/// volume cache (64 KiB: 16 blocks, above any filesystem's or database's page size, where the
+/// per-block fill or install starts to cost more than the page-cache copy it would save).
+pub const PAGE_CACHE_BYPASS_BYTES_MIN: u64 = 64 * 1024;
+
+/// Which requests the volume read cache takes part in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheScope {
+    /// Every read and write (the member does `O_DIRECT`: nothing else caches).
+    #[default]
+    AllRequests,
+    /// Requests of at most [`PAGE_CACHE_BYPASS_BYTES_MIN`] (the member is on the page cache).
+    SmallRequests,
+}
+
+impl CacheScope {
+    /// The scope for a member that does (`true`) or does not do `O_DIRECT`.
+    pub fn for_member(direct_io: bool) -> CacheScope {
+        if direct_io {
+            CacheScope::AllRequests
+        } else {
+            CacheScope::SmallRequests
+        }
+    }
+
+    /// Whether a read or write of `len` bytes goes through the cache (fills it, installs its
+    /// bytes in it); `false`: straight to the member (a write still removes the cached blocks it
+    /// overlaps).
+    pub fn serves(self, len: u64) -> bool {
+        match self {
+            CacheScope::AllRequests => true,
+            CacheScope::SmallRequests => len <= PAGE_CACHE_BYPASS_BYTES_MIN,
+        }
+    }
+}
+
 pub struct MemberDevice {
     member: Arc<dyn Member>,
     read_only: bool,
@@ -22,6 +68,7 @@ pub struct MemberDevice {
     /// Re-reads from memory (see [`crate::cache`]); every write, trim and zeroing below keeps
     /// it equal to the image.
     cache: Option<Arc<ReadCache>>,
+    cache_scope: CacheScope,
 }
 
 impl MemberDevice {
@@ -31,12 +78,19 @@ impl MemberDevice {
             read_only,
             map: map.map(Arc::new),
             cache: None,
+            cache_scope: CacheScope::default(),
         }
     }
 
     /// Serves re-reads from `cache`; None: every read goes to the image.
     pub fn with_cache(mut self, cache: Option<Arc<ReadCache>>) -> Self {
         self.cache = cache;
+        self
+    }
+
+    /// Which requests the cache takes part in (see [`CacheScope::for_member`]).
+    pub fn with_cache_scope(mut self, scope: CacheScope) -> Self {
+        self.cache_scope = scope;
         self
     }
 
@@ -100,11 +154,11 @@ impl BlockDevice for MemberDevice {
     async fn read(&self, offset: u64, len: u32) -> DeviceResult<Bytes> {
         let member = &self.member;
         Ok(match &self.cache {
-            Some(c) => {
+            Some(c) if self.cache_scope.serves(u64::from(len)) => {
                 c.read(offset, u64::from(len), |o, l| member.read_at(o, l as usize))
                     .await?
             }
-            None => member.read_at(offset, len as usize).await?,
+            _ => member.read_at(offset, len as usize).await?,
         })
     }
 
@@ -112,9 +166,15 @@ impl BlockDevice for MemberDevice {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
+        let len = data.len() as u64;
         match &self.cache {
-            Some(c) => {
+            Some(c) if self.cache_scope.serves(len) => {
                 c.write(offset, &data, self.member.write_at(offset, data.clone()))
+                    .await?
+            }
+            // Not installed, but never left stale: the overlapped blocks are removed.
+            Some(c) => {
+                c.invalidate_around(offset, len, self.member.write_at(offset, data))
                     .await?
             }
             None => self.member.write_at(offset, data).await?,
@@ -188,5 +248,80 @@ impl BlockDevice for MemberDevice {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinblock_io::{FileMember, FileOptions};
+
+    #[test]
+    fn direct_members_cache_every_request() {
+        let scope = CacheScope::for_member(true);
+        assert!(scope.serves(4096));
+        assert!(scope.serves(1 << 20));
+    }
+
+    #[test]
+    fn page_cache_members_cache_only_small_requests() {
+        let scope = CacheScope::for_member(false);
+        assert!(scope.serves(4096));
+        assert!(scope.serves(PAGE_CACHE_BYPASS_BYTES_MIN));
+        assert!(!scope.serves(PAGE_CACHE_BYPASS_BYTES_MIN + 1));
+        assert!(!scope.serves(1 << 20));
+    }
+
+    const IMAGE_BYTES: u64 = 4 << 20;
+
+    fn page_cache_device(dir: &tempfile::TempDir) -> MemberDevice {
+        let member = FileMember::open(
+            dir.path().join("img"),
+            &FileOptions {
+                direct: false,
+                create_size: Some(IMAGE_BYTES),
+                ..FileOptions::default()
+            },
+        )
+        .unwrap();
+        let cache = ReadCache::new(1 << 20, IMAGE_BYTES).map(Arc::new);
+        assert!(cache.is_some());
+        MemberDevice::new(member, false, None)
+            .with_cache(cache)
+            .with_cache_scope(CacheScope::for_member(false))
+    }
+
+    #[tokio::test]
+    async fn large_reads_on_the_page_cache_do_not_fill_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = page_cache_device(&dir);
+        let big = 1u32 << 20;
+        dev.read(0, big).await.unwrap();
+        let stats = dev.cache().unwrap().stats();
+        assert_eq!((stats.blocks, stats.hits, stats.misses), (0, 0, 0));
+        // A small read still fills, and the next one hits.
+        dev.read(8192, 4096).await.unwrap();
+        dev.read(8192, 4096).await.unwrap();
+        let stats = dev.cache().unwrap().stats();
+        assert_eq!((stats.blocks, stats.hits, stats.misses), (1, 1, 1));
+    }
+
+    #[tokio::test]
+    async fn large_write_over_a_cached_block_is_read_back_not_the_old_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = page_cache_device(&dir);
+        dev.write(8192, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .unwrap();
+        assert_eq!(&dev.read(8192, 4096).await.unwrap()[..], &[1u8; 4096][..]);
+        assert_eq!(dev.cache().unwrap().stats().blocks, 1);
+        // A 1 MiB write over it bypasses the cache and must remove the cached block.
+        dev.write(0, Bytes::from(vec![2u8; 1 << 20]), false)
+            .await
+            .unwrap();
+        assert_eq!(dev.cache().unwrap().stats().blocks, 0);
+        assert_eq!(&dev.read(8192, 4096).await.unwrap()[..], &[2u8; 4096][..]);
+        let whole = dev.read(0, 1 << 20).await.unwrap();
+        assert!(whole.iter().all(|&b| b == 2));
     }
 }
