@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{require_tool, run_ok, Daemon, CLIENT_TIMEOUT};
+use common::{require_tool, run_ok, Daemon, DaemonSpec, VolumeSpec, CLIENT_TIMEOUT};
 
 /// (offset, length, pattern byte) written before the kill.
 const WRITES: [(u64, u64, u8); 4] = [
@@ -26,16 +26,39 @@ fn qemu_io(daemon: &Daemon, commands: &[String]) -> String {
     out.stdout
 }
 
-#[test]
-fn flushed_writes_survive_sigkill_and_restart() {
+/// Small writes the page-cache test reads back (so the volume cache holds them) before large
+/// writes cover them: (offset, length, pattern byte).
+const CACHED_FIRST: [(u64, u64, u8); 2] = [(1 << 20, 4096, 0x11), ((1 << 20) + 65536, 8192, 0x22)];
+
+fn flushed_writes_survive_sigkill(direct_io: bool) {
     if !require_tool("qemu-io") {
         return;
     }
-    let mut daemon = Daemon::start_default();
-    let mut writes: Vec<String> = WRITES
-        .iter()
-        .map(|(o, l, p)| format!("write -P {p:#x} {o} {l}"))
-        .collect();
+    let mut daemon = Daemon::start(DaemonSpec {
+        volumes: vec![VolumeSpec {
+            direct_io,
+            ..VolumeSpec::default()
+        }],
+        ..DaemonSpec::default()
+    });
+    // Cached blocks first, then the writes (one of 1 MiB, over them) and the FLUSH: what is read
+    // after the restart must be the later data, from the image.
+    let mut writes: Vec<String> = Vec::new();
+    for (o, l, p) in CACHED_FIRST {
+        writes.push(format!("write -P {p:#x} {o} {l}"));
+        writes.push(format!("read -P {p:#x} {o} {l}"));
+    }
+    writes.extend(
+        WRITES
+            .iter()
+            .map(|(o, l, p)| format!("write -P {p:#x} {o} {l}")),
+    );
+    // Read back before the kill too: the large write must have dropped the cached blocks.
+    writes.extend(
+        WRITES
+            .iter()
+            .map(|(o, l, p)| format!("read -P {p:#x} {o} {l}")),
+    );
     writes.push("flush".into());
     qemu_io(&daemon, &writes);
     daemon.kill_hard();
@@ -51,6 +74,17 @@ fn flushed_writes_survive_sigkill_and_restart() {
         "every read ran:\n{out}"
     );
     assert_eq!(daemon.starts(), 2);
+}
+
+#[test]
+fn flushed_writes_survive_sigkill_and_restart() {
+    flushed_writes_survive_sigkill(true);
+}
+
+/// The default plain volume: page-cache I/O, FLUSH = fdatasync, the read cache on small requests.
+#[test]
+fn flushed_writes_survive_sigkill_and_restart_on_the_page_cache() {
+    flushed_writes_survive_sigkill(false);
 }
 
 #[test]
