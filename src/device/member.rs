@@ -324,4 +324,80 @@ mod tests {
         let whole = dev.read(0, 1 << 20).await.unwrap();
         assert!(whole.iter().all(|&b| b == 2));
     }
+
+    /// Blocks the concurrent test writes; a large write covers this many of them.
+    const RACE_BLOCKS: u64 = 256;
+    const RACE_LARGE_BLOCKS: u64 = 32;
+
+    /// `count` blocks from `first`, each holding `version` in its first 8 bytes.
+    fn versioned(count: u64, version: u64) -> Bytes {
+        let mut out = vec![0u8; (count * 4096) as usize];
+        for block in out.chunks_exact_mut(4096) {
+            block[..8].copy_from_slice(&version.to_le_bytes());
+        }
+        Bytes::from(out)
+    }
+
+    /// Small reads racing small (cached) and large (bypassing) writes: a read issued after a
+    /// write was acknowledged never returns an older version of the block.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn reads_racing_large_and_small_writes_never_return_older_than_acknowledged() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Arc::new(page_cache_device(&dir));
+        let acked: Arc<Vec<AtomicU64>> =
+            Arc::new((0..RACE_BLOCKS).map(|_| AtomicU64::new(0)).collect());
+        let writer = {
+            let (dev, acked) = (dev.clone(), acked.clone());
+            tokio::spawn(async move {
+                for version in 1..=400u64 {
+                    // Deterministic spread: every third write is large.
+                    let (first, count) = if version % 3 == 0 {
+                        (
+                            (version * 7) % (RACE_BLOCKS / RACE_LARGE_BLOCKS) * RACE_LARGE_BLOCKS,
+                            RACE_LARGE_BLOCKS,
+                        )
+                    } else {
+                        ((version * 37) % RACE_BLOCKS, 1)
+                    };
+                    dev.write(first * 4096, versioned(count, version), false)
+                        .await
+                        .unwrap();
+                    for b in first..first + count {
+                        acked[b as usize].fetch_max(version, Ordering::SeqCst);
+                    }
+                }
+            })
+        };
+        let readers: Vec<_> = (0..3u64)
+            .map(|r| {
+                let (dev, acked) = (dev.clone(), acked.clone());
+                tokio::spawn(async move {
+                    for i in 0..3000u64 {
+                        let block = (i * 13 + r * 101) % RACE_BLOCKS;
+                        let floor = acked[block as usize].load(Ordering::SeqCst);
+                        let data = dev.read(block * 4096, 4096).await.unwrap();
+                        let got = u64::from_le_bytes(data[..8].try_into().unwrap());
+                        assert!(
+                            got >= floor,
+                            "block {block}: read version {got} after version {floor} was acknowledged"
+                        );
+                        if i % 64 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        writer.await.unwrap();
+        for r in readers {
+            r.await.unwrap();
+        }
+        // Quiescent: every block reads back its last acknowledged version.
+        for block in 0..RACE_BLOCKS {
+            let data = dev.read(block * 4096, 4096).await.unwrap();
+            let got = u64::from_le_bytes(data[..8].try_into().unwrap());
+            assert_eq!(got, acked[block as usize].load(Ordering::SeqCst));
+        }
+    }
 }
