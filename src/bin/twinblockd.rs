@@ -135,8 +135,10 @@ fn check_partner(config: &Config, partner: &std::path::Path) -> ExitCode {
 
 async fn run(config: Config) -> Result<()> {
     let node = Node::open(config).await?;
+    // Handlers installed now, before the node can say READY=1.
+    let signal = twinblock::signals::shutdown_signal();
     let shutdown = async {
-        twinblock::signals::shutdown_signal().await;
+        signal.await;
         twinblock::sd_notify::notify("STOPPING=1");
     };
     node.run(shutdown, |_| twinblock::sd_notify::notify("READY=1"))
