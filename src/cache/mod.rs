@@ -40,7 +40,7 @@ pub mod hasher;
 pub mod policy;
 pub mod s3fifo;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use policy::BlockPolicy;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -176,8 +176,25 @@ impl ReadCache {
         F: FnOnce(u64, u64) -> Fut,
         Fut: Future<Output = Result<Bytes, E>>,
     {
+        Ok(join(self.read_pieces(offset, len, fetch).await?, len))
+    }
+
+    /// [`ReadCache::read`] without joining: a hit is the cached blocks themselves (the first
+    /// and last trimmed to the range), shared with the cache, in order; a miss is one piece.
+    /// The pieces are immutable: a write that replaces or removes a block afterwards leaves a
+    /// piece already handed out as it was (the same as a copy taken at lookup time).
+    pub async fn read_pieces<F, Fut, E>(
+        &self,
+        offset: u64,
+        len: u64,
+        fetch: F,
+    ) -> Result<Vec<Bytes>, E>
+    where
+        F: FnOnce(u64, u64) -> Fut,
+        Fut: Future<Output = Result<Bytes, E>>,
+    {
         let Some((first, last)) = self.blocks(offset, len) else {
-            return fetch(offset, len).await;
+            return Ok(vec![fetch(offset, len).await?]);
         };
         if let Some(hit) = self.lookup(offset, len, first, last) {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -192,42 +209,41 @@ impl ReadCache {
         if data.len() as u64 != cover_len {
             // The store broke its contract; hand back what it gave without keeping any of it
             // (the caller checks lengths and reports the store).
-            return Ok(data);
+            return Ok(vec![data]);
         }
         self.fill(first, &data, &gens);
         let at = (offset - cover_offset) as usize;
-        Ok(data.slice(at..at + len as usize))
+        Ok(vec![data.slice(at..at + len as usize)])
     }
 
-    /// The whole range from memory, or None at the first missing block.
-    fn lookup(&self, offset: u64, len: u64, first: u64, last: u64) -> Option<Bytes> {
+    /// The whole range from memory as slices of the cached blocks, or None at the first
+    /// missing block.
+    fn lookup(&self, offset: u64, len: u64, first: u64, last: u64) -> Option<Vec<Bytes>> {
         let at = (offset - first * CACHE_BLOCK_BYTES) as usize;
         if first == last {
-            // One block: a slice of the cached buffer, no copy.
             let block = lock(&self.shards[shard_of(first)].policy)
                 .get(first)?
                 .clone();
-            return Some(block.slice(at..at + len as usize));
+            return Some(vec![block.slice(at..at + len as usize)]);
         }
         // Each shard's lock is taken once for all its blocks (a 1 MiB read is 256 blocks over
-        // 16 shards), and only to take a reference to each block: the copy into the reply
-        // happens after, without any lock.
+        // 16 shards), and only to take a reference to each block.
         let count = (last - first + 1) as usize;
-        let mut blocks: Vec<Option<Bytes>> = vec![None; count];
+        let mut blocks: Vec<Bytes> = vec![Bytes::new(); count];
         for lead in first..=last.min(first + CACHE_SHARD_COUNT as u64 - 1) {
             let p = lock(&self.shards[shard_of(lead)].policy);
             for b in (lead..=last).step_by(CACHE_SHARD_COUNT) {
-                blocks[(b - first) as usize] = Some(p.get(b)?.clone());
+                blocks[(b - first) as usize] = p.get(b)?.clone();
             }
         }
-        let mut out = BytesMut::with_capacity(len as usize);
-        let mut skip = at;
-        for block in blocks.iter().flatten() {
-            let want = (len as usize - out.len()).min(block.len() - skip);
-            out.extend_from_slice(&block[skip..skip + want]);
-            skip = 0;
+        let end = at + len as usize - (count - 1) * CACHE_BLOCK_BYTES as usize;
+        if let Some(tail) = blocks.last_mut() {
+            tail.truncate(end);
         }
-        Some(out.freeze())
+        if let Some(head) = blocks.first_mut() {
+            head.advance(at);
+        }
+        Some(blocks)
     }
 
     /// Keeps the blocks of `data` (starting at block `first`) whose shard saw no write since
@@ -384,6 +400,18 @@ impl ReadCache {
         self.end_write(ticket, &ranges, None);
         r
     }
+}
+
+/// `pieces` (of `len` bytes in all) in one buffer: the piece itself when there is one.
+fn join(mut pieces: Vec<Bytes>, len: u64) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.pop().unwrap_or_default();
+    }
+    let mut out = BytesMut::with_capacity(len as usize);
+    for p in &pieces {
+        out.extend_from_slice(p);
+    }
+    out.freeze()
 }
 
 fn mark_touched(touched: &mut [bool; CACHE_SHARD_COUNT], offset: u64, len: u64) {

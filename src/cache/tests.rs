@@ -63,6 +63,53 @@ async fn multi_block_read_hits_after_fill() {
     assert_eq!(again[B as usize - 10..], [2; 10]);
 }
 
+async fn read_pieces(c: &ReadCache, s: &Store, offset: u64, len: u64) -> Vec<Bytes> {
+    c.read_pieces(offset, len, |o, l| async move { Ok::<_, ()>(s.read(o, l)) })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn hit_pieces_are_the_cached_blocks_trimmed_to_the_range() {
+    let s = Store::new(64);
+    for b in 0..4u8 {
+        s.write(u64::from(b) * B, &[b + 1; 4096]);
+    }
+    let c = cache(256, 64);
+    let miss = read_pieces(&c, &s, 10, 3 * B).await;
+    assert_eq!(miss.len(), 1, "a miss is the store's one buffer");
+    let hit = read_pieces(&c, &s, 10, 3 * B).await;
+    assert_eq!(c.stats().hits, 1);
+    let lens: Vec<usize> = hit.iter().map(Bytes::len).collect();
+    assert_eq!(lens, [4086, 4096, 4096, 10]);
+    assert_eq!(hit.concat(), miss[0]);
+    // The pieces are the cached blocks' memory, not copies.
+    let cached = lock(&c.shards[shard_of(1)].policy).get(1).cloned().unwrap();
+    assert_eq!(hit[1].as_ptr(), cached.as_ptr());
+}
+
+#[tokio::test]
+async fn handed_out_pieces_keep_their_bytes_when_a_write_replaces_the_block() {
+    let s = Store::new(64);
+    let c = cache(256, 64);
+    read_pieces(&c, &s, 0, 2 * B).await;
+    let before = read_pieces(&c, &s, 0, 2 * B).await;
+    assert_eq!(before.len(), 2);
+    let new = filled(9, 2 * B);
+    c.write(0, &new, async {
+        s.write(0, &new);
+        Ok::<_, ()>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        before.concat(),
+        vec![0; 2 * B as usize],
+        "a piece changed under its reader"
+    );
+    assert_eq!(read_pieces(&c, &s, 0, 2 * B).await.concat(), new);
+}
+
 #[tokio::test]
 async fn write_replaces_cached_block() {
     let s = Store::new(64);
@@ -292,6 +339,11 @@ proptest! {
                     if let Some(v) = cached {
                         prop_assert_eq!(v, s.read(b * B, B), "block {} stale", b);
                     }
+                }
+                // A hit over several blocks (the pieces the NBD server sends) equals the store.
+                let (offset, len) = (B / 2, 3 * B);
+                if let Some(pieces) = c.lookup(offset, len, 0, 3) {
+                    prop_assert_eq!(pieces.concat(), s.read(offset, len).to_vec());
                 }
             }
         }

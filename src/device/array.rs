@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
 use twinblock_journal::{Backing, BackingError, PplLog, StoreMark};
-use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, ZeroFlags};
+use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, ReadData, ZeroFlags};
 use twinblock_raid::array::{Array, ArrayError, PartialParityLog};
 
 /// A write refused by the HA fence, as the I/O error clients and the journal see
@@ -102,6 +102,18 @@ impl BlockDevice for ArrayDevice {
         cache
             .read(offset, u64::from(len), |o, l| array_read(&self.array, o, l))
             .await
+            .map_err(dev_err)
+    }
+
+    /// A cache hit as the cached blocks themselves (see [`ReadData`]).
+    async fn read_data(&self, offset: u64, len: u32) -> DeviceResult<ReadData> {
+        let Some(cache) = &self.cache else {
+            return self.read(offset, len).await.map(ReadData::from);
+        };
+        cache
+            .read_pieces(offset, u64::from(len), |o, l| array_read(&self.array, o, l))
+            .await
+            .map(ReadData::from)
             .map_err(dev_err)
     }
 
@@ -264,6 +276,16 @@ impl Backing for ArrayBacking {
             None => array_read(&self.array, offset, len).await,
         }
         .map_err(backing_err)
+    }
+
+    async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<Bytes>, BackingError> {
+        let Some(c) = &self.cache else {
+            return Ok(vec![self.read(offset, len).await?]);
+        };
+        usize::try_from(len).map_err(|_| BackingError(format!("read of {len} bytes")))?;
+        c.read_pieces(offset, len, |o, l| array_read(&self.array, o, l))
+            .await
+            .map_err(backing_err)
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
