@@ -193,8 +193,29 @@ impl ReadCache {
         F: FnOnce(u64, u64) -> Fut,
         Fut: Future<Output = Result<Bytes, E>>,
     {
+        self.read_pieces_from(
+            offset,
+            len,
+            |o, l| async move { Ok(vec![fetch(o, l).await?]) },
+        )
+        .await
+    }
+
+    /// [`ReadCache::read_pieces`] over a store that answers in pieces too (a RAID array's
+    /// per-chunk buffers): a miss hands the store's pieces on without joining them, and the
+    /// blocks kept are copied out of them (a piece that is exactly one block is kept as it is).
+    pub async fn read_pieces_from<F, Fut, E>(
+        &self,
+        offset: u64,
+        len: u64,
+        fetch: F,
+    ) -> Result<Vec<Bytes>, E>
+    where
+        F: FnOnce(u64, u64) -> Fut,
+        Fut: Future<Output = Result<Vec<Bytes>, E>>,
+    {
         let Some((first, last)) = self.blocks(offset, len) else {
-            return Ok(vec![fetch(offset, len).await?]);
+            return fetch(offset, len).await;
         };
         if let Some(hit) = self.lookup(offset, len, first, last) {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -206,14 +227,17 @@ impl ReadCache {
         let cover_offset = first * CACHE_BLOCK_BYTES;
         let cover_len = (last - first + 1) * CACHE_BLOCK_BYTES;
         let data = fetch(cover_offset, cover_len).await?;
-        if data.len() as u64 != cover_len {
+        if data.iter().map(|p| p.len() as u64).sum::<u64>() != cover_len {
             // The store broke its contract; hand back what it gave without keeping any of it
             // (the caller checks lengths and reports the store).
-            return Ok(vec![data]);
+            return Ok(data);
         }
         self.fill(first, &data, &gens);
-        let at = (offset - cover_offset) as usize;
-        Ok(vec![data.slice(at..at + len as usize)])
+        Ok(slice_pieces(
+            &data,
+            (offset - cover_offset) as usize,
+            len as usize,
+        ))
     }
 
     /// The whole range from memory as slices of the cached blocks, or None at the first
@@ -246,31 +270,17 @@ impl ReadCache {
         Some(blocks)
     }
 
-    /// Keeps the blocks of `data` (starting at block `first`) whose shard saw no write since
-    /// `gens` were read.
-    fn fill(&self, first: u64, data: &Bytes, gens: &[u64; CACHE_SHARD_COUNT]) {
-        let block_len = CACHE_BLOCK_BYTES as usize;
-        if data.len() == block_len {
-            // A whole-buffer block is kept as it is.
-            self.fill_shard(
-                shard_of(first),
-                std::iter::once((first, data.clone())),
-                gens,
-            );
-            return;
-        }
-        // Pieces of a larger read get their own buffers so one cached block does not pin the
-        // whole read's memory; they are copied before any lock is taken, then each shard's lock
-        // is taken once for all its blocks.
-        let count = data.len() / block_len;
-        let pieces: Vec<Bytes> = data
-            .chunks_exact(block_len)
-            .map(Bytes::copy_from_slice)
-            .collect();
+    /// Keeps the blocks of `data` (pieces that together start at block `first` and cover
+    /// whole blocks) whose shard saw no write since `gens` were read.
+    fn fill(&self, first: u64, data: &[Bytes], gens: &[u64; CACHE_SHARD_COUNT]) {
+        // Blocks are cut (copied, unless a piece is exactly one block) before any lock is
+        // taken, then each shard's lock is taken once for all its blocks.
+        let blocks = split_blocks(data, CACHE_BLOCK_BYTES as usize);
+        let count = blocks.len();
         for lead in 0..count.min(CACHE_SHARD_COUNT) {
             let mine = (lead..count)
                 .step_by(CACHE_SHARD_COUNT)
-                .map(|i| (first + i as u64, pieces[i].clone()));
+                .map(|i| (first + i as u64, blocks[i].clone()));
             self.fill_shard(shard_of(first + lead as u64), mine, gens);
         }
     }
@@ -400,6 +410,60 @@ impl ReadCache {
         self.end_write(ticket, &ranges, None);
         r
     }
+}
+
+/// `len` bytes from byte `at` of the concatenation of `pieces`, as slices of them (no copy).
+fn slice_pieces(pieces: &[Bytes], mut at: usize, len: usize) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(pieces.len());
+    let mut want = len;
+    for p in pieces {
+        if want == 0 {
+            break;
+        }
+        if at >= p.len() {
+            at -= p.len();
+            continue;
+        }
+        let take = (p.len() - at).min(want);
+        out.push(p.slice(at..at + take));
+        want -= take;
+        at = 0;
+    }
+    out
+}
+
+/// The concatenation of `pieces` cut into `block`-byte buffers (a trailing partial block is
+/// dropped). A piece that is exactly one block at a block boundary is kept as it is (its own
+/// buffer, as a member read of one block is); the rest are copied, so a cached block never pins
+/// a larger read buffer.
+fn split_blocks(pieces: &[Bytes], block: usize) -> Vec<Bytes> {
+    let total: usize = pieces.iter().map(Bytes::len).sum();
+    let mut out = Vec::with_capacity(total / block);
+    let mut partial = BytesMut::new();
+    for p in pieces {
+        if partial.is_empty() && p.len() == block {
+            out.push(p.clone());
+            continue;
+        }
+        let mut rest = &p[..];
+        while !rest.is_empty() {
+            if partial.is_empty() && rest.len() >= block {
+                out.push(Bytes::copy_from_slice(&rest[..block]));
+                rest = &rest[block..];
+                continue;
+            }
+            let take = (block - partial.len()).min(rest.len());
+            if partial.capacity() == 0 {
+                partial.reserve(block);
+            }
+            partial.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if partial.len() == block {
+                out.push(partial.split().freeze());
+            }
+        }
+    }
+    out
 }
 
 /// `pieces` (of `len` bytes in all) in one buffer: the piece itself when there is one.

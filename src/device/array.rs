@@ -108,10 +108,17 @@ impl BlockDevice for ArrayDevice {
     /// A cache hit as the cached blocks themselves (see [`ReadData`]).
     async fn read_data(&self, offset: u64, len: u32) -> DeviceResult<ReadData> {
         let Some(cache) = &self.cache else {
-            return self.read(offset, len).await.map(ReadData::from);
+            return self
+                .array
+                .read_pieces(offset, len as usize)
+                .await
+                .map(ReadData::from)
+                .map_err(dev_err);
         };
         cache
-            .read_pieces(offset, u64::from(len), |o, l| array_read(&self.array, o, l))
+            .read_pieces_from(offset, u64::from(len), |o, l| {
+                array_read_pieces(&self.array, o, l)
+            })
             .await
             .map(ReadData::from)
             .map_err(dev_err)
@@ -183,6 +190,11 @@ impl BlockDevice for ArrayDevice {
 /// An array read as the cache's fetch (lengths are at most a request's, so they fit in usize).
 async fn array_read(array: &Array, offset: u64, len: u64) -> Result<Bytes, ArrayError> {
     array.read(offset, len as usize).await
+}
+
+/// An array read as one buffer per chunk extent (no joining copy), as the cache's fetch.
+async fn array_read_pieces(array: &Array, offset: u64, len: u64) -> Result<Vec<Bytes>, ArrayError> {
+    array.read_pieces(offset, len as usize).await
 }
 
 /// Runs `op` (a zeroing or discard of `offset..offset+len`) with the cache's blocks of the range
@@ -279,11 +291,13 @@ impl Backing for ArrayBacking {
     }
 
     async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<Bytes>, BackingError> {
-        let Some(c) = &self.cache else {
-            return Ok(vec![self.read(offset, len).await?]);
-        };
         usize::try_from(len).map_err(|_| BackingError(format!("read of {len} bytes")))?;
-        c.read_pieces(offset, len, |o, l| array_read(&self.array, o, l))
+        let Some(c) = &self.cache else {
+            return array_read_pieces(&self.array, offset, len)
+                .await
+                .map_err(backing_err);
+        };
+        c.read_pieces_from(offset, len, |o, l| array_read_pieces(&self.array, o, l))
             .await
             .map_err(backing_err)
     }
