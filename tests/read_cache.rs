@@ -151,6 +151,40 @@ async fn acknowledged_write_wins_over_cached_block_before_and_after_cp() {
     );
 }
 
+/// A multi-block read of cached, clean blocks comes back as the cached blocks themselves; once a
+/// block of the range is dirty in NVRAM the read is the overlaid one, with the new data.
+#[tokio::test]
+async fn read_pieces_shares_cached_blocks_and_overlays_dirty_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, cache) = volume(dir.path(), 1 << 20).await;
+    for b in 0..4 {
+        vol.write(b * BLOCK_BYTES, block_bytes(b, 1)).await.unwrap();
+    }
+    vol.checkpoint().await.unwrap();
+    let expect = |versions: [u32; 4]| -> Vec<u8> {
+        (0..4u64)
+            .flat_map(|b| block_bytes(b, versions[b as usize]).to_vec())
+            .collect()
+    };
+    // Unaligned at both ends: the first and last pieces are trimmed.
+    let (offset, len) = (100, 4 * BLOCK_BYTES - 200);
+    let want = |versions| expect(versions)[100..100 + len as usize].to_vec();
+    vol.read_pieces(offset, len).await.unwrap();
+    let hit = vol.read_pieces(offset, len).await.unwrap();
+    assert_eq!(hit.len(), 4, "a hit is one piece per cached block");
+    assert_eq!(hit.concat(), want([1; 4]));
+    assert!(cache.stats().hits >= 1);
+    // Dirty in NVRAM only: the read overlays the index on the store.
+    vol.write(2 * BLOCK_BYTES, block_bytes(2, 2)).await.unwrap();
+    let dirty = vol.read_pieces(offset, len).await.unwrap();
+    assert_eq!(dirty.concat(), want([1, 1, 2, 1]));
+    // The pieces handed out before stay as they were.
+    assert_eq!(hit.concat(), want([1; 4]));
+    vol.checkpoint().await.unwrap();
+    let after = vol.read_pieces(offset, len).await.unwrap();
+    assert_eq!(after.concat(), want([1, 1, 2, 1]));
+}
+
 #[tokio::test]
 async fn zeroes_and_trims_through_a_cp_are_not_hidden_by_the_cache() {
     let dir = tempfile::tempdir().unwrap();
@@ -201,24 +235,41 @@ async fn concurrent_reads_writes_and_cps_never_return_older_than_acknowledged() 
         let (vol, acked) = (vol.clone(), acked.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = StdRng::seed_from_u64(100 + t);
-            for _ in 0..1600 {
-                let block = rng.gen_range(0..HOT_BLOCKS);
-                let floor = acked[block as usize].load(Ordering::SeqCst);
-                let got = vol.read(block * BLOCK_BYTES, BLOCK_BYTES).await.unwrap();
-                let v = if got.iter().all(|&b| b == 0) {
-                    0
+            for i in 0..1600 {
+                // Half the reads take the pieces path the NBD server uses (several blocks: a
+                // cache hit is the cached blocks themselves, shared, not a copy).
+                let blocks = if i % 2 == 0 { 1 } else { rng.gen_range(1..=3) };
+                let first = rng.gen_range(0..=HOT_BLOCKS - blocks);
+                let floors: Vec<u32> = (first..first + blocks)
+                    .map(|b| acked[b as usize].load(Ordering::SeqCst))
+                    .collect();
+                let (offset, len) = (first * BLOCK_BYTES, blocks * BLOCK_BYTES);
+                let got = if i % 2 == 0 {
+                    vol.read(offset, len).await.unwrap()
                 } else {
-                    version_of(&got)
+                    let pieces = vol.read_pieces(offset, len).await.unwrap();
+                    Bytes::from(pieces.concat())
                 };
-                assert!(
-                    v >= floor,
-                    "block {block}: read version {v}, but {floor} was acknowledged before the read"
-                );
-                assert_eq!(
-                    got,
-                    block_bytes(block, v),
-                    "block {block}: torn or foreign data"
-                );
+                assert_eq!(got.len() as u64, len);
+                for (k, floor) in floors.into_iter().enumerate() {
+                    let block = first + k as u64;
+                    let got = &got[k * BLOCK_BYTES as usize..(k + 1) * BLOCK_BYTES as usize];
+                    let v = if got.iter().all(|&b| b == 0) {
+                        0
+                    } else {
+                        version_of(got)
+                    };
+                    assert!(
+                        v >= floor,
+                        "block {block}: read version {v}, but {floor} was acknowledged before \
+                         the read"
+                    );
+                    assert_eq!(
+                        got,
+                        &block_bytes(block, v)[..],
+                        "block {block}: torn or foreign data"
+                    );
+                }
             }
         }));
     }
@@ -248,6 +299,17 @@ async fn concurrent_reads_writes_and_cps_never_return_older_than_acknowledged() 
             let got = vol.read(b * BLOCK_BYTES, BLOCK_BYTES).await.unwrap();
             assert_eq!(got, block_bytes(b, v), "block {b} after the final CP");
         }
+    }
+    // The hot blocks as one multi-block read, through the pieces path.
+    let pieces = vol.read_pieces(0, HOT_BLOCKS * BLOCK_BYTES).await.unwrap();
+    let joined = pieces.concat();
+    for b in 0..HOT_BLOCKS {
+        let at = (b * BLOCK_BYTES) as usize;
+        assert_eq!(
+            &joined[at..at + BLOCK_BYTES as usize],
+            &block_bytes(b, last[&b])[..],
+            "block {b} through read_pieces"
+        );
     }
     let st = cache.stats();
     eprintln!("cache: {st:?}");

@@ -24,6 +24,11 @@ pub trait Backing: Send + Sync + 'static {
         None
     }
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError>;
+    /// The same bytes as [`Backing::read`], in order, possibly in several pieces (a read cache's
+    /// blocks, shared rather than copied into one buffer). The default is `read` in one piece.
+    async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<Bytes>, BackingError> {
+        Ok(vec![self.read(offset, len).await?])
+    }
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError>;
     /// Writes several non-overlapping pieces, in any order. A RAID 5/6 store plans the pieces
     /// that share a stripe together (one parity update per block column instead of one
@@ -105,6 +110,9 @@ impl<T: Backing> Backing for Arc<T> {
     }
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
         (**self).read(offset, len).await
+    }
+    async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<Bytes>, BackingError> {
+        (**self).read_pieces(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
         (**self).write(offset, data).await

@@ -963,6 +963,26 @@ impl<B: Backing> Shared<B> {
         Ok(out.freeze())
     }
 
+    /// [`Shared::read`] as pieces: a range the dirty index does not touch is the store's pieces
+    /// as they are (a read cache's blocks, sent without joining them); anything else is the
+    /// overlaid read in one piece. The index check and the store read are ordered exactly as
+    /// in `read`, so a piece is never older than the index was when the read began.
+    async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<Bytes>, JournalError> {
+        self.check_range(offset, len)?;
+        let all_clean = {
+            let st = self.lock();
+            st.check_not_damaged()?;
+            st.index.is_clean(offset, len)
+        };
+        if !all_clean {
+            return Ok(vec![self.read(offset, len).await?]);
+        }
+        self.backing
+            .read_pieces(offset, len)
+            .await
+            .map_err(backing_err("read", offset))
+    }
+
     /// The highest seq known to survive the loss of this host's power (module doc).
     fn durable_seq(&self, st: &State) -> u64 {
         let partner = self.mirror.partner_durable_seq().unwrap_or(0);
@@ -1719,6 +1739,12 @@ impl<B: Backing> JournaledVolume<B> {
     /// Reads, overlaying the dirty index on the store.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, JournalError> {
         self.shared.read(offset, len).await
+    }
+
+    /// The same bytes as [`JournaledVolume::read`], in order, possibly in several shared pieces
+    /// (the store's cached blocks when the dirty index holds none of the range).
+    pub async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<Bytes>, JournalError> {
+        self.shared.read_pieces(offset, len).await
     }
 
     /// FLUSH: returns once every write journaled before it survives the loss of this host's

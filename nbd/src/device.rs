@@ -7,6 +7,8 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::readdata::ReadData;
+
 /// Errors a device reports; the server maps each to an NBD error code.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -104,6 +106,14 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn caps(&self) -> DeviceCaps;
 
     async fn read(&self, offset: u64, len: u32) -> DeviceResult<Bytes>;
+
+    /// The same bytes as [`BlockDevice::read`], possibly as several shared buffers (a read
+    /// cache's blocks) that the server writes to the socket with one vectored write instead of
+    /// copying them into one buffer first. The pieces must not change once returned (they are
+    /// `Bytes`, so they cannot). The default is `read` as one piece.
+    async fn read_data(&self, offset: u64, len: u32) -> DeviceResult<ReadData> {
+        self.read(offset, len).await.map(ReadData::from)
+    }
 
     /// Write `data` at `offset`. With `fua` the data is durable when this returns.
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()>;

@@ -8,7 +8,8 @@
 //! - [`export`]: the export registry and per-export counters;
 //! - [`server`]: accept loops and the per-connection task;
 //! - [`buffer`]: the per-connection pool of write-payload buffers;
-//! - [`device`]: the `BlockDevice` trait; [`mem`]: an in-memory device for tests and examples;
+//! - [`device`]: the `BlockDevice` trait; [`readdata`]: a read's payload as one or several
+//!   shared buffers; [`mem`]: an in-memory device for tests and examples;
 //! - [`access`]: client identity and per-export allow-lists; [`tls`]: TLS settings from PEM
 //!   files; [`cert`]: the certificate name an allow-list matches; [`transport`]: the streams a
 //!   connection runs on (TCP, Unix, TLS);
@@ -46,6 +47,7 @@ pub mod mem;
 pub mod metrics;
 pub mod proto;
 pub mod ratelimit;
+pub mod readdata;
 pub mod reply;
 pub mod server;
 pub mod tls;
@@ -57,5 +59,6 @@ pub use access::{Access, ClientInfo, IpNet};
 pub use device::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, Extent, ZeroFlags};
 pub use error::ConnectionError;
 pub use export::{Export, ExportError, ExportInfo, ExportStatsSnapshot};
+pub use readdata::ReadData;
 pub use server::{Server, ServerConfig, MAX_REQUEST_BYTES_LIMIT};
 pub use tls::{TlsError, TlsRequirement, TlsSettings};

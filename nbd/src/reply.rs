@@ -9,10 +9,11 @@
 
 use std::borrow::Cow;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::proto::*;
+use crate::readdata::ReadData;
 
 /// One extent of `base:allocation`, already clipped to the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,8 +26,8 @@ pub struct StatusDescriptor {
 pub enum ReplyBody {
     /// Success without payload.
     Done,
-    /// Read data for `[offset, offset + data.len())`.
-    Data { offset: u64, data: Bytes },
+    /// Read data for `[offset, offset + data.len())`, in one or several shared buffers.
+    Data { offset: u64, data: ReadData },
     /// A failed request. `offset` marks where a read failed (`ERROR_OFFSET`), when known.
     Error {
         errno: u32,
@@ -51,8 +52,8 @@ pub struct Reply {
 }
 
 /// Encodes everything but the read payload into `head`, and returns the payload (if any) so the
-/// writer can hand it to the socket without another copy.
-pub fn encode(reply: &Reply, structured: bool, head: &mut BytesMut) -> Option<Bytes> {
+/// writer can hand its pieces to the socket without another copy.
+pub fn encode<'r>(reply: &'r Reply, structured: bool, head: &mut BytesMut) -> Option<&'r ReadData> {
     match &reply.body {
         ReplyBody::Done => {
             if structured && reply.command == NBD_CMD_READ {
@@ -81,7 +82,7 @@ pub fn encode(reply: &Reply, structured: bool, head: &mut BytesMut) -> Option<By
             } else {
                 put_simple_reply(head, 0, reply.cookie);
             }
-            Some(data.clone())
+            Some(data)
         }
         ReplyBody::Error {
             errno,
@@ -138,6 +139,7 @@ pub fn encode(reply: &Reply, structured: bool, head: &mut BytesMut) -> Option<By
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn reply(command: u16, body: ReplyBody) -> Reply {
         Reply {
@@ -155,7 +157,7 @@ mod tests {
             NBD_CMD_READ,
             ReplyBody::Data {
                 offset: 512,
-                data: Bytes::from_static(b"abcd"),
+                data: Bytes::from_static(b"abcd").into(),
             },
         );
         let payload = encode(&r, false, &mut head).unwrap();
@@ -163,7 +165,7 @@ mod tests {
         assert_eq!(&head[0..4], &NBD_SIMPLE_REPLY_MAGIC.to_be_bytes());
         assert_eq!(&head[4..8], &[0, 0, 0, 0]);
         assert_eq!(&head[8..16], &0x1122_3344_5566_7788u64.to_be_bytes());
-        assert_eq!(&payload[..], b"abcd");
+        assert_eq!(&payload.to_contiguous()[..], b"abcd");
     }
 
     #[test]
@@ -173,7 +175,7 @@ mod tests {
             NBD_CMD_READ,
             ReplyBody::Data {
                 offset: 512,
-                data: Bytes::from_static(b"abcd"),
+                data: Bytes::from_static(b"abcd").into(),
             },
         );
         encode(&r, true, &mut head).unwrap();
@@ -182,6 +184,29 @@ mod tests {
         assert_eq!(&head[6..8], &NBD_REPLY_TYPE_OFFSET_DATA.to_be_bytes());
         assert_eq!(&head[16..20], &12u32.to_be_bytes());
         assert_eq!(&head[20..28], &512u64.to_be_bytes());
+    }
+
+    #[test]
+    fn structured_read_reply_length_counts_every_piece() {
+        let mut head = BytesMut::new();
+        let r = reply(
+            NBD_CMD_READ,
+            ReplyBody::Data {
+                offset: 0,
+                data: ReadData::Pieces(vec![
+                    Bytes::from(vec![1u8; 4096]),
+                    Bytes::from(vec![2u8; 100]),
+                ]),
+            },
+        );
+        let payload = encode(&r, true, &mut head).unwrap();
+        assert_eq!(&head[16..20], &(8u32 + 4196).to_be_bytes());
+        assert_eq!(head.len(), STRUCTURED_REPLY_HEADER_BYTES + 8);
+        assert_eq!(
+            payload.pieces().len(),
+            2,
+            "the pieces are handed over, not joined"
+        );
     }
 
     #[test]

@@ -74,6 +74,34 @@ async fn member_unreadable_mid_workload_is_failed_and_reads_reconstruct() {
     assert!(st.events > 1);
 }
 
+/// `read_pieces` returns one buffer per chunk extent, which together are exactly what `read`
+/// returns, healthy and degraded (a reconstructed chunk is a piece too).
+#[tokio::test]
+async fn read_pieces_are_one_buffer_per_chunk_extent_and_join_to_read() {
+    let ms = mems("p", 4, 1 << 20);
+    let a = Array::create("r5", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
+    let data = pattern(a.size() as usize, 5);
+    a.write(0, Bytes::from(data.clone())).await.unwrap();
+    // Unaligned at both ends, across three chunk boundaries: five extents.
+    let (at, len) = (CHUNK_BYTES as usize - 100, 3 * CHUNK_BYTES as usize + 200);
+    for degraded in [false, true] {
+        if degraded {
+            ms[2].fail_reads(true);
+        }
+        let pieces = a.read_pieces(at as u64, len).await.unwrap();
+        let lens: Vec<usize> = pieces.iter().map(Bytes::len).collect();
+        let c = CHUNK_BYTES as usize;
+        assert_eq!(lens, [100, c, c, c, 100], "degraded: {degraded}");
+        assert!(
+            pieces.concat() == data[at..at + len],
+            "degraded: {degraded}"
+        );
+        assert!(a.read(at as u64, len).await.unwrap()[..] == data[at..at + len]);
+    }
+}
+
 #[tokio::test]
 async fn too_many_failures_give_errors_never_wrong_data() {
     let ms = mems("d", 4, 1 << 20);

@@ -40,7 +40,7 @@ pub mod hasher;
 pub mod policy;
 pub mod s3fifo;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use policy::BlockPolicy;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -176,6 +176,44 @@ impl ReadCache {
         F: FnOnce(u64, u64) -> Fut,
         Fut: Future<Output = Result<Bytes, E>>,
     {
+        Ok(join(self.read_pieces(offset, len, fetch).await?, len))
+    }
+
+    /// [`ReadCache::read`] without joining: a hit is the cached blocks themselves (the first
+    /// and last trimmed to the range), shared with the cache, in order; a miss is one piece.
+    /// The pieces are immutable: a write that replaces or removes a block afterwards leaves a
+    /// piece already handed out as it was (the same as a copy taken at lookup time).
+    pub async fn read_pieces<F, Fut, E>(
+        &self,
+        offset: u64,
+        len: u64,
+        fetch: F,
+    ) -> Result<Vec<Bytes>, E>
+    where
+        F: FnOnce(u64, u64) -> Fut,
+        Fut: Future<Output = Result<Bytes, E>>,
+    {
+        self.read_pieces_from(
+            offset,
+            len,
+            |o, l| async move { Ok(vec![fetch(o, l).await?]) },
+        )
+        .await
+    }
+
+    /// [`ReadCache::read_pieces`] over a store that answers in pieces too (a RAID array's
+    /// per-chunk buffers): a miss hands the store's pieces on without joining them, and the
+    /// blocks kept are copied out of them (a piece that is exactly one block is kept as it is).
+    pub async fn read_pieces_from<F, Fut, E>(
+        &self,
+        offset: u64,
+        len: u64,
+        fetch: F,
+    ) -> Result<Vec<Bytes>, E>
+    where
+        F: FnOnce(u64, u64) -> Fut,
+        Fut: Future<Output = Result<Vec<Bytes>, E>>,
+    {
         let Some((first, last)) = self.blocks(offset, len) else {
             return fetch(offset, len).await;
         };
@@ -189,72 +227,60 @@ impl ReadCache {
         let cover_offset = first * CACHE_BLOCK_BYTES;
         let cover_len = (last - first + 1) * CACHE_BLOCK_BYTES;
         let data = fetch(cover_offset, cover_len).await?;
-        if data.len() as u64 != cover_len {
+        if data.iter().map(|p| p.len() as u64).sum::<u64>() != cover_len {
             // The store broke its contract; hand back what it gave without keeping any of it
             // (the caller checks lengths and reports the store).
             return Ok(data);
         }
         self.fill(first, &data, &gens);
-        let at = (offset - cover_offset) as usize;
-        Ok(data.slice(at..at + len as usize))
+        Ok(slice_pieces(
+            &data,
+            (offset - cover_offset) as usize,
+            len as usize,
+        ))
     }
 
-    /// The whole range from memory, or None at the first missing block.
-    fn lookup(&self, offset: u64, len: u64, first: u64, last: u64) -> Option<Bytes> {
+    /// The whole range from memory as slices of the cached blocks, or None at the first
+    /// missing block.
+    fn lookup(&self, offset: u64, len: u64, first: u64, last: u64) -> Option<Vec<Bytes>> {
         let at = (offset - first * CACHE_BLOCK_BYTES) as usize;
         if first == last {
-            // One block: a slice of the cached buffer, no copy.
             let block = lock(&self.shards[shard_of(first)].policy)
                 .get(first)?
                 .clone();
-            return Some(block.slice(at..at + len as usize));
+            return Some(vec![block.slice(at..at + len as usize)]);
         }
         // Each shard's lock is taken once for all its blocks (a 1 MiB read is 256 blocks over
-        // 16 shards), and only to take a reference to each block: the copy into the reply
-        // happens after, without any lock.
+        // 16 shards), and only to take a reference to each block.
         let count = (last - first + 1) as usize;
-        let mut blocks: Vec<Option<Bytes>> = vec![None; count];
+        let mut blocks: Vec<Bytes> = vec![Bytes::new(); count];
         for lead in first..=last.min(first + CACHE_SHARD_COUNT as u64 - 1) {
             let p = lock(&self.shards[shard_of(lead)].policy);
             for b in (lead..=last).step_by(CACHE_SHARD_COUNT) {
-                blocks[(b - first) as usize] = Some(p.get(b)?.clone());
+                blocks[(b - first) as usize] = p.get(b)?.clone();
             }
         }
-        let mut out = BytesMut::with_capacity(len as usize);
-        let mut skip = at;
-        for block in blocks.iter().flatten() {
-            let want = (len as usize - out.len()).min(block.len() - skip);
-            out.extend_from_slice(&block[skip..skip + want]);
-            skip = 0;
+        let end = at + len as usize - (count - 1) * CACHE_BLOCK_BYTES as usize;
+        if let Some(tail) = blocks.last_mut() {
+            tail.truncate(end);
         }
-        Some(out.freeze())
+        if let Some(head) = blocks.first_mut() {
+            head.advance(at);
+        }
+        Some(blocks)
     }
 
-    /// Keeps the blocks of `data` (starting at block `first`) whose shard saw no write since
-    /// `gens` were read.
-    fn fill(&self, first: u64, data: &Bytes, gens: &[u64; CACHE_SHARD_COUNT]) {
-        let block_len = CACHE_BLOCK_BYTES as usize;
-        if data.len() == block_len {
-            // A whole-buffer block is kept as it is.
-            self.fill_shard(
-                shard_of(first),
-                std::iter::once((first, data.clone())),
-                gens,
-            );
-            return;
-        }
-        // Pieces of a larger read get their own buffers so one cached block does not pin the
-        // whole read's memory; they are copied before any lock is taken, then each shard's lock
-        // is taken once for all its blocks.
-        let count = data.len() / block_len;
-        let pieces: Vec<Bytes> = data
-            .chunks_exact(block_len)
-            .map(Bytes::copy_from_slice)
-            .collect();
+    /// Keeps the blocks of `data` (pieces that together start at block `first` and cover
+    /// whole blocks) whose shard saw no write since `gens` were read.
+    fn fill(&self, first: u64, data: &[Bytes], gens: &[u64; CACHE_SHARD_COUNT]) {
+        // Blocks are cut (copied, unless a piece is exactly one block) before any lock is
+        // taken, then each shard's lock is taken once for all its blocks.
+        let blocks = split_blocks(data, CACHE_BLOCK_BYTES as usize);
+        let count = blocks.len();
         for lead in 0..count.min(CACHE_SHARD_COUNT) {
             let mine = (lead..count)
                 .step_by(CACHE_SHARD_COUNT)
-                .map(|i| (first + i as u64, pieces[i].clone()));
+                .map(|i| (first + i as u64, blocks[i].clone()));
             self.fill_shard(shard_of(first + lead as u64), mine, gens);
         }
     }
@@ -384,6 +410,72 @@ impl ReadCache {
         self.end_write(ticket, &ranges, None);
         r
     }
+}
+
+/// `len` bytes from byte `at` of the concatenation of `pieces`, as slices of them (no copy).
+fn slice_pieces(pieces: &[Bytes], mut at: usize, len: usize) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(pieces.len());
+    let mut want = len;
+    for p in pieces {
+        if want == 0 {
+            break;
+        }
+        if at >= p.len() {
+            at -= p.len();
+            continue;
+        }
+        let take = (p.len() - at).min(want);
+        out.push(p.slice(at..at + take));
+        want -= take;
+        at = 0;
+    }
+    out
+}
+
+/// The concatenation of `pieces` cut into `block`-byte buffers (a trailing partial block is
+/// dropped). A piece that is exactly one block at a block boundary is kept as it is (its own
+/// buffer, as a member read of one block is); the rest are copied, so a cached block never pins
+/// a larger read buffer.
+fn split_blocks(pieces: &[Bytes], block: usize) -> Vec<Bytes> {
+    let total: usize = pieces.iter().map(Bytes::len).sum();
+    let mut out = Vec::with_capacity(total / block);
+    let mut partial = BytesMut::new();
+    for p in pieces {
+        if partial.is_empty() && p.len() == block {
+            out.push(p.clone());
+            continue;
+        }
+        let mut rest = &p[..];
+        while !rest.is_empty() {
+            if partial.is_empty() && rest.len() >= block {
+                out.push(Bytes::copy_from_slice(&rest[..block]));
+                rest = &rest[block..];
+                continue;
+            }
+            let take = (block - partial.len()).min(rest.len());
+            if partial.capacity() == 0 {
+                partial.reserve(block);
+            }
+            partial.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if partial.len() == block {
+                out.push(partial.split().freeze());
+            }
+        }
+    }
+    out
+}
+
+/// `pieces` (of `len` bytes in all) in one buffer: the piece itself when there is one.
+fn join(mut pieces: Vec<Bytes>, len: u64) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.pop().unwrap_or_default();
+    }
+    let mut out = BytesMut::with_capacity(len as usize);
+    for p in &pieces {
+        out.extend_from_slice(p);
+    }
+    out.freeze()
 }
 
 fn mark_touched(touched: &mut [bool; CACHE_SHARD_COUNT], offset: u64, len: u64) {

@@ -63,6 +63,123 @@ async fn multi_block_read_hits_after_fill() {
     assert_eq!(again[B as usize - 10..], [2; 10]);
 }
 
+async fn read_pieces(c: &ReadCache, s: &Store, offset: u64, len: u64) -> Vec<Bytes> {
+    c.read_pieces(offset, len, |o, l| async move { Ok::<_, ()>(s.read(o, l)) })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn hit_pieces_are_the_cached_blocks_trimmed_to_the_range() {
+    let s = Store::new(64);
+    for b in 0..4u8 {
+        s.write(u64::from(b) * B, &[b + 1; 4096]);
+    }
+    let c = cache(256, 64);
+    let miss = read_pieces(&c, &s, 10, 3 * B).await;
+    assert_eq!(miss.len(), 1, "a miss is the store's one buffer");
+    let hit = read_pieces(&c, &s, 10, 3 * B).await;
+    assert_eq!(c.stats().hits, 1);
+    let lens: Vec<usize> = hit.iter().map(Bytes::len).collect();
+    assert_eq!(lens, [4086, 4096, 4096, 10]);
+    assert_eq!(hit.concat(), miss[0]);
+    // The pieces are the cached blocks' memory, not copies.
+    let cached = lock(&c.shards[shard_of(1)].policy).get(1).cloned().unwrap();
+    assert_eq!(hit[1].as_ptr(), cached.as_ptr());
+}
+
+#[tokio::test]
+async fn handed_out_pieces_keep_their_bytes_when_a_write_replaces_the_block() {
+    let s = Store::new(64);
+    let c = cache(256, 64);
+    read_pieces(&c, &s, 0, 2 * B).await;
+    let before = read_pieces(&c, &s, 0, 2 * B).await;
+    assert_eq!(before.len(), 2);
+    let new = filled(9, 2 * B);
+    c.write(0, &new, async {
+        s.write(0, &new);
+        Ok::<_, ()>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        before.concat(),
+        vec![0; 2 * B as usize],
+        "a piece changed under its reader"
+    );
+    assert_eq!(read_pieces(&c, &s, 0, 2 * B).await.concat(), new);
+}
+
+#[test]
+fn slice_pieces_spans_piece_boundaries_without_copying() {
+    let pieces = [
+        Bytes::from_static(b"abcd"),
+        Bytes::from_static(b"efg"),
+        Bytes::from_static(b"hijkl"),
+    ];
+    let got = slice_pieces(&pieces, 2, 7);
+    assert_eq!(got.concat(), b"cdefghi");
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[1].as_ptr(), pieces[1].as_ptr());
+    assert_eq!(slice_pieces(&pieces, 4, 3).concat(), b"efg");
+    assert!(slice_pieces(&pieces, 12, 0).is_empty());
+}
+
+#[test]
+fn split_blocks_keeps_whole_block_pieces_and_copies_the_rest() {
+    let one = Bytes::from(vec![1u8; 8]);
+    // A piece straddling blocks, then a block-sized piece at a block boundary.
+    let pieces = [
+        Bytes::from(vec![2u8; 12]),
+        Bytes::from(vec![3u8; 4]),
+        one.clone(),
+    ];
+    let blocks = split_blocks(&pieces, 8);
+    let joined: Vec<u8> = pieces.iter().flat_map(|p| p.to_vec()).collect();
+    assert_eq!(blocks.len(), 3);
+    assert!(blocks.iter().all(|b| b.len() == 8));
+    assert_eq!(blocks.concat(), joined);
+    assert_eq!(
+        blocks[2].as_ptr(),
+        one.as_ptr(),
+        "the block-sized piece was copied"
+    );
+    // A block-sized piece that is not at a block boundary is copied into place.
+    let odd = [
+        Bytes::from(vec![4u8; 4]),
+        one.clone(),
+        Bytes::from(vec![5u8; 4]),
+    ];
+    let blocks = split_blocks(&odd, 8);
+    assert_eq!(blocks.concat(), odd.concat());
+    assert_ne!(blocks[1].as_ptr(), one.as_ptr());
+}
+
+#[tokio::test]
+async fn miss_from_a_pieced_store_hands_on_its_pieces_and_fills_every_block() {
+    let s = Store::new(64);
+    for b in 0..6u8 {
+        s.write(u64::from(b) * B, &[b + 1; 4096]);
+    }
+    let c = cache(256, 64);
+    // The store answers in two pieces split mid-block (as chunk extents need not be blocks).
+    let fetch = |o: u64, l: u64| {
+        let all = s.read(o, l);
+        let cut = (B + B / 2) as usize;
+        async move { Ok::<_, ()>(vec![all.slice(..cut), all.slice(cut..)]) }
+    };
+    let miss = c.read_pieces_from(100, 5 * B, fetch).await.unwrap();
+    assert_eq!(
+        miss.len(),
+        2,
+        "a miss is the store's pieces, not a joined copy"
+    );
+    assert_eq!(miss.concat(), s.read(100, 5 * B).to_vec());
+    let hit = read_pieces(&c, &s, 0, 6 * B).await;
+    assert_eq!(c.stats().hits, 1, "every block of the miss was kept");
+    assert_eq!(hit.concat(), s.read(0, 6 * B).to_vec());
+}
+
 #[tokio::test]
 async fn write_replaces_cached_block() {
     let s = Store::new(64);
@@ -261,7 +378,7 @@ proptest! {
                 Step::ReadFill => {
                     if !reads.is_empty() {
                         let (block, gens, data) = reads.remove(0);
-                        c.fill(block, &data, &gens);
+                        c.fill(block, std::slice::from_ref(&data), &gens);
                     }
                 }
                 Step::WriteBegin { block, len_blocks, byte } => {
@@ -292,6 +409,11 @@ proptest! {
                     if let Some(v) = cached {
                         prop_assert_eq!(v, s.read(b * B, B), "block {} stale", b);
                     }
+                }
+                // A hit over several blocks (the pieces the NBD server sends) equals the store.
+                let (offset, len) = (B / 2, 3 * B);
+                if let Some(pieces) = c.lookup(offset, len, 0, 3) {
+                    prop_assert_eq!(pieces.concat(), s.read(offset, len).to_vec());
                 }
             }
         }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
 use twinblock_journal::{Backing, BackingError, PplLog, StoreMark};
-use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, ZeroFlags};
+use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, ReadData, ZeroFlags};
 use twinblock_raid::array::{Array, ArrayError, PartialParityLog};
 
 /// A write refused by the HA fence, as the I/O error clients and the journal see
@@ -105,6 +105,25 @@ impl BlockDevice for ArrayDevice {
             .map_err(dev_err)
     }
 
+    /// A cache hit as the cached blocks themselves (see [`ReadData`]).
+    async fn read_data(&self, offset: u64, len: u32) -> DeviceResult<ReadData> {
+        let Some(cache) = &self.cache else {
+            return self
+                .array
+                .read_pieces(offset, len as usize)
+                .await
+                .map(ReadData::from)
+                .map_err(dev_err);
+        };
+        cache
+            .read_pieces_from(offset, u64::from(len), |o, l| {
+                array_read_pieces(&self.array, o, l)
+            })
+            .await
+            .map(ReadData::from)
+            .map_err(dev_err)
+    }
+
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
@@ -171,6 +190,11 @@ impl BlockDevice for ArrayDevice {
 /// An array read as the cache's fetch (lengths are at most a request's, so they fit in usize).
 async fn array_read(array: &Array, offset: u64, len: u64) -> Result<Bytes, ArrayError> {
     array.read(offset, len as usize).await
+}
+
+/// An array read as one buffer per chunk extent (no joining copy), as the cache's fetch.
+async fn array_read_pieces(array: &Array, offset: u64, len: u64) -> Result<Vec<Bytes>, ArrayError> {
+    array.read_pieces(offset, len as usize).await
 }
 
 /// Runs `op` (a zeroing or discard of `offset..offset+len`) with the cache's blocks of the range
@@ -264,6 +288,18 @@ impl Backing for ArrayBacking {
             None => array_read(&self.array, offset, len).await,
         }
         .map_err(backing_err)
+    }
+
+    async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<Bytes>, BackingError> {
+        usize::try_from(len).map_err(|_| BackingError(format!("read of {len} bytes")))?;
+        let Some(c) = &self.cache else {
+            return array_read_pieces(&self.array, offset, len)
+                .await
+                .map_err(backing_err);
+        };
+        c.read_pieces_from(offset, len, |o, l| array_read_pieces(&self.array, o, l))
+            .await
+            .map_err(backing_err)
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {

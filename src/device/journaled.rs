@@ -5,7 +5,7 @@ use super::array::{array_caps, check_gate, ArrayBacking};
 use async_trait::async_trait;
 use bytes::Bytes;
 use twinblock_journal::{JournalError, JournaledVolume};
-use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, ZeroFlags};
+use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, ReadData, ZeroFlags};
 
 fn dev_err(e: JournalError) -> DeviceError {
     DeviceError::Io(std::io::Error::other(e))
@@ -51,6 +51,15 @@ impl BlockDevice for JournaledDevice {
         self.volume
             .read(offset, u64::from(len))
             .await
+            .map_err(dev_err)
+    }
+
+    /// Clean ranges come back as the read cache's blocks, sent without joining them.
+    async fn read_data(&self, offset: u64, len: u32) -> DeviceResult<ReadData> {
+        self.volume
+            .read_pieces(offset, u64::from(len))
+            .await
+            .map(ReadData::from)
             .map_err(dev_err)
     }
 

@@ -313,6 +313,11 @@ impl Array {
         self.inner.read(offset, len as u64).await
     }
 
+    /// The bytes of [`Array::read`] as one buffer per chunk extent, in order (no joining copy).
+    pub async fn read_pieces(&self, offset: u64, len: usize) -> Result<Vec<Bytes>> {
+        self.inner.read_pieces(offset, len as u64).await
+    }
+
     /// Writes `data` at `offset`.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
         self.inner.write(offset, data).await

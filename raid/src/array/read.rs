@@ -44,6 +44,19 @@ impl Inner {
         Ok(out.freeze())
     }
 
+    /// [`Inner::read`] without joining: one buffer per extent (each member read's own aligned
+    /// buffer), in order. A caller that sends or splits the bytes anyway (the NBD reply, the
+    /// read cache's blocks) saves copying a large read into one buffer first.
+    pub(super) async fn read_pieces(self: &Arc<Self>, offset: u64, len: u64) -> Result<Vec<Bytes>> {
+        self.check_range(offset, len)?;
+        self.check_failed()?;
+        let exts = self.geo.extents(offset, len);
+        if exts.len() == 1 {
+            return Ok(vec![self.read_extent(exts[0]).await?]);
+        }
+        try_join_all(exts.iter().map(|e| self.read_extent(*e))).await
+    }
+
     pub(super) async fn read_extent(self: &Arc<Self>, e: Extent) -> Result<Bytes> {
         for _attempt in 0..=self.geo.members {
             self.check_failed()?;
