@@ -389,6 +389,15 @@ impl<B: Backing> Drop for ShipList<'_, B> {
     }
 }
 
+/// What [`Shared::append_record`] does when the log is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WhenFull {
+    /// Wait for a CP to free space, then append.
+    Wait,
+    /// Return `None` at once (a large write lets go of the CP gate first, then waits).
+    Return,
+}
+
 /// What [`State::append`] did.
 enum Appended {
     /// The record is in the log: its seq and log offset.
@@ -656,6 +665,8 @@ struct Shared<B: Backing> {
     persistence: PersistenceMode,
     /// A record persisted in the own NVRAM survives the loss of this host's power.
     local_durable: bool,
+    /// The NVRAM is on tmpfs/ramfs: none of its records survives this host's power loss.
+    nvram_lost_with_power: bool,
     state: Mutex<State>,
     /// `msync` mode: the log's group-commit thread.
     group: Option<Arc<GroupCommit>>,
@@ -705,7 +716,54 @@ impl<B: Backing> Shared<B> {
         payload: &[u8],
         ship: &mut Vec<Shipped>,
     ) -> Result<u64, JournalError> {
+        let appended = self
+            .append_record(
+                kind,
+                offset,
+                length,
+                payload,
+                ship,
+                WhenFull::Wait,
+                |st, seq, log_offset| {
+                    let data = match kind {
+                        RecordKind::Write => ExtentData::Nvram {
+                            log_offset: log_offset + RECORD_HEADER_BYTES as u64,
+                        },
+                        RecordKind::Zero => ExtentData::Zero,
+                        _ => ExtentData::Trim,
+                    };
+                    st.index.insert(
+                        offset,
+                        Extent {
+                            len: length,
+                            seq,
+                            data,
+                        },
+                    );
+                },
+            )
+            .await?;
+        // `WhenFull::Wait` returns only with a record appended.
+        appended.ok_or(JournalError::ShutDown)
+    }
+
+    /// Appends one record of `kind` (the one append loop of data and STORED records): retries
+    /// while the group commit is behind; when the log is full, waits for a CP to free space
+    /// (`WhenFull::Wait`) or returns `None` (`WhenFull::Return`: the caller asks for that CP).
+    /// `indexed` updates the dirty index under the same hold of the lock as the append.
+    #[allow(clippy::too_many_arguments)]
+    async fn append_record(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        ship: &mut Vec<Shipped>,
+        when_full: WhenFull,
+        indexed: impl FnOnce(&mut State, u64, u64),
+    ) -> Result<Option<u64>, JournalError> {
         let copy = self.mirror.enabled();
+        let mut indexed = Some(indexed);
         // Armed only once the log was found full (registering with `space_freed` costs two
         // lock round trips, paid per write when done up front); the look after arming decides.
         let mut space_waiter: Option<Pin<Box<Notified<'_>>>> = None;
@@ -734,36 +792,27 @@ impl<B: Backing> Shared<B> {
                     at: log_offset,
                 } = appended
                 {
-                    let data = match kind {
-                        RecordKind::Write => ExtentData::Nvram {
-                            log_offset: log_offset + RECORD_HEADER_BYTES as u64,
-                        },
-                        RecordKind::Zero => ExtentData::Zero,
-                        _ => ExtentData::Trim,
-                    };
-                    st.index.insert(
-                        offset,
-                        Extent {
-                            len: length,
-                            seq,
-                            data,
-                        },
-                    );
+                    if let Some(f) = indexed.take() {
+                        f(&mut st, seq, log_offset);
+                    }
                     st.last_data_seq = seq;
                     let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
                     if fill_percent >= u64::from(self.config.cp_fill_percent) {
                         self.cp_wanted.notify_one();
                     }
-                    return Ok(seq);
+                    return Ok(Some(seq));
                 }
                 if matches!(appended, Appended::LogFull) {
                     if let Some(e) = &st.last_cp_error {
                         // The log is full and CPs fail: report instead of waiting indefinitely.
                         return Err(JournalError::CpFailed { message: e.clone() });
                     }
-                    if space_waiter.is_some() {
+                    if space_waiter.is_some() || when_full == WhenFull::Return {
                         st.writer_waits += 1;
                         st.space_wanted = true;
+                    }
+                    if when_full == WhenFull::Return {
+                        return Ok(None);
                     }
                     None
                 } else {
@@ -833,14 +882,19 @@ impl<B: Backing> Shared<B> {
         Ok((seq, ship.send().await))
     }
 
-    /// Journals `data` (its whole stripes may bypass the log: see `bypass`); returns the
-    /// newest seq of its records.
-    async fn write(&self, offset: u64, data: Bytes) -> Result<u64, JournalError> {
+    /// Journals `data` (its whole stripes may bypass the log: see `bypass`); says which seqs
+    /// it got and whether part of it bypassed.
+    async fn write(&self, offset: u64, data: Bytes) -> Result<bypass::Written, JournalError> {
         self.check_range(offset, data.len() as u64)?;
         if let Some(split) = self.bypass_split(offset, data.len() as u64) {
             return self.write_split(offset, data, split).await;
         }
-        self.write_journaled(offset, data).await
+        let seq = self.write_journaled(offset, data).await?;
+        Ok(bypass::Written {
+            seq,
+            journaled_seq: seq,
+            stored: false,
+        })
     }
 
     /// Journals `data` record by record; returns the seq of its last record.
@@ -1582,6 +1636,7 @@ impl<B: Backing> JournaledVolume<B> {
             size,
             persistence: nvram.persistence(),
             local_durable: nvram.survives_power_loss(),
+            nvram_lost_with_power: nvram.lost_with_power(),
             group: group.clone(),
             state: Mutex::new(State {
                 cursor,
@@ -1664,10 +1719,14 @@ impl<B: Backing> JournaledVolume<B> {
     }
 
     /// A write with FUA: returns once `data` survives the loss of this host's power (as a
-    /// write followed by a FLUSH covering only it).
+    /// write followed by a FLUSH covering only it). A write that bypassed the log entirely
+    /// needs no CP for that: its bytes are on the disks once a store flush covers them; on a
+    /// lone volume whose NVRAM does not survive power loss, its STORED record is then no more
+    /// durable than the NVRAM, and nothing older that a recovery could redo over the range
+    /// survives either (see `bypass`).
     pub async fn write_fua(&self, offset: u64, data: Bytes) -> Result<(), JournalError> {
-        let seq = self.shared.write(offset, data).await?;
-        self.shared.wait_durable(seq).await
+        let written = self.shared.write(offset, data).await?;
+        self.shared.make_durable(written).await
     }
 
     /// Journals a WRITE_ZEROES (a record without payload).

@@ -23,6 +23,7 @@
 //! `scrub`, `status`. This module holds the shared state
 //! (`Inner`, `Meta`, `View`), the row locks and the small helpers every part uses.
 
+mod fullrows;
 mod hotreplace;
 mod membership;
 mod metadata;
