@@ -5,7 +5,9 @@
 //! system call, a block request and a device doorbell). Here the rows' chunks are laid out per
 //! member in one aligned buffer (consecutive rows are consecutive member offsets), the parity
 //! computed straight into its place, and each member gets a single write: one copy of the data
-//! buys `rows` times fewer I/Os. Only a healthy array takes this path; a degraded row needs the
+//! buys `rows` times fewer I/Os. The images come from a pool of aligned buffers
+//! (`twinblock_io::AlignedPool`): fresh ones of this size cost a memset and a kernel page clear
+//! per page, more than the copy. Only a healthy array takes this path; a degraded row needs the
 //! partial-parity log of the row-by-row path, which also takes over the rows again when a
 //! member fails during the write.
 
@@ -43,14 +45,18 @@ pub(super) fn full_row_runs(
 }
 
 /// Per member, its chunks of the whole rows starting at `first_row` that `data` fills (row after
-/// row, data chunks in order), in row order: data copied, P (and Q) computed in place.
-pub(super) fn member_images(geo: &Geometry, first_row: u64, data: &[u8]) -> Vec<AlignedBuf> {
+/// row, data chunks in order), in row order: data copied, P (and Q) computed in place. Every
+/// byte of the buffers `take(len)` gives is overwritten (they may hold old bytes: a pool's).
+pub(super) fn member_images(
+    geo: &Geometry,
+    first_row: u64,
+    data: &[u8],
+    mut take: impl FnMut(usize) -> AlignedBuf,
+) -> Vec<AlignedBuf> {
     let c = geo.chunk_bytes as usize;
     let d = geo.data_per_row();
     let rows = data.len() / (c * d);
-    let mut bufs: Vec<AlignedBuf> = (0..geo.members)
-        .map(|_| AlignedBuf::zeroed(rows * c))
-        .collect();
+    let mut bufs: Vec<AlignedBuf> = (0..geo.members).map(|_| take(rows * c)).collect();
     for i in 0..rows {
         let row = first_row + i as u64;
         let at = i * c..(i + 1) * c;
@@ -104,13 +110,13 @@ impl Inner {
             drop(guards);
             return self.write_rows_each(first_row, data).await;
         }
-        let images = member_images(&self.geo, first_row, &data);
+        let images = member_images(&self.geo, first_row, &data, |len| self.image_pool.take(len));
         let at = self.member_off(first_row, 0);
         let writes = images
             .into_iter()
             .enumerate()
             .filter(|(m, _)| view.writable[*m])
-            .map(|(m, b)| (m, at, b.into_bytes()))
+            .map(|(m, b)| (m, at, self.image_pool.freeze(b)))
             .collect();
         self.write_members(&view, writes).await;
         let failed_mid_write = self.view().readable != view.readable;
@@ -204,7 +210,12 @@ mod tests {
                 .map(|i| (i * 7 + i / 4093) as u8)
                 .collect();
             let first = 3u64;
-            let images = member_images(&g, first, &data);
+            // Buffers full of old bytes, as a pool hands them out: all must be overwritten.
+            let images = member_images(&g, first, &data, |len| {
+                let mut b = AlignedBuf::zeroed(len);
+                b.fill(0xAA);
+                b
+            });
             for i in 0..rows {
                 let row = first + i as u64;
                 let at = i * c..(i + 1) * c;
