@@ -99,6 +99,7 @@ use crate::recover::{apply_plan, backing_err, plan_recovery, RecoveryReport};
 use crate::verify::{DamagedRecord, Unverified};
 
 mod bypass;
+mod gate;
 
 /// Log bytes writers leave free so that CP, TRANSITION and PAD records always fit.
 const CONTROL_RESERVE_BYTES: u64 =
@@ -1305,11 +1306,11 @@ impl<B: Backing> Shared<B> {
     ) -> Result<bool, JournalError> {
         let started = std::time::Instant::now();
         self.wait_verified().await?;
-        // Held until the snapshot is in the store: no large write bypasses the log meanwhile
-        // (one in progress finishes first), so none is overwritten by the older bytes of this
-        // snapshot, and every bypass after it finds an index without them.
-        let bypasses_held = self.bypass.gate.write().await;
-        let (cp_seq, head, used, snapshot, partial) = {
+        // The snapshot's ranges are held against large writes until they are in the store, and
+        // the large writes in flight over them finish first (`gate`): no bypass is overwritten
+        // by the older bytes of this snapshot, and every bypass after it finds an index without
+        // them.
+        let (cp_seq, head, used, snapshot, partial, cp_pass, in_flight) = {
             let mut st = self.lock();
             let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
             let pending_data = st.last_data_seq > st.applied_seq;
@@ -1327,10 +1328,29 @@ impl<B: Backing> Shared<B> {
                 snapshot.retain(|(_, e)| e.seq <= cp_seq);
             }
             st.ppl_cp_seq = cp_seq;
-            (cp_seq, head, used, snapshot, cut.is_some())
+            let (cp_pass, in_flight) = self.bypass.gate.register_cp(gate::ranges_of(&snapshot));
+            (
+                cp_seq,
+                head,
+                used,
+                snapshot,
+                cut.is_some(),
+                cp_pass,
+                in_flight,
+            )
+        };
+        let snapshot = if in_flight.is_empty() {
+            snapshot
+        } else {
+            // Those bypasses removed their ranges from the index (or, finding the log full,
+            // will write the store again after this CP): snapshot again, same seqs.
+            self.bypass.gate.wait_finished(&in_flight).await;
+            let mut again = self.lock().index.snapshot();
+            again.retain(|(_, e)| e.seq <= cp_seq);
+            again
         };
         self.apply_snapshot(&snapshot).await?;
-        drop(bypasses_held);
+        drop(cp_pass);
         self.backing
             .flush()
             .await

@@ -18,16 +18,18 @@
 //! - records newer than S (appended after it) stay in the index and are applied by CPs as usual.
 //!
 //! What must never happen is a CP writing bytes older than S over the range after the store
-//! write. A CP applies a snapshot of the index taken at its start; [`Bypasses::gate`] keeps the
-//! two apart: a bypass holds it shared from before its store write until its record is appended
-//! and the index forgot the range; a CP holds it exclusively from its snapshot until its store
-//! writes are done. So a CP that snapshotted older entries of the range finishes
-//! its writes before the bypass writes the store, and a CP that starts afterwards snapshots an
-//! index without them. Small writes to the range during a bypass are ordered by their seq
-//! against S: in the index, in the store after CPs, and in recovery alike.
+//! write. A CP applies a snapshot of the index taken at its start; [`Bypasses::gate`] (a gate
+//! by byte range, `gate`) keeps the two apart where they overlap: a bypass holds its range from
+//! before its store write until its record is appended and the index forgot the range; a CP
+//! holds its snapshot's ranges until its store writes are done, and waits for the bypasses in
+//! flight over them (then snapshots again). So a CP that snapshotted older entries of the range
+//! finishes its writes before the bypass writes the store, and a CP that starts afterwards
+//! snapshots an index without them. Bypasses beside a CP's ranges do not wait for it. Small
+//! writes to the range during a bypass are ordered by their seq against S: in the index, in the
+//! store after CPs, and in recovery alike.
 //!
-//! A log too full for the record: the bypass lets go of the gate (the CP that frees space needs
-//! it), waits, and writes the store again (that CP may have written older bytes over it).
+//! A log too full for the record: the bypass lets go of its range (the CP that frees space may
+//! need it), waits, and writes the store again (that CP may have written older bytes over it).
 //!
 //! # Crashes
 //!
@@ -50,10 +52,10 @@ use crate::recover::backing_err;
 
 /// What a volume keeps for its large writes.
 pub(super) struct Bypasses {
-    /// Held shared by a bypass from before its store write until its record is appended and
-    /// the index forgot the range; held exclusively by a CP from its snapshot to the end of
-    /// its store writes (module doc).
-    pub gate: tokio::sync::RwLock<()>,
+    /// Held by a bypass over its range from before its store write until its record is
+    /// appended and the index forgot the range; by a CP over its snapshot's ranges from the
+    /// snapshot to the end of its store writes (module doc).
+    pub gate: super::gate::RangeGate,
     /// Bypass store writes completed so far; each gets the next number.
     writes_done: AtomicU64,
     /// The highest write number a completed store flush covers. Held while flushing, so that
@@ -65,7 +67,7 @@ pub(super) struct Bypasses {
 impl Bypasses {
     pub(super) fn new() -> Bypasses {
         Bypasses {
-            gate: tokio::sync::RwLock::new(()),
+            gate: super::gate::RangeGate::default(),
             writes_done: AtomicU64::new(0),
             flushed_through: tokio::sync::Mutex::new(0),
         }
@@ -260,7 +262,7 @@ impl<B: Backing> Shared<B> {
             // is not missed.
             let space = self.space_freed.notified();
             tokio::pin!(space);
-            let gate = self.bypass.gate.read().await;
+            let gate = self.bypass.gate.enter_bypass(offset, len).await;
             self.bypass
                 .write_durable(&self.backing, offset, data.clone(), flush)
                 .await
