@@ -18,6 +18,7 @@
 //! still hold this disk's reservation and is my lease fresh") belongs.
 
 pub mod buf;
+pub mod bufpool;
 pub mod file;
 pub mod inline;
 pub mod mem;
@@ -26,6 +27,7 @@ pub mod uring;
 pub mod wcache;
 
 pub use buf::AlignedBuf;
+pub use bufpool::AlignedPool;
 pub use file::{EngineChoice, FileError, FileMember, FileOptions};
 
 use async_trait::async_trait;

@@ -425,6 +425,7 @@ pub struct Nvram {
     mode: PersistenceMode,
     method: PersistMethod,
     survives_power_loss: bool,
+    lost_with_power: bool,
     formatted: bool,
     own: Option<Region>,
     partner: Option<PartnerRegion>,
@@ -469,6 +470,7 @@ impl Nvram {
         };
         let method = mapping.method();
         let survives_power_loss = mapping.survives_power_loss();
+        let lost_with_power = mapping.lost_with_power();
         let file_bytes = mapping.len();
         let foreign = |source| JournalError::Foreign {
             path: path.clone(),
@@ -556,6 +558,7 @@ impl Nvram {
             mode: cfg.persistence,
             method,
             survives_power_loss,
+            lost_with_power,
             formatted,
             own: Some(own),
             partner: Some(PartnerRegion {
@@ -605,6 +608,12 @@ impl Nvram {
     /// mode on a medium that is not RAM. False for mode `none` and for any file on tmpfs/ramfs.
     pub fn survives_power_loss(&self) -> bool {
         self.survives_power_loss
+    }
+
+    /// True when the file is on tmpfs/ramfs: no record in it survives the loss of the host's
+    /// power (a file on a disk kept in mode `none` may keep any subset of them).
+    pub fn lost_with_power(&self) -> bool {
+        self.lost_with_power
     }
 
     /// True when the own log was never used (no control slot written): the file is new or was

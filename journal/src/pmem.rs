@@ -430,6 +430,12 @@ impl Mapping {
         self.inner.method != PersistMethod::Nothing && !self.inner.volatile_medium
     }
 
+    /// True when the file is on tmpfs/ramfs: nothing in it survives the loss of the host's
+    /// power (a file on a disk in a mode that does not persist may keep any part of it).
+    pub fn lost_with_power(&self) -> bool {
+        self.inner.volatile_medium
+    }
+
     /// Read-only view of the whole file (to validate the header before splitting).
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: before `split` (which consumes `self`) no span exists, so nothing in this

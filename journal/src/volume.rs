@@ -99,6 +99,7 @@ use crate::recover::{apply_plan, backing_err, plan_recovery, RecoveryReport};
 use crate::verify::{DamagedRecord, Unverified};
 
 mod bypass;
+mod gate;
 
 /// Log bytes writers leave free so that CP, TRANSITION and PAD records always fit.
 const CONTROL_RESERVE_BYTES: u64 =
@@ -389,6 +390,15 @@ impl<B: Backing> Drop for ShipList<'_, B> {
     }
 }
 
+/// What [`Shared::append_record`] does when the log is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WhenFull {
+    /// Wait for a CP to free space, then append.
+    Wait,
+    /// Return `None` at once (a large write lets go of the CP gate first, then waits).
+    Return,
+}
+
 /// What [`State::append`] did.
 enum Appended {
     /// The record is in the log: its seq and log offset.
@@ -656,6 +666,8 @@ struct Shared<B: Backing> {
     persistence: PersistenceMode,
     /// A record persisted in the own NVRAM survives the loss of this host's power.
     local_durable: bool,
+    /// The NVRAM is on tmpfs/ramfs: none of its records survives this host's power loss.
+    nvram_lost_with_power: bool,
     state: Mutex<State>,
     /// `msync` mode: the log's group-commit thread.
     group: Option<Arc<GroupCommit>>,
@@ -705,7 +717,54 @@ impl<B: Backing> Shared<B> {
         payload: &[u8],
         ship: &mut Vec<Shipped>,
     ) -> Result<u64, JournalError> {
+        let appended = self
+            .append_record(
+                kind,
+                offset,
+                length,
+                payload,
+                ship,
+                WhenFull::Wait,
+                |st, seq, log_offset| {
+                    let data = match kind {
+                        RecordKind::Write => ExtentData::Nvram {
+                            log_offset: log_offset + RECORD_HEADER_BYTES as u64,
+                        },
+                        RecordKind::Zero => ExtentData::Zero,
+                        _ => ExtentData::Trim,
+                    };
+                    st.index.insert(
+                        offset,
+                        Extent {
+                            len: length,
+                            seq,
+                            data,
+                        },
+                    );
+                },
+            )
+            .await?;
+        // `WhenFull::Wait` returns only with a record appended.
+        appended.ok_or(JournalError::ShutDown)
+    }
+
+    /// Appends one record of `kind` (the one append loop of data and STORED records): retries
+    /// while the group commit is behind; when the log is full, waits for a CP to free space
+    /// (`WhenFull::Wait`) or returns `None` (`WhenFull::Return`: the caller asks for that CP).
+    /// `indexed` updates the dirty index under the same hold of the lock as the append.
+    #[allow(clippy::too_many_arguments)]
+    async fn append_record(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        ship: &mut Vec<Shipped>,
+        when_full: WhenFull,
+        indexed: impl FnOnce(&mut State, u64, u64),
+    ) -> Result<Option<u64>, JournalError> {
         let copy = self.mirror.enabled();
+        let mut indexed = Some(indexed);
         // Armed only once the log was found full (registering with `space_freed` costs two
         // lock round trips, paid per write when done up front); the look after arming decides.
         let mut space_waiter: Option<Pin<Box<Notified<'_>>>> = None;
@@ -734,36 +793,27 @@ impl<B: Backing> Shared<B> {
                     at: log_offset,
                 } = appended
                 {
-                    let data = match kind {
-                        RecordKind::Write => ExtentData::Nvram {
-                            log_offset: log_offset + RECORD_HEADER_BYTES as u64,
-                        },
-                        RecordKind::Zero => ExtentData::Zero,
-                        _ => ExtentData::Trim,
-                    };
-                    st.index.insert(
-                        offset,
-                        Extent {
-                            len: length,
-                            seq,
-                            data,
-                        },
-                    );
+                    if let Some(f) = indexed.take() {
+                        f(&mut st, seq, log_offset);
+                    }
                     st.last_data_seq = seq;
                     let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
                     if fill_percent >= u64::from(self.config.cp_fill_percent) {
                         self.cp_wanted.notify_one();
                     }
-                    return Ok(seq);
+                    return Ok(Some(seq));
                 }
                 if matches!(appended, Appended::LogFull) {
                     if let Some(e) = &st.last_cp_error {
                         // The log is full and CPs fail: report instead of waiting indefinitely.
                         return Err(JournalError::CpFailed { message: e.clone() });
                     }
-                    if space_waiter.is_some() {
+                    if space_waiter.is_some() || when_full == WhenFull::Return {
                         st.writer_waits += 1;
                         st.space_wanted = true;
+                    }
+                    if when_full == WhenFull::Return {
+                        return Ok(None);
                     }
                     None
                 } else {
@@ -833,14 +883,19 @@ impl<B: Backing> Shared<B> {
         Ok((seq, ship.send().await))
     }
 
-    /// Journals `data` (its whole stripes may bypass the log: see `bypass`); returns the
-    /// newest seq of its records.
-    async fn write(&self, offset: u64, data: Bytes) -> Result<u64, JournalError> {
+    /// Journals `data` (its whole stripes may bypass the log: see `bypass`); says which seqs
+    /// it got and whether part of it bypassed.
+    async fn write(&self, offset: u64, data: Bytes) -> Result<bypass::Written, JournalError> {
         self.check_range(offset, data.len() as u64)?;
         if let Some(split) = self.bypass_split(offset, data.len() as u64) {
             return self.write_split(offset, data, split).await;
         }
-        self.write_journaled(offset, data).await
+        let seq = self.write_journaled(offset, data).await?;
+        Ok(bypass::Written {
+            seq,
+            journaled_seq: seq,
+            stored: false,
+        })
     }
 
     /// Journals `data` record by record; returns the seq of its last record.
@@ -1271,11 +1326,11 @@ impl<B: Backing> Shared<B> {
     ) -> Result<bool, JournalError> {
         let started = std::time::Instant::now();
         self.wait_verified().await?;
-        // Held until the snapshot is in the store: no large write bypasses the log meanwhile
-        // (one in progress finishes first), so none is overwritten by the older bytes of this
-        // snapshot, and every bypass after it finds an index without them.
-        let bypasses_held = self.bypass.gate.write().await;
-        let (cp_seq, head, used, snapshot, partial) = {
+        // The snapshot's ranges are held against large writes until they are in the store, and
+        // the large writes in flight over them finish first (`gate`): no bypass is overwritten
+        // by the older bytes of this snapshot, and every bypass after it finds an index without
+        // them.
+        let (cp_seq, head, used, snapshot, partial, cp_pass, in_flight) = {
             let mut st = self.lock();
             let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
             let pending_data = st.last_data_seq > st.applied_seq;
@@ -1293,10 +1348,29 @@ impl<B: Backing> Shared<B> {
                 snapshot.retain(|(_, e)| e.seq <= cp_seq);
             }
             st.ppl_cp_seq = cp_seq;
-            (cp_seq, head, used, snapshot, cut.is_some())
+            let (cp_pass, in_flight) = self.bypass.gate.register_cp(gate::ranges_of(&snapshot));
+            (
+                cp_seq,
+                head,
+                used,
+                snapshot,
+                cut.is_some(),
+                cp_pass,
+                in_flight,
+            )
+        };
+        let snapshot = if in_flight.is_empty() {
+            snapshot
+        } else {
+            // Those bypasses removed their ranges from the index (or, finding the log full,
+            // will write the store again after this CP): snapshot again, same seqs.
+            self.bypass.gate.wait_finished(&in_flight).await;
+            let mut again = self.lock().index.snapshot();
+            again.retain(|(_, e)| e.seq <= cp_seq);
+            again
         };
         self.apply_snapshot(&snapshot).await?;
-        drop(bypasses_held);
+        drop(cp_pass);
         self.backing
             .flush()
             .await
@@ -1602,6 +1676,7 @@ impl<B: Backing> JournaledVolume<B> {
             size,
             persistence: nvram.persistence(),
             local_durable: nvram.survives_power_loss(),
+            nvram_lost_with_power: nvram.lost_with_power(),
             group: group.clone(),
             state: Mutex::new(State {
                 cursor,
@@ -1684,10 +1759,14 @@ impl<B: Backing> JournaledVolume<B> {
     }
 
     /// A write with FUA: returns once `data` survives the loss of this host's power (as a
-    /// write followed by a FLUSH covering only it).
+    /// write followed by a FLUSH covering only it). A write that bypassed the log entirely
+    /// needs no CP for that: its bytes are on the disks once a store flush covers them; on a
+    /// lone volume whose NVRAM does not survive power loss, its STORED record is then no more
+    /// durable than the NVRAM, and nothing older that a recovery could redo over the range
+    /// survives either (see `bypass`).
     pub async fn write_fua(&self, offset: u64, data: Bytes) -> Result<(), JournalError> {
-        let seq = self.shared.write(offset, data).await?;
-        self.shared.wait_durable(seq).await
+        let written = self.shared.write(offset, data).await?;
+        self.shared.make_durable(written).await
     }
 
     /// Journals a WRITE_ZEROES (a record without payload).

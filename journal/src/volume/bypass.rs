@@ -18,16 +18,18 @@
 //! - records newer than S (appended after it) stay in the index and are applied by CPs as usual.
 //!
 //! What must never happen is a CP writing bytes older than S over the range after the store
-//! write. A CP applies a snapshot of the index taken at its start; [`Bypasses::gate`] keeps the
-//! two apart: a bypass holds it shared from before its store write until its record is appended
-//! and the index forgot the range; a CP holds it exclusively from its snapshot until its store
-//! writes are done. So a CP that snapshotted older entries of the range finishes
-//! its writes before the bypass writes the store, and a CP that starts afterwards snapshots an
-//! index without them. Small writes to the range during a bypass are ordered by their seq
-//! against S: in the index, in the store after CPs, and in recovery alike.
+//! write. A CP applies a snapshot of the index taken at its start; [`Bypasses::gate`] (a gate
+//! by byte range, `gate`) keeps the two apart where they overlap: a bypass holds its range from
+//! before its store write until its record is appended and the index forgot the range; a CP
+//! holds its snapshot's ranges until its store writes are done, and waits for the bypasses in
+//! flight over them (then snapshots again). So a CP that snapshotted older entries of the range
+//! finishes its writes before the bypass writes the store, and a CP that starts afterwards
+//! snapshots an index without them. Bypasses beside a CP's ranges do not wait for it. Small
+//! writes to the range during a bypass are ordered by their seq against S: in the index, in the
+//! store after CPs, and in recovery alike.
 //!
-//! A log too full for the record: the bypass lets go of the gate (the CP that frees space needs
-//! it), waits, and writes the store again (that CP may have written older bytes over it).
+//! A log too full for the record: the bypass lets go of its range (the CP that frees space may
+//! need it), waits, and writes the store again (that CP may have written older bytes over it).
 //!
 //! # Crashes
 //!
@@ -38,10 +40,11 @@
 //! updates need the journal's partial-parity records.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Appended, Shared, ShipList, CONTROL_RESERVE_BYTES};
+use super::{Shared, ShipList, WhenFull};
 use crate::backing::Backing;
 use crate::error::{BackingError, JournalError};
 use crate::format::RecordKind;
@@ -49,10 +52,10 @@ use crate::recover::backing_err;
 
 /// What a volume keeps for its large writes.
 pub(super) struct Bypasses {
-    /// Held shared by a bypass from before its store write until its record is appended and
-    /// the index forgot the range; held exclusively by a CP from its snapshot to the end of
-    /// its store writes (module doc).
-    pub gate: tokio::sync::RwLock<()>,
+    /// Held by a bypass over its range from before its store write until its record is
+    /// appended and the index forgot the range; by a CP over its snapshot's ranges from the
+    /// snapshot to the end of its store writes (module doc).
+    pub gate: super::gate::RangeGate,
     /// Bypass store writes completed so far; each gets the next number.
     writes_done: AtomicU64,
     /// The highest write number a completed store flush covers. Held while flushing, so that
@@ -64,23 +67,47 @@ pub(super) struct Bypasses {
 impl Bypasses {
     pub(super) fn new() -> Bypasses {
         Bypasses {
-            gate: tokio::sync::RwLock::new(()),
+            gate: super::gate::RangeGate::default(),
             writes_done: AtomicU64::new(0),
             flushed_through: tokio::sync::Mutex::new(0),
         }
     }
 
-    /// Writes `data` at `offset` through the store's normal write path, then returns once a
-    /// store flush that started after the write completed has finished (its own, or a
-    /// concurrent bypass's).
+    /// Writes `data` at `offset` through the store's normal write path; with `flush`, returns
+    /// only once a store flush that started after the write completed has finished (its own, or
+    /// a concurrent bypass's). Without, the write is left to [`Bypasses::flush_pending`].
     async fn write_durable<B: Backing>(
         &self,
         backing: &B,
         offset: u64,
         data: Bytes,
+        flush: bool,
     ) -> Result<(), BackingError> {
         backing.write(offset, data).await?;
         let ticket = self.writes_done.fetch_add(1, Ordering::AcqRel) + 1;
+        if flush {
+            self.flush_through(backing, ticket).await?;
+        }
+        Ok(())
+    }
+
+    /// Returns once every bypass store write completed so far is covered by a finished store
+    /// flush (at once when one already is).
+    pub(super) async fn flush_pending<B: Backing>(&self, backing: &B) -> Result<(), BackingError> {
+        let ticket = self.writes_done.load(Ordering::Acquire);
+        self.flush_through(backing, ticket).await
+    }
+
+    /// Returns once a finished store flush covers write number `ticket`: one that started after
+    /// it completed, issued here unless a concurrent caller's already covers it.
+    async fn flush_through<B: Backing>(
+        &self,
+        backing: &B,
+        ticket: u64,
+    ) -> Result<(), BackingError> {
+        if ticket == 0 {
+            return Ok(());
+        }
         let mut flushed = self.flushed_through.lock().await;
         if *flushed >= ticket {
             return Ok(());
@@ -91,6 +118,17 @@ impl Bypasses {
         *flushed = upto;
         Ok(())
     }
+}
+
+/// What a write that may have bypassed the log left to make durable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Written {
+    /// The newest seq of its records (journaled or STORED); 0 for nothing written.
+    pub seq: u64,
+    /// The newest seq of its journaled records (head and tail); 0 when all of it bypassed.
+    pub journaled_seq: u64,
+    /// Part of it went to the store directly (see [`Shared::bypass_flushes_each_write`]).
+    pub stored: bool,
 }
 
 /// How a write splits: `head` bytes journaled, `body` bytes (whole stripes) to the store, `tail`
@@ -142,14 +180,26 @@ impl<B: Backing> Shared<B> {
         )
     }
 
+    /// Whether every bypass flushes the store before its STORED record is appended. Yes unless
+    /// the record cannot outlive this host's power: a lone volume (no partner holds a copy)
+    /// whose NVRAM is on tmpfs/ramfs. Such a volume's acknowledged writes survive a crash of the
+    /// daemon only, which loses no completed store write, and a power loss takes every record
+    /// with it, so no STORED record can ever name bytes the disks lost. A FLUSH runs a CP (whose
+    /// store flush covers every bypass before it); a FUA write flushes the store itself
+    /// ([`Shared::make_durable`]). An NVRAM file on a disk in mode `none` may keep any part of
+    /// itself through a power loss: there every bypass flushes.
+    pub(super) fn bypass_flushes_each_write(&self) -> bool {
+        self.local_durable || self.mirror.enabled() || !self.nvram_lost_with_power
+    }
+
     /// Writes the head and tail through the journal and the whole stripes past it, all three at
-    /// once; returns the newest seq of their records.
+    /// once.
     pub(super) async fn write_split(
         &self,
         offset: u64,
         data: Bytes,
         split: Split,
-    ) -> Result<u64, JournalError> {
+    ) -> Result<Written, JournalError> {
         let body_at = offset + split.head;
         let tail_at = body_at + split.body;
         let (h, b) = (split.head as usize, (split.head + split.body) as usize);
@@ -167,13 +217,42 @@ impl<B: Backing> Shared<B> {
         };
         let body = self.write_stored(body_at, data.slice(h..b));
         let (h, b, t) = tokio::try_join!(head, body, tail)?;
-        Ok(h.max(b).max(t))
+        Ok(Written {
+            seq: h.max(b).max(t),
+            journaled_seq: h.max(t),
+            stored: true,
+        })
     }
 
-    /// Writes `data` (whole stripes) to the store, durably, then appends its STORED record;
-    /// returns the record's seq once it is persisted (and shipped).
+    /// Makes a finished write survive the loss of this host's power (FUA): its bypassed part
+    /// by a store flush covering it (at once when every bypass flushes), its journaled part as
+    /// [`Shared::wait_durable`] does for any record. The STORED record itself need not be
+    /// durable: where it does not survive power loss, neither does anything older over its
+    /// range that recovery could redo there.
+    pub(super) async fn make_durable(self: &Arc<Self>, w: Written) -> Result<(), JournalError> {
+        if !w.stored || self.bypass_flushes_each_write() {
+            // The STORED record is as durable as the others here: it must be, since it
+            // supersedes older records a partner or a persistent NVRAM would redo.
+            return self.wait_durable(w.seq).await;
+        }
+        // A CP that covers the head and tail may have flushed the store before the bypass
+        // write completed: the bypass gets a flush of its own (shared with concurrent ones).
+        self.bypass
+            .flush_pending(&self.backing)
+            .await
+            .map_err(backing_err("flush", 0))?;
+        if w.journaled_seq > 0 {
+            return self.wait_durable(w.journaled_seq).await;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (whole stripes) to the store (durably when
+    /// [`Shared::bypass_flushes_each_write`]), then appends its STORED record; returns the
+    /// record's seq once it is persisted (and shipped).
     async fn write_stored(&self, offset: u64, data: Bytes) -> Result<u64, JournalError> {
         let len = data.len() as u64;
+        let flush = self.bypass_flushes_each_write();
         loop {
             if self.closed.load(Ordering::Acquire) {
                 return Err(JournalError::ShutDown);
@@ -183,14 +262,26 @@ impl<B: Backing> Shared<B> {
             // is not missed.
             let space = self.space_freed.notified();
             tokio::pin!(space);
-            let gate = self.bypass.gate.read().await;
+            let gate = self.bypass.gate.enter_bypass(offset, len).await;
             self.bypass
-                .write_durable(&self.backing, offset, data.clone())
+                .write_durable(&self.backing, offset, data.clone(), flush)
                 .await
                 .map_err(backing_err("bypass write", offset))?;
             space.as_mut().enable();
             let mut ship = ShipList::new(self);
-            if let Some(seq) = self.append_stored(offset, len, &mut ship.items).await? {
+            // Every index entry of the range is older than the record: reads go to the store.
+            let appended = self
+                .append_record(
+                    RecordKind::Stored,
+                    offset,
+                    len,
+                    &[],
+                    &mut ship.items,
+                    WhenFull::Return,
+                    |st, _, _| st.index.remove(offset, len),
+                )
+                .await?;
+            if let Some(seq) = appended {
                 drop(gate);
                 let mirrored = ship.send().await;
                 self.wait_persisted(seq).await?;
@@ -202,60 +293,6 @@ impl<B: Backing> Shared<B> {
             drop(gate);
             self.cp_wanted.notify_one();
             space.await;
-        }
-    }
-
-    /// Appends the STORED record of `[offset, offset + len)` and removes the range from the
-    /// dirty index (every entry there is older); `None` when the log is full.
-    async fn append_stored(
-        &self,
-        offset: u64,
-        len: u64,
-        ship: &mut Vec<super::Shipped>,
-    ) -> Result<Option<u64>, JournalError> {
-        let copy = self.mirror.enabled();
-        loop {
-            let progress = self.group.as_ref().map(|g| g.subscribe());
-            let behind = {
-                let mut st = self.lock();
-                st.check_not_damaged()?;
-                let appended = st.append(
-                    RecordKind::Stored,
-                    self.volume_id,
-                    offset,
-                    len,
-                    &[],
-                    CONTROL_RESERVE_BYTES + self.ppl_reserve,
-                    false,
-                    copy,
-                    ship,
-                )?;
-                match appended {
-                    Appended::Done { seq, .. } => {
-                        st.index.remove(offset, len);
-                        st.last_data_seq = seq;
-                        let fill_percent = st.cursor.used * 100 / st.cursor.log_bytes;
-                        if fill_percent >= u64::from(self.config.cp_fill_percent) {
-                            self.cp_wanted.notify_one();
-                        }
-                        return Ok(Some(seq));
-                    }
-                    Appended::LogFull => {
-                        if let Some(e) = &st.last_cp_error {
-                            return Err(JournalError::CpFailed { message: e.clone() });
-                        }
-                        st.writer_waits += 1;
-                        st.space_wanted = true;
-                        return Ok(None);
-                    }
-                    Appended::PersistBehind => progress,
-                }
-            };
-            // Too many records wait for the group commit: retry once it made progress.
-            match behind {
-                Some(mut rx) => rx.changed().await.map_err(|_| JournalError::ShutDown)?,
-                None => tokio::task::yield_now().await,
-            }
         }
     }
 }
@@ -270,7 +307,14 @@ mod tests {
     async fn durable_writes_survive_a_crash_and_concurrent_ones_share_flushes() {
         let mem = crate::MemBacking::with_yields(1 << 20, 4096);
         let b = Bypasses::new();
-        let w = |i: u8| b.write_durable(&mem, u64::from(i) * 4096, Bytes::from(vec![i + 1; 4096]));
+        let w = |i: u8| {
+            b.write_durable(
+                &mem,
+                u64::from(i) * 4096,
+                Bytes::from(vec![i + 1; 4096]),
+                true,
+            )
+        };
         let (r0, r1, r2, r3) = tokio::join!(w(0), w(1), w(2), w(3));
         for r in [r0, r1, r2, r3] {
             r.unwrap();

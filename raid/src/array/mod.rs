@@ -23,6 +23,7 @@
 //! `scrub`, `status`. This module holds the shared state
 //! (`Inner`, `Meta`, `View`), the row locks and the small helpers every part uses.
 
+mod fullrows;
 mod hotreplace;
 mod membership;
 mod metadata;
@@ -232,6 +233,8 @@ struct Inner {
     /// checks a command makes before changing anything still hold when it applies the change.
     membership_lock: tokio::sync::Mutex<()>,
     row_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// Member images of whole-row runs (`fullrows`), reused across writes.
+    image_pool: Arc<twinblock_io::AlignedPool>,
     bitmap: Mutex<Bitmap>,
     bitmap_io: tokio::sync::Mutex<()>,
     progress: Mutex<Option<RebuildStatus>>,
@@ -462,6 +465,7 @@ impl Inner {
             meta: Mutex::new(meta),
             sb_lock: tokio::sync::Mutex::new(()),
             membership_lock: tokio::sync::Mutex::new(()),
+            image_pool: Arc::default(),
             row_locks: (0..ROW_LOCK_SHARDS)
                 .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                 .collect(),

@@ -5,6 +5,7 @@
 //! `Inner::write_members` is the single place where foreground data and parity writes are handed
 //! to the members (the pair's fencing check will sit behind it, in the member itself).
 
+use super::fullrows;
 use super::*;
 
 impl Inner {
@@ -31,12 +32,22 @@ impl Inner {
                     _ => rows.push((row, vec![piece])),
                 }
             }
-            try_join_all(
-                rows.into_iter()
-                    .map(|(row, pieces)| self.write_row(row, pieces)),
-            )
-            .await
-            .map(|_| ())
+            // Runs of whole rows go out as one write per member (`fullrows`), the rest row by row.
+            let d = self.geo.data_per_row();
+            let runs = fullrows::full_row_runs(&rows, d, c);
+            let in_run = |row: u64| runs.iter().any(|(r, n)| (*r..r + n).contains(&row));
+            let row_bytes = d as u64 * c;
+            let merged = runs.iter().map(|&(first, n)| {
+                let at = (first * row_bytes - offset) as usize;
+                self.write_full_rows(first, data.slice(at..at + (n * row_bytes) as usize))
+            });
+            let single = rows
+                .into_iter()
+                .filter(|(row, _)| !in_run(*row))
+                .map(|(row, pieces)| self.write_row(row, pieces));
+            futures_util::future::try_join(try_join_all(merged), try_join_all(single))
+                .await
+                .map(|_| ())
         } else {
             try_join_all(exts.into_iter().map(|e| {
                 self.write_copies(
