@@ -33,7 +33,8 @@
 //! Seeds: `TWINBLOCK_POWER_SEEDS` (default 1000, which includes seed 997) from
 //! `TWINBLOCK_POWER_SEED_BASE` (default 0); a
 //! failure names its seed, and `TWINBLOCK_POWER_SEED_BASE=<seed> TWINBLOCK_POWER_SEEDS=1` replays
-//! it. `many_seeds` (ignored by default) runs 20,000.
+//! it. `TWINBLOCK_POWER_LOG_BYTES` overrides the NVRAM log size of both workloads (smaller logs
+//! stress the partial-parity budget of the CPs). `many_seeds` (ignored by default) runs 20,000.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -532,6 +533,10 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 fn run_seeds(count: u64, workload: Workload) {
     let base = env_u64("TWINBLOCK_POWER_SEED_BASE", 0);
+    let workload = Workload {
+        log_bytes: env_u64("TWINBLOCK_POWER_LOG_BYTES", workload.log_bytes),
+        ..workload
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
