@@ -118,6 +118,14 @@ impl Owed {
         self.total += bound;
     }
 
+    /// The records up to `seq` and the sum of their bounds (what a CP applying them may log).
+    pub fn through(&self, seq: u64) -> (u64, u64) {
+        self.records
+            .iter()
+            .take_while(|(s, _)| *s <= seq)
+            .fold((0, 0), |(n, sum), (_, b)| (n + 1, sum + b))
+    }
+
     /// A CP applied every record up to `seq`.
     pub fn retire_through(&mut self, seq: u64) {
         while let Some(&(s, b)) = self.records.front() {
@@ -174,6 +182,8 @@ mod tests {
         o.push(4, 0);
         o.push(7, 5);
         assert_eq!(o.total(), 15);
+        assert_eq!(o.through(6), (1, 10));
+        assert_eq!(o.through(7), (2, 15));
         o.retire_through(6);
         assert_eq!(o.total(), 5);
         o.retire_through(7);

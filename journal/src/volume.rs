@@ -433,6 +433,14 @@ struct State {
     ppl_cp_seq: u64,
     /// The PPL bounds the live data records owe ([`crate::ppl_budget`]).
     ppl_owed: Owed,
+    /// A PPL record found no room since the running CP started.
+    ppl_short: bool,
+    /// The data records the running CP applies and the sum of their PPL bounds.
+    ppl_planned: (u64, u64),
+    /// Free bytes a PPL record leaves: the control reserve, and while a CP planned without
+    /// partial parity runs, also the writers' PPL reserve (so that when the store starts logging
+    /// during that CP and it fails, the CP run again can log the partial parity of a record).
+    ppl_floor: u64,
 }
 
 impl State {
@@ -1266,9 +1274,45 @@ impl<B: Backing> Shared<B> {
     }
 
     /// [`Shared::run_cp`] for a caller holding `cp_lock` (the guard proves it).
+    ///
+    /// A CP whose partial parity found no room in the log (the store started logging while
+    /// the CP ran, or the log held records appended before it did: [`crate::ppl_budget`]) is run
+    /// again at once over half the PPL bounds it planned for, down to a single record; only a
+    /// CP of one record that finds no room fails. Running a CP again is safe: its store writes
+    /// are redone from records still in the log, and the PPL records it logged stay unretired.
     async fn run_cp_locked(
         self: &Arc<Self>,
+        cp_lock_held: &tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<bool, JournalError> {
+        let mut cap = None;
+        loop {
+            self.lock().ppl_short = false;
+            let result = self.run_cp_once(cp_lock_held, cap).await;
+            let Err(e) = result else {
+                return result;
+            };
+            let st = self.lock();
+            let (records, planned) = st.ppl_planned;
+            if !st.ppl_short || records <= 1 {
+                return Err(e);
+            }
+            tracing::info!(
+                volume = self.volume_id,
+                records,
+                planned_ppl_bytes = planned,
+                free_bytes = st.cursor.free(),
+                "a consistency point found no log room for its partial parity; running it again \
+                 over fewer records"
+            );
+            cap = Some(planned / 2);
+        }
+    }
+
+    /// One attempt of [`Shared::run_cp_locked`]; `ppl_cap`: the most PPL bytes it may plan for.
+    async fn run_cp_once(
+        self: &Arc<Self>,
         _cp_lock_held: &tokio::sync::MutexGuard<'_, ()>,
+        ppl_cap: Option<u64>,
     ) -> Result<bool, JournalError> {
         let started = std::time::Instant::now();
         self.wait_verified().await?;
@@ -1284,10 +1328,16 @@ impl<B: Backing> Shared<B> {
             if st.cursor.used == 0 || (!pending_data && !wanted) {
                 return Ok(false);
             }
-            let cut = self.ppl_cut(&st);
+            let cut = self.ppl_cut(&st, ppl_cap);
             let (cp_seq, head, used) = match cut {
                 Some(c) => (c.cp_seq, c.head, c.used),
                 None => (st.cursor.next_seq - 1, st.cursor.head, st.cursor.used),
+            };
+            st.ppl_planned = st.ppl_owed.through(cp_seq);
+            st.ppl_floor = if self.ppl_logging() {
+                CONTROL_RESERVE_BYTES
+            } else {
+                self.ppl_budget.writer_reserve_bytes(0, false)
             };
             let mut snapshot = st.index.snapshot();
             if cut.is_some() {
@@ -1329,6 +1379,7 @@ impl<B: Backing> Shared<B> {
             st.ppl_owed.retire_through(cp_seq);
             st.applied_seq = cp_seq;
             st.cps_done += 1;
+            st.ppl_floor = CONTROL_RESERVE_BYTES;
             st.cp_durations.observe(started.elapsed());
             st.last_cp_error = None;
             let reserve = self.transition_reserve(&st);
@@ -1365,11 +1416,12 @@ impl<B: Backing> Shared<B> {
     /// [`PplBudget::cp_budget_bytes`]); `None`: it applies everything, which is always the case
     /// while writers kept the rule of [`crate::ppl_budget`] (only records appended before the
     /// store started logging can make a CP stop early).
-    fn ppl_cut(&self, st: &State) -> Option<ppl::Cut> {
+    fn ppl_cut(&self, st: &State, cap: Option<u64>) -> Option<ppl::Cut> {
         if !self.ppl_logging() {
             return None;
         }
         let budget = self.ppl_budget.cp_budget_bytes(st.cursor.free());
+        let budget = cap.map_or(budget, |c| budget.min(c));
         if st.ppl_owed.total() <= budget {
             return None;
         }
@@ -1410,14 +1462,16 @@ impl<B: Backing> PplAppend for Shared<B> {
             let mut st = self.lock();
             st.check_not_damaged()?;
             let payload = ppl::encode_payload(st.ppl_cp_seq, store_bytes);
-            // Leaves the control reserve: the CP record that retires this one must still fit.
+            // Leaves the control reserve (the CP record that retires this one must still fit),
+            // and more during a CP planned without partial parity (`ppl_floor`).
+            let floor = st.ppl_floor;
             let appended = st.append(
                 RecordKind::Ppl,
                 self.volume_id,
                 0,
                 store_bytes.len() as u64,
                 &payload,
-                CONTROL_RESERVE_BYTES,
+                floor,
                 true,
                 copy,
                 &mut ship.items,
@@ -1425,10 +1479,11 @@ impl<B: Backing> PplAppend for Shared<B> {
             match appended {
                 Appended::Done { seq, .. } => seq,
                 _ => {
+                    st.ppl_short = true;
                     return Err(JournalError::PplLogFull {
                         region: st.region.name(),
                         bytes: payload.len() as u64,
-                    })
+                    });
                 }
             }
         };
@@ -1641,6 +1696,9 @@ impl<B: Backing> JournaledVolume<B> {
                 damaged: None,
                 ppl_cp_seq: plan.applied_seq,
                 ppl_owed,
+                ppl_short: false,
+                ppl_planned: (0, 0),
+                ppl_floor: CONTROL_RESERVE_BYTES,
             }),
             space_freed: Notify::new(),
             shipped: Notify::new(),

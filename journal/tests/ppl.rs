@@ -30,6 +30,8 @@ struct PplStore {
     log: Arc<Mutex<Option<PplLog>>>,
     logged: Arc<AtomicU64>,
     replayed: Arc<Mutex<Option<Replayed>>>,
+    /// The next write starts the logging (a member failed just then).
+    activate_on_write: Arc<AtomicBool>,
 }
 
 impl PplStore {
@@ -40,10 +42,14 @@ impl PplStore {
             log: Arc::new(Mutex::new(None)),
             logged: Arc::new(AtomicU64::new(0)),
             replayed: Arc::new(Mutex::new(None)),
+            activate_on_write: Arc::new(AtomicBool::new(false)),
         }
     }
 
     async fn log_before(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        if self.activate_on_write.swap(false, Ordering::SeqCst) {
+            self.active.store(true, Ordering::SeqCst);
+        }
         if !self.active.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -226,6 +232,47 @@ async fn records_logging_more_partial_parity_than_their_size_never_fail_a_write(
             Bytes::from(vec![0u8; 4096])
         };
         assert!(contents[at..at + 4096] == want[..], "block {b} applied");
+    }
+}
+
+/// A member fails while a CP runs: the CP planned without partial parity, its store starts
+/// logging at its first write, and the log has no room for the partial parity of everything the
+/// CP applies. The CP runs again over fewer records instead of failing the writers.
+#[tokio::test]
+async fn a_store_that_starts_logging_during_a_cp_gets_smaller_cps_not_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
+    let store = PplStore::new(mem.clone());
+    store.active.store(false, Ordering::SeqCst);
+    let vol = JournaledVolume::open(
+        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
+        store.clone(),
+        1,
+        cfg(),
+    )
+    .await
+    .unwrap();
+    let blocks: Vec<u64> = (0..128u64).map(|i| (i * 37) % 128 * 2).collect();
+    // Whole: the log fills up to the reserve of one record.
+    for &b in &blocks[..24] {
+        vol.write(b * 4096, block(b, 1)).await.unwrap();
+    }
+    store.activate_on_write.store(true, Ordering::SeqCst);
+    for &b in &blocks[24..] {
+        if let Err(e) = vol.write(b * 4096, block(b, 1)).await {
+            panic!("write of block {b} failed: {e}");
+        }
+    }
+    vol.flush().await.unwrap();
+    assert!(store.active.load(Ordering::SeqCst));
+    assert_eq!(vol.status().last_cp_error, None);
+    let contents = mem.contents();
+    for &b in &blocks {
+        let at = (b * 4096) as usize;
+        assert!(
+            contents[at..at + 4096] == block(b, 1)[..],
+            "block {b} applied"
+        );
     }
 }
 
