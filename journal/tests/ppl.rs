@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use twinblock_journal::{
-    Backing, BackingError, JournaledVolume, MemBacking, Nvram, NvramConfig, PplLog, VolumeConfig,
-};
+use twinblock_journal::{Backing, BackingError, JournaledVolume, MemBacking, PplLog, VolumeConfig};
+
+mod common;
 
 const VOLUME_BYTES: u64 = 1024 * 1024;
 const STRIPE_BYTES: u64 = 8 * 1024;
@@ -122,12 +122,11 @@ impl Backing for PplStore {
     }
 }
 
-fn nvram_cfg(dir: &std::path::Path) -> NvramConfig {
-    NvramConfig {
-        path: dir.join("nvram.img"),
-        log_bytes_per_region: LOG_BYTES,
-        ..NvramConfig::new(0, [5; 16])
-    }
+/// Opens (recovering) the volume of `dir` over `store`.
+async fn open(dir: &std::path::Path, store: &PplStore) -> JournaledVolume<PplStore> {
+    common::open_volume(dir, LOG_BYTES, store.clone(), cfg())
+        .await
+        .unwrap()
 }
 
 fn cfg() -> VolumeConfig {
@@ -150,14 +149,7 @@ async fn degraded_writes_beyond_the_log_wait_for_cps_that_fit_their_partial_pari
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     let store = PplStore::new(mem.clone());
-    let vol = JournaledVolume::open(
-        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
-        store.clone(),
-        1,
-        cfg(),
-    )
-    .await
-    .unwrap();
+    let vol = open(dir.path(), &store).await;
     // Scattered blocks (no two adjacent: each its own store write), more than the log holds
     // at once: writers wait for CPs, and every CP must fit its PPL records.
     let blocks: Vec<u64> = (0..100u64).map(|i| (i * 37) % 128 * 2).collect();
@@ -200,14 +192,7 @@ async fn records_logging_more_partial_parity_than_their_size_never_fail_a_write(
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(BLOCKS * 4096, STRIPE_BYTES);
     let store = PplStore::new(mem.clone());
-    let vol = JournaledVolume::open(
-        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
-        store.clone(),
-        1,
-        cfg(),
-    )
-    .await
-    .unwrap();
+    let vol = open(dir.path(), &store).await;
     // Every other block: no two adjacent, so each is its own store update and PPL record.
     for i in 0..BLOCKS / 2 {
         let b = (i * 2 * 37) % BLOCKS;
@@ -244,14 +229,7 @@ async fn a_store_that_starts_logging_during_a_cp_gets_smaller_cps_not_errors() {
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     let store = PplStore::new(mem.clone());
     store.active.store(false, Ordering::SeqCst);
-    let vol = JournaledVolume::open(
-        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
-        store.clone(),
-        1,
-        cfg(),
-    )
-    .await
-    .unwrap();
+    let vol = open(dir.path(), &store).await;
     let blocks: Vec<u64> = (0..128u64).map(|i| (i * 37) % 128 * 2).collect();
     // Whole: the log fills up to the reserve of one record.
     for &b in &blocks[..24] {
@@ -281,14 +259,7 @@ async fn ppl_records_of_an_interrupted_cp_come_back_and_finished_ones_do_not() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     let store = PplStore::new(mem.clone());
-    let vol = JournaledVolume::open(
-        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
-        store.clone(),
-        1,
-        cfg(),
-    )
-    .await
-    .unwrap();
+    let vol = open(dir.path(), &store).await;
     vol.write(0, block(0, 1)).await.unwrap();
     vol.write(3 * 4096, block(3, 1)).await.unwrap();
     // The store logs its partial parity, then its writes fail: the CP stops after its PPL
@@ -301,14 +272,7 @@ async fn ppl_records_of_an_interrupted_cp_come_back_and_finished_ones_do_not() {
     tokio::task::yield_now().await;
     mem.set_fail_writes(false);
     let store2 = PplStore::new(mem.clone());
-    let vol = JournaledVolume::open(
-        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
-        store2.clone(),
-        1,
-        cfg(),
-    )
-    .await
-    .unwrap();
+    let vol = open(dir.path(), &store2).await;
     let (payloads, complete) = store2.replayed.lock().unwrap().clone().unwrap();
     assert!(complete);
     assert_eq!(
@@ -327,14 +291,7 @@ async fn ppl_records_of_an_interrupted_cp_come_back_and_finished_ones_do_not() {
     drop(vol);
     tokio::task::yield_now().await;
     let store3 = PplStore::new(mem.clone());
-    let _vol = JournaledVolume::open(
-        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
-        store3.clone(),
-        1,
-        cfg(),
-    )
-    .await
-    .unwrap();
+    let _vol = open(dir.path(), &store3).await;
     let (payloads, _) = store3.replayed.lock().unwrap().clone().unwrap();
     assert!(
         payloads.is_empty(),

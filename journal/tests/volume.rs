@@ -1,7 +1,6 @@
 //! Behaviour of the journaled volume over an in-memory backing: overlay reads, CPs, stripe
 //! gathering, back-pressure, writes during a CP, recovery and its refusals.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,49 +12,17 @@ use twinblock_journal::{
     VolumeConfig,
 };
 
+mod common;
+use common::{nvram_at, open_volume, pattern, quiet_cfg};
+
 const VOLUME_BYTES: u64 = 1024 * 1024;
 const STRIPE_BYTES: u64 = 64 * 1024;
-
-fn nvram_cfg(dir: &Path, log_bytes: u64) -> NvramConfig {
-    NvramConfig {
-        path: dir.join("nvram.img"),
-        log_bytes_per_region: log_bytes,
-        ..NvramConfig::new(0, [3; 16])
-    }
-}
-
-fn quiet_cfg() -> VolumeConfig {
-    VolumeConfig {
-        cp_interval_ms: 3_600_000,
-        cp_fill_percent: 100,
-        max_record_payload_bytes: 64 * 1024,
-        ..VolumeConfig::default()
-    }
-}
-
-async fn open<B: Backing>(
-    dir: &Path,
-    log_bytes: u64,
-    backing: B,
-    cfg: VolumeConfig,
-) -> Result<JournaledVolume<B>, JournalError> {
-    let nv = Nvram::open(&nvram_cfg(dir, log_bytes))?;
-    JournaledVolume::open(nv, backing, 1, cfg).await
-}
-
-fn pattern(seed: u8, len: usize) -> Bytes {
-    Bytes::from(
-        (0..len)
-            .map(|i| seed.wrapping_add((i % 251) as u8))
-            .collect::<Vec<u8>>(),
-    )
-}
 
 #[tokio::test]
 async fn reads_overlay_dirty_writes_on_backing() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     vol.write(1000, pattern(1, 5000)).await.unwrap();
@@ -82,7 +49,7 @@ async fn reads_overlay_dirty_writes_on_backing() {
 #[tokio::test]
 async fn out_of_range_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let vol = open(
+    let vol = open_volume(
         dir.path(),
         1 << 20,
         MemBacking::new(VOLUME_BYTES, 1),
@@ -101,7 +68,7 @@ async fn out_of_range_requests_are_refused() {
 async fn cp_gathers_full_stripes_from_scattered_writes() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     // Two stripes written as 32 blocks of 4 KiB in a scrambled order.
@@ -128,7 +95,7 @@ async fn cp_hands_the_blocks_of_one_stripe_to_the_store_together() {
     let old = pattern(200, STRIPE_BYTES as usize);
     mem.write(STRIPE_BYTES, old.clone()).await.unwrap();
     let before = mem.stats();
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     // Three separate 4 KiB blocks in the second stripe, one alone in the fourth.
@@ -225,7 +192,11 @@ async fn writer_waits_for_cp_when_log_is_full() {
         ..quiet_cfg()
     };
     let log_bytes = 64 * 1024;
-    let vol = Arc::new(open(dir.path(), log_bytes, backing, cfg).await.unwrap());
+    let vol = Arc::new(
+        open_volume(dir.path(), log_bytes, backing, cfg)
+            .await
+            .unwrap(),
+    );
     // Fill the log until a write blocks.
     let mut written = 0u64;
     loop {
@@ -270,7 +241,7 @@ async fn writes_during_cp_are_not_lost() {
         gate: Arc::clone(&gate),
     };
     let vol = Arc::new(
-        open(dir.path(), 1 << 20, backing, quiet_cfg())
+        open_volume(dir.path(), 1 << 20, backing, quiet_cfg())
             .await
             .unwrap(),
     );
@@ -296,7 +267,7 @@ async fn reopen_replays_unapplied_writes() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
@@ -306,7 +277,7 @@ async fn reopen_replays_unapplied_writes() {
         // Crash: no CP (a FLUSH would run one: this NVRAM does not survive power loss).
     }
     mem.crash();
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     let r = vol.recovery();
@@ -326,7 +297,7 @@ async fn reopen_replays_unapplied_writes() {
     drop(vol);
     // Let the aborted flusher task (it may hold the volume while it waits for a CP) go away.
     tokio::task::yield_now().await;
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.recovery().replayed_records, 0);
@@ -338,7 +309,7 @@ async fn crashes_before_the_first_cp_after_recovery_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 8192)).await.unwrap();
@@ -350,7 +321,7 @@ async fn crashes_before_the_first_cp_after_recovery_lose_nothing() {
     // Three more crashes, each right after open (the background CP cancelled) and after one
     // more write appended behind the recovered records.
     for round in 0..3u8 {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         assert!(vol.recovery().applied_in_background);
@@ -361,7 +332,7 @@ async fn crashes_before_the_first_cp_after_recovery_lose_nothing() {
         tokio::task::yield_now().await;
         mem.crash();
     }
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     assert!(!vol.recovery().damaged_tail_discarded);
@@ -381,7 +352,7 @@ async fn retired_records_are_never_redone() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     let last_seq = {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
@@ -392,7 +363,7 @@ async fn retired_records_are_never_redone() {
     mem.write(0, pattern(9, 4096)).await.unwrap();
     mem.flush().await.unwrap();
     mem.set_applied_seq(last_seq).await.unwrap();
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.recovery().replayed_records, 0);
@@ -408,7 +379,7 @@ async fn corrupt_record_mid_log_refuses_start_unless_discard_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         for i in 0..3u64 {
@@ -422,7 +393,7 @@ async fn corrupt_record_mid_log_refuses_start_unless_discard_allowed() {
     // Second record's payload (records are 64 + 4096 bytes).
     bytes[OWN_LOG_FILE_OFFSET + 4160 + 64 + 10] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap();
-    let e = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let e = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap_err();
     assert!(matches!(e, JournalError::CorruptMidRegion { .. }), "{e}");
@@ -434,7 +405,9 @@ async fn corrupt_record_mid_log_refuses_start_unless_discard_allowed() {
         discard_corrupt_log: true,
         ..quiet_cfg()
     };
-    let vol = open(dir.path(), 1 << 20, mem.clone(), cfg).await.unwrap();
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), cfg)
+        .await
+        .unwrap();
     let r = vol.recovery();
     assert!(r.damaged_tail_discarded);
     assert_eq!(r.replayed_records, 1);
@@ -447,7 +420,7 @@ async fn torn_last_record_is_discarded_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
@@ -459,7 +432,7 @@ async fn torn_last_record_is_discarded_and_reported() {
     let second = OWN_LOG_FILE_OFFSET + 4160;
     bytes[second + 64 + 3096..second + 64 + 4096].fill(0);
     std::fs::write(&path, &bytes).unwrap();
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     let r = vol.recovery();
@@ -475,12 +448,12 @@ async fn records_of_another_volume_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
     }
-    let nv = Nvram::open(&nvram_cfg(dir.path(), 1 << 20)).unwrap();
+    let nv = Nvram::open(&nvram_at(dir.path(), 1 << 20)).unwrap();
     let e = JournaledVolume::open(nv, mem.clone(), 2, quiet_cfg())
         .await
         .unwrap_err();
@@ -503,14 +476,14 @@ async fn a_log_bound_to_one_store_is_never_replayed_into_another() {
     let array_a = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xA; 16]);
     let array_b = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xB; 16]);
     {
-        let vol = open(dir.path(), 1 << 20, array_a.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, array_a.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(8192, pattern(5, 4096)).await.unwrap();
         // Crash: the write is only in NVRAM.
     }
     array_a.crash();
-    let e = open(dir.path(), 1 << 20, array_b.clone(), quiet_cfg())
+    let e = open_volume(dir.path(), 1 << 20, array_b.clone(), quiet_cfg())
         .await
         .unwrap_err();
     assert!(matches!(e, JournalError::ForeignStore { .. }), "{e}");
@@ -525,7 +498,7 @@ async fn a_log_bound_to_one_store_is_never_replayed_into_another() {
         "nothing applied to the other array"
     );
     // The right array still gets its write back.
-    let vol = open(dir.path(), 1 << 20, array_a.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, array_a.clone(), quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.recovery().replayed_records, 1);
@@ -550,13 +523,13 @@ async fn an_emptied_log_may_move_to_a_new_store() {
     let old_array = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xA; 16]);
     let new_array = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xB; 16]);
     {
-        let vol = open(dir.path(), 1 << 20, old_array.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, old_array.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
         vol.close().await.unwrap(); // final CP: nothing left unapplied
     }
-    let vol = open(dir.path(), 1 << 20, new_array.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, new_array.clone(), quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.recovery().replayed_records, 0);
@@ -564,7 +537,7 @@ async fn an_emptied_log_may_move_to_a_new_store() {
     vol.write(4096, pattern(2, 4096)).await.unwrap();
     drop(vol);
     // Now bound to the new store: the old one is refused while a write is unapplied.
-    let e = open(dir.path(), 1 << 20, old_array.clone(), quiet_cfg())
+    let e = open_volume(dir.path(), 1 << 20, old_array.clone(), quiet_cfg())
         .await
         .unwrap_err();
     assert!(matches!(e, JournalError::ForeignStore { .. }), "{e}");
@@ -578,7 +551,9 @@ async fn timer_and_fill_trigger_cps() {
         cp_interval_ms: 10,
         ..quiet_cfg()
     };
-    let vol = open(dir.path(), 1 << 20, mem.clone(), cfg).await.unwrap();
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), cfg)
+        .await
+        .unwrap();
     vol.write(0, pattern(5, 4096)).await.unwrap();
     wait_for_cp(&vol).await;
     assert_eq!(&mem.contents()[..4096], &pattern(5, 4096)[..]);
@@ -589,7 +564,9 @@ async fn timer_and_fill_trigger_cps() {
         cp_fill_percent: 10,
         ..quiet_cfg()
     };
-    let vol = open(dir.path(), 1 << 20, mem.clone(), cfg).await.unwrap();
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), cfg)
+        .await
+        .unwrap();
     for i in 0..30u64 {
         vol.write(i * 4096, pattern(6, 4096)).await.unwrap();
     }
@@ -611,7 +588,7 @@ async fn dump_shows_records_cps_and_scan_end() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
@@ -645,7 +622,7 @@ async fn msync_mode_journal_survives_reopen_and_reports_mode() {
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     let cfg = NvramConfig {
         persistence: twinblock_journal::PersistenceMode::Msync,
-        ..nvram_cfg(dir.path(), 256 * 1024)
+        ..nvram_at(dir.path(), 256 * 1024)
     };
     {
         let vol = JournaledVolume::open(Nvram::open(&cfg).unwrap(), mem.clone(), 1, quiet_cfg())
@@ -676,14 +653,14 @@ async fn msync_mode_journal_survives_reopen_and_reports_mode() {
 async fn close_applies_everything_and_next_open_replays_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     vol.write(12345, pattern(7, 777)).await.unwrap();
     vol.close().await.unwrap();
     mem.crash();
     assert_eq!(&mem.contents()[12345..12345 + 777], &pattern(7, 777)[..]);
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.recovery().replayed_records, 0);
@@ -699,7 +676,9 @@ async fn full_log_with_failing_backing_errors_instead_of_hanging() {
         max_record_payload_bytes: 4096,
         ..quiet_cfg()
     };
-    let vol = open(dir.path(), 64 * 1024, mem.clone(), cfg).await.unwrap();
+    let vol = open_volume(dir.path(), 64 * 1024, mem.clone(), cfg)
+        .await
+        .unwrap();
     mem.set_fail_writes(true);
     let mut failed = None;
     for i in 0..100u64 {
@@ -811,7 +790,7 @@ async fn cp_writes_run_in_parallel_but_never_two_on_one_stripe() {
         inner: mem.clone(),
         busy: Arc::default(),
     };
-    let vol = open(dir.path(), 1 << 20, backing.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, backing.clone(), quiet_cfg())
         .await
         .unwrap();
     let mut want = vec![0u8; VOLUME_BYTES as usize];
