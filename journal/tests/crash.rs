@@ -48,12 +48,8 @@ fn describe(block: u64, data: &[u8]) -> String {
 }
 
 fn nvram_cfg(dir: &Path) -> NvramConfig {
-    NvramConfig {
-        path: dir.join("nvram.img"),
-        // Small: wraps and CPs under back-pressure happen within one iteration.
-        log_bytes_per_region: 96 * 1024,
-        ..NvramConfig::new(0, [5; 16])
-    }
+    // Small: wraps and CPs under back-pressure happen within one iteration.
+    common::nvram_at(dir, 96 * 1024)
 }
 
 type Model = Arc<Mutex<HashMap<u64, BlockModel>>>;

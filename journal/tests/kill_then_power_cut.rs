@@ -33,10 +33,8 @@ const BLOCKS: u64 = 32;
 
 fn cfg(dir: &std::path::Path, mode: PersistenceMode) -> NvramConfig {
     NvramConfig {
-        path: dir.join("nvram.img"),
         persistence: mode,
-        log_bytes_per_region: 256 * 1024,
-        ..NvramConfig::new(0, [5; 16])
+        ..common::nvram_at(dir, 256 * 1024)
     }
 }
 

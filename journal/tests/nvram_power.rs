@@ -32,10 +32,8 @@ fn cfg(dir: &std::path::Path) -> NvramConfig {
 
 fn cfg_in(dir: &std::path::Path, mode: PersistenceMode) -> NvramConfig {
     NvramConfig {
-        path: dir.join("nvram.img"),
         persistence: mode,
-        log_bytes_per_region: 48 * 1024,
-        ..NvramConfig::new(0, [6; 16])
+        ..common::nvram_at(dir, 48 * 1024)
     }
 }
 

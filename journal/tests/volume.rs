@@ -13,7 +13,7 @@ use twinblock_journal::{
 };
 
 mod common;
-use common::{nvram_at, open_volume, pattern, quiet_cfg};
+use common::{nvram_at, open_volume, pattern, quiet_cfg, HookedBacking, WriteHook};
 
 const VOLUME_BYTES: u64 = 1024 * 1024;
 const STRIPE_BYTES: u64 = 64 * 1024;
@@ -134,47 +134,25 @@ async fn cp_hands_the_blocks_of_one_stripe_to_the_store_together() {
     assert_eq!(&contents[lone..lone + 4096], &pattern(99, 4096)[..]);
 }
 
-/// A backing whose writes wait for permits, to hold a CP in the middle.
+/// Store writes wait for permits, to hold a CP in the middle.
 #[derive(Clone)]
-struct GatedBacking {
-    inner: MemBacking,
-    gate: Arc<Semaphore>,
-}
+struct Gate(Arc<Semaphore>);
 
 #[async_trait]
-impl Backing for GatedBacking {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn stripe_bytes(&self) -> u64 {
-        self.inner.stripe_bytes()
-    }
-    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
+impl WriteHook for Gate {
+    async fn write(
+        &self,
+        inner: &MemBacking,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), BackingError> {
         let permit = self
-            .gate
+            .0
             .acquire()
             .await
             .map_err(|e| BackingError(e.to_string()))?;
         permit.forget();
-        self.inner.write(offset, data).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
-        self.inner.write_zeroes(offset, len).await
-    }
-    async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
-        self.inner.discard(offset, len).await
-    }
-    async fn flush(&self) -> Result<(), BackingError> {
-        self.inner.flush().await
-    }
-    async fn applied_seq(&self) -> Result<u64, BackingError> {
-        self.inner.applied_seq().await
-    }
-    async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
-        self.inner.set_applied_seq(seq).await
+        inner.write(offset, data).await
     }
 }
 
@@ -183,9 +161,9 @@ async fn writer_waits_for_cp_when_log_is_full() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, 4096);
     let gate = Arc::new(Semaphore::new(0));
-    let backing = GatedBacking {
+    let backing = HookedBacking {
         inner: mem.clone(),
-        gate: Arc::clone(&gate),
+        hook: Gate(Arc::clone(&gate)),
     };
     let cfg = VolumeConfig {
         max_record_payload_bytes: 4096,
@@ -236,9 +214,9 @@ async fn writes_during_cp_are_not_lost() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, 4096);
     let gate = Arc::new(Semaphore::new(0));
-    let backing = GatedBacking {
+    let backing = HookedBacking {
         inner: mem.clone(),
-        gate: Arc::clone(&gate),
+        hook: Gate(Arc::clone(&gate)),
     };
     let vol = Arc::new(
         open_volume(dir.path(), 1 << 20, backing, quiet_cfg())
@@ -724,29 +702,22 @@ struct StripeUse {
 }
 
 /// Records how many store writes are in flight and whether two ever touched one stripe.
-#[derive(Clone)]
-struct StripeCheckBacking {
-    inner: MemBacking,
-    busy: Arc<std::sync::Mutex<StripeUse>>,
-}
+#[derive(Clone, Default)]
+struct StripeCheck(Arc<std::sync::Mutex<StripeUse>>);
 
 #[async_trait]
-impl Backing for StripeCheckBacking {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn stripe_bytes(&self) -> u64 {
-        self.inner.stripe_bytes()
-    }
-    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
-        let stripe = self.stripe_bytes();
+impl WriteHook for StripeCheck {
+    async fn write(
+        &self,
+        inner: &MemBacking,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), BackingError> {
+        let stripe = inner.stripe_bytes();
         let stripes: Vec<u64> =
             (offset / stripe..=(offset + data.len() as u64 - 1) / stripe).collect();
         {
-            let mut b = self.busy.lock().unwrap();
+            let mut b = self.0.lock().unwrap();
             if stripes.iter().any(|s| b.stripes.contains(s)) {
                 b.conflict = true;
             }
@@ -757,28 +728,13 @@ impl Backing for StripeCheckBacking {
         // Each write spans real time, so writes the CP runs in parallel do overlap whatever the
         // scheduler does, and serialised ones never do.
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let r = self.inner.write(offset, data).await;
-        let mut b = self.busy.lock().unwrap();
+        let r = inner.write(offset, data).await;
+        let mut b = self.0.lock().unwrap();
         for s in &stripes {
             b.stripes.remove(s);
         }
         b.in_flight -= 1;
         r
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
-        self.inner.write_zeroes(offset, len).await
-    }
-    async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
-        self.inner.discard(offset, len).await
-    }
-    async fn flush(&self) -> Result<(), BackingError> {
-        self.inner.flush().await
-    }
-    async fn applied_seq(&self) -> Result<u64, BackingError> {
-        self.inner.applied_seq().await
-    }
-    async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
-        self.inner.set_applied_seq(seq).await
     }
 }
 
@@ -786,9 +742,9 @@ impl Backing for StripeCheckBacking {
 async fn cp_writes_run_in_parallel_but_never_two_on_one_stripe() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, 16 * 1024);
-    let backing = StripeCheckBacking {
+    let backing = HookedBacking {
         inner: mem.clone(),
-        busy: Arc::default(),
+        hook: StripeCheck::default(),
     };
     let vol = open_volume(dir.path(), 1 << 20, backing.clone(), quiet_cfg())
         .await
@@ -803,7 +759,7 @@ async fn cp_writes_run_in_parallel_but_never_two_on_one_stripe() {
     }
     vol.checkpoint().await.unwrap();
     assert_eq!(mem.contents(), want);
-    let b = backing.busy.lock().unwrap();
+    let b = backing.hook.0.lock().unwrap();
     assert!(!b.conflict, "two concurrent CP writes touched one stripe");
     assert!(
         b.max_in_flight > 1,

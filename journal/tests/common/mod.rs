@@ -5,8 +5,12 @@
 
 use std::path::Path;
 
+use async_trait::async_trait;
 use bytes::Bytes;
-use twinblock_journal::{Backing, JournalError, JournaledVolume, Nvram, NvramConfig, VolumeConfig};
+use twinblock_journal::{
+    Backing, BackingError, JournalError, JournaledVolume, MemBacking, Nvram, NvramConfig,
+    VolumeConfig,
+};
 
 /// Bytes of one block of the block-model tests.
 pub const BLOCK_BYTES: u64 = 4096;
@@ -76,4 +80,51 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// What a [`HookedBacking`] does for a store write.
+#[async_trait]
+pub trait WriteHook: Send + Sync + 'static {
+    /// Writes `data` at `offset` of `inner` (or fails), doing whatever the test watches.
+    async fn write(&self, inner: &MemBacking, offset: u64, data: Bytes)
+        -> Result<(), BackingError>;
+}
+
+/// A memory store whose writes go through a test's hook (to hold a CP, to watch its writes);
+/// every other call goes straight to the store.
+#[derive(Clone)]
+pub struct HookedBacking<H> {
+    pub inner: MemBacking,
+    pub hook: H,
+}
+
+#[async_trait]
+impl<H: WriteHook> Backing for HookedBacking<H> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn stripe_bytes(&self) -> u64 {
+        self.inner.stripe_bytes()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
+        self.hook.write(&self.inner, offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.inner.write_zeroes(offset, len).await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.inner.discard(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BackingError> {
+        self.inner.flush().await
+    }
+    async fn applied_seq(&self) -> Result<u64, BackingError> {
+        self.inner.applied_seq().await
+    }
+    async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
+        self.inner.set_applied_seq(seq).await
+    }
 }
