@@ -732,13 +732,15 @@ impl<B: Backing> Shared<B> {
             }
             // Subscribed before looking, so progress made after the look is not missed.
             let progress = self.group.as_ref().map(|g| g.subscribe());
+            // Asked before taking the lock (the store takes its own): a record appended as the
+            // store starts logging is one of those the first CPs after it drain.
+            let logging = self.ppl_logging();
             let persist_behind = {
                 let mut st = self.lock();
                 st.check_not_damaged()?;
-                let reserve = self.ppl_budget.writer_reserve_bytes(
-                    st.ppl_owed.total().saturating_add(owes),
-                    self.ppl_logging(),
-                );
+                let reserve = self
+                    .ppl_budget
+                    .writer_reserve_bytes(st.ppl_owed.total().saturating_add(owes), logging);
                 let appended = st.append(
                     kind,
                     self.volume_id,
