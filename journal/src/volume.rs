@@ -1414,10 +1414,8 @@ impl<B: Backing> Shared<B> {
     }
 
     /// While the store logs partial parity: where this CP stops so that its PPL records fit
-    /// the free space less the control reserve and one PAD ([`crate::ppl::cut`],
-    /// [`PplBudget::cp_budget_bytes`]); `None`: it applies everything, which is always the case
-    /// while writers kept the rule of [`crate::ppl_budget`] (only records appended before the
-    /// store started logging can make a CP stop early).
+    /// the free space less the control reserve and one PAD, and one record's bound
+    /// ([`crate::ppl::cut`], [`PplBudget::cp_budget_bytes`]); `None`: it applies everything.
     fn ppl_cut(&self, st: &State, cap: Option<u64>) -> Option<ppl::Cut> {
         if !self.ppl_logging() {
             return None;
