@@ -182,10 +182,10 @@ const SMALL_WRITES: Workload = Workload {
     log_bytes: 64 * 1024,
 };
 
-/// Writes of up to three stripes. The log is larger than the original's: with a 64 KiB log and
-/// large writes, a CP while degraded can find no room for its partial-parity records (the
-/// TRANSITION records of a FLUSH may use the room writers leave for them), with or without the
-/// bypass; that is a separate issue of the partial-parity reserve.
+/// Writes of up to three stripes, in a larger log than the original's (more records per CP).
+/// With `TWINBLOCK_POWER_LOG_BYTES=65536` this workload once failed writes of 39 seeds in 20,000
+/// because a CP while degraded found no room for its partial-parity records (PAD records, and
+/// TRANSITION records using the room left for them); the journal's `ppl_budget` rule fixed that.
 const LARGE_WRITES: Workload = Workload {
     large_writes: true,
     log_bytes: 256 * 1024,
