@@ -33,7 +33,8 @@
 //! Seeds: `TWINBLOCK_POWER_SEEDS` (default 1000, which includes seed 997) from
 //! `TWINBLOCK_POWER_SEED_BASE` (default 0); a
 //! failure names its seed, and `TWINBLOCK_POWER_SEED_BASE=<seed> TWINBLOCK_POWER_SEEDS=1` replays
-//! it. `many_seeds` (ignored by default) runs 20,000.
+//! it. `TWINBLOCK_POWER_LOG_BYTES` overrides the NVRAM log size of both workloads (smaller logs
+//! stress the partial-parity budget of the CPs). `many_seeds` (ignored by default) runs 20,000.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -181,10 +182,10 @@ const SMALL_WRITES: Workload = Workload {
     log_bytes: 64 * 1024,
 };
 
-/// Writes of up to three stripes. The log is larger than the original's: with a 64 KiB log and
-/// large writes, a CP while degraded can find no room for its partial-parity records (the
-/// TRANSITION records of a FLUSH may use the room writers leave for them), with or without the
-/// bypass; that is a separate issue of the partial-parity reserve.
+/// Writes of up to three stripes, in a larger log than the original's (more records per CP).
+/// With `TWINBLOCK_POWER_LOG_BYTES=65536` this workload once failed writes of 39 seeds in 20,000
+/// because a CP while degraded found no room for its partial-parity records (PAD records, and
+/// TRANSITION records using the room left for them); the journal's `ppl_budget` rule fixed that.
 const LARGE_WRITES: Workload = Workload {
     large_writes: true,
     log_bytes: 256 * 1024,
@@ -532,6 +533,10 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 fn run_seeds(count: u64, workload: Workload) {
     let base = env_u64("TWINBLOCK_POWER_SEED_BASE", 0);
+    let workload = Workload {
+        log_bytes: env_u64("TWINBLOCK_POWER_LOG_BYTES", workload.log_bytes),
+        ..workload
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -38,6 +38,7 @@ pub mod nvram;
 pub mod pmem;
 pub mod power;
 pub mod ppl;
+pub mod ppl_budget;
 pub mod prefault;
 pub mod recover;
 pub mod restore;

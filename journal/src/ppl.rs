@@ -12,8 +12,9 @@
 //!
 //! Space: the records of one CP must fit the log beside the data records the CP applies. A store
 //! that may log partial parity reports a bound per update ([`crate::Backing::ppl_bound_bytes`]);
-//! writers leave the bound of one largest record free, and while the store logs, each CP takes
-//! only the oldest records whose bounds fit that reserve ([`cut`]); the rest wait for the next.
+//! [`crate::ppl_budget`] holds the rule that keeps room for them (while the store logs, every
+//! data record is appended only with room for its bound), and a CP takes the oldest records
+//! whose bounds fit what is free ([`cut`]); the rest wait for the next.
 
 use std::sync::Weak;
 

@@ -95,6 +95,7 @@ use crate::log::LogCursor;
 use crate::nvram::{Nvram, Region};
 use crate::pmem::{PersistMethod, PersistenceMode};
 use crate::ppl::{self, PplAppend, PplLog, PPL_FRAMING_BYTES};
+use crate::ppl_budget::{Owed, PplBudget};
 use crate::recover::{apply_plan, backing_err, plan_recovery, RecoveryReport};
 use crate::verify::{DamagedRecord, Unverified};
 
@@ -440,6 +441,16 @@ struct State {
     damaged: Option<DamagedRecord>,
     /// The seq the running (or last) CP applies up to: PPL records appended now carry it.
     ppl_cp_seq: u64,
+    /// The PPL bounds the live data records owe ([`crate::ppl_budget`]).
+    ppl_owed: Owed,
+    /// A PPL record found no room since the running CP started.
+    ppl_short: bool,
+    /// The data records the running CP applies and the sum of their PPL bounds.
+    ppl_planned: (u64, u64),
+    /// Free bytes a PPL record leaves: the control reserve, and while a CP planned without
+    /// partial parity runs, also the writers' PPL reserve (so that when the store starts logging
+    /// during that CP and it fails, the CP run again can log the partial parity of a record).
+    ppl_floor: u64,
 }
 
 impl State {
@@ -605,12 +616,14 @@ impl State {
         Ok(Appended::Done { seq, at: p.at })
     }
 
-    /// Appends TRANSITION records for the pending mirrored/acknowledged ranges (may use the
-    /// reserve). Keeps what does not fit for later.
+    /// Appends TRANSITION records for the pending mirrored/acknowledged ranges, leaving
+    /// `reserve` bytes free (they may use the control reserve, never the space kept for partial
+    /// parity: [`crate::ppl_budget`]). Keeps what does not fit for after the next CP.
     fn emit_transitions(
         &mut self,
         volume_id: u64,
         copy: bool,
+        reserve: u64,
         ship: &mut Vec<Shipped>,
     ) -> Result<(), JournalError> {
         let mut entries: Vec<TransitionEntry> = Vec::new();
@@ -635,7 +648,7 @@ impl State {
             0,
             0,
             &payload,
-            0,
+            reserve,
             true,
             copy,
             ship,
@@ -685,9 +698,12 @@ struct Shared<B: Backing> {
     closed: AtomicBool,
     /// The own log's id (NVRAM file header), recorded in the store's journal mark.
     log_id: [u8; 16],
-    /// Log bytes writers leave free (beyond the control reserve) for the PPL records of a CP;
-    /// 0 when the store never logs partial parity (see [`crate::ppl`]).
+    /// Log bytes a STORED record leaves free beyond the control reserve: the partial-parity
+    /// hold of a store that does not log now (large writes bypass only such a store); 0 when
+    /// the store never logs partial parity (see [`crate::ppl_budget`]).
     ppl_reserve: u64,
+    /// The partial-parity space rule of this volume's log.
+    ppl_budget: PplBudget,
 }
 
 impl<B: Backing> Shared<B> {
@@ -765,6 +781,7 @@ impl<B: Backing> Shared<B> {
     ) -> Result<Option<u64>, JournalError> {
         let copy = self.mirror.enabled();
         let mut indexed = Some(indexed);
+        let owes = self.record_ppl_bound(kind, length);
         // Armed only once the log was found full (registering with `space_freed` costs two
         // lock round trips, paid per write when done up front); the look after arming decides.
         let mut space_waiter: Option<Pin<Box<Notified<'_>>>> = None;
@@ -774,16 +791,22 @@ impl<B: Backing> Shared<B> {
             }
             // Subscribed before looking, so progress made after the look is not missed.
             let progress = self.group.as_ref().map(|g| g.subscribe());
+            // Asked before taking the lock (the store takes its own): a record appended as the
+            // store starts logging is one of those the first CPs after it drain.
+            let logging = self.ppl_logging();
             let persist_behind = {
                 let mut st = self.lock();
                 st.check_not_damaged()?;
+                let reserve = self
+                    .ppl_budget
+                    .writer_reserve_bytes(st.ppl_owed.total().saturating_add(owes), logging);
                 let appended = st.append(
                     kind,
                     self.volume_id,
                     offset,
                     length,
                     payload,
-                    CONTROL_RESERVE_BYTES + self.ppl_reserve,
+                    reserve,
                     false,
                     copy,
                     ship,
@@ -793,6 +816,7 @@ impl<B: Backing> Shared<B> {
                     at: log_offset,
                 } = appended
                 {
+                    st.ppl_owed.push(seq, owes);
                     if let Some(f) = indexed.take() {
                         f(&mut st, seq, log_offset);
                     }
@@ -852,7 +876,13 @@ impl<B: Backing> Shared<B> {
                 st.acked.add(s);
             }
             if st.acked.0.len() + st.mirrored.0.len() >= TRANSITION_MAX_ENTRIES {
-                st.emit_transitions(self.volume_id, self.mirror.enabled(), &mut more.items)?;
+                let reserve = self.transition_reserve(&st);
+                st.emit_transitions(
+                    self.volume_id,
+                    self.mirror.enabled(),
+                    reserve,
+                    &mut more.items,
+                )?;
             }
         }
         more.send().await;
@@ -1099,7 +1129,8 @@ impl<B: Backing> Shared<B> {
         let mut ship = ShipList::new(self);
         let target = {
             let mut st = self.lock();
-            st.emit_transitions(self.volume_id, copy, &mut ship.items)?;
+            let reserve = self.transition_reserve(&st);
+            st.emit_transitions(self.volume_id, copy, reserve, &mut ship.items)?;
             st.last_data_seq
         };
         ship.send().await;
@@ -1320,9 +1351,45 @@ impl<B: Backing> Shared<B> {
     }
 
     /// [`Shared::run_cp`] for a caller holding `cp_lock` (the guard proves it).
+    ///
+    /// A CP whose partial parity found no room in the log (the store started logging while
+    /// the CP ran, or the log held records appended before it did: [`crate::ppl_budget`]) is run
+    /// again at once over half the PPL bounds it planned for, down to a single record; only a
+    /// CP of one record that finds no room fails. Running a CP again is safe: its store writes
+    /// are redone from records still in the log, and the PPL records it logged stay unretired.
     async fn run_cp_locked(
         self: &Arc<Self>,
+        cp_lock_held: &tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<bool, JournalError> {
+        let mut cap = None;
+        loop {
+            self.lock().ppl_short = false;
+            let result = self.run_cp_once(cp_lock_held, cap).await;
+            let Err(e) = result else {
+                return result;
+            };
+            let st = self.lock();
+            let (records, planned) = st.ppl_planned;
+            if !st.ppl_short || records <= 1 {
+                return Err(e);
+            }
+            tracing::info!(
+                volume = self.volume_id,
+                records,
+                planned_ppl_bytes = planned,
+                free_bytes = st.cursor.free(),
+                "a consistency point found no log room for its partial parity; running it again \
+                 over fewer records"
+            );
+            cap = Some(planned / 2);
+        }
+    }
+
+    /// One attempt of [`Shared::run_cp_locked`]; `ppl_cap`: the most PPL bytes it may plan for.
+    async fn run_cp_once(
+        self: &Arc<Self>,
         _cp_lock_held: &tokio::sync::MutexGuard<'_, ()>,
+        ppl_cap: Option<u64>,
     ) -> Result<bool, JournalError> {
         let started = std::time::Instant::now();
         self.wait_verified().await?;
@@ -1338,10 +1405,16 @@ impl<B: Backing> Shared<B> {
             if st.cursor.used == 0 || (!pending_data && !wanted) {
                 return Ok(false);
             }
-            let cut = self.ppl_cut(&st);
+            let cut = self.ppl_cut(&st, ppl_cap);
             let (cp_seq, head, used) = match cut {
                 Some(c) => (c.cp_seq, c.head, c.used),
                 None => (st.cursor.next_seq - 1, st.cursor.head, st.cursor.used),
+            };
+            st.ppl_planned = st.ppl_owed.through(cp_seq);
+            st.ppl_floor = if self.ppl_logging() {
+                CONTROL_RESERVE_BYTES
+            } else {
+                self.ppl_budget.writer_reserve_bytes(0, false)
             };
             let mut snapshot = st.index.snapshot();
             if cut.is_some() {
@@ -1399,11 +1472,14 @@ impl<B: Backing> Shared<B> {
             st.cursor.release(head, used);
             st.space_wanted = false;
             st.index.retire_through(cp_seq);
+            st.ppl_owed.retire_through(cp_seq);
             st.applied_seq = cp_seq;
             st.cps_done += 1;
+            st.ppl_floor = CONTROL_RESERVE_BYTES;
             st.cp_durations.observe(started.elapsed());
             st.last_cp_error = None;
-            st.emit_transitions(self.volume_id, copy, &mut ship.items)?;
+            let reserve = self.transition_reserve(&st);
+            st.emit_transitions(self.volume_id, copy, reserve, &mut ship.items)?;
             let cp = CpPayload {
                 applied_seq: cp_seq,
                 tail_offset: head,
@@ -1432,38 +1508,42 @@ impl<B: Backing> Shared<B> {
     }
 
     /// While the store logs partial parity: where this CP stops so that its PPL records fit
-    /// what writers left free ([`crate::ppl::cut`]); `None`: it applies everything.
-    fn ppl_cut(&self, st: &State) -> Option<ppl::Cut> {
-        if self.ppl_reserve == 0 || !self.backing.ppl_active() {
+    /// the free space less the control reserve and one PAD, and one record's bound
+    /// ([`crate::ppl::cut`], [`PplBudget::cp_budget_bytes`]); `None`: it applies everything.
+    fn ppl_cut(&self, st: &State, cap: Option<u64>) -> Option<ppl::Cut> {
+        if !self.ppl_logging() {
             return None;
         }
-        let budget = self
-            .ppl_reserve
-            .min(st.cursor.free().saturating_sub(CONTROL_RESERVE_BYTES));
-        let log_bytes = st.cursor.log_bytes;
+        let budget = self.ppl_budget.cp_budget_bytes(st.cursor.free());
+        let budget = cap.map_or(budget, |c| budget.min(c));
+        if st.ppl_owed.total() <= budget {
+            return None;
+        }
         ppl::cut(
-            |at| {
-                (at + RECORD_HEADER_BYTES as u64 <= log_bytes)
-                    .then(|| {
-                        RecordHeader::decode(st.region.log_slice(at, RECORD_HEADER_BYTES as u64))
-                            .ok()
-                    })
-                    .flatten()
-            },
-            log_bytes,
+            |at| header_at(&st.region, at),
+            st.cursor.log_bytes,
             st.cursor.tail,
             st.cursor.used,
             budget,
-            |h| {
-                if h.kind == RecordKind::Stored {
-                    // Nothing of it is applied by a CP: no partial parity.
-                    return 0;
-                }
-                let whole_rows = h.kind != RecordKind::Write;
-                self.backing
-                    .ppl_bound_bytes(h.length, whole_rows, PPL_FRAMING_BYTES)
-            },
+            |h| self.record_ppl_bound(h.kind, h.length),
         )
+    }
+
+    /// True while the store logs partial parity (and may: a store without parity never does).
+    fn ppl_logging(&self) -> bool {
+        self.ppl_budget.enabled() && self.backing.ppl_active()
+    }
+
+    /// The store's PPL bound for the record of `kind` over `length` bytes: what applying it may
+    /// log at most.
+    fn record_ppl_bound(&self, kind: RecordKind, length: u64) -> u64 {
+        record_ppl_bound(&self.backing, self.ppl_budget, kind, length)
+    }
+
+    /// What a TRANSITION record must leave free now.
+    fn transition_reserve(&self, st: &State) -> u64 {
+        self.ppl_budget
+            .transition_reserve_bytes(st.ppl_owed.total(), self.ppl_logging())
     }
 }
 
@@ -1476,14 +1556,16 @@ impl<B: Backing> PplAppend for Shared<B> {
             let mut st = self.lock();
             st.check_not_damaged()?;
             let payload = ppl::encode_payload(st.ppl_cp_seq, store_bytes);
-            // Leaves the control reserve: the CP record that retires this one must still fit.
+            // Leaves the control reserve (the CP record that retires this one must still fit),
+            // and more during a CP planned without partial parity (`ppl_floor`).
+            let floor = st.ppl_floor;
             let appended = st.append(
                 RecordKind::Ppl,
                 self.volume_id,
                 0,
                 store_bytes.len() as u64,
                 &payload,
-                CONTROL_RESERVE_BYTES,
+                floor,
                 true,
                 copy,
                 &mut ship.items,
@@ -1491,10 +1573,11 @@ impl<B: Backing> PplAppend for Shared<B> {
             match appended {
                 Appended::Done { seq, .. } => seq,
                 _ => {
+                    st.ppl_short = true;
                     return Err(JournalError::PplLogFull {
                         region: st.region.name(),
                         bytes: payload.len() as u64,
-                    })
+                    });
                 }
             }
         };
@@ -1590,8 +1673,8 @@ impl<B: Backing> JournaledVolume<B> {
         own_region: bool,
     ) -> Result<JournaledVolume<B>, JournalError> {
         let log_bytes = region.log_bytes();
-        let ppl_reserve = ppl_reserve_bytes(&backing, &config);
-        check_config(&config, log_bytes, ppl_reserve)?;
+        let ppl_budget = ppl_budget(&backing, &config);
+        check_config(&config, log_bytes, ppl_budget)?;
         let generation = nvram.generation();
         let scan_started = std::time::Instant::now();
         let plan = plan_recovery(&region, &backing, volume_id, config.discard_corrupt_log).await?;
@@ -1669,6 +1752,9 @@ impl<B: Backing> JournaledVolume<B> {
             None
         };
         let size = backing.size();
+        let ppl_owed = owed_of_log(&region, &cursor, |kind, length| {
+            record_ppl_bound(&backing, ppl_budget, kind, length)
+        });
         let group = start_group_commit(&region, &cursor, nvram.path())?;
         let shared = Arc::new(Shared {
             backing,
@@ -1704,6 +1790,10 @@ impl<B: Backing> JournaledVolume<B> {
                 unverified,
                 damaged: None,
                 ppl_cp_seq: plan.applied_seq,
+                ppl_owed,
+                ppl_short: false,
+                ppl_planned: (0, 0),
+                ppl_floor: CONTROL_RESERVE_BYTES,
             }),
             space_freed: Notify::new(),
             shipped: Notify::new(),
@@ -1715,7 +1805,8 @@ impl<B: Backing> JournaledVolume<B> {
             closed: AtomicBool::new(false),
             config,
             log_id,
-            ppl_reserve,
+            ppl_reserve: ppl_budget.transition_reserve_bytes(0, false),
+            ppl_budget,
         });
         // Before the flusher's first CP: degraded stripe updates persist partial parity here.
         let target: std::sync::Weak<dyn PplAppend> = Arc::downgrade(&shared) as _;
@@ -1954,14 +2045,80 @@ pub struct UnretiredRecords {
     pub records: Vec<UnretiredRecord>,
 }
 
-/// Log bytes writers leave free for the partial parity of one CP: the bound of the largest
-/// record, data or zeroing (0 when the store never logs partial parity).
-fn ppl_reserve_bytes<B: Backing>(backing: &B, config: &VolumeConfig) -> u64 {
+/// The partial-parity space rule of a volume over `backing` ([`crate::ppl_budget`]): the bound
+/// of the largest record, data or zeroing (0 when the store never logs partial parity), and
+/// the largest single PPL record, bounded by the store's bound for one stripe (a store logs at
+/// most one record per stripe row it updates).
+fn ppl_budget<B: Backing>(backing: &B, config: &VolumeConfig) -> PplBudget {
     let write = backing.ppl_bound_bytes(config.max_record_payload_bytes, false, PPL_FRAMING_BYTES);
-    if write == 0 {
+    let one = if write == 0 {
+        0
+    } else {
+        write.max(backing.ppl_bound_bytes(u64::MAX, true, PPL_FRAMING_BYTES))
+    };
+    let pad = if one == 0 {
+        0
+    } else {
+        one.max(backing.ppl_bound_bytes(backing.stripe_bytes().max(1), false, PPL_FRAMING_BYTES))
+    };
+    PplBudget {
+        control_bytes: CONTROL_RESERVE_BYTES,
+        one_record_bytes: one,
+        pad_bytes: pad,
+    }
+}
+
+/// The PPL bound of one record ([`Shared::record_ppl_bound`]).
+fn record_ppl_bound<B: Backing>(
+    backing: &B,
+    budget: PplBudget,
+    kind: RecordKind,
+    length: u64,
+) -> u64 {
+    if !budget.enabled() {
         return 0;
     }
-    write.max(backing.ppl_bound_bytes(u64::MAX, true, PPL_FRAMING_BYTES))
+    match kind {
+        RecordKind::Write => backing.ppl_bound_bytes(length, false, PPL_FRAMING_BYTES),
+        RecordKind::Zero | RecordKind::Trim => {
+            backing.ppl_bound_bytes(length, true, PPL_FRAMING_BYTES)
+        }
+        // STORED: nothing of it is applied by a CP; control records apply nothing.
+        _ => 0,
+    }
+}
+
+/// The header of the record at log offset `at`, if one decodes there.
+fn header_at(region: &Region, at: u64) -> Option<RecordHeader> {
+    (at + RECORD_HEADER_BYTES as u64 <= region.log_bytes())
+        .then(|| RecordHeader::decode(region.log_slice(at, RECORD_HEADER_BYTES as u64)).ok())
+        .flatten()
+}
+
+/// What the live data records of a log opened in place owe (`bound` per kind and length).
+/// A header that does not decode ends the walk (the scan found the live log whole).
+fn owed_of_log(
+    region: &Region,
+    cursor: &LogCursor,
+    bound: impl Fn(RecordKind, u64) -> u64,
+) -> Owed {
+    let mut owed = Owed::default();
+    let (mut at, mut walked) = (cursor.tail, 0u64);
+    while walked < cursor.used {
+        let Some(h) = header_at(region, at) else {
+            break;
+        };
+        if h.kind.is_data() {
+            owed.push(h.seq, bound(h.kind, h.length));
+        }
+        let total = h.total_bytes();
+        if total == 0 {
+            break;
+        }
+        walked += total;
+        at = (at + total) % cursor.log_bytes;
+    }
+    owed
 }
 
 /// `msync` mode: starts the log's group-commit thread with every record before the cursor's next
@@ -2016,19 +2173,22 @@ fn blank_leftovers(
 fn check_config(
     config: &VolumeConfig,
     log_bytes: u64,
-    ppl_reserve: u64,
+    ppl_budget: PplBudget,
 ) -> Result<(), JournalError> {
     let max_total = RECORD_HEADER_BYTES as u64 + align_up(config.max_record_payload_bytes);
+    let needed = ppl_budget.min_log_bytes(max_total);
     if config.max_record_payload_bytes == 0
         || config.max_record_payload_bytes > u64::from(u32::MAX)
-        || (2 * max_total + 2 * CONTROL_RESERVE_BYTES).saturating_add(ppl_reserve) > log_bytes
+        || needed > log_bytes
     {
+        let ppl = ppl_budget.one_record_bytes + ppl_budget.pad_bytes;
         return Err(JournalError::Config(format!(
             "max_record_payload_bytes {} does not fit a log of {log_bytes} bytes \
-             (needs log >= 2 x record + {} bytes, {ppl_reserve} of them kept for the \
-             partial-parity records of a degraded RAID 5/6 array)",
+             (needs log >= 2 x record + {} bytes, {ppl} of them kept for the \
+             partial-parity records of a degraded RAID 5/6 array); use a larger log or a \
+             smaller max_record_payload_bytes",
             config.max_record_payload_bytes,
-            2 * CONTROL_RESERVE_BYTES + ppl_reserve
+            needed - 2 * max_total,
         )));
     }
     if config.cp_fill_percent == 0 || config.cp_fill_percent > 100 {

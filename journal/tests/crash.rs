@@ -18,7 +18,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use twinblock_journal::{JournaledVolume, MemBacking, Nvram, NvramConfig, VolumeConfig};
 
-const BLOCK_BYTES: u64 = 4096;
+mod common;
+use common::{versioned_block as block_bytes, BLOCK_BYTES, ZEROED};
+
 const BLOCKS: u64 = 64;
 const TASKS: u64 = 4;
 const DEFAULT_ITERATIONS: u64 = 100;
@@ -28,23 +30,6 @@ const DEFAULT_ITERATIONS: u64 = 100;
 struct BlockModel {
     acked: u32,
     in_flight: Option<u32>,
-}
-
-/// Version `u32::MAX` stands for "zeroed by WRITE_ZEROES".
-const ZEROED: u32 = u32::MAX;
-
-fn block_bytes(block: u64, version: u32) -> Vec<u8> {
-    if version == 0 || version == ZEROED {
-        return vec![0; BLOCK_BYTES as usize];
-    }
-    let mut v = Vec::with_capacity(BLOCK_BYTES as usize);
-    while v.len() < BLOCK_BYTES as usize {
-        v.extend_from_slice(&block.to_le_bytes());
-        v.extend_from_slice(&version.to_le_bytes());
-        v.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    v.truncate(BLOCK_BYTES as usize);
-    v
 }
 
 fn describe(block: u64, data: &[u8]) -> String {
@@ -63,12 +48,8 @@ fn describe(block: u64, data: &[u8]) -> String {
 }
 
 fn nvram_cfg(dir: &Path) -> NvramConfig {
-    NvramConfig {
-        path: dir.join("nvram.img"),
-        // Small: wraps and CPs under back-pressure happen within one iteration.
-        log_bytes_per_region: 96 * 1024,
-        ..NvramConfig::new(0, [5; 16])
-    }
+    // Small: wraps and CPs under back-pressure happen within one iteration.
+    common::nvram_at(dir, 96 * 1024)
 }
 
 type Model = Arc<Mutex<HashMap<u64, BlockModel>>>;

@@ -10,30 +10,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use twinblock_journal::{
-    JournalError, JournaledVolume, MemBacking, Nvram, NvramConfig, VolumeConfig,
-};
+use twinblock_journal::{JournalError, JournaledVolume, MemBacking, Nvram, VolumeConfig};
+
+mod common;
+use common::{nvram_at, quiet_cfg};
 
 const BLOCK: u64 = 4096;
 const VOLUME_BYTES: u64 = 16 << 20;
 const WRITES: u64 = 1500;
-
-fn nvram_cfg(dir: &Path) -> NvramConfig {
-    NvramConfig {
-        path: dir.join("nvram.img"),
-        log_bytes_per_region: 8 << 20,
-        ..NvramConfig::new(0, [6; 16])
-    }
-}
-
-fn quiet() -> VolumeConfig {
-    VolumeConfig {
-        cp_interval_ms: 3_600_000,
-        cp_fill_percent: 100,
-        max_record_payload_bytes: 64 * 1024,
-        ..VolumeConfig::default()
-    }
-}
+const LOG_BYTES: u64 = 8 << 20;
 
 fn pattern(i: u64) -> u8 {
     (i % 250 + 1) as u8
@@ -42,10 +27,10 @@ fn pattern(i: u64) -> u8 {
 /// Writes block i with pattern(i), then drops the volume without a CP (a crash).
 async fn fill(dir: &Path, mem: &MemBacking) {
     let vol = JournaledVolume::open(
-        Nvram::open(&nvram_cfg(dir)).unwrap(),
+        Nvram::open(&nvram_at(dir, LOG_BYTES)).unwrap(),
         mem.clone(),
         1,
-        quiet(),
+        quiet_cfg(),
     )
     .await
     .unwrap();
@@ -58,7 +43,7 @@ async fn fill(dir: &Path, mem: &MemBacking) {
 
 /// Flips one payload byte of the record holding block `block` (as a media error would).
 fn damage_block_record(dir: &Path, block: u64) {
-    let mut nv = Nvram::open(&nvram_cfg(dir)).unwrap();
+    let mut nv = Nvram::open(&nvram_at(dir, LOG_BYTES)).unwrap();
     let mut region = nv.take_own().unwrap();
     let scan = region.scan();
     let r = scan
@@ -74,10 +59,10 @@ fn damage_block_record(dir: &Path, block: u64) {
 
 async fn open(dir: &Path, mem: &MemBacking) -> JournaledVolume<MemBacking> {
     JournaledVolume::open(
-        Nvram::open(&nvram_cfg(dir)).unwrap(),
+        Nvram::open(&nvram_at(dir, LOG_BYTES)).unwrap(),
         mem.clone(),
         1,
-        quiet(),
+        quiet_cfg(),
     )
     .await
     .unwrap()
@@ -169,10 +154,10 @@ async fn discard_corrupt_log_uses_the_full_scan_and_keeps_the_records_before_the
     damage_block_record(dir.path(), 5);
     let cfg = VolumeConfig {
         discard_corrupt_log: true,
-        ..quiet()
+        ..quiet_cfg()
     };
     let vol = JournaledVolume::open(
-        Nvram::open(&nvram_cfg(dir.path())).unwrap(),
+        Nvram::open(&nvram_at(dir.path(), LOG_BYTES)).unwrap(),
         mem.clone(),
         1,
         cfg,

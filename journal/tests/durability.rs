@@ -14,28 +14,18 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use twinblock_journal::{
     JournaledVolume, MemBacking, MirrorHook, MirrorOutcome, Nvram, NvramConfig, PersistenceMode,
-    VolumeConfig,
 };
+
+mod common;
+use common::{nvram_at, quiet_cfg};
 
 const VOLUME_BYTES: u64 = 1024 * 1024;
 const STRIPE_BYTES: u64 = 64 * 1024;
 
 fn nvram_cfg(dir: &Path, persistence: PersistenceMode) -> NvramConfig {
     NvramConfig {
-        path: dir.join("nvram.img"),
-        log_bytes_per_region: 1 << 20,
         persistence,
-        ..NvramConfig::new(0, [4; 16])
-    }
-}
-
-/// No timer or fill CPs: any CP seen was asked for by FLUSH / FUA.
-fn quiet_cfg() -> VolumeConfig {
-    VolumeConfig {
-        cp_interval_ms: 3_600_000,
-        cp_fill_percent: 100,
-        max_record_payload_bytes: 64 * 1024,
-        ..VolumeConfig::default()
+        ..nvram_at(dir, 1 << 20)
     }
 }
 

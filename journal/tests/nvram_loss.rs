@@ -7,9 +7,11 @@ use std::path::Path;
 use bytes::Bytes;
 use twinblock_journal::restore::{restore_into, FetchedLog, RestoreTarget};
 use twinblock_journal::{
-    check_log_continuity, Backing, JournaledVolume, LossCause, MemBacking, Nvram, NvramConfig,
-    VolumeConfig,
+    check_log_continuity, Backing, JournaledVolume, LossCause, MemBacking, Nvram,
 };
+
+mod common;
+use common::{nvram_at, pattern, quiet_cfg};
 
 const VOLUME_BYTES: u64 = 1024 * 1024;
 const STRIPE_BYTES: u64 = 64 * 1024;
@@ -17,39 +19,14 @@ const LOG_BYTES: u64 = 1 << 20;
 const STORE: [u8; 16] = [0x51; 16];
 const VOLUME_ID: u64 = 1;
 
-fn nvram_cfg(dir: &Path) -> NvramConfig {
-    NvramConfig {
-        path: dir.join("nvram.img"),
-        log_bytes_per_region: LOG_BYTES,
-        ..NvramConfig::new(0, [3; 16])
-    }
-}
-
-fn quiet() -> VolumeConfig {
-    VolumeConfig {
-        cp_interval_ms: 3_600_000,
-        cp_fill_percent: 100,
-        max_record_payload_bytes: 64 * 1024,
-        ..VolumeConfig::default()
-    }
-}
-
-fn pattern(seed: u8, len: usize) -> Bytes {
-    Bytes::from(
-        (0..len)
-            .map(|i| seed.wrapping_add((i % 251) as u8))
-            .collect::<Vec<u8>>(),
-    )
-}
-
 fn backing() -> MemBacking {
     MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id(STORE)
 }
 
 /// Opens a volume, writes A and checkpoints it, then writes B (acknowledged, not applied).
 async fn run_until_crash(dir: &Path, mem: &MemBacking) -> JournaledVolume<MemBacking> {
-    let nv = Nvram::open(&nvram_cfg(dir)).unwrap();
-    let vol = JournaledVolume::open(nv, mem.clone(), VOLUME_ID, quiet())
+    let nv = Nvram::open(&nvram_at(dir, LOG_BYTES)).unwrap();
+    let vol = JournaledVolume::open(nv, mem.clone(), VOLUME_ID, quiet_cfg())
         .await
         .unwrap();
     vol.write(0, pattern(1, 8192)).await.unwrap();
@@ -73,7 +50,7 @@ async fn lost_nvram_after_unclean_stop_is_reported_with_the_lost_seq_range() {
     let vol = run_until_crash(dir.path(), &mem).await;
     let applied = vol.status().applied_seq;
     power_cut(vol, &mem, dir.path());
-    let nv = Nvram::open(&nvram_cfg(dir.path())).unwrap();
+    let nv = Nvram::open(&nvram_at(dir.path(), LOG_BYTES)).unwrap();
     let loss = check_log_continuity(&nv, &mem)
         .await
         .unwrap()
@@ -88,7 +65,7 @@ async fn lost_nvram_after_unclean_stop_is_reported_with_the_lost_seq_range() {
     // The same check at a second start (the first refused): the file is no longer new, but its
     // log was never used, so it is still a blank log.
     drop(nv);
-    let nv = Nvram::open(&nvram_cfg(dir.path())).unwrap();
+    let nv = Nvram::open(&nvram_at(dir.path(), LOG_BYTES)).unwrap();
     let again = check_log_continuity(&nv, &mem).await.unwrap().unwrap();
     assert_eq!(again.cause, LossCause::MissingOrBlank);
 }
@@ -100,9 +77,9 @@ async fn lost_nvram_after_clean_stop_loses_nothing() {
     let vol = run_until_crash(dir.path(), &mem).await;
     assert!(vol.stop_clean().await.unwrap());
     power_cut(vol, &mem, dir.path());
-    let nv = Nvram::open(&nvram_cfg(dir.path())).unwrap();
+    let nv = Nvram::open(&nvram_at(dir.path(), LOG_BYTES)).unwrap();
     assert_eq!(check_log_continuity(&nv, &mem).await.unwrap(), None);
-    let vol = JournaledVolume::open(nv, mem.clone(), VOLUME_ID, quiet())
+    let vol = JournaledVolume::open(nv, mem.clone(), VOLUME_ID, quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.read(65536, 8192).await.unwrap(), pattern(2, 8192));
@@ -115,9 +92,9 @@ async fn intact_nvram_after_unclean_stop_is_no_loss() {
     let vol = run_until_crash(dir.path(), &mem).await;
     drop(vol);
     mem.crash();
-    let nv = Nvram::open(&nvram_cfg(dir.path())).unwrap();
+    let nv = Nvram::open(&nvram_at(dir.path(), LOG_BYTES)).unwrap();
     assert_eq!(check_log_continuity(&nv, &mem).await.unwrap(), None);
-    let vol = JournaledVolume::open(nv, mem.clone(), VOLUME_ID, quiet())
+    let vol = JournaledVolume::open(nv, mem.clone(), VOLUME_ID, quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.read(65536, 8192).await.unwrap(), pattern(2, 8192));
@@ -129,11 +106,11 @@ async fn accepted_loss_serves_and_rebinds_the_store_to_the_new_log() {
     let mem = backing();
     let vol = run_until_crash(dir.path(), &mem).await;
     power_cut(vol, &mem, dir.path());
-    let nv = Nvram::open(&nvram_cfg(dir.path())).unwrap();
+    let nv = Nvram::open(&nvram_at(dir.path(), LOG_BYTES)).unwrap();
     assert!(check_log_continuity(&nv, &mem).await.unwrap().is_some());
     // The operator accepted: the journal opens on the new log and the store names it.
     let new_id = nv.log_id();
-    let vol = JournaledVolume::open(nv, mem.clone(), VOLUME_ID, quiet())
+    let vol = JournaledVolume::open(nv, mem.clone(), VOLUME_ID, quiet_cfg())
         .await
         .unwrap();
     assert_eq!(mem.journal_mark().await.unwrap().unwrap().log_id, new_id);
@@ -145,7 +122,7 @@ async fn accepted_loss_serves_and_rebinds_the_store_to_the_new_log() {
     );
     drop(vol);
     mem.crash();
-    let nv = Nvram::open(&nvram_cfg(dir.path())).unwrap();
+    let nv = Nvram::open(&nvram_at(dir.path(), LOG_BYTES)).unwrap();
     assert_eq!(check_log_continuity(&nv, &mem).await.unwrap(), None);
 }
 
@@ -166,7 +143,7 @@ async fn log_restored_from_the_partners_copy_reads_back_every_write() {
     };
     let applied = vol.status().applied_seq;
     power_cut(vol, &mem, dir.path());
-    let mut nv = Nvram::open(&nvram_cfg(dir.path())).unwrap();
+    let mut nv = Nvram::open(&nvram_at(dir.path(), LOG_BYTES)).unwrap();
     assert!(check_log_continuity(&nv, &mem).await.unwrap().is_some());
     let target = RestoreTarget {
         store_id: STORE,
@@ -176,12 +153,12 @@ async fn log_restored_from_the_partners_copy_reads_back_every_write() {
     };
     restore_into(&mut nv.take_own().unwrap(), &target, &copy).unwrap();
     drop(nv);
-    let nv = Nvram::open(&nvram_cfg(dir.path())).unwrap();
+    let nv = Nvram::open(&nvram_at(dir.path(), LOG_BYTES)).unwrap();
     assert!(
         nv.generation() > copy.generation,
         "the next log generation is past the restored one"
     );
-    let vol = JournaledVolume::open(nv, mem.clone(), VOLUME_ID, quiet())
+    let vol = JournaledVolume::open(nv, mem.clone(), VOLUME_ID, quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(1, 4096));
@@ -207,7 +184,7 @@ async fn refused_copy_writes_nothing_into_the_own_log() {
     };
     let applied = vol.status().applied_seq;
     power_cut(vol, &mem, dir.path());
-    let mut nv = Nvram::open(&nvram_cfg(dir.path())).unwrap();
+    let mut nv = Nvram::open(&nvram_at(dir.path(), LOG_BYTES)).unwrap();
     let mut own = nv.take_own().unwrap();
     let target = RestoreTarget {
         store_id: STORE,

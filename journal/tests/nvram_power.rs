@@ -21,22 +21,10 @@ use twinblock_journal::{
     JournaledVolume, MemBacking, Nvram, NvramConfig, PersistenceMode, VolumeConfig,
 };
 
-const BLOCK_BYTES: u64 = 4096;
-const BLOCKS: u64 = 32;
+mod common;
+use common::{env_u64, versioned_block as block_bytes, BLOCK_BYTES};
 
-fn block_bytes(block: u64, version: u32) -> Vec<u8> {
-    if version == 0 {
-        return vec![0; BLOCK_BYTES as usize];
-    }
-    let mut v = Vec::with_capacity(BLOCK_BYTES as usize);
-    while v.len() < BLOCK_BYTES as usize {
-        v.extend_from_slice(&block.to_le_bytes());
-        v.extend_from_slice(&version.to_le_bytes());
-        v.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    v.truncate(BLOCK_BYTES as usize);
-    v
-}
+const BLOCKS: u64 = 32;
 
 fn cfg(dir: &std::path::Path) -> NvramConfig {
     cfg_in(dir, PersistenceMode::Msync)
@@ -44,10 +32,8 @@ fn cfg(dir: &std::path::Path) -> NvramConfig {
 
 fn cfg_in(dir: &std::path::Path, mode: PersistenceMode) -> NvramConfig {
     NvramConfig {
-        path: dir.join("nvram.img"),
         persistence: mode,
-        log_bytes_per_region: 48 * 1024,
-        ..NvramConfig::new(0, [6; 16])
+        ..common::nvram_at(dir, 48 * 1024)
     }
 }
 
@@ -138,13 +124,6 @@ async fn run_seed(mode: PersistenceMode, seed: u64) {
             m.acked, m.later
         );
     }
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 #[test]

@@ -1,7 +1,6 @@
 //! Behaviour of the journaled volume over an in-memory backing: overlay reads, CPs, stripe
 //! gathering, back-pressure, writes during a CP, recovery and its refusals.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,49 +12,17 @@ use twinblock_journal::{
     VolumeConfig,
 };
 
+mod common;
+use common::{nvram_at, open_volume, pattern, quiet_cfg, HookedBacking, WriteHook};
+
 const VOLUME_BYTES: u64 = 1024 * 1024;
 const STRIPE_BYTES: u64 = 64 * 1024;
-
-fn nvram_cfg(dir: &Path, log_bytes: u64) -> NvramConfig {
-    NvramConfig {
-        path: dir.join("nvram.img"),
-        log_bytes_per_region: log_bytes,
-        ..NvramConfig::new(0, [3; 16])
-    }
-}
-
-fn quiet_cfg() -> VolumeConfig {
-    VolumeConfig {
-        cp_interval_ms: 3_600_000,
-        cp_fill_percent: 100,
-        max_record_payload_bytes: 64 * 1024,
-        ..VolumeConfig::default()
-    }
-}
-
-async fn open<B: Backing>(
-    dir: &Path,
-    log_bytes: u64,
-    backing: B,
-    cfg: VolumeConfig,
-) -> Result<JournaledVolume<B>, JournalError> {
-    let nv = Nvram::open(&nvram_cfg(dir, log_bytes))?;
-    JournaledVolume::open(nv, backing, 1, cfg).await
-}
-
-fn pattern(seed: u8, len: usize) -> Bytes {
-    Bytes::from(
-        (0..len)
-            .map(|i| seed.wrapping_add((i % 251) as u8))
-            .collect::<Vec<u8>>(),
-    )
-}
 
 #[tokio::test]
 async fn reads_overlay_dirty_writes_on_backing() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     vol.write(1000, pattern(1, 5000)).await.unwrap();
@@ -82,7 +49,7 @@ async fn reads_overlay_dirty_writes_on_backing() {
 #[tokio::test]
 async fn out_of_range_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let vol = open(
+    let vol = open_volume(
         dir.path(),
         1 << 20,
         MemBacking::new(VOLUME_BYTES, 1),
@@ -101,7 +68,7 @@ async fn out_of_range_requests_are_refused() {
 async fn cp_gathers_full_stripes_from_scattered_writes() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     // Two stripes written as 32 blocks of 4 KiB in a scrambled order.
@@ -128,7 +95,7 @@ async fn cp_hands_the_blocks_of_one_stripe_to_the_store_together() {
     let old = pattern(200, STRIPE_BYTES as usize);
     mem.write(STRIPE_BYTES, old.clone()).await.unwrap();
     let before = mem.stats();
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     // Three separate 4 KiB blocks in the second stripe, one alone in the fourth.
@@ -167,47 +134,25 @@ async fn cp_hands_the_blocks_of_one_stripe_to_the_store_together() {
     assert_eq!(&contents[lone..lone + 4096], &pattern(99, 4096)[..]);
 }
 
-/// A backing whose writes wait for permits, to hold a CP in the middle.
+/// Store writes wait for permits, to hold a CP in the middle.
 #[derive(Clone)]
-struct GatedBacking {
-    inner: MemBacking,
-    gate: Arc<Semaphore>,
-}
+struct Gate(Arc<Semaphore>);
 
 #[async_trait]
-impl Backing for GatedBacking {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn stripe_bytes(&self) -> u64 {
-        self.inner.stripe_bytes()
-    }
-    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
+impl WriteHook for Gate {
+    async fn write(
+        &self,
+        inner: &MemBacking,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), BackingError> {
         let permit = self
-            .gate
+            .0
             .acquire()
             .await
             .map_err(|e| BackingError(e.to_string()))?;
         permit.forget();
-        self.inner.write(offset, data).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
-        self.inner.write_zeroes(offset, len).await
-    }
-    async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
-        self.inner.discard(offset, len).await
-    }
-    async fn flush(&self) -> Result<(), BackingError> {
-        self.inner.flush().await
-    }
-    async fn applied_seq(&self) -> Result<u64, BackingError> {
-        self.inner.applied_seq().await
-    }
-    async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
-        self.inner.set_applied_seq(seq).await
+        inner.write(offset, data).await
     }
 }
 
@@ -216,16 +161,20 @@ async fn writer_waits_for_cp_when_log_is_full() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, 4096);
     let gate = Arc::new(Semaphore::new(0));
-    let backing = GatedBacking {
+    let backing = HookedBacking {
         inner: mem.clone(),
-        gate: Arc::clone(&gate),
+        hook: Gate(Arc::clone(&gate)),
     };
     let cfg = VolumeConfig {
         max_record_payload_bytes: 4096,
         ..quiet_cfg()
     };
     let log_bytes = 64 * 1024;
-    let vol = Arc::new(open(dir.path(), log_bytes, backing, cfg).await.unwrap());
+    let vol = Arc::new(
+        open_volume(dir.path(), log_bytes, backing, cfg)
+            .await
+            .unwrap(),
+    );
     // Fill the log until a write blocks.
     let mut written = 0u64;
     loop {
@@ -265,12 +214,12 @@ async fn writes_during_cp_are_not_lost() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, 4096);
     let gate = Arc::new(Semaphore::new(0));
-    let backing = GatedBacking {
+    let backing = HookedBacking {
         inner: mem.clone(),
-        gate: Arc::clone(&gate),
+        hook: Gate(Arc::clone(&gate)),
     };
     let vol = Arc::new(
-        open(dir.path(), 1 << 20, backing, quiet_cfg())
+        open_volume(dir.path(), 1 << 20, backing, quiet_cfg())
             .await
             .unwrap(),
     );
@@ -296,7 +245,7 @@ async fn reopen_replays_unapplied_writes() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
@@ -306,7 +255,7 @@ async fn reopen_replays_unapplied_writes() {
         // Crash: no CP (a FLUSH would run one: this NVRAM does not survive power loss).
     }
     mem.crash();
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     let r = vol.recovery();
@@ -326,7 +275,7 @@ async fn reopen_replays_unapplied_writes() {
     drop(vol);
     // Let the aborted flusher task (it may hold the volume while it waits for a CP) go away.
     tokio::task::yield_now().await;
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.recovery().replayed_records, 0);
@@ -338,7 +287,7 @@ async fn crashes_before_the_first_cp_after_recovery_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 8192)).await.unwrap();
@@ -350,7 +299,7 @@ async fn crashes_before_the_first_cp_after_recovery_lose_nothing() {
     // Three more crashes, each right after open (the background CP cancelled) and after one
     // more write appended behind the recovered records.
     for round in 0..3u8 {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         assert!(vol.recovery().applied_in_background);
@@ -361,7 +310,7 @@ async fn crashes_before_the_first_cp_after_recovery_lose_nothing() {
         tokio::task::yield_now().await;
         mem.crash();
     }
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     assert!(!vol.recovery().damaged_tail_discarded);
@@ -381,7 +330,7 @@ async fn retired_records_are_never_redone() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     let last_seq = {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
@@ -392,7 +341,7 @@ async fn retired_records_are_never_redone() {
     mem.write(0, pattern(9, 4096)).await.unwrap();
     mem.flush().await.unwrap();
     mem.set_applied_seq(last_seq).await.unwrap();
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.recovery().replayed_records, 0);
@@ -408,7 +357,7 @@ async fn corrupt_record_mid_log_refuses_start_unless_discard_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         for i in 0..3u64 {
@@ -422,7 +371,7 @@ async fn corrupt_record_mid_log_refuses_start_unless_discard_allowed() {
     // Second record's payload (records are 64 + 4096 bytes).
     bytes[OWN_LOG_FILE_OFFSET + 4160 + 64 + 10] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap();
-    let e = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let e = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap_err();
     assert!(matches!(e, JournalError::CorruptMidRegion { .. }), "{e}");
@@ -434,7 +383,9 @@ async fn corrupt_record_mid_log_refuses_start_unless_discard_allowed() {
         discard_corrupt_log: true,
         ..quiet_cfg()
     };
-    let vol = open(dir.path(), 1 << 20, mem.clone(), cfg).await.unwrap();
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), cfg)
+        .await
+        .unwrap();
     let r = vol.recovery();
     assert!(r.damaged_tail_discarded);
     assert_eq!(r.replayed_records, 1);
@@ -447,7 +398,7 @@ async fn torn_last_record_is_discarded_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
@@ -459,7 +410,7 @@ async fn torn_last_record_is_discarded_and_reported() {
     let second = OWN_LOG_FILE_OFFSET + 4160;
     bytes[second + 64 + 3096..second + 64 + 4096].fill(0);
     std::fs::write(&path, &bytes).unwrap();
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     let r = vol.recovery();
@@ -475,12 +426,12 @@ async fn records_of_another_volume_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
     }
-    let nv = Nvram::open(&nvram_cfg(dir.path(), 1 << 20)).unwrap();
+    let nv = Nvram::open(&nvram_at(dir.path(), 1 << 20)).unwrap();
     let e = JournaledVolume::open(nv, mem.clone(), 2, quiet_cfg())
         .await
         .unwrap_err();
@@ -503,14 +454,14 @@ async fn a_log_bound_to_one_store_is_never_replayed_into_another() {
     let array_a = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xA; 16]);
     let array_b = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xB; 16]);
     {
-        let vol = open(dir.path(), 1 << 20, array_a.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, array_a.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(8192, pattern(5, 4096)).await.unwrap();
         // Crash: the write is only in NVRAM.
     }
     array_a.crash();
-    let e = open(dir.path(), 1 << 20, array_b.clone(), quiet_cfg())
+    let e = open_volume(dir.path(), 1 << 20, array_b.clone(), quiet_cfg())
         .await
         .unwrap_err();
     assert!(matches!(e, JournalError::ForeignStore { .. }), "{e}");
@@ -525,7 +476,7 @@ async fn a_log_bound_to_one_store_is_never_replayed_into_another() {
         "nothing applied to the other array"
     );
     // The right array still gets its write back.
-    let vol = open(dir.path(), 1 << 20, array_a.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, array_a.clone(), quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.recovery().replayed_records, 1);
@@ -550,13 +501,13 @@ async fn an_emptied_log_may_move_to_a_new_store() {
     let old_array = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xA; 16]);
     let new_array = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES).with_store_id([0xB; 16]);
     {
-        let vol = open(dir.path(), 1 << 20, old_array.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, old_array.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
         vol.close().await.unwrap(); // final CP: nothing left unapplied
     }
-    let vol = open(dir.path(), 1 << 20, new_array.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, new_array.clone(), quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.recovery().replayed_records, 0);
@@ -564,7 +515,7 @@ async fn an_emptied_log_may_move_to_a_new_store() {
     vol.write(4096, pattern(2, 4096)).await.unwrap();
     drop(vol);
     // Now bound to the new store: the old one is refused while a write is unapplied.
-    let e = open(dir.path(), 1 << 20, old_array.clone(), quiet_cfg())
+    let e = open_volume(dir.path(), 1 << 20, old_array.clone(), quiet_cfg())
         .await
         .unwrap_err();
     assert!(matches!(e, JournalError::ForeignStore { .. }), "{e}");
@@ -578,7 +529,9 @@ async fn timer_and_fill_trigger_cps() {
         cp_interval_ms: 10,
         ..quiet_cfg()
     };
-    let vol = open(dir.path(), 1 << 20, mem.clone(), cfg).await.unwrap();
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), cfg)
+        .await
+        .unwrap();
     vol.write(0, pattern(5, 4096)).await.unwrap();
     wait_for_cp(&vol).await;
     assert_eq!(&mem.contents()[..4096], &pattern(5, 4096)[..]);
@@ -589,7 +542,9 @@ async fn timer_and_fill_trigger_cps() {
         cp_fill_percent: 10,
         ..quiet_cfg()
     };
-    let vol = open(dir.path(), 1 << 20, mem.clone(), cfg).await.unwrap();
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), cfg)
+        .await
+        .unwrap();
     for i in 0..30u64 {
         vol.write(i * 4096, pattern(6, 4096)).await.unwrap();
     }
@@ -611,7 +566,7 @@ async fn dump_shows_records_cps_and_scan_end() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     {
-        let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+        let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
             .await
             .unwrap();
         vol.write(0, pattern(1, 4096)).await.unwrap();
@@ -645,7 +600,7 @@ async fn msync_mode_journal_survives_reopen_and_reports_mode() {
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
     let cfg = NvramConfig {
         persistence: twinblock_journal::PersistenceMode::Msync,
-        ..nvram_cfg(dir.path(), 256 * 1024)
+        ..nvram_at(dir.path(), 256 * 1024)
     };
     {
         let vol = JournaledVolume::open(Nvram::open(&cfg).unwrap(), mem.clone(), 1, quiet_cfg())
@@ -676,14 +631,14 @@ async fn msync_mode_journal_survives_reopen_and_reports_mode() {
 async fn close_applies_everything_and_next_open_replays_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, STRIPE_BYTES);
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     vol.write(12345, pattern(7, 777)).await.unwrap();
     vol.close().await.unwrap();
     mem.crash();
     assert_eq!(&mem.contents()[12345..12345 + 777], &pattern(7, 777)[..]);
-    let vol = open(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, mem.clone(), quiet_cfg())
         .await
         .unwrap();
     assert_eq!(vol.recovery().replayed_records, 0);
@@ -699,7 +654,9 @@ async fn full_log_with_failing_backing_errors_instead_of_hanging() {
         max_record_payload_bytes: 4096,
         ..quiet_cfg()
     };
-    let vol = open(dir.path(), 64 * 1024, mem.clone(), cfg).await.unwrap();
+    let vol = open_volume(dir.path(), 64 * 1024, mem.clone(), cfg)
+        .await
+        .unwrap();
     mem.set_fail_writes(true);
     let mut failed = None;
     for i in 0..100u64 {
@@ -745,29 +702,22 @@ struct StripeUse {
 }
 
 /// Records how many store writes are in flight and whether two ever touched one stripe.
-#[derive(Clone)]
-struct StripeCheckBacking {
-    inner: MemBacking,
-    busy: Arc<std::sync::Mutex<StripeUse>>,
-}
+#[derive(Clone, Default)]
+struct StripeCheck(Arc<std::sync::Mutex<StripeUse>>);
 
 #[async_trait]
-impl Backing for StripeCheckBacking {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn stripe_bytes(&self) -> u64 {
-        self.inner.stripe_bytes()
-    }
-    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BackingError> {
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackingError> {
-        let stripe = self.stripe_bytes();
+impl WriteHook for StripeCheck {
+    async fn write(
+        &self,
+        inner: &MemBacking,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), BackingError> {
+        let stripe = inner.stripe_bytes();
         let stripes: Vec<u64> =
             (offset / stripe..=(offset + data.len() as u64 - 1) / stripe).collect();
         {
-            let mut b = self.busy.lock().unwrap();
+            let mut b = self.0.lock().unwrap();
             if stripes.iter().any(|s| b.stripes.contains(s)) {
                 b.conflict = true;
             }
@@ -778,28 +728,13 @@ impl Backing for StripeCheckBacking {
         // Each write spans real time, so writes the CP runs in parallel do overlap whatever the
         // scheduler does, and serialised ones never do.
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let r = self.inner.write(offset, data).await;
-        let mut b = self.busy.lock().unwrap();
+        let r = inner.write(offset, data).await;
+        let mut b = self.0.lock().unwrap();
         for s in &stripes {
             b.stripes.remove(s);
         }
         b.in_flight -= 1;
         r
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackingError> {
-        self.inner.write_zeroes(offset, len).await
-    }
-    async fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
-        self.inner.discard(offset, len).await
-    }
-    async fn flush(&self) -> Result<(), BackingError> {
-        self.inner.flush().await
-    }
-    async fn applied_seq(&self) -> Result<u64, BackingError> {
-        self.inner.applied_seq().await
-    }
-    async fn set_applied_seq(&self, seq: u64) -> Result<(), BackingError> {
-        self.inner.set_applied_seq(seq).await
     }
 }
 
@@ -807,11 +742,11 @@ impl Backing for StripeCheckBacking {
 async fn cp_writes_run_in_parallel_but_never_two_on_one_stripe() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBacking::new(VOLUME_BYTES, 16 * 1024);
-    let backing = StripeCheckBacking {
+    let backing = HookedBacking {
         inner: mem.clone(),
-        busy: Arc::default(),
+        hook: StripeCheck::default(),
     };
-    let vol = open(dir.path(), 1 << 20, backing.clone(), quiet_cfg())
+    let vol = open_volume(dir.path(), 1 << 20, backing.clone(), quiet_cfg())
         .await
         .unwrap();
     let mut want = vec![0u8; VOLUME_BYTES as usize];
@@ -824,7 +759,7 @@ async fn cp_writes_run_in_parallel_but_never_two_on_one_stripe() {
     }
     vol.checkpoint().await.unwrap();
     assert_eq!(mem.contents(), want);
-    let b = backing.busy.lock().unwrap();
+    let b = backing.hook.0.lock().unwrap();
     assert!(!b.conflict, "two concurrent CP writes touched one stripe");
     assert!(
         b.max_in_flight > 1,
