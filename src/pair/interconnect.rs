@@ -35,7 +35,6 @@ use twinblock_pair::wire::{
     WireError,
 };
 
-use super::ack_inbox::AckInbox;
 use super::hops::{self, Hop};
 use super::mirror::VolumeMirror;
 use super::outbox::{Outbox, Wire};
@@ -71,14 +70,14 @@ pub enum LinkError {
 
 /// A receive buffer that yields whole frames: unsealed ones during the handshake, then (once
 /// `opener` is set) only frames sealed for this connection, in order.
-pub(super) struct FrameBuf {
+struct FrameBuf {
     buf: Vec<u8>,
     start: usize,
     opener: Option<FrameOpener>,
 }
 
 impl FrameBuf {
-    pub(super) fn new() -> FrameBuf {
+    fn new() -> FrameBuf {
         FrameBuf {
             buf: Vec::new(),
             start: 0,
@@ -99,33 +98,8 @@ impl FrameBuf {
         Ok(())
     }
 
-    /// Checks every frame from now on against this connection's MACs (after the handshake).
-    #[cfg(test)]
-    pub(super) fn set_opener(&mut self, opener: FrameOpener) {
-        self.opener = Some(opener);
-    }
-
-    /// Reads what the socket holds now without waiting: true when bytes came, false when
-    /// there were none (`WouldBlock`); `Closed` at end of stream.
-    pub(super) fn try_fill(
-        &mut self,
-        rd: &tokio::net::tcp::OwnedReadHalf,
-    ) -> Result<bool, LinkError> {
-        if self.start > 0 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        self.buf.reserve(READ_CHUNK_BYTES);
-        match rd.try_read_buf(&mut self.buf) {
-            Ok(0) => Err(LinkError::Closed),
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// The next whole frame already buffered (its body's range), if any.
-    pub(super) fn next(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, WireError> {
+    fn next(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, WireError> {
         let rest = &self.buf[self.start..];
         let found = match &mut self.opener {
             Some(o) => o.open(rest)?,
@@ -142,7 +116,7 @@ impl FrameBuf {
         Ok(Some((f.kind, body)))
     }
 
-    pub(super) fn body(&self, r: Range<usize>) -> &[u8] {
+    fn body(&self, r: Range<usize>) -> &[u8] {
         &self.buf[r]
     }
 
@@ -257,15 +231,35 @@ async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
     tracing::info!("interconnect sender: {sender}");
     let mut kill = pair.kill.subscribe();
     kill.borrow_and_update();
-    let status_pair = Arc::clone(pair);
-    let inbox = Arc::new(AckInbox::new(
-        rd,
-        fb,
-        &mirrors,
-        Box::new(move |bytes| status_pair.receiver.note_status(bytes)),
-    ));
-    let reader = inbox.run();
-    let sender = send_loop(pair, &mirrors, Wire::new(sealer, transport), &inbox);
+    let by_id: BTreeMap<u64, Arc<VolumeMirror>> = mirrors
+        .iter()
+        .map(|m| (m.volume_id, Arc::clone(m)))
+        .collect();
+    let reader = async {
+        loop {
+            while let Some((k, range)) = fb.next()? {
+                match Message::decode(k, fb.body(range))? {
+                    Message::Ack { volume, seq } => {
+                        by_id
+                            .get(&volume)
+                            .ok_or(LinkError::UnknownVolume(volume))?
+                            .on_ack(seq);
+                        hops::mark(Hop::AckApplied, seq);
+                    }
+                    Message::Status(bytes) => pair.receiver.note_status(bytes),
+                    other => {
+                        return Err(LinkError::Wire(WireError::Unexpected {
+                            got: other.kind(),
+                            state: "receiving ACKs",
+                        }))
+                    }
+                }
+            }
+            fb.fill(&mut rd).await?;
+            hops::mark(Hop::AckRead, 0);
+        }
+    };
+    let sender = send_loop(pair, &mirrors, Wire::new(sealer, transport));
     tokio::select! {
         r = reader => r,
         r = sender => r,
@@ -293,7 +287,6 @@ async fn send_loop(
     pair: &Pair,
     mirrors: &[Arc<VolumeMirror>],
     mut wire: Wire,
-    inbox: &Arc<AckInbox>,
 ) -> Result<(), LinkError> {
     // Queue first on every volume, so no record appended after its snapshot is missed.
     for m in mirrors {
@@ -340,7 +333,7 @@ async fn send_loop(
     }
     let installed = Installed {
         outbox: &pair.outbox,
-        epoch: pair.outbox.install(wire, Some(Arc::clone(inbox))),
+        epoch: pair.outbox.install(wire),
     };
     pair.link.set(LinkPhase::Up, None);
     loop {

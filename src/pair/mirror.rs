@@ -376,49 +376,19 @@ impl VolumeMirror {
             (send, acked)
         };
         // Registered as a waiter first: the ACK may come before the send returns.
-        let mut sent_direct = None;
         match send {
-            Some(true) => {
-                let at = Instant::now();
-                sent_direct = self.outbox.send_direct(self).then_some(at);
-            }
+            Some(true) => self.outbox.send_direct(self),
             Some(false) => self.outbox.wake().notify_one(),
             None => {}
         }
-        let mut rx = match acked {
+        let rx = match acked {
             None => return MirrorOutcome::NotMirrored,
             Some(None) => return MirrorOutcome::Mirrored,
             Some(Some(rx)) => rx,
         };
-        // This writer's record went on an idle link: its ACK is due within a round trip, so it
-        // polls for it rather than sleeping until the ACK reader wakes it (see `ack_inbox`).
-        let mut early = None;
-        if sent_direct.is_some() {
-            self.outbox.spin_until(|| match rx.try_recv() {
-                Ok(()) => {
-                    early = Some(Ok(Ok(())));
-                    true
-                }
-                Err(oneshot::error::TryRecvError::Closed) => {
-                    early = Some(Ok(Err(())));
-                    true
-                }
-                Err(oneshot::error::TryRecvError::Empty) => false,
-            });
-        }
-        let waited = match early {
-            Some(w) => w,
-            None => {
-                let w = tokio::time::timeout(self.timeout, rx).await;
-                if let (Some(at), Ok(Ok(()))) = (sent_direct, &w) {
-                    self.outbox.note_ack_wait(at.elapsed());
-                }
-                w.map(|r| r.map_err(|_| ()))
-            }
-        };
-        let outcome = match waited {
+        let outcome = match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(())) => MirrorOutcome::Mirrored,
-            Ok(Err(())) => MirrorOutcome::NotMirrored,
+            Ok(Err(_)) => MirrorOutcome::NotMirrored,
             Err(_) => {
                 self.declare_out_of_sync(&format!(
                     "the partner did not acknowledge seq {seq} within {} ms",
@@ -433,18 +403,6 @@ impl VolumeMirror {
             inner.unmirrored_high = inner.unmirrored_high.max(seq);
         }
         outcome
-    }
-
-    /// Puts the mirror in sync as a finished resync of an empty log would (other modules' tests).
-    #[cfg(test)]
-    pub(super) fn set_in_sync_for_test(&self, next_seq: u64) {
-        self.start_queueing();
-        {
-            let mut i = self.lock();
-            i.next_send = next_seq;
-            i.resync_target = Some(next_seq - 1);
-        }
-        self.on_ack(next_seq - 1);
     }
 
     /// Status for `twinctl status` and the HA controller.

@@ -4,7 +4,6 @@
 //! | --- | --- |
 //! | [`mirror`] | the owner's side: the journal's `MirrorHook`, the send queue, the ACK gate, in/out of sync |
 //! | [`outbox`] | who sends next on the outgoing connection: a writer itself on an idle link, the send loop under load |
-//! | [`ack_inbox`] | the outgoing connection's ACK stream, read by its reader task or by a writer polling for its own ACK |
 //! | [`receiver`] | the partner's side: this node's copies of the partner's journals |
 //! | [`interconnect`] | the TCP connections: dialing with backoff, accepting, handshake, sender and receiver loops |
 //! | [`fetch`] | NVRAM-loss recovery: fetching this node's own log back from the partner's copy |
@@ -16,7 +15,6 @@
 //! journaled volume gets its [`VolumeMirror`] as its hook), started by `Node::run`, and asked for
 //! status by the admin API. The wire format lives in `twinblock_pair::wire`.
 
-pub mod ack_inbox;
 pub mod fetch;
 pub mod hops;
 pub mod interconnect;

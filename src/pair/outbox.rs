@@ -34,13 +34,11 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 use twinblock_pair::wire::FrameSealer;
 
-use super::ack_inbox::AckInbox;
 use super::hops::{self, Hop};
 use super::mirror::VolumeMirror;
 use super::send_batch::{Cursor, SendBatch, Transport};
@@ -48,11 +46,6 @@ use super::send_batch::{Cursor, SendBatch, Transport};
 /// Most bytes a writer's direct send takes from its volume's queue (the send loop batches up to
 /// its own limit).
 pub const DIRECT_SEND_MAX_BYTES: usize = 256 * 1024;
-/// Longest a writer polls for its ACK after a direct send, in µs (see [`Outbox::spin_until`]):
-/// about one loopback round trip through the partner; a partner slower than this gets no polling.
-pub const ACK_SPIN_MAX_US: u64 = 100;
-/// While the partner is slower than that, one direct send in this many still polls (a probe).
-const ACK_SPIN_PROBE_EVERY: u64 = 64;
 
 /// The sending state of one outgoing connection.
 pub struct Wire {
@@ -87,8 +80,6 @@ struct State {
     wire: Option<Wire>,
     /// Someone found the wire taken: its holder wakes the send loop when it puts the wire back.
     missed: bool,
-    /// The installed connection's ACK stream, for writers that poll for their ACK.
-    inbox: Option<Arc<AckInbox>>,
 }
 
 /// Counters for `twinctl status` (`interconnect.outbound`).
@@ -97,23 +88,14 @@ pub struct OutboxStats {
     pub direct_sends: AtomicU64,
     pub direct_records: AtomicU64,
     pub direct_partial: AtomicU64,
-    /// Writers that polled for their ACK, and those whose ACK came while they polled.
-    pub ack_spins: AtomicU64,
-    pub ack_spins_caught: AtomicU64,
-    /// Time spent polling for ACKs, in µs.
-    pub ack_spin_us: AtomicU64,
 }
 
 /// The node's outgoing sending state, shared by its mirrors and the send loop.
+#[derive(Default)]
 pub struct Outbox {
     state: Mutex<State>,
     /// Wakes the send loop.
     wake: Notify,
-    /// The last ACK round trip of a direct send (send to ACK), in µs: a writer polls for its ACK
-    /// only while this is within [`ACK_SPIN_MAX_US`].
-    last_ack_wait_us: AtomicU64,
-    /// The longest poll, in µs ([`ACK_SPIN_MAX_US`]; tests lengthen it).
-    ack_spin_max_us: AtomicU64,
     pub stats: OutboxStats,
 }
 
@@ -123,27 +105,9 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-impl Default for Outbox {
-    fn default() -> Outbox {
-        Outbox {
-            state: Mutex::default(),
-            wake: Notify::new(),
-            last_ack_wait_us: AtomicU64::new(0),
-            ack_spin_max_us: AtomicU64::new(ACK_SPIN_MAX_US),
-            stats: OutboxStats::default(),
-        }
-    }
-}
-
 impl Outbox {
     pub fn new() -> Outbox {
         Outbox::default()
-    }
-
-    /// Sets the longest poll for an ACK (tests: a slow machine must not make them flaky).
-    #[cfg(test)]
-    pub fn set_ack_spin_max_us(&self, us: u64) {
-        self.ack_spin_max_us.store(us, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -156,19 +120,16 @@ impl Outbox {
         &self.wake
     }
 
-    /// Installs a new connection's wire (and its ACK stream, which writers may poll); returns
-    /// its epoch.
-    pub fn install(&self, wire: Wire, inbox: Option<Arc<AckInbox>>) -> u64 {
-        let (old, old_inbox, epoch) = {
+    /// Installs a new connection's wire; returns its epoch.
+    pub fn install(&self, wire: Wire) -> u64 {
+        let (old, epoch) = {
             let mut s = self.lock();
             s.epoch += 1;
             s.installed = true;
             s.missed = false;
-            let old_inbox = std::mem::replace(&mut s.inbox, inbox);
-            (s.wire.replace(wire), old_inbox, s.epoch)
+            (s.wire.replace(wire), s.epoch)
         };
         drop(old);
-        drop(old_inbox);
         // Records may have been queued while no wire was installed.
         self.wake.notify_one();
         epoch
@@ -184,7 +145,7 @@ impl Outbox {
             }
             s.epoch += 1;
             s.installed = false;
-            (s.wire.take(), s.inbox.take())
+            s.wire.take()
         };
         drop(old);
     }
@@ -226,12 +187,11 @@ impl Outbox {
 
     /// A writer's direct send: when the wire is free, sends `mirror`'s queued records that are
     /// next in seq order (its own among them, unless an older record is still missing) with one
-    /// non-blocking send. Never waits. True when records went to the socket whole.
-    pub fn send_direct(&self, mirror: &VolumeMirror) -> bool {
+    /// non-blocking send. Never waits.
+    pub fn send_direct(&self, mirror: &VolumeMirror) {
         let Some((mut wire, epoch)) = self.take() else {
-            return false;
+            return;
         };
-        let mut sent_whole = false;
         if wire.carry.is_none() && wire.error.is_none() {
             let mut batch = std::mem::take(&mut wire.spare);
             batch.clear();
@@ -242,7 +202,7 @@ impl Outbox {
                 let sent = wire.tx.try_send_now(&batch, &mut at);
                 hops::mark(Hop::SendDone, batch.last_seq());
                 match sent {
-                    Ok(()) if batch.done(at) => sent_whole = true,
+                    Ok(()) if batch.done(at) => {}
                     Ok(()) => {
                         self.stats.direct_partial.fetch_add(1, Ordering::Relaxed);
                         wire.carry = Some((batch, at));
@@ -258,57 +218,6 @@ impl Outbox {
             wire.spare = batch;
         }
         self.put_back(wire, epoch);
-        sent_whole
-    }
-
-    /// A writer that just sent its record on an idle link polls the ACK stream until `done`
-    /// (its ACK was applied, or its wait ended otherwise), at most [`ACK_SPIN_MAX_US`], and only
-    /// while the last ACK round trip of a direct send was that short: then the ACK usually comes
-    /// within the poll and no thread has to wake for it (see [`super::ack_inbox`]). `done` is
-    /// checked after every poll. Returns whether `done` became true.
-    pub fn spin_until(&self, mut done: impl FnMut() -> bool) -> bool {
-        // A slow partner gets no polling, except every ACK_SPIN_PROBE_EVERY-th write, which
-        // finds out whether the round trip became short again (a sleeping writer's wait
-        // includes its own wake-up, which polling saves, so that wait alone would not tell).
-        let probe = self
-            .stats
-            .direct_sends
-            .load(Ordering::Relaxed)
-            .is_multiple_of(ACK_SPIN_PROBE_EVERY);
-        let max_us = self.ack_spin_max_us.load(Ordering::Relaxed);
-        if self.last_ack_wait_us.load(Ordering::Relaxed) > max_us && !probe {
-            return false;
-        }
-        let Some(inbox) = self.lock().inbox.clone() else {
-            return false;
-        };
-        let start = Instant::now();
-        let budget = Duration::from_micros(max_us);
-        let caught = loop {
-            inbox.poll();
-            if done() {
-                break true;
-            }
-            if start.elapsed() >= budget {
-                break false;
-            }
-            std::hint::spin_loop();
-        };
-        let spent = start.elapsed().as_micros() as u64;
-        self.stats.ack_spins.fetch_add(1, Ordering::Relaxed);
-        self.stats.ack_spin_us.fetch_add(spent, Ordering::Relaxed);
-        if caught {
-            self.stats.ack_spins_caught.fetch_add(1, Ordering::Relaxed);
-            self.note_ack_wait(start.elapsed());
-        }
-        caught
-    }
-
-    /// Notes how long a direct send's ACK took (from the send): the next writer polls only if
-    /// this was short.
-    pub fn note_ack_wait(&self, waited: Duration) {
-        self.last_ack_wait_us
-            .store(waited.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn stats_json(&self) -> serde_json::Value {
@@ -317,19 +226,17 @@ impl Outbox {
             "direct_sends": s.direct_sends.load(Ordering::Relaxed),
             "direct_records": s.direct_records.load(Ordering::Relaxed),
             "direct_partial_sends": s.direct_partial.load(Ordering::Relaxed),
-            "ack_spins": s.ack_spins.load(Ordering::Relaxed),
-            "ack_spins_caught": s.ack_spins_caught.load(Ordering::Relaxed),
-            "ack_spin_us": s.ack_spin_us.load(Ordering::Relaxed),
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::interconnect::FrameBuf;
     use super::*;
     use bytes::Bytes;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
     use tokio::sync::watch;
     use twinblock_journal::{MirrorHook, MirrorOutcome};
     use twinblock_pair::wire::{Message, SessionKeys};
@@ -350,7 +257,7 @@ mod tests {
         let (seal, _) = SessionKeys::derive(b"k", b"h", b"c", b"a").dialer();
         let (_, open) = SessionKeys::derive(b"k", b"h", b"c", b"a").acceptor();
         let outbox = Arc::new(Outbox::new());
-        outbox.install(Wire::new(seal, Transport::Tokio(wr)), None);
+        outbox.install(Wire::new(seal, Transport::Tokio(wr)));
         let m = Arc::new(VolumeMirror::new(
             "v".into(),
             1,
@@ -424,54 +331,5 @@ mod tests {
         // With no connection, a writer's record stays queued for the next one's send loop.
         let _ = m.ship(0, 1, Bytes::from(vec![5u8; 64])).await;
         assert_eq!(m.status_json()["queued_records"], 1);
-    }
-
-    // Two threads: the writer's poll holds one while the stand-in partner runs on the other.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn writer_on_an_idle_link_reads_its_own_ack_without_the_reader_task() {
-        let (outbox, m, mut peer, mut open, rd) = setup().await;
-        let (mut ack_seal, _) = SessionKeys::derive(b"k", b"h", b"c", b"a").acceptor();
-        let (_, owner_open) = SessionKeys::derive(b"k", b"h", b"c", b"a").dialer();
-        let mut fb = FrameBuf::new();
-        fb.set_opener(owner_open);
-        let inbox = Arc::new(AckInbox::new(
-            rd,
-            fb,
-            std::slice::from_ref(&m),
-            Box::new(|_| {}),
-        ));
-        // Re-install the wire with the ACK stream; no reader task runs, so only the writer's
-        // own polling can apply the ACK. A long poll keeps a slow test machine from failing it.
-        let (wire, _) = outbox.take().expect("wire free");
-        outbox.install(wire, Some(inbox));
-        outbox.set_ack_spin_max_us(10_000_000);
-        m.set_in_sync_for_test(1);
-        let partner = tokio::spawn(async move {
-            let seq = read_record_seq(&mut peer, &mut open).await;
-            let mut out = Vec::new();
-            Message::Ack { volume: 1, seq }.encode_with(&mut ack_seal, &mut out);
-            peer.write_all(&out).await.unwrap();
-            peer
-        });
-        let out = tokio::time::timeout(
-            Duration::from_secs(20),
-            m.ship(0, 1, Bytes::from(vec![5u8; 4096])),
-        )
-        .await
-        .expect("the writer never saw its ACK");
-        assert_eq!(out, MirrorOutcome::Mirrored);
-        assert_eq!(outbox.stats.ack_spins_caught.load(Ordering::Relaxed), 1);
-        assert_eq!(m.status_json()["acked_seq"], 1);
-        drop(partner.await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn writer_does_not_poll_while_the_partner_is_slow() {
-        let (outbox, m, _peer, _open, _rd) = setup().await;
-        outbox.note_ack_wait(Duration::from_micros(ACK_SPIN_MAX_US + 1));
-        outbox.stats.direct_sends.store(1, Ordering::Relaxed); // not a probe
-        let _ = m.ship(0, 1, Bytes::from(vec![5u8; 64])).await;
-        assert!(!outbox.spin_until(|| true), "polled for a slow partner");
-        assert_eq!(outbox.stats.ack_spins.load(Ordering::Relaxed), 0);
     }
 }
