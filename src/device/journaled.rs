@@ -2,6 +2,7 @@
 //! consistency points apply them to the array later (see `twinblock_journal::volume`).
 
 use super::array::{array_caps, check_gate, ArrayBacking};
+use crate::pair::hops::{self, Hop};
 use async_trait::async_trait;
 use bytes::Bytes;
 use twinblock_journal::{JournalError, JournaledVolume};
@@ -72,11 +73,14 @@ impl BlockDevice for JournaledDevice {
         // A fenced node must not acknowledge writes into its journal either: they would never
         // reach the disks it no longer holds.
         check_gate(&self.volume.backing().gate)?;
-        if fua {
+        hops::mark(Hop::DevWrite, 0);
+        let done = if fua {
             self.volume.write_fua(offset, data).await.map_err(dev_err)
         } else {
             self.volume.write(offset, data).await.map_err(dev_err)
-        }
+        };
+        hops::mark(Hop::DevDone, 0);
+        done
     }
 
     async fn flush(&self) -> DeviceResult<()> {

@@ -35,6 +35,7 @@ use twinblock_pair::wire::{
     WireError,
 };
 
+use super::hops::{self, Hop};
 use super::mirror::VolumeMirror;
 use super::outbox::{Outbox, Wire};
 use super::receiver::ReceiveError;
@@ -238,10 +239,13 @@ async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
         loop {
             while let Some((k, range)) = fb.next()? {
                 match Message::decode(k, fb.body(range))? {
-                    Message::Ack { volume, seq } => by_id
-                        .get(&volume)
-                        .ok_or(LinkError::UnknownVolume(volume))?
-                        .on_ack(seq),
+                    Message::Ack { volume, seq } => {
+                        by_id
+                            .get(&volume)
+                            .ok_or(LinkError::UnknownVolume(volume))?
+                            .on_ack(seq);
+                        hops::mark(Hop::AckApplied, seq);
+                    }
                     Message::Status(bytes) => pair.receiver.note_status(bytes),
                     other => {
                         return Err(LinkError::Wire(WireError::Unexpected {
@@ -252,6 +256,7 @@ async fn outbound(pair: &Arc<Pair>) -> Result<(), LinkError> {
                 }
             }
             fb.fill(&mut rd).await?;
+            hops::mark(Hop::AckRead, 0);
         }
     };
     let sender = send_loop(pair, &mirrors, Wire::new(sealer, transport));
@@ -378,7 +383,10 @@ async fn stream_once(
         return Ok(false);
     }
     let records = batch.records();
+    let last_seq = batch.last_seq();
+    hops::mark(Hop::SendStart, last_seq);
     wire.spare = wire.tx.send(batch).await?;
+    hops::mark(Hop::SendDone, last_seq);
     pair.link.count_send(records);
     Ok(true)
 }
@@ -466,7 +474,10 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
             // interconnect path works while only the partner can connect (`Pair::send_status`).
             // `fill` is cancel-safe: it only awaits one `read_buf`.
             tokio::select! {
-                r = fb.fill(&mut rd) => r?,
+                r = fb.fill(&mut rd) => {
+                    r?;
+                    hops::mark(Hop::RxRead, 0);
+                }
                 Ok(()) = status.changed() => {
                     let record = status.borrow_and_update().clone();
                     if let Some(record) = record {
@@ -488,16 +499,37 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
                     write_all(&mut wr, &reply).await?;
                     continue;
                 }
+                let record_seq = match &msg {
+                    Message::Record(r) => Some(r.seq),
+                    _ => None,
+                };
+                if let Some(seq) = record_seq {
+                    hops::mark(Hop::RxFrame, seq);
+                }
                 pair.receiver.apply(msg, &announced, &mut touched)?;
+                if let Some(seq) = record_seq {
+                    hops::mark(Hop::RxStored, seq);
+                }
             }
             // Everything this read stored is persisted before it is acknowledged.
             pair.receiver.persist_pending()?;
-            for (volume, seq) in touched {
-                Message::Ack { volume, seq }.encode_with(&mut seal, &mut out);
+            for (volume, seq) in &touched {
+                hops::mark(Hop::RxPersisted, *seq);
+                Message::Ack {
+                    volume: *volume,
+                    seq: *seq,
+                }
+                .encode_with(&mut seal, &mut out);
             }
             if !out.is_empty() {
+                for seq in touched.values() {
+                    hops::mark(Hop::AckWrite, *seq);
+                }
                 write_all(&mut wr, &out).await?;
                 out.clear();
+                for seq in touched.values() {
+                    hops::mark(Hop::AckSent, *seq);
+                }
             }
         }
     };

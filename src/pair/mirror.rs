@@ -35,6 +35,7 @@ use tokio::sync::{oneshot, watch};
 use twinblock_journal::{MirrorHook, MirrorOutcome, UnretiredRecords};
 use twinblock_pair::wire::FrameWriter;
 
+use super::hops::{self, Hop};
 use super::outbox::Outbox;
 use super::send_batch::SendBatch;
 
@@ -341,39 +342,8 @@ impl VolumeMirror {
         self.publish(&mut inner);
     }
 
-    /// Status for `twinctl status` and the HA controller.
-    pub fn status_json(&self) -> serde_json::Value {
-        let inner = self.lock();
-        let lag_records = inner.last_shipped.saturating_sub(inner.acked);
-        let lag_bytes: u64 = inner.shipped_bytes.values().sum();
-        serde_json::json!({
-            "volume": self.name,
-            "volume_id": self.volume_id,
-            "in_sync": inner.in_sync,
-            "out_of_sync_reason": inner.out_of_sync_reason,
-            "out_of_sync_since_unix_ms": inner.out_of_sync_since
-                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                .map(|d| d.as_millis() as u64),
-            "generation": inner.generation,
-            "last_shipped_seq": inner.last_shipped,
-            "acked_seq": inner.acked,
-            "lag_records": lag_records,
-            "lag_bytes": lag_bytes,
-            "last_ack_age_ms": inner.last_ack_at.map(|t| t.elapsed().as_millis() as u64),
-            "queued_records": inner.pending.len(),
-            "records_sent": inner.records_sent,
-            "resyncs": inner.resyncs,
-        })
-    }
-}
-
-#[async_trait]
-impl MirrorHook for VolumeMirror {
-    fn enabled(&self) -> bool {
-        true
-    }
-
-    async fn ship(&self, log_offset: u64, seq: u64, record: Bytes) -> MirrorOutcome {
+    /// The mirror's `ship`, without the hop stamps (see [`super::hops`]).
+    async fn ship_record(&self, log_offset: u64, seq: u64, record: Bytes) -> MirrorOutcome {
         let (send, acked) = {
             let mut inner = self.lock();
             inner.last_shipped = inner.last_shipped.max(seq);
@@ -432,6 +402,45 @@ impl MirrorHook for VolumeMirror {
             let mut inner = self.lock();
             inner.unmirrored_high = inner.unmirrored_high.max(seq);
         }
+        outcome
+    }
+
+    /// Status for `twinctl status` and the HA controller.
+    pub fn status_json(&self) -> serde_json::Value {
+        let inner = self.lock();
+        let lag_records = inner.last_shipped.saturating_sub(inner.acked);
+        let lag_bytes: u64 = inner.shipped_bytes.values().sum();
+        serde_json::json!({
+            "volume": self.name,
+            "volume_id": self.volume_id,
+            "in_sync": inner.in_sync,
+            "out_of_sync_reason": inner.out_of_sync_reason,
+            "out_of_sync_since_unix_ms": inner.out_of_sync_since
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64),
+            "generation": inner.generation,
+            "last_shipped_seq": inner.last_shipped,
+            "acked_seq": inner.acked,
+            "lag_records": lag_records,
+            "lag_bytes": lag_bytes,
+            "last_ack_age_ms": inner.last_ack_at.map(|t| t.elapsed().as_millis() as u64),
+            "queued_records": inner.pending.len(),
+            "records_sent": inner.records_sent,
+            "resyncs": inner.resyncs,
+        })
+    }
+}
+
+#[async_trait]
+impl MirrorHook for VolumeMirror {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    async fn ship(&self, log_offset: u64, seq: u64, record: Bytes) -> MirrorOutcome {
+        hops::mark(Hop::Ship, seq);
+        let outcome = self.ship_record(log_offset, seq, record).await;
+        hops::mark(Hop::ShipDone, seq);
         outcome
     }
 

@@ -7,6 +7,7 @@
 //! | [`receiver`] | the partner's side: this node's copies of the partner's journals |
 //! | [`interconnect`] | the TCP connections: dialing with backoff, accepting, handshake, sender and receiver loops |
 //! | [`fetch`] | NVRAM-loss recovery: fetching this node's own log back from the partner's copy |
+//! | [`hops`] | per-hop timestamps of a mirrored write (off unless `TWINBLOCK_HOP_TRACE` names a file) |
 //! | [`send_batch`] | the frames of one vectored send, and the transport (io_uring, or tokio as the fallback) |
 //! | `uring_send` | the io_uring SENDMSG sender: the mirror's only `unsafe`, its invariant documented there |
 //!
@@ -15,6 +16,7 @@
 //! status by the admin API. The wire format lives in `twinblock_pair::wire`.
 
 pub mod fetch;
+pub mod hops;
 pub mod interconnect;
 pub mod mirror;
 pub mod outbox;

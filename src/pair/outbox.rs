@@ -39,6 +39,7 @@ use std::sync::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 use twinblock_pair::wire::FrameSealer;
 
+use super::hops::{self, Hop};
 use super::mirror::VolumeMirror;
 use super::send_batch::{Cursor, SendBatch, Transport};
 
@@ -197,7 +198,10 @@ impl Outbox {
             let records = mirror.seal_queued(&mut wire.seal, DIRECT_SEND_MAX_BYTES, &mut batch);
             if records > 0 {
                 let mut at = Cursor::default();
-                match wire.tx.try_send_now(&batch, &mut at) {
+                hops::mark(Hop::SendStart, batch.last_seq());
+                let sent = wire.tx.try_send_now(&batch, &mut at);
+                hops::mark(Hop::SendDone, batch.last_seq());
+                match sent {
                     Ok(()) if batch.done(at) => {}
                     Ok(()) => {
                         self.stats.direct_partial.fetch_add(1, Ordering::Relaxed);

@@ -39,6 +39,8 @@ pub struct SendBatch {
     segs: Vec<Seg>,
     bytes: usize,
     records: u64,
+    /// The seq of the last RECORD frame (0: none).
+    last_seq: u64,
 }
 
 impl SendBatch {
@@ -60,11 +62,17 @@ impl SendBatch {
         self.records
     }
 
+    /// The seq of the batch's last RECORD frame (0 when it has none).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
     pub fn clear(&mut self) {
         self.head.clear();
         self.segs.clear();
         self.bytes = 0;
         self.records = 0;
+        self.last_seq = 0;
     }
 
     fn push_head(&mut self, start: usize) {
@@ -100,6 +108,7 @@ impl SendBatch {
             self.segs.push(Seg::Data(record.clone()));
         }
         self.records += 1;
+        self.last_seq = seq;
     }
 
     fn seg(&self, i: usize) -> &[u8] {
