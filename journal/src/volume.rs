@@ -698,10 +698,6 @@ struct Shared<B: Backing> {
     closed: AtomicBool,
     /// The own log's id (NVRAM file header), recorded in the store's journal mark.
     log_id: [u8; 16],
-    /// Log bytes a STORED record leaves free beyond the control reserve: the partial-parity
-    /// hold of a store that does not log now (large writes bypass only such a store); 0 when
-    /// the store never logs partial parity (see [`crate::ppl_budget`]).
-    ppl_reserve: u64,
     /// The partial-parity space rule of this volume's log.
     ppl_budget: PplBudget,
 }
@@ -1805,7 +1801,6 @@ impl<B: Backing> JournaledVolume<B> {
             closed: AtomicBool::new(false),
             config,
             log_id,
-            ppl_reserve: ppl_budget.transition_reserve_bytes(0, false),
             ppl_budget,
         });
         // Before the flusher's first CP: degraded stripe updates persist partial parity here.
