@@ -340,8 +340,12 @@ impl DemoPair {
             is_daemon,
             children: [None, None],
         };
+        // Both start before either is waited for: a node left waiting for giveback by an
+        // earlier run needs its partner up to give its disks back.
         for id in [0u8, 1] {
             pair.spawn(id, false)?;
+        }
+        for id in [0u8, 1] {
             pair.wait_serving(id).await?;
         }
         Ok(pair)
@@ -429,6 +433,7 @@ impl DemoPair {
         let start = Instant::now();
         let port = self.nodes[usize::from(id)].port;
         let mut gave_back = false;
+        let mut announced = false;
         loop {
             let nbd = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
             let state = ha_state(&self.admin_socket(id)).await;
@@ -439,14 +444,25 @@ impl DemoPair {
             // Left over from an earlier run that stopped during a takeover: the partner still
             // holds this node's disks. The demo gives them back rather than wait forever.
             if state.as_deref() == Some("waiting_for_giveback") && !gave_back {
-                println!(
-                    "node {id}'s disks are still held by node {} from an earlier run: giving back",
-                    1 - id
-                );
-                client::call(&self.admin_socket(1 - id), &Request::HaGiveback)
-                    .await
-                    .with_context(|| format!("node {} refused to give back", 1 - id))?;
-                gave_back = true;
+                if !announced {
+                    println!(
+                        "node {id}'s disks are still held by node {} from an earlier run: giving \
+                         back",
+                        1 - id
+                    );
+                    announced = true;
+                }
+                // The partner may still be starting: asked again until it answers, within the
+                // same timeout as the wait itself.
+                match client::call(&self.admin_socket(1 - id), &Request::HaGiveback).await {
+                    Ok(_) => gave_back = true,
+                    Err(e) if start.elapsed() > NODE_READY_TIMEOUT => {
+                        return Err(e).with_context(|| {
+                            format!("node {} did not give node {id}'s disks back", 1 - id)
+                        });
+                    }
+                    Err(_) => {}
+                }
             }
             if let Some(e) = self.exited(id) {
                 let text = std::fs::read_to_string(self.log(id)).unwrap_or_default();
