@@ -41,20 +41,8 @@ async fn assemble(members: &[Arc<MemMember>]) -> Array {
 #[tokio::test]
 async fn bitmap_bit_is_durable_before_the_data_it_covers() {
     for keeper in 0..3 {
-        let members: Vec<Arc<MemMember>> = (0..3)
-            .map(|i| Arc::new(MemMember::new(format!("m{i}"), MEMBER_BYTES)))
-            .collect();
-        let array = fresh_array(&members).await;
-        for m in &members {
-            m.enable_write_cache();
-        }
         // One chunk in the second data column of row 0: a read-modify-write of data and parity.
-        array
-            .write(CHUNK_BYTES, Bytes::from(vec![0xab; CHUNK_BYTES as usize]))
-            .await
-            .unwrap();
-        array.abandon().await;
-        drop(array);
+        let members = one_chunk_written_then_abandoned().await;
         for (i, m) in members.iter().enumerate() {
             m.power_cut(if i == keeper {
                 CutPolicy::KeepAll
@@ -118,20 +106,8 @@ async fn unclean_degraded_start_is_refused_without_the_override() {
 /// to the whole array, the cut, and the replacement left out of the assembly).
 #[tokio::test]
 async fn journaled_start_refuses_when_a_member_in_sync_at_the_cut_is_missing() {
-    let members: Vec<Arc<MemMember>> = (0..3)
-        .map(|i| Arc::new(MemMember::new(format!("m{i}"), MEMBER_BYTES)))
-        .collect();
-    let array = fresh_array(&members).await;
-    for m in &members {
-        m.enable_write_cache();
-    }
     // Row 0: data column 0 on m0 (never written), column 1 on m1, parity on m2.
-    array
-        .write(CHUNK_BYTES, Bytes::from(vec![0xab; CHUNK_BYTES as usize]))
-        .await
-        .unwrap();
-    array.abandon().await;
-    drop(array);
+    let members = one_chunk_written_then_abandoned().await;
     // The data write survives, the parity write does not: m0's chunk no longer reconstructs.
     members[0].power_cut(CutPolicy::KeepAll);
     members[1].power_cut(CutPolicy::KeepAll);
@@ -168,4 +144,24 @@ async fn journaled_start_refuses_when_a_member_in_sync_at_the_cut_is_missing() {
     assert!(data.iter().all(|&b| b == 0));
     let data = array.read(CHUNK_BYTES, CHUNK_BYTES as usize).await.unwrap();
     assert!(data.iter().all(|&b| b == 0xab));
+}
+
+/// Three members behind write caches, a fresh array, one chunk written in row 0's second data
+/// column (a read-modify-write of data and parity), then the array abandoned as a crash leaves
+/// it: the members' caches still hold whatever the power cut that follows decides.
+async fn one_chunk_written_then_abandoned() -> Vec<Arc<MemMember>> {
+    let members: Vec<Arc<MemMember>> = (0..3)
+        .map(|i| Arc::new(MemMember::new(format!("m{i}"), MEMBER_BYTES)))
+        .collect();
+    let array = fresh_array(&members).await;
+    for m in &members {
+        m.enable_write_cache();
+    }
+    array
+        .write(CHUNK_BYTES, Bytes::from(vec![0xab; CHUNK_BYTES as usize]))
+        .await
+        .unwrap();
+    array.abandon().await;
+    drop(array);
+    members
 }
