@@ -401,3 +401,44 @@ fn auto_engine_follows_twinblock_io_or_the_probe() {
     };
     assert_eq!(member.engine(), expected);
 }
+
+/// A buffered member lends its descriptor for a range only while every page of it is cached;
+/// an `O_DIRECT` member never does.
+#[tokio::test]
+async fn page_cache_file_only_for_resident_ranges_of_buffered_members() {
+    let dir = scratch();
+    let member = open(&dir.path().join("buffered.img"), EngineChoice::Pool, false);
+    let data = Bytes::from(vec![3u8; 1 << 20]);
+    member.write_at(1 << 20, data).await.unwrap();
+    let Some(file) = member.page_cache_file(1 << 20, 1 << 20) else {
+        eprintln!("skipped: cachestat(2) unavailable here, page_cache_file always declines");
+        return;
+    };
+    let mut back = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&*file, &mut back, (1 << 20) + 4096).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 3),
+        "the descriptor reads the member's bytes"
+    );
+    assert!(
+        member.page_cache_file(IMAGE_BYTES - 4096, 8192).is_none(),
+        "past the end"
+    );
+    // Written back and dropped from the page cache: no longer resident.
+    member.sync().await.unwrap();
+    let rc = {
+        use std::os::fd::AsRawFd;
+        // SAFETY (test): fadvise on a descriptor the test keeps open.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }
+    };
+    assert_eq!(rc, 0);
+    assert!(member.page_cache_file(1 << 20, 1 << 20).is_none());
+
+    let direct = open(&dir.path().join("direct.img"), EngineChoice::Pool, true);
+    direct
+        .write_at(0, Bytes::from(vec![1u8; 1 << 20]))
+        .await
+        .unwrap();
+    direct.read_at(0, 1 << 20).await.unwrap();
+    assert!(direct.page_cache_file(0, 1 << 20).is_none());
+}
