@@ -4,8 +4,8 @@
 //! Headers and small payloads are copied into one staging buffer; large payloads are queued as
 //! they are (a read cache's blocks by reference, a page-cache file range as the range) so the
 //! writer never copies them. Runs of in-memory chunks go out with vectored writes; a file range
-//! goes with `sendfile` on a plain socket, or is read into memory first on a stream that cannot
-//! take it (TLS).
+//! goes with `sendfile` on a plain socket (the bytes before it with `MSG_MORE`, so header and
+//! data leave together), or is read into memory first on a stream that cannot take it (TLS).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -138,10 +138,11 @@ pub async fn write_out<W: ReplySink>(writer: &mut W, out: &mut OutQueue) -> io::
         }
         let written = {
             let mut slices = [IoSlice::new(&[]); WRITE_IOVECS_MAX];
-            // Plain writes, also before a file range: with the header held back by `MSG_MORE`,
-            // depth-8 1 MiB reads on loopback ran at half the rate with 180 ms p99 stalls.
-            let (n, _) = out.bytes_vectored(&mut slices);
-            writer.write_vectored(&slices[..n]).await?
+            let (n, file_follows) = out.bytes_vectored(&mut slices);
+            match writer.socket() {
+                Some(sock) if file_follows => sendfile::send_more(sock, &slices[..n]).await?,
+                _ => writer.write_vectored(&slices[..n]).await?,
+            }
         };
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());

@@ -1128,7 +1128,7 @@ mod tests {
         );
     }
 
-    /// On a TCP socket the file range goes with sendfile.
+    /// On a TCP socket the file range goes with sendfile, its header with MSG_MORE.
     #[tokio::test]
     async fn file_range_replies_reach_a_tcp_client_whole_and_in_order() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
