@@ -537,27 +537,6 @@ impl Member for FileMember {
         result.map_err(|e| io::Error::new(e.kind(), format!("fdatasync of {}: {e}", self.name)))
     }
 
-    /// Only for a member without `O_DIRECT` (with it, this host's page cache is not where the
-    /// member's reads come from and is rarely warm), and only when `cachestat` counts every
-    /// page of the range as cached. Writes through the buffered descriptor land in the same
-    /// pages, so what they hold is the member's current content.
-    fn page_cache_file(&self, offset: u64, len: usize) -> Option<Arc<File>> {
-        if self.direct.is_some()
-            || len == 0
-            || self.check_range("read", offset, len as u64).is_err()
-        {
-            return None;
-        }
-        match sys::range_is_resident(&self.buffered, offset, len as u64) {
-            Ok(true) => Some(Arc::clone(&self.buffered)),
-            Ok(false) => None,
-            Err(e) => {
-                tracing::debug!("page cache residency of {} unknown: {e}", self.name);
-                None
-            }
-        }
-    }
-
     async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable("discard", offset, len)?;
         if len == 0 {
@@ -590,75 +569,11 @@ impl Member for FileMember {
     }
 }
 
-/// Block-device ioctls and the page-cache residency query. The only `unsafe` in this module.
+/// Block-device ioctls. The only `unsafe` in this module.
 mod sys {
     use std::fs::File;
     use std::io;
     use std::os::fd::AsRawFd;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    /// `cachestat(2)` (Linux 6.5): one number on every architecture, since it was added after
-    /// the tables were unified; the `libc` crate does not name it for glibc targets yet.
-    const SYS_CACHESTAT: libc::c_long = 451;
-
-    /// `struct cachestat_range` of the kernel's UAPI.
-    #[repr(C)]
-    struct CachestatRange {
-        off: u64,
-        len: u64,
-    }
-
-    /// `struct cachestat` of the kernel's UAPI (counts of pages).
-    #[repr(C)]
-    #[derive(Default)]
-    struct Cachestat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-
-    /// Set once the kernel refuses `cachestat` (too old, or filtered), to stop asking.
-    static CACHESTAT_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
-
-    /// Whether every page of `offset..offset+len` of `file` is in the page cache.
-    pub fn range_is_resident(file: &File, offset: u64, len: u64) -> io::Result<bool> {
-        if CACHESTAT_UNSUPPORTED.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        // SAFETY: sysconf reads a constant of the running system.
-        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-            p if p > 0 => p as u64,
-            _ => return Ok(false),
-        };
-        let Some(end) = offset.checked_add(len) else {
-            return Ok(false);
-        };
-        let pages = end.div_ceil(page) - offset / page;
-        let range = CachestatRange { off: offset, len };
-        let mut stat = Cachestat::default();
-        // SAFETY: both pointers point to live locals with the kernel's layout (`repr(C)`, all
-        // u64); the kernel reads `range` and writes `stat` and keeps neither. The descriptor is
-        // kept open by `file` for the call.
-        let rc = unsafe {
-            libc::syscall(
-                SYS_CACHESTAT,
-                file.as_raw_fd(),
-                &range as *const CachestatRange,
-                &mut stat as *mut Cachestat,
-                0u32,
-            )
-        };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)) {
-                CACHESTAT_UNSUPPORTED.store(true, Ordering::Relaxed);
-            }
-            return Err(e);
-        }
-        Ok(stat.nr_cache >= pages)
-    }
 
     /// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)` in the generic ioctl encoding (x86, arm,
     /// riscv, loongarch; not mips/powerpc/sparc, which we do not build for).

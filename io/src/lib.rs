@@ -63,13 +63,4 @@ pub trait Member: Send + Sync + 'static {
     async fn sync(&self) -> io::Result<()>;
     /// Deallocate a range so it reads as zeroes (punch hole); may fall back to writing zeroes.
     async fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// A descriptor through which `offset..offset+len` reads as this member's current bytes
-    /// from the page cache, when every page of the range is resident there now: the caller may
-    /// hand the range to `sendfile` instead of reading it into memory. `None` (the default) when
-    /// the member has no such descriptor (`O_DIRECT`, in memory), the range is not all
-    /// resident, or the kernel cannot tell.
-    fn page_cache_file(&self, offset: u64, len: usize) -> Option<std::sync::Arc<std::fs::File>> {
-        let _ = (offset, len);
-        None
-    }
 }

@@ -1,6 +1,5 @@
-//! The bytes of one read reply, as the device hands them over: one buffer, several buffers
-//! in order (a read cache's blocks, each shared with the cache), or a range of a file whose
-//! pages the page cache holds (a plain image on the page cache).
+//! The bytes of one read reply, as the device hands them over: one buffer, or several buffers
+//! in order (a read cache's blocks, each shared with the cache).
 //!
 //! A device that keeps data in fixed-size blocks would otherwise copy a large read's blocks
 //! into one reply buffer only for the writer to hand that buffer to the socket; with a list of
@@ -8,47 +7,8 @@
 //! (a reference count on the block's memory), so a block the cache evicts or replaces while the
 //! reply is queued stays alive, unchanged, until the write is done: the reply carries the bytes
 //! the device read, never a later version.
-//!
-//! A file range is different: its bytes are taken from the page cache when the reply writer
-//! sends it (`sendfile`, see [`crate::sendfile`]), so a large read costs the server no copy at
-//! all: the kernel hands the page-cache pages to the socket and the client's receive is the only
-//! copy. The reply then carries the file's bytes as of the send, which may include a write that
-//! started after the device returned the range. That write overlaps a read the client has not
-//! seen answered yet, and NBD leaves such a read's result to the server (either version, even
-//! mixed); a write acknowledged before the read was received is in the page cache already and
-//! always seen.
 
 use bytes::Bytes;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::sync::Arc;
-
-/// `len` bytes of `file` from `offset`, sent straight from the page cache.
-#[derive(Debug, Clone)]
-pub struct FileRange {
-    pub file: Arc<File>,
-    pub offset: u64,
-    pub len: usize,
-}
-
-impl FileRange {
-    /// The range's bytes, read into memory (for streams that cannot take a file range: TLS,
-    /// tests). An error if the file ends before the range does.
-    pub fn read(&self) -> std::io::Result<Bytes> {
-        let mut buf = vec![0u8; self.len];
-        self.file.read_exact_at(&mut buf, self.offset)?;
-        Ok(Bytes::from(buf))
-    }
-}
-
-impl PartialEq for FileRange {
-    /// The same range of the same open file.
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.file, &other.file) && self.offset == other.offset && self.len == other.len
-    }
-}
-
-impl Eq for FileRange {}
 
 /// The payload of one successful read: `len()` bytes in one or more pieces, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,8 +17,6 @@ pub enum ReadData {
     One(Bytes),
     /// Several buffers to send back to back. Empty pieces are allowed and send nothing.
     Pieces(Vec<Bytes>),
-    /// A range of a file the page cache holds, sent from there (see the module docs).
-    File(FileRange),
 }
 
 impl ReadData {
@@ -67,7 +25,6 @@ impl ReadData {
         match self {
             ReadData::One(b) => b.len(),
             ReadData::Pieces(p) => p.iter().map(Bytes::len).sum(),
-            ReadData::File(r) => r.len,
         }
     }
 
@@ -75,28 +32,33 @@ impl ReadData {
         self.len() == 0
     }
 
-    /// The in-memory pieces in order, without copying; `None` for a file range.
-    pub fn pieces(&self) -> Option<&[Bytes]> {
+    /// The pieces in order, without copying.
+    pub fn pieces(&self) -> &[Bytes] {
         match self {
-            ReadData::One(b) => Some(std::slice::from_ref(b)),
-            ReadData::Pieces(p) => Some(p),
-            ReadData::File(_) => None,
+            ReadData::One(b) => std::slice::from_ref(b),
+            ReadData::Pieces(p) => p,
         }
     }
 
-    /// All bytes in one buffer: the buffer itself when there is one piece, else a copy (a file
-    /// range is read from its file, which can fail).
-    pub fn to_contiguous(&self) -> std::io::Result<Bytes> {
+    /// Takes the pieces out, in order, without copying.
+    pub fn into_pieces(self) -> Vec<Bytes> {
         match self {
-            ReadData::One(one) => Ok(one.clone()),
-            ReadData::Pieces(pieces) => {
+            ReadData::One(b) => vec![b],
+            ReadData::Pieces(p) => p,
+        }
+    }
+
+    /// All bytes in one buffer: the buffer itself when there is one piece, else a copy.
+    pub fn to_contiguous(&self) -> Bytes {
+        match self.pieces() {
+            [one] => one.clone(),
+            pieces => {
                 let mut out = Vec::with_capacity(self.len());
                 for p in pieces {
                     out.extend_from_slice(p);
                 }
-                Ok(Bytes::from(out))
+                Bytes::from(out)
             }
-            ReadData::File(range) => range.read(),
         }
     }
 }
@@ -131,8 +93,8 @@ mod tests {
             Bytes::from_static(b"cde"),
         ]);
         assert_eq!(d.len(), 5);
-        assert_eq!(d.pieces().map(<[Bytes]>::len), Some(3));
-        assert_eq!(&d.to_contiguous().unwrap()[..], b"abcde");
+        assert_eq!(d.pieces().len(), 3);
+        assert_eq!(&d.to_contiguous()[..], b"abcde");
     }
 
     #[test]
@@ -141,7 +103,7 @@ mod tests {
         let ptr = b.as_ptr();
         let d = ReadData::from(vec![b]);
         assert!(matches!(d, ReadData::One(_)));
-        assert_eq!(d.to_contiguous().unwrap().as_ptr(), ptr);
+        assert_eq!(d.to_contiguous().as_ptr(), ptr);
     }
 
     #[test]
@@ -152,30 +114,8 @@ mod tests {
         let d = ReadData::from(vec![cache_slot.slice(0..4096), Bytes::from_static(b"x")]);
         cache_slot = Bytes::from(vec![2u8; 4096]);
         assert_eq!(cache_slot[0], 2);
-        assert!(d.pieces().unwrap()[0].iter().all(|&b| b == 1));
+        assert!(d.pieces()[0].iter().all(|&b| b == 1));
         assert_eq!(d.len(), 4097);
-    }
-
-    #[test]
-    fn file_range_reads_back_its_bytes_and_refuses_a_short_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::write(&path, b"0123456789").unwrap();
-        let file = Arc::new(File::open(&path).unwrap());
-        let d = ReadData::File(FileRange {
-            file: file.clone(),
-            offset: 2,
-            len: 5,
-        });
-        assert_eq!(d.len(), 5);
-        assert!(d.pieces().is_none());
-        assert_eq!(&d.to_contiguous().unwrap()[..], b"23456");
-        let past_end = FileRange {
-            file,
-            offset: 8,
-            len: 5,
-        };
-        assert!(past_end.read().is_err());
     }
 
     #[test]

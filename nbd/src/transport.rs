@@ -5,9 +5,6 @@
 //! handed to [`crate::Server::handle_connection`], is split with `tokio::io::split`, which
 //! shares the stream behind a lock. The handshake runs on the whole stream because
 //! `NBD_OPT_STARTTLS` replaces it with a TLS stream mid-handshake.
-//!
-//! A write half is a [`ReplySink`]: a plain socket also lends the reply writer its descriptor,
-//! so read data held in the page cache goes to it with `sendfile` instead of through a buffer.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -18,43 +15,9 @@ use tokio::net::{tcp, unix, TcpStream, UnixStream};
 /// A stream a connection can run on.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type ReadHalf: AsyncRead + Unpin + Send + 'static;
-    type WriteHalf: ReplySink;
+    type WriteHalf: AsyncWrite + Unpin + Send + 'static;
     fn into_halves(self) -> (Self::ReadHalf, Self::WriteHalf);
 }
-
-/// A socket the kernel can send file pages to directly.
-#[derive(Clone, Copy)]
-pub enum SocketRef<'a> {
-    Tcp(&'a TcpStream),
-    Unix(&'a UnixStream),
-}
-
-/// Where the reply writer writes: any async stream, and for a plain socket its descriptor.
-pub trait ReplySink: AsyncWrite + Unpin + Send + 'static {
-    /// The underlying socket, when bytes may be sent to it directly (`sendfile`, `sendmsg`)
-    /// without going through a user-space layer (TLS) above it. `None`: use `AsyncWrite` only.
-    fn socket(&self) -> Option<SocketRef<'_>> {
-        None
-    }
-}
-
-impl ReplySink for tcp::OwnedWriteHalf {
-    fn socket(&self) -> Option<SocketRef<'_>> {
-        Some(SocketRef::Tcp(self.as_ref()))
-    }
-}
-
-impl ReplySink for unix::OwnedWriteHalf {
-    fn socket(&self) -> Option<SocketRef<'_>> {
-        Some(SocketRef::Unix(self.as_ref()))
-    }
-}
-
-/// Split streams (TLS, tests' in-memory pipes) encrypt or buffer in user space.
-impl<T: AsyncWrite + Send + 'static> ReplySink for tokio::io::WriteHalf<T> {}
-
-/// In-memory pipes (tests).
-impl ReplySink for tokio::io::DuplexStream {}
 
 impl Transport for TcpStream {
     type ReadHalf = tcp::OwnedReadHalf;

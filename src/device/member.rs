@@ -10,12 +10,6 @@
 //! [`PAGE_CACHE_BYPASS_BYTES_MIN`] go to the member alone, a large write only removing the
 //! blocks it overlaps so the cache never serves older bytes. With `O_DIRECT` the volume cache is
 //! the only cache and sees every request.
-//!
-//! A large read the volume cache does not serve, of a range the page cache holds whole, is not
-//! read at all: the device answers with the file range ([`ReadData::File`]) and the NBD writer
-//! sends the page-cache pages to the socket with `sendfile`, so the server copies none of its
-//! bytes (a read into a buffer and a write of it would copy each byte twice). A range not all
-//! resident is read as before, so the writer never waits for the disk.
 
 use super::holes;
 use crate::cache::ReadCache;
@@ -24,9 +18,7 @@ use bytes::Bytes;
 use std::fs::File;
 use std::sync::Arc;
 use twinblock_io::Member;
-use twinblock_nbd::{
-    BlockDevice, DeviceCaps, DeviceError, DeviceResult, Extent, FileRange, ReadData, ZeroFlags,
-};
+use twinblock_nbd::{BlockDevice, DeviceCaps, DeviceError, DeviceResult, Extent, ZeroFlags};
 
 /// Zeroes are written in pieces of at most this size (the shared zero buffer's) when the range
 /// may not be deallocated.
@@ -36,11 +28,6 @@ const ZERO_WRITE_BYTES_MAX: u64 = twinblock_nbd::zeroes::ZERO_BUFFER_BYTES as u6
 /// volume cache (64 KiB: 16 blocks, above any filesystem's or database's page size, where the
 /// per-block fill or install starts to cost more than the page-cache copy it would save).
 pub const PAGE_CACHE_BYPASS_BYTES_MIN: u64 = 64 * 1024;
-
-/// Reads longer than this many bytes that the volume cache does not serve are answered from the
-/// page cache with `sendfile` when it holds the whole range (below it, the residency query and
-/// the second system call cost more than the copies they save).
-pub const SENDFILE_READ_BYTES_MIN: u64 = 64 * 1024;
 
 /// Which requests the volume read cache takes part in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -173,20 +160,6 @@ impl BlockDevice for MemberDevice {
             }
             _ => member.read_at(offset, len as usize).await?,
         })
-    }
-
-    async fn read_data(&self, offset: u64, len: u32) -> DeviceResult<ReadData> {
-        let cached = self.cache.is_some() && self.cache_scope.serves(u64::from(len));
-        if !cached && u64::from(len) > SENDFILE_READ_BYTES_MIN {
-            if let Some(file) = self.member.page_cache_file(offset, len as usize) {
-                return Ok(ReadData::File(FileRange {
-                    file,
-                    offset,
-                    len: len as usize,
-                }));
-            }
-        }
-        self.read(offset, len).await.map(ReadData::from)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
@@ -350,26 +323,6 @@ mod tests {
         assert_eq!(&dev.read(8192, 4096).await.unwrap()[..], &[2u8; 4096][..]);
         let whole = dev.read(0, 1 << 20).await.unwrap();
         assert!(whole.iter().all(|&b| b == 2));
-    }
-
-    #[tokio::test]
-    async fn large_resident_reads_on_the_page_cache_are_answered_as_file_ranges() {
-        let dir = tempfile::tempdir().unwrap();
-        let dev = page_cache_device(&dir);
-        dev.write(1 << 20, Bytes::from(vec![4u8; 1 << 20]), false)
-            .await
-            .unwrap();
-        let data = dev.read_data(1 << 20, 1 << 20).await.unwrap();
-        match &data {
-            ReadData::File(r) => assert_eq!((r.offset, r.len), (1 << 20, 1 << 20)),
-            // Visible, not silent: a kernel without cachestat(2) reads instead.
-            other => eprintln!("skipped: not a file range ({} bytes read)", other.len()),
-        }
-        assert!(data.to_contiguous().unwrap().iter().all(|&b| b == 4));
-        // Small reads still go through the volume cache.
-        let small = dev.read_data(1 << 20, 4096).await.unwrap();
-        assert!(matches!(small, ReadData::One(_)));
-        assert_eq!(dev.cache().unwrap().stats().misses, 1);
     }
 
     /// Blocks the concurrent test writes; a large write covers this many of them.
