@@ -8,6 +8,14 @@
 //! While the array is degraded no bit is cleared, so a member that comes back after a short absence
 //! is resynchronised only in regions whose bit is set.
 //!
+//! Set-ahead for sequential streams: a sequential writer entering a new region would wait for a
+//! bitmap write and a sync of every member at each region boundary (every 4 MiB of member data).
+//! When a write newly sets region `r` and region `r - 1` is set too (the stream came from there),
+//! the next [`SET_AHEAD_REGIONS`] regions are set in the same change, so one bitmap write and sync
+//! covers the stream's next boundaries as well. A bit set ahead is an ordinary set bit: durable
+//! before any write into its region, cleared by a flush once idle (it has no write in flight);
+//! at worst it makes a resync after a crash look at a few more regions.
+//!
 //! Region size: the smallest power of two that is a multiple of the chunk size, at least
 //! [`MIN_REGION_BYTES`], and small enough that the bitmap fits its 1020 KiB area.
 //! The bitmap is stored as plain bytes (bit `r % 8` of byte `r / 8` is region `r`) at
@@ -20,6 +28,9 @@ use std::collections::HashMap;
 pub const MIN_REGION_BYTES: u64 = 4 << 20;
 /// Unit of bitmap writes.
 pub const BITMAP_BLOCK_BYTES: u64 = 4096;
+/// Regions set ahead of a sequential stream entering a new region (see the module docs): the
+/// stream then waits for the bitmap at one boundary in `SET_AHEAD_REGIONS + 1`.
+pub const SET_AHEAD_REGIONS: u64 = 3;
 
 /// Picks the region size for `member_data_bytes` with `chunk_bytes` chunks; `wanted` overrides the
 /// minimum (rounded up to a power of two and a whole number of chunks).
@@ -120,19 +131,43 @@ impl Bitmap {
     /// changed and must be written before the data write may be issued.
     pub fn begin_write(&mut self, regions: std::ops::Range<u64>) -> Vec<u64> {
         let mut blocks = Vec::new();
-        for r in regions {
+        let mut newly_set_last = None;
+        for r in regions.clone() {
             let entry = self.active.entry(r).or_insert((0, 0));
             entry.0 += 1;
-            let byte = (r / 8) as usize;
-            if self.bytes[byte] & (1 << (r % 8)) == 0 {
-                self.bytes[byte] |= 1 << (r % 8);
-                let block = byte as u64 / BITMAP_BLOCK_BYTES;
-                if blocks.last() != Some(&block) {
-                    blocks.push(block);
+            if self.set_bit(r, &mut blocks) {
+                newly_set_last = Some(r);
+            }
+        }
+        // A stream coming from the region before the first it newly set: set ahead of it.
+        if let Some(last) = newly_set_last {
+            if (regions.start > 0 && self.is_set(regions.start - 1)) || regions.start < last {
+                let ahead_end = (last + 1 + SET_AHEAD_REGIONS).min(self.geo.bits);
+                for r in last + 1..ahead_end {
+                    if self.set_bit(r, &mut blocks) {
+                        // No write in flight: idle as of now, cleared by the next flush.
+                        self.active.entry(r).or_insert((0, self.epoch));
+                    }
                 }
             }
         }
+        blocks.sort_unstable();
+        blocks.dedup();
         blocks
+    }
+
+    /// Sets region `r`'s bit; true (and its block added to `blocks`) if it was clear.
+    fn set_bit(&mut self, r: u64, blocks: &mut Vec<u64>) -> bool {
+        let byte = (r / 8) as usize;
+        if self.bytes[byte] & (1 << (r % 8)) != 0 {
+            return false;
+        }
+        self.bytes[byte] |= 1 << (r % 8);
+        let block = byte as u64 / BITMAP_BLOCK_BYTES;
+        if blocks.last() != Some(&block) {
+            blocks.push(block);
+        }
+        true
     }
 
     /// Like [`Bitmap::begin_write`], for a writer that must not issue its data write before the
@@ -276,6 +311,70 @@ mod tests {
         let e = b.start_flush();
         assert_eq!(b.finish_flush(e), vec![0]);
         assert!(!b.is_set(3));
+    }
+
+    #[test]
+    fn a_stream_entering_a_region_sets_the_next_ones_in_the_same_change() {
+        let mut b = bm();
+        let mb = 1u64 << 20;
+        // Region 0, from nothing before it: no set-ahead.
+        b.begin_write_durable(b.regions(0, 4096));
+        assert_eq!(b.dirty_regions(), vec![0]);
+        let (_, gen) = b.take_pending();
+        b.mark_durable(gen);
+        // The stream crosses into region 1: regions 2..=4 are set with it, in one block write.
+        let g = b.begin_write_durable(b.regions(mb - 4096, mb + 4096));
+        assert!(g > 0);
+        assert_eq!(b.dirty_regions(), vec![0, 1, 2, 3, 4]);
+        let (blocks, gen) = b.take_pending();
+        assert_eq!(blocks, vec![0]);
+        b.mark_durable(gen);
+        // Entering the regions set ahead waits for nothing.
+        for r in 2..=4 {
+            assert_eq!(b.begin_write_durable(b.regions(r * mb, r * mb + 4096)), 0);
+        }
+        // Entering region 5 sets 6..=8.
+        assert!(b.begin_write_durable(b.regions(5 * mb, 5 * mb + 4096)) > 0);
+        assert_eq!(b.dirty_regions(), (0..=8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_isolated_write_sets_only_its_own_region() {
+        let mut b = bm();
+        b.begin_write_durable(b.regions(10 << 20, (10 << 20) + 4096));
+        assert_eq!(b.dirty_regions(), vec![10]);
+    }
+
+    #[test]
+    fn regions_set_ahead_and_never_written_are_cleared_by_the_next_flush() {
+        let mut b = bm();
+        let rs0 = b.regions(0, 4096);
+        b.begin_write(rs0.clone());
+        let rs1 = b.regions((1 << 20) - 4096, (1 << 20) + 4096);
+        b.begin_write(rs1.clone());
+        assert_eq!(b.dirty_regions(), vec![0, 1, 2, 3, 4]);
+        // Region 2 gets a write that is still in flight at the flush; 3 and 4 stay idle.
+        let rs2 = b.regions(2 << 20, (2 << 20) + 4096);
+        b.begin_write(rs2.clone());
+        b.end_write(rs0);
+        b.end_write(rs1);
+        let e = b.start_flush();
+        b.finish_flush(e);
+        assert_eq!(
+            b.dirty_regions(),
+            vec![2],
+            "only the region with a write in flight"
+        );
+        b.end_write(rs2);
+    }
+
+    #[test]
+    fn set_ahead_stops_at_the_last_region() {
+        let mut b = bm();
+        let last = b.geometry().bits - 1;
+        let mb = 1u64 << 20;
+        b.begin_write(b.regions(last * mb - 4096, last * mb + 4096));
+        assert_eq!(b.dirty_regions(), vec![last - 1, last]);
     }
 
     #[test]
