@@ -803,14 +803,14 @@ mod tests {
         let mut t = BTreeMap::new();
         r.apply(reset(), &ann, &mut t).unwrap();
         let rec = |seq: u64| record(seq, 3, seq as u8);
-        let at = |seq: u64, bytes: &[u8]| -> RecordRef<'_> {
+        fn at(seq: u64, bytes: &[u8]) -> RecordRef<'_> {
             RecordRef {
                 volume: VOL,
                 log_offset: (seq - 10) * 128,
                 seq,
                 record: bytes,
             }
-        };
+        }
         let mut bad = rec(10);
         bad[100] ^= 1;
         assert!(matches!(
