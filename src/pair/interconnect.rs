@@ -31,8 +31,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use twinblock_pair::wire::{
     handshake::{encode_accept, encode_reject},
-    split_frame, Acceptor, Dialer, FrameKind, FrameOpener, LogReset, Message, RejectReason,
-    WireError,
+    split_frame, Acceptor, Dialer, FrameKind, FrameOpener, LogReset, Message, RecordRef,
+    RejectReason, WireError,
 };
 
 use super::hops::{self, Hop};
@@ -490,6 +490,14 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
             }
             let mut touched = BTreeMap::new();
             while let Some((k, range)) = fb.next()? {
+                if k == FrameKind::Record {
+                    // The hot path: read in place, copied once into the copy's NVRAM.
+                    let r = RecordRef::decode(fb.body(range))?;
+                    hops::mark(Hop::RxFrame, r.seq);
+                    pair.receiver.apply_record(r, &announced, &mut touched)?;
+                    hops::mark(Hop::RxStored, r.seq);
+                    continue;
+                }
                 let msg = Message::decode(k, fb.body(range))?;
                 if let Message::FetchRequest { volume, from_seq } = msg {
                     // The owner lost its NVRAM and asks for its records back (see `fetch`).
@@ -499,17 +507,7 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
                     write_all(&mut wr, &reply).await?;
                     continue;
                 }
-                let record_seq = match &msg {
-                    Message::Record(r) => Some(r.seq),
-                    _ => None,
-                };
-                if let Some(seq) = record_seq {
-                    hops::mark(Hop::RxFrame, seq);
-                }
                 pair.receiver.apply(msg, &announced, &mut touched)?;
-                if let Some(seq) = record_seq {
-                    hops::mark(Hop::RxStored, seq);
-                }
             }
             // Everything this read stored is persisted before it is acknowledged.
             pair.receiver.persist_pending()?;

@@ -39,7 +39,7 @@ use twinblock_journal::format::{RecordHeader, RecordKind, RECORD_HEADER_BYTES};
 use twinblock_journal::group_commit::{UNPERSISTED_MAX_LOG_BYTES, UNPERSISTED_MAX_RECORDS};
 use twinblock_journal::{JournalError, Nvram, NvramConfig, PartnerRegion, PersistenceMode};
 use twinblock_pair::wire::{
-    format_id, FetchBegin, FrameWriter, LogReset, Message, RecordFrame, VolumeAnnounce,
+    format_id, FetchBegin, FrameWriter, LogReset, Message, RecordFrame, RecordRef, VolumeAnnounce,
 };
 
 /// A frame the receiver refuses (the connection is dropped; nothing of it was stored).
@@ -312,7 +312,12 @@ impl Receiver {
         };
         match msg {
             Message::LogReset(r) => copy.reset(r)?,
-            Message::Record(r) => copy.store(r)?,
+            Message::Record(r) => copy.store(RecordRef {
+                volume: r.volume,
+                log_offset: r.log_offset,
+                seq: r.seq,
+                record: &r.record,
+            })?,
             Message::ResyncBegin { first_seq, .. } => {
                 let next = copy.expect_stream()?.next_seq;
                 if first_seq != next {
@@ -329,6 +334,30 @@ impl Receiver {
         }
         if let Some(s) = copy.stream {
             touched.insert(volume, s.next_seq - 1);
+        }
+        Ok(())
+    }
+
+    /// [`Receiver::apply`] for a RECORD read in place ([`RecordRef`]): the same checks and
+    /// effects, with the record bytes copied once, from the receive buffer into the copy's
+    /// NVRAM mapping (the hot path of the receiving node).
+    pub fn apply_record(
+        &self,
+        r: RecordRef<'_>,
+        announced: &HashSet<u64>,
+        touched: &mut BTreeMap<u64, u64>,
+    ) -> Result<(), ReceiveError> {
+        if self.seized().contains(&r.volume) {
+            return Ok(()); // served here from its copy: see `apply`
+        }
+        let mut copies = self.lock();
+        let copy = match copies.get_mut(&r.volume) {
+            Some(c) if announced.contains(&r.volume) => c,
+            _ => return Err(ReceiveError::UnknownVolume(r.volume)),
+        };
+        copy.store(r)?;
+        if let Some(s) = copy.stream {
+            touched.insert(r.volume, s.next_seq - 1);
         }
         Ok(())
     }
@@ -527,7 +556,7 @@ impl PartnerCopy {
         Ok(())
     }
 
-    fn store(&mut self, r: RecordFrame) -> Result<(), ReceiveError> {
+    fn store(&mut self, r: RecordRef<'_>) -> Result<(), ReceiveError> {
         let mut stream = self.expect_stream()?;
         if r.seq < stream.next_seq {
             return Ok(()); // a duplicate: stored once already, acknowledged again
@@ -540,7 +569,7 @@ impl PartnerCopy {
             seq: r.seq,
             detail,
         };
-        let h = RecordHeader::decode(&r.record).map_err(|e| bad(&self.name, e.to_string()))?;
+        let h = RecordHeader::decode(r.record).map_err(|e| bad(&self.name, e.to_string()))?;
         if h.seq != r.seq || h.generation != stream.generation {
             return Err(bad(
                 &self.name,
@@ -563,7 +592,7 @@ impl PartnerCopy {
         // Checks CRC and bounds before writing anything.
         let range = self
             .region
-            .receive_unpersisted(r.log_offset, &r.record)
+            .receive_unpersisted(r.log_offset, r.record)
             .map_err(|e| bad(&self.name, e.to_string()))?;
         if let Some((at, len)) = range {
             self.unpersisted.push((at, len));
@@ -763,6 +792,50 @@ mod tests {
         // The stream is unchanged: the good record still fits.
         r.apply(frame(10, 1), &ann, &mut t).unwrap();
         assert_eq!(stored_seqs(&r), vec![10]);
+    }
+
+    /// The in-place RECORD path the connection uses: stores in order, refuses a bad CRC, a gap
+    /// and an unknown volume without storing, and acknowledges a duplicate without storing it again.
+    #[test]
+    fn record_read_in_place_is_checked_like_a_decoded_one() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, ann) = setup(d.path());
+        let mut t = BTreeMap::new();
+        r.apply(reset(), &ann, &mut t).unwrap();
+        let rec = |seq: u64| record(seq, 3, seq as u8);
+        fn at(seq: u64, bytes: &[u8]) -> RecordRef<'_> {
+            RecordRef {
+                volume: VOL,
+                log_offset: (seq - 10) * 128,
+                seq,
+                record: bytes,
+            }
+        }
+        let mut bad = rec(10);
+        bad[100] ^= 1;
+        assert!(matches!(
+            r.apply_record(at(10, &bad), &ann, &mut t),
+            Err(ReceiveError::BadRecord { .. })
+        ));
+        let r12 = rec(12);
+        assert!(matches!(
+            r.apply_record(at(12, &r12), &ann, &mut t),
+            Err(ReceiveError::Gap { .. })
+        ));
+        let r10 = rec(10);
+        let mut other = at(10, &r10);
+        other.volume = VOL + 1;
+        assert!(matches!(
+            r.apply_record(other, &ann, &mut t),
+            Err(ReceiveError::UnknownVolume(_))
+        ));
+        assert!(stored_seqs(&r).is_empty());
+        r.apply_record(at(10, &r10), &ann, &mut t).unwrap();
+        let r11 = rec(11);
+        r.apply_record(at(11, &r11), &ann, &mut t).unwrap();
+        r.apply_record(at(10, &r10), &ann, &mut t).unwrap();
+        assert_eq!(stored_seqs(&r), vec![10, 11]);
+        assert_eq!(t[&VOL], 11);
     }
 
     #[test]

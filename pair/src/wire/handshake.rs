@@ -771,6 +771,36 @@ mod tests {
     }
 
     #[test]
+    fn version_2_peer_is_refused_with_a_version_reject() {
+        // Version 2 sealed frames with HMAC-SHA256: a node of that release must not get past
+        // the handshake (its tags would fail on the first RECORD instead).
+        let (_d, mut hello) = Dialer::start(id(0), key(1), [1; 32]);
+        let mut b = body(&hello).1.to_vec();
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        hello.clear();
+        encode_frame(&mut hello, FrameKind::Hello, &[&b]);
+        let a = Acceptor::new(id(1), key(1), [9; 32]);
+        let (k, bb) = body(&hello);
+        let f = a.on_hello(k, bb, &mut SeenNonces::default()).unwrap_err();
+        assert_eq!(
+            f.error,
+            WireError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: 2
+            }
+        );
+        let (rk, rb) = body(&f.reply);
+        assert_eq!(rk, FrameKind::Reject);
+        assert!(matches!(
+            decode_reject(rb),
+            WireError::Rejected {
+                reason: RejectReason::Version,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn replayed_hello_is_refused() {
         let mut seen = SeenNonces::default();
         run(id(0), key(1), id(1), key(1), &mut seen, [1; 32]).unwrap();

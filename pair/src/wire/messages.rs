@@ -34,6 +34,43 @@ pub struct RecordFrame {
     pub record: Vec<u8>,
 }
 
+/// A RECORD frame's body read in place: the record bytes stay in the receive buffer (the
+/// receiver copies them once, into its NVRAM mapping, instead of into a [`RecordFrame`] first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub volume: u64,
+    pub log_offset: u64,
+    pub seq: u64,
+    pub record: &'a [u8],
+}
+
+impl<'a> RecordRef<'a> {
+    /// Decodes a RECORD body with the same checks as [`Message::decode`].
+    pub fn decode(body: &'a [u8]) -> Result<RecordRef<'a>, WireError> {
+        RecordRef::decode_as("RECORD", body)
+    }
+
+    fn decode_as(what: &'static str, body: &'a [u8]) -> Result<RecordRef<'a>, WireError> {
+        if body.len() < RECORD_FIELDS_BYTES {
+            return Err(malformed(what, "shorter than its fixed fields"));
+        }
+        check_record_bytes(what, body.len() - RECORD_FIELDS_BYTES)?;
+        let log_offset = get_u64(body, 8);
+        if !log_offset.is_multiple_of(RECORD_ALIGN_BYTES as u64) {
+            return Err(malformed(
+                what,
+                format!("log offset {log_offset} is unaligned"),
+            ));
+        }
+        Ok(RecordRef {
+            volume: get_u64(body, 0),
+            log_offset,
+            seq: get_u64(body, 16),
+            record: &body[RECORD_FIELDS_BYTES..],
+        })
+    }
+}
+
 /// The owner's log (re)started: the partner's copy restarts at this tail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogReset {
@@ -220,22 +257,12 @@ impl Message {
     /// Decodes a post-handshake frame's body; handshake kinds here are `Unexpected`.
     pub fn decode(kind: FrameKind, body: &[u8]) -> Result<Message, WireError> {
         let record = |what| -> Result<RecordFrame, WireError> {
-            if body.len() < RECORD_FIELDS_BYTES {
-                return Err(malformed(what, "shorter than its fixed fields"));
-            }
-            check_record_bytes(what, body.len() - RECORD_FIELDS_BYTES)?;
-            let log_offset = get_u64(body, 8);
-            if !log_offset.is_multiple_of(RECORD_ALIGN_BYTES as u64) {
-                return Err(malformed(
-                    what,
-                    format!("log offset {log_offset} is unaligned"),
-                ));
-            }
+            let r = RecordRef::decode_as(what, body)?;
             Ok(RecordFrame {
-                volume: get_u64(body, 0),
-                log_offset,
-                seq: get_u64(body, 16),
-                record: body[RECORD_FIELDS_BYTES..].to_vec(),
+                volume: r.volume,
+                log_offset: r.log_offset,
+                seq: r.seq,
+                record: r.record.to_vec(),
             })
         };
         Ok(match kind {
@@ -333,7 +360,7 @@ impl Message {
 
 #[cfg(test)]
 mod tests {
-    use super::super::frame::split_frame;
+    use super::super::frame::{split_frame, FRAME_HEADER_BYTES};
     use super::*;
     use proptest::prelude::*;
 
@@ -343,6 +370,30 @@ mod tests {
         let f = split_frame(&out).unwrap().unwrap();
         assert_eq!(f.total, out.len());
         Message::decode(f.kind, &out[f.body_start..f.total]).unwrap()
+    }
+
+    #[test]
+    fn record_ref_decodes_what_message_decode_does() {
+        let mut out = Vec::new();
+        encode_record(&mut out, 4, 128, 9, &[3u8; 192]);
+        let body = &out[FRAME_HEADER_BYTES..];
+        let r = RecordRef::decode(body).unwrap();
+        match Message::decode(FrameKind::Record, body).unwrap() {
+            Message::Record(f) => {
+                assert_eq!(
+                    (f.volume, f.log_offset, f.seq),
+                    (r.volume, r.log_offset, r.seq)
+                );
+                assert_eq!(f.record, r.record);
+            }
+            other => panic!("decoded as {:?}", other.kind()),
+        }
+        // The same refusals as the owned decode: short, unaligned offset, odd record size.
+        assert!(RecordRef::decode(&body[..20]).is_err());
+        let mut bad = body.to_vec();
+        bad[8] = 1;
+        assert!(RecordRef::decode(&bad).is_err());
+        assert!(RecordRef::decode(&body[..body.len() - 1]).is_err());
     }
 
     #[test]

@@ -1,16 +1,29 @@
-//! Per-frame authentication after the handshake (protocol version 2).
+//! Per-frame authentication after the handshake (protocol version 3).
 //!
 //! The handshake proves that both ends hold the pre-shared key, but a frame that follows it is
 //! only CRC-checked in version 1: anyone on the link could inject, replay or reorder RECORDs and
 //! ACKs. From version 2 every frame after ACCEPT carries a MAC under a key of that connection
-//! and direction, over an implicit sequence number:
+//! and direction, over an implicit sequence number. Version 3 keeps the keys and the framing of
+//! version 2 and changes the tag from truncated HMAC-SHA256 to the AES-256-GCM tag:
 //!
 //! ```text
 //! session   = HMAC-SHA256(psk, "twinblock-pair session\0" | HELLO body | CHALLENGE body | AUTH body)
 //! key_d2a   = HMAC-SHA256(session, "twinblock-pair dialer to acceptor\0")
 //! key_a2d   = HMAC-SHA256(session, "twinblock-pair acceptor to dialer\0")
-//! tag       = HMAC-SHA256(key_dir, seq u64 | kind u16 | body_bytes u32 | body after the tag)[..16]
+//! nonce     = 0u32 | seq u64                        (12 bytes)
+//! tag       = AES-256-GCM(key_dir, nonce, aad = kind u16 | body_bytes u32,
+//!                         plaintext = body after the tag).tag   (16 bytes; the ciphertext is
+//!                                                               dropped, the body goes in clear)
 //! ```
+//!
+//! Why GCM: the tag is computed over every byte of every RECORD on both nodes, and on a mirrored
+//! write at queue depth 32 HMAC-SHA256 was the largest single cost of the receiving daemon (about
+//! 3 us per 4 KiB record on each side, even with the CPU's SHA extensions), where AES-GCM with
+//! AES-NI and carry-less multiply runs about three times faster. Encrypting the body maps it
+//! one-to-one onto a ciphertext under a given key and nonce, so GCM's authentication of the
+//! ciphertext authenticates the body; the tag is secure as long as a nonce is never used twice
+//! under one key, which holds because `seq` only counts up and every connection derives fresh
+//! keys from fresh nonces.
 //!
 //! `seq` counts the frames one side sent on this connection after the handshake, from 0; it is
 //! not on the wire, both ends count. So a frame injected without the key fails its tag, a frame
@@ -23,12 +36,13 @@
 //! Sealing and opening are pure (bytes in, bytes out); the node drives them over TCP.
 
 use hmac::{Hmac, Mac};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use sha2::Sha256;
 
 use super::frame::{frame_header, split_frame, FrameAt, FrameKind, FRAME_HEADER_BYTES};
 use super::WireError;
 
-/// Bytes of the truncated HMAC-SHA256 tag each sealed frame carries.
+/// Bytes of the AES-256-GCM tag each sealed frame carries.
 pub const FRAME_MAC_BYTES: usize = 16;
 /// Frame flag: the body starts with a [`FRAME_MAC_BYTES`] tag (every frame after the handshake).
 pub const FLAG_MAC: u16 = 0x0001;
@@ -127,11 +141,76 @@ impl FrameWriter for Plain {
     }
 }
 
+/// The per-frame MAC of one direction of one connection: the AES-256-GCM tag of the message
+/// body (as plaintext, whose ciphertext is dropped) and its kind and length (as the 6 bytes of
+/// associated data), under the frame's seq as nonce. The body goes in as plaintext rather than
+/// as associated data because ring runs its fast stitched AES-GCM code on the plaintext only
+/// (associated data is hashed one block per call: slower than HMAC-SHA256 on a 4 KiB record,
+/// where the plaintext path is about three times faster than HMAC).
+#[derive(Clone)]
+struct FrameMac {
+    key: LessSafeKey,
+}
+
+impl FrameMac {
+    fn new(key: &[u8; 32]) -> FrameMac {
+        match UnboundKey::new(&AES_256_GCM, key) {
+            Ok(k) => FrameMac {
+                key: LessSafeKey::new(k),
+            },
+            Err(_) => unreachable!("AES-256-GCM takes 32-byte keys"),
+        }
+    }
+
+    /// The tag of a frame whose message body is in `body`; `body` is overwritten (GCM encrypts
+    /// it in place; the ciphertext is dropped), so callers pass a scratch copy.
+    fn tag(
+        &self,
+        seq: u64,
+        kind: FrameKind,
+        body_len: usize,
+        body: &mut [u8],
+    ) -> [u8; FRAME_MAC_BYTES] {
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce[4..].copy_from_slice(&seq.to_le_bytes());
+        let fields = mac_fields(kind, body_len);
+        match self.key.seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&fields),
+            body,
+        ) {
+            Ok(t) => {
+                let mut out = [0u8; FRAME_MAC_BYTES];
+                out.copy_from_slice(t.as_ref());
+                out
+            }
+            // Only for inputs over GCM's limit (64 GiB), far beyond MAX_FRAME_BODY_BYTES.
+            Err(_) => unreachable!("frame body of {} bytes exceeds AES-GCM's limit", body.len()),
+        }
+    }
+}
+
+/// The MAC's associated data: kind and body length (the tag's own bytes included in the length).
+fn mac_fields(kind: FrameKind, body_len: usize) -> [u8; 6] {
+    let mut p = [0u8; 6];
+    p[..2].copy_from_slice(&(kind as u16).to_le_bytes());
+    p[2..].copy_from_slice(&(body_len as u32).to_le_bytes());
+    p
+}
+
+/// Compares two tags in constant time (no early exit on the first differing byte).
+fn tags_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Seals the frames one side sends on one connection.
 #[derive(Clone)]
 pub struct FrameSealer {
-    mac: HmacSha256,
+    mac: FrameMac,
     next_seq: u64,
+    /// A copy of the message body for the MAC to encrypt in place (see [`FrameMac`]); kept to
+    /// reuse its allocation.
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for FrameSealer {
@@ -140,20 +219,12 @@ impl std::fmt::Debug for FrameSealer {
     }
 }
 
-/// The MAC input before the body: seq, kind, body length (the tag's own bytes excluded).
-fn mac_prefix(seq: u64, kind: FrameKind, body_len: usize) -> [u8; 14] {
-    let mut p = [0u8; 14];
-    p[..8].copy_from_slice(&seq.to_le_bytes());
-    p[8..10].copy_from_slice(&(kind as u16).to_le_bytes());
-    p[10..].copy_from_slice(&(body_len as u32).to_le_bytes());
-    p
-}
-
 impl FrameSealer {
     fn new(key: &[u8; 32]) -> FrameSealer {
         FrameSealer {
-            mac: keyed(key),
+            mac: FrameMac::new(key),
             next_seq: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -167,30 +238,32 @@ impl FrameWriter for FrameSealer {
     fn frame_head(&mut self, out: &mut Vec<u8>, kind: FrameKind, parts: &[&[u8]]) {
         let payload: usize = parts.iter().map(|p| p.len()).sum();
         let body_len = FRAME_MAC_BYTES + payload;
-        let mut m = self.mac.clone();
-        m.update(&mac_prefix(self.next_seq, kind, body_len));
+        self.scratch.clear();
         for p in parts {
-            m.update(p);
+            self.scratch.extend_from_slice(p);
         }
+        let t = self
+            .mac
+            .tag(self.next_seq, kind, body_len, &mut self.scratch);
         self.next_seq += 1;
-        let full: [u8; 32] = m.finalize().into_bytes().into();
-        let t = &full[..FRAME_MAC_BYTES];
         let h = frame_header(kind, FLAG_MAC, body_len);
-        let mut crc = crc32c::crc32c_append(crc32c::crc32c(&h), t);
+        let mut crc = crc32c::crc32c_append(crc32c::crc32c(&h), &t);
         for p in parts {
             crc = crc32c::crc32c_append(crc, p);
         }
         out.extend_from_slice(&h);
         out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(t);
+        out.extend_from_slice(&t);
     }
 }
 
 /// Checks the frames one side receives on one connection, in order.
 #[derive(Clone)]
 pub struct FrameOpener {
-    mac: HmacSha256,
+    mac: FrameMac,
     next_seq: u64,
+    /// A copy of the message body for the MAC (see [`FrameSealer`]'s).
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for FrameOpener {
@@ -202,8 +275,9 @@ impl std::fmt::Debug for FrameOpener {
 impl FrameOpener {
     fn new(key: &[u8; 32]) -> FrameOpener {
         FrameOpener {
-            mac: keyed(key),
+            mac: FrameMac::new(key),
             next_seq: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -225,14 +299,17 @@ impl FrameOpener {
             });
         }
         let (t, rest) = body.split_at(FRAME_MAC_BYTES);
-        let mut m = self.mac.clone();
-        m.update(&mac_prefix(self.next_seq, f.kind, body.len()));
-        m.update(rest);
-        m.verify_truncated_left(t)
-            .map_err(|_| WireError::BadFrameMac {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(rest);
+        let expected = self
+            .mac
+            .tag(self.next_seq, f.kind, body.len(), &mut self.scratch);
+        if !tags_equal(t, &expected) {
+            return Err(WireError::BadFrameMac {
                 kind: f.kind,
                 seq: self.next_seq,
-            })?;
+            });
+        }
         self.next_seq += 1;
         debug_assert_eq!(f.body_start, FRAME_HEADER_BYTES);
         Ok(Some(FrameAt {
@@ -290,6 +367,36 @@ mod tests {
             o.open(&f),
             Err(WireError::BadFrameMac { seq: 0, .. })
         ));
+    }
+
+    #[test]
+    fn frame_kind_is_covered_by_the_tag() {
+        // The same body under another kind (CRC recomputed): the tag binds the kind too.
+        let (_, mut o) = keys().acceptor();
+        let mut f = sealed_frames(1).remove(0);
+        f[4..6].copy_from_slice(&(FrameKind::Status as u16).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&f[..8]), &f[FRAME_HEADER_BYTES..]);
+        f[8..12].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            o.open(&f),
+            Err(WireError::BadFrameMac {
+                kind: FrameKind::Status,
+                seq: 0
+            })
+        ));
+    }
+
+    #[test]
+    fn large_record_body_in_parts_opens_whole() {
+        // A RECORD-sized frame sealed from two parts (fields, record bytes), as the sender does.
+        let (mut s, _) = keys().dialer();
+        let (_, mut o) = keys().acceptor();
+        let record = vec![0xA5u8; 4096 + 64];
+        let mut out = Vec::new();
+        s.frame(&mut out, FrameKind::Record, &[&[3u8; 24], &record]);
+        let at = o.open(&out).unwrap().unwrap();
+        assert_eq!(at.total, out.len());
+        assert_eq!(&out[at.body_start + 24..at.total], &record[..]);
     }
 
     #[test]
