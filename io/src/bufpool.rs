@@ -6,8 +6,15 @@
 //! on the next use: together more CPU than the copy that fills the image. Buffers taken here are
 //! reused as they are (their old bytes are overwritten by the caller, which must fill all of
 //! them), and return to the pool when the I/O that borrowed them lets go.
+//!
+//! [`block_pool`] is one process-wide pool of 4 KiB blocks: every 4 KiB member read lands in
+//! one, and the volume read cache copies the blocks it keeps into them. A cache larger than
+//! the working set it cannot hold evicts a block for every block it admits, so a random read
+//! workload would otherwise allocate a fresh 4 KiB per miss and free another: the allocator
+//! then keeps asking the kernel for fresh (zeroed) huge pages, 18% of the daemon's CPU in a
+//! profile of 4 KiB random reads over a 1 GiB set with a 256 MiB cache.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 
@@ -17,6 +24,33 @@ use crate::buf::AlignedBuf;
 pub const POOL_MAX_IDLE_BUFFERS: usize = 64;
 /// Idle bytes kept at most.
 pub const POOL_MAX_IDLE_BYTES: usize = 64 << 20;
+/// Bytes of each buffer of [`block_pool`]: the read cache's block, a typical member read.
+pub const BLOCK_POOL_BLOCK_BYTES: usize = 4096;
+/// Idle blocks [`block_pool`] keeps at most (16 MiB).
+pub const BLOCK_POOL_MAX_IDLE_BLOCKS: usize = 4096;
+
+/// The process's pool of [`BLOCK_POOL_BLOCK_BYTES`] buffers (see the module doc).
+pub fn block_pool() -> &'static Arc<AlignedPool> {
+    static POOL: OnceLock<Arc<AlignedPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        Arc::new(AlignedPool::with_limits(
+            BLOCK_POOL_MAX_IDLE_BLOCKS,
+            BLOCK_POOL_MAX_IDLE_BLOCKS * BLOCK_POOL_BLOCK_BYTES,
+        ))
+    })
+}
+
+/// `data` copied into a buffer from [`block_pool`] when it is one block long (the buffer goes
+/// back to the pool when the last `Bytes` of it is dropped), else into a plain allocation.
+pub fn copy_block(data: &[u8]) -> Bytes {
+    if data.len() != BLOCK_POOL_BLOCK_BYTES {
+        return Bytes::copy_from_slice(data);
+    }
+    let pool = block_pool();
+    let mut buf = pool.take(BLOCK_POOL_BLOCK_BYTES);
+    buf.copy_from_slice(data);
+    pool.freeze(buf)
+}
 
 #[derive(Default)]
 struct Idle {
@@ -25,9 +59,16 @@ struct Idle {
 }
 
 /// Aligned buffers for reuse; see the module doc.
-#[derive(Default)]
 pub struct AlignedPool {
     idle: Mutex<Idle>,
+    max_idle_buffers: usize,
+    max_idle_bytes: usize,
+}
+
+impl Default for AlignedPool {
+    fn default() -> AlignedPool {
+        AlignedPool::with_limits(POOL_MAX_IDLE_BUFFERS, POOL_MAX_IDLE_BYTES)
+    }
 }
 
 impl std::fmt::Debug for AlignedPool {
@@ -41,6 +82,15 @@ impl std::fmt::Debug for AlignedPool {
 }
 
 impl AlignedPool {
+    /// A pool keeping at most `max_idle_buffers` idle buffers of `max_idle_bytes` in all.
+    pub fn with_limits(max_idle_buffers: usize, max_idle_bytes: usize) -> AlignedPool {
+        AlignedPool {
+            idle: Mutex::new(Idle::default()),
+            max_idle_buffers,
+            max_idle_bytes,
+        }
+    }
+
     fn idle(&self) -> std::sync::MutexGuard<'_, Idle> {
         // A list of spare buffers: a panic elsewhere cannot leave it inconsistent.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
@@ -62,8 +112,8 @@ impl AlignedPool {
 
     fn give_back(&self, buf: AlignedBuf) {
         let mut idle = self.idle();
-        if idle.buffers.len() >= POOL_MAX_IDLE_BUFFERS
-            || idle.bytes + buf.len() > POOL_MAX_IDLE_BYTES
+        if idle.buffers.len() >= self.max_idle_buffers
+            || idle.bytes + buf.len() > self.max_idle_bytes
         {
             // Make room by dropping the oldest idle buffer (sizes drift with the workload).
             if idle.buffers.is_empty() {
@@ -71,7 +121,7 @@ impl AlignedPool {
             }
             let old = idle.buffers.remove(0);
             idle.bytes -= old.len();
-            if idle.bytes + buf.len() > POOL_MAX_IDLE_BYTES {
+            if idle.bytes + buf.len() > self.max_idle_bytes {
                 return;
             }
         }
@@ -128,6 +178,25 @@ mod tests {
         let again = pool.take(8192);
         assert_eq!(again.as_ref().as_ptr() as usize, addr);
         assert_eq!(again[0], 7, "old bytes stay: the caller overwrites them");
+    }
+
+    #[test]
+    fn block_copies_are_aligned_pool_buffers_and_other_lengths_plain_copies() {
+        let data: Vec<u8> = (0..BLOCK_POOL_BLOCK_BYTES).map(|i| i as u8).collect();
+        let block = copy_block(&data);
+        assert_eq!(&block[..], &data[..]);
+        assert_eq!(block.as_ptr() as usize % crate::buf::ALIGN_BYTES, 0);
+        let odd = copy_block(&data[..100]);
+        assert_eq!(&odd[..], &data[..100]);
+    }
+
+    #[test]
+    fn a_pool_keeps_no_more_idle_buffers_than_its_limit() {
+        let pool = Arc::new(AlignedPool::with_limits(2, 1 << 20));
+        let held: Vec<Bytes> = (0..5).map(|_| pool.freeze(pool.take(4096))).collect();
+        drop(held);
+        assert_eq!(pool.idle().buffers.len(), 2);
+        assert_eq!(pool.idle().bytes, 2 * 4096);
     }
 
     #[test]

@@ -27,7 +27,7 @@
 //! failed, `TWINBLOCK_IO_REAP=thread`), goes to the driver thread as before: the caller gets its
 //! request back from [`ReactorRing::submit`] and queues it there.
 
-use crate::uring::Request;
+use crate::uring::{Request, IOWQ_BOUNDED_WORKERS_MAX};
 use io_uring::IoUring;
 use std::cell::RefCell;
 use std::io;
@@ -184,6 +184,12 @@ impl ReactorRing {
     /// task spawned there. Must be called inside that runtime's context.
     fn start(handle: &Handle) -> io::Result<Arc<ReactorRing>> {
         let ring = IoUring::new(REACTOR_RING_ENTRIES)?;
+        // As for the driver ring: the default of 4 io-wq workers per CPU is too few for every
+        // member's punted writes, syncs and hole punches. Not fatal if refused.
+        let mut limits = [IOWQ_BOUNDED_WORKERS_MAX, 0];
+        if let Err(e) = ring.submitter().register_iowq_max_workers(&mut limits) {
+            tracing::debug!("io_uring runtime ring: cannot raise the io-wq worker limit: {e}");
+        }
         let fd = ring.as_raw_fd();
         // A runtime built without its I/O driver makes tokio panic here rather than fail; that
         // is turned into an error (the runtime then uses the driver thread).

@@ -467,6 +467,29 @@ impl UringEngine {
         }
     }
 
+    /// Read exactly `buf.len()` bytes at `offset` into `buf` (a reused buffer: its old bytes
+    /// are overwritten) and give it back filled.
+    pub async fn read_into(
+        &self,
+        file: Arc<File>,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> io::Result<AlignedBuf> {
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        let op = Op::Read {
+            buf: ReadBuf::from(buf),
+            done: 0,
+        };
+        match self.run(file, offset, op).await? {
+            Done::Read(buf) => Ok(buf),
+            Done::Unit => Err(io::Error::other(
+                "io_uring read completed without its buffer",
+            )),
+        }
+    }
+
     /// Write all of `data` at `offset`.
     pub async fn write(&self, file: Arc<File>, offset: u64, data: Bytes) -> io::Result<()> {
         if data.is_empty() {
