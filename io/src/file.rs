@@ -511,7 +511,7 @@ impl Member for FileMember {
             // A block-sized read lands in a recycled block (see `bufpool::block_pool`).
             Engine::Uring(engine) if len == BLOCK_POOL_BLOCK_BYTES => {
                 let pool = block_pool();
-                let buf = pool.take(len);
+                let buf = pool.take();
                 engine
                     .read_into(file, offset, buf)
                     .await
