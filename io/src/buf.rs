@@ -222,6 +222,20 @@ impl ReadBuf {
     }
 }
 
+/// A filled buffer reused for another read (a pooled buffer): its old bytes are simply
+/// overwritten, and the allocation moves over unchanged.
+impl From<AlignedBuf> for ReadBuf {
+    fn from(buf: AlignedBuf) -> ReadBuf {
+        let this = std::mem::ManuallyDrop::new(buf);
+        // Same allocation, same length: `ReadBuf::drop` frees it exactly as `AlignedBuf` would,
+        // and `ManuallyDrop` keeps `AlignedBuf::drop` from running.
+        ReadBuf {
+            ptr: this.ptr,
+            len: this.len,
+        }
+    }
+}
+
 impl Drop for ReadBuf {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from `allocate(len, false)` and is owned by `self` alone

@@ -17,6 +17,7 @@
 //! and says so in the log and in `direct()`.
 
 use crate::buf::{is_direct_aligned, AlignedBuf, ALIGN_BYTES};
+use crate::bufpool::{block_pool, BLOCK_POOL_BLOCK_BYTES};
 use crate::uring::{self, UringEngine};
 use crate::{inline, pool, DeviceIdentity, Member};
 use async_trait::async_trait;
@@ -507,13 +508,19 @@ impl Member for FileMember {
             }
         };
         let result = match &self.engine {
-            Engine::Uring(engine) => engine.read(file, offset, len).await,
-            Engine::Pool => pool::read(file, offset, len).await,
+            // A block-sized read lands in a recycled block (see `bufpool::block_pool`).
+            Engine::Uring(engine) if len == BLOCK_POOL_BLOCK_BYTES => {
+                let pool = block_pool();
+                let buf = pool.take();
+                engine
+                    .read_into(file, offset, buf)
+                    .await
+                    .map(|buf| pool.freeze(buf))
+            }
+            Engine::Uring(engine) => engine.read(file, offset, len).await.map(|b| b.into_bytes()),
+            Engine::Pool => pool::read(file, offset, len).await.map(|b| b.into_bytes()),
         };
-        match result {
-            Ok(buf) => Ok(buf.into_bytes()),
-            Err(e) => Err(self.context(e, "read", offset, len as u64)),
-        }
+        result.map_err(|e| self.context(e, "read", offset, len as u64))
     }
 
     async fn write_at(&self, offset: u64, data: Bytes) -> io::Result<()> {

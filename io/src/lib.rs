@@ -23,6 +23,7 @@ pub mod file;
 pub mod inline;
 pub mod mem;
 pub mod pool;
+pub mod reactor;
 pub mod uring;
 pub mod wcache;
 

@@ -1,19 +1,23 @@
-//! io_uring member I/O: one ring per process, driven by one dedicated thread.
+//! io_uring member I/O: a process-wide ring driven by one dedicated thread, and (see
+//! [`crate::reactor`]) a ring per tokio runtime reaped by the runtime itself, which every
+//! operation issued inside a runtime tries first.
 //!
-//! Why one ring per process: a node has a handful of members and two cores; one ring lets a
+//! Why one driver ring per process: a node has a handful of members and two cores; one ring lets a
 //! stripe write that touches five members go to the kernel in one `io_uring_enter`, and one
 //! driver thread costs one stack instead of one per disk. The ring is created when the first
 //! `FileMember` that wants it opens and torn down (thread joined) when the last one drops; a
-//! later open starts a fresh one.
+//! later open starts a fresh one. It serves operations issued outside a runtime and those the
+//! runtime's ring cannot take (all its slots in use, or the ring failed).
 //!
-//! How a request flows: the caller builds a `Request` (the file as `Arc<File>`, the offset, the
-//! buffer, a tokio oneshot for the answer), pushes it onto a mutex-protected queue and, unless a
-//! wake-up is already pending, writes to an eventfd. The driver thread keeps one read of that
-//! eventfd in flight inside the ring, so the write completes it and wakes the thread from
-//! `submit_and_wait`. The thread then takes ALL queued requests, turns as many as fit (at most
-//! `MAX_IN_FLIGHT` outstanding) into SQEs and submits them with one `io_uring_enter`, so concurrent
-//! callers are batched. Completions resolve the oneshots. A short read or write is resubmitted for
-//! the remainder; a read that reaches end of file is an `UnexpectedEof` error.
+//! How a request flows through the driver thread: the caller builds a `Request` (the file as
+//! `Arc<File>`, the offset, the buffer, a tokio oneshot for the answer), pushes it onto a
+//! mutex-protected queue and, unless a wake-up is already pending, writes to an eventfd. The
+//! driver thread keeps one read of that eventfd in flight inside the ring, so the write completes
+//! it and wakes the thread from `submit_and_wait`. The thread then takes ALL queued requests,
+//! turns as many as fit (at most `MAX_IN_FLIGHT` outstanding) into SQEs and submits them with one
+//! `io_uring_enter`, so concurrent callers are batched. Completions resolve the oneshots. A short
+//! read or write is resubmitted for the remainder; a read that reaches end of file is an
+//! `UnexpectedEof` error.
 //!
 //! Buffer lifetime: an in-flight request lives in the thread's slot table until its CQE has been
 //! reaped, and it owns everything the kernel touches: the `ReadBuf` being read into or the
@@ -33,6 +37,7 @@
 //! profiles show `get_user_pages` time.
 
 use crate::buf::{AlignedBuf, ReadBuf};
+use crate::reactor;
 use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use std::collections::VecDeque;
@@ -70,19 +75,19 @@ pub struct UringStats {
     pub largest_batch: u64,
 }
 
-enum Op {
+pub(crate) enum Op {
     Read { buf: ReadBuf, done: usize },
     Write { data: Bytes, done: usize },
     Fdatasync,
     Fallocate { len: u64, mode: i32 },
 }
 
-enum Done {
+pub(crate) enum Done {
     Read(AlignedBuf),
     Unit,
 }
 
-struct Request {
+pub(crate) struct Request {
     file: Arc<File>,
     offset: u64,
     op: Op,
@@ -96,9 +101,48 @@ impl Request {
         let _ = self.reply.send(result);
     }
 
+    /// A read of `len` bytes at `offset` and the receiver of its answer (for tests of the
+    /// engines' bookkeeping).
+    #[cfg(test)]
+    pub(crate) fn new_read(
+        file: Arc<File>,
+        offset: u64,
+        len: usize,
+    ) -> (Request, oneshot::Receiver<io::Result<Done>>) {
+        let (tx, rx) = oneshot::channel();
+        let request = Request {
+            file,
+            offset,
+            op: Op::Read {
+                buf: ReadBuf::new(len),
+                done: 0,
+            },
+            retries: 0,
+            reply: tx,
+        };
+        (request, rx)
+    }
+
+    /// Answers the caller with `err`; the request never reached the kernel (or has completed),
+    /// so its buffer is freed normally.
+    pub(crate) fn fail_with(self, err: io::Error) {
+        self.finish(Err(err));
+    }
+
+    /// Answers the caller with `err` while the kernel may still use the request's buffer and
+    /// descriptor: both are leaked, never freed.
+    pub(crate) fn abandon(self, err: io::Error) {
+        let Request {
+            op, reply, file, ..
+        } = self;
+        std::mem::forget(op);
+        std::mem::forget(file);
+        let _ = reply.send(Err(err));
+    }
+
     /// The SQE for what is left of this request. The pointers it holds stay valid while `self`
     /// (moved anywhere) is alive: they point into heap memory owned by `self.op`.
-    fn entry(&mut self, user_data: u64) -> squeue::Entry {
+    pub(crate) fn entry(&mut self, user_data: u64) -> squeue::Entry {
         let fd = types::Fd(self.file.as_raw_fd());
         match &mut self.op {
             Op::Read { buf, done } => {
@@ -127,7 +171,7 @@ impl Request {
     }
 
     /// Apply a completion. Returns the request back when it must be submitted again.
-    fn complete(mut self, res: i32) -> Option<Request> {
+    pub(crate) fn complete(mut self, res: i32) -> Option<Request> {
         if res < 0 {
             let err = io::Error::from_raw_os_error(-res);
             let transient = matches!(-res, libc::EINTR | libc::EAGAIN);
@@ -369,13 +413,21 @@ impl UringEngine {
 
     async fn run(&self, file: Arc<File>, offset: u64, op: Op) -> io::Result<Done> {
         let (tx, rx) = oneshot::channel();
-        let request = Request {
+        let mut request = Request {
             file,
             offset,
             op,
             retries: 0,
             reply: tx,
         };
+        // Inside a runtime, the runtime's own ring takes it (see `reactor`); the driver thread
+        // gets what that ring cannot take.
+        if let Some(ring) = reactor::current() {
+            match ring.submit(request) {
+                Ok(()) => return Self::answer(rx).await,
+                Err(back) => request = back,
+            }
+        }
         {
             let mut queue = self.shared.lock();
             if let Some(reason) = &queue.failed {
@@ -386,9 +438,15 @@ impl UringEngine {
             queue.requests.push(request);
         }
         self.shared.wake();
+        Self::answer(rx).await
+    }
+
+    async fn answer(rx: oneshot::Receiver<io::Result<Done>>) -> io::Result<Done> {
         match rx.await {
             Ok(result) => result,
-            Err(_) => Err(io::Error::other("io_uring driver thread exited")),
+            Err(_) => Err(io::Error::other(
+                "io_uring engine dropped the request without answering",
+            )),
         }
     }
 
@@ -399,6 +457,29 @@ impl UringEngine {
         }
         let op = Op::Read {
             buf: ReadBuf::new(len),
+            done: 0,
+        };
+        match self.run(file, offset, op).await? {
+            Done::Read(buf) => Ok(buf),
+            Done::Unit => Err(io::Error::other(
+                "io_uring read completed without its buffer",
+            )),
+        }
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset` into `buf` (a reused buffer: its old bytes
+    /// are overwritten) and give it back filled.
+    pub async fn read_into(
+        &self,
+        file: Arc<File>,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> io::Result<AlignedBuf> {
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        let op = Op::Read {
+            buf: ReadBuf::from(buf),
             done: 0,
         };
         match self.run(file, offset, op).await? {
@@ -606,12 +687,7 @@ impl Driver {
         }
         for slot in self.slots.iter_mut() {
             if let Some(request) = slot.take() {
-                let Request {
-                    op, reply, file, ..
-                } = request;
-                std::mem::forget(op);
-                std::mem::forget(file);
-                let _ = reply.send(Err(err()));
+                request.abandon(err());
             }
         }
         // The ring and the wake-up buffer may still be referenced by the kernel.

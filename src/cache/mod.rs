@@ -45,9 +45,14 @@ use policy::BlockPolicy;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+// Kept blocks are copied into recycled 4 KiB buffers: a cache that evicts one block for each it
+// admits then reuses memory instead of faulting in fresh pages (see `block_pool`).
+use twinblock_io::bufpool::copy_block;
 
 /// Bytes of one cached block; requests are widened to whole blocks on a miss.
 pub const CACHE_BLOCK_BYTES: u64 = 4096;
+// A cached block is exactly one buffer of the recycled block pool.
+const _: () = assert!(CACHE_BLOCK_BYTES as usize == twinblock_io::bufpool::BLOCK_POOL_BLOCK_BYTES);
 /// Independent lock domains; block `b` lives in shard `b % CACHE_SHARD_COUNT`.
 const CACHE_SHARD_COUNT: usize = 16;
 /// Default `read_cache` of a volume, in bytes.
@@ -374,7 +379,7 @@ impl ReadCache {
             let whole = start >= offset && start + CACHE_BLOCK_BYTES <= end;
             if whole && start + CACHE_BLOCK_BYTES <= self.cached_end {
                 let at = (start - offset) as usize;
-                let block = Bytes::copy_from_slice(&bytes[at..at + CACHE_BLOCK_BYTES as usize]);
+                let block = copy_block(&bytes[at..at + CACHE_BLOCK_BYTES as usize]);
                 let evicted = p.insert(b, block);
                 self.counters
                     .evictions
@@ -448,7 +453,7 @@ fn split_blocks(pieces: &[Bytes], block: usize) -> Vec<Bytes> {
         let mut rest = &p[..];
         while !rest.is_empty() {
             if partial.is_empty() && rest.len() >= block {
-                out.push(Bytes::copy_from_slice(&rest[..block]));
+                out.push(copy_block(&rest[..block]));
                 rest = &rest[block..];
                 continue;
             }
