@@ -7,6 +7,7 @@
 
 use super::fullrows;
 use super::*;
+use crate::rowdense;
 
 impl Inner {
     pub(super) async fn write(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<()> {
@@ -159,15 +160,41 @@ impl Inner {
             let readable: Vec<bool> = (0..d + np)
                 .map(|r| view.readable[self.role_member(row, r)])
                 .collect();
-            let plan = rowplan::plan_readable(d, np, geo.chunk_bytes, &shape, &readable)
+            let mut plan = rowplan::plan_readable(d, np, geo.chunk_bytes, &shape, &readable)
                 .map_err(|e| self.row_plan_error(row, e))?;
+            // Many scattered blocks (a CP's): one span per chunk when that is cheaper
+            // (`rowdense`); only with every member readable, so a degraded row keeps the column
+            // plan and its partial-parity logging.
+            let dense = if readable.iter().all(|r| *r) {
+                rowdense::choose(d, np, &shape, &plan)
+            } else {
+                None
+            };
+            let dense_pieces = match dense {
+                Some(dense) => {
+                    let Some(spans) = self.dense_pieces(row, &dense, &pieces, &view).await else {
+                        continue;
+                    };
+                    plan = rowplan::plan_readable(
+                        d,
+                        np,
+                        geo.chunk_bytes,
+                        &rowdense::span_pieces(&dense, d),
+                        &readable,
+                    )
+                    .map_err(|e| self.row_plan_error(row, e))?;
+                    Some(spans)
+                }
+                None => None,
+            };
+            let pieces: &[(Piece, Bytes)] = dense_pieces.as_deref().unwrap_or(&pieces);
             let Some(old) = self.read_plan(row, &plan, &view).await else {
                 continue;
             };
-            let writes = self.row_writes(row, &plan, &pieces, &old)?;
+            let writes = self.row_writes(row, &plan, pieces, &old)?;
             // Degraded: the partial parity is persisted before any member write (see `ppl`).
             let logged = self
-                .log_row_ppl(row, &plan, &pieces, &writes, &readable)
+                .log_row_ppl(row, &plan, pieces, &writes, &readable)
                 .await?;
             // Members may have failed (or a spare arrived) during the reads: write to what is
             // writable now; the blocks computed are right for any of them.
@@ -179,7 +206,7 @@ impl Inner {
                 .collect();
             self.write_members(&now, chosen).await;
             if !logged {
-                self.log_ppl_after_failure(row, &plan, &pieces, &writes, &readable)
+                self.log_ppl_after_failure(row, &plan, pieces, &writes, &readable)
                     .await;
             }
             return self.check_failed();
@@ -189,6 +216,46 @@ impl Inner {
             array: self.name.clone(),
             detail: format!("row {row}: members kept failing"),
         })
+    }
+
+    /// The new span of every data chunk of a dense rewrite ([`rowdense`]): the old contents read
+    /// (one read per chunk the pieces do not cover whole) with the pieces laid over them, as
+    /// pieces covering the span. `None` when a read failed (that member is now faulty).
+    async fn dense_pieces(
+        self: &Arc<Self>,
+        row: u64,
+        dense: &rowdense::DensePlan,
+        pieces: &[(Piece, Bytes)],
+        view: &View,
+    ) -> Option<Vec<(Piece, Bytes)>> {
+        let d = self.geo.data_per_row();
+        let off = self.member_off(row, dense.start_bytes());
+        let reads = join_all((0..d).filter(|i| dense.read[*i]).map(|i| {
+            let m = self.role_member(row, i);
+            let dv = view.members[m].clone();
+            async move { self.read_member(m, &dv?, off, dense.span_bytes()).await }
+        }))
+        .await;
+        let shape: Vec<Piece> = pieces.iter().map(|(p, _)| *p).collect();
+        let refs: Vec<(Piece, &[u8])> = pieces.iter().map(|(p, b)| (*p, b.as_ref())).collect();
+        let mut old = reads.into_iter();
+        let mut out = Vec::with_capacity(d);
+        for (i, span) in rowdense::span_pieces(dense, d).into_iter().enumerate() {
+            let bytes = if dense.read[i] {
+                let mut buf = AlignedBuf::copy_from(&old.next()??);
+                rowdense::lay_pieces(dense, i, &refs, &mut buf);
+                buf.into_bytes()
+            } else if let Some(k) = rowdense::exact_piece(dense, i, &shape) {
+                pieces[k].1.clone()
+            } else {
+                // Several pieces cover the span whole between them.
+                let mut buf = AlignedBuf::zeroed(dense.span_bytes() as usize);
+                rowdense::lay_pieces(dense, i, &refs, &mut buf);
+                buf.into_bytes()
+            };
+            out.push((span, bytes));
+        }
+        Some(out)
     }
 
     /// The member holding chunk role `role` of `row` (`0..d` data, `d` P, `d + 1` Q).
