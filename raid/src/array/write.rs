@@ -241,17 +241,20 @@ impl Inner {
         let mut old = reads.into_iter();
         let mut out = Vec::with_capacity(d);
         for (i, span) in rowdense::span_pieces(dense, d).into_iter().enumerate() {
-            let bytes = if dense.read[i] {
-                let mut buf = AlignedBuf::copy_from(&old.next()??);
-                rowdense::lay_pieces(dense, i, &refs, &mut buf);
-                buf.into_bytes()
-            } else if let Some(k) = rowdense::exact_piece(dense, i, &shape) {
+            let bytes = if let (false, Some(k)) =
+                (dense.read[i], rowdense::exact_piece(dense, i, &shape))
+            {
                 pieces[k].1.clone()
             } else {
-                // Several pieces cover the span whole between them.
-                let mut buf = AlignedBuf::zeroed(dense.span_bytes() as usize);
-                rowdense::lay_pieces(dense, i, &refs, &mut buf);
-                buf.into_bytes()
+                // Old contents (or nothing, when several pieces cover the span whole between
+                // them) with the pieces over them: every byte of the span is written.
+                let n = dense.span_bytes() as usize;
+                let mut buf = self.row_buf(n);
+                if dense.read[i] {
+                    buf[..n].copy_from_slice(&old.next()??);
+                }
+                rowdense::lay_pieces(dense, i, &refs, &mut buf[..n]);
+                self.freeze_row_buf(buf, n)
             };
             out.push((span, bytes));
         }
@@ -319,15 +322,21 @@ impl Inner {
     ) -> Result<Vec<(usize, u64, Bytes)>> {
         let d = self.geo.data_per_row();
         let shape: Vec<Piece> = pieces.iter().map(|(p, _)| *p).collect();
-        let mut bufs: Vec<Vec<AlignedBuf>> = plan
+        // Reused buffers (old bytes in them), cut to each run's length: `compute_indirect`
+        // writes every byte of every run it fills, and gets empty ones for direct runs.
+        let lens: Vec<Vec<usize>> = plan
             .writes
             .iter()
             .enumerate()
             .map(|(role, runs)| {
                 (0..runs.len())
-                    .map(|k| AlignedBuf::zeroed(plan.indirect_write_bytes(role, k)))
+                    .map(|k| plan.indirect_write_bytes(role, k))
                     .collect()
             })
+            .collect();
+        let mut bufs: Vec<Vec<AlignedBuf>> = lens
+            .iter()
+            .map(|v| v.iter().map(|&len| self.row_buf(len)).collect())
             .collect();
         {
             let old_refs: Vec<Vec<&[u8]>> = old
@@ -336,24 +345,47 @@ impl Inner {
                 .collect();
             let mut outs: Vec<Vec<&mut [u8]>> = bufs
                 .iter_mut()
-                .map(|v| v.iter_mut().map(|b| &mut b[..]).collect())
+                .zip(&lens)
+                .map(|(v, lens)| v.iter_mut().zip(lens).map(|(b, &n)| &mut b[..n]).collect())
                 .collect();
             let data: Vec<&[u8]> = pieces.iter().map(|(_, b)| b.as_ref()).collect();
             rowplan::compute_indirect(plan, d, &shape, &data, &old_refs, &mut outs)
                 .map_err(|e| self.row_plan_error(row, e))?;
         }
         let mut writes = Vec::with_capacity(plan.write_ios());
-        for (role, (runs, bufs)) in plan.writes.iter().zip(bufs).enumerate() {
+        for (role, ((runs, bufs), lens)) in plan.writes.iter().zip(bufs).zip(&lens).enumerate() {
             let m = self.role_member(row, role);
-            for (k, (r, b)) in runs.iter().zip(bufs).enumerate() {
+            for (k, ((r, b), &len)) in runs.iter().zip(bufs).zip(lens).enumerate() {
                 let bytes = match plan.direct.get(role).and_then(|v| v[k]) {
                     Some(piece) => pieces[piece].1.clone(),
-                    None => b.into_bytes(),
+                    None => self.freeze_row_buf(b, len),
                 };
                 writes.push((m, self.member_off(row, r.first * COLUMN_BYTES), bytes));
             }
         }
         Ok(writes)
+    }
+
+    /// A buffer for `len` bytes of a row write, its old contents arbitrary: a chunk-sized one
+    /// from the row pool (every run fits one chunk, so all are alike and always reusable), cut to
+    /// `len` by [`Inner::freeze_row_buf`].
+    fn row_buf(&self, len: usize) -> AlignedBuf {
+        let chunk = self.geo.chunk_bytes as usize;
+        match len {
+            0 => AlignedBuf::zeroed(0),
+            n if n <= chunk => self.row_pool.take(chunk),
+            n => AlignedBuf::zeroed(n),
+        }
+    }
+
+    /// The first `len` bytes of a [`Inner::row_buf`] buffer as `Bytes` that give the buffer back
+    /// to the row pool once the member I/O lets go of them.
+    fn freeze_row_buf(&self, buf: AlignedBuf, len: usize) -> Bytes {
+        if buf.len() == self.geo.chunk_bytes as usize {
+            self.row_pool.freeze(buf).slice(..len)
+        } else {
+            buf.into_bytes().slice(..len)
+        }
     }
 
     /// The extents `exts` of a write of `data` as row pieces `(row, (piece, bytes))`, in order.
