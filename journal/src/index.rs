@@ -86,25 +86,25 @@ impl DirtyIndex {
     }
 
     /// Removes `[start, end)` from the index, splitting extents that straddle its edges.
+    /// Walks the overlapping extents from the last one down, without collecting them first:
+    /// every write punches its range, so this runs once per request under the volume's lock.
     fn punch(&mut self, start: u64, end: u64) {
-        let mut hit: Vec<u64> = Vec::new();
-        if let Some((&k, e)) = self.map.range(..start).next_back() {
-            if k + e.len > start {
-                hit.push(k);
-            }
-        }
-        hit.extend(self.map.range(start..end).map(|(&k, _)| k));
-        for k in hit {
-            let Some(e) = self.map.remove(&k) else {
-                continue;
-            };
-            self.bytes -= e.len;
+        while let Some((&k, &e)) = self.map.range(..end).next_back() {
             let e_end = k + e.len;
-            if k < start {
-                self.put(k, e.slice(0, start - k));
+            if e_end <= start {
+                break;
             }
+            self.map.remove(&k);
+            self.bytes -= e.len;
             if e_end > end {
+                // Only the last overlapping extent can reach past `end`; its tail has key `end`,
+                // outside the `..end` range walked.
                 self.put(end, e.slice(end - k, e_end - end));
+            }
+            if k < start {
+                // The first overlapping extent: its head stays and nothing before it overlaps.
+                self.put(k, e.slice(0, start - k));
+                break;
             }
         }
     }

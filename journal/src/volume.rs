@@ -113,6 +113,11 @@ const CP_MAX_PARALLEL_WRITES: usize = 32;
 const DEFERRED_CRC_CHUNK_BYTES: u64 = 256 << 10;
 /// Most CP batches (of `cp_batch_bytes`) copied out of NVRAM and in flight at once.
 const CP_MAX_INFLIGHT_BATCHES: u64 = 8;
+/// CP runs of at least this many bytes are copied out of NVRAM into buffers of the volume's
+/// aligned pool (`Shared::cp_pool`) rather than fresh allocations: a fresh allocation that size
+/// costs a page fault and a kernel page clear per 4 KiB once the allocator has given its pages
+/// back, more than the copy itself; smaller ones come from the allocator's own free lists.
+const CP_POOLED_RUN_MIN_BYTES: u64 = 16 << 10;
 
 /// One store operation of a CP.
 enum CpOp {
@@ -700,6 +705,9 @@ struct Shared<B: Backing> {
     log_id: [u8; 16],
     /// The partial-parity space rule of this volume's log.
     ppl_budget: PplBudget,
+    /// Aligned buffers of CP runs, reused across CPs (see [`CP_POOLED_RUN_MIN_BYTES`]); being
+    /// page-aligned, they also reach `O_DIRECT` members without a bounce copy.
+    cp_pool: Arc<twinblock_io::AlignedPool>,
 }
 
 impl<B: Backing> Shared<B> {
@@ -1182,24 +1190,8 @@ impl<B: Backing> Shared<B> {
                         // `batch` is a multiple of `stripe`, so this cut is a stripe boundary
                         // past `at`.
                         let cut = ((at + batch) / stripe * stripe).min(end);
-                        let mut buf = BytesMut::with_capacity((cut - at) as usize);
-                        {
-                            let st = self.lock();
-                            while buf.len() < (cut - at) as usize {
-                                let (e_off, e) = snapshot[k];
-                                let ExtentData::Nvram { log_offset } = e.data else {
-                                    unreachable!("run holds only NVRAM extents");
-                                };
-                                let from = at + buf.len() as u64;
-                                let skip = from - e_off;
-                                let n = (e.len - skip).min(cut - from);
-                                buf.extend_from_slice(st.region.log_slice(log_offset + skip, n));
-                                if from + n == e_off + e.len {
-                                    k += 1;
-                                }
-                            }
-                        }
-                        let op = CpOp::Write(at, buf.freeze());
+                        let data = self.copy_run(snapshot, &mut k, at, cut);
+                        let op = CpOp::Write(at, data);
                         self.add_cp_op(&mut jobs, &mut group, op, stripe, max_inflight_bytes)
                             .await?;
                         at = cut;
@@ -1214,6 +1206,41 @@ impl<B: Backing> Shared<B> {
             jobs.join_one().await?;
         }
         Ok(())
+    }
+
+    /// The bytes of volume range `at..cut` out of NVRAM, from the NVRAM extents of `snapshot`
+    /// starting at `*k` (advanced past the extents the range ends). Long runs go into a buffer
+    /// of the CP pool (rounded up to a power of two so that buffers are reused whatever the run
+    /// lengths), short ones into a fresh `BytesMut`.
+    fn copy_run(&self, snapshot: &[(u64, Extent)], k: &mut usize, at: u64, cut: u64) -> Bytes {
+        let len = (cut - at) as usize;
+        let st = self.lock();
+        let mut fill = |out: &mut [u8]| {
+            let mut done = 0;
+            while done < len {
+                let (e_off, e) = snapshot[*k];
+                let ExtentData::Nvram { log_offset } = e.data else {
+                    unreachable!("run holds only NVRAM extents");
+                };
+                let from = at + done as u64;
+                let skip = from - e_off;
+                let n = (e.len - skip).min(cut - from);
+                out[done..done + n as usize]
+                    .copy_from_slice(st.region.log_slice(log_offset + skip, n));
+                done += n as usize;
+                if from + n == e_off + e.len {
+                    *k += 1;
+                }
+            }
+        };
+        if (len as u64) < CP_POOLED_RUN_MIN_BYTES {
+            let mut buf = BytesMut::zeroed(len);
+            fill(&mut buf);
+            return buf.freeze();
+        }
+        let mut buf = self.cp_pool.take(len.next_power_of_two());
+        fill(&mut buf[..len]);
+        self.cp_pool.freeze(buf).slice(..len)
     }
 
     /// Adds `op` to the current group when it shares a stripe with it, else starts a new group
@@ -1796,6 +1823,7 @@ impl<B: Backing> JournaledVolume<B> {
             verified: Notify::new(),
             cp_wanted: Arc::new(Notify::new()),
             cp_lock: tokio::sync::Mutex::new(()),
+            cp_pool: Arc::default(),
             bypass: bypass::Bypasses::new(),
             mirror,
             closed: AtomicBool::new(false),

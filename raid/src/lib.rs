@@ -2,7 +2,8 @@
 //!
 //! Pure modules (no I/O, tested exhaustively): `layout` (address math per level), `parity`
 //! (P/Q and recovery), `superblock` (on-disk format), `bitmap` (write-intent bitmap), `assemble`
-//! (which member fills which slot), `rowplan` (how a write to one RAID 5/6 row is done),
+//! (which member fills which slot), `rowplan` (how a write to one RAID 5/6 row is done), `rowdense`
+//! (when a row is cheaper rewritten as one span per chunk),
 //! `signature` (other formats found on a disk, so creation never overwrites them). I/O:
 //! `array` (the running array) over `twinblock_io::Member`s.
 
@@ -12,6 +13,7 @@ pub mod bitmap;
 pub mod layout;
 pub mod parity;
 pub mod ppl;
+pub mod rowdense;
 pub mod rowplan;
 pub mod signature;
 mod simd;

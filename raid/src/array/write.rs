@@ -7,6 +7,7 @@
 
 use super::fullrows;
 use super::*;
+use crate::rowdense;
 
 impl Inner {
     pub(super) async fn write(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<()> {
@@ -159,15 +160,41 @@ impl Inner {
             let readable: Vec<bool> = (0..d + np)
                 .map(|r| view.readable[self.role_member(row, r)])
                 .collect();
-            let plan = rowplan::plan_readable(d, np, geo.chunk_bytes, &shape, &readable)
+            let mut plan = rowplan::plan_readable(d, np, geo.chunk_bytes, &shape, &readable)
                 .map_err(|e| self.row_plan_error(row, e))?;
+            // Many scattered blocks (a CP's): one span per chunk when that is cheaper
+            // (`rowdense`); only with every member readable, so a degraded row keeps the column
+            // plan and its partial-parity logging.
+            let dense = if readable.iter().all(|r| *r) {
+                rowdense::choose(d, np, &shape, &plan)
+            } else {
+                None
+            };
+            let dense_pieces = match dense {
+                Some(dense) => {
+                    let Some(spans) = self.dense_pieces(row, &dense, &pieces, &view).await else {
+                        continue;
+                    };
+                    plan = rowplan::plan_readable(
+                        d,
+                        np,
+                        geo.chunk_bytes,
+                        &rowdense::span_pieces(&dense, d),
+                        &readable,
+                    )
+                    .map_err(|e| self.row_plan_error(row, e))?;
+                    Some(spans)
+                }
+                None => None,
+            };
+            let pieces: &[(Piece, Bytes)] = dense_pieces.as_deref().unwrap_or(&pieces);
             let Some(old) = self.read_plan(row, &plan, &view).await else {
                 continue;
             };
-            let writes = self.row_writes(row, &plan, &pieces, &old)?;
+            let writes = self.row_writes(row, &plan, pieces, &old)?;
             // Degraded: the partial parity is persisted before any member write (see `ppl`).
             let logged = self
-                .log_row_ppl(row, &plan, &pieces, &writes, &readable)
+                .log_row_ppl(row, &plan, pieces, &writes, &readable)
                 .await?;
             // Members may have failed (or a spare arrived) during the reads: write to what is
             // writable now; the blocks computed are right for any of them.
@@ -179,7 +206,7 @@ impl Inner {
                 .collect();
             self.write_members(&now, chosen).await;
             if !logged {
-                self.log_ppl_after_failure(row, &plan, &pieces, &writes, &readable)
+                self.log_ppl_after_failure(row, &plan, pieces, &writes, &readable)
                     .await;
             }
             return self.check_failed();
@@ -189,6 +216,49 @@ impl Inner {
             array: self.name.clone(),
             detail: format!("row {row}: members kept failing"),
         })
+    }
+
+    /// The new span of every data chunk of a dense rewrite ([`rowdense`]): the old contents read
+    /// (one read per chunk the pieces do not cover whole) with the pieces laid over them, as
+    /// pieces covering the span. `None` when a read failed (that member is now faulty).
+    async fn dense_pieces(
+        self: &Arc<Self>,
+        row: u64,
+        dense: &rowdense::DensePlan,
+        pieces: &[(Piece, Bytes)],
+        view: &View,
+    ) -> Option<Vec<(Piece, Bytes)>> {
+        let d = self.geo.data_per_row();
+        let off = self.member_off(row, dense.start_bytes());
+        let reads = join_all((0..d).filter(|i| dense.read[*i]).map(|i| {
+            let m = self.role_member(row, i);
+            let dv = view.members[m].clone();
+            async move { self.read_member(m, &dv?, off, dense.span_bytes()).await }
+        }))
+        .await;
+        let shape: Vec<Piece> = pieces.iter().map(|(p, _)| *p).collect();
+        let refs: Vec<(Piece, &[u8])> = pieces.iter().map(|(p, b)| (*p, b.as_ref())).collect();
+        let mut old = reads.into_iter();
+        let mut out = Vec::with_capacity(d);
+        for (i, span) in rowdense::span_pieces(dense, d).into_iter().enumerate() {
+            let bytes = if let (false, Some(k)) =
+                (dense.read[i], rowdense::exact_piece(dense, i, &shape))
+            {
+                pieces[k].1.clone()
+            } else {
+                // Old contents (or nothing, when several pieces cover the span whole between
+                // them) with the pieces over them: every byte of the span is written.
+                let n = dense.span_bytes() as usize;
+                let mut buf = self.row_buf(n);
+                if dense.read[i] {
+                    buf[..n].copy_from_slice(&old.next()??);
+                }
+                rowdense::lay_pieces(dense, i, &refs, &mut buf[..n]);
+                self.freeze_row_buf(buf, n)
+            };
+            out.push((span, bytes));
+        }
+        Some(out)
     }
 
     /// The member holding chunk role `role` of `row` (`0..d` data, `d` P, `d + 1` Q).
@@ -252,15 +322,21 @@ impl Inner {
     ) -> Result<Vec<(usize, u64, Bytes)>> {
         let d = self.geo.data_per_row();
         let shape: Vec<Piece> = pieces.iter().map(|(p, _)| *p).collect();
-        let mut bufs: Vec<Vec<AlignedBuf>> = plan
+        // Reused buffers (old bytes in them), cut to each run's length: `compute_indirect`
+        // writes every byte of every run it fills, and gets empty ones for direct runs.
+        let lens: Vec<Vec<usize>> = plan
             .writes
             .iter()
             .enumerate()
             .map(|(role, runs)| {
                 (0..runs.len())
-                    .map(|k| AlignedBuf::zeroed(plan.indirect_write_bytes(role, k)))
+                    .map(|k| plan.indirect_write_bytes(role, k))
                     .collect()
             })
+            .collect();
+        let mut bufs: Vec<Vec<AlignedBuf>> = lens
+            .iter()
+            .map(|v| v.iter().map(|&len| self.row_buf(len)).collect())
             .collect();
         {
             let old_refs: Vec<Vec<&[u8]>> = old
@@ -269,24 +345,47 @@ impl Inner {
                 .collect();
             let mut outs: Vec<Vec<&mut [u8]>> = bufs
                 .iter_mut()
-                .map(|v| v.iter_mut().map(|b| &mut b[..]).collect())
+                .zip(&lens)
+                .map(|(v, lens)| v.iter_mut().zip(lens).map(|(b, &n)| &mut b[..n]).collect())
                 .collect();
             let data: Vec<&[u8]> = pieces.iter().map(|(_, b)| b.as_ref()).collect();
             rowplan::compute_indirect(plan, d, &shape, &data, &old_refs, &mut outs)
                 .map_err(|e| self.row_plan_error(row, e))?;
         }
         let mut writes = Vec::with_capacity(plan.write_ios());
-        for (role, (runs, bufs)) in plan.writes.iter().zip(bufs).enumerate() {
+        for (role, ((runs, bufs), lens)) in plan.writes.iter().zip(bufs).zip(&lens).enumerate() {
             let m = self.role_member(row, role);
-            for (k, (r, b)) in runs.iter().zip(bufs).enumerate() {
+            for (k, ((r, b), &len)) in runs.iter().zip(bufs).zip(lens).enumerate() {
                 let bytes = match plan.direct.get(role).and_then(|v| v[k]) {
                     Some(piece) => pieces[piece].1.clone(),
-                    None => b.into_bytes(),
+                    None => self.freeze_row_buf(b, len),
                 };
                 writes.push((m, self.member_off(row, r.first * COLUMN_BYTES), bytes));
             }
         }
         Ok(writes)
+    }
+
+    /// A buffer for `len` bytes of a row write, its old contents arbitrary: a chunk-sized one
+    /// from the row pool (every run fits one chunk, so all are alike and always reusable), cut to
+    /// `len` by [`Inner::freeze_row_buf`].
+    fn row_buf(&self, len: usize) -> AlignedBuf {
+        let chunk = self.geo.chunk_bytes as usize;
+        match len {
+            0 => AlignedBuf::zeroed(0),
+            n if n <= chunk => self.row_pool.take(chunk),
+            n => AlignedBuf::zeroed(n),
+        }
+    }
+
+    /// The first `len` bytes of a [`Inner::row_buf`] buffer as `Bytes` that give the buffer back
+    /// to the row pool once the member I/O lets go of them.
+    fn freeze_row_buf(&self, buf: AlignedBuf, len: usize) -> Bytes {
+        if buf.len() == self.geo.chunk_bytes as usize {
+            self.row_pool.freeze(buf).slice(..len)
+        } else {
+            buf.into_bytes().slice(..len)
+        }
     }
 
     /// The extents `exts` of a write of `data` as row pieces `(row, (piece, bytes))`, in order.
