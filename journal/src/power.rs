@@ -148,15 +148,33 @@ impl NvramPowerModel {
     }
 
     /// `bytes` were stored at file offset `at` (in memory, not persisted yet). Stores made after
-    /// the cut never happened (the machine stopped).
+    /// the cut never happened (the machine stopped), including a cut only the linked probe knows
+    /// of yet: without that check, a store made after the members lost power (a CP's control
+    /// update after a member flush that the cut turned into a no-op) sat among the pending
+    /// stores, and a cut keeping pending lines kept it, which no real machine can do (the
+    /// store was never made). That released log records whose store writes never became
+    /// durable, and a degraded whole-row discard they held read back as garbage.
     pub(crate) fn stored(&self, at: usize, bytes: &[u8]) {
+        let linked_off = self.linked_off();
         let mut s = self.lock();
+        if linked_off {
+            s.off = true;
+        }
         if !s.off {
             s.stored.push(Stored {
                 at,
                 bytes: bytes.to_vec(),
             });
         }
+    }
+
+    /// True when the linked probe ([`NvramPowerModel::cut_with`]) says the power is gone.
+    fn linked_off(&self) -> bool {
+        self.linked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|probe| probe())
     }
 
     /// File bytes `[at, at+len)` were persisted: the stores inside the range reach the medium,
@@ -166,12 +184,7 @@ impl NvramPowerModel {
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
-        let linked_off = self
-            .linked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|probe| probe());
+        let linked_off = self.linked_off();
         let mut s = self.lock();
         if let Some(errno) = s.fail_with {
             return Err(std::io::Error::from_raw_os_error(errno));
@@ -273,6 +286,39 @@ mod tests {
             kept[192..].iter().all(|&b| b == 0),
             "a store after the cut never happened"
         );
+    }
+
+    /// The cause of power-loss seeds 1241, 8390 and 9505 (large writes, 64 KiB log, whole-log
+    /// degraded CPs): the members lost power inside a CP, its flush turned into a no-op, and
+    /// the CP's control-area store (made after the cut, no persist in between) was kept by a
+    /// cut keeping pending lines.
+    #[test]
+    fn a_store_after_the_linked_power_went_off_never_reaches_the_file() {
+        let members_off = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let m = NvramPowerModel::new();
+        m.start(&[0u8; 256]);
+        let probe = members_off.clone();
+        m.cut_with(Box::new(move || {
+            probe.load(std::sync::atomic::Ordering::SeqCst)
+        }));
+        m.stored(0, &[1; 64]);
+        members_off.store(true, std::sync::atomic::Ordering::SeqCst);
+        // No persist has run since the members lost power: only the probe knows of the cut.
+        m.stored(64, &[2; 64]);
+        for cut in [NvramCut::KeepAll, NvramCut::Torn { seed: 7 }] {
+            let after = m.file_after_cut(cut);
+            assert!(
+                after[64..128].iter().all(|&b| b == 0),
+                "{cut:?}: a store made after the cut was kept"
+            );
+        }
+        assert!(
+            m.file_after_cut(NvramCut::KeepAll)[..64]
+                .iter()
+                .all(|&b| b == 1),
+            "a store made before the cut may have been written back"
+        );
+        assert!(m.is_off());
     }
 
     #[test]

@@ -1531,8 +1531,8 @@ impl<B: Backing> Shared<B> {
     }
 
     /// While the store logs partial parity: where this CP stops so that its PPL records fit
-    /// the free space less the control reserve and one PAD, and one record's bound
-    /// ([`crate::ppl::cut`], [`PplBudget::cp_budget_bytes`]); `None`: it applies everything.
+    /// the free space less the control reserve and one PAD ([`crate::ppl::cut`],
+    /// [`PplBudget::cp_budget_bytes`]); `None`: it applies everything.
     fn ppl_cut(&self, st: &State, cap: Option<u64>) -> Option<ppl::Cut> {
         if !self.ppl_logging() {
             return None;
