@@ -171,10 +171,12 @@ impl Node {
     /// only reported. In an HA pair the controller then announces STOPPED.
     pub async fn close(&self) {
         for site in self.sites() {
-            let stopped = site.stop(Teardown::Clean).await;
+            // Shutdown, not Clean: the partner copies of a takeover stay for the next start.
+            let stopped = site.stop(Teardown::Shutdown).await;
             if !stopped.unfenced.is_empty() {
                 // The reservation stays with this node (shutdown releases nothing), so the
-                // next start resumes serving them from the copies.
+                // next start resumes serving them from the copies (kept by a shutdown whether
+                // fenced or not).
                 tracing::error!(
                     arrays = ?stopped.unfenced,
                     "shutdown left partner arrays unfenced: their reservation is kept; the next \

@@ -11,7 +11,7 @@
 //! | Replay | [`Site::open_volumes`]: open the volumes, journal recovery included, add exports |
 //! | Serve | [`Site::serve`]: bind the listen addresses (retrying while a dead partner's port is still held) |
 //! | Checkpoint | [`Site::checkpoint`]: apply every journal to its array |
-//! | StopServing | [`Site::stop`] (`Teardown::Clean`): listeners down, connections closed, arrays closed |
+//! | StopServing | [`Site::stop`] (`Teardown::Clean`): listeners down, connections closed, arrays closed; a daemon shutdown uses `Teardown::Shutdown`, which keeps the partner copies |
 //! | Fence | [`Site::stop`] (`Teardown::Fenced`): the same, but nothing written to the disks |
 //!
 //! Every step is idempotent where the state machine may repeat it (a retried bring-up), and the
@@ -57,8 +57,17 @@ pub struct Fences {
 /// How [`Site::stop`] leaves the disks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Teardown {
-    /// Arrays closed (superblocks marked clean): this node still holds the disks.
+    /// Arrays closed (superblocks marked clean): this node still holds the disks. A partner
+    /// array this stop fenced gives its copy up (it is given back: everything in the copy is
+    /// applied, and the partner's own log is fenced below its applied seq).
     Clean,
+    /// The daemon shuts down: the same final CP, fence and array close as [`Teardown::Clean`],
+    /// but the partner copies stay. Shutdown releases no reservation, so the next start still
+    /// holds the partner's disks and resumes the takeover from those copies; a giveback (a
+    /// `Clean` stop) removes them later. Removing them here left that start nothing to resume
+    /// from, and it backed out, leaving the partner's volumes unserved while the partner was
+    /// still down.
+    Shutdown,
     /// Nothing written: another node holds the disks now. Arrays and journals are dropped.
     Fenced,
 }
@@ -474,7 +483,8 @@ impl Site {
     }
 
     /// Stops serving: listeners closed, client connections closed (after in-flight requests
-    /// are answered), exports dropped; with [`Teardown::Clean`] a final CP and array close.
+    /// are answered), exports dropped; with [`Teardown::Clean`] or [`Teardown::Shutdown`] a
+    /// final CP and array close.
     /// The result names arrays a clean stop left unfenced (always empty for `Fenced`).
     pub async fn stop(&self, how: Teardown) -> Stopped {
         let (listeners, server, journaled, arrays, gates, seized) = {
@@ -538,7 +548,11 @@ impl Site {
         }
         drop(journaled);
         let fenced = fence_given_back_arrays(&seized, &applied, &arrays, &gates).await;
-        self.release_copies(&seized, &fenced);
+        if how == Teardown::Shutdown {
+            self.release_copies(&seized, &BTreeMap::new());
+        } else {
+            self.release_copies(&seized, &fenced);
+        }
         for (name, a) in &arrays {
             if let Err(e) = a.array.close().await {
                 tracing::warn!(array = %name, "array close failed: {e}");

@@ -874,6 +874,93 @@ fn mirrored_pair_sigkill_survivor_serves_from_its_copy_and_giveback_returns_ever
     pair.wait_mirror_ready(0, Duration::from_secs(15));
 }
 
+/// A clean stop (SIGTERM) of a node that has taken over keeps its copies of the partner's
+/// journals and the partner's disks: its next start, the partner still down, resumes the
+/// takeover and serves every acknowledged write at the partner's address. Before, the stop
+/// removed the copies and the restart backed out, leaving the partner's volume unserved.
+#[test]
+fn node_stopped_cleanly_in_takeover_resumes_it_from_its_kept_copy_at_restart() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut pair = mirrored_pair();
+    pair.wait_mirror_ready(0, Duration::from_secs(15));
+    let uri = pair.uri(1, "vol1");
+    let writes: Vec<String> = (0..64)
+        .map(|i| format!("write -P {} {} {BLOCK}", pattern(i), i * BLOCK))
+        .collect();
+    let out = qemu_io(&uri, &writes, CLIENT_TIMEOUT);
+    assert_eq!(acknowledged(&out).len(), 64, "{out}");
+    let mut expect: std::collections::BTreeMap<u64, u8> =
+        (0..64).map(|i| (i * BLOCK, pattern(i))).collect();
+
+    pair.kill(1);
+    pair.wait_state(0, "takeover", TAKEOVER_BUDGET);
+    wait_serving(pair.nodes[1].nbd, TAKEOVER_BUDGET)
+        .unwrap_or_else(|| panic!("node 1's address not served\n{}", pair.logs()));
+    let out = qemu_io(
+        &uri,
+        &[
+            format!("write -P 201 0 {BLOCK}"),
+            format!("write -P 202 {} {BLOCK}", 100 * BLOCK),
+        ],
+        CLIENT_TIMEOUT,
+    );
+    assert_eq!(acknowledged(&out).len(), 2, "{out}");
+    expect.insert(0, 201);
+    expect.insert(100 * BLOCK, 202);
+
+    pair.signal(0, "TERM");
+    let t0 = Instant::now();
+    while pair.nodes[0]
+        .child
+        .as_mut()
+        .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "node 0 did not stop"
+        );
+        thread::sleep(POLL);
+    }
+    let copy = pair.nodes[0].dir.join("vol1.partner.nvram");
+    assert!(
+        copy.exists(),
+        "a clean stop in takeover keeps the partner copy {}\n{}",
+        copy.display(),
+        pair.logs()
+    );
+
+    pair.start(0);
+    pair.wait_state(0, "takeover", Duration::from_secs(15));
+    wait_serving(pair.nodes[1].nbd, Duration::from_secs(15)).unwrap_or_else(|| {
+        panic!(
+            "node 1's address not served after the restart\n{}",
+            pair.logs()
+        )
+    });
+    let ha = pair.ha(0);
+    assert_eq!(ha["node"]["holds_partner_disks"], true, "{ha}");
+    assert_eq!(ha["node"]["serving_partner"], true, "{ha}");
+    let list: Vec<(u64, u8)> = expect.iter().map(|(o, p)| (*o, *p)).collect();
+    let (ok, out) = verify(&uri, &list);
+    assert_eq!(
+        ok,
+        list.len(),
+        "the resumed takeover serves every acknowledged write:\n{out}\n{}",
+        pair.logs()
+    );
+
+    // The partner comes back and gets everything, the resumed takeover's writes included.
+    pair.start(1);
+    pair.wait_state(1, "waiting_for_giveback", Duration::from_secs(10));
+    pair.admin(0, Request::HaGiveback).unwrap();
+    pair.wait_state(1, "normal", Duration::from_secs(10));
+    wait_serving(pair.nodes[1].nbd, Duration::from_secs(10)).expect("node 1 serves again");
+    let (ok, out) = verify(&uri, &list);
+    assert_eq!(ok, list.len(), "after giveback:\n{out}\n{}", pair.logs());
+}
+
 /// The seed of the random-moment SIGKILL loop: `TWINBLOCK_SEED` or a fixed default.
 fn loop_seed() -> u64 {
     std::env::var("TWINBLOCK_SEED")
