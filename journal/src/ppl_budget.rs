@@ -19,8 +19,8 @@
 //!   the store starts logging can apply at least the oldest record);
 //! - TRANSITION records (not needed for recovery of data; they wait for the next CP when they do
 //!   not fit) leave what a data record leaves. They once left only `pad + max(one, owed)`: a
-//!   TRANSITION could then eat the control reserve, the next CP started with less than `control
-//!   + pad + owed` free, and its one-record minimum found no room for the last PPL record;
+//!   TRANSITION could then eat the control reserve, the next CP started with less free than
+//!   `control + pad + owed`, and its one-record minimum found no room for the last PPL record;
 //!   PPL records leave `control` free (the CP record that retires them must fit); CP records use
 //!   anything;
 //! - a CP takes the longest prefix of the log whose records' bounds sum to at most
