@@ -306,6 +306,19 @@ impl Pair {
         assert!(st.success());
     }
 
+    /// Waits until node `id`'s process has exited (after a signal).
+    fn wait_exit(&mut self, id: usize, within: Duration) {
+        let t0 = Instant::now();
+        while self.nodes[id]
+            .child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        {
+            assert!(t0.elapsed() < within, "node {id} did not stop");
+            thread::sleep(POLL);
+        }
+    }
+
     /// Switches fault `name` (a file name of `twinblock::ha::fault`) on or off for node `id`.
     fn fault(&self, id: usize, name: &str, on: bool) {
         assert!(
@@ -911,18 +924,7 @@ fn node_stopped_cleanly_in_takeover_resumes_it_from_its_kept_copy_at_restart() {
     expect.insert(100 * BLOCK, 202);
 
     pair.signal(0, "TERM");
-    let t0 = Instant::now();
-    while pair.nodes[0]
-        .child
-        .as_mut()
-        .is_some_and(|c| c.try_wait().ok().flatten().is_none())
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "node 0 did not stop"
-        );
-        thread::sleep(POLL);
-    }
+    pair.wait_exit(0, Duration::from_secs(15));
     let copy = pair.nodes[0].dir.join("vol1.partner.nvram");
     assert!(
         copy.exists(),
@@ -1468,18 +1470,7 @@ fn address_hook_moves_the_service_addresses_at_takeover_and_giveback() {
 
     // A clean stop lets go of the address too, so the partner can take it.
     pair.signal(1, "TERM");
-    let t0 = Instant::now();
-    while pair.nodes[1]
-        .child
-        .as_mut()
-        .is_some_and(|c| c.try_wait().ok().flatten().is_none())
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "node 1 did not stop"
-        );
-        thread::sleep(POLL);
-    }
+    pair.wait_exit(1, Duration::from_secs(15));
     assert_eq!(
         pair.hook_calls(1).last(),
         Some(&call("del", 1)),

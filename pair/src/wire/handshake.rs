@@ -752,17 +752,8 @@ mod tests {
         );
         assert!(matches!(e, Err(WireError::WrongNode { .. })), "{e:?}");
 
-        let (_d, mut hello) = Dialer::start(id(0), key(1), [1; 32]);
-        // Version field at body offset 8 (frame offset 20); re-encode to keep the CRC valid.
-        let mut b = body(&hello).1.to_vec();
-        b[8..12].copy_from_slice(&99u32.to_le_bytes());
-        hello.clear();
-        encode_frame(&mut hello, FrameKind::Hello, &[&b]);
-        let a = Acceptor::new(id(1), key(1), [9; 32]);
-        let (k, bb) = body(&hello);
-        let f = a.on_hello(k, bb, &mut SeenNonces::default()).unwrap_err();
         assert_eq!(
-            f.error,
+            hello_of_version_refused(99).error,
             WireError::VersionMismatch {
                 ours: PROTOCOL_VERSION,
                 theirs: 99
@@ -770,18 +761,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn version_2_peer_is_refused_with_a_version_reject() {
-        // Version 2 sealed frames with HMAC-SHA256: a node of that release must not get past
-        // the handshake (its tags would fail on the first RECORD instead).
+    /// A dialer's HELLO with its version field set to `version`, offered to an acceptor: how
+    /// it is refused (the error and the REJECT reply).
+    fn hello_of_version_refused(version: u32) -> HandshakeFailure {
         let (_d, mut hello) = Dialer::start(id(0), key(1), [1; 32]);
+        // Version field at body offset 8 (frame offset 20); re-encode to keep the CRC valid.
         let mut b = body(&hello).1.to_vec();
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[8..12].copy_from_slice(&version.to_le_bytes());
         hello.clear();
         encode_frame(&mut hello, FrameKind::Hello, &[&b]);
         let a = Acceptor::new(id(1), key(1), [9; 32]);
         let (k, bb) = body(&hello);
-        let f = a.on_hello(k, bb, &mut SeenNonces::default()).unwrap_err();
+        a.on_hello(k, bb, &mut SeenNonces::default()).unwrap_err()
+    }
+
+    #[test]
+    fn version_2_peer_is_refused_with_a_version_reject() {
+        // Version 2 sealed frames with HMAC-SHA256: a node of that release must not get past
+        // the handshake (its tags would fail on the first RECORD instead).
+        let f = hello_of_version_refused(2);
         assert_eq!(
             f.error,
             WireError::VersionMismatch {
