@@ -9,6 +9,7 @@ mod nbd_client;
 mod pair_status;
 mod render;
 mod reservation;
+mod sigpipe;
 mod takeover_timing;
 mod views;
 mod write_ledger;
@@ -185,6 +186,9 @@ fn main() -> ExitCode {
             return ExitCode::from(USAGE_ERROR_EXIT_CODE);
         }
     };
+    if !matches!(cli.command, Command::Node { .. } | Command::Demo(_)) {
+        sigpipe::restore_default_action();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
