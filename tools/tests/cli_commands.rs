@@ -375,6 +375,34 @@ fn journal_dump_of_a_live_nodes_nvram_in_both_forms() {
     assert!(!json.as_object().unwrap().is_empty(), "{json}");
 }
 
+/// `twinctl journal dump FILE | head`: the reader goes away before twinctl writes; twinctl
+/// ends (SIGPIPE, or success if its output was already in the pipe) instead of panicking in
+/// `println!` with a backtrace, as it did while admin commands ran with SIGPIPE ignored.
+#[test]
+fn admin_command_whose_reader_went_away_ends_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, _addr, _sock) = start_raid5(dir.path(), "");
+    let nvram = dir.path().join("node0.nvram");
+    let mut child = Command::new(twinctl())
+        .args(["journal", "dump"])
+        .arg(&nvram)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
 #[test]
 fn ha_commands_on_a_node_without_a_pair_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
