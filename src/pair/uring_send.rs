@@ -95,7 +95,7 @@ impl UringSender {
     }
 
     fn ring() -> Result<(IoUring, AsyncFd<File>), String> {
-        let ring = IoUring::new(RING_ENTRIES).map_err(|e| format!("io_uring_setup: {e}"))?;
+        let mut ring = IoUring::new(RING_ENTRIES).map_err(|e| format!("io_uring_setup: {e}"))?;
         let mut probe = Probe::new();
         ring.submitter()
             .register_probe(&mut probe)
@@ -107,6 +107,8 @@ impl UringSender {
         ring.submitter()
             .register_eventfd(efd.as_raw_fd())
             .map_err(|e| format!("registering the completion eventfd: {e}"))?;
+        // Signalled only while a send waits (see `wait_send`).
+        ring.completion().disable_eventfd();
         // SAFETY: `efd` is an open eventfd owned by the `File` the AsyncFd takes over; a `File`
         // always reports the descriptor it was made from, and closes it only when dropped.
         let completions = unsafe { AsyncFd::register_with_interest(efd, Interest::READABLE) }
@@ -186,12 +188,26 @@ impl UringSender {
     }
 
     /// Waits for the SENDMSG's completion; its result (bytes sent, or a negative errno).
+    ///
+    /// A send on a socket with buffer space completes inside `submit` (loopback and most LAN
+    /// sends), so the completion is usually there at the first look. The ring's eventfd is
+    /// enabled only for a send that did not complete at once: an eventfd signal per send would
+    /// wake tokio's I/O driver (often parked on the other core) for nothing, once per send.
     async fn wait_send(&mut self) -> io::Result<i32> {
         loop {
             if let Some(res) = self.reap(SEND_TOKEN) {
                 return Ok(res);
             }
-            let mut guard = self.completions.readable().await?;
+            // Enabled, then looked at again: a completion posted before the enable is found by
+            // this look, one posted after it signals the eventfd.
+            self.ring.completion().enable_eventfd();
+            if let Some(res) = self.reap(SEND_TOKEN) {
+                self.ring.completion().disable_eventfd();
+                return Ok(res);
+            }
+            let waited = self.completions.readable().await;
+            self.ring.completion().disable_eventfd();
+            let mut guard = waited?;
             let mut buf = [0u8; 8];
             match guard.try_io(|f| f.get_ref().read(&mut buf)) {
                 Ok(Ok(_)) | Err(_) => {}
