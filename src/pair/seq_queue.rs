@@ -100,7 +100,11 @@ mod tests {
             q.insert(s, s as u32 * 10);
         }
         assert_eq!(drain_through(&mut q, 3), vec![(1, 10), (2, 20), (3, 30)]);
-        assert_eq!(drain_through(&mut q, 3), vec![], "a repeated ACK takes nothing");
+        assert_eq!(
+            drain_through(&mut q, 3),
+            vec![],
+            "a repeated ACK takes nothing"
+        );
         assert_eq!(drain_through(&mut q, 0), vec![]);
         assert_eq!(q.len(), 3);
         assert_eq!(q.values().copied().collect::<Vec<_>>(), vec![40, 50, 60]);
