@@ -285,7 +285,7 @@ mod tests {
     /// Reads the completion eventfd's counter without waiting (0 when it was never signalled).
     fn eventfd_count(u: &UringSender) -> u64 {
         let mut buf = [0u8; 8];
-        match (&*u.completions.get_ref()).read(&mut buf) {
+        match u.completions.get_ref().read(&mut buf) {
             Ok(8) => u64::from_ne_bytes(buf),
             Ok(n) => panic!("eventfd read {n} bytes"),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
