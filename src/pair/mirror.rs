@@ -38,6 +38,7 @@ use twinblock_pair::wire::FrameWriter;
 use super::hops::{self, Hop};
 use super::outbox::Outbox;
 use super::send_batch::SendBatch;
+use super::seq_queue::SeqQueue;
 
 /// Where the sender reads the own log for a resync (the journaled volume).
 pub trait LogSource: Send + Sync {
@@ -78,13 +79,13 @@ struct Inner {
     last_ack_at: Option<Instant>,
     /// Highest seq handed to `ship`, and the bytes handed since the last ACK caught up.
     last_shipped: u64,
-    shipped_bytes: BTreeMap<u64, u64>,
+    shipped_bytes: SeqQueue<u64>,
     records_sent: u64,
     resyncs: u64,
     /// Writers waiting for the ACK of a seq, by seq: an ACK completes exactly the ones it
     /// covers (a watch channel would wake every waiting writer at every ACK). Dropping a sender
     /// (out of sync, reconnection) tells its writer the record was not mirrored.
-    waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
+    waiters: SeqQueue<oneshot::Sender<()>>,
 }
 
 impl Inner {
@@ -160,10 +161,10 @@ impl VolumeMirror {
                 acked: 0,
                 last_ack_at: None,
                 last_shipped: 0,
-                shipped_bytes: BTreeMap::new(),
+                shipped_bytes: SeqQueue::new(),
                 records_sent: 0,
                 resyncs: 0,
-                waiters: BTreeMap::new(),
+                waiters: SeqQueue::new(),
             }),
             acks,
             outbox,
@@ -203,17 +204,11 @@ impl VolumeMirror {
         if !inner.in_sync {
             // Their records are not mirrored: the writers see their senders dropped.
             inner.waiters.clear();
-        } else if inner
-            .waiters
-            .first_key_value()
-            .is_some_and(|(s, _)| *s <= inner.acked)
-        {
-            let rest = inner.waiters.split_off(&(inner.acked + 1));
-            for (_, ws) in std::mem::replace(&mut inner.waiters, rest) {
-                for w in ws {
-                    let _ = w.send(());
-                }
-            }
+        } else {
+            let acked = inner.acked;
+            inner.waiters.pop_through(acked, |_, w| {
+                let _ = w.send(());
+            });
         }
         self.acks.send_replace(AckView {
             acked: inner.acked,
@@ -326,8 +321,7 @@ impl VolumeMirror {
         let mut inner = self.lock();
         if seq > inner.acked {
             inner.acked = seq;
-            let keep = inner.shipped_bytes.split_off(&(seq + 1));
-            inner.shipped_bytes = keep;
+            inner.shipped_bytes.pop_through(seq, |_, _| {});
         }
         inner.last_ack_at = Some(Instant::now());
         let caught_up = inner.resync_target.is_some_and(|t| inner.acked >= t)
@@ -370,7 +364,7 @@ impl VolumeMirror {
                 Some(None)
             } else {
                 let (tx, rx) = oneshot::channel();
-                inner.waiters.entry(seq).or_default().push(tx);
+                inner.waiters.insert(seq, tx);
                 Some(Some(rx))
             };
             (send, acked)
@@ -425,6 +419,7 @@ impl VolumeMirror {
             "lag_bytes": lag_bytes,
             "last_ack_age_ms": inner.last_ack_at.map(|t| t.elapsed().as_millis() as u64),
             "queued_records": inner.pending.len(),
+            "writers_waiting_for_ack": inner.waiters.len(),
             "records_sent": inner.records_sent,
             "resyncs": inner.resyncs,
         })

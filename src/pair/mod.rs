@@ -22,6 +22,7 @@ pub mod mirror;
 pub mod outbox;
 pub mod receiver;
 pub mod send_batch;
+mod seq_queue;
 mod uring_send;
 
 use std::collections::HashMap;

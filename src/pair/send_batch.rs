@@ -25,6 +25,10 @@ use super::uring_send::UringSender;
 /// Most iovecs handed to the kernel in one call (Linux's `UIO_MAXIOV` is 1024).
 pub const SEND_IOVECS_MAX: usize = 1024;
 
+/// Iovecs per `sendmsg` of the non-io_uring paths, held on the stack (a direct send carries one
+/// or a few records: two segments each; a longer batch takes several calls).
+const STACK_IOVECS: usize = 64;
+
 /// One part of a batch: a range of the batch's `head` buffer, or a record's bytes.
 #[derive(Debug, Clone)]
 enum Seg {
@@ -133,6 +137,17 @@ impl SendBatch {
             })
     }
 
+    /// Fills `out` with the segments from `at` on (as [`SendBatch::slices_from`]); returns how
+    /// many. A caller's stack array instead of a `Vec` per send: no allocation on the send path.
+    pub fn io_slices_from<'a>(&'a self, at: Cursor, out: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, s) in out.iter_mut().zip(self.slices_from(at)) {
+            *slot = IoSlice::new(s);
+            n += 1;
+        }
+        n
+    }
+
     /// Moves `at` forward by `n` bytes the kernel took.
     pub fn advance(&self, at: &mut Cursor, mut n: usize) {
         while n > 0 && at.seg < self.segs.len() {
@@ -199,10 +214,10 @@ impl Transport {
         match self {
             Transport::Uring(u) => u.send(batch, at).await,
             Transport::Tokio(wr) => {
+                let mut slices = [IoSlice::new(&[]); STACK_IOVECS];
                 while !batch.done(at) {
-                    let slices: Vec<IoSlice<'_>> =
-                        batch.slices_from(at).map(IoSlice::new).collect();
-                    let n = wr.write_vectored(&slices).await?;
+                    let k = batch.io_slices_from(at, &mut slices);
+                    let n = wr.write_vectored(&slices[..k]).await?;
                     if n == 0 {
                         return Err(io::ErrorKind::WriteZero.into());
                     }
@@ -226,9 +241,10 @@ impl Transport {
             },
             Transport::Tokio(wr) => wr,
         };
+        let mut slices = [IoSlice::new(&[]); STACK_IOVECS];
         while !batch.done(*at) {
-            let slices: Vec<IoSlice<'_>> = batch.slices_from(*at).map(IoSlice::new).collect();
-            match wr.try_write_vectored(&slices) {
+            let k = batch.io_slices_from(*at, &mut slices);
+            match wr.try_write_vectored(&slices[..k]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => batch.advance(at, n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
