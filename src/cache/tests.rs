@@ -419,3 +419,48 @@ proptest! {
         }
     }
 }
+
+/// A sequential scan of large reads over twice the cache: the scan stops filling after its
+/// share, so its head is still cached when it starts over (without the limit the second half
+/// of the scan would have evicted the first).
+#[tokio::test]
+async fn a_scan_larger_than_the_cache_keeps_its_head() {
+    const READ: u64 = 16 * B; // 64 KiB: large enough to be tracked as a stream
+    let s = Store::new(1024);
+    for b in 0..1024 {
+        s.write(b * B, &[(b % 251) as u8; B as usize]);
+    }
+    let c = cache(512, 1024);
+    for pass in 0..3 {
+        for i in 0..1024 / 16 {
+            let got = read_pieces(&c, &s, i * READ, READ).await;
+            let joined: Vec<u8> = got.iter().flat_map(|p| p.iter().copied()).collect();
+            assert_eq!(joined, s.read(i * READ, READ), "pass {pass} read {i}");
+        }
+    }
+    let st = c.stats();
+    assert!(st.stream_fills_skipped > 0, "{st:?}");
+    // The head (the first quarter of the scan: half the cache) mostly hits on a later pass
+    // (the policy may decline a few blocks; without the limit none of the head would be left).
+    let before = c.stats().hits;
+    for i in 0..(256 / 16) {
+        read_pieces(&c, &s, i * READ, READ).await;
+    }
+    let head_hits = c.stats().hits - before;
+    assert!(
+        head_hits >= 12,
+        "{head_hits} of 16 head reads hit: {:?}",
+        c.stats()
+    );
+}
+
+/// Small reads are never treated as a stream: a 4 KiB scan fills as before.
+#[tokio::test]
+async fn small_sequential_reads_always_fill() {
+    let s = Store::new(64);
+    let c = cache(32, 64);
+    for b in 0..64 {
+        read(&c, &s, b * B, B).await;
+    }
+    assert_eq!(c.stats().stream_fills_skipped, 0);
+}
