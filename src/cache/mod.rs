@@ -67,8 +67,8 @@ pub const DEFAULT_READ_CACHE_BYTES: u64 = 256 << 20;
 pub const READ_CACHE_MIN_BYTES: u64 = CACHE_BLOCK_BYTES * CACHE_SHARD_COUNT as u64;
 /// Share of the cache (percent of its capacity) one sequential stream of large misses may fill;
 /// its later misses are not kept (see [`stream`]). Half leaves the other half to everything
-/// else, and the cache's ghost list (half the capacity in keys) remembers the whole head, so a
-/// repeated scan's head is admitted to the main queue on its second pass.
+/// else, and is what the policy's ghost list (half the capacity, in keys) can remember, so the
+/// filled part of a repeated scan is admitted to the main queue on a later pass.
 pub const STREAM_FILL_CACHE_PERCENT: u64 = 50;
 
 struct Shard {

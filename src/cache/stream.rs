@@ -4,11 +4,11 @@
 //! Why: a sequential read of a range larger than the cache (a backup, a `dd`, a scan of a big
 //! file) fills the cache with blocks that are evicted again before the stream comes back to them,
 //! and each fill costs a copy of the data and a policy insert and eviction per 4 KiB block. Worse,
-//! it pushes out what the cache held, including the head of the same stream: when the stream
-//! starts over, nothing of it is left. Once a stream has filled `limit` bytes (a fraction of the
-//! cache), its further misses are served without being kept, so the head of the stream (and the
-//! rest of the cache) stays: a repeated scan then finds its first part in memory every time, and
-//! the cost of the rest is the disk read alone.
+//! it pushes out blocks the cache held that were read only once (the policy's probationary queue
+//! protects only blocks read again). Once a stream has filled `limit` bytes (a fraction of the
+//! cache), its further misses are served without being kept: what the cache held stays, so does
+//! the part of the stream already filled (nothing the stream reads later evicts it), and the
+//! cost of the rest of the stream is the disk read alone.
 //!
 //! Only misses of at least [`STREAM_MIN_READ_BYTES`] are tracked: small reads never take the
 //! tracker's lock (the 4 KiB path stays as it is) and a small read always fills.
