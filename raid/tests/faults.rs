@@ -102,6 +102,34 @@ async fn read_pieces_are_one_buffer_per_chunk_extent_and_join_to_read() {
     }
 }
 
+/// A 1 MiB read takes one member read per run of back-to-back chunks on a member (not one per
+/// chunk), and its pieces are still one per chunk extent with the right bytes.
+#[tokio::test]
+async fn large_read_pieces_merge_back_to_back_chunks_into_one_member_read() {
+    let ms = mems("m", 4, 4 << 20);
+    let a = Array::create("r5", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
+    let data = pattern(a.size() as usize, 9);
+    a.write(0, Bytes::from(data.clone())).await.unwrap();
+    for m in &ms {
+        m.reset_stats();
+    }
+    let (at, len) = (3 * CHUNK_BYTES as usize, 1 << 20);
+    let pieces = a.read_pieces(at as u64, len).await.unwrap();
+    assert_eq!(pieces.len(), len / CHUNK_BYTES as usize);
+    assert!(pieces.concat() == data[at..at + len]);
+    let reads: u64 = ms.iter().map(|m| m.stats().reads).sum();
+    // 16 chunks over 4 members, each member's run broken at most by its parity chunk.
+    assert!(reads <= 8, "{reads} member reads for 16 chunks");
+    // A member failing under a merged read: the run falls back to reconstructing its chunks.
+    ms[1].fail_reads(true);
+    let degraded = a.read_pieces(at as u64, len).await.unwrap();
+    assert_eq!(degraded.len(), len / CHUNK_BYTES as usize);
+    assert!(degraded.concat() == data[at..at + len]);
+    assert!(a.is_degraded());
+}
+
 #[tokio::test]
 async fn too_many_failures_give_errors_never_wrong_data() {
     let ms = mems("d", 4, 1 << 20);

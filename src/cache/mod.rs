@@ -33,18 +33,24 @@
 //! A block straddling the store's end (a size not a multiple of 4 KiB) is never cached; reads
 //! touching it go to the store.
 //!
+//! A sequential stream of large misses stops filling the cache once it has filled
+//! [`STREAM_FILL_CACHE_PERCENT`] of it ([`stream`] says why): its later misses are handed to the
+//! caller without being kept. That only ever skips a fill, which the ordering argument allows.
+//!
 //! Cold start on takeover and drop at giveback need nothing here: the cache belongs to the
 //! volume's device, which takeover creates and giveback drops.
 
 pub mod hasher;
 pub mod policy;
 pub mod s3fifo;
+pub mod stream;
 
 use bytes::{Buf, Bytes, BytesMut};
 use policy::BlockPolicy;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use stream::StreamTracker;
 // Kept blocks are copied into recycled 4 KiB buffers: a cache that evicts one block for each it
 // admits then reuses memory instead of faulting in fresh pages (see `block_pool`).
 use twinblock_io::bufpool::copy_block;
@@ -59,6 +65,11 @@ const CACHE_SHARD_COUNT: usize = 16;
 pub const DEFAULT_READ_CACHE_BYTES: u64 = 256 << 20;
 /// Smallest cache that holds anything: one block per shard.
 pub const READ_CACHE_MIN_BYTES: u64 = CACHE_BLOCK_BYTES * CACHE_SHARD_COUNT as u64;
+/// Share of the cache (percent of its capacity) one sequential stream of large misses may fill;
+/// its later misses are not kept (see [`stream`]). Half leaves the other half to everything
+/// else, and is what the policy's ghost list (half the capacity, in keys) can remember, so the
+/// filled part of a repeated scan is admitted to the main queue on a later pass.
+pub const STREAM_FILL_CACHE_PERCENT: u64 = 50;
 
 struct Shard {
     /// Bumped (under `policy`'s lock) by every write's begin and end; read without the lock by
@@ -74,6 +85,7 @@ struct Counters {
     misses: AtomicU64,
     evictions: AtomicU64,
     fills_dropped: AtomicU64,
+    stream_fills_skipped: AtomicU64,
 }
 
 /// A snapshot of the cache's counters and size.
@@ -87,6 +99,9 @@ pub struct CacheStats {
     pub evictions: u64,
     /// Blocks read from the store but not kept because a write touched their shard meanwhile.
     pub fills_dropped: u64,
+    /// Blocks read from the store but not kept because their read continued a sequential
+    /// stream that had filled its share of the cache.
+    pub stream_fills_skipped: u64,
     /// Blocks held now.
     pub blocks: u64,
     /// Most blocks held.
@@ -106,6 +121,9 @@ pub struct ReadCache {
     /// End of the last whole block: bytes past it are never cached.
     cached_end: u64,
     counters: Counters,
+    /// Which large misses fill (see [`stream`]); taken only by misses of at least
+    /// [`stream::STREAM_MIN_READ_BYTES`].
+    streams: Mutex<StreamTracker>,
 }
 
 impl std::fmt::Debug for ReadCache {
@@ -140,10 +158,12 @@ impl ReadCache {
                 })
             })
             .collect::<Option<_>>()?;
+        let stream_limit_bytes = blocks * CACHE_BLOCK_BYTES / 100 * STREAM_FILL_CACHE_PERCENT;
         Some(ReadCache {
             shards,
             cached_end: store_bytes - store_bytes % CACHE_BLOCK_BYTES,
             counters: Counters::default(),
+            streams: Mutex::new(StreamTracker::new(stream_limit_bytes)),
         })
     }
 
@@ -160,6 +180,7 @@ impl ReadCache {
             misses: c.misses.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
             fills_dropped: c.fills_dropped.load(Ordering::Relaxed),
+            stream_fills_skipped: c.stream_fills_skipped.load(Ordering::Relaxed),
             blocks,
             capacity_blocks: capacity,
         }
@@ -231,18 +252,37 @@ impl ReadCache {
             std::array::from_fn(|i| self.shards[i].gen.load(Ordering::Acquire));
         let cover_offset = first * CACHE_BLOCK_BYTES;
         let cover_len = (last - first + 1) * CACHE_BLOCK_BYTES;
+        // Decided before the fetch: requests reach here in about the order the client sent them.
+        let keep = self.should_fill(cover_offset, cover_len);
         let data = fetch(cover_offset, cover_len).await?;
         if data.iter().map(|p| p.len() as u64).sum::<u64>() != cover_len {
             // The store broke its contract; hand back what it gave without keeping any of it
             // (the caller checks lengths and reports the store).
             return Ok(data);
         }
-        self.fill(first, &data, &gens);
+        if keep {
+            self.fill(first, &data, &gens);
+        } else {
+            self.counters
+                .stream_fills_skipped
+                .fetch_add(last - first + 1, Ordering::Relaxed);
+        }
         Ok(slice_pieces(
             &data,
             (offset - cover_offset) as usize,
             len as usize,
         ))
+    }
+
+    /// Whether a miss of `len` bytes at `offset` keeps its blocks (see [`stream`]); small misses
+    /// always do, without taking the tracker's lock.
+    fn should_fill(&self, offset: u64, len: u64) -> bool {
+        if len < stream::STREAM_MIN_READ_BYTES {
+            return true;
+        }
+        // A panic while holding it leaves at worst one stream miscounted: still usable.
+        let mut t = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        t.should_fill(offset, len)
     }
 
     /// The whole range from memory as slices of the cached blocks, or None at the first

@@ -419,3 +419,49 @@ proptest! {
         }
     }
 }
+
+/// A sequential scan of large reads over twice the cache stops filling after its share, so the
+/// blocks cached before it (read once, which S3-FIFO's probationary queue alone would not
+/// protect) stay, and the scan evicts nothing; every read still returns the store's bytes.
+#[tokio::test]
+async fn a_scan_larger_than_the_cache_does_not_push_out_what_it_held() {
+    const READ: u64 = 16 * B; // 64 KiB: large enough to be tracked as a stream
+    let s = Store::new(2048);
+    for b in 0..2048 {
+        s.write(b * B, &[(b % 251) as u8; B as usize]);
+    }
+    let c = cache(512, 2048);
+    let held = 1536..1600u64;
+    for b in held.clone() {
+        read(&c, &s, b * B, B).await;
+    }
+    for i in 0..1024 / 16 {
+        let got = read_pieces(&c, &s, i * READ, READ).await;
+        let joined: Vec<u8> = got.iter().flat_map(|p| p.iter().copied()).collect();
+        assert_eq!(joined, s.read(i * READ, READ), "scan read {i}");
+    }
+    let st = c.stats();
+    assert!(st.stream_fills_skipped > 0, "{st:?}");
+    assert_eq!(st.evictions, 0, "the scan pushed blocks out: {st:?}");
+    let before = st.hits;
+    for b in held.clone() {
+        assert_eq!(read(&c, &s, b * B, B).await, s.read(b * B, B));
+    }
+    assert_eq!(
+        c.stats().hits - before,
+        held.end - held.start,
+        "{:?}",
+        c.stats()
+    );
+}
+
+/// Small reads are never treated as a stream: a 4 KiB scan fills as before.
+#[tokio::test]
+async fn small_sequential_reads_always_fill() {
+    let s = Store::new(64);
+    let c = cache(32, 64);
+    for b in 0..64 {
+        read(&c, &s, b * B, B).await;
+    }
+    assert_eq!(c.stats().stream_fills_skipped, 0);
+}
