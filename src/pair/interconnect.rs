@@ -31,14 +31,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use twinblock_pair::wire::{
     handshake::{encode_accept, encode_reject},
-    split_frame, Acceptor, Dialer, FrameKind, FrameOpener, LogReset, Message, RecordRef,
-    RejectReason, WireError,
+    split_frame, Acceptor, Dialer, FrameKind, FrameOpener, LogReset, Message, RejectReason,
+    WireError,
 };
 
 use super::hops::{self, Hop};
 use super::mirror::VolumeMirror;
 use super::outbox::{Outbox, Wire};
 use super::receiver::ReceiveError;
+use super::rx_batch;
 use super::send_batch::{SendBatch, Transport};
 use super::{LinkPhase, Pair};
 
@@ -70,14 +71,14 @@ pub enum LinkError {
 
 /// A receive buffer that yields whole frames: unsealed ones during the handshake, then (once
 /// `opener` is set) only frames sealed for this connection, in order.
-struct FrameBuf {
+pub(super) struct FrameBuf {
     buf: Vec<u8>,
     start: usize,
-    opener: Option<FrameOpener>,
+    pub(super) opener: Option<FrameOpener>,
 }
 
 impl FrameBuf {
-    fn new() -> FrameBuf {
+    pub(super) fn new() -> FrameBuf {
         FrameBuf {
             buf: Vec::new(),
             start: 0,
@@ -99,7 +100,7 @@ impl FrameBuf {
     }
 
     /// The next whole frame already buffered (its body's range), if any.
-    fn next(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, WireError> {
+    pub(super) fn next(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, WireError> {
         let rest = &self.buf[self.start..];
         let found = match &mut self.opener {
             Some(o) => o.open(rest)?,
@@ -116,8 +117,14 @@ impl FrameBuf {
         Ok(Some((f.kind, body)))
     }
 
-    fn body(&self, r: Range<usize>) -> &[u8] {
+    pub(super) fn body(&self, r: Range<usize>) -> &[u8] {
         &self.buf[r]
+    }
+
+    /// Appends bytes as if read (tests of what one read does, without a socket).
+    #[cfg(test)]
+    pub(super) fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
     }
 
     async fn read_frame<R: AsyncRead + Unpin>(
@@ -469,6 +476,7 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
     let mut status = pair.status_updates();
     let serve = async {
         let mut out = Vec::new();
+        let mut touched = BTreeMap::new();
         loop {
             // This node's status goes back on the partner's connection too, so the
             // interconnect path works while only the partner can connect (`Pair::send_status`).
@@ -488,46 +496,29 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
                     continue;
                 }
             }
-            let mut touched = BTreeMap::new();
-            while let Some((k, range)) = fb.next()? {
-                if k == FrameKind::Record {
-                    // The hot path: read in place, copied once into the copy's NVRAM.
-                    let r = RecordRef::decode(fb.body(range))?;
-                    hops::mark(Hop::RxFrame, r.seq);
-                    pair.receiver.apply_record(r, &announced, &mut touched)?;
-                    hops::mark(Hop::RxStored, r.seq);
-                    continue;
-                }
-                let msg = Message::decode(k, fb.body(range))?;
-                if let Message::FetchRequest { volume, from_seq } = msg {
-                    // The owner lost its NVRAM and asks for its records back (see `fetch`).
-                    let reply = pair
-                        .receiver
-                        .fetch_reply(volume, from_seq, &announced, &mut seal)?;
-                    write_all(&mut wr, &reply).await?;
-                    continue;
-                }
-                pair.receiver.apply(msg, &announced, &mut touched)?;
-            }
-            // Everything this read stored is persisted before it is acknowledged.
-            pair.receiver.persist_pending()?;
-            for (volume, seq) in &touched {
-                hops::mark(Hop::RxPersisted, *seq);
-                Message::Ack {
-                    volume: *volume,
-                    seq: *seq,
-                }
-                .encode_with(&mut seal, &mut out);
-            }
+            // Every whole frame of this read: stored, persisted as one group, then one
+            // cumulative ACK per volume (a bad frame still acknowledges the good ones before it).
+            let applied = rx_batch::apply_read(
+                &mut fb,
+                &pair.receiver,
+                &announced,
+                &mut seal,
+                &mut out,
+                &mut touched,
+            );
             if !out.is_empty() {
                 for seq in touched.values() {
                     hops::mark(Hop::AckWrite, *seq);
                 }
-                write_all(&mut wr, &out).await?;
+                let written = write_all(&mut wr, &out).await;
                 out.clear();
+                applied?;
+                written?;
                 for seq in touched.values() {
                     hops::mark(Hop::AckSent, *seq);
                 }
+            } else {
+                applied?;
             }
         }
     };

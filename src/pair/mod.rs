@@ -21,6 +21,7 @@ pub mod interconnect;
 pub mod mirror;
 pub mod outbox;
 pub mod receiver;
+mod rx_batch;
 pub mod send_batch;
 mod uring_send;
 
