@@ -39,7 +39,7 @@ use super::hops::{self, Hop};
 use super::mirror::VolumeMirror;
 use super::outbox::{Outbox, Wire};
 use super::receiver::ReceiveError;
-use super::rx_batch;
+use super::rx_thread;
 use super::send_batch::{SendBatch, Transport};
 use super::{LinkPhase, Pair};
 
@@ -70,10 +70,13 @@ pub enum LinkError {
 }
 
 /// A receive buffer that yields whole frames: unsealed ones during the handshake, then (once
-/// `opener` is set) only frames sealed for this connection, in order.
+/// `opener` is set) only frames sealed for this connection, in order. `buf[start..end]` holds
+/// the bytes read and not yet consumed; `buf` keeps its length (zeroed once, when it grows) so
+/// that a read goes straight into it, by async or blocking reads alike.
 pub(super) struct FrameBuf {
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     pub(super) opener: Option<FrameOpener>,
 }
 
@@ -82,26 +85,51 @@ impl FrameBuf {
         FrameBuf {
             buf: Vec::new(),
             start: 0,
+            end: 0,
             opener: None,
         }
     }
 
-    /// Reads more bytes; `Closed` at end of stream.
-    async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<(), LinkError> {
+    /// Moves the unconsumed bytes to the front and makes room for a read of
+    /// [`READ_CHUNK_BYTES`]; returns the free space to read into.
+    fn room(&mut self) -> &mut [u8] {
         if self.start > 0 {
-            self.buf.drain(..self.start);
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
         }
-        self.buf.reserve(READ_CHUNK_BYTES);
-        if r.read_buf(&mut self.buf).await? == 0 {
+        if self.buf.len() - self.end < READ_CHUNK_BYTES {
+            self.buf.resize(self.end + READ_CHUNK_BYTES, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Reads more bytes; `Closed` at end of stream.
+    async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<(), LinkError> {
+        let n = r.read(self.room()).await?;
+        if n == 0 {
             return Err(LinkError::Closed);
         }
+        self.end += n;
         Ok(())
+    }
+
+    /// Reads more bytes with `read` (a blocking read into the slice it is given); returns what
+    /// `read` returned (0: end of stream).
+    pub(super) fn fill_from(
+        &mut self,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
+    ) -> std::io::Result<usize> {
+        let room = self.room();
+        let free = room.len();
+        let n = read(room)?;
+        self.end += n.min(free);
+        Ok(n)
     }
 
     /// The next whole frame already buffered (its body's range), if any.
     pub(super) fn next(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, WireError> {
-        let rest = &self.buf[self.start..];
+        let rest = &self.buf[self.start..self.end];
         let found = match &mut self.opener {
             Some(o) => o.open(rest)?,
             None => split_frame(rest)?,
@@ -124,7 +152,17 @@ impl FrameBuf {
     /// Appends bytes as if read (tests of what one read does, without a socket).
     #[cfg(test)]
     pub(super) fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = self
+                .fill_from(|room| {
+                    let n = room.len().min(rest.len());
+                    room[..n].copy_from_slice(&rest[..n]);
+                    Ok(n)
+                })
+                .unwrap_or(0);
+            rest = &rest[n..];
+        }
     }
 
     async fn read_frame<R: AsyncRead + Unpin>(
@@ -467,63 +505,48 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
     let mut accept = Vec::new();
     encode_accept(&mut accept);
     write_all(&mut wr, &accept).await?;
-    let (mut seal, opener) = session.keys.acceptor();
+    let (seal, opener) = session.keys.acceptor();
     fb.opener = Some(opener);
+    // From here the connection is served by a thread of its own (see `rx_thread`).
+    let stream = rd
+        .reunite(wr)
+        .map_err(|e| LinkError::Dropped(e.to_string()))?;
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    let writer = rx_thread::shared_writer(seal, stream.try_clone()?);
+    let _shutdown = rx_thread::ShutdownOnDrop(stream.try_clone()?);
     let epoch = pair.inbound.connected(peer, session.generation);
     let mut replaced = pair.inbound.subscribe();
     tracing::info!(%peer, volumes = session.volumes.len(), "partner connected; storing its journal records");
     let announced: HashSet<u64> = session.volumes.iter().map(|v| v.volume).collect();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    {
+        let pair = Arc::clone(pair);
+        let writer = Arc::clone(&writer);
+        std::thread::Builder::new()
+            .name("twinblock-rx".into())
+            .spawn(move || {
+                let r = rx_thread::receive_loop(&pair, stream, fb, &writer, &announced);
+                let _ = done_tx.send(r);
+            })?;
+    }
+    // This node's status goes back on the partner's connection too, so the interconnect path
+    // works while only the partner can connect (`Pair::send_status`).
     let mut status = pair.status_updates();
-    let serve = async {
-        let mut out = Vec::new();
-        let mut touched = BTreeMap::new();
-        loop {
-            // This node's status goes back on the partner's connection too, so the
-            // interconnect path works while only the partner can connect (`Pair::send_status`).
-            // `fill` is cancel-safe: it only awaits one `read_buf`.
-            tokio::select! {
-                r = fb.fill(&mut rd) => {
-                    r?;
-                    hops::mark(Hop::RxRead, 0);
-                }
-                Ok(()) = status.changed() => {
-                    let record = status.borrow_and_update().clone();
-                    if let Some(record) = record {
-                        Message::Status(record).encode_with(&mut seal, &mut out);
-                        write_all(&mut wr, &out).await?;
-                        out.clear();
-                    }
-                    continue;
-                }
-            }
-            // Every whole frame of this read: stored, persisted as one group, then one
-            // cumulative ACK per volume (a bad frame still acknowledges the good ones before it).
-            let applied = rx_batch::apply_read(
-                &mut fb,
-                &pair.receiver,
-                &announced,
-                &mut seal,
-                &mut out,
-                &mut touched,
-            );
-            if !out.is_empty() {
-                for seq in touched.values() {
-                    hops::mark(Hop::AckWrite, *seq);
-                }
-                let written = write_all(&mut wr, &out).await;
-                out.clear();
-                applied?;
-                written?;
-                for seq in touched.values() {
-                    hops::mark(Hop::AckSent, *seq);
-                }
-            } else {
-                applied?;
-            }
+    let forward_status = async {
+        while status.changed().await.is_ok() {
+            let record = status.borrow_and_update().clone();
+            let Some(record) = record else { continue };
+            let writer = Arc::clone(&writer);
+            tokio::task::spawn_blocking(move || rx_thread::write_status(&writer, record))
+                .await
+                .map_err(|e| LinkError::Dropped(format!("status writer: {e}")))??;
         }
+        std::future::pending::<Result<(), LinkError>>().await
     };
     let result = tokio::select! {
-        r = serve => r,
+        r = done_rx => r.unwrap_or(Err(LinkError::Dropped("the receive thread ended".into()))),
+        r = forward_status => r,
         _ = replaced.wait_for(|e| *e != epoch) => Err(LinkError::Dropped("replaced by a newer connection".into())),
     };
     pair.inbound.disconnected(epoch);

@@ -22,6 +22,7 @@ pub mod mirror;
 pub mod outbox;
 pub mod receiver;
 mod rx_batch;
+mod rx_thread;
 pub mod send_batch;
 mod uring_send;
 
