@@ -31,14 +31,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use twinblock_pair::wire::{
     handshake::{encode_accept, encode_reject},
-    split_frame, Acceptor, Dialer, FrameKind, FrameOpener, LogReset, Message, RecordRef,
-    RejectReason, WireError,
+    split_frame, Acceptor, Dialer, FrameKind, FrameOpener, LogReset, Message, RejectReason,
+    WireError,
 };
 
 use super::hops::{self, Hop};
 use super::mirror::VolumeMirror;
 use super::outbox::{Outbox, Wire};
 use super::receiver::ReceiveError;
+use super::rx_thread;
 use super::send_batch::{SendBatch, Transport};
 use super::{LinkPhase, Pair};
 
@@ -69,38 +70,66 @@ pub enum LinkError {
 }
 
 /// A receive buffer that yields whole frames: unsealed ones during the handshake, then (once
-/// `opener` is set) only frames sealed for this connection, in order.
-struct FrameBuf {
+/// `opener` is set) only frames sealed for this connection, in order. `buf[start..end]` holds
+/// the bytes read and not yet consumed; `buf` keeps its length (zeroed once, when it grows) so
+/// that a read goes straight into it, by async or blocking reads alike.
+pub(super) struct FrameBuf {
     buf: Vec<u8>,
     start: usize,
-    opener: Option<FrameOpener>,
+    end: usize,
+    pub(super) opener: Option<FrameOpener>,
 }
 
 impl FrameBuf {
-    fn new() -> FrameBuf {
+    pub(super) fn new() -> FrameBuf {
         FrameBuf {
             buf: Vec::new(),
             start: 0,
+            end: 0,
             opener: None,
         }
     }
 
-    /// Reads more bytes; `Closed` at end of stream.
-    async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<(), LinkError> {
+    /// Moves the unconsumed bytes to the front and makes room for a read of
+    /// [`READ_CHUNK_BYTES`]; returns the free space to read into.
+    fn room(&mut self) -> &mut [u8] {
         if self.start > 0 {
-            self.buf.drain(..self.start);
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
         }
-        self.buf.reserve(READ_CHUNK_BYTES);
-        if r.read_buf(&mut self.buf).await? == 0 {
+        if self.buf.len() - self.end < READ_CHUNK_BYTES {
+            self.buf.resize(self.end + READ_CHUNK_BYTES, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Reads more bytes; `Closed` at end of stream.
+    async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<(), LinkError> {
+        let n = r.read(self.room()).await?;
+        if n == 0 {
             return Err(LinkError::Closed);
         }
+        self.end += n;
         Ok(())
     }
 
+    /// Reads more bytes with `read` (a blocking read into the slice it is given); returns what
+    /// `read` returned (0: end of stream).
+    pub(super) fn fill_from(
+        &mut self,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
+    ) -> std::io::Result<usize> {
+        let room = self.room();
+        let free = room.len();
+        let n = read(room)?;
+        self.end += n.min(free);
+        Ok(n)
+    }
+
     /// The next whole frame already buffered (its body's range), if any.
-    fn next(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, WireError> {
-        let rest = &self.buf[self.start..];
+    pub(super) fn next(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, WireError> {
+        let rest = &self.buf[self.start..self.end];
         let found = match &mut self.opener {
             Some(o) => o.open(rest)?,
             None => split_frame(rest)?,
@@ -116,8 +145,24 @@ impl FrameBuf {
         Ok(Some((f.kind, body)))
     }
 
-    fn body(&self, r: Range<usize>) -> &[u8] {
+    pub(super) fn body(&self, r: Range<usize>) -> &[u8] {
         &self.buf[r]
+    }
+
+    /// Appends bytes as if read (tests of what one read does, without a socket).
+    #[cfg(test)]
+    pub(super) fn push(&mut self, bytes: &[u8]) {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = self
+                .fill_from(|room| {
+                    let n = room.len().min(rest.len());
+                    room[..n].copy_from_slice(&rest[..n]);
+                    Ok(n)
+                })
+                .unwrap_or(0);
+            rest = &rest[n..];
+        }
     }
 
     async fn read_frame<R: AsyncRead + Unpin>(
@@ -460,79 +505,48 @@ async fn inbound(pair: &Arc<Pair>, stream: TcpStream, peer: SocketAddr) -> Resul
     let mut accept = Vec::new();
     encode_accept(&mut accept);
     write_all(&mut wr, &accept).await?;
-    let (mut seal, opener) = session.keys.acceptor();
+    let (seal, opener) = session.keys.acceptor();
     fb.opener = Some(opener);
+    // From here the connection is served by a thread of its own (see `rx_thread`).
+    let stream = rd
+        .reunite(wr)
+        .map_err(|e| LinkError::Dropped(e.to_string()))?;
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    let writer = rx_thread::shared_writer(seal, stream.try_clone()?);
+    let _shutdown = rx_thread::ShutdownOnDrop(stream.try_clone()?);
     let epoch = pair.inbound.connected(peer, session.generation);
     let mut replaced = pair.inbound.subscribe();
     tracing::info!(%peer, volumes = session.volumes.len(), "partner connected; storing its journal records");
     let announced: HashSet<u64> = session.volumes.iter().map(|v| v.volume).collect();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    {
+        let pair = Arc::clone(pair);
+        let writer = Arc::clone(&writer);
+        std::thread::Builder::new()
+            .name("twinblock-rx".into())
+            .spawn(move || {
+                let r = rx_thread::receive_loop(&pair, stream, fb, &writer, &announced);
+                let _ = done_tx.send(r);
+            })?;
+    }
+    // This node's status goes back on the partner's connection too, so the interconnect path
+    // works while only the partner can connect (`Pair::send_status`).
     let mut status = pair.status_updates();
-    let serve = async {
-        let mut out = Vec::new();
-        loop {
-            // This node's status goes back on the partner's connection too, so the
-            // interconnect path works while only the partner can connect (`Pair::send_status`).
-            // `fill` is cancel-safe: it only awaits one `read_buf`.
-            tokio::select! {
-                r = fb.fill(&mut rd) => {
-                    r?;
-                    hops::mark(Hop::RxRead, 0);
-                }
-                Ok(()) = status.changed() => {
-                    let record = status.borrow_and_update().clone();
-                    if let Some(record) = record {
-                        Message::Status(record).encode_with(&mut seal, &mut out);
-                        write_all(&mut wr, &out).await?;
-                        out.clear();
-                    }
-                    continue;
-                }
-            }
-            let mut touched = BTreeMap::new();
-            while let Some((k, range)) = fb.next()? {
-                if k == FrameKind::Record {
-                    // The hot path: read in place, copied once into the copy's NVRAM.
-                    let r = RecordRef::decode(fb.body(range))?;
-                    hops::mark(Hop::RxFrame, r.seq);
-                    pair.receiver.apply_record(r, &announced, &mut touched)?;
-                    hops::mark(Hop::RxStored, r.seq);
-                    continue;
-                }
-                let msg = Message::decode(k, fb.body(range))?;
-                if let Message::FetchRequest { volume, from_seq } = msg {
-                    // The owner lost its NVRAM and asks for its records back (see `fetch`).
-                    let reply = pair
-                        .receiver
-                        .fetch_reply(volume, from_seq, &announced, &mut seal)?;
-                    write_all(&mut wr, &reply).await?;
-                    continue;
-                }
-                pair.receiver.apply(msg, &announced, &mut touched)?;
-            }
-            // Everything this read stored is persisted before it is acknowledged.
-            pair.receiver.persist_pending()?;
-            for (volume, seq) in &touched {
-                hops::mark(Hop::RxPersisted, *seq);
-                Message::Ack {
-                    volume: *volume,
-                    seq: *seq,
-                }
-                .encode_with(&mut seal, &mut out);
-            }
-            if !out.is_empty() {
-                for seq in touched.values() {
-                    hops::mark(Hop::AckWrite, *seq);
-                }
-                write_all(&mut wr, &out).await?;
-                out.clear();
-                for seq in touched.values() {
-                    hops::mark(Hop::AckSent, *seq);
-                }
-            }
+    let forward_status = async {
+        while status.changed().await.is_ok() {
+            let record = status.borrow_and_update().clone();
+            let Some(record) = record else { continue };
+            let writer = Arc::clone(&writer);
+            tokio::task::spawn_blocking(move || rx_thread::write_status(&writer, record))
+                .await
+                .map_err(|e| LinkError::Dropped(format!("status writer: {e}")))??;
         }
+        std::future::pending::<Result<(), LinkError>>().await
     };
     let result = tokio::select! {
-        r = serve => r,
+        r = done_rx => r.unwrap_or(Err(LinkError::Dropped("the receive thread ended".into()))),
+        r = forward_status => r,
         _ = replaced.wait_for(|e| *e != epoch) => Err(LinkError::Dropped("replaced by a newer connection".into())),
     };
     pair.inbound.disconnected(epoch);

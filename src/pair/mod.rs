@@ -21,6 +21,8 @@ pub mod interconnect;
 pub mod mirror;
 pub mod outbox;
 pub mod receiver;
+mod rx_batch;
+mod rx_thread;
 pub mod send_batch;
 mod seq_queue;
 mod uring_send;

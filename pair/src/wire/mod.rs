@@ -27,7 +27,10 @@ pub mod handshake;
 pub mod messages;
 pub mod session;
 
-pub use frame::{encode_frame, split_frame, FrameKind, FRAME_HEADER_BYTES, MAX_FRAME_BODY_BYTES};
+pub use frame::{
+    check_frame_crc, encode_frame, locate_frame, split_frame, FrameKind, FRAME_HEADER_BYTES,
+    MAX_FRAME_BODY_BYTES,
+};
 pub use handshake::{
     Acceptor, AcceptorAwaitAuth, Dialer, DialerAwaitAccept, HandshakeFailure, Identity, PairKey,
     PeerSession, RejectReason, SeenNonces, VolumeAnnounce, NONCE_BYTES,

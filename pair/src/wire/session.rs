@@ -39,7 +39,9 @@ use hmac::{Hmac, Mac};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use sha2::Sha256;
 
-use super::frame::{frame_header, split_frame, FrameAt, FrameKind, FRAME_HEADER_BYTES};
+use super::frame::{
+    check_frame_crc, frame_header, locate_frame, FrameAt, FrameKind, FRAME_HEADER_BYTES,
+};
 use super::WireError;
 
 /// Bytes of the AES-256-GCM tag each sealed frame carries.
@@ -281,18 +283,24 @@ impl FrameOpener {
         }
     }
 
-    /// Like [`split_frame`], and the frame must be sealed with the next seq: `Ok(Some)` with
+    /// Like [`split_frame`](super::frame::split_frame), and the frame must be sealed with the next seq: `Ok(Some)` with
     /// `body_start` past the tag, `Ok(None)` when more bytes are needed, an error (drop the
     /// connection, store nothing) when the frame is unsealed or its tag is wrong.
+    ///
+    /// The tag is checked first and the frame CRC only when the tag fails (to name the failure:
+    /// a frame whose CRC also fails was corrupted, one whose CRC holds was tampered with): the
+    /// tag covers every byte the CRC does and more, so a good tag makes the CRC pass redundant.
     pub fn open(&mut self, buf: &[u8]) -> Result<Option<FrameAt>, WireError> {
-        let Some(f) = split_frame(buf)? else {
+        let Some(f) = locate_frame(buf)? else {
             return Ok(None);
         };
         if f.flags & FLAG_MAC == 0 {
+            check_frame_crc(buf, &f)?;
             return Err(WireError::Unsealed { kind: f.kind });
         }
         let body = &buf[f.body_start..f.total];
         if body.len() < FRAME_MAC_BYTES {
+            check_frame_crc(buf, &f)?;
             return Err(WireError::Malformed {
                 what: "sealed frame",
                 detail: format!("{} body bytes, shorter than its tag", body.len()),
@@ -305,6 +313,7 @@ impl FrameOpener {
             .mac
             .tag(self.next_seq, f.kind, body.len(), &mut self.scratch);
         if !tags_equal(t, &expected) {
+            check_frame_crc(buf, &f)?;
             return Err(WireError::BadFrameMac {
                 kind: f.kind,
                 seq: self.next_seq,
@@ -367,6 +376,28 @@ mod tests {
             o.open(&f),
             Err(WireError::BadFrameMac { seq: 0, .. })
         ));
+    }
+
+    #[test]
+    fn corrupted_sealed_frame_is_named_a_crc_error() {
+        // A flipped body bit without a recomputed CRC: corruption, not an attack.
+        let (_, mut o) = keys().acceptor();
+        let mut f = sealed_frames(1).remove(0);
+        let last = f.len() - 1;
+        f[last] ^= 1;
+        assert!(matches!(o.open(&f), Err(WireError::BadCrc { .. })));
+        assert_eq!(o.opened(), 0);
+    }
+
+    #[test]
+    fn sealed_frame_is_checked_by_its_tag_not_its_crc() {
+        // Only the CRC field damaged: the tag vouches for every byte it covers, so the frame
+        // opens (the CRC is read only to name a failed tag).
+        let (_, mut o) = keys().acceptor();
+        let mut f = sealed_frames(1).remove(0);
+        f[8] ^= 1;
+        let at = o.open(&f).unwrap().unwrap();
+        assert_eq!(&f[at.body_start..at.total], &[0u8; 16]);
     }
 
     #[test]
