@@ -354,6 +354,51 @@ async fn fill_racing_a_write_elsewhere_in_its_shard_is_kept() {
     assert_eq!(c.stats().hits, 1);
 }
 
+/// One streaming write of the whole 64-block store, through the cache.
+async fn stream_write(c: &ReadCache, s: &Store, byte: u8) {
+    let data = filled(byte, STREAMING_WRITE_BYTES);
+    c.write(0, &data, async {
+        s.write(0, &data);
+        Ok::<_, ()>(())
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn streaming_write_fills_free_room_and_drops_blocks_it_overwrites() {
+    let blocks = STREAMING_WRITE_BYTES / B;
+    let s = Store::new(blocks);
+    let c = cache(2 * blocks, blocks);
+    stream_write(&c, &s, 1).await;
+    assert_eq!(
+        c.stats().blocks,
+        blocks,
+        "an empty cache keeps a streaming write"
+    );
+    // Overwritten by another streaming write: removed, not copied again.
+    stream_write(&c, &s, 2).await;
+    assert_eq!(c.stats().blocks, 0);
+    assert_eq!(read(&c, &s, 0, B).await, filled(2, B));
+}
+
+#[tokio::test]
+async fn streaming_write_never_evicts() {
+    let blocks = STREAMING_WRITE_BYTES / B;
+    // A store twice the write; the cache holds exactly its first half.
+    let s = Store::new(2 * blocks);
+    let c = cache(blocks, 2 * blocks);
+    for b in 0..blocks {
+        read(&c, &s, (blocks + b) * B, B).await;
+    }
+    let full = c.stats();
+    assert_eq!(full.blocks, blocks);
+    stream_write(&c, &s, 3).await;
+    let after = c.stats();
+    assert_eq!((after.blocks, after.evictions), (blocks, full.evictions));
+    assert_eq!(read(&c, &s, 0, B).await, filled(3, B));
+}
+
 #[tokio::test]
 async fn tail_block_past_a_whole_block_end_is_never_cached() {
     let c = ReadCache::new(256 * B, 10 * B + 512).unwrap();
