@@ -200,6 +200,50 @@ async fn zeroes_and_trims_through_a_cp_are_not_hidden_by_the_cache() {
 /// Writers, readers and CPs at once on a cache far smaller than the volume: every read returns
 /// the version acknowledged before it started or a newer one, and at the end every block reads
 /// as its last write.
+/// Whole-stripe writes in flight at the same time, to different stripes whose blocks share
+/// cache shards, each leave their blocks cached: re-reading them all is all hits, with the
+/// written data. (Deciding by shard alone, every one of them saw another's begin or end and
+/// removed its blocks instead.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_stripe_writes_to_different_places_all_stay_cached() {
+    const WRITES: u64 = 8;
+    const BLOCKS_PER_WRITE: u64 = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, cache) = volume(dir.path(), 1 << 20).await;
+    let vol = Arc::new(vol);
+    let content = |w: u64| -> Bytes {
+        let mut v = Vec::new();
+        for b in 0..BLOCKS_PER_WRITE {
+            v.extend_from_slice(&block_bytes(w * BLOCKS_PER_WRITE + b, 1));
+        }
+        Bytes::from(v)
+    };
+    let tasks: Vec<_> = (0..WRITES)
+        .map(|w| {
+            let (vol, data) = (vol.clone(), content(w));
+            tokio::spawn(async move {
+                vol.write(w * BLOCKS_PER_WRITE * BLOCK_BYTES, data)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let before = cache.stats();
+    for b in 0..WRITES * BLOCKS_PER_WRITE {
+        let got = vol.read(b * BLOCK_BYTES, BLOCK_BYTES).await.unwrap();
+        assert_eq!(got, block_bytes(b, 1), "block {b}");
+    }
+    let after = cache.stats();
+    assert_eq!(
+        (after.hits - before.hits, after.misses - before.misses),
+        (WRITES * BLOCKS_PER_WRITE, 0),
+        "re-reads of freshly written stripes went to the disks: {after:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_reads_writes_and_cps_never_return_older_than_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
