@@ -72,11 +72,14 @@ const _: () = assert!(CACHE_BLOCK_BYTES as usize == twinblock_io::bufpool::BLOCK
 const CACHE_SHARD_COUNT: usize = 16;
 /// Default `read_cache` of a volume, in bytes.
 pub const DEFAULT_READ_CACHE_BYTES: u64 = 256 << 20;
-/// Written pieces at least this long are streaming writes: their blocks are installed only
-/// into free room and only when not cached yet (else removed). Copying every block of a 1 MiB
-/// sequential write into the cache added 15% to the daemon's CPU per write (1,084 against 937
-/// µs, journaled RAID-5), and a large write evicting read-hot blocks would undo the policy's
-/// scan resistance; a cache with room (the first write of a data set) still keeps it all.
+/// Written pieces at least this long are streaming writes: their blocks are removed from the
+/// cache, never installed. Copying every block of a 1 MiB sequential write into the cache added
+/// 15% to the daemon's CPU per write (1,084 against 937 µs, journaled RAID-5), and a large
+/// write evicting read-hot blocks would undo the policy's scan resistance. Installing only into
+/// free room and only blocks not cached yet still cost resident 1 MiB writes 16% of their
+/// throughput (a repeated pass alternates between removing and re-copying each block: 958
+/// against 1,144 IOPS, `tools/bench-ab`, 2026-11-27 23:40Z), so a streaming write's data enters
+/// the cache only when it is read.
 pub const STREAMING_WRITE_BYTES: u64 = 256 << 10;
 /// Smallest cache that holds anything: one block per shard.
 pub const READ_CACHE_MIN_BYTES: u64 = CACHE_BLOCK_BYTES * CACHE_SHARD_COUNT as u64;
@@ -470,9 +473,8 @@ impl ReadCache {
         for b in (first..=last).filter(|&b| shard_of(b) == shard) {
             let start = b * CACHE_BLOCK_BYTES;
             let whole = start >= offset && start + CACHE_BLOCK_BYTES <= end;
-            // A streaming write's block goes in only where it costs no eviction and no
-            // re-copy: not cached yet, and the shard has room.
-            let wanted = !streaming || (p.len() < p.capacity() && !p.contains(b));
+            // A streaming write's blocks are dropped, not copied (see STREAMING_WRITE_BYTES).
+            let wanted = !streaming;
             if whole && wanted && start + CACHE_BLOCK_BYTES <= self.cached_end {
                 let at = (start - offset) as usize;
                 let block = copy_block(&bytes[at..at + CACHE_BLOCK_BYTES as usize]);

@@ -366,17 +366,15 @@ async fn stream_write(c: &ReadCache, s: &Store, byte: u8) {
 }
 
 #[tokio::test]
-async fn streaming_write_fills_free_room_and_drops_blocks_it_overwrites() {
+async fn streaming_write_keeps_nothing_and_drops_blocks_it_overwrites() {
     let blocks = STREAMING_WRITE_BYTES / B;
     let s = Store::new(blocks);
     let c = cache(2 * blocks, blocks);
     stream_write(&c, &s, 1).await;
-    assert_eq!(
-        c.stats().blocks,
-        blocks,
-        "an empty cache keeps a streaming write"
-    );
-    // Overwritten by another streaming write: removed, not copied again.
+    assert_eq!(c.stats().blocks, 0, "a streaming write is not copied in");
+    assert_eq!(read(&c, &s, 0, B).await, filled(1, B));
+    assert_eq!(c.stats().blocks, 1, "the block read is kept");
+    // Overwritten by another streaming write: removed, not replaced.
     stream_write(&c, &s, 2).await;
     assert_eq!(c.stats().blocks, 0);
     assert_eq!(read(&c, &s, 0, B).await, filled(2, B));
