@@ -10,6 +10,9 @@
 //! | [`hops`] | per-hop timestamps of a mirrored write (off unless `TWINBLOCK_HOP_TRACE` names a file) |
 //! | [`send_batch`] | the frames of one vectored send, and the transport (io_uring, or tokio as the fallback) |
 //! | `uring_send` | the io_uring SENDMSG sender: the mirror's only `unsafe`, its invariant documented there |
+//! | `seq_queue` | the owner's writers waiting for an ACK and its unacknowledged bytes, in seq order (no allocation per ACK) |
+//! | `rx_batch` | the partner's handling of one read: every whole frame stored, persisted once, one cumulative ACK per volume |
+//! | `rx_thread` | the partner's receive loop on a thread of its own (blocking `recv`, batch, ACKs written by the same thread) |
 //!
 //! [`Pair`] ties them together: built from the `[pair]` config before the volumes open (each
 //! journaled volume gets its [`VolumeMirror`] as its hook), started by `Node::run`, and asked for
