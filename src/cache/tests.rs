@@ -518,6 +518,11 @@ fn check_interleaving(
                     prop_assert_eq!(v, s.read(b * B, B), "block {} stale", b);
                 }
             }
+            // A hit over several blocks (the pieces the NBD server sends) equals the store.
+            let (offset, len) = (B / 2, 3 * B);
+            if let Some(pieces) = c.lookup(offset, len, 0, 3) {
+                prop_assert_eq!(pieces.concat(), s.read(offset, len).to_vec());
+            }
         }
     }
     Ok(())
@@ -539,60 +544,7 @@ proptest! {
     /// block equals the store.
     #[test]
     fn quiescent_cache_always_equals_the_store(steps in proptest::collection::vec(step(), 0..80)) {
-        let s = Store::new(8);
-        // Two blocks per shard: small enough that evictions happen too.
-        let c = cache(2 * CACHE_SHARD_COUNT as u64, 8);
-        let mut reads: Vec<(u64, [u64; CACHE_SHARD_COUNT], Bytes)> = Vec::new();
-        let mut begun: Vec<Pending> = Vec::new();
-        let mut landed: Vec<Pending> = Vec::new();
-        for st in steps {
-            match st {
-                Step::ReadStart { block } => {
-                    let gens = std::array::from_fn(|i| c.shards[i].gen.load(Ordering::Acquire));
-                    reads.push((block, gens, s.read(block * B, B)));
-                }
-                Step::ReadFill => {
-                    if !reads.is_empty() {
-                        let (block, gens, data) = reads.remove(0);
-                        c.fill(block, std::slice::from_ref(&data), &gens);
-                    }
-                }
-                Step::WriteBegin { block, len_blocks, byte } => {
-                    let len = len_blocks.min(8 - block) * B;
-                    let ticket = c.begin_write(&[(block * B, len)]);
-                    begun.push(Pending { offset: block * B, data: filled(byte, len), ticket });
-                }
-                Step::WriteLand => {
-                    if !begun.is_empty() {
-                        let w = begun.remove(0);
-                        s.write(w.offset, &w.data);
-                        landed.push(w);
-                    }
-                }
-                Step::WriteEnd { as_trim } => {
-                    if !landed.is_empty() {
-                        let w = landed.remove(0);
-                        let r = [(w.offset, w.data.len() as u64)];
-                        let pieces = [(w.offset, &w.data[..])];
-                        c.end_write(w.ticket, &r, (!as_trim).then_some(&pieces[..]));
-                    }
-                }
-            }
-            if begun.is_empty() && landed.is_empty() {
-                for b in 0..8u64 {
-                    let shard = &c.shards[shard_of(b)];
-                    let cached = lock(&shard.state).policy.get(b).cloned();
-                    if let Some(v) = cached {
-                        prop_assert_eq!(v, s.read(b * B, B), "block {} stale", b);
-                    }
-                }
-                // A hit over several blocks (the pieces the NBD server sends) equals the store.
-                let (offset, len) = (B / 2, 3 * B);
-                if let Some(pieces) = c.lookup(offset, len, 0, 3) {
-                    prop_assert_eq!(pieces.concat(), s.read(offset, len).to_vec());
-                }
-            }
-        }
+        check_interleaving(steps, 8, 1)?;
     }
 }
 
