@@ -612,13 +612,14 @@ impl PartnerCopy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    //! The fixtures here also serve `rx_batch`'s tests (same volume, copy settings and records).
     use super::*;
     use twinblock_journal::format::encode_record;
 
-    const VOL: u64 = 42;
+    pub(in crate::pair) const VOL: u64 = 42;
 
-    fn receiver(dir: &std::path::Path) -> Receiver {
+    pub(in crate::pair) fn receiver(dir: &std::path::Path) -> Receiver {
         Receiver::new(CopySettings {
             node_id: 1,
             pair_id: [7; 16],
@@ -627,7 +628,7 @@ mod tests {
         })
     }
 
-    fn announce() -> VolumeAnnounce {
+    pub(in crate::pair) fn announce() -> VolumeAnnounce {
         VolumeAnnounce {
             volume: VOL,
             name: "r5".into(),
@@ -637,7 +638,7 @@ mod tests {
         }
     }
 
-    fn record(seq: u64, generation: u64, fill: u8) -> Vec<u8> {
+    pub(in crate::pair) fn record(seq: u64, generation: u64, fill: u8) -> Vec<u8> {
         let h = RecordHeader {
             kind: RecordKind::Write,
             generation,
@@ -659,7 +660,7 @@ mod tests {
         })
     }
 
-    fn reset() -> Message {
+    pub(in crate::pair) fn reset() -> Message {
         Message::LogReset(LogReset {
             volume: VOL,
             generation: 3,

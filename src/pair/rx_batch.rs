@@ -86,12 +86,9 @@ fn apply_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pair::receiver::{CopySettings, ReceiveError};
-    use twinblock_journal::format::{encode_record, RecordHeader, RecordKind};
-    use twinblock_journal::PersistenceMode;
-    use twinblock_pair::wire::{FrameOpener, LogReset, RecordFrame, SessionKeys, VolumeAnnounce};
-
-    const VOL: u64 = 42;
+    use crate::pair::receiver::tests::{announce, receiver, record, reset, VOL};
+    use crate::pair::receiver::ReceiveError;
+    use twinblock_pair::wire::{FrameOpener, RecordFrame, SessionKeys};
 
     struct Setup {
         receiver: Receiver,
@@ -107,21 +104,8 @@ mod tests {
 
     fn setup() -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let receiver = Receiver::new(CopySettings {
-            node_id: 1,
-            pair_id: [7; 16],
-            persistence: PersistenceMode::None,
-            dir: dir.path().to_path_buf(),
-        });
-        receiver
-            .open_copies(&[VolumeAnnounce {
-                volume: VOL,
-                name: "r5".into(),
-                generation: 3,
-                log_bytes: 64 * 1024,
-                store_id: [9; 16],
-            }])
-            .unwrap();
+        let receiver = receiver(dir.path());
+        receiver.open_copies(&[announce()]).unwrap();
         let keys = SessionKeys::derive(b"0123456789abcdef", b"hello", b"challenge", b"auth");
         let (owner_seal, owner_open) = keys.dialer();
         let (seal, opener) = keys.acceptor();
@@ -139,16 +123,7 @@ mod tests {
     }
 
     fn record_frame(seq: u64, corrupt: bool) -> Message {
-        let h = RecordHeader {
-            kind: RecordKind::Write,
-            generation: 3,
-            seq,
-            volume_id: VOL,
-            offset: 4096 * seq,
-            length: 64,
-            payload_bytes: 64,
-        };
-        let mut record = encode_record(&h, &[seq as u8; 64]);
+        let mut record = record(seq, 3, seq as u8);
         if corrupt {
             record[100] ^= 1; // the record's own CRC fails; the frame is sealed over it
         }
@@ -157,15 +132,6 @@ mod tests {
             log_offset: (seq - 10) * 128,
             seq,
             record,
-        })
-    }
-
-    fn reset() -> Message {
-        Message::LogReset(LogReset {
-            volume: VOL,
-            generation: 3,
-            tail_offset: 0,
-            tail_seq: 10,
         })
     }
 
