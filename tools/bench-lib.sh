@@ -1,6 +1,35 @@
 # tools/bench-lib.sh: helpers shared by tools/bench and tools/bench-mirror (sourced, not run).
 # Each caller defines `die` before sourcing.
 
+# The working sets both scripts measure (BENCH_SETS), one table each: `resident` touches
+# BENCH_REGION_RESIDENT bytes of the export (default 128M, inside the default 256 MiB read cache),
+# `large` BENCH_REGION_LARGE (default 1G, four times the read cache). Defined once here so the
+# mirror table and tools/bench's table always describe the same regions.
+bench_sets_default="resident large"
+
+# Bytes the jobs of working set `set` touch.
+region_of() { # set
+    case $1 in
+        resident) echo "${BENCH_REGION_RESIDENT:-128M}" ;;
+        large) echo "${BENCH_REGION_LARGE:-1G}" ;;
+        *) return 1 ;;
+    esac
+}
+
+# Fails (via die) unless every word of `sets` names a working set.
+check_sets() { # sets
+    local set
+    [[ -n ${1// /} ]] || die "BENCH_SETS is empty (known: $bench_sets_default)"
+    for set in $1; do
+        region_of "$set" >/dev/null || die "BENCH_SETS takes resident and/or large, not '$set'"
+    done
+}
+
+# The region the prefill writes: the largest of the sets run, so every job touches written data.
+largest_region() { # sets
+    if [[ " $1 " == *" large "* ]]; then region_of large; else region_of resident; fi
+}
+
 # A TCP port free on loopback right now.
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
