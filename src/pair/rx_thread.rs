@@ -9,7 +9,9 @@
 //! wake-up of a runtime worker, a task poll, a `recv` that returns data, and a second `recv`
 //! that returns `EAGAIN` before the task parks again; the data's arrival wakes the reader
 //! directly here, and the thread sleeps in the `recv` that returns the next read. One such
-//! connection exists per node (the partner's), so one thread is cheap.
+//! connection exists per node (the partner's), so one thread is cheap. Before it sleeps, the
+//! thread polls the socket briefly ([`super::rx_poll`]), so that under load the next batch is
+//! read without a wake-up on either side.
 //!
 //! # Sharing the socket
 //!
@@ -24,12 +26,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use twinblock_pair::wire::{FrameSealer, Message};
 
 use super::hops::{self, Hop};
 use super::interconnect::{FrameBuf, LinkError};
 use super::rx_batch;
+use super::rx_poll;
 use super::Pair;
 
 /// The write side of the partner's connection: the sealer and the socket, used together.
@@ -74,8 +78,26 @@ impl Drop for ShutdownOnDrop {
     }
 }
 
-/// Reads more bytes into `fb` (blocking); `Closed` at end of stream.
-fn fill(fb: &mut FrameBuf, stream: &mut TcpStream) -> Result<(), LinkError> {
+/// Reads more bytes into `fb`: polls for up to `poll` (see [`rx_poll`]), then blocks; `Closed`
+/// at end of stream.
+fn fill(fb: &mut FrameBuf, stream: &mut TcpStream, poll: Duration) -> Result<(), LinkError> {
+    if !poll.is_zero() {
+        let until = Instant::now() + poll;
+        loop {
+            match fb.fill_from(|spare| rx_poll::recv_nowait(stream, spare)) {
+                Ok(0) => return Err(LinkError::Closed),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if Instant::now() >= until {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     loop {
         match fb.fill_from(|spare| stream.read(spare)) {
             Ok(0) => return Err(LinkError::Closed),
@@ -97,8 +119,9 @@ pub(super) fn receive_loop(
 ) -> Result<(), LinkError> {
     let mut out = Vec::new();
     let mut touched = BTreeMap::new();
+    let poll = rx_poll::budget();
     loop {
-        fill(&mut fb, &mut stream)?;
+        fill(&mut fb, &mut stream, poll)?;
         hops::mark(Hop::RxRead, 0);
         let mut guard = lock(writer);
         let w = &mut *guard;

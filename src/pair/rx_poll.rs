@@ -1,0 +1,134 @@
+//! The partner's receive thread polls its socket for a short while after each batch before it
+//! sleeps in a blocking `recv` ([`super::rx_thread`]).
+//!
+//! # Why poll
+//!
+//! Under load the owner sends the next batch within tens of microseconds of the ACK for the
+//! last one. A thread that went to sleep in `recv` in between costs a context switch and a
+//! wake-up on both sides: the owner's `send` has to wake it (on this VM, an idle vCPU's wake-up
+//! is tens of microseconds), and this thread pays the switch back in. Polling with
+//! `MSG_DONTWAIT` for [`RX_POLL_DEFAULT_US`] catches those batches awake. At depth 1 the next
+//! record comes a full client round trip later, past the budget: the thread then sleeps as
+//! before, having spent at most the budget.
+//!
+//! `TWINBLOCK_RX_POLL_US` overrides the budget (0 turns polling off): for benchmarks comparing
+//! both, not a setting an operator needs.
+//!
+//! This module holds the receive thread's only `unsafe`: one `recv(2)` call (see
+//! [`recv_nowait`]).
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+/// Microseconds the receive thread polls for the next read before it blocks.
+pub(super) const RX_POLL_DEFAULT_US: u64 = 50;
+/// The largest budget `TWINBLOCK_RX_POLL_US` may set (a longer poll is a busy core, not a wait).
+pub(super) const RX_POLL_MAX_US: u64 = 1_000;
+
+/// The polling budget: `TWINBLOCK_RX_POLL_US` when set to a number up to [`RX_POLL_MAX_US`],
+/// otherwise [`RX_POLL_DEFAULT_US`] (a bad value is logged once, when the thread starts).
+pub(super) fn budget() -> Duration {
+    Duration::from_micros(parse_budget(
+        std::env::var("TWINBLOCK_RX_POLL_US").ok().as_deref(),
+    ))
+}
+
+fn parse_budget(v: Option<&str>) -> u64 {
+    let Some(v) = v else {
+        return RX_POLL_DEFAULT_US;
+    };
+    match v.trim().parse::<u64>() {
+        Ok(us) if us <= RX_POLL_MAX_US => us,
+        _ => {
+            tracing::warn!(
+                value = v,
+                default_us = RX_POLL_DEFAULT_US,
+                max_us = RX_POLL_MAX_US,
+                "TWINBLOCK_RX_POLL_US must be microseconds up to the maximum; using the default"
+            );
+            RX_POLL_DEFAULT_US
+        }
+    }
+}
+
+/// One `recv` that does not wait: `Err(WouldBlock)` when no byte is queued, `Ok(0)` at end of
+/// stream, else the bytes read into `buf`.
+pub(super) fn recv_nowait(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a live, exclusively borrowed slice of `buf.len()` writable bytes for the
+    // whole call, and the kernel writes at most that many; the descriptor belongs to `stream`,
+    // which the borrow keeps open. `recv` keeps no pointer after it returns.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{ErrorKind, Write};
+    use std::net::TcpListener;
+
+    #[test]
+    fn budget_defaults_and_rejects_bad_or_huge_values() {
+        assert_eq!(parse_budget(None), RX_POLL_DEFAULT_US);
+        assert_eq!(parse_budget(Some("0")), 0);
+        assert_eq!(parse_budget(Some(" 20 ")), 20);
+        assert_eq!(parse_budget(Some("fast")), RX_POLL_DEFAULT_US);
+        assert_eq!(parse_budget(Some("-5")), RX_POLL_DEFAULT_US);
+        assert_eq!(
+            parse_budget(Some(&(RX_POLL_MAX_US + 1).to_string())),
+            RX_POLL_DEFAULT_US
+        );
+    }
+
+    #[test]
+    fn recv_nowait_reports_would_block_then_data_then_end_of_stream() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (rx, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 16];
+        let e = recv_nowait(&rx, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WouldBlock);
+        tx.write_all(b"abc").unwrap();
+        let mut got = 0;
+        for _ in 0..1000 {
+            match recv_nowait(&rx, &mut buf) {
+                Ok(n) => {
+                    got = n;
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(&buf[..got], b"abc");
+        drop(tx);
+        let mut end = None;
+        for _ in 0..1000 {
+            match recv_nowait(&rx, &mut buf) {
+                Ok(n) => {
+                    end = Some(n);
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(end, Some(0), "end of stream reads as 0 bytes");
+    }
+}
