@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use twinblock_pair::wire::{FrameSealer, Message};
 
@@ -78,15 +78,22 @@ impl Drop for ShutdownOnDrop {
     }
 }
 
-/// Reads more bytes into `fb`: polls for up to `poll` (see [`rx_poll`]), then blocks; `Closed`
-/// at end of stream.
-fn fill(fb: &mut FrameBuf, stream: &mut TcpStream, poll: Duration) -> Result<(), LinkError> {
-    if !poll.is_zero() {
-        let until = Instant::now() + poll;
+/// Reads more bytes into `fb`; `Closed` at end of stream. Polls first for up to the budget
+/// when `poll` says the previous read came within it (see [`rx_poll::Poller`]), then blocks.
+fn fill(
+    fb: &mut FrameBuf,
+    stream: &mut TcpStream,
+    poll: &mut rx_poll::Poller,
+) -> Result<(), LinkError> {
+    let from = Instant::now();
+    if let Some(until) = poll.deadline(from) {
         loop {
             match fb.fill_from(|spare| rx_poll::recv_nowait(stream, spare)) {
                 Ok(0) => return Err(LinkError::Closed),
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    poll.arrived(from, Instant::now());
+                    return Ok(());
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if Instant::now() >= until {
                         break;
@@ -101,7 +108,10 @@ fn fill(fb: &mut FrameBuf, stream: &mut TcpStream, poll: Duration) -> Result<(),
     loop {
         match fb.fill_from(|spare| stream.read(spare)) {
             Ok(0) => return Err(LinkError::Closed),
-            Ok(_) => return Ok(()),
+            Ok(_) => {
+                poll.arrived(from, Instant::now());
+                return Ok(());
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         }
@@ -119,9 +129,9 @@ pub(super) fn receive_loop(
 ) -> Result<(), LinkError> {
     let mut out = Vec::new();
     let mut touched = BTreeMap::new();
-    let poll = rx_poll::budget();
+    let mut poll = rx_poll::Poller::new(rx_poll::budget());
     loop {
-        fill(&mut fb, &mut stream, poll)?;
+        fill(&mut fb, &mut stream, &mut poll)?;
         hops::mark(Hop::RxRead, 0);
         let mut guard = lock(writer);
         let w = &mut *guard;
