@@ -1,5 +1,5 @@
-//! The partner's receive thread polls its socket for a short while after each batch before it
-//! sleeps in a blocking `recv` ([`super::rx_thread`]).
+//! The partner's receive thread can poll its socket for a short while after each batch before
+//! it sleeps in a blocking `recv` ([`super::rx_thread`]). Off by default: see "Measured" below.
 //!
 //! # Why poll
 //!
@@ -7,15 +7,23 @@
 //! last one. A thread that went to sleep in `recv` in between costs a context switch and a
 //! wake-up on both sides: the owner's `send` has to wake it (on this VM, an idle vCPU's wake-up
 //! is tens of microseconds), and this thread pays the switch back in. Polling with
-//! `MSG_DONTWAIT` for [`RX_POLL_DEFAULT_US`] catches those batches awake. At depth 1 the next
+//! `MSG_DONTWAIT` for a budget of tens of microseconds catches those batches awake. At depth 1 the next
 //! record comes a full client round trip later, past the budget, and polling would only burn
 //! the budget per record (a first version that always polled cost the partner about 60 us of
 //! CPU per depth-1 write, on a 2-core machine shared with the owner and the client). So the
 //! thread polls only while reads keep coming within the budget ([`Poller`]): one read that
 //! took longer turns polling off until a read comes within the budget again.
 //!
-//! `TWINBLOCK_RX_POLL_US` overrides the budget (0 turns polling off): for benchmarks comparing
-//! both, not a setting an operator needs.
+//! # Measured
+//!
+//! In interleaved runs on the shared 2-core machine (load average 13 to 17, docs/BENCHMARKS.md
+//! "Mirror cost", 2026-11-28) polling did not show a win that stands above the noise: the
+//! always-polling version cost the partner about 60 us of CPU per depth-1 write, and the
+//! adaptive one put the partner's CPU per depth-32 write at 8.9 and 12.8 us against 7.3 and
+//! 7.8 us without it (time spent spinning on a core the owner and the client also need), while
+//! the throughput ratios swung by 2x between runs of one binary. So the budget defaults to 0 (the thread sleeps in
+//! `recv` as before) and `TWINBLOCK_RX_POLL_US` sets one, so that one binary can be compared
+//! with and without polling on a quiet machine (for benchmarks, not a setting an operator needs).
 //!
 //! This module holds the receive thread's only `unsafe`: one `recv(2)` call (see
 //! [`recv_nowait`]).
@@ -25,8 +33,9 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-/// Microseconds the receive thread polls for the next read before it blocks.
-pub(super) const RX_POLL_DEFAULT_US: u64 = 50;
+/// Microseconds the receive thread polls for the next read before it blocks, unless
+/// `TWINBLOCK_RX_POLL_US` says otherwise: none (see "Measured" in the module docs).
+pub(super) const RX_POLL_DEFAULT_US: u64 = 0;
 /// The largest budget `TWINBLOCK_RX_POLL_US` may set (a longer poll is a busy core, not a wait).
 pub(super) const RX_POLL_MAX_US: u64 = 1_000;
 

@@ -9,9 +9,10 @@
 //! wake-up of a runtime worker, a task poll, a `recv` that returns data, and a second `recv`
 //! that returns `EAGAIN` before the task parks again; the data's arrival wakes the reader
 //! directly here, and the thread sleeps in the `recv` that returns the next read. One such
-//! connection exists per node (the partner's), so one thread is cheap. Before it sleeps, the
-//! thread polls the socket briefly ([`super::rx_poll`]), so that under load the next batch is
-//! read without a wake-up on either side.
+//! connection exists per node (the partner's), so one thread is cheap. With
+//! `TWINBLOCK_RX_POLL_US` set, the thread polls the socket briefly before it sleeps
+//! ([`super::rx_poll`], off by default), so that under load the next batch can be read without
+//! a wake-up on either side.
 //!
 //! # Sharing the socket
 //!
