@@ -13,7 +13,6 @@
 //! | `seq_queue` | the owner's writers waiting for an ACK and its unacknowledged bytes, in seq order (no allocation per ACK) |
 //! | `rx_batch` | the partner's handling of one read: every whole frame stored, persisted once, one cumulative ACK per volume |
 //! | `rx_thread` | the partner's receive loop on a thread of its own (blocking `recv`, batch, ACKs written by the same thread) |
-//! | `rx_poll` | the receive thread's short poll before it sleeps (`MSG_DONTWAIT` `recv`: its only `unsafe`) |
 //!
 //! [`Pair`] ties them together: built from the `[pair]` config before the volumes open (each
 //! journaled volume gets its [`VolumeMirror`] as its hook), started by `Node::run`, and asked for
@@ -26,7 +25,6 @@ pub mod mirror;
 pub mod outbox;
 pub mod receiver;
 mod rx_batch;
-mod rx_poll;
 mod rx_thread;
 pub mod send_batch;
 mod seq_queue;

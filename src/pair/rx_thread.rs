@@ -9,10 +9,7 @@
 //! wake-up of a runtime worker, a task poll, a `recv` that returns data, and a second `recv`
 //! that returns `EAGAIN` before the task parks again; the data's arrival wakes the reader
 //! directly here, and the thread sleeps in the `recv` that returns the next read. One such
-//! connection exists per node (the partner's), so one thread is cheap. With
-//! `TWINBLOCK_RX_POLL_US` set, the thread polls the socket briefly before it sleeps
-//! ([`super::rx_poll`], off by default), so that under load the next batch can be read without
-//! a wake-up on either side.
+//! connection exists per node (the partner's), so one thread is cheap.
 //!
 //! # Sharing the socket
 //!
@@ -27,14 +24,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 
 use twinblock_pair::wire::{FrameSealer, Message};
 
 use super::hops::{self, Hop};
 use super::interconnect::{FrameBuf, LinkError};
 use super::rx_batch;
-use super::rx_poll;
 use super::Pair;
 
 /// The write side of the partner's connection: the sealer and the socket, used together.
@@ -79,40 +74,12 @@ impl Drop for ShutdownOnDrop {
     }
 }
 
-/// Reads more bytes into `fb`; `Closed` at end of stream. Polls first for up to the budget
-/// when `poll` says the previous read came within it (see [`rx_poll::Poller`]), then blocks.
-fn fill(
-    fb: &mut FrameBuf,
-    stream: &mut TcpStream,
-    poll: &mut rx_poll::Poller,
-) -> Result<(), LinkError> {
-    let from = Instant::now();
-    if let Some(until) = poll.deadline(from) {
-        loop {
-            match fb.fill_from(|spare| rx_poll::recv_nowait(stream, spare)) {
-                Ok(0) => return Err(LinkError::Closed),
-                Ok(_) => {
-                    poll.arrived(from, Instant::now());
-                    return Ok(());
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if Instant::now() >= until {
-                        break;
-                    }
-                    std::hint::spin_loop();
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
+/// Reads more bytes into `fb` (blocking); `Closed` at end of stream.
+fn fill(fb: &mut FrameBuf, stream: &mut TcpStream) -> Result<(), LinkError> {
     loop {
         match fb.fill_from(|spare| stream.read(spare)) {
             Ok(0) => return Err(LinkError::Closed),
-            Ok(_) => {
-                poll.arrived(from, Instant::now());
-                return Ok(());
-            }
+            Ok(_) => return Ok(()),
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         }
@@ -130,9 +97,8 @@ pub(super) fn receive_loop(
 ) -> Result<(), LinkError> {
     let mut out = Vec::new();
     let mut touched = BTreeMap::new();
-    let mut poll = rx_poll::Poller::new(rx_poll::budget());
     loop {
-        fill(&mut fb, &mut stream, &mut poll)?;
+        fill(&mut fb, &mut stream)?;
         hops::mark(Hop::RxRead, 0);
         let mut guard = lock(writer);
         let w = &mut *guard;
