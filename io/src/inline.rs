@@ -8,10 +8,8 @@
 //! engine. Buffered writes of bounded size are a copy into the page cache (ext4 refuses
 //! `RWF_NOWAIT` for them, so they are plain `pwrite`s); large ones go to the engine.
 //!
-//! The only unsafe code is the `preadv2` call into a buffer the caller owns (a vector's spare
-//! capacity, or a block of the block pool); see `fill_nowait`.
+//! The only unsafe code is the `preadv2` call into a vector's spare capacity; see its comment.
 
-use crate::bufpool::{block_pool, BLOCK_POOL_BLOCK_BYTES};
 use bytes::Bytes;
 use std::fs::File;
 use std::io;
@@ -69,6 +67,11 @@ fn buffer_for(len: usize) -> Vec<u8> {
             return buf;
         }
     }
+    // A 4 KiB read gets a plain allocation, not a block of `bufpool::block_pool` as the
+    // engines' block reads do: tried under a plain volume's read cache (4 KiB random reads over
+    // a 1 GiB set, 256 MiB cache, `tools/bench-cpu`, 2026-11-28 01:16Z, load 10-12), pooled
+    // blocks cost more server CPU per request once the cache was full (10.9 and 10.6 us against
+    // 10.4 and 8.9 us in the two warm rounds; cold round 16.3 against 16.1).
     Vec::with_capacity(len)
 }
 
@@ -77,12 +80,6 @@ static NOWAIT_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
 /// Read `len` bytes at `offset` from the page cache without blocking. `Ok(None)` means "not
 /// all cached" (or not supported): use the engine.
-///
-/// A read of exactly one [`BLOCK_POOL_BLOCK_BYTES`] block lands in a recycled block of
-/// [`block_pool`], as the engines' block reads do: a volume read cache over a page-cache image
-/// keeps each such read and evicts another, so a fresh 4 KiB allocation per miss made the
-/// allocator fault in (and the kernel clear) fresh huge pages, 22% of the daemon's CPU in a
-/// profile of 4 KiB random reads over a 1 GiB set with the default 256 MiB cache.
 pub fn read_nowait(file: &File, offset: u64, len: usize) -> io::Result<Option<Bytes>> {
     if len > INLINE_READ_BYTES_MAX || NOWAIT_UNSUPPORTED.load(Ordering::Relaxed) {
         return Ok(None);
@@ -90,48 +87,20 @@ pub fn read_nowait(file: &File, offset: u64, len: usize) -> io::Result<Option<By
     let Ok(off) = libc::off_t::try_from(offset) else {
         return Ok(None);
     };
-    if len == BLOCK_POOL_BLOCK_BYTES {
-        let pool = block_pool();
-        let mut buf = pool.take();
-        // SAFETY: `buf` is an owned, initialised buffer of `len` bytes that nothing else
-        // references during the call.
-        let filled = unsafe { fill_nowait(file, off, buf.as_mut_ptr(), len)? };
-        // Frozen either way, so a refused read's block goes back to the pool on drop.
-        let block = pool.freeze(buf);
-        return Ok(filled.then_some(block));
-    }
     let mut buf = buffer_for(len);
-    // SAFETY: `buf` has room for `len` bytes (spare capacity, as `buf.len() == 0`), owned by
-    // `buf` and referenced by nothing else during the call.
-    if !unsafe { fill_nowait(file, off, buf.as_mut_ptr(), len)? } {
-        return Ok(None);
-    }
-    // SAFETY: `fill_nowait` returned true: the kernel initialised all `len` bytes.
-    unsafe { buf.set_len(len) };
-    if len >= RECYCLE_MIN_BYTES {
-        return Ok(Some(Bytes::from_owner(Recycled(buf))));
-    }
-    Ok(Some(Bytes::from(buf)))
-}
-
-/// Fills the `len` bytes at `dst` from `file` at `off` with `RWF_NOWAIT` reads. `Ok(false)`:
-/// not all of it is cached, `RWF_NOWAIT` is unsupported, or the file ends first (the caller's
-/// engine then reads it and reports a short file with full context).
-///
-/// # Safety
-/// `dst` must be valid for writes of `len` bytes and not be accessed by anything else until
-/// this returns.
-unsafe fn fill_nowait(file: &File, off: libc::off_t, dst: *mut u8, len: usize) -> io::Result<bool> {
     let mut done = 0usize;
     while done < len {
+        // `buf.len() == done`, so the spare capacity starts at byte `done` and holds
+        // `capacity - done >= len - done` bytes.
+        let spare = buf.spare_capacity_mut();
+        debug_assert!(spare.len() >= len - done);
         let iov = libc::iovec {
-            // SAFETY (of the add): `done < len`, inside the caller's buffer.
-            iov_base: unsafe { dst.add(done) }.cast(),
+            iov_base: spare.as_mut_ptr().cast(),
             iov_len: len - done,
         };
-        // SAFETY: the iovec covers bytes `done..len` of the caller's buffer (valid for writes,
-        // exclusively ours, by this function's contract); the kernel writes at most `iov_len`
-        // bytes there. The descriptor is kept open by `file`.
+        // SAFETY: the iovec covers the first `len - done` bytes of `buf`'s spare capacity, which
+        // `buf` owns and nothing else references during the call; the kernel writes at most
+        // `iov_len` bytes there. The descriptor is kept open by `file`.
         let n = unsafe {
             libc::preadv2(
                 file.as_raw_fd(),
@@ -144,22 +113,28 @@ unsafe fn fill_nowait(file: &File, off: libc::off_t, dst: *mut u8, len: usize) -
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
-                Some(libc::EAGAIN) => Ok(false),
+                Some(libc::EAGAIN) => Ok(None),
                 Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
                     NOWAIT_UNSUPPORTED.store(true, Ordering::Relaxed);
                     tracing::debug!("RWF_NOWAIT reads unsupported ({e}); using the engine");
-                    Ok(false)
+                    Ok(None)
                 }
                 Some(libc::EINTR) => continue,
                 _ => Err(e),
             };
         }
         if n == 0 {
-            return Ok(false);
+            // End of file before `len`: let the engine report it with full context.
+            return Ok(None);
         }
         done += n as usize;
+        // SAFETY: the kernel initialised bytes `..done` (the earlier ones in earlier rounds).
+        unsafe { buf.set_len(done) };
     }
-    Ok(true)
+    if len >= RECYCLE_MIN_BYTES {
+        return Ok(Some(Bytes::from_owner(Recycled(buf))));
+    }
+    Ok(Some(Bytes::from(buf)))
 }
 
 /// Copy `data` into the page cache at `offset` (a buffered `pwrite`), when small enough.
@@ -199,29 +174,6 @@ mod tests {
         if let Some(b) = read_nowait(&f, 0, 65536).unwrap() {
             assert_eq!(&b[..], &data[..]);
         }
-    }
-
-    #[test]
-    fn block_reads_land_in_aligned_pool_blocks_with_the_file_contents() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        let data: Vec<u8> = (0..65536u32).map(|i| (i * 31 + i / 4096) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let f = File::open(&path).unwrap();
-        for block in [0usize, 5, 15] {
-            let at = block * BLOCK_POOL_BLOCK_BYTES;
-            let Some(b) = read_nowait(&f, at as u64, BLOCK_POOL_BLOCK_BYTES).unwrap() else {
-                eprintln!("skipping: RWF_NOWAIT reads refused here");
-                return;
-            };
-            assert_eq!(&b[..], &data[at..at + BLOCK_POOL_BLOCK_BYTES]);
-            // A pool block is page aligned; a plain 4 KiB heap allocation is not.
-            assert_eq!(b.as_ptr() as usize % crate::buf::ALIGN_BYTES, 0);
-        }
-        // A block past the end is left to the engine, never a short or stale block.
-        assert!(read_nowait(&f, 65536 - 100, BLOCK_POOL_BLOCK_BYTES)
-            .unwrap()
-            .is_none());
     }
 
     #[test]
