@@ -267,6 +267,43 @@ impl Geometry {
         }
     }
 
+    /// Where logical data chunk `k` lives when it has exactly one copy (RAID 0, 5, 6); `None`
+    /// for mirrored levels. The same place as [`Geometry::places`] gives, without its vector
+    /// (a small read's hot path).
+    pub fn single_place(&self, k: u64) -> Option<Place> {
+        let n = self.members as u64;
+        match self.level {
+            Level::Raid0 => Some(Place {
+                member: (k % n) as usize,
+                row: k / n,
+            }),
+            Level::Raid5 | Level::Raid6 => {
+                let d = self.data_per_row() as u64;
+                let row = k / d;
+                Some(Place {
+                    member: self.data_member(row, (k % d) as usize),
+                    row,
+                })
+            }
+            Level::Raid1 | Level::Raid10 => None,
+        }
+    }
+
+    /// The one extent of `offset..offset+len` when the range is not empty and lies inside one
+    /// chunk; `None` otherwise (use [`Geometry::extents`]).
+    pub fn single_extent(&self, offset: u64, len: u64) -> Option<Extent> {
+        let offset_in_chunk = offset % self.chunk_bytes;
+        if len == 0 || len > self.chunk_bytes - offset_in_chunk {
+            return None;
+        }
+        Some(Extent {
+            chunk: offset / self.chunk_bytes,
+            offset_in_chunk,
+            len,
+            buf_offset: 0,
+        })
+    }
+
     /// Parity levels: the member holding P in `row`.
     pub fn p_member(&self, row: u64) -> usize {
         let n = self.members as u64;
@@ -390,6 +427,41 @@ mod tests {
 
     fn geo(level: Level, n: usize) -> Geometry {
         Geometry::new(level, n, 4096, 4096 * 12).unwrap()
+    }
+
+    #[test]
+    fn single_place_is_the_one_place_of_single_copy_levels() {
+        for (level, n) in [
+            (Level::Raid0, 3),
+            (Level::Raid5, 4),
+            (Level::Raid6, 5),
+            (Level::Raid1, 2),
+            (Level::Raid10, 4),
+        ] {
+            let g = geo(level, n);
+            for k in 0..g.data_chunks() {
+                let all = g.places(k);
+                let expected = (all.len() == 1).then(|| all[0]);
+                assert_eq!(g.single_place(k), expected, "{level:?} chunk {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn single_extent_is_the_extent_list_when_it_has_one_entry() {
+        let g = geo(Level::Raid5, 4);
+        for (offset, len) in [
+            (0, 4096),
+            (4096, 4096),
+            (8192 + 100, 300),
+            (4000, 200),
+            (0, 8192),
+            (5, 0),
+        ] {
+            let all = g.extents(offset, len);
+            let expected = (all.len() == 1).then(|| all[0]);
+            assert_eq!(g.single_extent(offset, len), expected, "{offset}+{len}");
+        }
     }
 
     #[test]

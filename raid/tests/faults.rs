@@ -76,6 +76,40 @@ async fn member_unreadable_mid_workload_is_failed_and_reads_reconstruct() {
 
 /// `read_pieces` returns one buffer per chunk extent, which together are exactly what `read`
 /// returns, healthy and degraded (a reconstructed chunk is a piece too).
+/// A read inside one chunk (the healthy fast path: one metadata look, one member read) whose
+/// member fails the read fails that member and is answered from parity, through `read` and
+/// `read_pieces`; later small reads of the failed member's chunks are rebuilt as well.
+#[tokio::test]
+async fn small_read_on_an_unreadable_member_fails_it_and_reconstructs() {
+    let ms = mems("s", 4, 1 << 20);
+    let a = Array::create("r5", Level::Raid5, CHUNK_BYTES, dynv(&ms), vec![])
+        .await
+        .unwrap();
+    let data = pattern(a.size() as usize, 9);
+    a.write(0, Bytes::from(data.clone())).await.unwrap();
+    // Healthy small reads, aligned and not.
+    for (at, len) in [
+        (0usize, 4096usize),
+        (CHUNK_BYTES as usize + 4096, 4096),
+        (777, 1000),
+    ] {
+        assert!(a.read(at as u64, len).await.unwrap()[..] == data[at..at + len]);
+    }
+    // Left-symmetric RAID-5 over 4 members: data chunk 1 of row 0 is on member 1.
+    ms[1].fail_reads(true);
+    let at = CHUNK_BYTES as usize + 8192;
+    let got = a.read(at as u64, 4096).await.unwrap();
+    assert!(got[..] == data[at..at + 4096], "first failing small read");
+    assert_eq!(a.status().members[1].state, MemberState::Faulty);
+    for at in (0..data.len() - 4096).step_by(4096 * 7 + 512) {
+        let pieces = a.read_pieces(at as u64, 4096).await.unwrap();
+        assert!(
+            pieces.concat() == data[at..at + 4096],
+            "degraded piece at {at}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn read_pieces_are_one_buffer_per_chunk_extent_and_join_to_read() {
     let ms = mems("p", 4, 1 << 20);

@@ -185,6 +185,33 @@ async fn miss_from_a_pieced_store_hands_on_its_pieces_and_fills_every_block() {
 }
 
 #[tokio::test]
+async fn block_aligned_miss_is_the_stores_own_pieces() {
+    let s = Store::new(64);
+    for b in 0..4u8 {
+        s.write(u64::from(b) * B, &[b + 1; 4096]);
+    }
+    let c = cache(256, 64);
+    let given = std::sync::Mutex::new(Vec::new());
+    let fetch = |o: u64, l: u64| {
+        let all = s.read(o, l);
+        let pieces = vec![all.slice(..B as usize), all.slice(B as usize..)];
+        *given.lock().unwrap() = pieces.iter().map(|p| p.as_ptr()).collect::<Vec<_>>();
+        async move { Ok::<_, ()>(pieces) }
+    };
+    let miss = c.read_pieces_from(B, 3 * B, fetch).await.unwrap();
+    let got: Vec<_> = miss.iter().map(|p| p.as_ptr()).collect();
+    assert_eq!(
+        got,
+        *given.lock().unwrap(),
+        "the store's buffers, not slices copied"
+    );
+    assert_eq!(miss.concat(), s.read(B, 3 * B).to_vec());
+    let hit = read_pieces(&c, &s, B, 3 * B).await;
+    assert_eq!(c.stats().hits, 1, "every block of the miss was kept");
+    assert_eq!(hit.concat(), s.read(B, 3 * B).to_vec());
+}
+
+#[tokio::test]
 async fn write_replaces_cached_block() {
     let s = Store::new(64);
     let c = cache(256, 64);

@@ -31,6 +31,9 @@ impl Inner {
 
     pub(super) async fn read(self: &Arc<Self>, offset: u64, len: u64) -> Result<Bytes> {
         self.check_range(offset, len)?;
+        if let Some(e) = self.geo.single_extent(offset, len) {
+            return self.read_extent(e).await;
+        }
         self.check_failed()?;
         let exts = self.geo.extents(offset, len);
         if exts.len() == 1 {
@@ -54,6 +57,10 @@ impl Inner {
     /// 16. A merged read that fails falls back to the per-extent path (retry, reconstruct).
     pub(super) async fn read_pieces(self: &Arc<Self>, offset: u64, len: u64) -> Result<Vec<Bytes>> {
         self.check_range(offset, len)?;
+        if let Some(e) = self.geo.single_extent(offset, len) {
+            // `read_extent` checks for a failed array itself.
+            return Ok(vec![self.read_extent(e).await?]);
+        }
         self.check_failed()?;
         let exts = self.geo.extents(offset, len);
         if exts.len() == 1 {
@@ -108,6 +115,9 @@ impl Inner {
     }
 
     pub(super) async fn read_extent(self: &Arc<Self>, e: Extent) -> Result<Bytes> {
+        if let Some(b) = self.read_extent_healthy(e).await {
+            return Ok(b);
+        }
         for _attempt in 0..=self.geo.members {
             self.check_failed()?;
             let view = self.view();
@@ -152,6 +162,30 @@ impl Inner {
             array: self.name.clone(),
             detail: format!("no readable copy of chunk {}", e.chunk),
         })
+    }
+
+    /// The usual small read: extent `e` has one fixed place (RAID 0, 5, 6), the array has not
+    /// failed and the member is active. One look at the metadata under its lock, no per-read
+    /// vectors (`view` builds three, `places` one). `None` when any of that does not hold or
+    /// the member read failed (the member is then failed, as on the general path): the caller
+    /// takes the general path, which retries on another copy or rebuilds from parity.
+    async fn read_extent_healthy(self: &Arc<Self>, e: Extent) -> Option<Bytes> {
+        let p = self.geo.single_place(e.chunk)?;
+        let d = {
+            let m = lock(&self.meta);
+            let slot = m.slots.get(p.member).filter(|_| m.failed.is_none())?;
+            match (&slot.member, slot.state) {
+                (Some(d), MemberState::Active) => Arc::clone(d),
+                _ => return None,
+            }
+        };
+        self.read_member(
+            p.member,
+            &d,
+            self.member_off(p.row, e.offset_in_chunk),
+            e.len,
+        )
+        .await
     }
 
     /// Reads `[lo, hi)` of every readable member of `row` (skipping `skip`) and recovers the row.
