@@ -68,6 +68,11 @@ impl<T> SeqQueue<T> {
     pub fn values(&self) -> impl Iterator<Item = &T> {
         self.items.iter().map(|(_, v)| v)
     }
+
+    /// Every (seq, value), in seq order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &T)> {
+        self.items.iter().map(|(s, v)| (*s, v))
+    }
 }
 
 #[cfg(test)]
