@@ -40,7 +40,6 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
@@ -77,7 +76,11 @@ struct Inner {
     generation: u64,
     /// The link is up: `ship` queues records for the sender.
     queueing: bool,
-    pending: BTreeMap<u64, (u64, Bytes)>,
+    /// Records queued for the sender, by seq (log offset, record bytes): a ring, as writers
+    /// queue nearly in seq order and the sender takes from the front (no allocation per record,
+    /// where a `BTreeMap` allocated a node whenever the queue went from empty to one record, as
+    /// at queue depth 1).
+    pending: SeqQueue<(u64, Bytes)>,
     pending_bytes: u64,
     /// The next seq the sender puts on the wire.
     next_send: u64,
@@ -113,7 +116,16 @@ impl Inner {
     /// Takes the queued record that goes on the wire next (seq `next_send`), if it is queued.
     fn take_next(&mut self) -> Option<(u64, u64, Bytes)> {
         let seq = self.next_send;
-        let (off, bytes) = self.pending.remove(&seq)?;
+        // Seqs below `next_send` (a duplicate, or covered by a resync snapshot) never go.
+        while self.pending.front_seq().is_some_and(|s| s < seq) {
+            if let Some((_, (_, stale))) = self.pending.pop_front() {
+                self.pending_bytes -= stale.len() as u64;
+            }
+        }
+        if self.pending.front_seq() != Some(seq) {
+            return None;
+        }
+        let (_, (off, bytes)) = self.pending.pop_front()?;
         self.pending_bytes -= bytes.len() as u64;
         self.next_send += 1;
         self.records_sent += 1;
@@ -174,7 +186,7 @@ impl VolumeMirror {
             inner: Mutex::new(Inner {
                 generation: 0,
                 queueing: false,
-                pending: BTreeMap::new(),
+                pending: SeqQueue::new(),
                 pending_bytes: 0,
                 next_send: 1,
                 in_sync: false,
@@ -299,8 +311,9 @@ impl VolumeMirror {
         let mut inner = self.lock();
         inner.generation = snap.generation;
         inner.next_send = snap.next_seq;
-        let keep = inner.pending.split_off(&snap.next_seq);
-        inner.pending = keep;
+        inner
+            .pending
+            .pop_through(snap.next_seq.saturating_sub(1), |_, _| {});
         inner.pending_bytes = inner.pending.values().map(|(_, b)| b.len() as u64).sum();
         inner.resync_target = Some(snap.next_seq - 1);
         Some(snap)
@@ -698,6 +711,23 @@ mod tests {
         let _ = m.ship(0, 4, rec(4)).await; // below next_send: already covered
         m.take_batch(1 << 20, &mut out);
         assert_eq!(out.iter().map(|r| r.0).collect::<Vec<_>>(), vec![5, 6]);
+    }
+
+    #[tokio::test]
+    async fn records_passed_by_a_log_reset_leave_the_queue_without_stalling_it() {
+        let m = mirror(10);
+        m.start_queueing();
+        m.lock().next_send = 5;
+        let _ = m.ship(0, 5, rec(5)).await;
+        let _ = m.ship(64, 6, rec(6)).await;
+        // The journal restarted its stream at seq 7: 5 and 6 never go, and must not block 7.
+        m.log_reset(2, 0, 7);
+        let _ = m.ship(128, 7, rec(7)).await;
+        let mut out = Vec::new();
+        m.take_batch(1 << 20, &mut out);
+        assert_eq!(out.iter().map(|r| r.0).collect::<Vec<_>>(), vec![7]);
+        assert_eq!(m.status_json()["queued_records"], 0);
+        assert_eq!(m.lock().pending_bytes, 0);
     }
 
     #[tokio::test]
