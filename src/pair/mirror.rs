@@ -10,6 +10,18 @@
 //! silent partner gets a fresh handshake and a resync rather than an ever-growing queue) and lets
 //! the write continue on local NVRAM alone. While out of sync, `ship` returns at once.
 //!
+//! # One deadline per mirror, not a timer per write
+//!
+//! The bounded wait is kept by one task per mirror ([`watch_deadlines`]) rather than a
+//! `tokio::time::timeout` around each write's wait: a timer per write costs two locked
+//! operations on the runtime's timer wheel (insert, remove) on the write path, and the runtime
+//! wakes a parked worker whenever a new timer is due before its planned wake-up. The task sleeps
+//! until the oldest waiter's deadline (each waiter records when it started waiting); when it
+//! finds no waiter it sleeps one full timeout, which can never overshoot, since a waiter that
+//! arrives after that look has its deadline at least one timeout after it. When the oldest
+//! waiter's deadline has passed, the task declares the mirror out of sync, which completes every
+//! waiter as not mirrored, exactly as the first write's own timeout did before.
+//!
 //! # Order and duplicates
 //!
 //! Writers call `ship` after releasing the journal's lock, so seqs arrive here out of order; the
@@ -28,7 +40,7 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, watch};
@@ -64,7 +76,11 @@ struct Inner {
     generation: u64,
     /// The link is up: `ship` queues records for the sender.
     queueing: bool,
-    pending: BTreeMap<u64, (u64, Bytes)>,
+    /// Records queued for the sender, by seq (log offset, record bytes): a ring, as writers
+    /// queue nearly in seq order and the sender takes from the front (no allocation per record,
+    /// where a `BTreeMap` allocated a node whenever the queue went from empty to one record, as
+    /// at queue depth 1).
+    pending: SeqQueue<(u64, Bytes)>,
     pending_bytes: u64,
     /// The next seq the sender puts on the wire.
     next_send: u64,
@@ -82,17 +98,34 @@ struct Inner {
     shipped_bytes: SeqQueue<u64>,
     records_sent: u64,
     resyncs: u64,
-    /// Writers waiting for the ACK of a seq, by seq: an ACK completes exactly the ones it
-    /// covers (a watch channel would wake every waiting writer at every ACK). Dropping a sender
-    /// (out of sync, reconnection) tells its writer the record was not mirrored.
-    waiters: SeqQueue<oneshot::Sender<()>>,
+    /// Writers waiting for the ACK of a seq, by seq, with when each started waiting: an ACK
+    /// completes exactly the ones it covers (a watch channel would wake every waiting writer at
+    /// every ACK). Dropping a sender (out of sync, reconnection) tells its writer the record was
+    /// not mirrored.
+    waiters: SeqQueue<Waiter>,
+}
+
+/// A writer waiting for the partner's ACK of its record.
+#[derive(Debug)]
+struct Waiter {
+    done: oneshot::Sender<()>,
+    since: Instant,
 }
 
 impl Inner {
     /// Takes the queued record that goes on the wire next (seq `next_send`), if it is queued.
     fn take_next(&mut self) -> Option<(u64, u64, Bytes)> {
         let seq = self.next_send;
-        let (off, bytes) = self.pending.remove(&seq)?;
+        // Seqs below `next_send` (a duplicate, or covered by a resync snapshot) never go.
+        while self.pending.front_seq().is_some_and(|s| s < seq) {
+            if let Some((_, (_, stale))) = self.pending.pop_front() {
+                self.pending_bytes -= stale.len() as u64;
+            }
+        }
+        if self.pending.front_seq() != Some(seq) {
+            return None;
+        }
+        let (_, (off, bytes)) = self.pending.pop_front()?;
         self.pending_bytes -= bytes.len() as u64;
         self.next_send += 1;
         self.records_sent += 1;
@@ -115,6 +148,9 @@ pub struct VolumeMirror {
     kill_link: Arc<watch::Sender<u64>>,
     source: OnceLock<Weak<dyn LogSource>>,
     meta: OnceLock<VolumeMeta>,
+    /// This mirror, for the deadline task started by the first waiting writer.
+    me: Weak<VolumeMirror>,
+    deadline_task_started: AtomicBool,
 }
 
 impl std::fmt::Debug for VolumeMirror {
@@ -138,19 +174,19 @@ impl VolumeMirror {
         timeout: Duration,
         outbox: Arc<Outbox>,
         kill_link: Arc<watch::Sender<u64>>,
-    ) -> VolumeMirror {
+    ) -> Arc<VolumeMirror> {
         let (acks, _) = watch::channel(AckView {
             acked: 0,
             in_sync: false,
         });
-        VolumeMirror {
+        Arc::new_cyclic(|me| VolumeMirror {
             name,
             volume_id,
             timeout,
             inner: Mutex::new(Inner {
                 generation: 0,
                 queueing: false,
-                pending: BTreeMap::new(),
+                pending: SeqQueue::new(),
                 pending_bytes: 0,
                 next_send: 1,
                 in_sync: false,
@@ -171,7 +207,9 @@ impl VolumeMirror {
             kill_link,
             source: OnceLock::new(),
             meta: OnceLock::new(),
-        }
+            me: me.clone(),
+            deadline_task_started: AtomicBool::new(false),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -207,7 +245,7 @@ impl VolumeMirror {
         } else {
             let acked = inner.acked;
             inner.waiters.pop_through(acked, |_, w| {
-                let _ = w.send(());
+                let _ = w.done.send(());
             });
         }
         self.acks.send_replace(AckView {
@@ -273,8 +311,9 @@ impl VolumeMirror {
         let mut inner = self.lock();
         inner.generation = snap.generation;
         inner.next_send = snap.next_seq;
-        let keep = inner.pending.split_off(&snap.next_seq);
-        inner.pending = keep;
+        inner
+            .pending
+            .pop_through(snap.next_seq.saturating_sub(1), |_, _| {});
         inner.pending_bytes = inner.pending.values().map(|(_, b)| b.len() as u64).sum();
         inner.resync_target = Some(snap.next_seq - 1);
         Some(snap)
@@ -364,11 +403,15 @@ impl VolumeMirror {
                 Some(None)
             } else {
                 let (tx, rx) = oneshot::channel();
-                inner.waiters.insert(seq, tx);
+                let since = Instant::now();
+                inner.waiters.insert(seq, Waiter { done: tx, since });
                 Some(Some(rx))
             };
             (send, acked)
         };
+        if matches!(acked, Some(Some(_))) {
+            self.start_deadline_task();
+        }
         // Registered as a waiter first: the ACK may come before the send returns.
         match send {
             Some(true) => self.outbox.send_direct(self),
@@ -380,23 +423,53 @@ impl VolumeMirror {
             Some(None) => return MirrorOutcome::Mirrored,
             Some(Some(rx)) => rx,
         };
-        let outcome = match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(())) => MirrorOutcome::Mirrored,
-            Ok(Err(_)) => MirrorOutcome::NotMirrored,
-            Err(_) => {
-                self.declare_out_of_sync(&format!(
-                    "the partner did not acknowledge seq {seq} within {} ms",
-                    self.timeout.as_millis()
-                ));
-                self.kill_link.send_modify(|k| *k += 1);
-                MirrorOutcome::NotMirrored
-            }
+        // Bounded by the deadline task: it declares the mirror out of sync (dropping every
+        // waiter's sender) once the oldest waiter waited `timeout`.
+        let outcome = match rx.await {
+            Ok(()) => MirrorOutcome::Mirrored,
+            Err(_) => MirrorOutcome::NotMirrored,
         };
         if outcome == MirrorOutcome::NotMirrored {
             let mut inner = self.lock();
             inner.unmirrored_high = inner.unmirrored_high.max(seq);
         }
         outcome
+    }
+
+    /// Starts [`watch_deadlines`] for this mirror, once (at the first writer that waits).
+    fn start_deadline_task(&self) {
+        if self.deadline_task_started.load(Ordering::Relaxed)
+            || self.deadline_task_started.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        tokio::spawn(watch_deadlines(self.me.clone()));
+    }
+
+    /// The deadline task's look at `now`: when the oldest waiter waited `timeout`, declares the
+    /// mirror out of sync (every waiter then returns not mirrored) and asks for the connection
+    /// to be dropped. Returns when to look next: the oldest remaining waiter's deadline, or one
+    /// timeout from `now` when none waits (a waiter arriving later has a later deadline).
+    fn check_deadlines(&self, now: Instant) -> Instant {
+        let expired = {
+            let inner = self.lock();
+            let oldest = inner
+                .waiters
+                .iter()
+                .min_by_key(|(_, w)| w.since)
+                .map(|(seq, w)| (seq, w.since));
+            match oldest {
+                None => return now + self.timeout,
+                Some((_, since)) if now < since + self.timeout => return since + self.timeout,
+                Some((seq, _)) => seq,
+            }
+        };
+        self.declare_out_of_sync(&format!(
+            "the partner did not acknowledge seq {expired} within {} ms",
+            self.timeout.as_millis()
+        ));
+        self.kill_link.send_modify(|k| *k += 1);
+        now + self.timeout
     }
 
     /// Status for `twinctl status` and the HA controller.
@@ -423,6 +496,18 @@ impl VolumeMirror {
             "records_sent": inner.records_sent,
             "resyncs": inner.resyncs,
         })
+    }
+}
+
+/// Keeps the bounded wait of `mirror`'s writers (see the module docs); ends once the mirror is
+/// dropped.
+async fn watch_deadlines(mirror: Weak<VolumeMirror>) {
+    loop {
+        let next = match mirror.upgrade() {
+            Some(m) => m.check_deadlines(Instant::now()),
+            None => return,
+        };
+        tokio::time::sleep_until(next.into()).await;
     }
 }
 
@@ -477,13 +562,13 @@ mod tests {
     use super::*;
 
     fn mirror(timeout_ms: u64) -> Arc<VolumeMirror> {
-        Arc::new(VolumeMirror::new(
+        VolumeMirror::new(
             "v".into(),
             1,
             Duration::from_millis(timeout_ms),
             Arc::new(Outbox::new()),
             Arc::new(watch::channel(0).0),
-        ))
+        )
     }
 
     fn rec(n: u8) -> Bytes {
@@ -555,6 +640,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn waiter_arriving_while_the_deadline_task_idles_waits_one_timeout() {
+        // The deadline task starts with seq 1, finds no waiter at ~300 ms and sleeps one
+        // timeout; seq 2 arrives in between and must still be released after its own timeout,
+        // not at the task's next idle look.
+        let m = mirror(300);
+        in_sync(&m, 1);
+        let m1 = m.clone();
+        let w1 = tokio::spawn(async move { m1.ship(0, 1, rec(1)).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        m.on_ack(1);
+        assert_eq!(w1.await.unwrap(), MirrorOutcome::Mirrored);
+        tokio::time::sleep(Duration::from_millis(340)).await;
+        let t = Instant::now();
+        assert_eq!(m.ship(64, 2, rec(2)).await, MirrorOutcome::NotMirrored);
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300),
+            "released early: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_millis(420),
+            "seq 2 waited {waited:?}: past its bound of 300 ms"
+        );
+        assert!(m.status_json()["out_of_sync_reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not acknowledge seq 2"));
+    }
+
+    #[tokio::test]
+    async fn oldest_waiter_deadline_releases_every_waiter() {
+        let m = mirror(200);
+        in_sync(&m, 1);
+        let m1 = m.clone();
+        let t = Instant::now();
+        let w1 = tokio::spawn(async move { m1.ship(0, 1, rec(1)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let m2 = m.clone();
+        let w2 = tokio::spawn(async move { m2.ship(64, 2, rec(2)).await });
+        assert_eq!(w1.await.unwrap(), MirrorOutcome::NotMirrored);
+        assert_eq!(w2.await.unwrap(), MirrorOutcome::NotMirrored);
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(200));
+        assert!(
+            waited < Duration::from_millis(290),
+            "seq 2 was held to its own deadline ({waited:?}) after the mirror left sync"
+        );
+        assert!(!m.in_sync());
+        assert!(m.status_json()["out_of_sync_reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not acknowledge seq 1"));
+        assert_eq!(m.lock().waiters.len(), 0);
+    }
+
+    #[tokio::test]
     async fn records_leave_the_queue_in_seq_order_only() {
         let m = mirror(10);
         m.start_queueing();
@@ -570,6 +711,23 @@ mod tests {
         let _ = m.ship(0, 4, rec(4)).await; // below next_send: already covered
         m.take_batch(1 << 20, &mut out);
         assert_eq!(out.iter().map(|r| r.0).collect::<Vec<_>>(), vec![5, 6]);
+    }
+
+    #[tokio::test]
+    async fn records_passed_by_a_log_reset_leave_the_queue_without_stalling_it() {
+        let m = mirror(10);
+        m.start_queueing();
+        m.lock().next_send = 5;
+        let _ = m.ship(0, 5, rec(5)).await;
+        let _ = m.ship(64, 6, rec(6)).await;
+        // The journal restarted its stream at seq 7: 5 and 6 never go, and must not block 7.
+        m.log_reset(2, 0, 7);
+        let _ = m.ship(128, 7, rec(7)).await;
+        let mut out = Vec::new();
+        m.take_batch(1 << 20, &mut out);
+        assert_eq!(out.iter().map(|r| r.0).collect::<Vec<_>>(), vec![7]);
+        assert_eq!(m.status_json()["queued_records"], 0);
+        assert_eq!(m.lock().pending_bytes, 0);
     }
 
     #[tokio::test]
@@ -642,13 +800,13 @@ mod tests {
         /// nothing but acknowledges every record the sender takes, in seq order.
         fn mirror_with_partner() -> (Arc<VolumeMirror>, tokio::task::JoinHandle<()>) {
             let outbox = Arc::new(Outbox::new());
-            let m = Arc::new(VolumeMirror::new(
+            let m = VolumeMirror::new(
                 "v".into(),
                 1,
                 Duration::from_secs(10),
                 outbox.clone(),
                 Arc::new(watch::channel(0).0),
-            ));
+            );
             let m2 = m.clone();
             let partner = tokio::spawn(async move {
                 loop {

@@ -2,7 +2,7 @@
 //!
 //! | module | holds |
 //! | --- | --- |
-//! | [`mirror`] | the owner's side: the journal's `MirrorHook`, the send queue, the ACK gate, in/out of sync |
+//! | [`mirror`] | the owner's side: the journal's `MirrorHook`, the send queue, the ACK gate and its one deadline task per volume, in/out of sync |
 //! | [`outbox`] | who sends next on the outgoing connection: a writer itself on an idle link, the send loop under load |
 //! | [`receiver`] | the partner's side: this node's copies of the partner's journals |
 //! | [`interconnect`] | the TCP connections: dialing with backoff, accepting, handshake, sender and receiver loops |
@@ -334,13 +334,13 @@ impl Pair {
 
     /// The mirror for journaled volume `name` (journal id `volume_id`), to pass to the journal.
     pub fn add_volume(&self, name: &str, volume_id: u64) -> Arc<VolumeMirror> {
-        let m = Arc::new(VolumeMirror::new(
+        let m = VolumeMirror::new(
             name.to_string(),
             volume_id,
             self.mirror_timeout,
             Arc::clone(&self.outbox),
             Arc::clone(&self.kill),
-        ));
+        );
         let mut mirrors = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
         // An HA node reopens its volumes after it gets its disks back: the new mirror replaces
         // the closed volume's.

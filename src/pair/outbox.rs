@@ -258,13 +258,13 @@ mod tests {
         let (_, open) = SessionKeys::derive(b"k", b"h", b"c", b"a").acceptor();
         let outbox = Arc::new(Outbox::new());
         outbox.install(Wire::new(seal, Transport::Tokio(wr)));
-        let m = Arc::new(VolumeMirror::new(
+        let m = VolumeMirror::new(
             "v".into(),
             1,
             Duration::from_secs(10),
             outbox.clone(),
             Arc::new(watch::channel(0).0),
-        ));
+        );
         m.start_queueing();
         (outbox, m, b.unwrap().0, open, rd)
     }

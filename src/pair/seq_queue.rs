@@ -1,6 +1,7 @@
 //! A queue of values keyed by record seq, kept in seq order, for what the mirror holds per
-//! shipped record until the partner's cumulative ACK covers it (the writers waiting for an ACK,
-//! the bytes of each record not yet acknowledged).
+//! shipped record until the sender takes it or the partner's cumulative ACK covers it (the
+//! records queued for the sender, the writers waiting for an ACK, the bytes of each record not
+//! yet acknowledged).
 //!
 //! # Why not a `BTreeMap`
 //!
@@ -67,6 +68,21 @@ impl<T> SeqQueue<T> {
 
     pub fn values(&self) -> impl Iterator<Item = &T> {
         self.items.iter().map(|(_, v)| v)
+    }
+
+    /// The oldest seq queued.
+    pub fn front_seq(&self) -> Option<u64> {
+        self.items.front().map(|(s, _)| *s)
+    }
+
+    /// Removes the oldest (seq, value).
+    pub fn pop_front(&mut self) -> Option<(u64, T)> {
+        self.items.pop_front()
+    }
+
+    /// Every (seq, value), in seq order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &T)> {
+        self.items.iter().map(|(s, v)| (*s, v))
     }
 }
 
