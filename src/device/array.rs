@@ -297,7 +297,7 @@ impl Backing for ArrayBacking {
                 .await
                 .map_err(backing_err);
         };
-        // A large read partly cached reads only its missing runs from the array.
+        // A large read partly cached reads only the span of its missing blocks from the array.
         c.read_pieces_partial(offset, len, |o, l| array_read_pieces(&self.array, o, l))
             .await
             .map_err(backing_err)
