@@ -44,10 +44,14 @@
 //! [`STREAM_FILL_CACHE_PERCENT`] of it ([`stream`] says why): its later misses are handed to the
 //! caller without being kept. That only ever skips a fill, which the ordering argument allows.
 //!
+//! A large read the cache holds only in part is answered from its cached blocks plus one store
+//! read of the span of missing blocks ([`partial`]).
+//!
 //! Cold start on takeover and drop at giveback need nothing here: the cache belongs to the
 //! volume's device, which takeover creates and giveback drops.
 
 pub mod hasher;
+pub mod partial;
 pub mod policy;
 pub mod s3fifo;
 pub mod stream;

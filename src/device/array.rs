@@ -116,7 +116,7 @@ impl BlockDevice for ArrayDevice {
                 .map_err(dev_err);
         };
         cache
-            .read_pieces_from(offset, u64::from(len), |o, l| {
+            .read_pieces_partial(offset, u64::from(len), |o, l| {
                 array_read_pieces(&self.array, o, l)
             })
             .await
@@ -297,7 +297,8 @@ impl Backing for ArrayBacking {
                 .await
                 .map_err(backing_err);
         };
-        c.read_pieces_from(offset, len, |o, l| array_read_pieces(&self.array, o, l))
+        // A large read partly cached reads only the span of its missing blocks from the array.
+        c.read_pieces_partial(offset, len, |o, l| array_read_pieces(&self.array, o, l))
             .await
             .map_err(backing_err)
     }
