@@ -41,48 +41,15 @@ fn missing_span(found: &[Option<Bytes>]) -> Option<(usize, usize)> {
     Some((start, end))
 }
 
-/// When the missing span of a large read is kept in the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LargeFill {
-    /// By the sequential-stream rule ([`stream`]): for a store nothing else caches (an array,
-    /// an `O_DIRECT` image), where every miss is a disk read.
-    Streams,
-    /// By the stream rule and only while the shard of the run's first block has free room, so a
-    /// large miss never evicts: for an image on the kernel's page cache, where a miss costs a
-    /// memory copy, not a disk read. A sequential pass over a range larger than the cache would
-    /// otherwise start a new stream every pass and copy its share of blocks into the cache each
-    /// time, only for the next pass to evict them again; this way the first passes fill the
-    /// cache and later ones hit what they filled. (No device uses it at present: page-cache
-    /// images send their large reads to the page cache, see `device::member`.)
-    FreeRoomOnly,
-}
-
 impl ReadCache {
     /// [`ReadCache::read_pieces_from`], but a range partly in the cache is answered from its
     /// cached blocks plus one `fetch` of the span of missing blocks (see the module doc), kept by
-    /// [`LargeFill::Streams`]. Reads shorter than [`PARTIAL_HIT_MIN_BYTES`] take
-    /// `read_pieces_from` as they are.
+    /// the sequential-stream rule ([`stream`]). Reads shorter than [`PARTIAL_HIT_MIN_BYTES`]
+    /// take `read_pieces_from` as they are.
     pub async fn read_pieces_partial<F, Fut, E>(
         &self,
         offset: u64,
         len: u64,
-        fetch: F,
-    ) -> Result<Vec<Bytes>, E>
-    where
-        F: Fn(u64, u64) -> Fut,
-        Fut: Future<Output = Result<Vec<Bytes>, E>>,
-    {
-        self.read_pieces_partial_with(offset, len, LargeFill::Streams, fetch)
-            .await
-    }
-
-    /// [`ReadCache::read_pieces_partial`] with the missing span of a large read kept by `rule`
-    /// (reads shorter than [`PARTIAL_HIT_MIN_BYTES`] take `read_pieces_from` as they are).
-    pub async fn read_pieces_partial_with<F, Fut, E>(
-        &self,
-        offset: u64,
-        len: u64,
-        rule: LargeFill,
         fetch: F,
     ) -> Result<Vec<Bytes>, E>
     where
@@ -121,8 +88,7 @@ impl ReadCache {
         let count = (end - start) as u64;
         let span_offset = span_first * CACHE_BLOCK_BYTES;
         let span_len = count * CACHE_BLOCK_BYTES;
-        let room = rule == LargeFill::Streams || self.has_room(span_first);
-        let keep = room && self.should_fill(span_offset, span_len);
+        let keep = self.should_fill(span_offset, span_len);
         let data = fetch(span_offset, span_len).await?;
         if data.iter().map(|p| p.len() as u64).sum::<u64>() != span_len {
             // The store broke its contract: hand the caller a wrong length to report, keep
@@ -145,12 +111,6 @@ impl ReadCache {
         pieces.extend(data);
         pieces.extend(tail);
         Ok(slice_pieces(&pieces, at, len as usize))
-    }
-
-    /// Whether the shard of `block` holds fewer blocks than it may.
-    fn has_room(&self, block: u64) -> bool {
-        let p = &lock(&self.shards[shard_of(block)].state).policy;
-        p.len() < p.capacity()
     }
 
     /// Whether block `first` or block `last` is cached (a cheap test before walking a range).
@@ -308,33 +268,6 @@ mod tests {
         assert!(c.stats().fills_dropped >= 2, "{:?}", c.stats());
         assert_eq!(read(&c, &s, 0, 32 * B).await.concat(), s.range(0, 32 * B));
         assert_eq!(s.range(10 * B, 2 * B), new);
-    }
-
-    /// With `FreeRoomOnly` a large miss into a full cache keeps nothing and evicts nothing;
-    /// with `Streams` it is kept (evicting).
-    #[tokio::test]
-    async fn free_room_only_never_evicts_for_a_large_miss() {
-        let s = Store::new();
-        let c = ReadCache::new(4 * CACHE_SHARD_COUNT as u64 * B, STORE_BLOCKS * B).unwrap();
-        for b in 0..64 {
-            read(&c, &s, b * B, B).await;
-        }
-        assert_eq!(c.stats().blocks, 64, "the cache is full");
-        let fetch = |o, l| {
-            let s = &s;
-            async move { Ok::<_, ()>(s.read(o, l)) }
-        };
-        let got = c
-            .read_pieces_partial_with(64 * B, 16 * B, LargeFill::FreeRoomOnly, fetch)
-            .await
-            .unwrap();
-        assert_eq!(got.concat(), s.range(64 * B, 16 * B));
-        let st = c.stats();
-        assert_eq!((st.evictions, st.stream_fills_skipped), (0, 16), "{st:?}");
-        c.read_pieces_partial_with(80 * B, 16 * B, LargeFill::Streams, fetch)
-            .await
-            .unwrap();
-        assert_eq!(c.stats().evictions, 16, "{:?}", c.stats());
     }
 
     #[test]

@@ -21,7 +21,6 @@
 //! four times the cache (the fill copies), in interleaved runs (docs/BENCHMARKS.md, issue 13).
 
 use super::holes;
-use crate::cache::partial::LargeFill;
 use crate::cache::ReadCache;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -189,14 +188,9 @@ impl BlockDevice for MemberDevice {
             return Ok(member.read_at(offset, len as usize).await?.into());
         }
         let pieces = c
-            .read_pieces_partial_with(
-                offset,
-                u64::from(len),
-                LargeFill::Streams,
-                |o, l| async move {
-                    Ok::<_, std::io::Error>(vec![member.read_at(o, l as usize).await?])
-                },
-            )
+            .read_pieces_partial(offset, u64::from(len), |o, l| async move {
+                Ok::<_, std::io::Error>(vec![member.read_at(o, l as usize).await?])
+            })
             .await?;
         Ok(ReadData::from(pieces))
     }
