@@ -81,13 +81,37 @@ pub fn xor_of(dst: &mut [u8], srcs: &[&[u8]]) {
         srcs.iter().all(|s| s.len() == dst.len()),
         "xor of unequal lengths"
     );
+    crate::simd::xor_of(dst, srcs);
+}
+
+/// The portable kernel of [`xor_of`] (lengths already checked); `simd` calls it again compiled
+/// for AVX2. Each strip of `dst` is written once from the first three sources together (RAID-5
+/// of four members has exactly three), not copied from the first and then read back and
+/// rewritten once per further source; sources past the third are folded in afterwards.
+#[inline(always)]
+pub(crate) fn xor_of_strips(dst: &mut [u8], srcs: &[&[u8]]) {
     let mut at = 0;
     while at < dst.len() {
         let n = STRIP_BYTES.min(dst.len() - at);
         let strip = &mut dst[at..at + n];
-        strip.copy_from_slice(&srcs[0][at..at + n]);
-        for s in &srcs[1..] {
-            xor_into(strip, &s[at..at + n]);
+        match srcs {
+            [a] => strip.copy_from_slice(&a[at..at + n]),
+            [a, b] => {
+                for ((x, y), z) in strip.iter_mut().zip(&a[at..at + n]).zip(&b[at..at + n]) {
+                    *x = y ^ z;
+                }
+            }
+            [a, b, c, rest @ ..] => {
+                let three = a[at..at + n].iter().zip(&b[at..at + n]).zip(&c[at..at + n]);
+                for (x, ((y, z), w)) in strip.iter_mut().zip(three) {
+                    *x = y ^ z ^ w;
+                }
+                for s in rest {
+                    xor_into(strip, &s[at..at + n]);
+                }
+            }
+            // `xor_of` checked there is at least one source.
+            [] => {}
         }
         at += n;
     }
@@ -287,7 +311,14 @@ mod tests {
 
     #[test]
     fn xor_of_equals_bytewise_xor() {
-        for (len, n) in [(1, 1), (4095, 2), (3 * 4096 + 100, 3), (8192, 5)] {
+        for (len, n) in [
+            (1, 1),
+            (4095, 2),
+            (3 * 4096 + 100, 3),
+            (3 * 4096 + 100, 4),
+            (8192, 5),
+            (65536, 3),
+        ] {
             let data = random_data(len as u64 + n as u64, n, len);
             let refs: Vec<&[u8]> = data.iter().map(|v| v.as_slice()).collect();
             let mut got = vec![0xAA; len];
