@@ -295,8 +295,7 @@ struct Conn {
     max_inflight: u32,
     zero_scratch_bytes: u32,
     replies: mpsc::UnboundedSender<Reply>,
-    /// Requests admitted whose reply the writer has not received yet, nor the reader sent itself
-    /// (see [`writer_loop`], [`reply_from_reader`]).
+    /// Requests admitted whose reply the writer has not received yet (see [`writer_loop`]).
     unanswered: Arc<AtomicUsize>,
     logs: Arc<RefusalLogs>,
 }
@@ -355,9 +354,8 @@ where
     let zero_scratch_bytes = negotiated.entry.export.device.caps().zero_scratch_bytes;
     let (tx, rx) = mpsc::unbounded_channel();
     let unanswered = Arc::new(AtomicUsize::new(0));
-    let writer = Arc::new(tokio::sync::Mutex::new(writer));
     let mut writer_task = tokio::spawn(writer_loop(
-        Arc::clone(&writer),
+        writer,
         rx,
         negotiated.structured,
         Arc::clone(&unanswered),
@@ -375,7 +373,7 @@ where
     tokio::pin!(stop);
     let mut stopped = false;
     let result = tokio::select! {
-        r = reader_loop(reader, conn, &writer) => r,
+        r = reader_loop(reader, conn) => r,
         () = &mut stop => {
             debug!("connection stopped by the server");
             stopped = true;
@@ -409,13 +407,11 @@ where
     result
 }
 
-async fn reader_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+async fn reader_loop<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     conn: Arc<Conn>,
-    writer: &tokio::sync::Mutex<W>,
 ) -> Result<ReaderEnd, ConnectionError> {
     let pool = Arc::new(BufferPool::default());
-    let mut staging = BytesMut::with_capacity(DIRECT_STAGING_BYTES);
     loop {
         if conn.replies.is_closed() {
             return Ok(ReaderEnd::WriterGone);
@@ -486,15 +482,15 @@ async fn reader_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             None
         };
         conn.admit();
-        let task_conn = Arc::clone(&conn);
+        let conn = Arc::clone(&conn);
         let mut request = Box::pin(async move {
-            let body = execute(&task_conn, &h, cmd, data).await;
-            Reply {
+            let body = execute(&conn, &h, cmd, data).await;
+            conn.reply(Reply {
                 cookie: h.cookie,
                 command: h.command,
                 body,
                 permit,
-            }
+            });
         });
         // Most requests on a page-cache or journaled device finish without waiting: poll once
         // here and save a task spawn and a wake-up. A request that does wait moves to a task of
@@ -503,92 +499,15 @@ async fn reader_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         // a write's copy into NVRAM or into member images and its parity), and doing it here
         // would serialise it with the receiving of the next payloads on this connection's
         // reader while the other cores idle (see `polls_inline`).
-        let finished = if polls_inline(cmd, payload) {
-            std::future::poll_fn(|cx| std::task::Poll::Ready(request.as_mut().poll(cx))).await
-        } else {
-            std::task::Poll::Pending
-        };
-        match finished {
-            std::task::Poll::Ready(reply) => {
-                reply_from_reader(&conn, writer, &mut staging, reply)
-                    .await
-                    .map_err(ConnectionError::io("reply"))?;
-            }
-            std::task::Poll::Pending => {
-                let task_conn = Arc::clone(&conn);
-                tokio::spawn(async move {
-                    let reply = request.await;
-                    task_conn.reply(reply);
-                });
-            }
+        let done = polls_inline(cmd, payload)
+            && std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(request.as_mut().poll(cx).is_ready())
+            })
+            .await;
+        if !done {
+            tokio::spawn(request);
         }
     }
-}
-
-/// Bytes the reader keeps for encoding the replies it sends itself (a header, or a small read's
-/// header and payload; larger payloads go by reference).
-const DIRECT_STAGING_BYTES: usize = 256;
-
-/// Whether the reader sends the reply of the request it just finished itself: only when that
-/// request is the only one unanswered. Then no other reply is due to batch it with, and going
-/// through the writer task would only add a channel send and a task switch (a second thread's
-/// wake-up when another worker picks the writer up) to a depth-1 client's every request. With
-/// more in flight the writer gathers replies into shared writes, as before.
-fn replies_direct(unanswered: usize) -> bool {
-    unanswered == 1
-}
-
-/// Sends `reply` (of a request the reader finished on its first poll) from the reader when
-/// [`replies_direct`] and the writer is not writing; otherwise hands it to the writer task. The
-/// socket's write half is shared through `writer`'s lock, so a reply's bytes never interleave
-/// with another's; replies may go out in any order (NBD matches them by cookie).
-async fn reply_from_reader<W: AsyncWrite + Unpin>(
-    conn: &Conn,
-    writer: &tokio::sync::Mutex<W>,
-    staging: &mut BytesMut,
-    reply: Reply,
-) -> std::io::Result<()> {
-    // Only the reader admits requests, so the count cannot grow under this check; a reply the
-    // writer takes meanwhile only lowers it (and the writer then holds the lock, or is done).
-    if !replies_direct(conn.unanswered.load(Ordering::Relaxed)) {
-        conn.reply(reply);
-        return Ok(());
-    }
-    let Ok(mut w) = writer.try_lock() else {
-        conn.reply(reply);
-        return Ok(());
-    };
-    let _ = conn
-        .unanswered
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-            Some(n.saturating_sub(1))
-        });
-    send_reply(&mut *w, conn.session.structured, staging, reply).await
-}
-
-/// Encodes and writes one reply, then releases its budget permit (its bytes are in the socket).
-async fn send_reply<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    structured: bool,
-    staging: &mut BytesMut,
-    reply: Reply,
-) -> std::io::Result<()> {
-    let mut out = OutQueue::default();
-    if let Some(payload) = reply::encode(&reply, structured, staging) {
-        queue_payload(&mut out, staging, payload);
-    }
-    if !staging.is_empty() {
-        let tail = staging.split().freeze();
-        out.queued_bytes += tail.len();
-        out.chunks.push_back(tail);
-    }
-    write_out(writer, &mut out).await?;
-    writer.flush().await?;
-    drop(out);
-    drop(reply);
-    // Reclaims the staging allocation: every frozen piece of it was dropped with `out`.
-    staging.reserve(DIRECT_STAGING_BYTES);
-    Ok(())
 }
 
 /// Reads of at most this many bytes are first polled on the reader task (see the loop).
@@ -896,10 +815,9 @@ fn wait_for_more_replies(already_waited: bool, batch_bytes: usize, unanswered: u
 /// with vectored writes once the queue is empty (after one scheduler turn when more replies are
 /// due, see [`wait_for_more_replies`]) or the batch is large. Budget permits are held until their
 /// reply's bytes are in the socket. `unanswered` counts admitted requests whose reply has not
-/// been taken from `rx` yet; the writer takes one off per reply. The socket's write half is
-/// shared with the reader, which sends a lone request's reply itself ([`reply_from_reader`]).
+/// been taken from `rx` yet; the writer takes one off per reply.
 async fn writer_loop<W: AsyncWrite + Unpin>(
-    writer: Arc<tokio::sync::Mutex<W>>,
+    mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     structured: bool,
     unanswered: Arc<AtomicUsize>,
@@ -943,17 +861,13 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
             out.queued_bytes += tail.len();
             out.chunks.push_back(tail);
         }
-        {
-            // Shared with the reader's direct replies (see `reply_from_reader`).
-            let mut writer = writer.lock().await;
-            write_out(&mut *writer, &mut out).await?;
-            writer.flush().await?;
-        }
+        write_out(&mut writer, &mut out).await?;
+        writer.flush().await?;
         permits.clear();
         // Reclaim the staging allocation once every frozen piece of it has been dropped.
         staging.reserve(WRITE_BATCH_BYTES);
     }
-    writer.lock().await.shutdown().await
+    writer.shutdown().await
 }
 
 #[cfg(test)]
@@ -1256,7 +1170,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 << 10);
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(writer_loop(
-            Arc::new(tokio::sync::Mutex::new(server)),
+            server,
             rx,
             false,
             Arc::new(AtomicUsize::new(0)),
@@ -1325,40 +1239,6 @@ mod tests {
         queue_payload(&mut out, &mut staging, &data);
         assert_eq!(&staging[..], b"headabcd");
         assert_eq!(out.remaining(), 0);
-    }
-
-    #[test]
-    fn only_a_lone_request_is_answered_by_the_reader() {
-        assert!(replies_direct(1));
-        assert!(!replies_direct(2), "others due: the writer batches them");
-        assert!(!replies_direct(0));
-    }
-
-    /// A reply sent by the reader carries its header and payload whole, and keeps its budget
-    /// permit until its bytes are written.
-    #[tokio::test]
-    async fn reader_sent_reply_is_whole_and_frees_its_permit_after_the_write() {
-        let (mut client, mut server) = tokio::io::duplex(64 << 10);
-        let budget = Arc::new(Semaphore::new(8));
-        let permit = budget.clone().acquire_many_owned(8).await.unwrap();
-        let payload = vec![Bytes::from(vec![5u8; 4096]), Bytes::from(vec![6u8; 100])];
-        let mut reply = data_reply(42, payload.clone());
-        reply.permit = Some(permit);
-        let mut staging = BytesMut::with_capacity(DIRECT_STAGING_BYTES);
-        send_reply(&mut server, false, &mut staging, reply)
-            .await
-            .unwrap();
-        assert_eq!(budget.available_permits(), 8, "permit kept after the write");
-        drop(server);
-        let mut got = Vec::new();
-        client.read_to_end(&mut got).await.unwrap();
-        let mut want = BytesMut::new();
-        put_simple_reply(&mut want, 0, 42);
-        for p in &payload {
-            want.extend_from_slice(p);
-        }
-        assert!(got == want[..], "reply bytes differ from header + payload");
-        assert!(staging.is_empty());
     }
 
     #[test]
