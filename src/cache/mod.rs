@@ -146,6 +146,14 @@ pub struct WriteTicket {
     span: Option<BlockSpan>,
 }
 
+/// What a miss's fetch gave back ([`ReadCache::fetch_and_fill`]).
+enum Fetched {
+    /// Exactly the bytes asked for (kept in the cache when the stream rule allowed).
+    Whole(Vec<Bytes>),
+    /// A length other than the one asked for: nothing kept, handed on for the caller to report.
+    WrongLength(Vec<Bytes>),
+}
+
 /// A read cache of one store of `size` bytes.
 pub struct ReadCache {
     shards: Box<[Shard]>,
@@ -261,6 +269,40 @@ impl ReadCache {
         .await
     }
 
+    /// Reads blocks `first..first + count` through `fetch` and keeps them in the cache when the
+    /// sequential-stream rule allows. The shards' generations are taken before the fetch, so a
+    /// write that overlaps it cancels the fill; whether to keep is decided before the fetch too,
+    /// as requests reach here in about the order the client sent them.
+    async fn fetch_and_fill<F, Fut, E>(
+        &self,
+        first: u64,
+        count: u64,
+        fetch: F,
+    ) -> Result<Fetched, E>
+    where
+        F: FnOnce(u64, u64) -> Fut,
+        Fut: Future<Output = Result<Vec<Bytes>, E>>,
+    {
+        let gens: [u64; CACHE_SHARD_COUNT] =
+            std::array::from_fn(|i| self.shards[i].gen.load(Ordering::Acquire));
+        let span_offset = first * CACHE_BLOCK_BYTES;
+        let span_len = count * CACHE_BLOCK_BYTES;
+        let keep = self.should_fill(span_offset, span_len);
+        let data = fetch(span_offset, span_len).await?;
+        if data.iter().map(|p| p.len() as u64).sum::<u64>() != span_len {
+            // The store broke its contract: keep none of it.
+            return Ok(Fetched::WrongLength(data));
+        }
+        if keep {
+            self.fill(first, &data, &gens);
+        } else {
+            self.counters
+                .stream_fills_skipped
+                .fetch_add(count, Ordering::Relaxed);
+        }
+        Ok(Fetched::Whole(data))
+    }
+
     /// [`ReadCache::read_pieces`] over a store that answers in pieces too (a RAID array's
     /// per-chunk buffers): a miss hands the store's pieces on without joining them, and the
     /// blocks kept are copied out of them (a piece that is exactly one block is kept as it is).
@@ -282,25 +324,13 @@ impl ReadCache {
             return Ok(hit);
         }
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
-        let gens: [u64; CACHE_SHARD_COUNT] =
-            std::array::from_fn(|i| self.shards[i].gen.load(Ordering::Acquire));
         let cover_offset = first * CACHE_BLOCK_BYTES;
         let cover_len = (last - first + 1) * CACHE_BLOCK_BYTES;
-        // Decided before the fetch: requests reach here in about the order the client sent them.
-        let keep = self.should_fill(cover_offset, cover_len);
-        let data = fetch(cover_offset, cover_len).await?;
-        if data.iter().map(|p| p.len() as u64).sum::<u64>() != cover_len {
-            // The store broke its contract; hand back what it gave without keeping any of it
-            // (the caller checks lengths and reports the store).
-            return Ok(data);
-        }
-        if keep {
-            self.fill(first, &data, &gens);
-        } else {
-            self.counters
-                .stream_fills_skipped
-                .fetch_add(last - first + 1, Ordering::Relaxed);
-        }
+        let data = match self.fetch_and_fill(first, last - first + 1, fetch).await? {
+            Fetched::Whole(data) => data,
+            // The caller checks lengths and reports the store.
+            Fetched::WrongLength(data) => return Ok(data),
+        };
         if offset == cover_offset && len == cover_len {
             // Block-aligned (every 4 KiB read of a filesystem): the store's pieces are the
             // answer as they are, without another vector.

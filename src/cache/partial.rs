@@ -82,26 +82,15 @@ impl ReadCache {
             return Ok(blocks);
         };
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
-        let gens: [u64; CACHE_SHARD_COUNT] =
-            std::array::from_fn(|i| self.shards[i].gen.load(Ordering::Acquire));
         let span_first = first + start as u64;
-        let count = (end - start) as u64;
-        let span_offset = span_first * CACHE_BLOCK_BYTES;
-        let span_len = count * CACHE_BLOCK_BYTES;
-        let keep = self.should_fill(span_offset, span_len);
-        let data = fetch(span_offset, span_len).await?;
-        if data.iter().map(|p| p.len() as u64).sum::<u64>() != span_len {
-            // The store broke its contract: hand the caller a wrong length to report, keep
-            // nothing.
-            return Ok(data);
-        }
-        if keep {
-            self.fill(span_first, &data, &gens);
-        } else {
-            self.counters
-                .stream_fills_skipped
-                .fetch_add(count, Ordering::Relaxed);
-        }
+        let data = match self
+            .fetch_and_fill(span_first, (end - start) as u64, &fetch)
+            .await?
+        {
+            Fetched::Whole(data) => data,
+            // A wrong length for the caller to report.
+            Fetched::WrongLength(data) => return Ok(data),
+        };
         // Cached head, the store's span, cached tail (the found blocks inside the span are
         // dropped: the store's bytes replace them).
         let mut found = found;
