@@ -240,23 +240,14 @@ impl Geometry {
 
     /// Where the copies of logical data chunk `k` live (one place except for mirrors).
     pub fn places(&self, k: u64) -> Vec<Place> {
+        if let Some(place) = self.single_place(k) {
+            return vec![place];
+        }
         let n = self.members as u64;
         match self.level {
-            Level::Raid0 => vec![Place {
-                member: (k % n) as usize,
-                row: k / n,
-            }],
             Level::Raid1 => (0..self.members)
                 .map(|member| Place { member, row: k })
                 .collect(),
-            Level::Raid5 | Level::Raid6 => {
-                let d = self.data_per_row() as u64;
-                let row = k / d;
-                vec![Place {
-                    member: self.data_member(row, (k % d) as usize),
-                    row,
-                }]
-            }
             Level::Raid10 => [2 * k, 2 * k + 1]
                 .iter()
                 .map(|&s| Place {
@@ -264,6 +255,8 @@ impl Geometry {
                     row: s / n,
                 })
                 .collect(),
+            // Single-copy levels were answered by `single_place` above.
+            Level::Raid0 | Level::Raid5 | Level::Raid6 => Vec::new(),
         }
     }
 
