@@ -95,3 +95,28 @@ find_twinblockd() { # repo
     (cd "$1" && cargo build --release --bin twinblockd >&2) || return 1
     echo "${CARGO_TARGET_DIR:-$1/target}/release/twinblockd"
 }
+
+# CPU time (user + system, clock ticks) the given processes used so far.
+cpu_ticks() {
+    local t=0 pid f
+    for pid in "$@"; do
+        read -r -a f < <(sed 's/^.*) //' "/proc/$pid/stat")
+        t=$((t + f[11] + f[12])) # utime, stime (fields 14 and 15 of stat)
+    done
+    echo "$t"
+}
+
+# Waits until the given server processes are idle together (under 5% of a core for 0.5 s, at most
+# 30 s); `who` names the script in the warning printed when they do not.
+settle_pids() { # who pid...
+    local who=$1 ticks_per_s before after i
+    shift
+    ticks_per_s=$(getconf CLK_TCK)
+    for ((i = 0; i < 60; i++)); do
+        before=$(cpu_ticks "$@")
+        sleep 0.5
+        after=$(cpu_ticks "$@")
+        ((after - before <= ticks_per_s / 40)) && return 0
+    done
+    echo "$who: the servers did not go idle within 30 s before the next job" >&2
+}
