@@ -97,20 +97,47 @@ impl Future for Pending {
     }
 }
 
+/// What the writer's set holds: handed-over requests, and one future that is never ready.
+///
+/// The never-ready one is there for the set's fairness rule: `FuturesUnordered` wakes its task
+/// again whenever one call polled as many futures as it holds. With one request in flight
+/// (depth 1) that was every hand-over: the writer polled the new request, which was still
+/// waiting, then was woken for nothing, and that wake-up woke the runtime's idle worker (a
+/// futex call and a context switch per write in the measurements). The never-ready future is
+/// polled once, when the set is made, and never woken, so a call never polls them all.
+enum Slot {
+    Request(Pending),
+    NeverReady,
+}
+
+impl Future for Slot {
+    type Output = Reply;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
+        match self.get_mut() {
+            Slot::Request(p) => Pin::new(p).poll(cx),
+            Slot::NeverReady => Poll::Pending,
+        }
+    }
+}
+
 /// The writer's inputs: the channel, the handed-over requests it drives, and replies taken from
 /// either but not yet encoded (they keep their budget permits until they are written).
 pub(crate) struct Intake {
     rx: mpsc::UnboundedReceiver<ToWriter>,
-    waiting: FuturesUnordered<Pending>,
+    /// Handed-over requests, and one [`Slot::NeverReady`].
+    waiting: FuturesUnordered<Slot>,
     ready: VecDeque<Reply>,
     rx_closed: bool,
 }
 
 impl Intake {
     pub(crate) fn new(rx: mpsc::UnboundedReceiver<ToWriter>) -> Intake {
+        let waiting = FuturesUnordered::new();
+        waiting.push(Slot::NeverReady);
         Intake {
             rx,
-            waiting: FuturesUnordered::new(),
+            waiting,
             ready: VecDeque::new(),
             rx_closed: false,
         }
@@ -124,7 +151,7 @@ impl Intake {
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(ToWriter::Reply(r))) => self.ready.push_back(r),
                 // Pushed requests are polled below, which moves their wake-ups to this task.
-                Poll::Ready(Some(ToWriter::Pending(p))) => self.waiting.push(p),
+                Poll::Ready(Some(ToWriter::Pending(p))) => self.waiting.push(Slot::Request(p)),
                 Poll::Ready(None) => self.rx_closed = true,
                 Poll::Pending => break,
             }
@@ -146,13 +173,13 @@ impl Intake {
     /// Requests handed over and still waiting.
     #[cfg(test)]
     pub(crate) fn waiting(&self) -> usize {
-        self.waiting.len()
+        self.waiting.len() - 1
     }
 
     /// Nothing more will come: every sender is gone (so every request, which holds one, is
     /// done), and every reply was taken.
     pub(crate) fn finished(&self) -> bool {
-        self.rx_closed && self.waiting.is_empty() && self.ready.is_empty()
+        self.rx_closed && self.waiting.len() == 1 && self.ready.is_empty()
     }
 }
 
@@ -167,8 +194,10 @@ impl Drop for Intake {
                 p.detach();
             }
         }
-        for p in std::mem::take(&mut self.waiting) {
-            p.detach();
+        for slot in std::mem::take(&mut self.waiting) {
+            if let Slot::Request(p) = slot {
+                p.detach();
+            }
         }
     }
 }
@@ -271,6 +300,49 @@ mod tests {
             "{} of 2 requests finished after the writer was gone",
             finished.load(Ordering::SeqCst)
         );
+    }
+
+    struct CountWakes(AtomicUsize);
+
+    impl std::task::Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// At depth 1 the writer holds one waiting request: taking it must not wake the writer
+    /// again (each such wake-up woke the runtime's idle worker).
+    #[tokio::test]
+    async fn a_lone_waiting_request_does_not_wake_the_writer_again() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut intake = Intake::new(rx);
+        let wakes = Arc::new(CountWakes(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        intake.poll_intake(&mut cx);
+        let finished = Arc::new(AtomicUsize::new(0));
+        for round in 0..3 {
+            let before = wakes.0.load(Ordering::SeqCst);
+            let (go, wait) = oneshot::channel();
+            let _ = tx.send(ToWriter::Pending(gated(round, wait, finished.clone())));
+            let sent = wakes.0.load(Ordering::SeqCst);
+            assert_eq!(sent, before + 1, "the hand-over wakes the writer");
+            intake.poll_intake(&mut cx);
+            assert_eq!(intake.waiting(), 1);
+            assert_eq!(
+                wakes.0.load(Ordering::SeqCst),
+                sent,
+                "taking the request woke the writer again"
+            );
+            let _ = go.send(());
+            assert_eq!(
+                wakes.0.load(Ordering::SeqCst),
+                sent + 1,
+                "its completion wakes it"
+            );
+            intake.poll_intake(&mut cx);
+            assert_eq!(intake.pop_ready().map(|r| r.cookie), Some(round));
+        }
     }
 
     #[tokio::test]
