@@ -4,7 +4,8 @@
 //! - [`proto`]: wire constants and message layouts, pure encode/decode;
 //! - [`handshake`]: fixed-newstyle option haggling;
 //! - [`transmission`]: request validation, the reader loop, per-request tasks, the reply writer;
-//! - [`reply`]: simple and structured reply encoding;
+//! - [`reply`]: simple and structured reply encoding; `pending`: what the writer receives, and
+//!   the small waiting writes it completes itself;
 //! - [`export`]: the export registry and per-export counters;
 //! - [`server`]: accept loops and the per-connection task;
 //! - [`buffer`]: the per-connection pool of write-payload buffers;
@@ -45,6 +46,7 @@ pub mod fuzzing;
 pub mod handshake;
 pub mod mem;
 pub mod metrics;
+mod pending;
 pub mod proto;
 pub mod ratelimit;
 pub mod readdata;

@@ -1,5 +1,7 @@
-//! The transmission phase: one reader loop that parses and validates requests, one task per
-//! accepted request that calls the device, and one writer task that batches replies.
+//! The transmission phase: one reader loop that parses and validates requests and polls each
+//! small one once, one task per request that is large or (reads, flushes...) still waiting
+//! after that poll, and one writer task that batches replies and completes the small writes
+//! still waiting after that poll (see [`crate::pending`]).
 //!
 //! Memory per connection is bounded by a semaphore counted in bytes: every request takes what it
 //! can allocate (`request_cost_bytes`: `REQUEST_OVERHEAD_BYTES` plus its payload for READ and
@@ -37,6 +39,7 @@ use crate::device::{DeviceError, Extent, ZeroFlags};
 use crate::error::ConnectionError;
 use crate::export::ExportEntry;
 use crate::handshake::{BlockLimits, Negotiated};
+use crate::pending::{Intake, Pending, RequestFuture, ToWriter};
 use crate::proto::*;
 use crate::ratelimit::RefusalLogs;
 use crate::readdata::ReadData;
@@ -294,8 +297,8 @@ struct Conn {
     inflight: Arc<Semaphore>,
     max_inflight: u32,
     zero_scratch_bytes: u32,
-    replies: mpsc::UnboundedSender<Reply>,
-    /// Requests admitted whose reply the writer has not received yet (see [`writer_loop`]).
+    replies: mpsc::UnboundedSender<ToWriter>,
+    /// Requests admitted whose reply the writer has not encoded yet (see [`writer_loop`]).
     unanswered: Arc<AtomicUsize>,
     logs: Arc<RefusalLogs>,
 }
@@ -304,7 +307,20 @@ impl Conn {
     /// Hands a reply to the writer. Every reply sent this way was counted in `unanswered`
     /// when its request was admitted ([`Conn::admit`]).
     fn reply(&self, reply: Reply) {
-        let _ = self.replies.send(reply);
+        let _ = self.replies.send(ToWriter::Reply(reply));
+    }
+
+    /// Hands a small request still waiting to the writer, which completes it and sends its
+    /// reply. With the writer gone, the request finishes on a task of its own (its reply goes
+    /// nowhere), as it would have had it been spawned.
+    fn hand_over(&self, request: Pending) {
+        if let Err(mpsc::error::SendError(ToWriter::Pending(request))) =
+            self.replies.send(ToWriter::Pending(request))
+        {
+            tokio::spawn(async move {
+                let _ = request.await;
+            });
+        }
     }
 
     /// Counts a request whose reply will follow through [`Conn::reply`].
@@ -482,32 +498,60 @@ async fn reader_loop<R: AsyncRead + Unpin>(
             None
         };
         conn.admit();
-        let conn = Arc::clone(&conn);
-        let mut request = Box::pin(async move {
-            let body = execute(&conn, &h, cmd, data).await;
-            conn.reply(Reply {
+        let request_conn = Arc::clone(&conn);
+        let mut request: RequestFuture = Box::pin(async move {
+            let body = execute(&request_conn, &h, cmd, data).await;
+            Reply {
                 cookie: h.cookie,
                 command: h.command,
                 body,
                 permit,
-            });
+            }
         });
         // Most requests on a page-cache or journaled device finish without waiting: poll once
-        // here and save a task spawn and a wake-up. A request that does wait moves to a task of
-        // its own, so slow requests still overlap each other and the reading of the next ones.
-        // Large requests always get a task: their first poll is the costly part (a read's copy;
-        // a write's copy into NVRAM or into member images and its parity), and doing it here
-        // would serialise it with the receiving of the next payloads on this connection's
-        // reader while the other cores idle (see `polls_inline`).
-        let done = polls_inline(cmd, payload)
-            && std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(request.as_mut().poll(cx).is_ready())
+        // here and save a task spawn and a wake-up. A small write that does wait (for the
+        // partner's ACK, a group commit, a member write) goes to the writer, which completes it
+        // and sends its reply without a task of its own. Other requests that wait move to a
+        // task of their own, so slow requests still overlap each other and the reading of the
+        // next ones. Large requests always get a task: their first poll is the costly part (a
+        // read's copy; a write's copy into NVRAM or into member images and its parity), and
+        // doing it here would serialise it with the receiving of the next payloads on this
+        // connection's reader while the other cores idle (see `polls_inline`).
+        let inline = polls_inline(cmd, payload);
+        let ready = if inline {
+            std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(match request.as_mut().poll(cx) {
+                    std::task::Poll::Ready(reply) => Some(reply),
+                    std::task::Poll::Pending => None,
+                })
             })
-            .await;
-        if !done {
-            tokio::spawn(request);
+            .await
+        } else {
+            None
+        };
+        match ready {
+            Some(reply) => conn.reply(reply),
+            None if inline && joins_writer(cmd, payload) => {
+                conn.hand_over(Pending::new(h.cookie, h.command, request));
+            }
+            None => {
+                let conn = Arc::clone(&conn);
+                tokio::spawn(async move {
+                    let reply = request.await;
+                    conn.reply(reply);
+                });
+            }
         }
     }
+}
+
+/// Whether a request still waiting after its first poll is completed by the writer rather
+/// than a task of its own: small writes, whose remaining work after the wait (the journal's
+/// bookkeeping, the counters) is light. Reads and large requests keep their tasks: their
+/// completion can be heavy (copies, parity) and must stay parallel across the runtime's
+/// workers, not serialised on the writer.
+fn joins_writer(cmd: Command, payload: u32) -> bool {
+    cmd == Command::Write && polls_inline(cmd, payload)
 }
 
 /// Reads of at most this many bytes are first polled on the reader task (see the loop).
@@ -813,23 +857,46 @@ fn wait_for_more_replies(already_waited: bool, batch_bytes: usize, unanswered: u
 /// Writes replies as they arrive, batching: replies that are already queued are gathered
 /// (headers and small payloads into one staging buffer, large payloads by reference) and sent
 /// with vectored writes once the queue is empty (after one scheduler turn when more replies are
-/// due, see [`wait_for_more_replies`]) or the batch is large. Budget permits are held until their
+/// due, see [`wait_for_more_replies`]) or the batch is large. Small writes handed over by the
+/// reader ([`crate::pending`]) are polled here: when one event (an ACK, a group commit) completes
+/// several, this task is woken once and their replies share a batch. They are polled while a
+/// batch is being written too, so a client slow to read its replies never holds up a request's
+/// completion (the journal waits for it, e.g. before a CP). Budget permits are held until their
 /// reply's bytes are in the socket. `unanswered` counts admitted requests whose reply has not
-/// been taken from `rx` yet; the writer takes one off per reply.
+/// been encoded yet; the writer takes one off per reply.
 async fn writer_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
+    rx: mpsc::UnboundedReceiver<ToWriter>,
     structured: bool,
     unanswered: Arc<AtomicUsize>,
 ) -> std::io::Result<()> {
+    use std::task::Poll;
+    // Dropped with this future (also when the task is aborted): what it still drives then
+    // finishes on tasks of its own.
+    let mut intake = Intake::new(rx);
     let mut staging = BytesMut::with_capacity(WRITE_BATCH_BYTES);
     let mut out = OutQueue::default();
     let mut permits = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
+    loop {
+        // Until there is a reply to send, or nothing more can come (every sender, which every
+        // request holds, is gone).
+        let more = std::future::poll_fn(|cx| {
+            intake.poll_intake(cx);
+            if intake.has_ready() {
+                Poll::Ready(true)
+            } else if intake.finished() {
+                Poll::Ready(false)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        if !more {
+            break;
+        }
         let mut waited = false;
         loop {
-            while let Some(mut r) = next.take() {
+            while let Some(mut r) = intake.pop_ready() {
                 // Saturating: a refused reply sent before its count could be seen is harmless.
                 let _ = unanswered.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     Some(n.saturating_sub(1))
@@ -843,7 +910,6 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
                 if out.queued_bytes + staging.len() >= WRITE_BATCH_BYTES {
                     break;
                 }
-                next = rx.try_recv().ok();
             }
             let batch_bytes = out.queued_bytes + staging.len();
             if !wait_for_more_replies(waited, batch_bytes, unanswered.load(Ordering::Relaxed)) {
@@ -851,8 +917,12 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
             }
             waited = true;
             tokio::task::yield_now().await;
-            next = rx.try_recv().ok();
-            if next.is_none() {
+            std::future::poll_fn(|cx| {
+                intake.poll_intake(cx);
+                Poll::Ready(())
+            })
+            .await;
+            if !intake.has_ready() {
                 break;
             }
         }
@@ -861,8 +931,22 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
             out.queued_bytes += tail.len();
             out.chunks.push_back(tail);
         }
-        write_out(&mut writer, &mut out).await?;
-        writer.flush().await?;
+        {
+            let write = async {
+                write_out(&mut writer, &mut out).await?;
+                writer.flush().await
+            };
+            let mut write = std::pin::pin!(write);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = write.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                // Replies completed meanwhile wait in `intake` for the next batch.
+                intake.poll_intake(cx);
+                Poll::Pending
+            })
+            .await?;
+        }
         permits.clear();
         // Reclaim the staging allocation once every frozen piece of it has been dropped.
         staging.reserve(WRITE_BATCH_BYTES);
@@ -883,6 +967,16 @@ mod tests {
         assert!(polls_inline(Command::Read, 4096));
         assert!(!polls_inline(Command::Read, 1 << 20));
         assert!(polls_inline(Command::Flush, 0));
+    }
+
+    #[test]
+    fn only_small_writes_are_completed_by_the_writer() {
+        assert!(joins_writer(Command::Write, 4096));
+        assert!(joins_writer(Command::Write, INLINE_WRITE_BYTES_MAX));
+        assert!(!joins_writer(Command::Write, 1 << 20));
+        assert!(!joins_writer(Command::Read, 4096));
+        assert!(!joins_writer(Command::Flush, 0));
+        assert!(!joins_writer(Command::Trim, 0));
     }
 
     const MIB: u64 = 1 << 20;
@@ -1188,7 +1282,7 @@ mod tests {
             for p in pieces.iter() {
                 want.extend_from_slice(p);
             }
-            tx.send(data_reply(cookie, pieces.clone())).unwrap();
+            let _ = tx.send(ToWriter::Reply(data_reply(cookie, pieces.clone())));
         }
         drop(tx);
         let mut got = Vec::new();
@@ -1200,6 +1294,57 @@ mod tests {
             got == want,
             "reply bytes differ from header + pieces in order"
         );
+    }
+
+    /// A handed-over write finishes (the journal may be waiting for it, e.g. before a CP) even
+    /// while the writer cannot write: its client is not reading.
+    #[tokio::test]
+    async fn handed_over_requests_complete_while_the_socket_is_full() {
+        use std::sync::atomic::AtomicBool;
+        let (client, server) = tokio::io::duplex(1024);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(writer_loop(
+            server,
+            rx,
+            false,
+            Arc::new(AtomicUsize::new(0)),
+        ));
+        let big = vec![Bytes::from(vec![1u8; 256 << 10])];
+        let _ = tx.send(ToWriter::Reply(data_reply(1, big)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = Arc::clone(&finished);
+        let _ = tx.send(ToWriter::Pending(Pending::new(
+            2,
+            NBD_CMD_WRITE,
+            Box::pin(async move {
+                let _ = wait.await;
+                done.store(true, Ordering::SeqCst);
+                Reply {
+                    cookie: 2,
+                    command: NBD_CMD_WRITE,
+                    body: ReplyBody::Done,
+                    permit: None,
+                }
+            }),
+        )));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = go.send(());
+        for _ in 0..200 {
+            if finished.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "the request waited for the socket"
+        );
+        assert!(!writer.is_finished());
+        drop(client);
+        drop(tx);
+        let _ = writer.await;
     }
 
     #[test]
