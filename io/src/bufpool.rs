@@ -44,8 +44,13 @@ impl BlockPool {
 
     /// A block holding arbitrary old bytes (zeroes when new): the caller overwrites all of it.
     pub fn take(&self) -> AlignedBuf {
-        let reused = self.idle().pop();
-        reused.unwrap_or_else(|| AlignedBuf::zeroed(BLOCK_POOL_BLOCK_BYTES))
+        self.take_idle()
+            .unwrap_or_else(|| AlignedBuf::zeroed(BLOCK_POOL_BLOCK_BYTES))
+    }
+
+    /// An idle block, if the pool has one.
+    fn take_idle(&self) -> Option<AlignedBuf> {
+        self.idle().pop()
     }
 
     /// Freezes `buf` (taken from this pool) into `Bytes` that give it back when the last clone
@@ -99,8 +104,16 @@ pub fn copy_block(data: &[u8]) -> Bytes {
         return Bytes::copy_from_slice(data);
     }
     let pool = block_pool();
-    let mut buf = pool.take();
-    buf.copy_from_slice(data);
+    // With no idle block, a fresh one is allocated uninitialised and filled by the copy: zeroing
+    // it first (as `take` does) would write its 4 KiB twice, and the read cache takes a fresh
+    // block for every written block it installs until it is full.
+    let buf = match pool.take_idle() {
+        Some(mut buf) => {
+            buf.copy_from_slice(data);
+            buf
+        }
+        None => AlignedBuf::copy_from(data),
+    };
     pool.freeze(buf)
 }
 
@@ -240,6 +253,26 @@ mod tests {
         assert_eq!(block.as_ptr() as usize % crate::buf::ALIGN_BYTES, 0);
         let odd = copy_block(&data[..100]);
         assert_eq!(&odd[..], &data[..100]);
+    }
+
+    #[test]
+    fn block_copies_hold_the_data_whether_the_block_is_fresh_or_reused() {
+        let a: Vec<u8> = (0..BLOCK_POOL_BLOCK_BYTES).map(|i| (i * 3) as u8).collect();
+        let b: Vec<u8> = (0..BLOCK_POOL_BLOCK_BYTES)
+            .map(|i| (i * 5 + 1) as u8)
+            .collect();
+        // Drain the idle blocks so the first copy takes the uninitialised-allocation path.
+        let pool = block_pool();
+        let drained: Vec<AlignedBuf> = std::iter::from_fn(|| pool.take_idle()).collect();
+        let fresh = copy_block(&a);
+        assert_eq!(&fresh[..], &a[..]);
+        assert_eq!(fresh.as_ptr() as usize % crate::buf::ALIGN_BYTES, 0);
+        drop(fresh);
+        // The fresh block went back to the pool (other tests share it, so which idle block the
+        // next copy takes is not fixed); a reused block is overwritten whole.
+        let reused = copy_block(&b);
+        assert_eq!(&reused[..], &b[..]);
+        drop(drained);
     }
 
     #[test]

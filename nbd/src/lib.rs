@@ -15,6 +15,7 @@
 //!   files; [`cert`]: the certificate name an allow-list matches; [`transport`]: the streams a
 //!   connection runs on (TCP, Unix, TLS);
 //! - [`ratelimit`]: rate-limited refusal logs; [`zeroes`]: the shared zero buffer;
+//!   [`wakegate`]: a future polled only after its own wake-up (a connection's stop signal);
 //!   [`metrics`]: per-export request counters and latency histograms in the Prometheus text
 //!   format (`Server::metrics_text`).
 //!
@@ -55,6 +56,7 @@ pub mod server;
 pub mod tls;
 pub mod transmission;
 pub mod transport;
+pub mod wakegate;
 pub mod zeroes;
 
 pub use access::{Access, ClientInfo, IpNet};

@@ -33,6 +33,7 @@ use crate::ratelimit::RefusalLogs;
 use crate::tls::TlsSettings;
 use crate::transmission::{self, ConnectionLimits, REQUEST_OVERHEAD_BYTES};
 use crate::transport::{AnyStream, Transport};
+use crate::wakegate::WakeGated;
 
 /// Default largest READ/WRITE payload (the spec's interoperable maximum, 32 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 32 << 20;
@@ -545,12 +546,14 @@ impl Server {
         );
         let _guard = ConnectionGuard::new(Arc::clone(&entry));
         let removed = entry.removed();
-        let any_stop = async move {
+        // Gated: the transmission phase polls this beside its reader on every wake-up, and
+        // it completes at most once (see `wakegate`).
+        let any_stop = WakeGated::new(async move {
             tokio::select! {
                 () = stop => {}
                 () = removed => {}
             }
-        };
+        });
         // Bytes read ahead with the last option (a client may pipeline its first requests) are
         // replayed in front of the read half.
         let leftover = reader.buffer().to_vec();
