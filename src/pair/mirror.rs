@@ -671,20 +671,23 @@ mod tests {
 
     #[tokio::test]
     async fn oldest_waiter_deadline_releases_every_waiter() {
-        let m = mirror(200);
+        // Seq 1's deadline is at 1 s, seq 2's own at 1.5 s: releasing both at the first tells
+        // the two apart with 400 ms to spare for a loaded test machine (a 200 ms timeout with
+        // a 290 ms bound once failed under load at 356 ms).
+        let m = mirror(1000);
         in_sync(&m, 1);
         let m1 = m.clone();
         let t = Instant::now();
         let w1 = tokio::spawn(async move { m1.ship(0, 1, rec(1)).await });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let m2 = m.clone();
         let w2 = tokio::spawn(async move { m2.ship(64, 2, rec(2)).await });
         assert_eq!(w1.await.unwrap(), MirrorOutcome::NotMirrored);
         assert_eq!(w2.await.unwrap(), MirrorOutcome::NotMirrored);
         let waited = t.elapsed();
-        assert!(waited >= Duration::from_millis(200));
+        assert!(waited >= Duration::from_millis(1000));
         assert!(
-            waited < Duration::from_millis(290),
+            waited < Duration::from_millis(1400),
             "seq 2 was held to its own deadline ({waited:?}) after the mirror left sync"
         );
         assert!(!m.in_sync());
