@@ -1273,11 +1273,14 @@ mod tests {
         }
     }
 
-    /// Replies made of many pieces (more than one vectored write takes, and small ones that
-    /// are copied next to their header) reach the socket whole and in order.
-    #[tokio::test]
-    async fn writer_sends_every_piece_of_read_replies_in_order() {
-        let (client, server) = tokio::io::duplex(64 << 10);
+    /// A connection's writer task on `server` (simple replies, nothing unanswered yet) and the
+    /// channel that feeds it.
+    fn spawn_writer(
+        server: tokio::io::DuplexStream,
+    ) -> (
+        mpsc::UnboundedSender<ToWriter>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(writer_loop(
             server,
@@ -1285,6 +1288,15 @@ mod tests {
             false,
             Arc::new(AtomicUsize::new(0)),
         ));
+        (tx, writer)
+    }
+
+    /// Replies made of many pieces (more than one vectored write takes, and small ones that
+    /// are copied next to their header) reach the socket whole and in order.
+    #[tokio::test]
+    async fn writer_sends_every_piece_of_read_replies_in_order() {
+        let (client, server) = tokio::io::duplex(64 << 10);
+        let (tx, writer) = spawn_writer(server);
         let piece = |i: usize, len: usize| Bytes::from(vec![(i % 251) as u8; len]);
         let big: Vec<Bytes> = (0..WRITE_IOVECS_MAX + 100)
             .map(|i| piece(i, 4096))
@@ -1318,13 +1330,7 @@ mod tests {
     async fn handed_over_requests_complete_while_the_socket_is_full() {
         use std::sync::atomic::AtomicBool;
         let (client, server) = tokio::io::duplex(1024);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(writer_loop(
-            server,
-            rx,
-            false,
-            Arc::new(AtomicUsize::new(0)),
-        ));
+        let (tx, writer) = spawn_writer(server);
         let big = vec![Bytes::from(vec![1u8; 256 << 10])];
         let _ = tx.send(ToWriter::Reply(data_reply(1, big)));
         tokio::time::sleep(Duration::from_millis(20)).await;
