@@ -57,7 +57,7 @@ impl Pending {
     }
 
     /// The request on a task of its own, its reply dropped (the writer is gone).
-    fn detach(self) {
+    pub(crate) fn detach(self) {
         // At runtime shutdown there is no runtime to run it on: it is dropped, as spawned
         // request tasks are then.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

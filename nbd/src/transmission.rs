@@ -317,9 +317,7 @@ impl Conn {
         if let Err(mpsc::error::SendError(ToWriter::Pending(request))) =
             self.replies.send(ToWriter::Pending(request))
         {
-            tokio::spawn(async move {
-                let _ = request.await;
-            });
+            request.detach();
         }
     }
 
@@ -531,7 +529,7 @@ async fn reader_loop<R: AsyncRead + Unpin>(
         };
         match ready {
             Some(reply) => conn.reply(reply),
-            None if inline && joins_writer(cmd, payload) => {
+            None if joins_writer(cmd, payload) => {
                 conn.hand_over(Pending::new(h.cookie, h.command, request));
             }
             None => {
